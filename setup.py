@@ -1,0 +1,42 @@
+"""sit_jax: SiT / GMML self-supervised Vision Transformers in JAX."""
+import setuptools
+
+# Tested together on Python 3.11 (jax 0.10.2) and Python 3.12 (jax 0.11.x on GPU).
+INSTALL_REQUIRES = [
+    "jax>=0.10.2,<0.12",
+    "flax>=0.12.8,<0.14",
+    "optax>=0.2.8,<0.3",
+    "orbax-checkpoint>=0.12.8,<0.13",
+    "chex>=0.1.92,<0.2",
+    "einops>=0.8.2,<0.9",
+    "ml-collections>=1.1.0,<1.2",
+    "absl-py>=2.1",
+    "numpy>=2.0",
+    # Host input pipeline only; TF never touches the accelerators.
+    "tensorflow-cpu>=2.21.0,<2.22; platform_machine=='x86_64'",
+    "tensorflow-datasets>=4.9.10,<4.10",
+    # tfds needs these at import time and does not declare them.
+    "pillow>=11",
+    "importlib_resources>=6",
+    # The embedded offline dataset (digits), t-SNE plots and figures.
+    "scikit-learn>=1.5",
+    "matplotlib>=3.8",
+    "tensorboard>=2.21,<2.22",
+]
+
+EXTRAS = {
+    "test": ["pytest>=8", "nbformat>=5.10", "nbclient>=0.10", "ipykernel>=6.29"],
+    # PyTorch only for comparisons (benchmarks, checkpoint conversion tests).
+    "torch": ["torch==2.14.1", "torchvision==0.29.1", "timm>=1.0", "safetensors>=0.4"],
+}
+EXTRAS["bench"] = EXTRAS["torch"]
+
+setuptools.setup(
+    name="sit_jax",
+    version="0.1.0",
+    description="SiT: Self-supervised vIsion Transformer (GMML + contrastive) in JAX/Flax",
+    packages=setuptools.find_packages(include=["sit_jax", "sit_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+)

@@ -1,0 +1,1 @@
+"""Model definitions: ViT backbone and the SiT heads."""
