@@ -1,0 +1,131 @@
+"""Shared defaults of every sit_jax experiment; each config file overrides what makes it itself.
+
+`get_config(arg)` of a config file receives the text after the colon in
+`--config=configs/file.py:arg`, parsed here into key=value pairs ("runlocal" alone is a flag).
+"""
+from __future__ import annotations
+
+import ml_collections
+
+# Sharding rules: (regex over the '/'-joined state path, rule); see sit_jax/sharding.py.
+REPLICATED = (("", "replicate"),)
+FSDP = ((r"kernel$", "fsdp"), (r"pos_embed$", "fsdp"), ("", "replicate"))
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """'runlocal,dataset=cifar10' -> ConfigDict(runlocal=True, dataset='cifar10', ...defaults).
+
+  Unknown keys are an error so that a typo never silently runs the default experiment.
+  """
+  values = dict(runlocal=False, **defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, _, value = item.partition("=")
+    key = key.strip()
+    if key not in values:
+      raise ValueError(f"Unknown config argument {key!r}; valid arguments: {sorted(values)}.")
+    if not _:
+      values[key] = True
+    else:
+      default = values[key]
+      if isinstance(default, bool):
+        values[key] = value.lower() in ("1", "true", "yes")
+      elif isinstance(default, int):
+        values[key] = int(value)
+      elif isinstance(default, float):
+        values[key] = float(value)
+      else:
+        values[key] = value
+  return ml_collections.ConfigDict(values)
+
+
+def pretrain_config() -> ml_collections.ConfigDict:
+  """SiT on ImageNet-1K with ViT-S/16 and the paper's settings."""
+  c = ml_collections.ConfigDict()
+  c.experiment = "sit"          # 'gmml' (reconstruction), 'contrastive', or 'sit' (both).
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "tfds:imagenet2012"   # 'tfds:NAME', 'folder:/path' or 'embedded:digits'.
+  c.data.split = "train"
+  c.data.data_dir = ""                  # TFDS data_dir; empty: TFDS default.
+  c.data.image_size = 224
+  c.data.crop_scale = (0.2, 1.0)
+  c.data.global_batch_size = 256
+
+  c.augment = ml_collections.ConfigDict()
+  c.augment.preset = "sit"              # photometric views of SPEC: 'sit', 'gmml' or 'none'.
+
+  c.model = ml_collections.ConfigDict()
+  c.model.variant = "S/16"
+  c.model.drop_path_rate = 0.1
+  c.model.recons_blocks = ()            # GMML: (6, 8, 10, 12).
+  c.model.dtype = "bfloat16"            # Compute dtype; parameters stay float32.
+  c.model.attention = ""                # '' (XLA chooses), 'xla', or 'cudnn' (fused, GPU).
+  c.model.remat = False
+  c.model.recon_hidden = 0              # 0: the backbone width.
+  c.model.recon_depth = 3
+  c.model.proj_hidden = 4096
+  c.model.proj_dim = 256
+
+  c.gmml = ml_collections.ConfigDict()
+  c.gmml.enabled = False                # Corrupt even without a reconstruction loss.
+  c.gmml.ratio = 0.5
+  c.gmml.replace_ratio = 0.3
+  c.gmml.fills = ("noise", "replace")
+  c.gmml.replace_prob = 0.5
+  c.gmml.align = 1
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.alpha = 1.0                    # total = contrastive + alpha * reconstruction.
+  c.loss.temperature = 0.2
+  c.loss.recon_all_pixels = False
+
+  c.teacher = ml_collections.ConfigDict()
+  c.teacher.momentum = 0.996            # cosine to 1 over training.
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.base_lr = 5e-4                # scaled by global_batch_size / 256.
+  c.optim.min_lr = 1e-6
+  c.optim.warmup_epochs = 10
+  c.optim.weight_decay = 0.04
+  c.optim.weight_decay_end = 0.1
+  c.optim.clip_norm = 3.0               # per parameter tensor.
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+
+  c.total_epochs = 800
+  c.total_steps = 0                     # > 0 overrides total_epochs.
+  c.num_train_examples = 0              # 0: read from the dataset.
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
+  c.sharding_rules = REPLICATED
+
+  c.log_every = 50
+  c.image_every = 1000                  # reconstruction grids under workdir/images.
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 3
+  c.export_backbone = True
+  return c
+
+
+def shrink_for_runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The same experiment at laptop size: tiny ViT, tiny batch, the embedded offline dataset."""
+  c.data.source = "embedded:digits"
+  c.data.split = "train"
+  c.data.image_size = 32
+  c.data.global_batch_size = 32
+  c.model.variant = "Mu/4"
+  c.model.dtype = "float32"
+  c.model.proj_hidden = 256
+  c.model.proj_dim = 64
+  c.model.recon_hidden = 0
+  if c.model.recons_blocks:
+    c.model.recons_blocks = (2, 3, 4)
+  c.gmml.align = 1
+  c.total_epochs = 0
+  c.total_steps = 300
+  c.optim.warmup_epochs = 1
+  c.log_every = 20
+  c.image_every = 100
+  c.checkpoint_every = 100
+  return c

@@ -1,0 +1,82 @@
+"""Heads on top of the ViT: pixel reconstruction (GMML), projection (contrastive), classifier."""
+from __future__ import annotations
+
+from typing import Any
+
+import einops
+import flax.linen as nn
+import jax.numpy as jnp
+
+Dtype = Any
+trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
+
+
+class ReconstructionHead(nn.Module):
+  """Per-token MLP then a transposed conv (kernel = stride = patch) back to pixels.
+
+  SiT v3 uses `depth` = 3 layers of width D with GELU; no final activation.
+  """
+  patch_size: int
+  hidden: int | None = None  # None: the backbone width.
+  depth: int = 3
+  channels: int = 3
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens, grid):
+    x = tokens
+    for i in range(self.depth):
+      x = nn.Dense(self.hidden or tokens.shape[-1], dtype=self.dtype, kernel_init=trunc_normal,
+                   name=f"mlp_{i}")(x)
+      x = nn.gelu(x, approximate=False)
+    x = einops.rearrange(x, "b (h w) d -> b h w d", h=grid[0], w=grid[1])
+    x = nn.ConvTranspose(self.channels, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
+                         padding="VALID", dtype=self.dtype, name="to_pixels")(x)
+    return x.astype(jnp.float32)
+
+
+class ProjectionHead(nn.Module):
+  """D -> 4096 -> BN -> ReLU -> 4096 -> BN -> GELU -> 256 -> BN (no affine).
+
+  BatchNorm always uses the statistics of the current batch (SiT never evaluates this head).
+  Under jit with a batch sharded over the mesh the mean and variance are taken over the whole
+  global batch, which is what SyncBN does in the authors' code.
+  """
+  hidden: int = 4096
+  out_dim: int = 256
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    bn = lambda name, affine=True: nn.BatchNorm(
+        use_running_average=False, momentum=0.9, epsilon=1e-5, use_scale=affine,
+        use_bias=affine, dtype=jnp.float32, name=name)
+    dense = lambda n, name: nn.Dense(n, dtype=self.dtype, kernel_init=trunc_normal, name=name)
+    x = nn.relu(bn("bn_0")(dense(self.hidden, "fc_0")(x)))
+    x = nn.gelu(bn("bn_1")(dense(self.hidden, "fc_1")(x)), approximate=False)
+    return bn("bn_2", affine=False)(dense(self.out_dim, "fc_2")(x))
+
+
+class ClassifierHead(nn.Module):
+  """Linear classifier on CLS or concat(CLS, mean patch token)."""
+  num_classes: int
+  features: str = "cls"  # 'cls' | 'cls+mean' | 'mean'
+  zero_init: bool = True
+
+  @nn.compact
+  def __call__(self, backbone_out):
+    feats = pool_features(backbone_out, self.features)
+    init = nn.initializers.zeros if self.zero_init else trunc_normal
+    return nn.Dense(self.num_classes, kernel_init=init, dtype=jnp.float32, name="fc")(
+        feats.astype(jnp.float32))
+
+
+def pool_features(backbone_out, features: str):
+  cls, patches = backbone_out["cls"], backbone_out["patches"]
+  if features == "cls":
+    return cls
+  if features == "mean":
+    return patches.mean(axis=1)
+  if features == "cls+mean":
+    return jnp.concatenate([cls, patches.mean(axis=1)], axis=-1)
+  raise ValueError(f"Unknown features {features!r}: use 'cls', 'mean' or 'cls+mean'.")

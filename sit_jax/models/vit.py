@@ -1,0 +1,210 @@
+"""Plain pre-norm Vision Transformer (DeiT/DINO style) in Flax linen.
+
+Parameters are float32; `dtype` is the compute dtype (bfloat16 on accelerators).
+Parameter names follow timm (`patch_embed`, `cls_token`, `pos_embed`, `blocks_i/{norm1,attn,norm2,mlp}`,
+`norm`) so that checkpoints map one to one.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# width, depth, heads of the standard variants.
+VARIANTS = {
+    "Mu": (96, 4, 3),  # a micro ViT for tests and `runlocal`, not from the paper.
+    "Ti": (192, 12, 3),
+    "S": (384, 12, 6),
+    "B": (768, 12, 12),
+    "L": (1024, 24, 16),
+}
+
+Dtype = Any
+trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
+
+
+def parse_variant(variant: str) -> dict:
+  """'S/16' -> dict(width=384, depth=12, num_heads=6, patch_size=16)."""
+  match = re.fullmatch(r"(Mu|Ti|S|B|L)/(\d+)", variant)
+  if not match:
+    raise ValueError(f"Unknown ViT variant {variant!r}: expected one of "
+                     f"{sorted(VARIANTS)} followed by '/<patch size>', e.g. 'S/16'.")
+  width, depth, heads = VARIANTS[match.group(1)]
+  return dict(width=width, depth=depth, num_heads=heads, patch_size=int(match.group(2)))
+
+
+def check_image_size(image_size: int, patch_size: int):
+  if image_size <= 0 or image_size % patch_size:
+    raise ValueError(
+        f"Image size {image_size} is not divisible by the patch size {patch_size}: "
+        f"choose an image size that is a multiple of {patch_size} "
+        f"(e.g. {max(patch_size, image_size // patch_size * patch_size)}).")
+
+
+def resize_pos_embed(pos_embed: jax.Array, new_grid: tuple[int, int],
+                     num_prefix_tokens: int = 1) -> jax.Array:
+  """Bicubically resizes a (1, prefix + h*w, D) position embedding to a new patch grid.
+
+  The prefix (CLS) embedding is kept as is. A square old grid is assumed, as in every ViT checkpoint.
+  """
+  prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+  old = int(round(np.sqrt(grid.shape[1])))
+  if old * old != grid.shape[1]:
+    raise ValueError(f"Position embedding with {grid.shape[1]} patch tokens is not a square grid.")
+  if (old, old) == tuple(new_grid):
+    return pos_embed
+  dim = grid.shape[-1]
+  grid = grid.reshape(1, old, old, dim).astype(jnp.float32)
+  grid = jax.image.resize(grid, (1, *new_grid, dim), method="bicubic")
+  grid = grid.reshape(1, new_grid[0] * new_grid[1], dim).astype(pos_embed.dtype)
+  return jnp.concatenate([prefix, grid], axis=1)
+
+
+def drop_path_rates(max_rate: float, depth: int) -> list[float]:
+  """Stochastic depth rising linearly from 0 at the first block to max_rate at the last."""
+  return [max_rate * i / max(depth - 1, 1) for i in range(depth)]
+
+
+class DropPath(nn.Module):
+  """Stochastic depth: drops the whole residual branch per example."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    if deterministic or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
+    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class Attention(nn.Module):
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  implementation: str | None = None  # None: XLA picks; 'cudnn': fused kernel on GPU.
+
+  @nn.compact
+  def __call__(self, x):
+    batch, tokens, width = x.shape
+    if width % self.num_heads:
+      raise ValueError(f"Width {width} is not divisible by {self.num_heads} heads.")
+    head_dim = width // self.num_heads
+    qkv = nn.Dense(3 * width, dtype=self.dtype, kernel_init=trunc_normal, name="qkv")(x)
+    qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+    out = out.reshape(batch, tokens, width)
+    return nn.Dense(width, dtype=self.dtype, kernel_init=trunc_normal, name="proj")(out)
+
+
+class Mlp(nn.Module):
+  hidden: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    x = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=trunc_normal, name="fc1")(x)
+    x = nn.gelu(x, approximate=False)
+    return nn.Dense(width, dtype=self.dtype, kernel_init=trunc_normal, name="fc2")(x)
+
+
+class Block(nn.Module):
+  num_heads: int
+  mlp_ratio: float = 4.0
+  drop_path: float = 0.0
+  dtype: Dtype = jnp.float32
+  attention: str | None = None
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True):
+    width = x.shape[-1]
+    norm = lambda name: nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name=name)
+    drop = DropPath(self.drop_path)
+    y = Attention(self.num_heads, self.dtype, self.attention, name="attn")(norm("norm1")(x))
+    x = x + drop(y, deterministic)
+    y = Mlp(int(width * self.mlp_ratio), self.dtype, name="mlp")(norm("norm2")(x))
+    return x + drop(y, deterministic)
+
+
+class VisionTransformer(nn.Module):
+  """ViT backbone returning CLS and patch tokens after the final LayerNorm.
+
+  `image_size` is the resolution the position embedding is created for; other input sizes
+  (divisible by the patch) interpolate it bicubically on the fly.
+  `recons_blocks` (1-based block numbers) additionally returns, normalised by the final LayerNorm,
+  the average of those blocks' outputs (GMML reads its reconstruction from there).
+  """
+  width: int = 384
+  depth: int = 12
+  num_heads: int = 6
+  patch_size: int = 16
+  image_size: int = 224
+  mlp_ratio: float = 4.0
+  drop_path_rate: float = 0.0
+  recons_blocks: Sequence[int] = ()
+  dtype: Dtype = jnp.float32
+  attention: str | None = None
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, images, *, train: bool = False):
+    batch, height, width_px, _ = images.shape
+    check_image_size(self.image_size, self.patch_size)
+    for side in (height, width_px):
+      check_image_size(side, self.patch_size)
+    for b in self.recons_blocks:
+      if not 1 <= b <= self.depth:
+        raise ValueError(f"recons_blocks entry {b} is outside 1..{self.depth}.")
+
+    x = nn.Conv(self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
+                padding="VALID", dtype=self.dtype, name="patch_embed")(images.astype(self.dtype))
+    grid = x.shape[1:3]
+    x = x.reshape(batch, grid[0] * grid[1], self.width)
+
+    cls = self.param("cls_token", trunc_normal, (1, 1, self.width))
+    num_patches = (self.image_size // self.patch_size) ** 2
+    pos = self.param("pos_embed", trunc_normal, (1, 1 + num_patches, self.width))
+    pos = resize_pos_embed(pos, grid)
+    x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.width)).astype(self.dtype), x], 1)
+    x = x + pos.astype(self.dtype)
+
+    block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
+    collected = []
+    for i, rate in enumerate(drop_path_rates(self.drop_path_rate, self.depth)):
+      x = block_cls(self.num_heads, self.mlp_ratio, rate, self.dtype, self.attention,
+                    name=f"blocks_{i}")(x, not train)
+      if i + 1 in self.recons_blocks:
+        collected.append(x)
+
+    norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")
+    out = norm(x)
+    result = {"cls": out[:, 0], "patches": out[:, 1:], "grid": grid}
+    if collected:
+      result["recon_tokens"] = norm(sum(collected) / len(collected))[:, 1:]
+    else:
+      result["recon_tokens"] = result["patches"]
+    return result
+
+
+def backbone_from_config(cfg) -> VisionTransformer:
+  """Builds the backbone from a config dict (variant='S/16', image_size, drop_path_rate, ...)."""
+  arch = parse_variant(cfg["variant"])
+  check_image_size(cfg["image_size"], arch["patch_size"])
+  attention = cfg.get("attention") or None
+  if attention not in (None, "xla", "cudnn"):
+    raise ValueError(f"model.attention must be '', 'xla' or 'cudnn', not {attention!r}.")
+  return VisionTransformer(
+      **arch,
+      image_size=cfg["image_size"],
+      drop_path_rate=cfg.get("drop_path_rate", 0.0),
+      recons_blocks=tuple(cfg.get("recons_blocks") or ()),
+      dtype=jnp.dtype(cfg.get("dtype", "float32")),
+      attention=attention,
+      remat=cfg.get("remat", False),
+  )

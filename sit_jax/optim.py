@@ -1,0 +1,90 @@
+"""Optimisation as in SiT/DINO: AdamW with scheduled lr and weight decay, per-tensor clipping, EMA teacher."""
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def warmup_cosine(base: float, final: float, total_steps: int, warmup_steps: int = 0,
+                  warmup_start: float = 0.0):
+  """DINO's cosine_scheduler as a function of the step: linear warmup, then cosine to `final`."""
+  decay_steps = max(total_steps - warmup_steps, 1)
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    warm = warmup_start + (base - warmup_start) * step / max(warmup_steps, 1)
+    progress = jnp.clip((step - warmup_steps) / decay_steps, 0.0, 1.0)
+    cosine = final + 0.5 * (base - final) * (1 + jnp.cos(jnp.pi * progress))
+    return jnp.where(step < warmup_steps, warm, cosine)
+
+  return schedule
+
+
+def scaled_lr(base_lr: float, global_batch_size: int) -> float:
+  """Linear scaling rule: lr = base_lr * global_batch / 256."""
+  return base_lr * global_batch_size / 256
+
+
+def clip_by_norm_per_tensor(max_norm: float) -> optax.GradientTransformation:
+  """Scales each gradient tensor whose own l2 norm exceeds max_norm (not a global-norm clip)."""
+
+  def update_fn(updates, state, params=None):
+    del params
+
+    def clip(g):
+      norm = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32))))
+      return g * jnp.minimum(1.0, max_norm / (norm + 1e-6)).astype(g.dtype)
+
+    return jax.tree.map(clip, updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+NO_DECAY_NAMES = ("pos_embed", "cls_token")
+
+
+def decay_mask(params):
+  """True where weight decay applies: matrices and kernels, not biases, norms, embeddings or tokens."""
+
+  def keep(path, leaf):
+    name = "/".join(str(getattr(p, "key", p)) for p in path)
+    return leaf.ndim > 1 and not any(n in name for n in NO_DECAY_NAMES)
+
+  return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def adamw(lr_schedule, wd_schedule, *, clip_norm: float | None = 3.0, b1=0.9, b2=0.999,
+          eps=1e-8, mask=decay_mask, extra=()):
+  """AdamW whose lr and weight decay follow schedules; per-tensor clipping before it."""
+  chain = []
+  if clip_norm:
+    chain.append(clip_by_norm_per_tensor(clip_norm))
+  chain.extend(extra)
+  chain.append(optax.adamw(lr_schedule, b1=b1, b2=b2, eps=eps, weight_decay=wd_schedule,
+                           mask=mask))
+  return optax.chain(*chain)
+
+
+def ema(teacher, student, momentum):
+  """teacher <- m * teacher + (1 - m) * student, over the teacher's leaves."""
+  return jax.tree.map(lambda t, s: momentum * t + (1.0 - momentum) * s.astype(t.dtype),
+                      teacher, student)
+
+
+def layerwise_lr_scale(path_name: str, depth: int, decay: float) -> float:
+  """BEiT/DeiT-style layer-wise lr decay factor for a parameter of the backbone.
+
+  Layer id 0: patch/position embeddings and CLS token; blocks_i: i + 1; everything else (final norm,
+  heads): depth + 1. The factor is decay ** (depth + 1 - layer_id).
+  """
+  match = re.search(r"blocks_(\d+)", path_name)
+  if match:
+    layer = int(match.group(1)) + 1
+  elif any(n in path_name for n in ("patch_embed", "pos_embed", "cls_token")):
+    layer = 0
+  else:
+    layer = depth + 1
+  return decay ** (depth + 1 - layer)

@@ -1,0 +1,133 @@
+"""Mesh construction, parameter partitioning from config rules, and batch placement.
+
+Mesh axes are ('data', 'fsdp', 'model'). The batch is split over data x fsdp; parameters follow
+(regex -> rule) pairs from the config, matched against the '/'-joined path of every leaf of the
+train state (so optimizer moments follow their parameters). A rule is either
+  - 'replicate',
+  - 'fsdp': shard the largest dimension divisible by the fsdp axis size over 'fsdp', or
+  - a tuple with one mesh-axis name (or None) per dimension, e.g. (None, 'model').
+The first matching rule wins; leaves matching none are replicated.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp", "model")
+BATCH_AXES = ("data", "fsdp")
+
+
+def make_mesh(axis_sizes: dict | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Mesh over `devices` (default: all, every process) with sizes {'data': -1, 'fsdp': 1, 'model': 1}.
+
+  One size may be -1, meaning all remaining devices.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = {"data": -1, "fsdp": 1, "model": 1, **dict(axis_sizes or {})}
+  unknown = set(sizes) - set(AXES)
+  if unknown:
+    raise ValueError(f"Unknown mesh axes {sorted(unknown)}: the mesh axes are {AXES}.")
+  shape = [int(sizes[a]) for a in AXES]
+  if shape.count(-1) > 1:
+    raise ValueError(f"At most one mesh axis may be -1, got {sizes}.")
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if len(devices) % known:
+      raise ValueError(f"{len(devices)} devices cannot be split into a mesh {sizes}.")
+    shape[shape.index(-1)] = len(devices) // known
+  if math.prod(shape) != len(devices):
+    raise ValueError(f"Mesh {dict(zip(AXES, shape))} needs {math.prod(shape)} devices, "
+                     f"but {len(devices)} are available; set one axis to -1.")
+  # Auto axes: XLA's sharding propagation places the activations (GSPMD), rules place the state.
+  return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES),
+                       devices=devices)
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension split over data x fsdp, the rest replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def path_name(path) -> str:
+  parts = []
+  for p in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(p, attr):
+        parts.append(str(getattr(p, attr)))
+        break
+    else:
+      parts.append(str(p))
+  return "/".join(parts)
+
+
+def _spec_for(rule, shape, mesh: Mesh, name: str) -> P:
+  if rule == "replicate" or len(shape) == 0:
+    return P()
+  if rule == "fsdp":
+    size = mesh.shape["fsdp"]
+    if size == 1:
+      return P()
+    candidates = [d for d in np.argsort(shape)[::-1] if shape[d] % size == 0 and shape[d] >= size]
+    if not candidates:
+      return P()
+    spec = [None] * len(shape)
+    spec[int(candidates[0])] = "fsdp"
+    return P(*spec)
+  rule = tuple(rule)
+  if len(rule) != len(shape):
+    raise ValueError(f"Sharding rule {rule} for {name} has {len(rule)} entries but the "
+                     f"array has shape {tuple(shape)}.")
+  for axis, dim in zip(rule, shape):
+    if axis is not None:
+      axis_size = math.prod(mesh.shape[a] for a in ((axis,) if isinstance(axis, str) else axis))
+      if dim % axis_size:
+        raise ValueError(f"Sharding rule {rule} for {name}: dimension {dim} is not divisible "
+                         f"by mesh axis {axis!r} of size {axis_size}.")
+  return P(*rule)
+
+
+def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Any:
+  """NamedSharding for every leaf of `tree` (arrays or ShapeDtypeStructs) from the first matching rule."""
+  compiled = [(re.compile(pattern), rule) for pattern, rule in rules]
+
+  def leaf_sharding(path, leaf):
+    name = path_name(path)
+    shape = getattr(leaf, "shape", ())
+    for pattern, rule in compiled:
+      if pattern.search(name):
+        return NamedSharding(mesh, _spec_for(rule, shape, mesh, name))
+    return NamedSharding(mesh, P())
+
+  return jax.tree_util.tree_map_with_path(leaf_sharding, tree)
+
+
+def global_batch(host_batch: dict, mesh: Mesh) -> dict:
+  """Host-local numpy batch -> global jax.Arrays split over the batch axes of the mesh."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+                      host_batch)
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh):
+  size = data_parallel_size(mesh)
+  if global_batch_size % size:
+    raise ValueError(
+        f"Global batch size {global_batch_size} is not divisible by the data-parallel size {size} "
+        f"(mesh data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']}): use a multiple of {size}, "
+        f"e.g. {max(size, global_batch_size // size * size)}.")
+  if global_batch_size % jax.process_count():
+    raise ValueError(f"Global batch size {global_batch_size} is not divisible by the "
+                     f"{jax.process_count()} processes.")

@@ -1,0 +1,164 @@
+"""ViT backbone and heads: architecture, parameter counts, position-embedding resize, errors."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sit_jax.models import heads, sit, vit
+
+
+def count(tree):
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def abstract_params(module, *args, **kwargs):
+  return jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *args, **kwargs))["params"]
+
+
+def test_vit_s16_has_reference_parameter_count():
+  # timm vit_small_patch16_224(num_classes=0): 21,665,664 parameters.
+  model = vit.backbone_from_config(dict(variant="S/16", image_size=224))
+  assert count(abstract_params(model, jnp.zeros((1, 224, 224, 3)))) == 21_665_664
+
+
+@pytest.mark.parametrize("variant,expected", [("Ti/16", 5_524_416), ("B/16", 85_798_656)])
+def test_other_variants_parameter_counts(variant, expected):
+  model = vit.backbone_from_config(dict(variant=variant, image_size=224))
+  assert count(abstract_params(model, jnp.zeros((1, 224, 224, 3)))) == expected
+
+
+def test_analytic_parameter_count_any_patch_and_size():
+  width, depth, patch, size = 96, 4, 8, 48
+  model = vit.backbone_from_config(dict(variant="Mu/8", image_size=size))
+  block = 4 * width + (3 * width * width + 3 * width) + (width * width + width) \
+      + 2 * (4 * width * width) + 4 * width + width
+  expected = (patch * patch * 3 * width + width) + width + ((size // patch) ** 2 + 1) * width \
+      + depth * block + 2 * width
+  assert count(abstract_params(model, jnp.zeros((1, size, size, 3)))) == expected
+
+
+def test_outputs_shapes_and_dtypes():
+  model = vit.backbone_from_config(dict(variant="Mu/4", image_size=32, dtype="bfloat16",
+                                        recons_blocks=(2, 4)))
+  x = jnp.ones((3, 32, 32, 3))
+  params = model.init(jax.random.PRNGKey(0), x)
+  chex.assert_trees_all_equal_dtypes(params, jax.tree.map(lambda p: p.astype(jnp.float32), params))
+  out = model.apply(params, x)
+  chex.assert_shape(out["cls"], (3, 96))
+  chex.assert_shape(out["patches"], (3, 64, 96))
+  chex.assert_shape(out["recon_tokens"], (3, 64, 96))
+  assert out["cls"].dtype == jnp.bfloat16
+
+
+def test_recons_blocks_average_differs_from_last_block():
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 3))
+  plain = vit.backbone_from_config(dict(variant="Mu/4", image_size=16))
+  params = plain.init(jax.random.PRNGKey(0), x)
+  out_plain = plain.apply(params, x)
+  last_only = vit.backbone_from_config(dict(variant="Mu/4", image_size=16, recons_blocks=(4,)))
+  np.testing.assert_allclose(last_only.apply(params, x)["recon_tokens"], out_plain["patches"],
+                             rtol=1e-6, atol=1e-6)
+  averaged = vit.backbone_from_config(dict(variant="Mu/4", image_size=16, recons_blocks=(2, 4)))
+  assert not np.allclose(averaged.apply(params, x)["recon_tokens"], out_plain["patches"])
+
+
+def test_drop_path_rises_linearly_and_only_in_training():
+  model = vit.backbone_from_config(dict(variant="Mu/4", image_size=16, drop_path_rate=0.3))
+  x = jax.random.normal(jax.random.PRNGKey(1), (4, 16, 16, 3))
+  params = model.init(jax.random.PRNGKey(0), x)
+  # Eval is deterministic; training differs between dropout keys.
+  np.testing.assert_array_equal(model.apply(params, x)["cls"], model.apply(params, x)["cls"])
+  a = model.apply(params, x, train=True, rngs={"dropout": jax.random.PRNGKey(2)})["cls"]
+  b = model.apply(params, x, train=True, rngs={"dropout": jax.random.PRNGKey(3)})["cls"]
+  assert not np.allclose(a, b)
+  np.testing.assert_allclose(vit.drop_path_rates(0.3, 4), [0.0, 0.1, 0.2, 0.3])
+  np.testing.assert_allclose(vit.drop_path_rates(0.1, 12)[6], 0.1 * 6 / 11)
+
+
+def test_image_size_not_divisible_by_patch_is_a_clear_error():
+  with pytest.raises(ValueError, match="not divisible by the patch size 16"):
+    vit.backbone_from_config(dict(variant="S/16", image_size=100))
+  model = vit.backbone_from_config(dict(variant="Mu/4", image_size=16))
+  with pytest.raises(ValueError, match="not divisible by the patch size 4"):
+    model.init(jax.random.PRNGKey(0), jnp.zeros((1, 18, 18, 3)))
+
+
+def test_unknown_variant_error():
+  with pytest.raises(ValueError, match="Unknown ViT variant"):
+    vit.parse_variant("XL/16")
+
+
+def test_pos_embed_resize_preserves_original_size_and_interpolates():
+  pos = jax.random.normal(jax.random.PRNGKey(0), (1, 1 + 14 * 14, 8))
+  np.testing.assert_array_equal(vit.resize_pos_embed(pos, (14, 14)), pos)
+  bigger = vit.resize_pos_embed(pos, (28, 28))
+  chex.assert_shape(bigger, (1, 1 + 28 * 28, 8))
+  np.testing.assert_array_equal(bigger[:, 0], pos[:, 0])  # CLS position untouched.
+  # A constant grid stays constant under bicubic resampling.
+  const = jnp.concatenate([pos[:, :1], jnp.full((1, 196, 8), 0.5)], axis=1)
+  np.testing.assert_allclose(vit.resize_pos_embed(const, (20, 20))[:, 1:], 0.5, atol=1e-5)
+  # Down then up approximately recovers a smooth grid.
+  yy, xx = np.meshgrid(np.linspace(0, 1, 14), np.linspace(0, 1, 14), indexing="ij")
+  smooth = np.stack([np.sin(yy * 2) + xx] * 8, -1).reshape(1, 196, 8)
+  smooth = jnp.concatenate([pos[:, :1], jnp.asarray(smooth, jnp.float32)], axis=1)
+  there = vit.resize_pos_embed(smooth, (28, 28))
+  back = vit.resize_pos_embed(there, (14, 14))
+  np.testing.assert_allclose(back, smooth, atol=0.02)
+
+
+def test_forward_at_new_resolution_uses_resized_embedding():
+  model = vit.backbone_from_config(dict(variant="Mu/4", image_size=16))
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
+  out = model.apply(params, jnp.ones((2, 32, 32, 3)))
+  chex.assert_shape(out["patches"], (2, 64, 96))
+
+
+def test_reconstruction_head_returns_image():
+  head = heads.ReconstructionHead(patch_size=4, depth=3)
+  tokens = jnp.ones((2, 16, 32))
+  params = head.init(jax.random.PRNGKey(0), tokens, (4, 4))
+  out = head.apply(params, tokens, (4, 4))
+  chex.assert_shape(out, (2, 16, 16, 3))
+  # kernel = stride = patch: each patch of output depends only on its token.
+  tokens2 = tokens.at[:, 5].set(3.0)
+  diff = np.abs(np.asarray(head.apply(params, tokens2, (4, 4)) - out)).sum(-1)
+  changed = np.argwhere(diff[0] > 0)
+  assert changed[:, 0].min() == 4 and changed[:, 0].max() == 7  # token 5 = row 1, col 1.
+  assert changed[:, 1].min() == 4 and changed[:, 1].max() == 7
+
+
+def test_projection_head_batchnorm_uses_batch_statistics():
+  head = heads.ProjectionHead(hidden=64, out_dim=16)
+  x = jax.random.normal(jax.random.PRNGKey(0), (32, 24))
+  variables = head.init(jax.random.PRNGKey(1), x)
+  out, _ = head.apply(variables, x, mutable=["batch_stats"])
+  chex.assert_shape(out, (32, 16))
+  # Final BN without affine: zero mean, unit variance over the batch.
+  np.testing.assert_allclose(out.mean(0), 0.0, atol=1e-5)
+  np.testing.assert_allclose(out.var(0), 1.0, atol=1e-2)
+  assert "bn_2" not in variables["params"]  # no affine parameters in the last BN.
+  hidden = 24 * 64 + 64 + 64 * 64 + 64 + 64 * 16 + 16 + 2 * (2 * 64)
+  assert count(variables["params"]) == hidden
+
+
+def test_classifier_head_features():
+  out = {"cls": jnp.ones((2, 8)), "patches": jnp.full((2, 4, 8), 2.0)}
+  feats = heads.pool_features(out, "cls+mean")
+  np.testing.assert_array_equal(feats[:, :8], 1.0)
+  np.testing.assert_array_equal(feats[:, 8:], 2.0)
+  clf = heads.ClassifierHead(num_classes=5, features="cls+mean")
+  params = clf.init(jax.random.PRNGKey(0), out)
+  chex.assert_shape(params["params"]["fc"]["kernel"], (16, 5))
+
+
+def test_sit_model_experiments_select_heads():
+  x = jnp.zeros((4, 16, 16, 3))
+  cfg = dict(variant="Mu/4", image_size=16, proj_hidden=32, proj_dim=8)
+  for experiment, expected in [("gmml", {"vit", "recon_head"}),
+                               ("contrastive", {"vit", "projection"}),
+                               ("sit", {"vit", "recon_head", "projection"})]:
+    model = sit.sit_from_config(cfg, experiment)
+    assert set(abstract_params(model, x, train=False)) == expected
+  with pytest.raises(ValueError, match="Unknown experiment"):
+    sit.sit_from_config(cfg, "simclr")
