@@ -92,6 +92,7 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.optim.clip_norm = 3.0               # per parameter tensor.
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
 
   c.total_epochs = 800
   c.total_steps = 0                     # > 0 overrides total_epochs.

@@ -138,7 +138,7 @@ def test_projection_head_batchnorm_uses_batch_statistics():
   np.testing.assert_allclose(out.mean(0), 0.0, atol=1e-5)
   np.testing.assert_allclose(out.var(0), 1.0, atol=1e-2)
   assert "bn_2" not in variables["params"]  # no affine parameters in the last BN.
-  hidden = 24 * 64 + 64 + 64 * 64 + 64 + 64 * 16 + 16 + 2 * (2 * 64)
+  hidden = 24 * 64 + 64 * 64 + 64 * 16 + 2 * (2 * 64)  # no biases before BN.
   assert count(variables["params"]) == hidden
 
 
@@ -155,9 +155,9 @@ def test_classifier_head_features():
 def test_sit_model_experiments_select_heads():
   x = jnp.zeros((4, 16, 16, 3))
   cfg = dict(variant="Mu/4", image_size=16, proj_hidden=32, proj_dim=8)
-  for experiment, expected in [("gmml", {"vit", "recon_head"}),
-                               ("contrastive", {"vit", "projection"}),
-                               ("sit", {"vit", "recon_head", "projection"})]:
+  for experiment, expected in [("gmml", {"backbone", "recon_head"}),
+                               ("contrastive", {"backbone", "projection"}),
+                               ("sit", {"backbone", "recon_head", "projection"})]:
     model = sit.sit_from_config(cfg, experiment)
     assert set(abstract_params(model, x, train=False)) == expected
   with pytest.raises(ValueError, match="Unknown experiment"):

@@ -51,7 +51,9 @@ class ProjectionHead(nn.Module):
     bn = lambda name, affine=True: nn.BatchNorm(
         use_running_average=False, momentum=0.9, epsilon=1e-5, use_scale=affine,
         use_bias=affine, dtype=jnp.float32, name=name)
-    dense = lambda n, name: nn.Dense(n, dtype=self.dtype, kernel_init=trunc_normal, name=name)
+    # No bias before a BatchNorm: BN removes it (its gradient is exactly zero).
+    dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype, kernel_init=trunc_normal,
+                                     name=name)
     x = nn.relu(bn("bn_0")(dense(self.hidden, "fc_0")(x)))
     x = nn.gelu(bn("bn_1")(dense(self.hidden, "fc_1")(x)), approximate=False)
     return bn("bn_2", affine=False)(dense(self.out_dim, "fc_2")(x))

@@ -10,10 +10,10 @@ from sit_jax.models import heads, vit
 class SiT(nn.Module):
   """Student and teacher share this module; the teacher only runs backbone + projection.
 
-  `backbone` is a dict of ViT settings (see vit.backbone_from_config); the head settings
+  `backbone_config` is a dict of ViT settings (see vit.backbone_from_config); the head settings
   are plain fields so the whole network is described by the `model` config.
   """
-  backbone: dict
+  backbone_config: dict
   recon_hidden: int | None = None
   recon_depth: int = 3
   proj_hidden: int = 4096
@@ -22,15 +22,15 @@ class SiT(nn.Module):
   use_proj: bool = True
 
   def setup(self):
-    self.vit = vit.backbone_from_config(self.backbone)
+    self.backbone = vit.backbone_from_config(self.backbone_config)
     if self.use_recon:
       self.recon_head = heads.ReconstructionHead(
-          self.vit.patch_size, self.recon_hidden, self.recon_depth, dtype=self.vit.dtype)
+          self.backbone.patch_size, self.recon_hidden, self.recon_depth, dtype=self.backbone.dtype)
     if self.use_proj:
-      self.projection = heads.ProjectionHead(self.proj_hidden, self.proj_dim, dtype=self.vit.dtype)
+      self.projection = heads.ProjectionHead(self.proj_hidden, self.proj_dim, dtype=self.backbone.dtype)
 
   def __call__(self, images, *, train: bool, recon: bool = True, proj: bool = True):
-    out = self.vit(images, train=train)
+    out = self.backbone(images, train=train)
     result = {"cls": out["cls"]}
     if self.use_recon and recon:
       result["recon"] = self.recon_head(out["recon_tokens"], out["grid"])
@@ -47,7 +47,7 @@ def sit_from_config(model_cfg, experiment: str) -> SiT:
               ("variant", "image_size", "drop_path_rate", "recons_blocks", "dtype", "attention",
                "remat") if k in model_cfg}
   return SiT(
-      backbone=backbone,
+      backbone_config=backbone,
       recon_hidden=model_cfg.get("recon_hidden") or None,
       recon_depth=model_cfg.get("recon_depth", 3),
       proj_hidden=model_cfg.get("proj_hidden", 4096),

@@ -1,0 +1,294 @@
+"""Photometric augmentation on the accelerator, inside the jitted step.
+
+The host pipeline (data.py) only crops, resizes and flips; colour jitter, grayscale, Gaussian blur
+and solarisation run here, per example with its own PRNG key (split + vmap), so they cost a
+negligible fraction of the step and never limit the input rate.
+
+Semantics follow torchvision's tensor ops on images in [0, 1]:
+  ColorJitter: brightness / contrast / saturation factors ~ U(max(0, 1 - x), 1 + x), hue shift
+    ~ U(-h, h) turns in HSV; the four ops run in a random order per image, each result clipped.
+  RandomGrayscale: ITU-R 601 luma copied into the 3 channels.
+  GaussianBlur (DINO/SiT): sigma ~ U(0.1, 2.0), separable, reflect padding, kernel side about
+    0.1 * image side (23 at 224, as DINO), odd.
+  Solarize: x -> 1 - x where x >= 0.5 (PIL threshold 128).
+Random choices never branch in Python: every op is computed and selected with jnp.where.
+"""
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def normalize(images01):
+  """(..., H, W, 3) in [0, 1] -> ImageNet mean/std normalised."""
+  mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
+  std = jnp.asarray(IMAGENET_STD, jnp.float32)
+  return (jnp.asarray(images01, jnp.float32) - mean) / std
+
+
+def denormalize(images):
+  """Inverse of `normalize` (for pictures); not clipped."""
+  mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
+  std = jnp.asarray(IMAGENET_STD, jnp.float32)
+  return jnp.asarray(images, jnp.float32) * std + mean
+
+
+# --------------------------------------------------------------------------------------------
+# Single-image ops: img (H, W, 3) float in [0, 1]; factors may be traced scalars.
+# --------------------------------------------------------------------------------------------
+def rgb_to_grayscale(img):
+  """ITU-R 601 luma, (H, W, 3) -> (H, W, 1)."""
+  r, g, b = img[..., 0], img[..., 1], img[..., 2]
+  return (_LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b)[..., None]
+
+
+def grayscale(img):
+  return jnp.broadcast_to(rgb_to_grayscale(img), img.shape)
+
+
+def _blend(img1, img2, ratio):
+  return jnp.clip(ratio * img1 + (1.0 - ratio) * img2, 0.0, 1.0)
+
+
+def adjust_brightness(img, factor):
+  return jnp.clip(img * factor, 0.0, 1.0)
+
+
+def adjust_contrast(img, factor):
+  mean = jnp.mean(rgb_to_grayscale(img))
+  return _blend(img, mean, factor)
+
+
+def adjust_saturation(img, factor):
+  return _blend(img, rgb_to_grayscale(img), factor)
+
+
+def rgb_to_hsv(img):
+  """torchvision's _rgb2hsv on the last axis; h in [0, 1)."""
+  r, g, b = img[..., 0], img[..., 1], img[..., 2]
+  maxc = jnp.max(img, axis=-1)
+  minc = jnp.min(img, axis=-1)
+  eqc = maxc == minc
+  cr = maxc - minc
+  ones = jnp.ones_like(maxc)
+  s = cr / jnp.where(eqc, ones, maxc)
+  cr_div = jnp.where(eqc, ones, cr)
+  rc = (maxc - r) / cr_div
+  gc = (maxc - g) / cr_div
+  bc = (maxc - b) / cr_div
+  is_r = maxc == r
+  is_g = (maxc == g) & ~is_r
+  is_b = ~is_r & (maxc != g)
+  h = is_r * (bc - gc) + is_g * (2.0 + rc - bc) + is_b * (4.0 + gc - rc)
+  h = jnp.mod(h / 6.0 + 1.0, 1.0)
+  return jnp.stack([h, s, maxc], axis=-1)
+
+
+def hsv_to_rgb(hsv):
+  """torchvision's _hsv2rgb on the last axis."""
+  h, s, v = hsv[..., 0], hsv[..., 1], hsv[..., 2]
+  i = jnp.floor(h * 6.0)
+  f = h * 6.0 - i
+  i = jnp.mod(i.astype(jnp.int32), 6)
+  p = jnp.clip(v * (1.0 - s), 0.0, 1.0)
+  q = jnp.clip(v * (1.0 - s * f), 0.0, 1.0)
+  t = jnp.clip(v * (1.0 - s * (1.0 - f)), 0.0, 1.0)
+
+  def sector(values):  # values[k] is the channel's value in hue sector k
+    out = values[5]
+    for k in range(4, -1, -1):
+      out = jnp.where(i == k, values[k], out)
+    return out
+
+  r = sector([v, q, p, p, t, v])
+  g = sector([t, v, v, q, p, p])
+  b = sector([p, p, t, v, v, q])
+  return jnp.stack([r, g, b], axis=-1)
+
+
+def adjust_hue(img, shift):
+  """Rotates the hue by `shift` turns (torchvision allows [-0.5, 0.5]; any value works here)."""
+  hsv = rgb_to_hsv(img)
+  h = jnp.mod(hsv[..., 0] + shift, 1.0)
+  return jnp.clip(hsv_to_rgb(hsv.at[..., 0].set(h)), 0.0, 1.0)
+
+
+def solarize(img, threshold=0.5):
+  return jnp.where(img >= threshold, 1.0 - img, img)
+
+
+def blur_kernel_size(side: int) -> int:
+  """Odd kernel side, ~10% of the image side (23 at 224, as DINO), at least 3."""
+  return max(3, int(0.1 * side) // 2 * 2 + 1)
+
+
+def _gaussian_taps(sigma, size):
+  x = jnp.arange(size, dtype=jnp.float32) - (size - 1) / 2.0
+  w = jnp.exp(-0.5 * jnp.square(x / sigma))
+  return w / jnp.sum(w)
+
+
+def _blur_axis(img, taps, axis):
+  # Shifted-slice sum instead of a convolution: the taps differ per example (traced sigma),
+  # which this keeps a fused elementwise loop under vmap, with no grouped convolution.
+  size = taps.shape[0]
+  r = size // 2
+  n = img.shape[axis]
+  pad = [(0, 0)] * img.ndim
+  pad[axis] = (r, r)
+  # The barrier materialises the input once; otherwise XLA fuses the producers (e.g. the colour
+  # jitter) into the tap sum and recomputes them for every tap (measured 5x slower on CPU).
+  padded = jnp.pad(jax.lax.optimization_barrier(img), pad, mode="reflect")
+  out = jnp.zeros_like(img)
+  for k in range(size):
+    out = out + taps[k] * jax.lax.slice_in_dim(padded, k, k + n, axis=axis)
+  return out
+
+
+def gaussian_blur(img, sigma, kernel_size=None):
+  """Separable Gaussian blur of one (H, W, C) image, torchvision-style (reflect padding,
+  truncated kernel renormalised). `sigma` may be traced; the kernel size is static."""
+  h, w = img.shape[-3], img.shape[-2]
+  if kernel_size is None:
+    kernel_size = blur_kernel_size(min(h, w))
+  # Reflect padding needs the radius to be smaller than the side.
+  kernel_size = min(kernel_size, 2 * (min(h, w) - 1) + 1)
+  if kernel_size < 3:
+    return img
+  taps = _gaussian_taps(jnp.asarray(sigma, jnp.float32), kernel_size)
+  out = _blur_axis(img, taps, axis=img.ndim - 3)
+  return _blur_axis(out, taps, axis=img.ndim - 2)
+
+
+# --------------------------------------------------------------------------------------------
+# The random pipeline.
+# --------------------------------------------------------------------------------------------
+def _uniform(key, lo, hi):
+  return jax.random.uniform(key, (), jnp.float32, lo, hi)
+
+
+_BRIGHTNESS, _CONTRAST, _SATURATION, _HUE = range(4)
+
+
+def _blend_op(img, op, factor):
+  """Brightness, contrast or saturation (selected by the traced `op`): all three blend the
+  image with something darker or greyer: zeros, the mean luma, or the luma image."""
+  gray = rgb_to_grayscale(img)
+  other = jnp.where(op == _BRIGHTNESS, 0.0, jnp.where(op == _CONTRAST, jnp.mean(gray), gray))
+  return _blend(img, other, factor)
+
+
+def _color_jitter(key, img, brightness, contrast, saturation, hue):
+  """torchvision ColorJitter: factors drawn once, the enabled ops applied in a random order.
+
+  Under vmap every branch is computed, so rather than evaluating all ops at each of the four
+  places, the three blends run as one selected blend per place and the (costly) HSV hue shift
+  runs once, between the blends drawn before it and those drawn after it.
+  """
+  kb, kc, ks, kh, kperm = jax.random.split(key, 5)
+  ops, factors = [], []  # the enabled ops; a magnitude of 0 disables one, as in torchvision
+  for op, mag, k in ((_BRIGHTNESS, brightness, kb), (_CONTRAST, contrast, kc),
+                     (_SATURATION, saturation, ks)):
+    if mag > 0:
+      ops.append(op)
+      factors.append(_uniform(k, max(0.0, 1.0 - mag), 1.0 + mag))
+  if hue > 0:
+    ops.append(_HUE)
+    factors.append(_uniform(kh, -hue, hue))
+  if not ops:
+    return img
+  order = jax.random.permutation(kperm, len(ops))
+
+  def pick(values, i):  # values[i] for a traced i, without a gather (explicit sharding)
+    out = values[0]
+    for j in range(1, len(values)):
+      out = jnp.where(i == j, values[j], out)
+    return out
+
+  drawn_ops = [pick(ops, order[place]) for place in range(len(ops))]
+  drawn_factors = [pick(factors, order[place]) for place in range(len(ops))]
+  # ops are listed with the hue last, so its place is where `order` holds the last index.
+  hue_place = pick(list(range(len(ops))), jnp.argsort(order)[-1]) if hue > 0 else len(ops)
+  for place in range(len(ops)):
+    img = jnp.where(place < hue_place, _blend_op(img, drawn_ops[place], drawn_factors[place]), img)
+  if hue > 0:
+    img = adjust_hue(img, factors[-1])
+    for place in range(len(ops)):
+      img = jnp.where(place > hue_place,
+                      _blend_op(img, drawn_ops[place], drawn_factors[place]), img)
+  return img
+
+
+def _photometric_one(key, img, *, jitter_prob, brightness, contrast, saturation, hue,
+                     grayscale_prob, blur_prob, blur_sigma, solarize_prob):
+  k_jit, k_jit_p, k_gray, k_blur, k_blur_p, k_sol = jax.random.split(key, 6)
+
+  def maybe(k, prob, new, old):
+    return jnp.where(jax.random.uniform(k) < prob, new, old)
+
+  if jitter_prob > 0:
+    img = maybe(k_jit_p, jitter_prob,
+                _color_jitter(k_jit, img, brightness, contrast, saturation, hue), img)
+  if grayscale_prob > 0:
+    img = maybe(k_gray, grayscale_prob, grayscale(img), img)
+  if blur_prob > 0:
+    sigma = _uniform(k_blur, blur_sigma[0], blur_sigma[1])
+    img = maybe(k_blur_p, blur_prob, gaussian_blur(img, sigma), img)
+  if solarize_prob > 0:
+    img = maybe(k_sol, solarize_prob, solarize(img), img)
+  return jnp.clip(img, 0.0, 1.0)
+
+
+def _like_batch_axis(keys, images):
+  # Under explicit-axis sharding vmap needs the per-example keys sharded like the images.
+  sharding = jax.typeof(images).sharding
+  if len(sharding.spec) and sharding.spec[0] is not None:
+    keys = jax.sharding.reshard(keys, jax.sharding.NamedSharding(
+        sharding.mesh, jax.sharding.PartitionSpec(sharding.spec[0])))
+  return keys
+
+
+def photometric(key, images01, *, jitter_prob: float, brightness: float, contrast: float,
+                saturation: float, hue: float, grayscale_prob: float, blur_prob: float,
+                blur_sigma: Sequence[float] = (0.1, 2.0), solarize_prob: float):
+  """SiT/DINO photometric augmentation of a batch (B, H, W, 3) in [0, 1] -> same, float32.
+
+  Order as in the authors' transforms: ColorJitter (random op order per image) with
+  `jitter_prob`, grayscale, Gaussian blur, solarize; each with its own probability per example.
+  The probabilities and magnitudes are static Python numbers (ops that are off are not traced).
+  """
+  images01 = jnp.asarray(images01, jnp.float32)
+  keys = _like_batch_axis(jax.random.split(key, images01.shape[0]), images01)
+  fn = lambda k, x: _photometric_one(
+      k, x, jitter_prob=jitter_prob, brightness=brightness, contrast=contrast,
+      saturation=saturation, hue=hue, grayscale_prob=grayscale_prob, blur_prob=blur_prob,
+      blur_sigma=tuple(blur_sigma), solarize_prob=solarize_prob)
+  return jax.vmap(fn)(keys, images01)
+
+
+_OFF = dict(jitter_prob=0.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0,
+            grayscale_prob=0.0, blur_prob=0.0, blur_sigma=(0.1, 2.0), solarize_prob=0.0)
+
+
+def view_augment_config(preset: str, view: int) -> dict:
+  """Keyword arguments of `photometric` for view 1 or 2 of a preset: "sit", "gmml" or "none"."""
+  if view not in (1, 2):
+    raise ValueError(f"view must be 1 or 2, got {view}")
+  cfg = dict(_OFF)
+  if preset == "sit":
+    cfg.update(jitter_prob=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1,
+               grayscale_prob=0.2)
+    if view == 1:
+      cfg.update(blur_prob=1.0, solarize_prob=0.0)
+    else:
+      cfg.update(blur_prob=0.1, solarize_prob=0.2)
+  elif preset == "gmml":
+    cfg.update(jitter_prob=0.3, brightness=0.1, contrast=0.1, saturation=0.1, hue=0.01,
+               blur_prob=0.1)
+  elif preset != "none":
+    raise ValueError(f"unknown augmentation preset {preset!r}; use 'sit', 'gmml' or 'none'")
+  return cfg

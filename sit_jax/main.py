@@ -1,0 +1,66 @@
+"""Entry point: `python -m sit_jax.main --config=configs/sit_vits.py --workdir=DIR`.
+
+Parses the flags, starts jax.distributed on multi-host jobs, and runs the experiment the config
+names. Mistakes in the input (a wrong config key, a missing dataset, an unwritable workdir, a
+checkpoint of another model) end with one clear line instead of a traceback; set
+SIT_JAX_TRACEBACK=1 to see the traceback too.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:args]).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and pictures.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+PRETRAIN_EXPERIMENTS = ("gmml", "contrastive", "sit")
+TRANSFER_EXPERIMENTS = ("finetune", "linear", "knn", "multilabel")
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+  from sit_jax import checkpoint
+  errors = [ValueError, FileNotFoundError, PermissionError, checkpoint.CheckpointError]
+  try:
+    from sit_jax import data
+    errors.append(data.DataError)
+  except (ImportError, AttributeError):
+    pass
+  return tuple(errors)
+
+
+def run(config, workdir: str):
+  experiment = config.experiment
+  if experiment in PRETRAIN_EXPERIMENTS:
+    from sit_jax import pretrain
+    return pretrain.train_and_evaluate(config, workdir)
+  if experiment in TRANSFER_EXPERIMENTS:
+    from sit_jax import transfer
+    return transfer.run(config, workdir)
+  raise ValueError(f"Unknown experiment {experiment!r}: choose one of "
+                   f"{PRETRAIN_EXPERIMENTS + TRANSFER_EXPERIMENTS}.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  from sit_jax import distributed
+  distributed.initialize()
+  config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+  logging.info("Config:\n%s", config)
+  try:
+    run(config, workdir)
+  except user_errors() as e:
+    if os.environ.get("SIT_JAX_TRACEBACK"):
+      raise
+    logging.error("%s: %s", type(e).__name__, e)
+    print(f"sit_jax: error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,180 @@
+"""Metric logging: metrics.jsonl, TensorBoard, PNG images and a progress line.
+
+Only the main process (jax.process_index() == 0) writes anything; on the other
+processes every method returns immediately without touching device values.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def _to_float(name: str, value) -> float:
+  # float() on a jax.Array blocks on the device; that is why this is only
+  # called from write_scalars, i.e. at logging steps.
+  arr = np.asarray(value)
+  if arr.size != 1:
+    raise TypeError(f"Scalar {name!r} has shape {arr.shape}; expected a scalar.")
+  return float(arr.reshape(()))
+
+
+def _fmt_value(name: str, v: float) -> str:
+  if not math.isfinite(v):
+    return str(v)
+  if "lr" in name.split("/")[-1].lower() or "learning_rate" in name.lower():
+    return f"{v:.1e}"
+  if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
+    return f"{v:.3e}"
+  return f"{v:.4f}"
+
+
+def _json_default(o):
+  if isinstance(o, (np.generic, np.ndarray, jax.Array)):
+    return np.asarray(o).tolist()
+  if isinstance(o, (datetime.date, datetime.datetime)):
+    return o.isoformat()
+  raise TypeError(f"object of type {type(o).__name__} is not JSON serialisable")
+
+
+def atomic_write_text(path: str, text: str):
+  """Writes `text` to `path` via a temp file in the same directory + rename."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+class MetricWriter:
+  """Writes scalars/images/JSON under `workdir` from the main process only."""
+
+  def __init__(self, workdir, *, total_steps: int, global_batch_size: int,
+               enable_tensorboard: bool = True, is_main_process: bool | None = None,
+               stream=None):
+    self.workdir = os.fspath(workdir)
+    self.total_steps = int(total_steps)
+    self.global_batch_size = int(global_batch_size)
+    self.is_main = (jax.process_index() == 0 if is_main_process is None
+                    else bool(is_main_process))
+    self._stream = stream  # None: sys.stdout at print time (works with capsys)
+    self._jsonl = None
+    self._tb = None
+    self._tf = None
+    # Timing state for img/s and ETA; the first logged step only sets the
+    # baseline so compilation time does not distort the estimate.
+    self._first = None   # (step, time) at the first write_scalars call
+    self._last = None    # (step, time) at the previous call
+    if not self.is_main:
+      return
+    os.makedirs(self.workdir, exist_ok=True)
+    self._jsonl = open(os.path.join(self.workdir, "metrics.jsonl"), "a")
+    if enable_tensorboard:
+      import tensorflow as tf  # Imported lazily: slow and only needed here.
+      tf.config.set_visible_devices([], "GPU")
+      self._tf = tf
+      self._tb = tf.summary.create_file_writer(os.path.join(self.workdir, "tb"))
+
+  # -- scalars ---------------------------------------------------------------
+
+  def write_scalars(self, step, scalars: dict[str, Any]):
+    if not self.is_main:
+      return
+    step = int(step)
+    values = {k: _to_float(k, v) for k, v in scalars.items()}
+    now = time.perf_counter()
+
+    self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      with self._tb.as_default():
+        for k, v in values.items():
+          self._tf.summary.scalar(k, v, step=step)
+
+    parts = [f"step {step}/{self.total_steps}"]
+    parts += [f"{k} {_fmt_value(k, v)}" for k, v in values.items()]
+    if self._last is not None and step > self._last[0] and now > self._last[1]:
+      img_s = (step - self._last[0]) * self.global_batch_size / (now - self._last[1])
+      parts.append(f"{img_s:.0f} img/s")
+      steps_per_s = (step - self._first[0]) / (now - self._first[1])
+      if steps_per_s > 0:
+        eta = max(self.total_steps - step, 0) / steps_per_s
+        parts.append(f"ETA {datetime.timedelta(seconds=round(eta))}")
+    if self._first is None or step <= self._last[0]:
+      self._first = (step, now)  # First call, or the step counter was reset.
+    self._last = (step, now)
+    print(" | ".join(parts), file=self._stream or sys.stdout, flush=True)
+
+  # -- images ----------------------------------------------------------------
+
+  def write_images(self, step, name: str, image_uint8_hwc):
+    """Saves images/{name}_{step:07d}.png and a TensorBoard image."""
+    if not self.is_main:
+      return None
+    img = np.asarray(image_uint8_hwc)
+    if img.dtype != np.uint8:
+      raise TypeError(f"write_images expects uint8, got {img.dtype}")
+    if img.ndim == 2:
+      img = img[..., None]
+    if img.ndim != 3 or img.shape[-1] not in (1, 3, 4):
+      raise ValueError(f"write_images expects (H, W[, 1|3|4]), got {img.shape}")
+    from PIL import Image
+    safe = name.replace("/", "_")
+    path = os.path.join(self.workdir, "images", f"{safe}_{int(step):07d}.png")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(path))
+    os.close(fd)
+    Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(tmp, format="PNG")
+    os.replace(tmp, path)
+    if self._tb is not None:
+      with self._tb.as_default():
+        self._tf.summary.image(name, img[None], step=int(step))
+    return path
+
+  # -- json ------------------------------------------------------------------
+
+  def write_json(self, filename: str, obj):
+    """Atomically writes workdir/filename (e.g. config.json, results.json)."""
+    if not self.is_main:
+      return None
+    path = os.path.join(self.workdir, filename)
+    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+    return path
+
+  # -- lifecycle -------------------------------------------------------------
+
+  def flush(self):
+    if self._jsonl is not None:
+      self._jsonl.flush()
+    if self._tb is not None:
+      self._tb.flush()
+
+  def close(self):
+    if self._jsonl is not None:
+      self._jsonl.close()
+      self._jsonl = None
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()

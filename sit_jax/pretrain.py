@@ -1,0 +1,333 @@
+"""SiT pretraining: train state, the jitted step, and the training loop.
+
+One step = on-device photometric augmentation of both views, GMML corruption, student forward on
+the corrupted views, teacher forward on the clean views, losses, AdamW update, EMA of the teacher.
+Everything runs inside one jax.jit over global arrays sharded on the mesh.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Any, Callable, NamedTuple
+
+from absl import logging
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from sit_jax import augment, gmml, losses, optim, sharding
+from sit_jax.models import sit as sit_model
+
+# ---------------------------------------------------------------------------------------------
+# State, model and optimiser.
+# ---------------------------------------------------------------------------------------------
+
+TEACHER_MODULES = ("backbone", "projection")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any          # student: {'backbone', 'recon_head'?, 'projection'?}
+  teacher: Any         # EMA of the student's {'backbone', 'projection'}; {} without a contrastive loss.
+  opt_state: Any
+  rng: jax.Array       # raw uint32 key; per-step keys are fold_in(rng, step).
+
+
+class Schedules(NamedTuple):
+  lr: Callable
+  weight_decay: Callable
+  momentum: Callable
+
+
+def uses_teacher(config) -> bool:
+  return config.experiment in ("contrastive", "sit")
+
+
+def uses_corruption(config) -> bool:
+  return config.experiment in ("gmml", "sit") or bool(config.gmml.get("enabled", False))
+
+
+def model_config(config) -> dict:
+  """The settings that define the network's parameters (saved beside checkpoints)."""
+  model = config.model.to_dict() if isinstance(config.model, ml_collections.ConfigDict) \
+      else dict(config.model)
+  model["recons_blocks"] = tuple(model.get("recons_blocks") or ())
+  model["image_size"] = config.data.image_size
+  return model
+
+
+def build_model(config) -> sit_model.SiT:
+  return sit_model.sit_from_config(model_config(config), config.experiment)
+
+
+def build_schedules(config, total_steps: int, steps_per_epoch: int) -> Schedules:
+  o = config.optim
+  lr = optim.warmup_cosine(optim.scaled_lr(o.base_lr, config.data.global_batch_size),
+                           o.min_lr, total_steps, int(o.warmup_epochs * steps_per_epoch))
+  wd = optim.warmup_cosine(o.weight_decay, o.weight_decay_end, total_steps)
+  momentum = optim.warmup_cosine(config.teacher.momentum, 1.0, total_steps)
+  return Schedules(lr, wd, momentum)
+
+
+def build_optimizer(config, schedules: Schedules) -> optax.GradientTransformation:
+  o = config.optim
+  return optim.adamw(schedules.lr, schedules.weight_decay, clip_norm=o.clip_norm,
+                     b1=o.b1, b2=o.b2, eps=o.eps)
+
+
+def init_state(config, model, tx, rng) -> TrainState:
+  """Unsharded init; jit it with out_shardings to create parameters already in place."""
+  init_rng, state_rng = jax.random.split(rng)
+  size = config.data.image_size
+  images = jnp.zeros((2, size, size, 3), jnp.float32)
+  params = model.init({"params": init_rng, "dropout": init_rng}, images, train=False)["params"]
+  teacher = {k: params[k] for k in TEACHER_MODULES if k in params} if uses_teacher(config) else {}
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, teacher=teacher,
+                    opt_state=tx.init(params), rng=state_rng)
+
+
+def create_train_state(config, model, tx, mesh, rng):
+  """Returns (state, state_shardings): parameters are created directly with their shardings."""
+  abstract = jax.eval_shape(functools.partial(init_state, config, model, tx), rng)
+  shardings = sharding.tree_shardings(abstract, mesh, config.sharding_rules)
+  state = jax.jit(functools.partial(init_state, config, model, tx),
+                  out_shardings=shardings)(rng)
+  return state, shardings
+
+
+# ---------------------------------------------------------------------------------------------
+# The step.
+# ---------------------------------------------------------------------------------------------
+
+
+def prepare_views(config, key, batch):
+  """uint8 host crops -> augmented, normalised float views stacked as (2B, H, W, 3)."""
+  views = []
+  for i, name in enumerate(("view1", "view2")):
+    images = batch[name].astype(jnp.float32) / 255.0
+    kwargs = augment.view_augment_config(config.augment.preset, i + 1)
+    images = augment.photometric(jax.random.fold_in(key, i), images, **kwargs)
+    views.append(augment.normalize(images))
+  return jnp.concatenate(views, axis=0)
+
+
+def corrupt_views(config, key, clean):
+  if not uses_corruption(config):
+    return clean, jnp.zeros(clean.shape[:3], jnp.float32)
+  g = config.gmml
+  return gmml.corrupt(key, clean, ratio=g.ratio, replace_ratio=g.replace_ratio,
+                      fills=tuple(g.fills), replace_prob=g.replace_prob, align=g.align)
+
+
+def make_train_step(config, model, tx, schedules: Schedules):
+  """Returns train_step(state, batch) -> (state, metrics), to be jitted."""
+  alpha = config.loss.alpha
+  temperature = config.loss.temperature
+  with_teacher = uses_teacher(config)
+  with_recon = config.experiment in ("gmml", "sit")
+
+  def train_step(state: TrainState, batch):
+    key = jax.random.fold_in(state.rng, state.step)
+    aug_key, mask_key, drop_key = jax.random.split(key, 3)
+    clean = prepare_views(config, aug_key, batch)
+    corrupted, mask = corrupt_views(config, mask_key, clean)
+
+    teacher_proj = None
+    if with_teacher:
+      teacher_out, _ = model.apply({"params": state.teacher}, clean, train=False, recon=False,
+                                   mutable=["batch_stats"])
+      teacher_proj = jax.lax.stop_gradient(teacher_out["proj"])
+
+    def loss_fn(params):
+      out, _ = model.apply({"params": params}, corrupted, train=True, rngs={"dropout": drop_key},
+                           mutable=["batch_stats"])
+      terms = {}
+      total = 0.0
+      if with_recon:
+        terms["recon"] = losses.masked_l1(out["recon"], clean, mask,
+                                          all_pixels=config.loss.recon_all_pixels)
+        total += alpha * terms["recon"]
+      if with_teacher:
+        terms["contrastive"] = losses.symmetric_contrastive(out["proj"], teacher_proj, temperature)
+        total += terms["contrastive"]
+      return total, terms
+
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+
+    teacher = state.teacher
+    momentum = schedules.momentum(state.step)
+    if with_teacher:
+      teacher = optim.ema(state.teacher, {k: params[k] for k in state.teacher}, momentum)
+
+    metrics = {"loss": loss, **terms, "lr": schedules.lr(state.step),
+               "weight_decay": schedules.weight_decay(state.step),
+               "grad_norm": optax.global_norm(grads), "mask_fraction": mask.mean()}
+    if with_teacher:
+      metrics["momentum"] = momentum
+    new_state = state.replace(step=state.step + 1, params=params, teacher=teacher,
+                              opt_state=opt_state)
+    return new_state, metrics
+
+  return train_step
+
+
+def jit_train_step(train_step, state_shardings, mesh):
+  """The step with the state donated; metrics come back replicated."""
+  return jax.jit(train_step,
+                 in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(state_shardings, sharding.replicated(mesh)),
+                 donate_argnums=(0,))
+
+
+def make_reconstruct(config, model):
+  """(state, batch) -> (clean, corrupted, reconstruction) of view 1, for pictures."""
+
+  def reconstruct(state, batch):
+    key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 7)
+    clean = prepare_views(config, key, batch)
+    corrupted, _ = corrupt_views(config, jax.random.fold_in(key, 1), clean)
+    out, _ = model.apply({"params": state.params}, corrupted, train=False, proj=False,
+                         mutable=["batch_stats"])
+    half = clean.shape[0] // 2
+    recon = out.get("recon", corrupted)
+    return clean[:half], corrupted[:half], recon[:half]
+
+  return reconstruct
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop: mesh, input, state (fresh or resumed), steps, logs, pictures, checkpoints.
+# ---------------------------------------------------------------------------------------------
+
+
+def checkpoint_metadata(config) -> dict:
+  return {"model": model_config(config), "experiment": config.experiment}
+
+
+def abstract_with_shardings(abstract, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
+def schedule_lengths(config, num_examples: int) -> tuple[int, int]:
+  """(total_steps, steps_per_epoch) from the config and the dataset size."""
+  steps_per_epoch = max(num_examples // config.data.global_batch_size, 1)
+  total = config.total_steps or int(config.total_epochs * steps_per_epoch)
+  if total <= 0:
+    raise ValueError("Set config.total_steps or config.total_epochs to a positive number.")
+  return total, steps_per_epoch
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Pretrains (or resumes pretraining) in `workdir`; returns the figures written to results.json."""
+  # Imported here: TF (for TFDS and TensorBoard) stays out of pure-library users' processes.
+  from sit_jax import checkpoint, data, metrics, viz
+
+  workdir = os.path.abspath(workdir)
+  ensure_writable(workdir)
+
+  # Mesh and input. ---------------------------------------------------------------------------
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.check_batch_size(config.data.global_batch_size, mesh)
+  data_dir = config.data.data_dir or None
+  info = data.dataset_info(config.data.source, config.data.split, data_dir=data_dir)
+  total_steps, steps_per_epoch = schedule_lengths(
+      config, config.num_train_examples or info.num_examples)
+  logging.info("%s: %d examples, %d steps per epoch, %d steps; mesh %s", info.name,
+               info.num_examples, steps_per_epoch, total_steps, dict(mesh.shape))
+
+  # Model, optimiser and state: fresh, or resumed from the latest checkpoint. ----------------
+  model = build_model(config)
+  schedules = build_schedules(config, total_steps, steps_per_epoch)
+  tx = build_optimizer(config, schedules)
+  rng = jax.random.PRNGKey(config.seed)
+  init = functools.partial(init_state, config, model, tx)
+  abstract = jax.eval_shape(init, rng)
+  state_shardings = sharding.tree_shardings(abstract, mesh, config.sharding_rules)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                 max_to_keep=config.keep_checkpoints,
+                                 save_interval_steps=config.checkpoint_every)
+  metadata = checkpoint_metadata(config)
+  if ckpt.latest_step() is not None:
+    state, _ = ckpt.restore(abstract_with_shardings(abstract, state_shardings),
+                            expected_metadata=metadata, fallback=True)
+    logging.info("Resumed from step %d of %s", int(state.step), ckpt.directory)
+  else:
+    state = jax.jit(init, out_shardings=state_shardings)(rng)
+  start_step = int(state.step)
+
+  writer = metrics.MetricWriter(workdir, total_steps=total_steps,
+                                global_batch_size=config.data.global_batch_size)
+  writer.write_json("config.json", config.to_dict())
+  train_step = jit_train_step(make_train_step(config, model, tx, schedules), state_shardings,
+                              mesh)
+  reconstruct = jax.jit(make_reconstruct(config, model), out_shardings=sharding.replicated(mesh))
+  batches = data.pretrain_iterator(
+      config.data.source, config.data.split, global_batch_size=config.data.global_batch_size,
+      image_size=config.data.image_size, crop_scale=tuple(config.data.crop_scale),
+      seed=config.seed, start_step=start_step, data_dir=data_dir)
+  preempted = checkpoint.install_preemption_handler()
+
+  # Steps. -------------------------------------------------------------------------------------
+  pending, last_logged, start_time = [], {}, time.perf_counter()
+  step = start_step
+  while step < total_steps:
+    batch = sharding.global_batch(next(batches), mesh)
+    state, step_metrics = train_step(state, batch)
+    step += 1
+    pending.append(step_metrics)  # stays on device until the next log step.
+
+    if step % config.log_every == 0 or step == total_steps:
+      last_logged = {k: float(v) for k, v in
+                     jax.tree.map(lambda *xs: np.mean(xs), *jax.device_get(pending)).items()}
+      skipped = getattr(batches, "num_skipped", 0)
+      writer.write_scalars(step, {**last_logged, **({"skipped_images": skipped} if skipped else {})})
+      pending = []
+    if "recon_head" in state.params and (step % config.image_every == 0 or step == total_steps):
+      clean, corrupted, recon = jax.device_get(reconstruct(state, batch))
+      grid = viz.reconstruction_grid(clean, corrupted, recon, augment.IMAGENET_MEAN,
+                                     augment.IMAGENET_STD)
+      writer.write_images(step, "reconstruction", grid)
+    stop = checkpoint.reached_preemption(step)
+    if stop or step == total_steps:
+      ckpt.save(step, state, metadata=metadata, force=True)
+    else:
+      ckpt.save(step, state, metadata=metadata)
+    if stop:
+      logging.warning("Preemption signal: saved step %d, exiting; start the same command to "
+                      "resume.", step)
+      break
+
+  ckpt.wait()
+  results = {"step": step, "total_steps": total_steps, "experiment": config.experiment,
+             "dataset": info.name, "final_metrics": last_logged,
+             "checkpoint": os.path.join(workdir, "checkpoints", str(step)),
+             "train_seconds_this_run": time.perf_counter() - start_time,
+             "steps_this_run": step - start_step, "preempted": bool(step < total_steps)}
+  if step == total_steps and config.export_backbone:
+    results["backbone"] = checkpoint.export_backbone(
+        os.path.join(workdir, "backbone"), {"backbone": state.params["backbone"]},
+        model_config(config), overwrite=True)
+  writer.write_json("results.json", results)
+  writer.close()
+  ckpt.close()
+  return results
+
+
+def ensure_writable(workdir: str):
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".write_probe")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise PermissionError(f"Workdir {workdir} is not writable ({e.strerror}): pass a "
+                          "--workdir you can write to.") from e

@@ -1,0 +1,159 @@
+"""Photometric augmentation: each op against an independent numpy/stdlib formula, the random
+pipeline's determinism and range, and sharded execution over the 8 simulated devices."""
+import colorsys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.ndimage
+
+from sit_jax import augment
+
+OFF = augment.view_augment_config("none", 1)
+
+
+def _images(n=4, size=16, seed=0):
+  return np.random.default_rng(seed).uniform(0, 1, (n, size, size, 3)).astype(np.float32)
+
+
+def _luma(x):
+  return 0.299 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2]
+
+
+def test_normalize_roundtrip():
+  x = _images(2)
+  y = augment.normalize(x)
+  np.testing.assert_allclose(
+      np.asarray(y[..., 1]), (x[..., 1] - 0.456) / 0.224, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(augment.denormalize(y)), x, atol=1e-6)
+
+
+def test_brightness_contrast_saturation_match_numpy():
+  x = _images(1)[0]
+  np.testing.assert_allclose(augment.adjust_brightness(x, 1.3), np.clip(x * 1.3, 0, 1), atol=1e-6)
+  m = _luma(x).mean()
+  np.testing.assert_allclose(augment.adjust_contrast(x, 0.6),
+                             np.clip(0.6 * x + 0.4 * m, 0, 1), atol=1e-6)
+  g = _luma(x)[..., None]
+  np.testing.assert_allclose(augment.adjust_saturation(x, 1.5),
+                             np.clip(1.5 * x - 0.5 * g, 0, 1), atol=1e-6)
+  np.testing.assert_allclose(augment.adjust_saturation(x, 1.0), x, atol=1e-6)
+
+
+def test_hue_matches_colorsys_and_full_turn_is_identity():
+  x = _images(1, size=6)[0]
+  np.testing.assert_allclose(augment.adjust_hue(x, 0.0), x, atol=1e-5)
+  np.testing.assert_allclose(augment.adjust_hue(x, 1.0), x, atol=1e-5)
+  shift = 0.23
+  expect = np.empty_like(x)
+  for i in range(6):
+    for j in range(6):
+      h, s, v = colorsys.rgb_to_hsv(*x[i, j])
+      expect[i, j] = colorsys.hsv_to_rgb((h + shift) % 1.0, s, v)
+  np.testing.assert_allclose(augment.adjust_hue(x, shift), expect, atol=1e-5)
+
+
+def test_grayscale_and_solarize():
+  x = _images(1)[0]
+  g = np.asarray(augment.grayscale(x))
+  np.testing.assert_allclose(g, np.repeat(_luma(x)[..., None], 3, -1), atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(augment.solarize(x)), np.where(x >= 0.5, 1 - x, x))
+
+
+def test_gaussian_blur_matches_scipy_and_keeps_constants():
+  assert augment.blur_kernel_size(224) == 23
+  x = _images(1, size=40)[0]
+  k = augment.blur_kernel_size(40)
+  got = np.asarray(augment.gaussian_blur(x, 1.3))
+  # torch's "reflect" padding is scipy's "mirror"; same truncated, renormalised kernel.
+  want = scipy.ndimage.gaussian_filter(x, sigma=(1.3, 1.3, 0), mode="mirror",
+                                       radius=(k // 2, k // 2, 0))
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  const = np.full((20, 20, 3), 0.37, np.float32)
+  np.testing.assert_allclose(augment.gaussian_blur(const, 1.9), const, atol=1e-6)
+  # Per-example sigma works under vmap.
+  out = jax.vmap(augment.gaussian_blur)(jnp.stack([x, x]), jnp.array([0.1, 2.0]))
+  assert np.abs(np.asarray(out[0]) - x).max() < 1e-3
+  assert np.asarray(out[1]).std() < x.std() / 2
+
+
+def test_all_off_is_identity_and_range():
+  x = _images()
+  key = jax.random.key(0)
+  np.testing.assert_array_equal(np.asarray(augment.photometric(key, x, **OFF)), x)
+  # Probability 0 with non-zero magnitudes is also the identity.
+  cfg = dict(augment.view_augment_config("sit", 2), jitter_prob=0.0, grayscale_prob=0.0,
+             blur_prob=0.0, solarize_prob=0.0)
+  np.testing.assert_array_equal(np.asarray(augment.photometric(key, x, **cfg)), x)
+  y = np.asarray(augment.photometric(key, x * 1.5 - 0.25,
+                                     **augment.view_augment_config("sit", 2)))
+  assert y.min() >= 0.0 and y.max() <= 1.0
+
+
+def test_same_key_same_output_different_key_differs():
+  x = _images(8)
+  cfg = augment.view_augment_config("sit", 1)
+  f = jax.jit(lambda k, im: augment.photometric(k, im, **cfg))
+  a = np.asarray(f(jax.random.key(1), x))
+  b = np.asarray(f(jax.random.key(1), x))
+  c = np.asarray(f(jax.random.key(2), x))
+  np.testing.assert_array_equal(a, b)
+  assert np.abs(a - c).max() > 1e-3
+  # Per-example keys: identical inputs get different augmentations.
+  same = np.repeat(x[:1], 8, 0)
+  d = np.asarray(f(jax.random.key(3), same))
+  assert np.abs(d[0] - d[1]).max() > 1e-3
+
+
+def test_grayscale_always_gives_equal_channels():
+  cfg = dict(OFF, grayscale_prob=1.0)
+  y = np.asarray(augment.photometric(jax.random.key(0), _images(), **cfg))
+  np.testing.assert_allclose(y[..., 0], y[..., 1], atol=1e-6)
+  np.testing.assert_allclose(y[..., 0], y[..., 2], atol=1e-6)
+
+
+def test_solarize_always_matches_numpy():
+  x = _images()
+  y = np.asarray(augment.photometric(jax.random.key(0), x, **dict(OFF, solarize_prob=1.0)))
+  np.testing.assert_array_equal(y, np.where(x >= 0.5, 1 - x, x))
+
+
+def test_jitter_brightness_only_is_a_per_image_scale():
+  x = _images(4) * 0.5  # no clipping for factors <= 1.5
+  cfg = dict(OFF, jitter_prob=1.0, brightness=0.5)
+  y = np.asarray(augment.photometric(jax.random.key(5), x, **cfg))
+  f = (y / x).reshape(4, -1)
+  np.testing.assert_allclose(f, f[:, :1] * np.ones_like(f), rtol=1e-5)
+  assert np.all((f[:, 0] >= 0.5) & (f[:, 0] <= 1.5))
+  assert len(np.unique(np.round(f[:, 0], 5))) == 4
+
+
+def test_presets():
+  sit1, sit2 = augment.view_augment_config("sit", 1), augment.view_augment_config("sit", 2)
+  assert (sit1["blur_prob"], sit1["solarize_prob"]) == (1.0, 0.0)
+  assert (sit2["blur_prob"], sit2["solarize_prob"]) == (0.1, 0.2)
+  assert (sit1["brightness"], sit1["hue"], sit1["jitter_prob"], sit1["grayscale_prob"]) == (
+      0.4, 0.1, 0.8, 0.2)
+  gmml = augment.view_augment_config("gmml", 2)
+  assert (gmml["jitter_prob"], gmml["hue"], gmml["blur_prob"], gmml["grayscale_prob"]) == (
+      0.3, 0.01, 0.1, 0.0)
+  with pytest.raises(ValueError):
+    augment.view_augment_config("bogus", 1)
+
+
+@pytest.mark.parametrize("axis_type", ["Explicit", "Auto"])
+def test_sharded_over_8_devices_matches_unsharded(axis_type):
+  assert jax.device_count() == 8
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(getattr(jax.sharding.AxisType, axis_type),))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  x = _images(16, size=24)
+  cfg = augment.view_augment_config("sit", 2)
+  f = jax.jit(lambda k, im: augment.photometric(k, im, **cfg), out_shardings=sharding)
+  xs = jax.device_put(x, sharding)
+  y = f(jax.random.key(7), xs)
+  chex.assert_shape(y, x.shape)
+  assert y.sharding.is_equivalent_to(sharding, 4)
+  ref = jax.jit(lambda k, im: augment.photometric(k, im, **cfg))(jax.random.key(7), x)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(ref), atol=1e-6)

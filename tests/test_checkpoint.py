@@ -1,0 +1,266 @@
+import glob
+import os
+import shutil
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from sit_jax import checkpoint as ckpt_lib
+from sit_jax.checkpoint import CheckpointError, Checkpointer
+
+MODEL = {"name": "vit_tiny", "width": 32, "depth": 2, "patch_size": 4}
+
+
+def make_state(step=0):
+  return {
+      "params": {
+          "backbone": {"w": jnp.arange(24, dtype=jnp.float32).reshape(4, 6) + step,
+                       "b": jnp.full((6,), 0.5, jnp.float32)},
+          "head": {"w": jnp.ones((6, 3), jnp.float32) * step},
+      },
+      "opt_state": {"count": jnp.asarray(step, jnp.int32),
+                    "mu": {"w": jnp.zeros((4, 6), jnp.float32)}},
+      "step": jnp.asarray(step, jnp.int32),
+  }
+
+
+def abstract(tree):
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def assert_tree_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert np.asarray(x).dtype == np.asarray(y).dtype
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_round_trip_exact(tmp_path):
+  state = make_state(3)
+  with Checkpointer(tmp_path / "ck", save_interval_steps=1, async_save=False) as ck:
+    assert ck.latest_step() is None
+    assert ck.save(3, state, metadata={"model": MODEL, "experiment": "t"})
+    restored, meta = ck.restore(abstract(state))
+  assert_tree_equal(restored, state)
+  assert meta == {"model": MODEL, "experiment": "t"}
+
+
+def test_async_save_keep_last_n_and_commit_order(tmp_path):
+  ck = Checkpointer(tmp_path / "ck", max_to_keep=2, save_interval_steps=1)
+  kept = []
+  for step in range(1, 5):
+    assert ck.save(step, make_state(step), metadata={"model": MODEL})
+    # Until the new step is committed, no older kept step may be gone.
+    on_disk = {int(d) for d in os.listdir(ck.directory) if d.isdigit()}
+    assert step in ck.all_steps() or set(kept) <= on_disk
+    ck.wait()
+    kept = (kept + [step])[-2:]
+  assert ck.all_steps() == [3, 4]
+  assert sorted(d for d in os.listdir(ck.directory) if d.isdigit()) == ["3", "4"]
+  assert not glob.glob(str(ck.directory / "*tmp*"))
+  restored, _ = ck.restore(abstract(make_state(4)))
+  assert_tree_equal(restored, make_state(4))
+  ck.close()
+
+
+def test_should_save_interval_and_force(tmp_path):
+  ck = Checkpointer(tmp_path / "ck", save_interval_steps=10, async_save=False)
+  assert [s for s in range(0, 31) if ck.should_save(s)] == [10, 20, 30]
+  assert not ck.save(15, make_state(), metadata={})
+  assert ck.save(10, make_state(), metadata={})
+  assert not ck.should_save(10)
+  assert not ck.save(10, make_state(), metadata={}, force=True)  # exists
+  assert ck.save(15, make_state(), metadata={}, force=True)
+  assert ck.all_steps() == [10, 15]
+  ck.close()
+
+
+def test_latest_step_after_reopen(tmp_path):
+  ck = Checkpointer(tmp_path / "ck", save_interval_steps=5)
+  for s in (5, 10):
+    ck.save(s, make_state(s), metadata={"model": MODEL})
+  ck.close()
+  ck2 = Checkpointer(tmp_path / "ck", save_interval_steps=5)
+  assert ck2.latest_step() == 10
+  restored, _ = ck2.restore(abstract(make_state()), step=5)
+  assert_tree_equal(restored, make_state(5))
+  with pytest.raises(CheckpointError, match="available steps"):
+    ck2.restore(abstract(make_state()), step=7)
+  ck2.close()
+
+
+def test_uncommitted_step_dirs_are_ignored(tmp_path):
+  d = tmp_path / "ck"
+  with Checkpointer(d, save_interval_steps=1, async_save=False) as ck:
+    ck.save(1, make_state(1), metadata={"model": MODEL})
+  # An in-flight orbax save (temp name) and a step dir that lost its commit
+  # marker (e.g. an interrupted copy) must not become the latest step.
+  shutil.copytree(d / "1", d / "5.orbax-checkpoint-tmp")
+  shutil.copytree(d / "1", d / "7")
+  for marker in ("commit_success.txt", "_CHECKPOINT_METADATA"):
+    if (d / "7" / marker).exists():
+      os.remove(d / "7" / marker)
+  with Checkpointer(d, save_interval_steps=1) as ck:
+    assert ck.latest_step() == 1
+    assert ck.all_steps() == [1]
+    restored, _ = ck.restore(abstract(make_state()))
+    assert_tree_equal(restored, make_state(1))
+
+
+def _corrupt_arrays(step_dir):
+  files = glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True)
+  assert files
+  for f in files:
+    with open(f, "r+b") as fh:
+      fh.truncate(3)
+
+
+# A failed tensorstore read can fire a callback after orbax's asyncio loop has
+# closed; Python reports it as an unraisable "Event loop is closed" error.
+@pytest.mark.filterwarnings(
+    r"ignore:Exception ignored in[\s\S]*Event loop is closed"
+    ":pytest.PytestUnraisableExceptionWarning")
+def test_corrupt_latest_step_error_and_fallback(tmp_path):
+  d = tmp_path / "ck"
+  with Checkpointer(d, save_interval_steps=1, async_save=False) as ck:
+    ck.save(1, make_state(1), metadata={"model": MODEL})
+    ck.save(2, make_state(2), metadata={"model": MODEL})
+  _corrupt_arrays(d / "2")
+  with Checkpointer(d, save_interval_steps=1) as ck:
+    with pytest.raises(CheckpointError, match=r"corrupt.*step 2.*fallback=True"):
+      ck.restore(abstract(make_state()))
+    restored, _ = ck.restore(abstract(make_state()), fallback=True)
+    assert int(restored["step"]) == 1
+    assert_tree_equal(restored, make_state(1))
+
+
+def test_cross_mesh_restore_8_to_4_devices(tmp_path):
+  assert len(jax.devices()) == 8
+  mesh8 = Mesh(np.array(jax.devices()).reshape(8), ("data",))
+  w = jnp.arange(16 * 4, dtype=jnp.float32).reshape(16, 4)
+  state = {
+      "w": jax.device_put(w, NamedSharding(mesh8, P("data"))),
+      "nested": {"v": jax.device_put(w[:8, :2] * 2, NamedSharding(mesh8, P("data"))),
+                 "count": jax.device_put(jnp.arange(3, dtype=jnp.int32),
+                                         NamedSharding(mesh8, P()))},
+  }
+  with Checkpointer(tmp_path / "ck", save_interval_steps=1) as ck:
+    ck.save(1, state, metadata={"model": MODEL})
+    ck.wait()
+
+    mesh4 = Mesh(np.array(jax.devices()[:4]), ("data",))
+    mesh2x2 = Mesh(np.array(jax.devices()[4:]).reshape(2, 2), ("a", "b"))
+    target = {
+        "w": NamedSharding(mesh4, P("data")),
+        "nested": {"v": NamedSharding(mesh2x2, P("a", "b")),
+                   "count": NamedSharding(mesh4, P())},
+    }
+    abs_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, target)
+    restored, meta = ck.restore(abs_state, expected_metadata={"model": MODEL})
+  assert meta["model"] == MODEL
+  assert_tree_equal(restored, state)
+  for x, s in zip(jax.tree.leaves(restored), jax.tree.leaves(target)):
+    assert x.sharding == s
+    assert len(x.sharding.device_set) == 4
+  assert restored["w"].addressable_shards[0].data.shape == (4, 4)
+  assert restored["nested"]["v"].addressable_shards[0].data.shape == (4, 1)
+
+
+def test_metadata_mismatch_is_checked_before_arrays(tmp_path):
+  d = tmp_path / "ck"
+  with Checkpointer(d, save_interval_steps=1, async_save=False) as ck:
+    ck.save(1, make_state(1), metadata={"model": MODEL, "experiment": "a"})
+  # With broken array files, only a check done before reading arrays can
+  # produce the config error below.
+  _corrupt_arrays(d / "1")
+  with Checkpointer(d, save_interval_steps=1) as ck:
+    other = dict(MODEL, width=64)
+    with pytest.raises(CheckpointError) as e:
+      ck.restore(abstract(make_state()), expected_metadata={"model": other})
+  msg = str(e.value)
+  assert "model.width" in msg and "32" in msg and "64" in msg
+  assert "depth" not in msg and "experiment" not in msg
+
+
+def test_structure_mismatch_names_leaves(tmp_path):
+  with Checkpointer(tmp_path / "ck", save_interval_steps=1, async_save=False) as ck:
+    ck.save(1, make_state(1), metadata={"model": MODEL})
+    bad = make_state()
+    bad["params"]["head"]["w"] = jnp.zeros((6, 10))
+    bad["params"]["extra"] = jnp.zeros(2)
+    with pytest.raises(CheckpointError) as e:
+      ck.restore(abstract(bad))
+  msg = str(e.value)
+  assert "params/head/w" in msg and "(6, 3)" in msg and "(6, 10)" in msg
+  assert "params/extra" in msg
+
+
+def test_export_and_load_backbone_round_trip(tmp_path):
+  params = {"backbone": make_state(2)["params"]["backbone"]}
+  cfg = {"name": "vit_tiny", "width": 32, "mlp_ratio": 4.0, "dims": [1, 2]}
+  path = ckpt_lib.export_backbone(tmp_path / "export", params, cfg)
+  assert os.path.isfile(os.path.join(path, "model_config.json"))
+  loaded, loaded_cfg = ckpt_lib.load_backbone(path)
+  assert loaded_cfg == cfg
+  assert_tree_equal(loaded, params)
+  with pytest.raises(CheckpointError, match="overwrite=True"):
+    ckpt_lib.export_backbone(path, params, cfg)
+  ckpt_lib.export_backbone(path, params, dict(cfg, width=33), overwrite=True)
+  assert ckpt_lib.load_backbone(path)[1]["width"] == 33
+
+
+def test_load_backbone_from_workdir_and_step_dir(tmp_path):
+  workdir = tmp_path / "run"
+  with Checkpointer(workdir / "checkpoints", save_interval_steps=1) as ck:
+    ck.save(1, make_state(1), metadata={"model": MODEL})
+    ck.save(2, make_state(2), metadata={"model": MODEL})
+  params, cfg = ckpt_lib.load_backbone(workdir)
+  assert cfg == MODEL
+  assert_tree_equal(params, {"backbone": make_state(2)["params"]["backbone"]})
+  params1, _ = ckpt_lib.load_backbone(workdir / "checkpoints" / "1")
+  assert_tree_equal(params1, {"backbone": make_state(1)["params"]["backbone"]})
+
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(CheckpointError, match="Nothing loadable"):
+    ckpt_lib.load_backbone(tmp_path / "empty")
+  with pytest.raises(CheckpointError, match="does not exist"):
+    ckpt_lib.load_backbone(tmp_path / "missing")
+
+
+def test_unwritable_directory(tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("x")
+  bad = blocker / "ckpt"
+  with pytest.raises(CheckpointError) as e:
+    Checkpointer(bad)
+  assert str(bad) in str(e.value)
+  with pytest.raises(CheckpointError, match=str(blocker)):
+    ckpt_lib.export_backbone(blocker / "export", {"w": jnp.ones(2)}, {})
+
+
+def test_preemption_handler_sets_flag_without_exiting():
+  previous = signal.getsignal(signal.SIGTERM)
+  preempted = ckpt_lib.install_preemption_handler()
+  try:
+    preempted.clear()
+    assert not preempted()
+    assert not ckpt_lib.reached_preemption(1)
+    os.kill(os.getpid(), signal.SIGTERM)
+    for _ in range(200):  # Python runs the handler at the next bytecode check.
+      if preempted():
+        break
+      time.sleep(0.005)
+    assert preempted()
+    assert ckpt_lib.reached_preemption(2)
+  finally:
+    preempted.uninstall()
+    preempted.clear()
+    signal.signal(signal.SIGTERM, previous)
+  assert signal.getsignal(signal.SIGTERM) is previous

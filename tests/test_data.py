@@ -1,0 +1,248 @@
+"""Host input pipeline: shapes, determinism, exact resume, per-host slicing, eval padding,
+corrupt files and error messages. Nothing here downloads: embedded digits, images written to
+tmp_path, and tfds.testing.mock_data."""
+import collections
+import itertools
+import os
+
+import chex
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow_datasets as tfds
+
+from sit_jax import data
+
+DIGITS = "embedded:digits"
+
+
+def _take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def _assert_same_batches(xs, ys):
+  assert len(xs) == len(ys)
+  for x, y in zip(xs, ys):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+
+
+@pytest.fixture(autouse=True)
+def _no_download(monkeypatch):
+  def refuse(*args, **kwargs):
+    raise AssertionError("a test tried to download a dataset")
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", refuse)
+
+
+# ----- embedded digits ----------------------------------------------------------------------
+def test_embedded_pretrain_shapes_determinism_and_resume():
+  kw = dict(global_batch_size=8, image_size=24, seed=3, process_index=0, process_count=1)
+  it = data.pretrain_iterator(DIGITS, "train", **kw)
+  batches = _take(it, 6)
+  b = batches[0]
+  chex.assert_shape([b["view1"], b["view2"]], (8, 24, 24, 3))
+  chex.assert_type([b["view1"], b["view2"], b["label"]], [np.uint8, np.uint8, np.int32])
+  assert all(0 <= x["label"].min() and x["label"].max() <= 9 for x in batches)
+  assert not np.array_equal(b["view1"], b["view2"])
+  assert it.num_skipped == 0
+
+  _assert_same_batches(batches, _take(data.pretrain_iterator(DIGITS, "train", **kw), 6))
+  _assert_same_batches(batches[4:], _take(data.pretrain_iterator(
+      DIGITS, "train", start_step=4, **kw), 2))
+  other = next(data.pretrain_iterator(DIGITS, "train", **dict(kw, seed=4)))
+  assert not np.array_equal(other["view1"], b["view1"])
+
+
+def test_embedded_resume_across_an_epoch_boundary():
+  # The 297 test digits with 64 per batch: batch 4 straddles epochs 0 and 1.
+  kw = dict(global_batch_size=64, image_size=8, seed=0, process_index=0, process_count=1)
+  fresh = _take(data.pretrain_iterator(DIGITS, "test", **kw), 6)
+  _assert_same_batches(fresh[4:], _take(data.pretrain_iterator(
+      DIGITS, "test", start_step=4, **kw), 2))
+
+
+def test_train_iterator():
+  it = data.train_iterator(DIGITS, "train", global_batch_size=4, image_size=16, seed=0,
+                           process_index=0, process_count=1)
+  b = next(it)
+  assert set(b) == {"image", "label"}
+  chex.assert_shape(b["image"], (4, 16, 16, 3))
+  chex.assert_type([b["image"], b["label"]], [np.uint8, np.int32])
+
+
+def _canonical(images):
+  # Whole-image crops at the native size are exact; a flip is undone by taking the smaller.
+  return [min(x.tobytes(), x[:, ::-1].tobytes()) for x in images]
+
+
+def test_pretrain_hosts_partition_one_epoch():
+  all_images = data._digits()[0][data.DIGITS_TRAIN:]
+  want = collections.Counter(_canonical(all_images))
+  got = collections.Counter()
+  for p in range(2):
+    kw = dict(global_batch_size=32, image_size=32, crop_scale=(1.0, 1.0), seed=1,
+              process_index=p, process_count=2)
+    n_local = len(range(p, len(all_images), 2))
+    it = data.pretrain_iterator(DIGITS, "test", **kw)
+    views = np.concatenate([next(it)["view1"] for _ in range(-(-n_local // 16))])[:n_local]
+    got.update(_canonical(views))
+  assert got == want
+
+
+def test_eval_pads_and_covers_each_example_once():
+  images, labels = data._digits()
+  images, labels = images[data.DIGITS_TRAIN:], labels[data.DIGITS_TRAIN:]
+  seen_images, seen_labels, counts = [], [], []
+  for p in range(2):
+    it = data.eval_iterator(DIGITS, "test", global_batch_size=64, image_size=32,
+                            process_index=p, process_count=2, resize_mode="resize")
+    batches = list(it)
+    counts.append(len(batches))
+    assert len(batches) == len(it) == 5  # ceil(149 / 32)
+    masks = np.concatenate([b["mask"] for b in batches])
+    assert masks.sum() == len(range(p, len(labels), 2))
+    assert masks[:masks.sum()].all() and not masks[masks.sum():].any()
+    assert not batches[-1]["mask"][-1]
+    for b in batches:
+      seen_images.append(b["image"][b["mask"]])
+      seen_labels.append(b["label"][b["mask"]])
+      assert (b["label"][~b["mask"]] == -1).all()
+  seen_images, seen_labels = np.concatenate(seen_images), np.concatenate(seen_labels)
+  # Host 0 holds examples 0, 2, 4, ...; host 1 holds 1, 3, 5, ...
+  order = np.concatenate([np.arange(0, len(labels), 2), np.arange(1, len(labels), 2)])
+  np.testing.assert_array_equal(seen_images, images[order])
+  np.testing.assert_array_equal(seen_labels, labels[order])
+  single = data.eval_iterator(DIGITS, "test", global_batch_size=64, image_size=32,
+                              process_index=0, process_count=1)
+  assert sum(int(b["mask"].sum()) for b in single) == len(labels)
+
+
+def test_dataset_info():
+  assert data.dataset_info(DIGITS, "train") == data.DatasetInfo(1500, 10, "embedded:digits/train")
+  assert data.dataset_info(DIGITS, "test").num_examples == 297
+
+
+# ----- TFDS (mocked) ------------------------------------------------------------------------
+def test_tfds_mock_pretrain_resume_and_eval():
+  with tfds.testing.mock_data(num_examples=10):
+    assert data.dataset_info("tfds:cifar10", "train") == data.DatasetInfo(
+        10, 10, "tfds:cifar10/train")
+    kw = dict(global_batch_size=4, image_size=16, seed=0, process_index=0, process_count=1)
+    fresh = _take(data.pretrain_iterator("tfds:cifar10:train", None, **kw), 5)
+    chex.assert_shape(fresh[0]["view1"], (4, 16, 16, 3))
+    chex.assert_type([fresh[0]["view2"], fresh[0]["label"]], [np.uint8, np.int32])
+    # Step 3 starts at record 2 of epoch 1.
+    _assert_same_batches(fresh[3:], _take(data.pretrain_iterator(
+        "cifar10", "train", start_step=3, **kw), 2))
+    _assert_same_batches(fresh, _take(data.pretrain_iterator("cifar10", "train", **kw), 5))
+    ev = list(data.eval_iterator("cifar10", "test", global_batch_size=4, image_size=16,
+                                 process_index=0, process_count=1))
+    assert [b["mask"].sum() for b in ev] == [4, 4, 2]
+
+
+# ----- image folders ------------------------------------------------------------------------
+def _write(path, color, size, fmt):
+  img = np.zeros(size + (3,), np.uint8)
+  img[...] = color
+  img += np.random.default_rng(0).integers(0, 20, img.shape, dtype=np.uint8)
+  Image.fromarray(img).save(path, format=fmt)
+
+
+@pytest.fixture
+def class_folder(tmp_path):
+  root = tmp_path / "images"
+  for name, color in (("cat", (220, 20, 20)), ("dog", (20, 20, 220))):
+    os.makedirs(root / name)
+    _write(root / name / "a.png", color, (40, 30), "PNG")
+    _write(root / name / "b.JPG", color, (50, 50), "JPEG")
+    _write(root / name / "c.jpeg", color, (33, 61), "JPEG")
+  (root / "cat" / "broken.jpg").write_bytes(b"this is not an image" * 10)
+  (root / "dog" / "notes.txt").write_text("ignored")
+  return root
+
+
+def test_folder_pretrain_skips_corrupt_and_resumes(class_folder):
+  kw = dict(global_batch_size=4, image_size=16, seed=0, process_index=0, process_count=1)
+  source = f"folder:{class_folder}"
+  assert data.dataset_info(source, "train") == data.DatasetInfo(7, 2, f"folder:{class_folder}")
+  it = data.pretrain_iterator(source, "train", **kw)
+  batches = _take(it, 5)  # 20 positions: the broken file comes up at least twice
+  assert it.num_skipped >= 2
+  for b in batches:
+    chex.assert_shape(b["view1"], (4, 16, 16, 3))
+    red = b["view1"][..., 0].mean(axis=(1, 2)) > b["view1"][..., 2].mean(axis=(1, 2))
+    np.testing.assert_array_equal(red, b["label"] == 0)  # cat is red, dog is blue
+  _assert_same_batches(batches[2:], _take(data.pretrain_iterator(
+      source, "train", start_step=2, **kw), 3))
+
+
+def test_folder_eval_masks_corrupt(class_folder):
+  it = data.eval_iterator(f"folder:{class_folder}", None, global_batch_size=4, image_size=8,
+                          process_index=0, process_count=1)
+  batches = list(it)
+  assert len(batches) == 2 and it.num_skipped == 1
+  mask = np.concatenate([b["mask"] for b in batches])
+  labels = np.concatenate([b["label"] for b in batches])
+  # Sorted: cat/a.png cat/b.JPG cat/broken.jpg cat/c.jpeg dog/...
+  np.testing.assert_array_equal(mask, [1, 1, 0, 1, 1, 1, 1, 0])
+  np.testing.assert_array_equal(labels[mask], [0, 0, 0, 1, 1, 1])
+
+
+def test_folder_without_classes_and_split_subdir(tmp_path):
+  flat = tmp_path / "flat"
+  os.makedirs(flat)
+  for i in range(3):
+    _write(flat / f"{i}.png", (100, 100, 100), (20, 20), "PNG")
+  assert data.dataset_info(f"folder:{flat}", None).num_classes == 0
+  b = next(data.pretrain_iterator(f"folder:{flat}", None, global_batch_size=2, image_size=8,
+                                  seed=0, process_index=0, process_count=1))
+  np.testing.assert_array_equal(b["label"], [-1, -1])
+  os.makedirs(tmp_path / "split" / "train" / "x")
+  _write(tmp_path / "split" / "train" / "x" / "0.png", (0, 0, 0), (20, 20), "PNG")
+  assert data.dataset_info(f"folder:{tmp_path / 'split'}", "train") == data.DatasetInfo(
+      1, 1, f"folder:{tmp_path / 'split' / 'train'}")
+
+
+def test_folder_of_only_corrupt_files_raises(tmp_path):
+  os.makedirs(tmp_path / "bad")
+  for i in range(3):
+    (tmp_path / "bad" / f"{i}.jpg").write_bytes(b"garbage")
+  it = data.pretrain_iterator(f"folder:{tmp_path / 'bad'}", None, global_batch_size=2,
+                              image_size=8, seed=0, process_index=0, process_count=1)
+  with pytest.raises(data.DataError, match="too few readable"):
+    next(it)
+
+
+# ----- errors -------------------------------------------------------------------------------
+def test_unknown_tfds_name():
+  with pytest.raises(data.DataError, match="unknown TFDS dataset 'cifar_10_bogus'.*cifar10"):
+    data.dataset_info("tfds:cifar_10_bogus", "train")
+
+
+def test_tfds_not_prepared(tmp_path):
+  with pytest.raises(data.DataNotFoundError,
+                     match=f"tfds build cifar10 --data_dir {tmp_path}"):
+    data.pretrain_iterator("cifar10", "train", global_batch_size=2, image_size=8, seed=0,
+                           process_index=0, process_count=1, data_dir=str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="ILSVRC2012_img_train.tar.*downloads/manual"):
+    data.dataset_info("tfds:imagenet2012", "train", data_dir=str(tmp_path))
+
+
+def test_argument_and_folder_errors(tmp_path):
+  kw = dict(seed=0, process_index=0, process_count=1)
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    data.dataset_info(f"folder:{tmp_path / 'missing'}", None)
+  os.makedirs(tmp_path / "empty" / "cls")
+  with pytest.raises(data.DataError, match="no images"):
+    data.dataset_info(f"folder:{tmp_path / 'empty'}", None)
+  with pytest.raises(data.DataError, match="divisible"):
+    data.pretrain_iterator(DIGITS, "train", global_batch_size=6, image_size=8, seed=0,
+                           process_index=0, process_count=4)
+  with pytest.raises(data.DataError, match="image_size"):
+    data.pretrain_iterator(DIGITS, "train", global_batch_size=8, image_size=0, **kw)
+  with pytest.raises(data.DataError, match="embedded"):
+    data.dataset_info("embedded:mnist", "train")
+  with pytest.raises(data.DataError, match="resize_mode"):
+    data.eval_iterator(DIGITS, "test", global_batch_size=8, image_size=8, resize_mode="x",
+                       process_index=0, process_count=1)

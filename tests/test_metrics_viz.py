@@ -1,0 +1,115 @@
+import glob
+import json
+import os
+import re
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from sit_jax import metrics as metrics_lib
+from sit_jax.metrics import MetricWriter
+from sit_jax.viz import reconstruction_grid, tsne_plot
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+def test_scalars_jsonl_and_progress_line(tmp_path, capsys):
+  w = MetricWriter(tmp_path, total_steps=100, global_batch_size=64,
+                   enable_tensorboard=False, is_main_process=True)
+  w.write_scalars(10, {"loss": jnp.float32(0.5), "recon": np.float32(0.25),
+                       "lr": 1e-3})
+  w.write_scalars(20, {"loss": jnp.asarray(0.4321), "recon": 0.1234,
+                       "lr": jnp.asarray([1.2e-4])})
+  w.close()
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  rows = [json.loads(l) for l in lines]
+  assert [r["step"] for r in rows] == [10, 20]
+  assert rows[0]["loss"] == 0.5 and rows[0]["recon"] == 0.25
+  assert rows[1]["lr"] == pytest.approx(1.2e-4)
+
+  out = capsys.readouterr().out.strip().splitlines()
+  assert out[0] == "step 10/100 | loss 0.5000 | recon 0.2500 | lr 1.0e-03"
+  assert re.fullmatch(
+      r"step 20/100 \| loss 0\.4321 \| recon 0\.1234 \| lr 1\.2e-04 \| "
+      r"\d+ img/s \| ETA \d+:\d\d:\d\d", out[1]), out[1]
+
+
+def test_non_main_process_writes_nothing(tmp_path, capsys):
+  d = tmp_path / "w"
+  w = MetricWriter(d, total_steps=10, global_batch_size=8, is_main_process=False)
+  w.write_scalars(1, {"loss": 1.0})
+  w.write_images(1, "x", np.zeros((4, 4, 3), np.uint8))
+  w.write_json("results.json", {"a": 1})
+  w.flush()
+  w.close()
+  assert not d.exists()
+  assert capsys.readouterr().out == ""
+
+
+def test_images_and_tensorboard(tmp_path):
+  w = MetricWriter(tmp_path, total_steps=10, global_batch_size=8,
+                   enable_tensorboard=True, is_main_process=True)
+  img = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+  path = w.write_images(5, "recon", img)
+  w.write_scalars(5, {"loss": 1.0})
+  w.close()
+  assert path == str(tmp_path / "images" / "recon_0000005.png")
+  with Image.open(path) as im:
+    assert im.format == "PNG" and im.size == (30, 20) and im.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(im), img)
+  assert glob.glob(str(tmp_path / "tb" / "events.out.tfevents.*"))
+  with pytest.raises(TypeError):
+    MetricWriter(tmp_path, total_steps=1, global_batch_size=1,
+                 enable_tensorboard=False).write_images(0, "f", img / 255.0)
+
+
+def test_write_json_atomic(tmp_path, monkeypatch):
+  w = MetricWriter(tmp_path, total_steps=1, global_batch_size=1,
+                   enable_tensorboard=False, is_main_process=True)
+  path = w.write_json("results.json", {"acc": np.float32(0.5), "v": jnp.arange(3)})
+  assert json.loads(open(path).read()) == {"acc": 0.5, "v": [0, 1, 2]}
+
+  def failing_replace(src, dst):
+    raise OSError("disk full")
+  monkeypatch.setattr(metrics_lib.os, "replace", failing_replace)
+  with pytest.raises(OSError):
+    w.write_json("results.json", {"acc": 0.9})
+  monkeypatch.undo()
+  # The old file is intact and no temp file is left behind.
+  assert json.loads(open(path).read())["acc"] == 0.5
+  assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl", "results.json"]
+  w.close()
+
+
+@pytest.mark.parametrize("scale", [1.0, 255.0])
+def test_reconstruction_grid(scale):
+  rng = np.random.default_rng(0)
+  pix = [rng.integers(0, 256, (3, 8, 6, 3), dtype=np.uint8) for _ in range(3)]
+  mean, std = np.array(MEAN) * scale, np.array(STD) * scale
+  norm = [(p / 255.0 * scale - mean) / std for p in pix]
+  grid = reconstruction_grid(*[jnp.asarray(x, jnp.float32) for x in norm], mean, std)
+  assert grid.dtype == np.uint8 and grid.shape == (3 * 8 + 2 * 2, 3 * 6 + 2 * 2, 3)
+  for i in range(3):        # rows = images
+    for j in range(3):      # columns = original | corrupted | reconstructed
+      cell = grid[i * 10:i * 10 + 8, j * 8:j * 8 + 6]
+      np.testing.assert_array_equal(cell, pix[j][i])
+  assert (grid[8:10] == 255).all() and (grid[:, 6:8] == 255).all()
+  assert reconstruction_grid(*norm, mean, std, max_images=2).shape[0] == 2 * 8 + 2
+
+
+def test_reconstruction_grid_clips():
+  x = np.full((1, 2, 2, 3), 10.0, np.float32)
+  grid = reconstruction_grid(x, -x, x, MEAN, STD)
+  assert (grid[:, :2] == 255).all() and (grid[:, 4:6] == 0).all()
+
+
+def test_tsne_plot_small(tmp_path):
+  rng = np.random.default_rng(0)
+  labels = np.repeat(np.arange(3), 20)
+  feats = rng.normal(size=(60, 16)) + labels[:, None] * 3.0
+  path = tsne_plot(feats, labels, tmp_path / "plots" / "tsne.png", title="test")
+  with Image.open(path) as im:
+    assert im.format == "PNG" and im.size[0] > 100

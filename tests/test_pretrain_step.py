@@ -1,0 +1,165 @@
+"""The jitted SiT step: sharding invariance, FSDP placement, EMA, and that GMML actually learns."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import common
+from sit_jax import pretrain, sharding
+
+
+def tiny_config(experiment="sit", **overrides):
+  c = common.shrink_for_runlocal(common.pretrain_config())
+  c.experiment = experiment
+  c.data.image_size = 16
+  c.data.global_batch_size = 16
+  c.model.proj_hidden = 32
+  c.model.proj_dim = 16
+  c.optim.warmup_epochs = 0
+  for key, value in overrides.items():
+    target = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  return c
+
+
+def fake_batch(config, seed=0):
+  rng = np.random.default_rng(seed)
+  shape = (config.data.global_batch_size, config.data.image_size, config.data.image_size, 3)
+  return {"view1": rng.integers(0, 256, shape, dtype=np.uint8),
+          "view2": rng.integers(0, 256, shape, dtype=np.uint8)}
+
+
+def run_steps(config, mesh, num_steps=2, total_steps=100):
+  model = pretrain.build_model(config)
+  schedules = pretrain.build_schedules(config, total_steps, steps_per_epoch=10)
+  tx = pretrain.build_optimizer(config, schedules)
+  state, shardings = pretrain.create_train_state(config, model, tx, mesh, jax.random.PRNGKey(0))
+  step = pretrain.jit_train_step(pretrain.make_train_step(config, model, tx, schedules),
+                                 shardings, mesh)
+  metrics = []
+  for i in range(num_steps):
+    state, m = step(state, sharding.global_batch(fake_batch(config, i), mesh))
+    metrics.append(jax.device_get(m))
+  return state, metrics
+
+
+# Adam divides by sqrt(v) + eps: with the default eps a near-zero gradient (e.g. the key bias,
+# to which softmax is invariant) turns float reduction-order noise into a full +-lr step. A larger
+# eps and lr make every update large against the tolerance and stable under summation order.
+INVARIANCE_OVERRIDES = {"optim.eps": 1e-5, "optim.base_lr": 0.02}
+
+
+@functools.lru_cache(maxsize=None)
+def single_device_run(experiment):
+  config = tiny_config(experiment, **INVARIANCE_OVERRIDES)
+  mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+  state, metrics = run_steps(config, mesh)
+  return jax.device_get(state), metrics
+
+
+@pytest.mark.parametrize("experiment,mesh_shape,rules", [
+    ("sit", {"data": 4, "fsdp": 2}, common.FSDP),
+    ("sit", {"data": 8, "fsdp": 1}, common.REPLICATED),
+    ("gmml", {"data": 2, "fsdp": 4}, common.FSDP),
+])
+def test_sharded_step_equals_single_device_step(experiment, mesh_shape, rules):
+  config = tiny_config(experiment, **INVARIANCE_OVERRIDES)
+  config.sharding_rules = rules
+  state, metrics = run_steps(config, sharding.make_mesh(mesh_shape))
+  ref_state, ref_metrics = single_device_run(experiment)
+  for got, want in zip(metrics, ref_metrics):
+    np.testing.assert_allclose(got["loss"], want["loss"], rtol=2e-5)
+    np.testing.assert_allclose(got["mask_fraction"], want["mask_fraction"], rtol=1e-6)
+  flat = jax.tree_util.tree_leaves_with_path(jax.device_get(state.params))
+  ref = dict(jax.tree_util.tree_leaves_with_path(ref_state.params))
+  for path, leaf in flat:
+    want = ref[path]
+    np.testing.assert_allclose(leaf, want, rtol=1e-4, atol=5e-5,  # updates are ~2.5e-3.
+                               err_msg=jax.tree_util.keystr(path))
+  assert int(state.step) == 2
+
+
+def test_fsdp_rules_really_shard_the_large_kernels():
+  config = tiny_config("sit")
+  config.sharding_rules = common.FSDP
+  mesh = sharding.make_mesh({"data": 4, "fsdp": 2})
+  model = pretrain.build_model(config)
+  schedules = pretrain.build_schedules(config, 100, 10)
+  tx = pretrain.build_optimizer(config, schedules)
+  state, _ = pretrain.create_train_state(config, model, tx, mesh, jax.random.PRNGKey(0))
+  qkv = state.params["backbone"]["blocks_0"]["attn"]["qkv"]["kernel"]  # (96, 288)
+  assert "fsdp" in tuple(qkv.sharding.spec)
+  dim = list(qkv.sharding.spec).index("fsdp")
+  assert qkv.addressable_shards[0].data.shape[dim] == qkv.shape[dim] // 2
+  # Optimizer moments follow their parameters; the teacher too.
+  mu = state.opt_state[1][0].mu["backbone"]["blocks_0"]["attn"]["qkv"]["kernel"]
+  assert mu.sharding.spec == qkv.sharding.spec
+  assert state.teacher["backbone"]["blocks_0"]["attn"]["qkv"]["kernel"].sharding.spec == qkv.sharding.spec
+  # Vectors stay replicated.
+  assert tuple(state.params["backbone"]["norm"]["scale"].sharding.spec) == ()
+
+
+def test_teacher_is_the_ema_of_the_student():
+  config = tiny_config("sit")
+  mesh = sharding.make_mesh({"data": 8})
+  model = pretrain.build_model(config)
+  schedules = pretrain.build_schedules(config, 100, 10)
+  tx = pretrain.build_optimizer(config, schedules)
+  state, shardings = pretrain.create_train_state(config, model, tx, mesh, jax.random.PRNGKey(0))
+  before = jax.device_get(state.teacher)
+  chex_equal = jax.tree.map(np.array_equal, before, {k: jax.device_get(state.params[k])
+                                                     for k in before})
+  assert all(jax.tree.leaves(chex_equal))  # the teacher starts as a copy of the student.
+  step = pretrain.jit_train_step(pretrain.make_train_step(config, model, tx, schedules),
+                                 shardings, mesh)
+  state, metrics = step(state, sharding.global_batch(fake_batch(config), mesh))
+  m = float(schedules.momentum(0))
+  assert m == pytest.approx(0.996)
+  expected = jax.tree.map(lambda t, s: m * t + (1 - m) * s, before,
+                          {k: jax.device_get(state.params[k]) for k in before})
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               jax.device_get(state.teacher), expected)
+  assert set(metrics) >= {"loss", "recon", "contrastive", "lr", "weight_decay", "momentum"}
+  np.testing.assert_allclose(metrics["loss"], metrics["contrastive"] + metrics["recon"], rtol=1e-5)
+
+
+def test_gmml_has_no_teacher_and_contrastive_has_no_recon():
+  mesh = sharding.make_mesh({"data": 8})
+  for experiment, has_teacher in [("gmml", False), ("contrastive", True)]:
+    config = tiny_config(experiment)
+    model = pretrain.build_model(config)
+    schedules = pretrain.build_schedules(config, 100, 10)
+    tx = pretrain.build_optimizer(config, schedules)
+    state, _ = pretrain.create_train_state(config, model, tx, mesh, jax.random.PRNGKey(0))
+    assert bool(state.teacher) == has_teacher
+    assert ("recon_head" in state.params) == (experiment == "gmml")
+
+
+def test_gmml_learns_to_reconstruct_a_fixed_batch():
+  config = tiny_config("gmml", **{"augment.preset": "none", "optim.base_lr": 0.03,
+                                  "model.drop_path_rate": 0.0, "optim.clip_norm": 0.0})
+  config.data.global_batch_size = 8
+  mesh = sharding.make_mesh({"data": 8})
+  model = pretrain.build_model(config)
+  schedules = pretrain.build_schedules(config, 1000, 10)
+  tx = pretrain.build_optimizer(config, schedules)
+  state, shardings = pretrain.create_train_state(config, model, tx, mesh, jax.random.PRNGKey(0))
+  step = pretrain.jit_train_step(pretrain.make_train_step(config, model, tx, schedules),
+                                 shardings, mesh)
+  # Smooth images (a masked pixel is predictable from its surroundings).
+  yy, xx = np.meshgrid(np.arange(16), np.arange(16), indexing="ij")
+  images = np.stack([128 + 100 * np.sin(xx / (2 + i % 3) + i) * np.cos(yy / (3 + i % 2))
+                     for i in range(8)])
+  images = np.repeat(images[..., None], 3, -1).astype(np.uint8)
+  batch = sharding.global_batch({"view1": images, "view2": images[::-1].copy()}, mesh)
+  recon = []
+  for _ in range(250):
+    state, m = step(state, batch)
+    recon.append(float(m["recon"]))
+  first, last = np.mean(recon[:10]), np.mean(recon[-10:])
+  assert last < 0.4 * first, (first, last)
