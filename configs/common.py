@@ -125,6 +125,7 @@ def shrink_for_runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   c.gmml.align = 1
   c.total_epochs = 0
   c.total_steps = 300
+  c.optim.base_lr = 4e-3                # lr 5e-4 at batch 32.
   c.optim.warmup_epochs = 1
   c.log_every = 20
   c.image_every = 100

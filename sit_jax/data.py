@@ -14,6 +14,7 @@ Sources (`source` argument):
       train/ and val/ folders); otherwise `split` is ignored.
   "embedded:digits"  scikit-learn's bundled 8x8 digits (1797 images, labels 0-9), upsampled
       bicubically to 32x32 RGB; split "train" (1500) / "test" (297) / "all" after a fixed shuffle.
+  "embedded:digits_multilabel"  the same images with multi-hot labels (12,): the digit, odd, >= 5.
 
 Determinism and resuming. A training iterator's batches are a pure function of (seed,
 process_index, process_count, step), so `start_step=k` yields exactly what a fresh iterator
@@ -80,6 +81,7 @@ class DatasetInfo:
   num_examples: int  # in the whole split, all hosts together
   num_classes: int  # 0 when the source has no labels
   name: str
+  multilabel: bool = False  # labels are multi-hot int32 vectors (num_classes,), not class ids
 
 
 # ============================================================================================
@@ -153,10 +155,19 @@ def _digits():
   return _DIGITS_CACHE["all"]
 
 
+def _digits_multilabel(labels):
+  """Multi-hot (n, 12): the digit (10 classes), 'odd', '>= 5'; for offline multi-label tests."""
+  return np.concatenate([np.eye(10, dtype=np.int32)[labels], (labels % 2)[:, None],
+                         (labels >= 5)[:, None].astype(np.int32)], axis=1)
+
+
 def _embedded(name, split, p, P):
-  if name != "digits":
-    raise DataError(f"unknown embedded dataset {name!r}; available: 'digits'")
+  if name not in ("digits", "digits_multilabel"):
+    raise DataError(f"unknown embedded dataset {name!r}; available: 'digits', "
+                    "'digits_multilabel'")
   images, labels = _digits()
+  if name == "digits_multilabel":
+    labels = _digits_multilabel(labels)
   ranges = {"train": slice(0, DIGITS_TRAIN), "test": slice(DIGITS_TRAIN, None),
             "all": slice(None)}
   if split not in ranges:
@@ -170,7 +181,9 @@ def _embedded(name, split, p, P):
     return tf.gather(host_images, i), tf.gather(host_labels, i)
 
   n_local, n_max = _strided_share(n, p, P)
-  return _HostData(DatasetInfo(n, 10, f"embedded:digits/{split}"), n_local, n_max, load=load)
+  info = DatasetInfo(n, labels.shape[-1] if labels.ndim > 1 else 10,
+                     f"embedded:{name}/{split}", multilabel=labels.ndim > 1)
+  return _HostData(info, n_local, n_max, load=load)
 
 
 # ----- image folder -------------------------------------------------------------------------
@@ -294,14 +307,29 @@ def _tfds_host_split(split, p, P):
   return host
 
 
+def _tfds_labels(builder):
+  """(ex -> int32 label tensor, num_classes, multilabel). A 'label' ClassLabel gives class ids;
+  without one, a 'labels' Sequence(ClassLabel) (e.g. voc/2007) gives multi-hot vectors."""
+  features = builder.info.features
+  if "label" in features:
+    return (lambda ex: tf.cast(ex["label"], tf.int32),
+            getattr(features["label"], "num_classes", 0) or 0, False)
+  inner = getattr(features["labels"], "feature", None) if "labels" in features else None
+  if isinstance(inner, tfds.features.ClassLabel):
+    c = inner.num_classes
+    # Sum, not max, of the one-hots: an image without labels gives zeros.
+    return (lambda ex: tf.minimum(tf.reduce_sum(tf.one_hot(ex["labels"], c, dtype=tf.int32),
+                                                axis=0), 1), c, True)
+  return lambda ex: tf.constant(-1, tf.int32), 0, False
+
+
 def _tfds(name, split, data_dir, p, P):
   builder = _tfds_builder(name, data_dir)
   n = _tfds_size(builder, split, name)
   host_split = _tfds_host_split(split, p, P) if P > 1 else split
   n_local = _tfds_size(builder, host_split, name) if P > 1 else n
-  label = builder.info.features["label"] if "label" in builder.info.features else None
-  num_classes = getattr(label, "num_classes", 0) or 0
-  info = DatasetInfo(n, num_classes, f"tfds:{name}/{split}")
+  _, num_classes, multilabel = _tfds_labels(builder)
+  info = DatasetInfo(n, num_classes, f"tfds:{name}/{split}", multilabel=multilabel)
   return _HostData(info, n_local, max(n_local, -(-n // P)), builder=builder,
                    host_split=host_split)
 
@@ -445,7 +473,9 @@ class EvalIterator(HostIterator):
     b, lo = self.batch_size, self.step * self.batch_size
     self._fill(lo + b)
     out = dict(image=np.zeros((b, self._size, self._size, 3), np.uint8),
-               label=np.full((b,), -1, np.int32), mask=np.zeros((b,), bool))
+               label=np.full((b, self.info.num_classes) if self.info.multilabel else (b,), -1,
+                             np.int32),
+               mask=np.zeros((b,), bool))
     if self._pending is not None:
       take = int(np.searchsorted(self._pending["_pos"], lo + b))
       slots = self._pending["_pos"][:take] - lo
@@ -500,7 +530,7 @@ def _train_elements(data: _HostData, *, b, start_step, seed, process_index, shuf
   first = start_step * b
   first_epoch, first_offset = first // n, first % n
   buffer = max(1, min(shuffle_buffer, n))
-  has_label = "label" in data.builder.info.features
+  label_of, _, _ = _tfds_labels(data.builder)
 
   def epoch(e):
     shuffle_seed = tf.random.stateless_uniform(
@@ -510,8 +540,7 @@ def _train_elements(data: _HostData, *, b, start_step, seed, process_index, shuf
                                       tf.constant(0, tf.int64)))
     return ds.map(lambda offset, ex: dict(
         encoded=ex["image"],
-        label=tf.cast(ex["label"], tf.int32) if has_label else tf.constant(-1, tf.int32),
-        seed=_fold(aug_base, e * n + offset)))
+        label=label_of(ex), seed=_fold(aug_base, e * n + offset)))
 
   ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch)
 
@@ -610,10 +639,10 @@ def eval_iterator(source: str, split: Optional[str], *, global_batch_size: int,
     if data.fallible:
       ds = ds.ignore_errors()
   else:
-    has_label = "label" in data.builder.info.features
+    label_of, _, _ = _tfds_labels(data.builder)
 
     def element(i, ex):
-      label = tf.cast(ex["label"], tf.int32) if has_label else tf.constant(-1, tf.int32)
+      label = label_of(ex)
       image = _eval_view(_decode(ex["image"]), image_size, resize_mode)
       return dict(image=image, label=label, _pos=i)
 

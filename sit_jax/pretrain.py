@@ -225,11 +225,30 @@ def schedule_lengths(config, num_examples: int) -> tuple[int, int]:
   return total, steps_per_epoch
 
 
+METRIC_ORDER = ("loss", "recon", "contrastive", "lr")
+
+
+def metric_order(name: str):
+  return (METRIC_ORDER.index(name) if name in METRIC_ORDER else len(METRIC_ORDER), name)
+
+
+def validate(config):
+  """Fails fast, before any data is read, on settings that cannot work."""
+  from sit_jax.models import vit
+  arch = vit.parse_variant(config.model.variant)
+  vit.check_image_size(config.data.image_size, arch["patch_size"])
+  if config.gmml.align > 1 and config.data.image_size % config.gmml.align:
+    raise ValueError(f"gmml.align={config.gmml.align} does not divide the image size "
+                     f"{config.data.image_size}.")
+  sit_model.sit_from_config(model_config(config), config.experiment)
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Pretrains (or resumes pretraining) in `workdir`; returns the figures written to results.json."""
   # Imported here: TF (for TFDS and TensorBoard) stays out of pure-library users' processes.
   from sit_jax import checkpoint, data, metrics, viz
 
+  validate(config)
   workdir = os.path.abspath(workdir)
   ensure_writable(workdir)
 
@@ -285,8 +304,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     pending.append(step_metrics)  # stays on device until the next log step.
 
     if step % config.log_every == 0 or step == total_steps:
-      last_logged = {k: float(v) for k, v in
-                     jax.tree.map(lambda *xs: np.mean(xs), *jax.device_get(pending)).items()}
+      means = jax.tree.map(lambda *xs: float(np.mean(xs)), *jax.device_get(pending))
+      last_logged = {k: means[k] for k in sorted(means, key=metric_order)}
       skipped = getattr(batches, "num_skipped", 0)
       writer.write_scalars(step, {**last_logged, **({"skipped_images": skipped} if skipped else {})})
       pending = []
@@ -294,6 +313,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       clean, corrupted, recon = jax.device_get(reconstruct(state, batch))
       grid = viz.reconstruction_grid(clean, corrupted, recon, augment.IMAGENET_MEAN,
                                      augment.IMAGENET_STD)
+      zoom = max(1, 96 // config.data.image_size)  # small images get big enough to see.
+      grid = np.repeat(np.repeat(grid, zoom, axis=0), zoom, axis=1)
       writer.write_images(step, "reconstruction", grid)
     stop = checkpoint.reached_preemption(step)
     if stop or step == total_steps:

@@ -130,6 +130,29 @@ def test_jitter_brightness_only_is_a_per_image_scale():
   assert len(np.unique(np.round(f[:, 0], 5))) == 4
 
 
+def test_jitter_matches_the_ops_applied_in_the_drawn_order():
+  """The fused jitter equals torchvision's plain loop over the four ops in a random order."""
+  x = _images(6, size=10)
+  cfg = dict(OFF, jitter_prob=1.0, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
+  key = jax.random.key(11)
+  y = np.asarray(augment.photometric(key, x, **cfg))
+  fns = [augment.adjust_brightness, augment.adjust_contrast, augment.adjust_saturation,
+         augment.adjust_hue]
+  hue_places = set()
+  # Re-draw the factors and the order from the same keys as photometric does.
+  for i, k in enumerate(jax.random.split(key, len(x))):
+    kb, kc, ks, kh, kperm = jax.random.split(jax.random.split(k, 6)[0], 5)
+    u = lambda kk, lo, hi: jax.random.uniform(kk, (), jnp.float32, lo, hi)
+    factors = [u(kb, 0.6, 1.4), u(kc, 0.6, 1.4), u(ks, 0.8, 1.2), u(kh, -0.1, 0.1)]
+    order = [int(j) for j in jax.random.permutation(kperm, 4)]
+    hue_places.add(order.index(3))
+    want = x[i]
+    for j in order:
+      want = fns[j](want, factors[j])
+    np.testing.assert_allclose(y[i], np.asarray(want), atol=1e-5)
+  assert len(hue_places) > 1
+
+
 def test_presets():
   sit1, sit2 = augment.view_augment_config("sit", 1), augment.view_augment_config("sit", 2)
   assert (sit1["blur_prob"], sit1["solarize_prob"]) == (1.0, 0.0)

@@ -246,3 +246,65 @@ def test_argument_and_folder_errors(tmp_path):
   with pytest.raises(data.DataError, match="resize_mode"):
     data.eval_iterator(DIGITS, "test", global_batch_size=8, image_size=8, resize_mode="x",
                        process_index=0, process_count=1)
+
+
+# ----- a real (tiny, locally generated) TFDS dataset: the reader path without mocks ---------
+_PREPARE = tfds.core.DatasetBuilder.download_and_prepare
+
+
+class SitJaxTinyImages(tfds.core.GeneratorBasedBuilder):
+  """Example i is a constant 8x8 image of value 10*i, so crops still tell which it is."""
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(8, 8, 3)),
+        "label": tfds.features.ClassLabel(num_classes=3)}))
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples(range(21)),
+            "test": self._generate_examples(range(21, 25))}
+
+  def _generate_examples(self, indices):
+    for i in indices:
+      yield i, {"image": np.full((8, 8, 3), 10 * i, np.uint8), "label": i % 3}
+
+
+@pytest.fixture(scope="module")
+def tiny_tfds(tmp_path_factory):
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
+  _PREPARE(tfds.builder("sit_jax_tiny_images", data_dir=data_dir))  # local generator only
+  return data_dir
+
+
+def _ids(images):
+  return list(images[:, 0, 0, 0] // 10)
+
+
+def test_real_tfds_hosts_resume_and_eval(tiny_tfds):
+  source = "tfds:sit_jax_tiny_images"
+  assert data.dataset_info(source, "train", data_dir=tiny_tfds) == data.DatasetInfo(
+      21, 3, f"{source}/train")
+  per_host = []
+  for p in range(2):
+    kw = dict(global_batch_size=4, image_size=4, seed=5, process_index=p, process_count=2,
+              data_dir=tiny_tfds)
+    fresh = _take(data.pretrain_iterator(source, "train", **kw), 12)
+    for b in fresh:  # constant images: the label follows the image
+      np.testing.assert_array_equal(_ids(b["view1"]), _ids(b["view2"]))
+      np.testing.assert_array_equal(np.array(_ids(b["view1"])) % 3, b["label"])
+    # Epochs of 11 and 10 examples: step 7 starts inside epoch 1 (host 0) or 2 (host 1).
+    _assert_same_batches(fresh[7:], _take(data.pretrain_iterator(
+        source, "train", start_step=7, **kw), 5))
+    ids = [i for b in fresh for i in _ids(b["view1"])]
+    n_local = 11 - p
+    per_host.append(ids[:n_local])
+    assert sorted(ids[n_local:2 * n_local]) == sorted(ids[:n_local])  # epoch 2: same examples
+    assert ids[n_local:2 * n_local] != ids[:n_local]  # in another order
+    ev = data.eval_iterator(source, "train", process_index=p, process_count=2,
+                            global_batch_size=4, image_size=8, data_dir=tiny_tfds)
+    batches = list(ev)
+    assert len(batches) == 6 and ev.num_skipped == 0  # ceil(11 / 2) on both hosts
+    got = [i for b in batches for i in _ids(b["image"][b["mask"]])]
+    assert sorted(got) == sorted(per_host[-1])
+  assert sorted(per_host[0] + per_host[1]) == list(range(21))

@@ -1,0 +1,148 @@
+"""`python -m sit_jax.main` end to end: outputs, preemption and exact resume, cross-mesh restore, errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import common
+from sit_jax import checkpoint, pretrain, sharding
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN_FLAGS = ["--config.total_steps=40", "--config.log_every=5", "--config.checkpoint_every=10",
+             "--config.image_every=20"]
+
+
+def command(workdir, *flags, config="configs/sit_vits.py:runlocal"):
+  return [sys.executable, "-m", "sit_jax.main", f"--config={config}", f"--workdir={workdir}",
+          *flags]
+
+
+def env():
+  e = dict(os.environ)
+  e.update(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+           PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
+  return e
+
+
+def losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {row["step"]: row["loss"] for row in map(json.loads, f)}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("full"))
+  proc = subprocess.run(command(workdir, *RUN_FLAGS), cwd=REPO, env=env(), capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir, proc.stdout
+
+
+def test_runlocal_writes_metrics_pictures_checkpoint_and_results(uninterrupted):
+  workdir, stdout = uninterrupted
+  assert "step 40/40" in stdout and "img/s" in stdout and "ETA" in stdout
+  assert sorted(losses(workdir)) == list(range(5, 41, 5))
+  assert sorted(os.listdir(os.path.join(workdir, "images"))) == ["reconstruction_0000020.png",
+                                                                 "reconstruction_0000040.png"]
+  results = json.load(open(os.path.join(workdir, "results.json")))
+  assert results["step"] == 40 and not results["preempted"]
+  assert np.isfinite(results["final_metrics"]["loss"])
+  assert checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).all_steps() == [20, 30, 40]
+  params, model_cfg = checkpoint.load_backbone(os.path.join(workdir, "backbone"))
+  assert model_cfg["variant"] == "Mu/4" and "blocks_0" in params["backbone"]
+  assert json.load(open(os.path.join(workdir, "config.json")))["experiment"] == "sit"
+  assert os.listdir(os.path.join(workdir, "tb"))
+
+
+def test_preempted_run_resumes_and_matches_uninterrupted_losses(uninterrupted, tmp_path):
+  reference = losses(uninterrupted[0])
+  workdir = str(tmp_path)
+  proc = subprocess.Popen(command(workdir, *RUN_FLAGS), cwd=REPO, env=env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 300
+  while not (os.path.exists(metrics_path) and open(metrics_path).read().count("\n") >= 2):
+    assert proc.poll() is None and time.time() < deadline, "run ended before it was preempted"
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)  # what a Cloud TPU preemption sends.
+  proc.communicate(timeout=300)
+  assert proc.returncode == 0
+  first = json.load(open(os.path.join(workdir, "results.json")))
+  assert first["preempted"] and 10 <= first["step"] < 35, first
+  resumed = subprocess.run(command(workdir, *RUN_FLAGS), cwd=REPO, env=env(),
+                           capture_output=True, text=True, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  second = json.load(open(os.path.join(workdir, "results.json")))
+  assert second["step"] == 40 and second["steps_this_run"] == 40 - first["step"]
+  got = losses(workdir)
+  # Logged losses are means over the last 5 steps: compare windows that lie after the resume.
+  later = [s for s in reference if s - 5 >= first["step"]]
+  assert later
+  for s in later:
+    np.testing.assert_allclose(got[s], reference[s], rtol=1e-5, err_msg=f"step {s}")
+
+
+def tiny_state(config, mesh):
+  model = pretrain.build_model(config)
+  schedules = pretrain.build_schedules(config, 100, 10)
+  tx = pretrain.build_optimizer(config, schedules)
+  init = lambda rng: pretrain.init_state(config, model, tx, rng)
+  abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+  shardings = sharding.tree_shardings(abstract, mesh, config.sharding_rules)
+  return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(0)), abstract, shardings
+
+
+def test_checkpoint_from_8_devices_restores_onto_4(tmp_path):
+  config = common.shrink_for_runlocal(common.pretrain_config())
+  config.sharding_rules = common.FSDP
+  state8, _, _ = tiny_state(config, sharding.make_mesh({"data": 4, "fsdp": 2}))
+  ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=False)
+  ckpt.save(5, state8, metadata=pretrain.checkpoint_metadata(config), force=True)
+  mesh4 = sharding.make_mesh({"data": 2, "fsdp": 2}, jax.devices()[:4])
+  _, abstract, shardings4 = tiny_state(config, mesh4)
+  restored, _ = ckpt.restore(pretrain.abstract_with_shardings(abstract, shardings4),
+                             expected_metadata=pretrain.checkpoint_metadata(config))
+  kernel = restored.params["backbone"]["blocks_0"]["mlp"]["fc1"]["kernel"]
+  assert kernel.sharding.mesh.devices.size == 4 and "fsdp" in tuple(kernel.sharding.spec)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state8))
+  # A checkpoint of another model is refused before any array is read.
+  other = common.shrink_for_runlocal(common.pretrain_config())
+  other.model.variant = "Mu/8"
+  with pytest.raises(checkpoint.CheckpointError, match="variant"):
+    ckpt.restore(pretrain.abstract_with_shardings(abstract, shardings4),
+                 expected_metadata=pretrain.checkpoint_metadata(other))
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"data.source": "tfds:imagenet20l2"}, "imagenet2012"),
+    ({"data.image_size": 30}, "not divisible by the patch size 4"),
+    ({"data.global_batch_size": 12}, "not divisible by the data-parallel size 8"),
+    ({"data.source": "folder:/nonexistent/images"}, "/nonexistent/images"),
+    ({"experiment": "simclr"}, "Unknown experiment"),
+])
+def test_bad_input_gives_a_clear_error(tmp_path, override, message):
+  config = common.shrink_for_runlocal(common.pretrain_config())
+  for key, value in override.items():
+    section, _, leaf = key.rpartition(".")
+    (config[section] if section else config)[leaf] = value
+  with pytest.raises(Exception, match=message):
+    pretrain.train_and_evaluate(config, str(tmp_path))
+
+
+def test_unwritable_workdir_and_cli_errors_are_one_line(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a directory")
+  proc = subprocess.run(command(str(blocker / "run")), cwd=REPO, env=env(), capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 1
+  assert "sit_jax: error: Workdir" in proc.stderr and "not writable" in proc.stderr
+  assert "Traceback" not in proc.stderr
+  misspelt = subprocess.run(command(str(tmp_path / "w"), "--config.optim.base_lrr=0.1"),
+                            cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+  assert misspelt.returncode != 0 and "base_lrr" in misspelt.stderr
