@@ -1,6 +1,7 @@
 """Photometric augmentation: each op against an independent numpy/stdlib formula, the random
 pipeline's determinism and range, and sharded execution over the 8 simulated devices."""
 import colorsys
+import functools
 
 import chex
 import jax
@@ -12,6 +13,19 @@ import scipy.ndimage
 from sit_jax import augment
 
 OFF = augment.view_augment_config("none", 1)
+SIT1 = augment.view_augment_config("sit", 1)
+SIT2 = augment.view_augment_config("sit", 2)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(cfg_items):
+  cfg = dict(cfg_items)
+  return jax.jit(lambda k, im: augment.photometric(k, im, **cfg))
+
+
+def _run(key, images, cfg):
+  """Jitted photometric, compiled once per config and shape for the whole module."""
+  return np.asarray(_jitted(tuple(sorted(cfg.items())))(key, images))
 
 
 def _images(n=4, size=16, seed=0):
@@ -80,71 +94,69 @@ def test_gaussian_blur_matches_scipy_and_keeps_constants():
 
 
 def test_all_off_is_identity_and_range():
-  x = _images()
+  x = _images(8)
   key = jax.random.key(0)
-  np.testing.assert_array_equal(np.asarray(augment.photometric(key, x, **OFF)), x)
+  np.testing.assert_array_equal(_run(key, x, OFF), x)
   # Probability 0 with non-zero magnitudes is also the identity.
-  cfg = dict(augment.view_augment_config("sit", 2), jitter_prob=0.0, grayscale_prob=0.0,
-             blur_prob=0.0, solarize_prob=0.0)
-  np.testing.assert_array_equal(np.asarray(augment.photometric(key, x, **cfg)), x)
-  y = np.asarray(augment.photometric(key, x * 1.5 - 0.25,
-                                     **augment.view_augment_config("sit", 2)))
+  cfg = dict(SIT2, jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0, solarize_prob=0.0)
+  np.testing.assert_array_equal(_run(key, x, cfg), x)
+  y = _run(key, x * 1.5 - 0.25, SIT2)
   assert y.min() >= 0.0 and y.max() <= 1.0
 
 
 def test_same_key_same_output_different_key_differs():
   x = _images(8)
-  cfg = augment.view_augment_config("sit", 1)
-  f = jax.jit(lambda k, im: augment.photometric(k, im, **cfg))
-  a = np.asarray(f(jax.random.key(1), x))
-  b = np.asarray(f(jax.random.key(1), x))
-  c = np.asarray(f(jax.random.key(2), x))
+  a = _run(jax.random.key(1), x, SIT1)
+  b = _run(jax.random.key(1), x, SIT1)
+  c = _run(jax.random.key(2), x, SIT1)
   np.testing.assert_array_equal(a, b)
   assert np.abs(a - c).max() > 1e-3
   # Per-example keys: identical inputs get different augmentations.
-  same = np.repeat(x[:1], 8, 0)
-  d = np.asarray(f(jax.random.key(3), same))
+  d = _run(jax.random.key(3), np.repeat(x[:1], 8, 0), SIT1)
   assert np.abs(d[0] - d[1]).max() > 1e-3
 
 
 def test_grayscale_always_gives_equal_channels():
-  cfg = dict(OFF, grayscale_prob=1.0)
-  y = np.asarray(augment.photometric(jax.random.key(0), _images(), **cfg))
+  y = _run(jax.random.key(0), _images(8), dict(OFF, grayscale_prob=1.0))
   np.testing.assert_allclose(y[..., 0], y[..., 1], atol=1e-6)
   np.testing.assert_allclose(y[..., 0], y[..., 2], atol=1e-6)
 
 
 def test_solarize_always_matches_numpy():
-  x = _images()
-  y = np.asarray(augment.photometric(jax.random.key(0), x, **dict(OFF, solarize_prob=1.0)))
+  x = _images(8)
+  y = _run(jax.random.key(0), x, dict(OFF, solarize_prob=1.0))
   np.testing.assert_array_equal(y, np.where(x >= 0.5, 1 - x, x))
 
 
 def test_jitter_brightness_only_is_a_per_image_scale():
-  x = _images(4) * 0.5  # no clipping for factors <= 1.5
-  cfg = dict(OFF, jitter_prob=1.0, brightness=0.5)
-  y = np.asarray(augment.photometric(jax.random.key(5), x, **cfg))
-  f = (y / x).reshape(4, -1)
+  x = _images(8) * 0.5  # no clipping for factors <= 1.5
+  y = _run(jax.random.key(5), x, dict(OFF, jitter_prob=1.0, brightness=0.5))
+  f = (y / x).reshape(8, -1)
   np.testing.assert_allclose(f, f[:, :1] * np.ones_like(f), rtol=1e-5)
   assert np.all((f[:, 0] >= 0.5) & (f[:, 0] <= 1.5))
-  assert len(np.unique(np.round(f[:, 0], 5))) == 4
+  assert len(np.unique(np.round(f[:, 0], 5))) == 8
 
 
 def test_jitter_matches_the_ops_applied_in_the_drawn_order():
   """The fused jitter equals torchvision's plain loop over the four ops in a random order."""
-  x = _images(6, size=10)
+  x = _images(8)
   cfg = dict(OFF, jitter_prob=1.0, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
   key = jax.random.key(11)
-  y = np.asarray(augment.photometric(key, x, **cfg))
-  fns = [augment.adjust_brightness, augment.adjust_contrast, augment.adjust_saturation,
-         augment.adjust_hue]
-  hue_places = set()
-  # Re-draw the factors and the order from the same keys as photometric does.
-  for i, k in enumerate(jax.random.split(key, len(x))):
+  y = _run(key, x, cfg)
+  fns = [jax.jit(f) for f in (augment.adjust_brightness, augment.adjust_contrast,
+                              augment.adjust_saturation, augment.adjust_hue)]
+
+  @jax.jit
+  def draws(k):  # the factors and the order, re-drawn from the keys photometric uses
     kb, kc, ks, kh, kperm = jax.random.split(jax.random.split(k, 6)[0], 5)
     u = lambda kk, lo, hi: jax.random.uniform(kk, (), jnp.float32, lo, hi)
     factors = [u(kb, 0.6, 1.4), u(kc, 0.6, 1.4), u(ks, 0.8, 1.2), u(kh, -0.1, 0.1)]
-    order = [int(j) for j in jax.random.permutation(kperm, 4)]
+    return factors, jax.random.permutation(kperm, 4)
+
+  hue_places = set()
+  for i, k in enumerate(jax.random.split(key, len(x))):
+    factors, order = draws(k)
+    order = [int(j) for j in order]
     hue_places.add(order.index(3))
     want = x[i]
     for j in order:
@@ -171,12 +183,9 @@ def test_sharded_over_8_devices_matches_unsharded(axis_type):
   assert jax.device_count() == 8
   mesh = jax.make_mesh((8,), ("data",), axis_types=(getattr(jax.sharding.AxisType, axis_type),))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-  x = _images(16, size=24)
-  cfg = augment.view_augment_config("sit", 2)
-  f = jax.jit(lambda k, im: augment.photometric(k, im, **cfg), out_shardings=sharding)
-  xs = jax.device_put(x, sharding)
-  y = f(jax.random.key(7), xs)
+  x = _images(8)
+  f = jax.jit(lambda k, im: augment.photometric(k, im, **SIT2), out_shardings=sharding)
+  y = f(jax.random.key(7), jax.device_put(x, sharding))
   chex.assert_shape(y, x.shape)
   assert y.sharding.is_equivalent_to(sharding, 4)
-  ref = jax.jit(lambda k, im: augment.photometric(k, im, **cfg))(jax.random.key(7), x)
-  np.testing.assert_allclose(np.asarray(y), np.asarray(ref), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(y), _run(jax.random.key(7), x, SIT2), atol=1e-6)
