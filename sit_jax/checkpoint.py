@@ -503,6 +503,9 @@ def export_backbone(directory, params, model_config: dict, *,
           config_path.unlink()
         if params_dir.exists():
           params_dir.rmtree()
+    if jax.process_count() > 1:  # nobody writes before process 0 has cleared an old export.
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("sit_jax:export_backbone:cleared")
     d.mkdir(parents=True, exist_ok=True)
   except CheckpointError:
     raise

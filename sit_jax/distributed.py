@@ -1,32 +1,117 @@
-"""Multi-process start-up: one process per host on TPU pods and multi-node GPU."""
+"""Multi-process start-up: one process per host (TPU pods) or per GPU (SLURM / OpenMPI).
+
+Which processes form the job, in order of precedence:
+  1. explicit arguments (main.py's --coordinator_address, --num_processes, --process_id);
+  2. the environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID;
+  3. what JAX detects by itself: a SLURM step (srun), an OpenMPI job (mpirun), a Cloud TPU VM.
+A lone process (none of the above, or a job of size 1) does not start jax.distributed at all.
+On CPU the cross-process collectives go through gloo.
+"""
 from __future__ import annotations
 
 import os
+from typing import Mapping
 
 import jax
 from absl import logging
 
-# Environment variables that mean "this is one of several processes".
-_CLUSTER_HINTS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
-                  "JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS")
+
+def _int_or_none(value, name: str) -> int | None:
+  if value is None or value == "":
+    return None
+  try:
+    return int(value)
+  except (TypeError, ValueError):
+    raise ValueError(f"{name} must be an integer, got {value!r}.") from None
 
 
-def initialize():
-  """Calls jax.distributed.initialize when launched as one of several processes.
+def detected_job_size(environ: Mapping[str, str] = os.environ) -> int | None:
+  """Number of processes a SLURM step, OpenMPI job or TPU pod slice announces, else None."""
+  # JAX's own SLURM detection needs all of these; SLURM_NTASKS alone is also set in a plain
+  # `salloc` shell, where no srun step (and no peer process) exists.
+  slurm = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+  if all(k in environ for k in slurm):
+    return _int_or_none(environ["SLURM_NTASKS"], "SLURM_NTASKS")
+  if "OMPI_MCA_orte_hnp_uri" in environ or "OMPI_COMM_WORLD_SIZE" in environ:
+    return _int_or_none(environ.get("OMPI_COMM_WORLD_SIZE"), "OMPI_COMM_WORLD_SIZE")
+  hosts = environ.get("TPU_PROCESS_ADDRESSES") or environ.get("TPU_WORKER_HOSTNAMES")
+  if hosts:
+    return len([h for h in hosts.split(",") if h.strip()])
+  if environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
+    return 2  # multislice: several hosts by definition.
+  return None
 
-  TPU VM pods and SLURM / OpenMPI GPU jobs are detected by JAX itself; elsewhere set
-  JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+
+def _on_cloud_tpu_vm() -> bool:
+  try:
+    from jax._src import cloud_tpu_init
+    return bool(cloud_tpu_init.running_in_cloud_tpu_vm)
+  except (ImportError, AttributeError):
+    return False
+
+
+def resolve(coordinator_address: str | None = None, num_processes: int | None = None,
+            process_id: int | None = None, environ: Mapping[str, str] = os.environ,
+            on_tpu_vm: bool = False) -> dict | None:
+  """The keyword arguments for jax.distributed.initialize, or None for a single process.
+
+  Missing values are left to JAX's cluster detection (SLURM, OpenMPI, Cloud TPU).
   """
-  if not any(os.environ.get(k) for k in _CLUSTER_HINTS):
+  coordinator_address = coordinator_address or environ.get("JAX_COORDINATOR_ADDRESS") or None
+  if num_processes is None:
+    num_processes = _int_or_none(environ.get("JAX_NUM_PROCESSES"), "JAX_NUM_PROCESSES")
+  if process_id is None:
+    process_id = _int_or_none(environ.get("JAX_PROCESS_ID"), "JAX_PROCESS_ID")
+  kwargs = {k: v for k, v in dict(coordinator_address=coordinator_address,
+                                  num_processes=num_processes, process_id=process_id).items()
+            if v is not None}
+  size = num_processes if num_processes is not None else detected_job_size(environ)
+  if size is not None:
+    if size < 1:
+      raise ValueError(f"The number of processes must be >= 1, got {size}.")
+    if process_id is not None and not 0 <= process_id < size:
+      raise ValueError(f"process_id {process_id} is outside 0..{size - 1}.")
+    return kwargs if size > 1 else None
+  if kwargs:
+    if "coordinator_address" in kwargs and len(kwargs) < 3:
+      raise ValueError(
+          "A coordinator address was given but not the number of processes and this "
+          "process's id, and no SLURM/OpenMPI job was detected: pass --num_processes and "
+          "--process_id (or JAX_NUM_PROCESSES and JAX_PROCESS_ID) too.")
+    return kwargs
+  # A TPU VM: JAX reads the slice's workers from the metadata server (one worker -> 1 process).
+  return {} if on_tpu_vm else None
+
+
+def _use_gloo_on_cpu():
+  """Cross-process collectives on the CPU backend need gloo (set before any backend starts)."""
+  if os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
+    return  # the user's choice; JAX reads it itself.
+  try:
+    current = jax.config.jax_cpu_collectives_implementation
+  except AttributeError:
     return
-  if os.environ.get("SLURM_NTASKS") == "1" or os.environ.get("OMPI_COMM_WORLD_SIZE") == "1":
-    return
-  kwargs = {}
-  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
-    kwargs = dict(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-                  num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-                  process_id=int(os.environ["JAX_PROCESS_ID"]))
-  jax.distributed.initialize(**kwargs)
+  if current in (None, "", "none"):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> bool:
+  """Starts jax.distributed when this is one of several processes; returns whether it did."""
+  on_tpu_vm = _on_cloud_tpu_vm()
+  kwargs = resolve(coordinator_address, num_processes, process_id, os.environ, on_tpu_vm)
+  if kwargs is None:
+    return False
+  _use_gloo_on_cpu()
+  try:
+    jax.distributed.initialize(**kwargs)
+  except (ValueError, RuntimeError) as e:
+    if kwargs or not on_tpu_vm:
+      raise
+    # A TPU VM whose metadata does not describe a slice (e.g. Colab): a single host.
+    logging.warning("jax.distributed not started (%s); running as a single process.", e)
+    return False
   logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
+  return True

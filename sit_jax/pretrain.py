@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import tempfile
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -345,9 +346,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
 def ensure_writable(workdir: str):
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_probe")
-    with open(probe, "w") as f:
-      f.write("ok")
+    # A unique name: every process of a multi-process job probes the same (shared) workdir.
+    fd, probe = tempfile.mkstemp(prefix=".write_probe_", dir=workdir)
+    os.close(fd)
     os.remove(probe)
   except OSError as e:
     raise PermissionError(f"Workdir {workdir} is not writable ({e.strerror}): pass a "

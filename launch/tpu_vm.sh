@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# Runs a sit_jax config on a Cloud TPU VM or pod slice: creates the TPU, installs sit_jax on every
+# worker, starts the same command on all workers (one process per host; JAX finds its peers),
+# streams worker 0's log, and deletes the TPU when the run ends.
+#
+#   launch/tpu_vm.sh --name sit-s16 --zone us-central2-b --accelerator v4-32 \
+#       --config configs/sit_vits.py --workdir gs://MY_BUCKET/sit_vits \
+#       -- --config.data.data_dir=gs://MY_BUCKET/tensorflow_datasets
+#
+# Everything after `--` is passed to `python -m sit_jax.main`. The workdir must be a gs:// path
+# that every worker can write (checkpoints, metrics, backbone). Run it again with the same
+# arguments after a preemption: training resumes from the last checkpoint in the workdir.
+set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+Usage: launch/tpu_vm.sh --name NAME --zone ZONE --accelerator TYPE --config CONFIG
+                        --workdir gs://BUCKET/PATH [options] [-- MAIN_FLAGS...]
+
+Required:
+  --name NAME          TPU VM name (created, and deleted at the end unless --keep)
+  --zone ZONE          e.g. us-central2-b (v4), us-west4-a (v5e), us-east5-a (v5p/v6e)
+  --accelerator TYPE   e.g. v4-8, v4-32, v5litepod-16, v5p-32, v6e-8
+  --config CONFIG      e.g. configs/sit_vits.py or configs/knn.py:dataset=imagenet2012
+  --workdir GS_PATH    gs://bucket/path for checkpoints, metrics and the exported backbone
+
+Options:
+  --project PROJECT    GCP project (default: gcloud's configured project)
+  --version RUNTIME    TPU software version (default chosen from the accelerator type)
+  --repo URL           install from this git repository instead of copying this checkout
+  --ref REF            branch or tag of --repo (default: main)
+  --spot               create a Spot TPU (cheaper, preemptible)
+  --existing           use an existing TPU VM called NAME (do not create it)
+  --keep               do not delete the TPU at the end (or on Ctrl-C)
+  --detach             start the run and return; the TPU is kept (follow the log with
+                       gcloud compute tpus tpu-vm ssh NAME --zone ZONE --worker=0
+                       --command 'tail -f ~/sit_jax.log')
+  -h, --help           this message
+EOF
+}
+
+die() { echo "tpu_vm.sh: $*" >&2; echo "Run launch/tpu_vm.sh --help for the usage." >&2; exit 2; }
+
+NAME="" ZONE="" ACCEL="" CONFIG="" WORKDIR="" PROJECT="" VERSION="" REPO="" REF="main"
+SPOT=0 EXISTING=0 KEEP=0 DETACH=0
+MAIN_FLAGS=()
+while (($#)); do
+  case "$1" in
+    --name) NAME="${2:?}"; shift 2 ;;
+    --zone) ZONE="${2:?}"; shift 2 ;;
+    --accelerator|--accelerator-type) ACCEL="${2:?}"; shift 2 ;;
+    --config) CONFIG="${2:?}"; shift 2 ;;
+    --workdir) WORKDIR="${2:?}"; shift 2 ;;
+    --project) PROJECT="${2:?}"; shift 2 ;;
+    --version) VERSION="${2:?}"; shift 2 ;;
+    --repo) REPO="${2:?}"; shift 2 ;;
+    --ref) REF="${2:?}"; shift 2 ;;
+    --spot) SPOT=1; shift ;;
+    --existing) EXISTING=1; shift ;;
+    --keep) KEEP=1; shift ;;
+    --detach) DETACH=1; KEEP=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    --) shift; MAIN_FLAGS=("$@"); break ;;
+    *) die "unknown argument '$1'" ;;
+  esac
+done
+
+[[ -n "$NAME" ]] || die "--name is required"
+[[ -n "$ZONE" ]] || die "--zone is required"
+[[ -n "$ACCEL" ]] || die "--accelerator is required"
+[[ -n "$CONFIG" ]] || die "--config is required"
+[[ -n "$WORKDIR" ]] || die "--workdir is required"
+[[ "$WORKDIR" == gs://* ]] || die "--workdir must be a gs:// path (every worker writes to it), got '$WORKDIR'"
+command -v gcloud >/dev/null || die "gcloud is not installed (https://cloud.google.com/sdk/docs/install)"
+
+if [[ -z "$VERSION" ]]; then
+  case "$ACCEL" in
+    v4-*) VERSION="tpu-ubuntu2204-base" ;;
+    v5litepod-*|v5e-*) VERSION="v2-alpha-tpuv5-lite" ;;
+    v5p-*) VERSION="v2-alpha-tpuv5" ;;
+    v6e-*) VERSION="v2-alpha-tpuv6e" ;;
+    *) die "no default --version for accelerator '$ACCEL'; pass --version" ;;
+  esac
+fi
+
+GCLOUD=(gcloud compute tpus tpu-vm)
+WHERE=(--zone="$ZONE")
+[[ -n "$PROJECT" ]] && WHERE+=(--project="$PROJECT")
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+on_all() { "${GCLOUD[@]}" ssh "$NAME" "${WHERE[@]}" --worker=all --command="$1"; }
+
+cleanup() {
+  local status=$?
+  if ((KEEP)); then
+    echo "TPU $NAME kept; delete it with: ${GCLOUD[*]} delete $NAME ${WHERE[*]} --quiet" >&2
+  else
+    echo "Deleting TPU $NAME ..." >&2
+    "${GCLOUD[@]}" delete "$NAME" "${WHERE[@]}" --quiet || \
+      echo "Deleting $NAME failed: delete it by hand to stop paying for it." >&2
+  fi
+  exit "$status"
+}
+
+# 1. The TPU. -----------------------------------------------------------------------------------
+if ((EXISTING)); then
+  KEEP=1
+else
+  echo "Creating TPU $NAME ($ACCEL, $VERSION) in $ZONE ..."
+  create=("${GCLOUD[@]}" create "$NAME" "${WHERE[@]}" --accelerator-type="$ACCEL"
+          --version="$VERSION")
+  ((SPOT)) && create+=(--spot)
+  "${create[@]}"
+fi
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# 2. sit_jax on every worker. -------------------------------------------------------------------
+if [[ -n "$REPO" ]]; then
+  on_all "rm -rf ~/sit_jax && git clone --depth=1 --branch='$REF' '$REPO' ~/sit_jax"
+else
+  tarball="$(mktemp -t sit_jax.XXXXXX.tar.gz)"
+  tar -C "$REPO_ROOT" -czf "$tarball" --exclude=.git --exclude='*.pyc' --exclude=__pycache__ \
+      --exclude='*.egg-info' sit_jax configs launch setup.py README.md
+  "${GCLOUD[@]}" scp "$tarball" "$NAME":sit_jax.tar.gz "${WHERE[@]}" --worker=all
+  rm -f "$tarball"
+  on_all "rm -rf ~/sit_jax && mkdir -p ~/sit_jax && tar -xzf ~/sit_jax.tar.gz -C ~/sit_jax"
+fi
+on_all "python3 -m pip install -q -U pip && python3 -m pip install -q -U 'jax[tpu]>=0.10.2' \
+        && python3 -m pip install -q -e ~/sit_jax"
+
+# 3. The same command on all workers, detached from the ssh sessions. ---------------------------
+cmd=(python3 -m sit_jax.main --config="$CONFIG" --workdir="$WORKDIR" "${MAIN_FLAGS[@]}")
+printf -v quoted '%q ' "${cmd[@]}"
+on_all "cd ~/sit_jax && rm -f ~/sit_jax.rc && \
+  (nohup bash -c '$quoted > ~/sit_jax.log 2>&1; echo \$? > ~/sit_jax.rc' > /dev/null 2>&1 &) && \
+  sleep 1 && echo \"worker \$(hostname): started\""
+echo "Started on all workers: ${cmd[*]}"
+if ((DETACH)); then
+  echo "Detached. Log of worker 0: ${GCLOUD[*]} ssh $NAME ${WHERE[*]} --worker=0 --command='tail -f ~/sit_jax.log'"
+  exit 0
+fi
+
+# 4. Worker 0's log until the run ends, then its exit status. ----------------------------------
+"${GCLOUD[@]}" ssh "$NAME" "${WHERE[@]}" --worker=0 --command="tail -n +1 -F ~/sit_jax.log \
+  2>/dev/null & tail_pid=\$!; while [ ! -f ~/sit_jax.rc ]; do sleep 10; done; sleep 2; \
+  kill \$tail_pid; exit \$(cat ~/sit_jax.rc)" && rc=0 || rc=$?
+if ((rc)); then
+  echo "The run failed (exit status $rc); the last lines of every worker's log:" >&2
+  on_all "echo \"== \$(hostname)\"; tail -n 20 ~/sit_jax.log" || true
+else
+  echo "Done. Results in $WORKDIR (results.json, metrics.jsonl, checkpoints/, backbone/)."
+fi
+exit "$rc"

@@ -1,0 +1,192 @@
+"""Ahead-of-time compile of the pretraining step for a target topology, without its hardware.
+
+    python -m sit_jax.main --config=configs/sit_vitb.py --aot_topology=v5e:4x4
+    python -m sit_jax.main --config=configs/sit_vits.py:runlocal --aot_topology=cpu:8
+
+lowers the jitted train step on abstract inputs (the train state and a global batch with the
+shardings of a real run on that topology), compiles it with XLA for the target, and prints the
+compiled program's memory per device (arguments, outputs, temporaries), so one can see whether a
+config and batch size fit before asking for the machines. Nothing is trained or read.
+
+Topologies:
+  TPU slices 'v4:2x2x1', 'v5e:2x2', 'v5p:2x2x1' (or 'v5:...'), 'v6e:4x4', ... (the names of
+  `gcloud compute tpus tpu-vm create --topology`, prefixed with the generation). Compiling for a
+  TPU needs libtpu on this machine (`pip install libtpu`, x86-64 Linux), but no TPU.
+  'cpu:N'    N devices of the local CPU backend (forced with jax_num_cpu_devices if needed).
+  'local' or 'local:N'  the devices this machine has (e.g. its GPUs).
+"""
+from __future__ import annotations
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+
+from sit_jax import pretrain, sharding
+
+# HBM per JAX device (a chip; v4/v5p run both cores of a chip as one "megacore" device).
+TPU_HBM_GIB = {"v4": 32, "v5e": 16, "v5": 95, "v6e": 32}
+MEGACORE = ("v4", "v5")
+PRETRAIN_EXPERIMENTS = ("gmml", "contrastive", "sit")
+
+
+class TopologyUnavailable(RuntimeError):
+  """The platform needed to compile for the requested topology is not installed here."""
+
+
+def _tpu_devices(generation: str, dims: tuple[int, ...]):
+  from jax.experimental import topologies
+  name = f"{generation}:{'x'.join(map(str, dims))}"
+  dims3 = tuple(dims) + (1,) * (3 - len(dims))
+  per_host = tuple(min(2, d) for d in dims3[:2]) + (1,)
+  if generation in MEGACORE:
+    wrap = tuple(d >= 4 and all(x >= 4 for x in dims3) for d in dims3)
+  else:  # v5e / v6e: only full 16-chip rows wrap around.
+    wrap = tuple(d == 16 for d in dims3[:2]) + (False,)
+  try:
+    topology = topologies.get_topology_desc(
+        platform="tpu", topology_name=name,
+        chip_config_name="megacore" if generation in MEGACORE else "default",
+        chips_per_host_bounds=per_host, num_slices=1, wrap=wrap)
+  except RuntimeError as e:
+    if "not installed" in str(e) or "TPU support" in str(e):
+      raise TopologyUnavailable(
+          f"Compiling for the TPU topology {name!r} needs libtpu on this machine (no TPU "
+          "needed): `pip install libtpu` (x86-64 Linux), or run on a TPU VM. "
+          "Use --aot_topology=cpu:N to try the compile path on this CPU.") from e
+    raise
+  return list(topology.devices)
+
+
+def topology_devices(topology: str) -> tuple[list, str]:
+  """(devices, platform) for 'cpu:N', 'local[:N]' or a TPU slice like 'v5e:2x2'."""
+  topology = topology.strip().lower()
+  match = re.fullmatch(r"(cpu|local)(?::(\d+))?", topology)
+  if match:
+    kind, count = match.group(1), match.group(2)
+    count = int(count) if count else None
+    if kind == "cpu" and count is None:
+      raise ValueError("Give the number of CPU devices: --aot_topology=cpu:N, e.g. cpu:8.")
+    if kind == "cpu":
+      from jax._src import xla_bridge
+      if not xla_bridge.backends_are_initialized():
+        jax.config.update("jax_num_cpu_devices", count)
+      devices = jax.devices("cpu")
+    else:
+      devices = jax.devices()
+    if count is not None:
+      if len(devices) < count:
+        raise ValueError(
+            f"--aot_topology={topology}: only {len(devices)} {devices[0].platform} devices "
+            f"here (JAX started before the topology was set; for CPU start a fresh process "
+            f"or set XLA_FLAGS=--xla_force_host_platform_device_count={count}).")
+      devices = devices[:count]
+    return devices, devices[0].platform
+  match = re.fullmatch(r"(v4|v5e|v5p|v5|v6e)[:\-]((?:\d+x){1,2}\d+)", topology)
+  if match:
+    generation = "v5" if match.group(1) == "v5p" else match.group(1)
+    dims = tuple(int(d) for d in match.group(2).split("x"))
+    want = 3 if generation in MEGACORE else 2
+    if len(dims) != want:
+      example = "x".join(["2", "2", "1"][:want])
+      raise ValueError(f"{match.group(1)} slices have {want} dimensions, e.g. "
+                       f"{match.group(1)}:{example}.")
+    return _tpu_devices(generation, dims), "tpu"
+  raise ValueError(
+      f"Unknown --aot_topology {topology!r}: use a TPU slice (v4:2x2x1, v5e:2x2, v5p:2x2x1, "
+      "v6e:4x4, ...), cpu:N or local[:N].")
+
+
+def compile_train_step(config, devices, compiler_options: dict | None = None):
+  """Compiles the pretraining step of `config` for `devices`; returns (compiled, mesh).
+
+  `compiler_options` go to XLA, e.g. {'xla_backend_optimization_level': 0} to compile faster
+  (buffer assignment, hence the memory figures, happens before the backend optimises).
+  """
+  if config.experiment not in PRETRAIN_EXPERIMENTS:
+    raise ValueError(f"--aot_topology compiles the pretraining step ({PRETRAIN_EXPERIMENTS}); "
+                     f"config.experiment is {config.experiment!r}.")
+  pretrain.validate(config)
+  mesh = sharding.make_mesh(config.mesh, devices=devices)
+  sharding.check_batch_size(config.data.global_batch_size, mesh)
+  # The schedules' lengths only change constants in the step, not its memory: no dataset needed.
+  num_examples = config.num_train_examples or config.data.global_batch_size
+  total_steps = config.total_steps or max(int(config.total_epochs), 1)
+  steps_per_epoch = max(num_examples // config.data.global_batch_size, 1)
+
+  model = pretrain.build_model(config)
+  schedules = pretrain.build_schedules(config, total_steps, steps_per_epoch)
+  tx = pretrain.build_optimizer(config, schedules)
+  init = functools.partial(pretrain.init_state, config, model, tx)
+  abstract = jax.eval_shape(init, jax.ShapeDtypeStruct((2,), jnp.uint32))
+  state_shardings = sharding.tree_shardings(abstract, mesh, config.sharding_rules)
+  state = pretrain.abstract_with_shardings(abstract, state_shardings)
+
+  batch_size, size = config.data.global_batch_size, config.data.image_size
+  batch_sharding = sharding.batch_sharding(mesh)
+  view = jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.uint8, sharding=batch_sharding)
+  batch = {"view1": view, "view2": view,
+           "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=batch_sharding)}
+
+  step = pretrain.jit_train_step(pretrain.make_train_step(config, model, tx, schedules),
+                                 state_shardings, mesh)
+  return step.lower(state, batch).compile(compiler_options=compiler_options), mesh
+
+
+def memory_figures(compiled) -> dict:
+  """Bytes per device of the compiled program."""
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return {}
+  figures = {name: int(getattr(stats, f"{name}_size_in_bytes", 0) or 0)
+             for name in ("argument", "output", "alias", "temp", "generated_code")}
+  # Donated state is aliased to the output: count it once.
+  figures["total"] = (figures["argument"] + figures["output"] - figures["alias"]
+                      + figures["temp"])
+  return figures
+
+
+def _fmt(num_bytes: int) -> str:
+  for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    if num_bytes >= scale:
+      return f"{num_bytes / scale:.2f} {unit}"
+  return f"{num_bytes} B"
+
+
+def run(config, topology: str, compiler_options: dict | None = None) -> dict:
+  """Compiles for `topology`, prints the memory per device, returns the figures."""
+  devices, platform = topology_devices(topology)
+  compiled, mesh = compile_train_step(config, devices, compiler_options)
+  figures = memory_figures(compiled)
+  try:
+    flops = float((compiled.cost_analysis() or {}).get("flops", 0.0))
+  except Exception:  # not every backend has a cost model.
+    flops = 0.0
+  lines = [
+      f"AOT compile: {config.experiment} step of {config.model.variant} at "
+      f"{config.data.image_size}px, global batch {config.data.global_batch_size}, for "
+      f"{topology} ({len(devices)} {platform} devices, mesh {dict(mesh.shape)}).",
+      "Memory per device:",
+  ]
+  labels = {"argument": "arguments (state + batch)", "output": "outputs (state + metrics)",
+            "alias": "aliased (donated state, counted once)", "temp": "temporaries",
+            "generated_code": "generated code",
+            "total": "total (args + outputs - aliased + temps)"}
+  for key, label in labels.items():
+    if figures.get(key) or key in ("temp", "total") and key in figures:
+      lines.append(f"  {label:<40} {_fmt(figures[key]):>12}")
+  if not figures:
+    lines.append("  (this backend reports no memory analysis)")
+  if flops:
+    lines.append(f"  {'FLOPs per device per step':<40} {flops / 1e9:>8.1f} GFLOP")
+  generation = topology.split(":")[0].lower()
+  generation = "v5" if generation == "v5p" else generation
+  if platform == "tpu" and generation in TPU_HBM_GIB and figures:
+    hbm = TPU_HBM_GIB[generation] * 2**30
+    verdict = "fits" if figures["total"] <= hbm else "does NOT fit"
+    lines.append(f"  {verdict} in {TPU_HBM_GIB[generation]} GiB HBM per device "
+                 f"({100 * figures['total'] / hbm:.0f}% used)")
+  print("\n".join(lines), flush=True)
+  return {"topology": topology, "platform": platform, "num_devices": len(devices),
+          "mesh": dict(mesh.shape), "memory_bytes": figures, "flops": flops}

@@ -1,0 +1,382 @@
+"""Checkpoint conversion between PyTorch ViTs (timm, DINO, SiT, GMML) and sit_jax backbones.
+
+    # PyTorch -> a sit_jax backbone export, which every transfer config takes as --config.init
+    python -m sit_jax.convert to-jax --input dino_deitsmall16_pretrain.pth --output /ckpt/dino_s16
+    # sit_jax (a pretraining workdir, checkpoint step or backbone export) -> timm state dict
+    python -m sit_jax.convert to-timm --input /tmp/sit_local --output /tmp/sit_local.safetensors
+
+to-jax reads .pth/.pt (torch.load, weights only) or .safetensors. It unwraps training
+checkpoints ('teacher'/'student' as in DINO/SiT/GMML, 'model', 'state_dict', ...), strips the
+'module.' / 'backbone.' prefixes, drops classification and SSL heads (head.*, head_*,
+pre_logits.*) with a warning, and infers the architecture from the shapes: width from cls_token,
+depth from the number of blocks, patch size from patch_embed.proj.weight, image size from the
+position-embedding grid times the patch size, heads from --num_heads or the standard table.
+Anything else (a distillation token, layer scale, fc_norm, ...) is an error naming the keys.
+
+to-timm writes a state dict that `timm.models.vision_transformer.VisionTransformer(img_size=...,
+patch_size=..., embed_dim=..., depth=..., num_heads=..., num_classes=0)` loads with strict=True;
+the command prints that call. .safetensors needs only `safetensors`; .pth/.pt need torch.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from typing import Any, Callable, Mapping
+
+import numpy as np
+from absl import logging
+
+from sit_jax.models import vit
+
+TIMM_NAMES = {"Ti": "vit_tiny", "S": "vit_small", "B": "vit_base", "L": "vit_large"}
+# Wrappers of a state dict inside training checkpoints, tried in this order.
+WRAPPERS = ("model", "state_dict", "model_state", "model_state_dict", "module", "net", "network",
+            "params")
+HEAD_PREFIXES = ("head.", "head_", "pre_logits.")
+STRIP_PREFIXES = ("module.", "_orig_mod.", "backbone.")
+
+
+class ConversionError(ValueError):
+  """The checkpoint cannot be converted (unknown layout, missing or unexpected parameters)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The parameter correspondence: timm key -> (sit_jax path, torch -> jax, jax -> torch).
+# ---------------------------------------------------------------------------------------------
+
+_same = (lambda x: x, lambda x: x)
+_linear = (lambda w: w.T, lambda k: k.T)                                  # (out, in) <-> (in, out)
+_conv = (lambda w: w.transpose(2, 3, 1, 0), lambda k: k.transpose(3, 2, 0, 1))  # OIHW <-> HWIO
+
+
+def key_map(depth: int) -> dict[str, tuple[tuple[str, ...], tuple[Callable, Callable]]]:
+  """Every parameter of a depth-`depth` ViT backbone, by its timm name."""
+  out = {
+      "cls_token": (("cls_token",), _same),
+      "pos_embed": (("pos_embed",), _same),
+      "patch_embed.proj.weight": (("patch_embed", "kernel"), _conv),
+      "patch_embed.proj.bias": (("patch_embed", "bias"), _same),
+      "norm.weight": (("norm", "scale"), _same),
+      "norm.bias": (("norm", "bias"), _same),
+  }
+  for i in range(depth):
+    for norm in ("norm1", "norm2"):
+      out[f"blocks.{i}.{norm}.weight"] = ((f"blocks_{i}", norm, "scale"), _same)
+      out[f"blocks.{i}.{norm}.bias"] = ((f"blocks_{i}", norm, "bias"), _same)
+    for module, dense in (("attn", "qkv"), ("attn", "proj"), ("mlp", "fc1"), ("mlp", "fc2")):
+      out[f"blocks.{i}.{module}.{dense}.weight"] = ((f"blocks_{i}", module, dense, "kernel"),
+                                                    _linear)
+      out[f"blocks.{i}.{module}.{dense}.bias"] = ((f"blocks_{i}", module, dense, "bias"), _same)
+  return out
+
+
+def _list(keys, limit: int = 20) -> str:
+  keys = sorted(keys, key=_natural)
+  more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
+  return ", ".join(keys[:limit]) + more
+
+
+def _natural(key: str):
+  return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading PyTorch checkpoints.
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_tensor(x) -> bool:
+  return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def _to_numpy(x) -> np.ndarray:
+  if isinstance(x, np.ndarray):
+    return x
+  x = x.detach().cpu()
+  if x.is_floating_point():
+    x = x.float()
+  return x.numpy()
+
+
+def load_file(path: str, *, unsafe_pickle: bool = False) -> Any:
+  """The object stored in a .pth/.pt (torch.load on the CPU) or .safetensors file."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist.")
+  if path.endswith(".safetensors"):
+    try:
+      from safetensors.numpy import load_file as load_numpy
+      return load_numpy(path)
+    except ImportError as e:
+      raise ConversionError("Reading .safetensors needs `pip install safetensors`.") from e
+    except (TypeError, ValueError):  # e.g. bfloat16, which numpy cannot hold.
+      from safetensors.torch import load_file as load_torch
+      return load_torch(path, device="cpu")
+  try:
+    import torch
+  except ImportError as e:
+    raise ConversionError(f"Reading {path} needs PyTorch (pip install torch), or convert "
+                          "it to .safetensors first.") from e
+  if unsafe_pickle:
+    return torch.load(path, map_location="cpu", weights_only=False)
+  # DINO/SiT/GMML checkpoints store their argparse Namespace beside the weights.
+  with torch.serialization.safe_globals([argparse.Namespace]):
+    try:
+      return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError or RuntimeError, by version.
+      if "weights_only" not in str(e) and "Unpickl" not in type(e).__name__:
+        raise
+      raise ConversionError(
+          f"{path} holds Python objects besides tensors, which torch.load(weights_only=True) "
+          f"refuses ({str(e).splitlines()[0][:200]}). If you trust the file, pass "
+          "--unsafe_pickle.") from e
+
+
+def find_state_dict(obj: Any, use: str = "teacher") -> tuple[dict[str, Any], str]:
+  """(flat {name: tensor} dict, where it was found) inside a checkpoint object.
+
+  `use` picks 'teacher' or 'student' in self-distillation checkpoints that hold both.
+  """
+  where = []
+  for _ in range(8):
+    if not isinstance(obj, Mapping):
+      raise ConversionError(f"Expected a dict of tensors at {'/'.join(where) or 'the top'}, "
+                            f"found {type(obj).__name__}.")
+    tensors = {k: v for k, v in obj.items() if _is_tensor(v)}
+    if tensors and len(tensors) >= len(obj) / 2:
+      return tensors, "/".join(where) or "top level"
+    if "teacher" in obj or "student" in obj:
+      if use not in obj:
+        raise ConversionError(f"The checkpoint has no {use!r} entry (keys: {_list(obj)}).")
+      key = use
+    else:
+      key = next((k for k in WRAPPERS if isinstance(obj.get(k), Mapping)), None)
+      if key is None:
+        raise ConversionError(
+            f"No state dict found at {'/'.join(where) or 'the top level'} of the checkpoint: its "
+            f"keys are {_list(map(str, obj))}; expected tensors or one of "
+            f"{('teacher', 'student') + WRAPPERS}.")
+    where.append(key)
+    obj = obj[key]
+  raise ConversionError("The checkpoint is nested too deeply to find its state dict.")
+
+
+def backbone_state(state: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], list[str]]:
+  """Strips wrapper prefixes and drops heads: (backbone tensors by timm name, dropped keys)."""
+  state = dict(state)
+  dropped = []
+  changed = True
+  while changed:
+    changed = False
+    for prefix in STRIP_PREFIXES:
+      if any(k.startswith(prefix) for k in state):
+        # The backbone of a wrapper (SSL model = backbone + heads): the rest are heads.
+        inside = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        dropped += [k for k in state if not k.startswith(prefix)]
+        state, changed = inside, True
+  heads = [k for k in state if k.startswith(HEAD_PREFIXES)]
+  dropped += heads
+  for k in heads:
+    del state[k]
+  if any(k.startswith("fc_norm.") for k in state):
+    raise ConversionError(
+        "The checkpoint has fc_norm.*: it is a global-average-pooling ViT whose final norm "
+        "applies to the pooled patch tokens, not a CLS-token ViT with a final norm over all "
+        "tokens as sit_jax's backbone; converting it would change its features.")
+  return {k: _to_numpy(v) for k, v in state.items()}, dropped
+
+
+def infer_model_config(state: Mapping[str, np.ndarray], num_heads: int | None = None) -> dict:
+  """sit_jax's model config (variant, image_size) from the shapes of a timm-named state dict."""
+  for key in ("cls_token", "pos_embed", "patch_embed.proj.weight"):
+    if key not in state:
+      raise ConversionError(f"Missing {key!r}, needed to infer the architecture; the state "
+                            f"dict has: {_list(state)}.")
+  width = int(state["cls_token"].shape[-1])
+  blocks = {int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}
+  depth = max(blocks) + 1 if blocks else 0
+  patch = int(state["patch_embed.proj.weight"].shape[-1])
+  tokens = int(state["pos_embed"].shape[1]) - 1
+  grid = int(round(np.sqrt(tokens)))
+  if grid * grid != tokens:
+    raise ConversionError(f"pos_embed has {tokens} patch positions (+1 CLS), not a square grid "
+                          "(extra prefix tokens, e.g. a distillation token, are not supported).")
+  fc1 = state.get("blocks.0.mlp.fc1.weight")
+  if fc1 is not None and fc1.shape[0] != 4 * width:
+    raise ConversionError(f"MLP hidden size {fc1.shape[0]} is not 4 x width {width}; sit_jax "
+                          "backbones use mlp_ratio 4.")
+  matches = [name for name, (w, d, h) in vit.VARIANTS.items()
+             if w == width and d == depth and (num_heads is None or h == num_heads)]
+  if not matches:
+    table = ", ".join(f"{n}: width {w}, depth {d}, {h} heads"
+                      for n, (w, d, h) in vit.VARIANTS.items())
+    heads = f", {num_heads} heads" if num_heads else ""
+    raise ConversionError(f"No sit_jax variant has width {width}, depth {depth}{heads} "
+                          f"(variants: {table}).")
+  return {"variant": f"{matches[0]}/{patch}", "image_size": grid * patch, "dtype": "float32",
+          "drop_path_rate": 0.0, "attention": "", "remat": False, "recons_blocks": []}
+
+
+def torch_to_params(state: Mapping[str, Any], num_heads: int | None = None
+                    ) -> tuple[dict, dict]:
+  """(sit_jax backbone params, model config) from a timm-named backbone state dict."""
+  state = {k: _to_numpy(v) for k, v in state.items()}
+  config = infer_model_config(state, num_heads)
+  mapping = key_map(vit.parse_variant(config["variant"])["depth"])
+  missing, unknown = set(mapping) - set(state), set(state) - set(mapping)
+  if missing or unknown:
+    parts = []
+    if missing:
+      parts.append(f"missing ({len(missing)}): {_list(missing)}")
+    if unknown:
+      parts.append(f"unexpected ({len(unknown)}): {_list(unknown)}")
+    raise ConversionError(f"The state dict does not match a {config['variant']} ViT "
+                          f"backbone; " + "; ".join(parts) + ".")
+  params: dict = {}
+  for name, (path, (to_jax, _)) in mapping.items():
+    node = params
+    for p in path[:-1]:
+      node = node.setdefault(p, {})
+    node[path[-1]] = np.ascontiguousarray(to_jax(state[name]))
+  check_shapes(params, config)
+  return params, config
+
+
+def check_shapes(params: Mapping, config: Mapping):
+  """Raises unless `params` has exactly the leaves and shapes of the backbone `config` builds."""
+  import jax
+  import jax.numpy as jnp
+  module = vit.backbone_from_config(config)
+  size = config["image_size"]
+  abstract = jax.eval_shape(
+      lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))["params"])
+  want = {"/".join(str(getattr(k, "key", k)) for k in p): tuple(x.shape)
+          for p, x in jax.tree_util.tree_leaves_with_path(abstract)}
+  have = {"/".join(str(getattr(k, "key", k)) for k in p): tuple(np.shape(x))
+          for p, x in jax.tree_util.tree_leaves_with_path(params)}
+  if want != have:
+    diff = sorted(set(want.items()) ^ set(have.items()))[:10]
+    raise ConversionError(f"Converted parameters do not fit a {config['variant']} backbone at "
+                          f"{size}px: differing (leaf, shape) pairs {diff}.")
+
+
+def params_to_timm(params: Mapping) -> dict[str, np.ndarray]:
+  """A sit_jax backbone's params (the tree under 'backbone') as a timm state dict (numpy)."""
+  depth = len([k for k in params if re.fullmatch(r"blocks_\d+", k)])
+  out = {}
+  missing = []
+  for name, (path, (_, to_torch)) in key_map(depth).items():
+    node = params
+    try:
+      for p in path:
+        node = node[p]
+    except (KeyError, TypeError):
+      missing.append("/".join(path))
+      continue
+    out[name] = np.ascontiguousarray(to_torch(np.asarray(node)))
+  if missing:
+    raise ConversionError(f"The sit_jax params lack {_list(missing)}.")
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands.
+# ---------------------------------------------------------------------------------------------
+
+
+def to_jax(input_path: str, output_dir: str, *, num_heads: int | None = None,
+           use: str = "teacher", overwrite: bool = False, unsafe_pickle: bool = False) -> dict:
+  """Converts a PyTorch ViT checkpoint into a sit_jax backbone export; returns its model config."""
+  from sit_jax import checkpoint
+  obj = load_file(input_path, unsafe_pickle=unsafe_pickle)
+  state, where = find_state_dict(obj, use)
+  state, dropped = backbone_state(state)
+  if dropped:
+    logging.warning("Dropped %d parameters that are not the backbone (heads): %s", len(dropped),
+                    _list(dropped, 12))
+  params, config = torch_to_params(state, num_heads)
+  config["converted_from"] = os.path.abspath(input_path)
+  checkpoint.export_backbone(output_dir, {"backbone": params}, config, overwrite=overwrite)
+  logging.info("Converted %s (%s) into a %s backbone at %dpx: %s", input_path, where,
+               config["variant"], config["image_size"], output_dir)
+  return config
+
+
+def timm_constructor(config: Mapping) -> str:
+  arch = vit.parse_variant(config["variant"])
+  return (f"timm.models.vision_transformer.VisionTransformer(img_size={config['image_size']}, "
+          f"patch_size={arch['patch_size']}, embed_dim={arch['width']}, depth={arch['depth']}, "
+          f"num_heads={arch['num_heads']}, num_classes=0)")
+
+
+def save_state_dict(state: Mapping[str, np.ndarray], path: str):
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  if path.endswith(".safetensors"):
+    from safetensors.numpy import save_file
+    save_file(dict(state), path)
+  elif path.endswith((".pth", ".pt", ".bin")):
+    try:
+      import torch
+    except ImportError as e:
+      raise ConversionError(f"Writing {path} needs PyTorch; write a .safetensors file "
+                            "instead.") from e
+    torch.save({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, path)
+  else:
+    raise ConversionError(f"Unknown output format {path!r}: use .safetensors, .pth or .pt.")
+
+
+def to_timm(input_path: str, output_path: str) -> dict:
+  """Writes the backbone of a sit_jax export/checkpoint/workdir as a timm state dict."""
+  from sit_jax import checkpoint
+  loaded, config = checkpoint.load_backbone(input_path)
+  if "backbone" not in loaded:
+    raise ConversionError(f"{input_path} holds no 'backbone' parameters ({_list(loaded)}).")
+  state = params_to_timm(loaded["backbone"])
+  save_state_dict(state, output_path)
+  print(f"Wrote {len(state)} tensors to {output_path}. Load them with\n"
+        f"  model = {timm_constructor(config)}\n"
+        f"  model.load_state_dict(<the file>, strict=True)")
+  return config
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m sit_jax.convert", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="command", required=True)
+  a = sub.add_parser("to-jax", help="PyTorch ViT checkpoint -> sit_jax backbone export")
+  a.add_argument("--input", required=True, help=".pth / .pt / .safetensors file")
+  a.add_argument("--output", required=True, help="directory of the backbone export")
+  a.add_argument("--num_heads", type=int, default=None,
+                 help="attention heads (default: the standard table for the width)")
+  a.add_argument("--use", choices=("teacher", "student"), default="teacher",
+                 help="which network of a self-distillation checkpoint (default: teacher)")
+  a.add_argument("--overwrite", action="store_true", help="replace an existing export")
+  a.add_argument("--unsafe_pickle", action="store_true",
+                 help="torch.load(weights_only=False): only for files you trust")
+  b = sub.add_parser("to-timm", help="sit_jax backbone -> timm state dict")
+  b.add_argument("--input", required=True,
+                 help="a backbone export, a checkpoint step directory or a pretraining workdir")
+  b.add_argument("--output", required=True, help=".safetensors, .pth or .pt file")
+  args = parser.parse_args(argv)
+  logging.set_verbosity(logging.WARNING)  # orbax is chatty at INFO.
+  from sit_jax import checkpoint
+  try:
+    if args.command == "to-jax":
+      if not args.overwrite and os.path.exists(os.path.join(args.output, checkpoint.EXPORT_CONFIG)):
+        raise ConversionError(f"{args.output} already holds a backbone export; pass --overwrite "
+                              "to replace it.")
+      config = to_jax(args.input, args.output, num_heads=args.num_heads, use=args.use,
+                      overwrite=args.overwrite, unsafe_pickle=args.unsafe_pickle)
+      print(f"Wrote a {config['variant']} backbone at {config['image_size']}px to {args.output}; "
+            f"use it with --config.init={args.output}")
+    else:
+      to_timm(args.input, args.output)
+  except (ConversionError, FileNotFoundError, checkpoint.CheckpointError) as e:
+    print(f"sit_jax.convert: error: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

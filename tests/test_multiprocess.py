@@ -1,0 +1,161 @@
+"""Two processes x 4 CPU devices (jax.distributed over 127.0.0.1, gloo collectives) train exactly
+like one process with 8 devices fed the same global batches."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from sit_jax import checkpoint, distributed
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = "configs/sit_vits.py:runlocal"
+RUN_FLAGS = ["--config.total_steps=4", "--config.log_every=2", "--config.checkpoint_every=4",
+             "--config.image_every=1000"]
+# Cluster variables of the machine running the tests must not leak into the children.
+_CLUSTER_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "TPU_", "MEGASCALE_", "JAX_COORDINATOR",
+                     "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "JAX_LOCAL_DEVICE_IDS")
+# Markers of a jaxlib built without CPU cross-process collectives.
+_NO_GLOO = ("gloo is not available", "Gloo is not available", "unknown collectives",
+            "UNIMPLEMENTED: Cross-process", "jax_cpu_collectives_implementation")
+
+# The single-process reference: 8 devices, each global batch the concatenation of what
+# processes 0 and 1 of a 2-process job read (the data layout depends on the process count).
+REFERENCE = """
+import sys
+import numpy as np
+from absl import app
+from sit_jax import data, main
+
+host_iterator = data.pretrain_iterator
+
+def two_hosts(*args, **kwargs):
+  hosts = [host_iterator(*args, **kwargs, process_index=p, process_count=2) for p in range(2)]
+  while True:
+    parts = [next(h) for h in hosts]
+    yield {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
+
+data.pretrain_iterator = two_hosts
+app.run(main.main, argv=sys.argv)
+"""
+
+
+def _env(num_devices):
+  env = {k: v for k, v in os.environ.items() if not k.startswith(_CLUSTER_PREFIXES)}
+  # Optimisation level 0 halves XLA's CPU compile time; both sides compile with the same flags.
+  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices} "
+                       "--xla_backend_optimization_level=0",
+             JAX_PLATFORMS="cpu", PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
+  return env
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {row["step"]: row for row in map(json.loads, f)}
+
+
+def _wait(procs, timeout):
+  deadline = time.time() + timeout
+  outputs = [None] * len(procs)
+  try:
+    for i, proc in enumerate(procs):
+      outputs[i] = proc.communicate(timeout=max(1, deadline - time.time()))
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+  return outputs
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  if getattr(jax.config, "jax_cpu_collectives_implementation", None) is None:
+    pytest.skip("this jax has no CPU cross-process collectives "
+                "(jax_cpu_collectives_implementation)")
+  multi = str(tmp_path_factory.mktemp("two_processes"))
+  single = str(tmp_path_factory.mktemp("one_process"))
+  port = _free_port()
+  common = [f"--config={CONFIG}", *RUN_FLAGS]
+  workers = [subprocess.Popen(
+      [sys.executable, "-m", "sit_jax.main", f"--workdir={multi}", *common,
+       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+      cwd=REPO, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  reference = subprocess.Popen(
+      [sys.executable, "-c", REFERENCE, f"--workdir={single}", *common],
+      cwd=REPO, env=_env(8), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  outputs = _wait(workers + [reference], timeout=480)
+  codes = [p.returncode for p in workers + [reference]]
+  if codes[:2] != [0, 0]:
+    stderr = "\n".join(err for _, err in outputs[:2])
+    if any(marker in stderr for marker in _NO_GLOO):
+      pytest.skip("gloo CPU collectives are unavailable in this jaxlib: " + stderr[-500:])
+  for name, code, (_, err) in zip(("process 0", "process 1", "reference"), codes, outputs):
+    assert code == 0, f"{name} failed:\n{err[-4000:]}"
+  return multi, single, outputs
+
+
+def test_two_processes_match_one_process(runs):
+  multi, single, outputs = runs
+  got, want = _losses(multi), _losses(single)
+  assert sorted(got) == sorted(want) == [2, 4]
+  for step in want:
+    for key in ("loss", "recon", "contrastive", "grad_norm"):
+      np.testing.assert_allclose(got[step][key], want[step][key], rtol=2e-5,
+                                 err_msg=f"{key} at step {step}")
+  # Both processes took part: the job had 8 devices in 2 processes.
+  assert "process 1 of 2, 4 local / 8 global devices" in outputs[1][1]
+  # Only process 0 prints the progress lines.
+  assert "step 4/4" in outputs[0][0] and "step 4/4" not in outputs[1][0]
+
+
+def test_two_processes_save_checkpoints_and_backbone(runs):
+  multi, single, _ = runs
+  assert checkpoint.Checkpointer(os.path.join(multi, "checkpoints")).all_steps() == [4]
+  results = json.load(open(os.path.join(multi, "results.json")))
+  assert results["step"] == 4 and not results["preempted"]
+  got, config = checkpoint.load_backbone(os.path.join(multi, "backbone"))
+  want, _ = checkpoint.load_backbone(os.path.join(single, "backbone"))
+  assert config["variant"] == "Mu/4"
+  # Adam moves even parameters with near-zero gradients by ~lr per step, so summation-order
+  # noise in the all-reduce shows up at the scale of lr * steps (~1e-4), not of the float error.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), got, want)
+
+
+@pytest.mark.parametrize("env, flags, expected", [
+    ({}, {}, None),
+    ({"SLURM_NTASKS": "4"}, {}, None),  # a salloc shell, no srun step.
+    ({"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "1", "SLURM_PROCID": "0",
+      "SLURM_LOCALID": "0"}, {}, None),
+    ({"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "16",
+      "SLURM_PROCID": "3", "SLURM_LOCALID": "3"}, {}, {}),
+    ({"OMPI_COMM_WORLD_SIZE": "2", "OMPI_MCA_orte_hnp_uri": "x"}, {}, {}),
+    ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}, {},
+     {"coordinator_address": "h:1", "num_processes": 2, "process_id": 1}),
+    ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"},
+     {"coordinator_address": "c:2", "process_id": 0},
+     {"coordinator_address": "c:2", "num_processes": 2, "process_id": 0}),
+    ({}, {"coordinator_address": "c:2", "num_processes": 1, "process_id": 0}, None),
+])
+def test_resolve_precedence(env, flags, expected):
+  assert distributed.resolve(**flags, environ=env) == expected
+
+
+def test_resolve_errors():
+  with pytest.raises(ValueError, match="--num_processes and --process_id"):
+    distributed.resolve("c:1", environ={})
+  with pytest.raises(ValueError, match="outside 0..1"):
+    distributed.resolve("c:1", 2, 2, environ={})
+  assert distributed.resolve(environ={}, on_tpu_vm=True) == {}
