@@ -1,0 +1,38 @@
+"""DINO's weighted k-NN classifier on frozen features (k = 20, T = 0.07).
+
+  python -m sit_jax.main --config=configs/knn.py:dataset=imagenet2012 \
+      --config.init=WORKDIR_OF_PRETRAINING --workdir=DIR
+  python -m sit_jax.main --config=configs/knn.py:runlocal --workdir=/tmp/knn
+
+Both splits go through the frozen backbone once (evaluation view); the train features form a
+bank split over the devices. Results: DIR/results.json (top1, top5), DIR/tsne.png.
+"""
+from configs import common, transfer_common as tc
+
+# Image size and the batch of the feature extraction per dataset.
+RECIPES = {
+    "imagenet2012": dict(image_size=224, batch=1024),
+    "cifar10": dict(image_size=224, batch=512),
+    "cifar100": dict(image_size=224, batch=512),
+    "oxford_flowers102": dict(image_size=224, batch=256),
+    "oxford_iiit_pet": dict(image_size=224, batch=256),
+    "stl10": dict(image_size=224, batch=512),
+    "digits": dict(image_size=32, batch=128),
+}
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, dataset="imagenet2012", k=20, temperature=0.07)
+  dataset = "digits" if arg.runlocal else arg.dataset
+  r = tc.dataset_row(RECIPES, dataset)
+  c = tc.transfer_config("knn", dataset)
+  c.data.image_size = r["image_size"]
+  c.eval_batch_size = r["batch"]
+  c.head.features = "cls"
+  c.head.last_blocks = 1
+  c.knn = dict(k=arg.k, temperature=arg.temperature, chunk_size=1024)
+  if arg.runlocal:
+    tc.shrink_for_runlocal(c)
+    c.eval_batch_size = r["batch"]
+    c.knn.chunk_size = 128
+  return c

@@ -1,0 +1,55 @@
+"""Linear probe of a frozen pretrained ViT.
+
+  python -m sit_jax.main --config=configs/linear.py:dataset=cifar10 \
+      --config.init=WORKDIR_OF_PRETRAINING --workdir=DIR
+  python -m sit_jax.main --config=configs/linear.py:runlocal --workdir=/tmp/linear
+
+Features: CLS of the last `head.last_blocks` blocks concatenated (DINO uses 4 for ViT-S), plus
+the mean patch token with head.features='cls+mean'. With linear.cache_features the features
+are extracted once (no augmentation) and the head trains on them; otherwise every step crops
+and flips on the host and runs the frozen backbone. Results: DIR/results.json (top1, top5),
+DIR/tsne.png.
+"""
+from configs import common, transfer_common as tc
+
+# Per dataset: image size, epochs, global batch, optimiser and base lr (per 256), caching.
+# ImageNet follows DINO (SGD, 100 epochs, augmented crops); the small datasets train an AdamW
+# head on cached features (a few seconds once the features exist). The learning rates are for
+# standardised features (linear.normalize_features) and are starting points, not swept per
+# dataset; digits (runlocal) was swept on random-init features.
+RECIPES = {
+    "imagenet2012": dict(image_size=224, epochs=100, batch=1024, optim="sgd", base_lr=0.02,
+                         cache=False),
+    "cifar10": dict(image_size=224, epochs=100, batch=256, optim="adamw", base_lr=3e-3,
+                    cache=True),
+    "cifar100": dict(image_size=224, epochs=100, batch=256, optim="adamw", base_lr=3e-3,
+                     cache=True),
+    "oxford_flowers102": dict(image_size=224, epochs=200, batch=256, optim="adamw",
+                              base_lr=3e-3, cache=True),
+    "oxford_iiit_pet": dict(image_size=224, epochs=200, batch=256, optim="adamw",
+                            base_lr=3e-3, cache=True),
+    "stl10": dict(image_size=224, epochs=100, batch=256, optim="adamw", base_lr=3e-3,
+                  cache=True),
+    "digits": dict(image_size=32, epochs=60, batch=128, optim="adamw", base_lr=0.3,
+                   cache=True),
+}
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, dataset="imagenet2012", last_blocks=4)
+  dataset = "digits" if arg.runlocal else arg.dataset
+  r = tc.dataset_row(RECIPES, dataset)
+  c = tc.transfer_config("linear", dataset)
+  c.data.image_size = r["image_size"]
+  c.data.global_batch_size = r["batch"]
+  c.data.crop_scale = (0.08, 1.0)
+  c.total_epochs = r["epochs"]
+  c.head.features = "cls"
+  c.head.last_blocks = arg.last_blocks
+  c.optim = tc.optim_config(r["optim"], base_lr=r["base_lr"], weight_decay=0.0,
+                            warmup_epochs=0)
+  c.linear = dict(cache_features=r["cache"], normalize_features=True, stats_examples=10_000)
+  if arg.runlocal:
+    tc.shrink_for_runlocal(c)
+    c.data.global_batch_size = r["batch"]
+  return c

@@ -1,0 +1,52 @@
+"""Multi-label classification (sigmoid head, mAP), fine-tuned or as a frozen linear probe.
+
+  python -m sit_jax.main --config=configs/multilabel.py:dataset=voc2007 \
+      --config.init=WORKDIR_OF_PRETRAINING --workdir=DIR
+  python -m sit_jax.main --config=configs/multilabel.py:dataset=voc2007,frozen=True ...
+  python -m sit_jax.main --config=configs/multilabel.py:runlocal --workdir=/tmp/ml
+
+VOC2007 from TFDS 'voc/2007': the image's object labels as a multi-hot target, trained on
+train+validation, evaluated on test. runlocal uses embedded:digits_multilabel (the digit, odd,
+>= 5). mAP: mean over classes of sklearn-style AP (voc07=True: the 11-point VOC07 AP).
+Fine-tuning keeps RandAugment but no Mixup/CutMix, label smoothing or erasing (they would
+erase or blend away the labels of small objects). Results: DIR/results.json (mAP).
+"""
+from configs import common, transfer_common as tc
+
+RECIPES = {
+    "voc2007": dict(image_size=224, epochs=100, batch=256, base_lr=2.5e-4, linear_lr=1e-3),
+    "digits_multilabel": dict(image_size=32, epochs=10, batch=64, base_lr=2e-3, linear_lr=0.3),
+}
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, dataset="voc2007", frozen=False)
+  dataset = "digits_multilabel" if arg.runlocal else arg.dataset
+  r = tc.dataset_row(RECIPES, dataset)
+  c = tc.transfer_config("multilabel", dataset)
+  c.data.image_size = r["image_size"]
+  c.data.global_batch_size = r["batch"]
+  c.total_epochs = r["epochs"]
+  c.multilabel = dict(frozen=arg.frozen)
+  c.voc07 = False
+  if arg.frozen:
+    c.optim = tc.optim_config("adamw", base_lr=r["linear_lr"], weight_decay=0.0,
+                              warmup_epochs=0)
+    c.linear = dict(cache_features=True, normalize_features=True, stats_examples=10_000)
+    c.head.last_blocks = 1
+  else:
+    c.model.drop_path_rate = 0.1
+    c.optim = tc.optim_config("adamw", base_lr=r["base_lr"], weight_decay=0.05,
+                              warmup_epochs=5, layer_decay=0.75)
+    c.augment = tc.deit_augment_config(erase_prob=0.0, mixup_alpha=0.0, cutmix_alpha=0.0,
+                                       label_smoothing=0.0)
+  if arg.runlocal:
+    tc.shrink_for_runlocal(c)
+    c.data.global_batch_size = r["batch"]
+    c.total_epochs = 0
+    c.total_steps = 200 if arg.frozen else 50
+    if not arg.frozen:
+      c.data.global_batch_size = 32
+      c.optim.warmup_epochs = 0.2
+      c.log_every = 10
+  return c

@@ -1,0 +1,126 @@
+"""What the transfer configs (finetune, linear, knn, multilabel) share: the datasets and the
+defaults of every transfer run; each config file adds its own recipe and per-dataset table.
+
+`config.init` is the pretrained backbone: a pretraining workdir, a checkpoint step directory or a
+backbone export ('' = random init: the baseline row). With a checkpoint the architecture comes
+from it; `config.model` only gives the random-init architecture and the runtime settings (drop
+path, compute dtype, attention kernel, remat). Any dataset works through
+--config.data.source=... (tfds:NAME, folder:/path, embedded:digits) and the split names.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from configs import common
+
+# The datasets of the paper in TFDS: where they are and which splits train / evaluate.
+# resize_mode of the evaluation view: 'resize' (whole image) for small or multi-object images,
+# 'center_crop' (central 87.5%) for object-centric photos.
+DATASETS = {
+    "cifar10": dict(source="tfds:cifar10", train_split="train", test_split="test",
+                    resize_mode="resize"),
+    "cifar100": dict(source="tfds:cifar100", train_split="train", test_split="test",
+                     resize_mode="resize"),
+    "oxford_flowers102": dict(source="tfds:oxford_flowers102", train_split="train+validation",
+                              test_split="test", resize_mode="center_crop"),
+    "oxford_iiit_pet": dict(source="tfds:oxford_iiit_pet", train_split="train",
+                            test_split="test", resize_mode="center_crop"),
+    "stl10": dict(source="tfds:stl10", train_split="train", test_split="test",
+                  resize_mode="resize"),
+    "imagenet2012": dict(source="tfds:imagenet2012", train_split="train",
+                         test_split="validation", resize_mode="center_crop"),
+    "voc2007": dict(source="tfds:voc/2007", train_split="train+validation", test_split="test",
+                    resize_mode="resize"),
+    # Offline, bundled with scikit-learn: what `runlocal` uses.
+    "digits": dict(source="embedded:digits", train_split="train", test_split="test",
+                   resize_mode="resize"),
+    "digits_multilabel": dict(source="embedded:digits_multilabel", train_split="train",
+                              test_split="test", resize_mode="resize"),
+}
+
+
+def dataset_row(table: dict, dataset: str) -> dict:
+  if dataset not in table or dataset not in DATASETS:
+    known = sorted(set(table) & set(DATASETS))
+    raise ValueError(f"No defaults for dataset {dataset!r} in this config; known: {known}. "
+                     "For another dataset pick the closest one and override "
+                     "--config.data.source / train_split / test_split.")
+  return table[dataset]
+
+
+def transfer_config(experiment: str, dataset: str) -> ml_collections.ConfigDict:
+  """Defaults of every transfer experiment on `dataset` (a key of DATASETS)."""
+  c = ml_collections.ConfigDict()
+  c.experiment = experiment
+  c.dataset = dataset
+  c.init = ""                   # pretrained backbone path; '' = random init.
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = DATASETS[dataset]["source"]
+  c.data.train_split = DATASETS[dataset]["train_split"]
+  c.data.test_split = DATASETS[dataset]["test_split"]
+  c.data.data_dir = ""          # TFDS data_dir; empty: TFDS default.
+  c.data.image_size = 224
+  c.data.crop_scale = (0.08, 1.0)  # random-resized crop of the training images.
+  c.data.resize_mode = DATASETS[dataset]["resize_mode"]
+  c.data.global_batch_size = 256
+  c.eval_batch_size = 256
+
+  c.model = ml_collections.ConfigDict()
+  c.model.variant = "S/16"      # random init only; a checkpoint brings its own.
+  c.model.drop_path_rate = 0.0
+  c.model.dtype = "bfloat16"
+  c.model.attention = ""
+  c.model.remat = False
+
+  c.head = ml_collections.ConfigDict()
+  c.head.features = "cls"       # 'cls', 'mean' or 'cls+mean' (concat CLS and mean patch token).
+  c.head.last_blocks = 1        # linear/knn: concat the CLS of the last k blocks.
+
+  c.total_epochs = 100
+  c.total_steps = 0             # > 0 overrides total_epochs.
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
+  c.sharding_rules = common.REPLICATED
+  c.tsne_points = 2000          # t-SNE of test features (linear, knn); 0: none.
+  c.log_every = 50
+  c.eval_every = 0              # 0: evaluate at the end only.
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 1
+  return c
+
+
+def optim_config(name="adamw", base_lr=5e-4, weight_decay=0.05, warmup_epochs=5,
+                 layer_decay=1.0) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      name=name,                 # 'adamw' or 'sgd'.
+      base_lr=base_lr,           # per 256 examples: lr = base_lr * global_batch_size / 256.
+      min_lr=1e-6, warmup_epochs=float(warmup_epochs), weight_decay=float(weight_decay),
+      layer_decay=float(layer_decay),  # < 1: layer-wise lr decay (BEiT/DeiT fine-tuning).
+      clip_norm=0.0,             # > 0: per-tensor gradient clipping.
+      b1=0.9, b2=0.999, eps=1e-8, momentum=0.9))
+
+
+def deit_augment_config(**overrides) -> ml_collections.ConfigDict:
+  """DeiT's regularisation: RandAugment m9 mstd0.5 (on-device subset, see deit_augment.py),
+  random erasing 0.25, Mixup 0.8 / CutMix 1.0, label smoothing 0.1."""
+  a = ml_collections.ConfigDict(dict(
+      randaugment=True, ra_num_ops=2, ra_magnitude=9.0, ra_magnitude_std=0.5,
+      erase_prob=0.25, mixup_alpha=0.8, cutmix_alpha=1.0, mix_prob=1.0, switch_prob=0.5,
+      label_smoothing=0.1))
+  a.update(overrides)
+  return a
+
+
+def shrink_for_runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The same experiment on the embedded digits at 32 px with the micro ViT: a minute on a CPU."""
+  c.data.image_size = 32
+  c.data.crop_scale = (0.35, 1.0)
+  c.data.global_batch_size = 64
+  c.eval_batch_size = 128
+  c.model.variant = "Mu/4"
+  c.model.dtype = "float32"
+  c.log_every = 20
+  c.checkpoint_every = 100
+  return c

@@ -1,0 +1,292 @@
+"""What every transfer experiment shares: the backbone named by `config.init`, frozen features,
+scores (top-k accuracy, mAP) and the results file."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any, Callable, Iterable
+
+from absl import logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from sit_jax import augment, sharding
+from sit_jax.models import heads, vit
+
+# Settings of the transfer config's `model` that apply whatever the checkpoint says.
+RUNTIME_MODEL_KEYS = ("drop_path_rate", "dtype", "attention", "remat")
+
+
+# ---------------------------------------------------------------------------------------------
+# The backbone: architecture and weights from the checkpoint, or random from config.model.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Backbone:
+  module: vit.VisionTransformer
+  params: Any | None    # host numpy tree (position embedding already resized); None: random init
+  model_config: dict    # what built `module`
+  init: str             # config.init ('' for random init)
+  pretrained_image_size: int | None = None
+
+
+def _to_dict(c) -> dict:
+  return c.to_dict() if isinstance(c, ml_collections.ConfigDict) else dict(c)
+
+
+def load_backbone(config, *, image_size: int, drop_path_rate: float | None = None) -> Backbone:
+  """The ViT of `config.init` (a pretraining workdir, a checkpoint step dir or a backbone export)
+  at `image_size`, or a random one from `config.model` when `config.init` is ''.
+
+  With a checkpoint, the variant (width, depth, heads, patch) comes from its model config and
+  the position embedding is resized bicubically when the patch grid differs.
+  """
+  model = _to_dict(config.model)
+  runtime = {k: model[k] for k in RUNTIME_MODEL_KEYS if k in model}
+  if drop_path_rate is not None:
+    runtime["drop_path_rate"] = drop_path_rate
+  if not config.init:
+    model_config = {"variant": model["variant"], "image_size": image_size, **runtime}
+    return Backbone(vit.backbone_from_config(model_config), None, model_config, "")
+
+  from sit_jax import checkpoint  # orbax: only when a checkpoint is read.
+  loaded, ckpt_config = checkpoint.load_backbone(config.init)
+  if "backbone" not in loaded:
+    raise checkpoint.CheckpointError(f"{config.init} holds no 'backbone' parameters "
+                                     f"(found {sorted(loaded)}).")
+  if model.get("variant") and model["variant"] != ckpt_config["variant"]:
+    logging.warning("config.model.variant=%s ignored: the checkpoint is a %s.",
+                    model["variant"], ckpt_config["variant"])
+  model_config = {"variant": ckpt_config["variant"], "image_size": image_size, **runtime}
+  module = vit.backbone_from_config(model_config)
+  params = jax.tree.map(np.asarray, loaded["backbone"])
+  grid = image_size // module.patch_size
+  params["pos_embed"] = np.asarray(vit.resize_pos_embed(params["pos_embed"], (grid, grid)))
+  check_params(module, params, config.init)
+  return Backbone(module, params, model_config, str(config.init),
+                  pretrained_image_size=ckpt_config.get("image_size"))
+
+
+def check_params(module, params, where: str):
+  """Raises if `params` does not have exactly the leaves and shapes `module` creates."""
+  size = module.image_size
+  abstract = jax.eval_shape(
+      lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))["params"])
+  leaves = jax.tree_util.tree_leaves_with_path
+  want = {sharding.path_name(p): tuple(x.shape) for p, x in leaves(abstract)}
+  have = {sharding.path_name(p): np.shape(x) for p, x in leaves(params)}
+  if want != have:
+    diff = sorted(set(want.items()) ^ set(have.items()))[:6]
+    raise ValueError(f"The backbone in {where} does not match a {module.width}-wide, "
+                     f"{module.depth}-deep ViT: differing (leaf, shape) pairs {diff}.")
+
+
+def place_backbone(backbone: Backbone, mesh, rules, seed: int = 0):
+  """The backbone parameters on the mesh (sharded by `rules`): loaded, or freshly initialised."""
+  module, size = backbone.module, backbone.module.image_size
+  init = lambda rng: module.init(rng, jnp.zeros((1, size, size, 3)))["params"]
+  abstract = jax.eval_shape(init, jax.random.PRNGKey(seed))
+  shardings = sharding.tree_shardings(abstract, mesh, rules)
+  if backbone.params is None:
+    return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(seed))
+  return jax.device_put(backbone.params, shardings)
+
+
+# ---------------------------------------------------------------------------------------------
+# Features of the frozen backbone.
+# ---------------------------------------------------------------------------------------------
+
+
+def to_input(images_uint8):
+  """Host uint8 crops -> the normalised float images the backbone sees."""
+  return augment.normalize(images_uint8.astype(jnp.float32) / 255.0)
+
+
+def _is_block(module, method_name):
+  return method_name == "__call__" and (module.name or "").startswith("blocks_")
+
+
+def make_feature_fn(module: vit.VisionTransformer, features: str = "cls", last_blocks: int = 1):
+  """fn(params, images) -> (B, D) float32 features of normalised images.
+
+  features: 'cls', 'mean' (mean patch token) or 'cls+mean'. With last_blocks = k > 1 the CLS part
+  is the concatenation of the CLS tokens of the last k blocks, each through the final LayerNorm
+  (DINO's linear evaluation); the mean patch token is always the last block's.
+  """
+  if last_blocks < 1 or last_blocks > module.depth:
+    raise ValueError(f"last_blocks={last_blocks} must be within 1..{module.depth}.")
+  if last_blocks > 1 and features == "mean":
+    raise ValueError("last_blocks > 1 concatenates CLS tokens: use features 'cls' or 'cls+mean'.")
+
+  def fn(params, images, *, train=False, rng=None):
+    rngs = {"dropout": rng} if rng is not None else {}
+    if last_blocks == 1:
+      out = module.apply({"params": params}, images, train=train, rngs=rngs)
+      return heads.pool_features(out, features).astype(jnp.float32)
+    out, state = module.apply({"params": params}, images, train=train, rngs=rngs,
+                              capture_intermediates=_is_block, mutable=["intermediates"])
+    norm = nn.LayerNorm(epsilon=1e-6, dtype=module.dtype)
+    blocks = state["intermediates"]
+    cls = [norm.apply({"params": params["norm"]}, blocks[f"blocks_{i}"]["__call__"][0][:, 0])
+           for i in range(module.depth - last_blocks, module.depth)]
+    if features == "cls+mean":
+      cls.append(out["patches"].mean(axis=1))
+    return jnp.concatenate(cls, axis=-1).astype(jnp.float32)
+
+  return fn
+
+
+def feature_dim(module: vit.VisionTransformer, features: str, last_blocks: int = 1) -> int:
+  return module.width * (last_blocks + (features == "cls+mean")) if features != "mean" \
+      else module.width
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_extractor(fn, mesh):
+  # Cached so that repeated evaluations with the same fn compile once.
+  @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
+  def run(params, batch):
+    return fn(params, batch["image"]), batch["label"], batch["mask"]
+  return run
+
+
+def extract_features(fn: Callable, params, batches: Iterable[dict], mesh,
+                     progress: Callable[[int, int], None] | None = None):
+  """Runs the jitted fn(params, uint8 images) over an eval iterator; returns (outputs, labels)
+  as host numpy arrays of the valid (mask True) examples, all hosts' examples on every host."""
+  run = _jitted_extractor(fn, mesh)
+  outputs, labels = [], []
+  total = len(batches) if hasattr(batches, "__len__") else 0
+  for i, batch in enumerate(batches):
+    out, label, mask = jax.device_get(run(params, sharding.global_batch(batch, mesh)))
+    outputs.append(out[mask])
+    labels.append(label[mask])
+    if progress is not None:
+      progress(i + 1, total)
+  if not outputs:
+    raise ValueError("The evaluation split is empty.")
+  return np.concatenate(outputs), np.concatenate(labels)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scores.
+# ---------------------------------------------------------------------------------------------
+
+
+def topk_accuracy(scores, labels, ks=(1, 5)) -> dict:
+  """{'top1': ..., 'top5': ...}: fraction of examples whose label is among the k best scores."""
+  scores, labels = np.asarray(scores), np.asarray(labels)
+  order = np.argsort(-scores, axis=1, kind="stable")
+  hits = order == labels[:, None]
+  return {f"top{k}": float(hits[:, :k].any(axis=1).mean()) for k in ks}
+
+
+def average_precision(scores, targets, *, voc07: bool = False) -> float:
+  """AP of one class. Default: sklearn's average_precision_score (sum over thresholds of
+  (R_n - R_{n-1}) P_n, tied scores forming one threshold). voc07: the 11-point interpolated AP of
+  the VOC2007 devkit (mean over r in {0, 0.1, ..., 1} of the best precision at recall >= r)."""
+  scores, targets = np.asarray(scores, np.float64), np.asarray(targets) > 0
+  positives = targets.sum()
+  if positives == 0:
+    return float("nan")
+  order = np.argsort(-scores, kind="stable")
+  scores, targets = scores[order], targets[order]
+  tp, fp = np.cumsum(targets), np.cumsum(~targets)
+  # The last index of each group of equal scores: one threshold per distinct score.
+  last = np.r_[np.nonzero(np.diff(scores))[0], len(scores) - 1]
+  precision = tp[last] / (tp[last] + fp[last])
+  recall = tp[last] / positives
+  if voc07:
+    return float(np.mean([precision[recall >= r].max() if (recall >= r).any() else 0.0
+                          for r in np.linspace(0, 1, 11)]))
+  return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def mean_average_precision(scores, targets, *, voc07: bool = False) -> float:
+  """Mean over classes (with at least one positive) of the per-class average precision.
+  scores: (N, C) any monotone score (logits); targets: (N, C) multi-hot."""
+  scores, targets = np.asarray(scores), np.asarray(targets)
+  aps = [average_precision(scores[:, c], targets[:, c], voc07=voc07)
+         for c in range(scores.shape[1])]
+  aps = [a for a in aps if not np.isnan(a)]
+  if not aps:
+    raise ValueError("No class has a positive example: mAP is undefined.")
+  return float(np.mean(aps))
+
+
+def score(logits, labels, multilabel: bool, voc07: bool = False) -> dict:
+  if multilabel:
+    return {"mAP": mean_average_precision(logits, labels, voc07=voc07)}
+  return topk_accuracy(logits, labels)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data, results and pictures.
+# ---------------------------------------------------------------------------------------------
+
+
+def data_dir(config):
+  return config.data.data_dir or None
+
+
+def eval_batches(config, split: str, image_size: int):
+  from sit_jax import data
+  return data.eval_iterator(config.data.source, split, global_batch_size=config.eval_batch_size,
+                            image_size=image_size, data_dir=data_dir(config),
+                            resize_mode=config.data.resize_mode)
+
+
+def dataset_infos(config):
+  """(train info, test info); checks that the train split has labels."""
+  from sit_jax import data
+  train = data.dataset_info(config.data.source, config.data.train_split, data_dir(config))
+  test = data.dataset_info(config.data.source, config.data.test_split, data_dir(config))
+  if train.num_classes <= 0:
+    raise data.DataError(f"{train.name} has no labels: transfer needs a labelled train split.")
+  return train, test
+
+
+def check_multilabel(info, multilabel: bool):
+  from sit_jax import data
+  if info.multilabel and not multilabel:
+    raise data.DataError(f"{info.name} is multi-label: use the 'multilabel' experiment.")
+  if multilabel and not info.multilabel:
+    raise data.DataError(f"{info.name} has one class per image: the 'multilabel' experiment "
+                         "needs multi-hot labels (e.g. tfds:voc/2007).")
+
+
+def results_dict(config, backbone: Backbone, train_info, test_info, num_evaluated: int,
+                 scores: dict, **extra) -> dict:
+  return {"experiment": config.experiment, "dataset": config.get("dataset", "") or test_info.name,
+          "source": config.data.source, "train_split": config.data.train_split,
+          "test_split": config.data.test_split, "init": backbone.init or "random",
+          "model": backbone.model_config, "image_size": backbone.module.image_size,
+          "pretrained_image_size": backbone.pretrained_image_size,
+          "num_train_examples": train_info.num_examples, "num_examples": int(num_evaluated),
+          **scores, **extra}
+
+
+def tsne(config, workdir, features, labels, title: str):
+  """DIR/tsne.png of (up to config.tsne_points) test features; skipped on non-main hosts."""
+  if not config.tsne_points or jax.process_index() != 0 or len(features) < 3:
+    return None
+  import sklearn.manifold  # noqa: F401  (loaded first: the limit only reaches loaded libraries)
+  import threadpoolctl  # a scikit-learn dependency
+  from sit_jax import viz
+  # One thread: sklearn's OpenMP t-SNE spin-waits when its threads share busy cores (measured
+  # 20x slower on a loaded 2-core host); single-threaded, 2000 points take seconds.
+  with threadpoolctl.threadpool_limits(limits=1):
+    return viz.tsne_plot(features, labels, os.path.join(workdir, "tsne.png"), title=title,
+                         max_points=config.tsne_points, seed=config.seed)
+
+
+def log_progress(what: str):
+  def progress(i, total):
+    if i == total or i % 50 == 0:
+      logging.info("%s: batch %d/%d", what, i, total)
+  return progress

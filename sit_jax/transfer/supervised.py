@@ -1,0 +1,162 @@
+"""Supervised training shared by fine-tuning and the linear probe: train state, losses,
+optimiser (with layer-wise lr decay), and the resumable loop."""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable
+
+from absl import logging
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sit_jax import optim, sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any          # the trainable parameters only
+  opt_state: Any
+  rng: jax.Array       # per-step keys are fold_in(rng, step)
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses.
+# ---------------------------------------------------------------------------------------------
+
+
+def soft_targets(labels, num_classes: int, label_smoothing: float = 0.0):
+  """Integer labels -> one-hot with timm's smoothing (off = s / C, on = 1 - s + s / C)."""
+  return optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+
+
+def loss_fn(logits, targets, multilabel: bool):
+  """Softmax cross-entropy on (soft) targets, or sigmoid cross-entropy on multi-hot targets."""
+  logits = logits.astype(jnp.float32)
+  if multilabel:
+    return optax.sigmoid_binary_cross_entropy(logits, targets.astype(jnp.float32)).mean()
+  return optax.softmax_cross_entropy(logits, targets).mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimiser.
+# ---------------------------------------------------------------------------------------------
+
+
+def lr_decay_tree(params, depth: int, decay: float):
+  """Per-leaf lr factor decay ** (depth + 1 - layer) (optim.layerwise_lr_scale): 1 for the head
+  and the final norm, decay ** depth for blocks_0, decay ** (depth + 1) for the embeddings."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: optim.layerwise_lr_scale(sharding.path_name(path), depth, decay), params)
+
+
+def scale_by_tree(factors) -> optax.GradientTransformation:
+  """Multiplies each update by its factor (after AdamW: lr and weight decay both scale)."""
+
+  def update_fn(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, f: u * jnp.asarray(f, u.dtype), updates, factors), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def lr_schedule(config, total_steps: int, steps_per_epoch: int):
+  o = config.optim
+  return optim.warmup_cosine(optim.scaled_lr(o.base_lr, config.data.global_batch_size),
+                             o.min_lr, total_steps, int(o.warmup_epochs * steps_per_epoch))
+
+
+def make_optimizer(config, lr, params=None, depth: int = 0) -> optax.GradientTransformation:
+  """config.optim.name 'adamw' or 'sgd' (momentum), decoupled weight decay on matrices only,
+  optional per-tensor clipping; layer-wise lr decay when optim.layer_decay < 1 (needs `params`,
+  real or abstract, and the backbone depth)."""
+  o = config.optim
+  if o.name == "adamw":
+    tx = optim.adamw(lr, o.weight_decay, clip_norm=o.clip_norm or None, b1=o.b1, b2=o.b2,
+                     eps=o.eps)
+  elif o.name == "sgd":
+    chain = [optim.clip_by_norm_per_tensor(o.clip_norm)] if o.clip_norm else []
+    if o.weight_decay:
+      chain.append(optax.add_decayed_weights(o.weight_decay, mask=optim.decay_mask))
+    chain.append(optax.sgd(lr, momentum=o.momentum or None))
+    tx = optax.chain(*chain)
+  else:
+    raise ValueError(f"config.optim.name must be 'adamw' or 'sgd', not {o.name!r}.")
+  if o.get("layer_decay", 1.0) < 1.0:
+    if params is None:
+      raise ValueError("Layer-wise lr decay needs the parameter tree.")
+    tx = optax.chain(tx, scale_by_tree(lr_decay_tree(params, depth, o.layer_decay)))
+  return tx
+
+
+def schedule_lengths(config, num_examples: int) -> tuple[int, int]:
+  """(total_steps, steps_per_epoch) from config.total_steps or config.total_epochs."""
+  steps_per_epoch = max(num_examples // config.data.global_batch_size, 1)
+  total = config.total_steps or int(round(config.total_epochs * steps_per_epoch))
+  if total <= 0:
+    raise ValueError("Set config.total_steps or config.total_epochs to a positive number.")
+  return total, steps_per_epoch
+
+
+def abstract_of(tree):
+  """ShapeDtypeStructs carrying the shardings of a placed tree (to restore onto)."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                      tree)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+# ---------------------------------------------------------------------------------------------
+
+
+def train_loop(config, workdir: str, *, state: TrainState, step_fn: Callable,
+               make_batches: Callable[[int], Any], total_steps: int, evaluate: Callable,
+               metadata: dict, writer, mesh) -> tuple[TrainState, dict, dict]:
+  """Runs step_fn(state, global batch) to total_steps, resuming from workdir/checkpoints.
+
+  Logs the mean training metrics every config.log_every steps, evaluates (evaluate(state) ->
+  dict of scores) every config.eval_every steps (0: at the end only) and checkpoints every
+  config.checkpoint_every steps. Returns (state, last training metrics, last scores).
+  """
+  from sit_jax import checkpoint
+
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                 max_to_keep=config.keep_checkpoints,
+                                 save_interval_steps=config.checkpoint_every)
+  if ckpt.latest_step() is not None:
+    state, _ = ckpt.restore(abstract_of(state), expected_metadata=metadata, fallback=True)
+    logging.info("Resumed from step %d of %s", int(state.step), ckpt.directory)
+  start_step = int(state.step)
+  batches = make_batches(start_step)
+  preempted = checkpoint.install_preemption_handler()
+  del preempted  # checkpoint.reached_preemption reads the flag it sets.
+
+  pending, logged, scores = [], {}, {}
+  step, start = start_step, time.perf_counter()
+  while step < total_steps:
+    state, metrics = step_fn(state, sharding.global_batch(next(batches), mesh))
+    step += 1
+    pending.append(metrics)
+    if step % config.log_every == 0 or step == total_steps:
+      logged = {k: float(v) for k, v in
+                jax.tree.map(lambda *xs: np.mean(xs), *jax.device_get(pending)).items()}
+      writer.write_scalars(step, logged)
+      pending = []
+    if config.eval_every and step % config.eval_every == 0 and step < total_steps:
+      scores = evaluate(state)
+      writer.write_scalars(step, {f"test/{k}": v for k, v in scores.items()})
+    stop = checkpoint.reached_preemption(step)
+    ckpt.save(step, state, metadata=metadata, force=stop or step == total_steps)
+    if stop:
+      logging.warning("Preemption signal: saved step %d, exiting; rerun to resume.", step)
+      break
+  ckpt.close()
+  if step == total_steps:
+    scores = evaluate(state)
+    writer.write_scalars(step, {f"test/{k}": v for k, v in scores.items()})
+  logging.info("%d steps in %.1f s", step - start_step, time.perf_counter() - start)
+  return state, logged, scores

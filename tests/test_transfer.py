@@ -1,0 +1,354 @@
+"""Transfer: k-NN, linear probe, fine-tuning, layer-wise lr decay, mAP, and the runlocal runs."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from configs import common as config_common
+from configs import finetune as finetune_config
+from configs import transfer_common
+from sit_jax import checkpoint, data, sharding
+from sit_jax.models import vit
+from sit_jax.transfer import common, deit_augment, finetune, knn, linear, supervised
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def leaves(tree):
+  return {sharding.path_name(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+@pytest.fixture(scope="module")
+def mesh():
+  return sharding.make_mesh()
+
+
+@pytest.fixture(scope="module")
+def exported_backbone(tmp_path_factory):
+  """A Mu/4 backbone for 32 px images, exported as pretraining would export it."""
+  module = vit.backbone_from_config({"variant": "Mu/4", "image_size": 32})
+  params = module.init(jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 3)))["params"]
+  params = jax.tree.map(np.asarray, params)
+  path = checkpoint.export_backbone(tmp_path_factory.mktemp("export") / "backbone",
+                                    {"backbone": params}, {"variant": "Mu/4", "image_size": 32})
+  return path, params
+
+
+# ---------------------------------------------------------------------------------------------
+# k-NN.
+# ---------------------------------------------------------------------------------------------
+
+
+def knn_numpy(train, train_labels, test, k, temperature, num_classes):
+  train = train / np.linalg.norm(train, axis=1, keepdims=True)
+  test = test / np.linalg.norm(test, axis=1, keepdims=True)
+  sim = test @ train.T
+  scores = np.zeros((len(test), num_classes))
+  for i in range(len(test)):
+    top = np.argsort(-sim[i])[:k]
+    for j in top:
+      scores[i, train_labels[j]] += np.exp(sim[i, j] / temperature)
+  return scores
+
+
+@pytest.mark.parametrize("k", [1, 5, 20, 300])
+def test_knn_matches_brute_force_numpy(mesh, k):
+  rng = np.random.default_rng(k)
+  train = rng.normal(size=(203, 16)).astype(np.float32)
+  labels = rng.integers(0, 5, 203)
+  test = rng.normal(size=(37, 16)).astype(np.float32)
+  # The bank is split over the 8 devices; 37 test features go through in 3 chunks of 16.
+  got = knn.knn_classify(train, labels, test, k, 0.07, 5, mesh=mesh, chunk_size=16)
+  want = knn_numpy(train, labels, test, k, 0.07, 5)
+  np.testing.assert_allclose(got, want, rtol=2e-4)
+  np.testing.assert_array_equal(got.argmax(1), want.argmax(1))
+
+
+def test_topk_accuracy():
+  scores = np.array([[0.1, 0.9, 0.0], [0.8, 0.05, 0.15], [0.2, 0.3, 0.5]])
+  got = common.topk_accuracy(scores, np.array([1, 2, 0]), ks=(1, 2))
+  assert got == {"top1": 1 / 3, "top2": 2 / 3}
+
+
+# ---------------------------------------------------------------------------------------------
+# mAP.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_map_hand_computed():
+  scores = np.array([[0.9, 0.1, 0.5], [0.8, 0.4, 0.5], [0.7, 0.35, 0.5], [0.6, 0.8, 0.5]])
+  targets = np.array([[1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 0]])
+  # Class 0: positives at ranks 1 and 3 -> (1/1 + 2/3) / 2. Class 1: ranks 2, 3 -> (1/2 + 2/3) / 2.
+  # Class 2 has no positive: left out of the mean.
+  assert common.mean_average_precision(scores, targets) == pytest.approx(
+      ((1 + 2 / 3) / 2 + (1 / 2 + 2 / 3) / 2) / 2)
+  # VOC07 11-point, class 0: recall 0.5 at precision 1 (r = 0..0.5), 1.0 at 2/3 (r = 0.6..1).
+  assert common.average_precision(scores[:, 0], targets[:, 0], voc07=True) == pytest.approx(
+      (6 * 1 + 5 * 2 / 3) / 11)
+
+
+def test_map_matches_sklearn_with_ties():
+  from sklearn.metrics import average_precision_score
+  rng = np.random.default_rng(0)
+  scores = rng.integers(0, 5, (60, 4)).astype(np.float32)  # many ties
+  targets = rng.integers(0, 2, (60, 4))
+  want = np.mean([average_precision_score(targets[:, c], scores[:, c]) for c in range(4)])
+  assert common.mean_average_precision(scores, targets) == pytest.approx(want)
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear probe.
+# ---------------------------------------------------------------------------------------------
+
+
+def probe_config(**optim):
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.log_every = 1000
+  c.data = dict(global_batch_size=64)
+  c.optim = transfer_common.optim_config("adamw", weight_decay=0.0, warmup_epochs=0, **optim)
+  return c
+
+
+@pytest.mark.parametrize("multilabel", [False, True])
+def test_linear_probe_solves_separable_problem(mesh, multilabel):
+  rng = np.random.default_rng(0)
+  centres = rng.normal(scale=4.0, size=(3, 8))
+  labels = rng.integers(0, 3, 600)
+  feats = (centres[labels] + rng.normal(size=(600, 8))).astype(np.float32)
+  targets = np.eye(3, dtype=np.int32)[labels] if multilabel else labels
+  c = probe_config(base_lr=0.05)
+  head = linear.make_head(3)
+  tx = supervised.make_optimizer(c, 0.05)
+  state = linear.fit_head(c, head, tx, feats[:500], targets[:500], 3, mesh, total_steps=150,
+                          multilabel=multilabel)
+  logits = linear.head_logits(state.params, feats[500:])
+  if multilabel:
+    assert np.mean((logits > 0) == (targets[500:] > 0)) >= 0.99
+  else:
+    assert np.mean(logits.argmax(1) == labels[500:]) >= 0.99
+
+
+def test_probe_step_leaves_backbone_bit_identical(mesh):
+  module = vit.backbone_from_config({"variant": "Mu/4", "image_size": 16})
+  backbone = common.Backbone(module, None, {}, "")
+  params = common.place_backbone(backbone, mesh, config_common.REPLICATED)
+  before = leaves(jax.device_get(params))
+  fn = common.make_feature_fn(module, "cls+mean", last_blocks=2)
+  head = linear.make_head(4)
+  tx = supervised.make_optimizer(probe_config(base_lr=0.1), 0.1)
+  state = linear.init_head_state(head, tx, common.feature_dim(module, "cls+mean", 2),
+                                 jax.random.PRNGKey(0))
+  head_before = leaves(jax.device_get(state.params))
+  step = linear.make_probe_step(fn, head, tx, 4)
+  rng = np.random.default_rng(0)
+  batch = sharding.global_batch({"image": rng.integers(0, 256, (16, 16, 16, 3), np.uint8),
+                                 "label": rng.integers(0, 4, 16).astype(np.int32)}, mesh)
+
+  # No gradient reaches the backbone through the probe's loss.
+  grads = jax.jit(jax.grad(lambda p: step(state, p, batch)[1]["loss"]))(params)
+  assert all(not np.any(g) for g in leaves(grads).values())
+
+  jitted = jax.jit(step, donate_argnums=(0,))
+  for _ in range(3):
+    state, _ = jitted(state, params, batch)
+  after = leaves(jax.device_get(params))
+  assert before.keys() == after.keys()
+  assert all(np.array_equal(before[k], after[k]) for k in before)
+  assert any(not np.array_equal(head_before[k], v)
+             for k, v in leaves(jax.device_get(state.params)).items())
+
+
+def test_last_blocks_features_are_normed_block_cls(mesh):
+  module = vit.backbone_from_config({"variant": "Mu/4", "image_size": 16})
+  params = module.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))["params"]
+  images = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 3))
+  one = jax.jit(common.make_feature_fn(module, "cls", 1))(params, images)
+  three = jax.jit(common.make_feature_fn(module, "cls+mean", 3))(params, images)
+  assert three.shape == (2, common.feature_dim(module, "cls+mean", 3)) == (2, 4 * 96)
+  out = jax.jit(module.apply)({"params": params}, images)
+  np.testing.assert_allclose(three[:, 2 * 96:3 * 96], one, atol=1e-5)  # the last block's CLS
+  np.testing.assert_allclose(three[:, 3 * 96:], out["patches"].mean(1), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_finetune_starts_from_checkpoint_and_moves(mesh, exported_backbone):
+  path, exported = exported_backbone
+  c = finetune_config.get_config("runlocal")
+  c.init = path
+  c.data.image_size = 16  # 8x8 -> 4x4 patch grid: the position embedding is resized.
+  c.augment.randaugment = False  # compiles slowly; the finetune runlocal run covers it.
+  backbone = common.load_backbone(c, image_size=16)
+  assert backbone.model_config["variant"] == "Mu/4" and backbone.pretrained_image_size == 32
+  pos = backbone.params["pos_embed"]
+  assert pos.shape == (1, 1 + 16, 96)
+  np.testing.assert_array_equal(pos[:, 0], exported["pos_embed"][:, 0])
+  np.testing.assert_allclose(
+      pos, vit.resize_pos_embed(exported["pos_embed"], (4, 4)), atol=1e-6)
+
+  model = finetune.Classifier(backbone.module, 10)
+  abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                               jnp.zeros((1, 16, 16, 3)))["params"])
+  lr = supervised.lr_schedule(c, 100, 10)
+  tx = supervised.make_optimizer(c, lr, abstract, 4)
+  state, shardings = finetune.create_state(model, tx, 16, mesh, c.sharding_rules,
+                                           jax.random.PRNGKey(0), backbone.params)
+  loaded = leaves(backbone.params)
+  start = leaves(jax.device_get(state.params["backbone"]))
+  assert loaded.keys() == start.keys()
+  assert all(np.array_equal(loaded[k], start[k]) for k in loaded)
+  exported = leaves(exported)
+  assert all(np.array_equal(loaded[k], exported[k]) for k in loaded if k != "pos_embed")
+
+  step = jax.jit(finetune.make_finetune_step(c, model, tx, 10, lr=lr),
+                 in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+  rng = np.random.default_rng(0)
+  for i in range(3):
+    batch = {"image": rng.integers(0, 256, (32, 16, 16, 3), np.uint8),
+             "label": rng.integers(0, 10, 32).astype(np.int32)}
+    state, metrics = step(state, sharding.global_batch(batch, mesh))
+    assert np.isfinite(float(metrics["loss"]))
+  assert int(state.step) == 3
+  end = leaves(jax.device_get(state.params["backbone"]))
+  changed = [k for k in loaded if not np.array_equal(loaded[k], end[k])]
+  assert "blocks_0/attn/qkv/kernel" in changed and len(changed) > len(loaded) // 2
+
+
+def test_load_backbone_from_pretraining_workdir(tmp_path, exported_backbone):
+  _, params = exported_backbone
+  state = {"step": np.int32(7), "params": {"backbone": params, "recon_head": {"w": np.ones(3)}}}
+  with checkpoint.Checkpointer(tmp_path / "checkpoints", async_save=False) as ckpt:
+    ckpt.save(7, state, metadata={"model": {"variant": "Mu/4", "image_size": 32}}, force=True)
+  c = finetune_config.get_config("runlocal")
+  c.init = str(tmp_path)
+  backbone = common.load_backbone(c, image_size=32)
+  got = leaves(backbone.params)
+  assert all(np.array_equal(got[k], v) for k, v in leaves(params).items())
+
+
+def test_layer_decay_factors_and_updates():
+  module = vit.backbone_from_config({"variant": "Mu/4", "image_size": 16})
+  model = finetune.Classifier(module, 3)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))["params"]
+  factors = leaves(supervised.lr_decay_tree(params, depth=4, decay=0.5))
+  assert factors["head/fc/kernel"] == 1.0 and factors["backbone/norm/scale"] == 1.0
+  assert factors["backbone/blocks_3/mlp/fc1/kernel"] == 0.5
+  assert factors["backbone/blocks_0/attn/qkv/kernel"] == 0.5 ** 4
+  assert factors["backbone/pos_embed"] == factors["backbone/patch_embed/kernel"] == 0.5 ** 5
+
+  # One AdamW step with unit gradients and no weight decay moves every weight by exactly lr
+  # times its factor.
+  c = ml_collections.ConfigDict({"optim": transfer_common.optim_config(
+      "adamw", weight_decay=0.0, layer_decay=0.5)})
+  c.optim.eps = 1e-12
+  tx = supervised.make_optimizer(c, 0.1, params, depth=4)
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  updates = leaves(updates)
+  for name, factor in factors.items():
+    np.testing.assert_allclose(updates[name], -0.1 * factor, rtol=1e-5, err_msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# On-device augmentation.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_mixup_cutmix_targets_and_lam():
+  images = jax.random.uniform(jax.random.PRNGKey(0), (8, 16, 16, 3))
+  targets = supervised.soft_targets(jnp.arange(8) % 4, 4, 0.1)
+  mix = jax.jit(deit_augment.mixup_cutmix, static_argnames=("prob",))
+  for seed in range(6):
+    mixed, mixed_targets, lam = mix(jax.random.PRNGKey(seed), images, targets)
+    assert mixed.shape == images.shape and 0.0 <= float(lam) <= 1.0
+    np.testing.assert_allclose(mixed_targets.sum(1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(mixed_targets, lam * targets + (1 - lam) * targets[::-1],
+                               atol=1e-6)
+  same, _, lam = mix(jax.random.PRNGKey(0), images, targets, prob=0.0)
+  assert float(lam) == 1.0 and np.array_equal(same, images)
+
+
+def test_rand_augment_and_erasing_shapes_and_ranges():
+  images = jax.random.uniform(jax.random.PRNGKey(0), (4, 16, 16, 3))
+  out = jax.jit(deit_augment.rand_augment)(jax.random.PRNGKey(1), images)
+  assert out.shape == images.shape and float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+  assert not np.allclose(out, images)
+  erase = jax.jit(deit_augment.random_erasing, static_argnums=(2,))
+  assert np.array_equal(erase(jax.random.PRNGKey(2), images, 0.0), images)
+  erased = erase(jax.random.PRNGKey(2), images, 1.0)
+  changed = np.any(np.asarray(erased) != np.asarray(images), axis=-1).mean(axis=(1, 2))
+  assert np.all(changed > 0) and np.all(changed <= 1 / 3 + 0.1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-label data (the data.py addition).
+# ---------------------------------------------------------------------------------------------
+
+
+def test_multilabel_labels():
+  it = data.eval_iterator("embedded:digits_multilabel", "test", global_batch_size=256,
+                          image_size=32, process_index=0, process_count=1)
+  assert it.info.multilabel and it.info.num_classes == 12
+  batch = next(it)
+  digits = data._digits()[1][data.DIGITS_TRAIN:][:256]
+  np.testing.assert_array_equal(batch["label"][:, :10].argmax(1), digits)
+  np.testing.assert_array_equal(batch["label"][:, 10], digits % 2)
+  np.testing.assert_array_equal(batch["label"][:, 11], digits >= 5)
+  batch = next(it)  # the last batch is padded: 297 - 256 = 41 real examples
+  assert batch["label"].shape == (256, 12) and np.all(batch["label"][41:] == -1)
+
+  class Builder:  # a voc/2007-like feature spec: 'labels' is a Sequence(ClassLabel)
+    class info:
+      features = {"labels": tfds.features.Sequence(tfds.features.ClassLabel(num_classes=4))}
+
+  label_of, num_classes, multilabel = data._tfds_labels(Builder)
+  assert (num_classes, multilabel) == (4, True)
+  np.testing.assert_array_equal(label_of({"labels": tf.constant([1, 3, 1])}), [0, 1, 0, 1])
+  np.testing.assert_array_equal(label_of({"labels": tf.zeros([0], tf.int64)}), [0, 0, 0, 0])
+
+
+# ---------------------------------------------------------------------------------------------
+# The runlocal runs, as a user starts them.
+# ---------------------------------------------------------------------------------------------
+
+
+def run_main(config_arg, workdir, *flags):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+  cmd = [sys.executable, "-m", "sit_jax.main", f"--config={config_arg}",
+         f"--workdir={workdir}", *flags]
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(os.path.join(workdir, "results.json")) as f:
+    return json.load(f)
+
+
+@pytest.mark.parametrize("experiment,with_init", [("knn", False), ("linear", True),
+                                                  ("finetune", True), ("multilabel", True)])
+def test_runlocal(tmp_path, exported_backbone, experiment, with_init):
+  flags = [f"--config.init={exported_backbone[0]}"] if with_init else []
+  results = run_main(f"configs/{experiment}.py:runlocal", tmp_path, *flags)
+  assert results["experiment"] == experiment
+  assert results["init"] == (exported_backbone[0] if with_init else "random")
+  assert results["num_examples"] == 297
+  if experiment == "multilabel":
+    assert 0.0 < results["mAP"] <= 1.0
+  else:
+    assert 0.0 <= results["top5"] <= 1.0 and results["top1"] <= results["top5"]
+    assert results["dataset"] == "digits"
+  assert os.path.getsize(tmp_path / "metrics.jsonl") > 0
+  if experiment in ("knn", "linear"):
+    assert (tmp_path / "tsne.png").read_bytes()[:4] == b"\x89PNG"
