@@ -119,7 +119,7 @@ def test_teacher_is_the_ema_of_the_student():
                                  shardings, mesh)
   state, metrics = step(state, sharding.global_batch(fake_batch(config), mesh))
   m = float(schedules.momentum(0))
-  assert m == pytest.approx(0.996)
+  assert m == pytest.approx(config.teacher.momentum)
   expected = jax.tree.map(lambda t, s: m * t + (1 - m) * s, before,
                           {k: jax.device_get(state.params[k]) for k in before})
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
