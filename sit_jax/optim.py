@@ -88,3 +88,12 @@ def layerwise_lr_scale(path_name: str, depth: int, decay: float) -> float:
   else:
     layer = depth + 1
   return decay ** (depth + 1 - layer)
+
+
+def schedule_lengths(config, num_examples: int) -> tuple[int, int]:
+  """(total_steps, steps_per_epoch) from the config and the dataset size."""
+  steps_per_epoch = max(num_examples // config.data.global_batch_size, 1)
+  total = config.total_steps or int(config.total_epochs * steps_per_epoch)
+  if total <= 0:
+    raise ValueError("Set config.total_steps or config.total_epochs to a positive number.")
+  return total, steps_per_epoch

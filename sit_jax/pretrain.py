@@ -217,15 +217,6 @@ def abstract_with_shardings(abstract, shardings):
                       abstract, shardings)
 
 
-def schedule_lengths(config, num_examples: int) -> tuple[int, int]:
-  """(total_steps, steps_per_epoch) from the config and the dataset size."""
-  steps_per_epoch = max(num_examples // config.data.global_batch_size, 1)
-  total = config.total_steps or int(config.total_epochs * steps_per_epoch)
-  if total <= 0:
-    raise ValueError("Set config.total_steps or config.total_epochs to a positive number.")
-  return total, steps_per_epoch
-
-
 METRIC_ORDER = ("loss", "recon", "contrastive", "lr")
 
 
@@ -258,7 +249,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   sharding.check_batch_size(config.data.global_batch_size, mesh)
   data_dir = config.data.data_dir or None
   info = data.dataset_info(config.data.source, config.data.split, data_dir=data_dir)
-  total_steps, steps_per_epoch = schedule_lengths(
+  total_steps, steps_per_epoch = optim.schedule_lengths(
       config, config.num_train_examples or info.num_examples)
   logging.info("%s: %d examples, %d steps per epoch, %d steps; mesh %s", info.name,
                info.num_examples, steps_per_epoch, total_steps, dict(mesh.shape))

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sit_jax import augment, sharding
+from sit_jax import augment, optim, sharding
 from sit_jax.models import heads
 from sit_jax.transfer import common, deit_augment, supervised
 
@@ -114,7 +114,7 @@ def run(config, workdir: str, *, multilabel: bool = False) -> dict:
   train_info, test_info = common.dataset_infos(config)
   common.check_multilabel(train_info, multilabel)
   num_classes = train_info.num_classes
-  total_steps, steps_per_epoch = supervised.schedule_lengths(config, train_info.num_examples)
+  total_steps, steps_per_epoch = optim.schedule_lengths(config, train_info.num_examples)
   size = config.data.image_size
 
   # Model, optimiser, state (backbone from config.init). -------------------------------------

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sit_jax import sharding
+from sit_jax import optim, sharding
 from sit_jax.transfer import common, supervised
 
 
@@ -138,7 +138,7 @@ def run(config, workdir: str, *, multilabel: bool = False) -> dict:
   features_of = lambda p, images: fn(p, common.to_input(images))
   dim = common.feature_dim(backbone.module, config.head.features, config.head.last_blocks)
 
-  total_steps, steps_per_epoch = supervised.schedule_lengths(config, train_info.num_examples)
+  total_steps, steps_per_epoch = optim.schedule_lengths(config, train_info.num_examples)
   lr = supervised.lr_schedule(config, total_steps, steps_per_epoch)
   tx = supervised.make_optimizer(config, lr)
   head = make_head(num_classes)

@@ -93,15 +93,6 @@ def make_optimizer(config, lr, params=None, depth: int = 0) -> optax.GradientTra
   return tx
 
 
-def schedule_lengths(config, num_examples: int) -> tuple[int, int]:
-  """(total_steps, steps_per_epoch) from config.total_steps or config.total_epochs."""
-  steps_per_epoch = max(num_examples // config.data.global_batch_size, 1)
-  total = config.total_steps or int(round(config.total_epochs * steps_per_epoch))
-  if total <= 0:
-    raise ValueError("Set config.total_steps or config.total_epochs to a positive number.")
-  return total, steps_per_epoch
-
-
 def abstract_of(tree):
   """ShapeDtypeStructs carrying the shardings of a placed tree (to restore onto)."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
