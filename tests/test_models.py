@@ -1,5 +1,6 @@
 """ViT backbone and heads: architecture, parameter counts, position-embedding resize, errors."""
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -126,6 +127,20 @@ def test_reconstruction_head_returns_image():
   changed = np.argwhere(diff[0] > 0)
   assert changed[:, 0].min() == 4 and changed[:, 0].max() == 7  # token 5 = row 1, col 1.
   assert changed[:, 1].min() == 4 and changed[:, 1].max() == 7
+
+
+@pytest.mark.parametrize("patch,channels", [(4, 3), (3, 2)])
+def test_patch_to_pixels_equals_conv_transpose(patch, channels):
+  # The einsum replaces nn.ConvTranspose(kernel = stride = patch): same parameters, same output.
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 5, 7))
+  conv = nn.ConvTranspose(channels, (patch, patch), strides=(patch, patch), padding="VALID")
+  ours = heads.PatchToPixels(patch, channels)
+  params = conv.init(jax.random.PRNGKey(0), x)
+  chex.assert_trees_all_equal(params, ours.init(jax.random.PRNGKey(0), x))
+  params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.PRNGKey(2), p.shape), params)
+  want = conv.apply(params, x)
+  chex.assert_shape(want, (2, 3 * patch, 5 * patch, channels))
+  np.testing.assert_allclose(ours.apply(params, x), want, rtol=1e-5, atol=1e-5)
 
 
 def test_projection_head_batchnorm_uses_batch_statistics():

@@ -30,9 +30,32 @@ class ReconstructionHead(nn.Module):
                    name=f"mlp_{i}")(x)
       x = nn.gelu(x, approximate=False)
     x = einops.rearrange(x, "b (h w) d -> b h w d", h=grid[0], w=grid[1])
-    x = nn.ConvTranspose(self.channels, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
-                         padding="VALID", dtype=self.dtype, name="to_pixels")(x)
+    x = PatchToPixels(self.patch_size, self.channels, dtype=self.dtype, name="to_pixels")(x)
     return x.astype(jnp.float32)
+
+
+class PatchToPixels(nn.Module):
+  """(B, h, w, D) tokens -> (B, h*p, w*p, C) pixels: each token becomes its own p x p patch.
+
+  Exactly nn.ConvTranspose(C, (p, p), strides=(p, p), padding="VALID"), with the same parameter
+  names, shapes and initialisation (so checkpoints are interchangeable), written as one einsum:
+  XLA:CPU lowers that transposed convolution and its gradients several times slower than a
+  matmul. lax.conv_transpose applies the kernel spatially flipped, hence [::-1, ::-1].
+  """
+  patch_size: int
+  channels: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    p = self.patch_size
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (p, p, x.shape[-1], self.channels), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.channels,), jnp.float32)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    b, h, w, _ = x.shape
+    y = jnp.einsum("bhwd,pqdc->bhpwqc", x, kernel[::-1, ::-1])
+    return y.reshape(b, h * p, w * p, self.channels) + bias
 
 
 class ProjectionHead(nn.Module):
