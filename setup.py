@@ -24,12 +24,15 @@ INSTALL_REQUIRES = [
     "tensorboard>=2.21,<2.22",
 ]
 
+# PyTorch only for comparisons: the conversion tests (timm <-> sit_jax) and the benchmarks.
+# Pinned: an unpinned torch pulls another multi-GB build. timm needs torchvision.
+TORCH = ["torch==2.14.1", "torchvision==0.29.1", "timm>=1.0,<2", "safetensors>=0.4"]
 EXTRAS = {
-    "test": ["pytest>=8", "nbformat>=5.10", "nbclient>=0.10", "ipykernel>=6.29"],
-    # PyTorch only for comparisons (benchmarks, checkpoint conversion tests).
-    "torch": ["torch==2.14.1", "torchvision==0.29.1", "timm>=1.0", "safetensors>=0.4"],
+    "test": ["pytest>=8", "pytest-xdist>=3.6", "nbformat>=5.10", "nbclient>=0.10",
+             "ipykernel>=6.29", *TORCH],
+    "torch": TORCH,
+    "bench": TORCH,
 }
-EXTRAS["bench"] = EXTRAS["torch"]
 
 setuptools.setup(
     name="sit_jax",

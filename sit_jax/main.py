@@ -8,6 +8,7 @@ SIT_JAX_TRACEBACK=1 to see the traceback too.
 """
 from __future__ import annotations
 
+import logging as std_logging
 import os
 import sys
 
@@ -57,7 +58,18 @@ def run(config, workdir: str):
                    f"{PRETRAIN_EXPERIMENTS + TRANSFER_EXPERIMENTS}.")
 
 
+class _OnlyWarningsFromLibraries(std_logging.Filter):
+  """orbax logs a dozen INFO lines per checkpoint through absl; they would bury the progress
+  lines. Its warnings and errors still come through."""
+  LIBRARIES = (f"{os.sep}orbax{os.sep}",)
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or not any(
+        lib in record.pathname for lib in self.LIBRARIES)
+
+
 def main(argv):
+  logging.get_absl_handler().addFilter(_OnlyWarningsFromLibraries())
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   FLAGS = flags.FLAGS

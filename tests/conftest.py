@@ -1,5 +1,8 @@
 """Every test sees 8 simulated CPU devices so sharding is really exercised."""
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
@@ -8,6 +11,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # tfds must never reach the network from a test.
 os.environ.setdefault("TFDS_DATA_DIR", "/nonexistent-tfds-data-dir")
 os.environ.setdefault("NO_GCE_CHECK", "true")
+
+# One XLA compilation cache for this test session, shared by the pytest-xdist workers and the
+# `python -m sit_jax.main` children (they inherit the environment): the e2e, resume and notebook
+# runs compile the same programs, and compiling dominates their time on 2 cores. It starts empty
+# every session, so nothing carries over between runs.
+if "SIT_JAX_TEST_CACHE" not in os.environ:
+  _cache = tempfile.mkdtemp(prefix="sit_jax_test_xla_cache_")
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ["SIT_JAX_TEST_CACHE"] = os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
 
 import jax  # noqa: E402  (after XLA_FLAGS)
 
