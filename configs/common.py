@@ -61,7 +61,8 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.model.recons_blocks = ()            # GMML: (6, 8, 10, 12).
   c.model.dtype = "bfloat16"            # Compute dtype; parameters stay float32.
   c.model.attention = ""                # '' (XLA chooses), 'xla', or 'cudnn' (fused, GPU).
-  c.model.remat = False
+  c.model.remat = False                 # Recompute each block in the backward pass (memory).
+  c.model.scan_layers = False           # One nn.scan over the blocks: compile time flat in depth.
   c.model.recon_hidden = 0              # 0: the backbone width.
   c.model.recon_depth = 3
   c.model.proj_hidden = 4096

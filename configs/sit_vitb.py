@@ -1,6 +1,7 @@
 """SiT on ImageNet-1K with ViT-B/16 (drop path 0.1, otherwise the ViT-S recipe).
 
-Big models: set --config.model.remat=True to trade compute for memory, and
+Big models: set --config.model.remat=True to trade compute for memory,
+--config.model.scan_layers=True to compile one block instead of twelve, and
 --config.mesh.fsdp=N with --config.sharding_rules from common.FSDP to shard the state.
 """
 from configs import common

@@ -29,6 +29,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from sit_jax.models import vit
+
 log = logging.getLogger(__name__)
 
 STATE_ITEM = "state"
@@ -575,7 +577,10 @@ def _load_from_step_dir(step_dir: epath.Path):
   except Exception as e:
     raise CheckpointError(
         f"Checkpoint {step_dir} is corrupt or unreadable: {_short(e)}") from e
-  return {"backbone": restored["params"]["backbone"]}, model_config
+  # A scan_layers run stacks its blocks; readers of backbones always get blocks_0..blocks_{d-1}.
+  if model_config.get("scan_layers"):
+    model_config = {**model_config, "scan_layers": False}
+  return {"backbone": vit.unstack_blocks(restored["params"]["backbone"])}, model_config
 
 
 def load_backbone(path) -> tuple[Any, dict]:

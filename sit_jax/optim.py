@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sit_jax.models import vit
+
 
 def warmup_cosine(base: float, final: float, total_steps: int, warmup_steps: int = 0,
                   warmup_start: float = 0.0):
@@ -28,17 +30,26 @@ def scaled_lr(base_lr: float, global_batch_size: int) -> float:
   return base_lr * global_batch_size / 256
 
 
+def _path_name(path) -> str:
+  return "/".join(str(getattr(p, "key", p)) for p in path)
+
+
 def clip_by_norm_per_tensor(max_norm: float) -> optax.GradientTransformation:
-  """Scales each gradient tensor whose own l2 norm exceeds max_norm (not a global-norm clip)."""
+  """Scales each gradient tensor whose own l2 norm exceeds max_norm (not a global-norm clip).
+
+  Parameters stacked over layers by `model.scan_layers` are clipped layer by layer, exactly as
+  the per-block tensors they stand for."""
 
   def update_fn(updates, state, params=None):
     del params
 
-    def clip(g):
-      norm = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32))))
+    def clip(path, g):
+      per_layer = vit.is_scanned_layer(_path_name(path))
+      axes = tuple(range(1 if per_layer else 0, g.ndim))
+      norm = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32)), axis=axes, keepdims=True))
       return g * jnp.minimum(1.0, max_norm / (norm + 1e-6)).astype(g.dtype)
 
-    return jax.tree.map(clip, updates), state
+    return jax.tree_util.tree_map_with_path(clip, updates), state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
@@ -50,8 +61,9 @@ def decay_mask(params):
   """True where weight decay applies: matrices and kernels, not biases, norms, embeddings or tokens."""
 
   def keep(path, leaf):
-    name = "/".join(str(getattr(p, "key", p)) for p in path)
-    return leaf.ndim > 1 and not any(n in name for n in NO_DECAY_NAMES)
+    name = _path_name(path)
+    ndim = leaf.ndim - 1 if vit.is_scanned_layer(name) else leaf.ndim
+    return ndim > 1 and not any(n in name for n in NO_DECAY_NAMES)
 
   return jax.tree_util.tree_map_with_path(keep, params)
 

@@ -22,6 +22,7 @@ import optax
 
 from sit_jax import augment, gmml, losses, optim, sharding
 from sit_jax.models import sit as sit_model
+from sit_jax.models import vit
 
 # ---------------------------------------------------------------------------------------------
 # State, model and optimiser.
@@ -209,7 +210,9 @@ def make_reconstruct(config, model):
 
 
 def checkpoint_metadata(config) -> dict:
-  return {"model": model_config(config), "experiment": config.experiment}
+  # A run may resume with the runtime settings changed (e.g. remat after running out of memory).
+  model = {k: v for k, v in model_config(config).items() if k not in vit.RUNTIME_KEYS}
+  return {"model": model, "experiment": config.experiment}
 
 
 def abstract_with_shardings(abstract, shardings):
@@ -325,9 +328,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
              "train_seconds_this_run": time.perf_counter() - start_time,
              "steps_this_run": step - start_step, "preempted": bool(step < total_steps)}
   if step == total_steps and config.export_backbone:
+    # Exports always use the per-block layout (blocks_i) that transfer and convert read.
+    backbone = state.params["backbone"]
+    if vit.SCANNED_BLOCKS in backbone:
+      backbone = jax.jit(vit.unstack_blocks)(backbone)
     results["backbone"] = checkpoint.export_backbone(
-        os.path.join(workdir, "backbone"), {"backbone": state.params["backbone"]},
-        model_config(config), overwrite=True)
+        os.path.join(workdir, "backbone"), {"backbone": backbone},
+        {**model_config(config), "scan_layers": False}, overwrite=True)
   writer.write_json("results.json", results)
   writer.close()
   ckpt.close()

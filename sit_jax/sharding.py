@@ -18,6 +18,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from sit_jax.models import vit
+
 AXES = ("data", "fsdp", "model")
 BATCH_AXES = ("data", "fsdp")
 
@@ -80,7 +82,10 @@ def _spec_for(rule, shape, mesh: Mesh, name: str) -> P:
     size = mesh.shape["fsdp"]
     if size == 1:
       return P()
-    candidates = [d for d in np.argsort(shape)[::-1] if shape[d] % size == 0 and shape[d] >= size]
+    # Never the layer axis of scanned blocks: each scan step would gather every layer.
+    first = 1 if vit.is_scanned_layer(name) else 0
+    candidates = [d for d in np.argsort(shape)[::-1]
+                  if d >= first and shape[d] % size == 0 and shape[d] >= size]
     if not candidates:
       return P()
     spec = [None] * len(shape)

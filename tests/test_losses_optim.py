@@ -1,6 +1,7 @@
 """Losses and optimisation against numpy re-implementations of the formulas."""
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -143,3 +144,22 @@ def test_layerwise_lr_decay_factors():
   assert optim.layerwise_lr_scale("vit/blocks_0/attn/qkv/kernel", depth, decay) == pytest.approx(decay ** 12)
   assert optim.layerwise_lr_scale("vit/blocks_11/mlp/fc2/bias", depth, decay) == pytest.approx(decay)
   assert optim.layerwise_lr_scale("head/fc/kernel", depth, decay) == 1.0
+
+
+def test_scanned_layers_are_clipped_and_decayed_layer_by_layer():
+  from sit_jax.models import vit
+  rng = np.random.default_rng(0)
+  blocks = {f"blocks_{i}": {"mlp": {"fc1": {"kernel": rng.normal(size=(3, 4)) * (i + 1),
+                                            "bias": rng.normal(size=(4,)) * 5}}}
+            for i in range(3)}
+  unrolled = jax.tree.map(lambda a: a.astype(np.float32),
+                          {"backbone": {**blocks, "norm": {"scale": np.ones(3)}}})
+  stacked = {"backbone": vit.stack_blocks(unrolled["backbone"])}
+  clip = optim.clip_by_norm_per_tensor(2.0)
+  want, _ = clip.update(unrolled, optax.EmptyState())
+  got, _ = clip.update(stacked, optax.EmptyState())
+  chex.assert_trees_all_close(vit.unstack_blocks(got["backbone"]), want["backbone"], rtol=1e-6)
+  mask = optim.decay_mask(stacked)["backbone"]
+  assert mask["blocks"]["block"]["mlp"]["fc1"]["kernel"] is True
+  assert mask["blocks"]["block"]["mlp"]["fc1"]["bias"] is False  # (3, 4): stacked vectors.
+  assert mask["norm"]["scale"] is False

@@ -177,3 +177,36 @@ def test_sit_model_experiments_select_heads():
     assert set(abstract_params(model, x, train=False)) == expected
   with pytest.raises(ValueError, match="Unknown experiment"):
     sit.sit_from_config(cfg, "simclr")
+
+
+def test_scanned_blocks_compute_what_the_unrolled_blocks_compute():
+  cfg = dict(variant="Mu/4", image_size=16, drop_path_rate=0.1, recons_blocks=(2, 4))
+  unrolled = vit.backbone_from_config(cfg)
+  scanned = vit.backbone_from_config({**cfg, "scan_layers": True})
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
+  params = unrolled.init(jax.random.PRNGKey(0), x)["params"]
+  stacked = vit.stack_blocks(params)
+  # Same tree as the scanned module creates, with a leading layer axis on every block leaf.
+  chex.assert_trees_all_equal_shapes(stacked, abstract_params(scanned, x))
+  chex.assert_shape(stacked["blocks"]["block"]["attn"]["qkv"]["kernel"], (4, 96, 288))
+  assert count(stacked) == count(params)
+  chex.assert_trees_all_equal(vit.unstack_blocks(stacked), params)
+  want = unrolled.apply({"params": params}, x)
+  got = scanned.apply({"params": stacked}, x)
+  for key in ("cls", "patches", "recon_tokens"):
+    np.testing.assert_allclose(got[key], want[key], atol=2e-5, err_msg=key)
+  # Training mode: with drop path the rates are traced per layer; without, nothing is dropped.
+  train = lambda m, p, rate: m.clone(drop_path_rate=rate).apply(
+      {"params": p}, x, train=True, rngs={"dropout": jax.random.PRNGKey(3)})["cls"]
+  np.testing.assert_allclose(train(scanned, stacked, 0.0), want["cls"], atol=2e-5)
+  assert not np.allclose(train(scanned, stacked, 0.5), want["cls"], atol=1e-3)
+  # bf16 compute keeps the scan carry in bf16 (a traced drop-path rate must not promote it).
+  out = train(scanned.clone(dtype=jnp.bfloat16), stacked, 0.5)
+  assert out.dtype == jnp.bfloat16
+
+
+def test_is_scanned_layer_names():
+  assert vit.is_scanned_layer("backbone/blocks/block/attn/qkv/kernel")
+  assert vit.is_scanned_layer("blocks/block/norm1/scale")
+  assert not vit.is_scanned_layer("backbone/blocks_3/attn/qkv/kernel")
+  assert not vit.is_scanned_layer("backbone/norm/scale")

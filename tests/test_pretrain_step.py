@@ -1,6 +1,7 @@
 """The jitted SiT step: sharding invariance, FSDP placement, EMA, and that GMML actually learns."""
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 
 from configs import common
 from sit_jax import pretrain, sharding
+from sit_jax.models import vit
 
 
 def tiny_config(experiment="sit", **overrides):
@@ -34,11 +36,13 @@ def fake_batch(config, seed=0):
           "view2": rng.integers(0, 256, shape, dtype=np.uint8)}
 
 
-def run_steps(config, mesh, num_steps=2, total_steps=100):
+def run_steps(config, mesh, num_steps=2, total_steps=100, edit_state=None):
   model = pretrain.build_model(config)
   schedules = pretrain.build_schedules(config, total_steps, steps_per_epoch=10)
   tx = pretrain.build_optimizer(config, schedules)
   state, shardings = pretrain.create_train_state(config, model, tx, mesh, jax.random.PRNGKey(0))
+  if edit_state:
+    state = jax.device_put(edit_state(state), shardings)
   step = pretrain.jit_train_step(pretrain.make_train_step(config, model, tx, schedules),
                                  shardings, mesh)
   metrics = []
@@ -164,3 +168,37 @@ def test_gmml_learns_to_reconstruct_a_fixed_batch():
     recon.append(float(m["recon"]))
   first, last = np.mean(recon[:10]), np.mean(recon[-10:])
   assert last < 0.65 * first, (first, last)  # measured: 0.76 -> 0.41.
+
+
+def test_scan_layers_step_equals_unrolled_step():
+  # No drop path: the scanned blocks draw their dropout keys differently.
+  overrides = {**INVARIANCE_OVERRIDES, "model.drop_path_rate": 0.0}
+  mesh = sharding.make_mesh({"data": 4, "fsdp": 2})
+  config = tiny_config("sit", **overrides)
+  config.sharding_rules = common.FSDP
+  unrolled, want = run_steps(config, mesh)
+  initial = {}  # the unrolled run's initial parameters, stacked, start the scanned run.
+
+  def start_from_unrolled(state):
+    stack = lambda tree: {**tree, "backbone": vit.stack_blocks(jax.device_get(tree["backbone"]))}
+    return state.replace(params=stack(initial["params"]), teacher=stack(initial["teacher"]))
+
+  model = pretrain.build_model(config)
+  tx = pretrain.build_optimizer(config, pretrain.build_schedules(config, 100, 10))
+  state, _ = pretrain.create_train_state(config, model, tx, mesh, jax.random.PRNGKey(0))
+  initial.update(params=state.params, teacher=state.teacher)
+  config.model.scan_layers = True
+  scanned, got = run_steps(config, mesh, edit_state=start_from_unrolled)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g["loss"], w["loss"], rtol=2e-5)
+  stacked = scanned.params["backbone"]["blocks"]["block"]["attn"]["qkv"]["kernel"]
+  assert stacked.shape[0] == 4 and tuple(stacked.sharding.spec)[0] is None  # layers not split.
+  assert "fsdp" in tuple(stacked.sharding.spec)
+  params = jax.device_get(scanned.params)
+  params["backbone"] = vit.unstack_blocks(params["backbone"])
+  chex.assert_trees_all_close(params, jax.device_get(unrolled.params), rtol=1e-4, atol=5e-5)
+  # Resuming a run with the other layout is refused, naming the setting.
+  meta = [pretrain.checkpoint_metadata(tiny_config("sit", **{"model.scan_layers": s}))
+          for s in (False, True)]
+  assert meta[0]["model"]["scan_layers"] != meta[1]["model"]["scan_layers"]
+  assert "remat" not in meta[0]["model"] and "dtype" not in meta[0]["model"]

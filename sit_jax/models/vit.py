@@ -23,6 +23,9 @@ VARIANTS = {
     "L": (1024, 24, 16),
 }
 
+# Settings that change how the backbone computes, not its parameters.
+RUNTIME_KEYS = ("drop_path_rate", "dtype", "attention", "remat")
+
 Dtype = Any
 trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
 
@@ -70,17 +73,19 @@ def drop_path_rates(max_rate: float, depth: int) -> list[float]:
 
 
 class DropPath(nn.Module):
-  """Stochastic depth: drops the whole residual branch per example."""
-  rate: float
+  """Stochastic depth: drops the whole residual branch per example.
+
+  `rate` may be traced (the per-layer rate of scanned blocks)."""
+  rate: float | jax.Array
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
-    if deterministic or self.rate == 0.0:
+    if deterministic or (isinstance(self.rate, float) and self.rate == 0.0):
       return x
     keep = 1.0 - self.rate
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
     mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
-    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+    return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
 
 
 class Attention(nn.Module):
@@ -132,6 +137,27 @@ class Block(nn.Module):
     return x + drop(y, deterministic)
 
 
+class _ScannedBlock(nn.Module):
+  """One step of nn.scan over the blocks: carry (tokens, running recons_blocks average),
+  per-layer inputs (drop-path rate, weight of this block's output in that average)."""
+  num_heads: int
+  mlp_ratio: float
+  dtype: Dtype
+  attention: str | None
+  remat: bool
+
+  @nn.compact
+  def __call__(self, carry, per_layer, deterministic: bool):
+    x, recon_sum = carry
+    rate, recon_weight = per_layer
+    block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
+    x = block_cls(self.num_heads, self.mlp_ratio, rate, self.dtype, self.attention,
+                  name="block")(x, deterministic)
+    if recon_sum is not None:
+      recon_sum = recon_sum + recon_weight.astype(x.dtype) * x
+    return (x, recon_sum), None
+
+
 class VisionTransformer(nn.Module):
   """ViT backbone returning CLS and patch tokens after the final LayerNorm.
 
@@ -139,6 +165,9 @@ class VisionTransformer(nn.Module):
   (divisible by the patch) interpolate it bicubically on the fly.
   `recons_blocks` (1-based block numbers) additionally returns, normalised by the final LayerNorm,
   the average of those blocks' outputs (GMML reads its reconstruction from there).
+  `scan_layers` runs the blocks as one nn.scan (one compiled block, parameters stacked under
+  `blocks/block` with a leading layer axis) instead of `blocks_0..blocks_{depth-1}`: compile time
+  and program size stop growing with depth. `stack_blocks`/`unstack_blocks` convert the layouts.
   """
   width: int = 384
   depth: int = 12
@@ -151,6 +180,7 @@ class VisionTransformer(nn.Module):
   dtype: Dtype = jnp.float32
   attention: str | None = None
   remat: bool = False
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
@@ -174,22 +204,75 @@ class VisionTransformer(nn.Module):
     x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.width)).astype(self.dtype), x], 1)
     x = x + pos.astype(self.dtype)
 
-    block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
-    collected = []
-    for i, rate in enumerate(drop_path_rates(self.drop_path_rate, self.depth)):
-      x = block_cls(self.num_heads, self.mlp_ratio, rate, self.dtype, self.attention,
-                    name=f"blocks_{i}")(x, not train)
-      if i + 1 in self.recons_blocks:
-        collected.append(x)
+    rates = drop_path_rates(self.drop_path_rate, self.depth)
+    if self.scan_layers:
+      x, recon = self._scanned_blocks(x, rates, train)
+    else:
+      block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
+      collected = []
+      for i, rate in enumerate(rates):
+        x = block_cls(self.num_heads, self.mlp_ratio, rate, self.dtype, self.attention,
+                      name=f"blocks_{i}")(x, not train)
+        if i + 1 in self.recons_blocks:
+          collected.append(x)
+      recon = sum(collected) / len(collected) if collected else None
 
     norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")
     out = norm(x)
     result = {"cls": out[:, 0], "patches": out[:, 1:], "grid": grid}
-    if collected:
-      result["recon_tokens"] = norm(sum(collected) / len(collected))[:, 1:]
-    else:
-      result["recon_tokens"] = result["patches"]
+    result["recon_tokens"] = result["patches"] if recon is None else norm(recon)[:, 1:]
     return result
+
+  def _scanned_blocks(self, x, rates, train):
+    chosen = set(self.recons_blocks)
+    weights = np.array([1.0 / len(chosen) if i + 1 in chosen else 0.0
+                        for i in range(self.depth)], np.float32)
+    scan = nn.scan(_ScannedBlock, variable_axes={"params": 0}, split_rngs={"params": True,
+                   "dropout": True}, in_axes=(0, nn.broadcast), length=self.depth)
+    blocks = scan(self.num_heads, self.mlp_ratio, self.dtype, self.attention, self.remat,
+                  name=SCANNED_BLOCKS)
+    recon_sum = jnp.zeros_like(x) if chosen else None
+    (x, recon_sum), _ = blocks((x, recon_sum), (jnp.asarray(rates, jnp.float32),
+                                                jnp.asarray(weights)), not train)
+    return x, recon_sum
+
+
+# ---------------------------------------------------------------------------------------------
+# Scanned <-> per-block parameter layouts. Exports, conversion and transfer use `blocks_i`.
+# ---------------------------------------------------------------------------------------------
+SCANNED_BLOCKS = "blocks"
+
+
+def is_scanned_layer(path_name: str) -> bool:
+  """Whether a parameter (by its '/'-joined path) is stacked over layers by `scan_layers`."""
+  return re.search(rf"(^|/){SCANNED_BLOCKS}/", path_name) is not None
+
+
+def unstack_blocks(backbone_params: dict) -> dict:
+  """{'blocks': {'block': stacked}} -> {'blocks_0': ..., 'blocks_{depth-1}': ...}; other
+  entries (and an already unstacked tree) are returned as they are."""
+  if SCANNED_BLOCKS not in backbone_params:
+    return backbone_params
+  out = {k: v for k, v in backbone_params.items() if k != SCANNED_BLOCKS}
+  stacked = backbone_params[SCANNED_BLOCKS]["block"]
+  depth = jax.tree.leaves(stacked)[0].shape[0]
+  for i in range(depth):
+    out[f"blocks_{i}"] = jax.tree.map(lambda a, i=i: a[i], stacked)
+  return out
+
+
+def stack_blocks(backbone_params: dict) -> dict:
+  """The inverse of unstack_blocks: blocks_0..blocks_{depth-1} -> {'blocks': {'block': ...}}."""
+  names = sorted((k for k in backbone_params if re.fullmatch(r"blocks_\d+", k)),
+                 key=lambda k: int(k.split("_")[1]))
+  if not names:
+    return backbone_params
+  out = {k: v for k, v in backbone_params.items() if k not in names}
+  stack = jnp.stack if isinstance(jax.tree.leaves(backbone_params[names[0]])[0], jax.Array) \
+      else np.stack
+  out[SCANNED_BLOCKS] = {"block": jax.tree.map(lambda *layers: stack(layers),
+                                               *(backbone_params[n] for n in names))}
+  return out
 
 
 def backbone_from_config(cfg) -> VisionTransformer:
@@ -207,4 +290,5 @@ def backbone_from_config(cfg) -> VisionTransformer:
       dtype=jnp.dtype(cfg.get("dtype", "float32")),
       attention=attention,
       remat=cfg.get("remat", False),
+      scan_layers=cfg.get("scan_layers", False),
   )

@@ -17,8 +17,6 @@ import numpy as np
 from sit_jax import augment, sharding
 from sit_jax.models import heads, vit
 
-# Settings of the transfer config's `model` that apply whatever the checkpoint says.
-RUNTIME_MODEL_KEYS = ("drop_path_rate", "dtype", "attention", "remat")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -47,7 +45,8 @@ def load_backbone(config, *, image_size: int, drop_path_rate: float | None = Non
   the position embedding is resized bicubically when the patch grid differs.
   """
   model = _to_dict(config.model)
-  runtime = {k: model[k] for k in RUNTIME_MODEL_KEYS if k in model}
+  # How the backbone computes comes from this config, whatever the checkpoint says.
+  runtime = {k: model[k] for k in vit.RUNTIME_KEYS if k in model}
   if drop_path_rate is not None:
     runtime["drop_path_rate"] = drop_path_rate
   if not config.init:
