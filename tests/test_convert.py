@@ -1,75 +1,121 @@
-"""timm ViT <-> sit_jax backbone conversion: same features, exact round trip, clear errors."""
+"""timm ViT <-> sit_jax backbone conversion: same features, exact round trip, clear errors.
+
+PyTorch only ever runs in child processes: with torch loaded into a process that already runs
+XLA, an XLA:CPU computation later in the same pytest worker aborted now and then.
+"""
+import importlib.util
+import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-timm = pytest.importorskip("timm")
+if not all(importlib.util.find_spec(m) for m in ("torch", "timm", "safetensors")):
+  pytest.skip("needs torch, timm and safetensors (the test extra installs them)",
+              allow_module_level=True)
+
+from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from sit_jax import checkpoint, convert  # noqa: E402
 from sit_jax.models import vit  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMM_NAME = "vit_small_patch16_224"
+
+# Writes, into argv[1]: a DINO/SiT-style training checkpoint (DDP prefix, backbone + head,
+# student/teacher) of a randomly initialised timm ViT-S/16, its plain state dict, and its CLS
+# features on fixed images.
+MAKE_REFERENCE = textwrap.dedent(f"""
+    import os, sys
+    import numpy as np, timm, torch
+    from safetensors.torch import save_file
+    out = sys.argv[1]
+    torch.manual_seed(0)
+    model = timm.create_model("{TIMM_NAME}", pretrained=False, num_classes=0).eval()
+    # timm starts biases and LayerNorms at 0 / 1: randomise them so the test sees every mapping.
+    with torch.no_grad():
+      for name, p in model.named_parameters():
+        if name.endswith(".bias") or "norm" in name:
+          p.add_(0.02 * torch.randn_like(p))
+    state = model.state_dict()
+    student = {{f"module.backbone.{{k}}": v for k, v in state.items()}}
+    student["module.head.last_layer.weight"] = torch.zeros(8, 384)
+    teacher = {{f"backbone.{{k}}": v for k, v in state.items()}}
+    teacher["head.mlp.0.weight"] = torch.zeros(8, 384)
+    torch.save({{"student": student, "teacher": teacher, "epoch": 3}},
+               os.path.join(out, "dino_style.pth"))
+    save_file({{k: v.contiguous() for k, v in state.items()}}, os.path.join(out, "timm.safetensors"))
+    images = np.random.RandomState(0).normal(size=(2, 224, 224, 3)).astype(np.float32)
+    with torch.no_grad():
+      cls = model.forward_features(torch.from_numpy(images.transpose(0, 3, 1, 2)))[:, 0]
+    np.save(os.path.join(out, "images.npy"), images)
+    np.save(os.path.join(out, "cls.npy"), cls.numpy())
+    """)
+
+# Loads argv[1] into a fresh timm ViT-S/16 with strict=True.
+TIMM_LOADS = textwrap.dedent(f"""
+    import sys
+    import timm
+    from safetensors.torch import load_file
+    model = timm.create_model("{TIMM_NAME}", pretrained=False, num_classes=0)
+    model.load_state_dict(load_file(sys.argv[1]), strict=True)
+    print("loaded")
+    """)
+
+
+def run_python(*args, timeout=300):
+  proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
+                        env={**os.environ, "PYTHONPATH": REPO}, timeout=timeout)
+  return proc
 
 
 @pytest.fixture(scope="module")
-def timm_vit():
-  torch.manual_seed(0)
-  model = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0).eval()
-  # timm starts biases and LayerNorms at 0 / 1: randomise them so the test sees every mapping.
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if name.endswith(".bias") or "norm" in name:
-        p.add_(0.02 * torch.randn_like(p))
-  return model
+def reference(tmp_path_factory):
+  out = tmp_path_factory.mktemp("timm")
+  proc = run_python("-c", MAKE_REFERENCE, str(out))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return out
 
 
 @pytest.fixture(scope="module")
-def converted(timm_vit, tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("timm") / "vit_s16.pth")
-  # A training checkpoint as DINO/SiT write it: DDP prefix, backbone + head, student/teacher.
-  student = {f"module.backbone.{k}": v for k, v in timm_vit.state_dict().items()}
-  student["module.head.last_layer.weight"] = torch.zeros(8, 384)
-  teacher = {f"backbone.{k}": v for k, v in timm_vit.state_dict().items()}
-  teacher["head.mlp.0.weight"] = torch.zeros(8, 384)
-  torch.save({"student": student, "teacher": teacher, "epoch": 3}, path)
-  export = str(tmp_path_factory.mktemp("export"))
-  config = convert.to_jax(path, export, overwrite=True)
-  return export, config
+def converted(reference, tmp_path_factory):
+  export = tmp_path_factory.mktemp("export") / "dino_s16"
+  proc = run_python("-m", "sit_jax.convert", "to-jax", f"--input={reference / 'dino_style.pth'}",
+                    f"--output={export}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return str(export)
 
 
 def test_architecture_is_inferred(converted):
-  _, config = converted
+  _, config = checkpoint.load_backbone(converted)
   assert config["variant"] == "S/16" and config["image_size"] == 224
+  assert json.load(open(os.path.join(converted, "model_config.json")))["variant"] == "S/16"
 
 
-def test_same_cls_features_as_timm(timm_vit, converted):
-  export, _ = converted
-  params, config = checkpoint.load_backbone(export)
+def test_same_cls_features_as_timm(reference, converted):
+  params, config = checkpoint.load_backbone(converted)
   module = vit.backbone_from_config(config)
-  images = np.random.RandomState(0).normal(size=(2, 224, 224, 3)).astype(np.float32)
-  with torch.no_grad():
-    want = timm_vit.forward_features(torch.from_numpy(images.transpose(0, 3, 1, 2)))[:, 0].numpy()
+  images = np.load(reference / "images.npy")
   got = jax.jit(lambda p, x: module.apply({"params": p}, x)["cls"])(params["backbone"],
                                                                        jnp.asarray(images))
-  np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0)
+  np.testing.assert_allclose(np.asarray(got), np.load(reference / "cls.npy"), atol=1e-4, rtol=0)
 
 
-def test_round_trip_is_exact_and_timm_loads_it(timm_vit, converted, tmp_path):
-  export, config = converted
-  params, _ = checkpoint.load_backbone(export)
+def test_round_trip_is_exact_and_timm_loads_it(reference, converted, tmp_path):
+  params, config = checkpoint.load_backbone(converted)
   out = str(tmp_path / "back.safetensors")
-  convert.to_timm(export, out)
-  state = convert.load_file(out)
-  model = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0)
-  model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
-  for k, v in timm_vit.state_dict().items():
-    np.testing.assert_array_equal(state[k], v.numpy(), err_msg=k)
+  convert.to_timm(converted, out)
+  state, original = load_file(out), load_file(str(reference / "timm.safetensors"))
+  assert sorted(state) == sorted(original)
+  for k, v in original.items():
+    np.testing.assert_array_equal(state[k], v, err_msg=k)
+  proc = run_python("-c", TIMM_LOADS, out)
+  assert proc.returncode == 0 and "loaded" in proc.stdout, proc.stderr[-3000:]
   again, again_config = convert.torch_to_params(state)
   assert again_config["variant"] == config["variant"]
   jax.tree.map(np.testing.assert_array_equal, again, params["backbone"])
@@ -77,26 +123,24 @@ def test_round_trip_is_exact_and_timm_loads_it(timm_vit, converted, tmp_path):
   assert all(leaves)
 
 
-def test_unknown_and_missing_keys_are_listed(timm_vit):
-  state = dict(timm_vit.state_dict())
-  state["dist_token"] = torch.zeros(1, 1, 384)
+def test_unknown_and_missing_keys_are_listed(reference):
+  state = load_file(str(reference / "timm.safetensors"))
+  state["dist_token"] = np.zeros((1, 1, 384), np.float32)
   del state["blocks.3.attn.qkv.bias"]
   listed = r"missing \(1\): blocks\.3\.attn\.qkv\.bias.*unexpected \(1\): dist_token"
   with pytest.raises(convert.ConversionError, match=listed):
     convert.torch_to_params(state)
   with pytest.raises(convert.ConversionError, match="fc_norm"):
-    convert.backbone_state({**state, "fc_norm.weight": torch.ones(384)})
+    convert.backbone_state({**state, "fc_norm.weight": np.ones(384, np.float32)})
   with pytest.raises(convert.ConversionError, match="No sit_jax variant"):
     convert.torch_to_params(state, num_heads=5)
 
 
 def test_command_line_errors_name_the_problem(tmp_path):
   path = str(tmp_path / "odd.safetensors")
-  from safetensors.numpy import save_file
   save_file({"encoder.weight": np.zeros((2, 2), np.float32)}, path)
-  proc = subprocess.run([sys.executable, "-m", "sit_jax.convert", "to-jax", f"--input={path}",
-                         f"--output={tmp_path / 'out'}"], cwd=REPO, capture_output=True,
-                        text=True, env={**os.environ, "PYTHONPATH": REPO}, timeout=120)
+  proc = run_python("-m", "sit_jax.convert", "to-jax", f"--input={path}",
+                    f"--output={tmp_path / 'out'}", timeout=120)
   assert proc.returncode == 1
   assert "sit_jax.convert: error: Missing 'cls_token'" in proc.stderr
   assert "encoder.weight" in proc.stderr
