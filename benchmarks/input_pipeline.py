@@ -42,7 +42,8 @@ def measure(config, *, batches=50, warmup=10, repeats=3, place=True, log=print) 
   it = data.pretrain_iterator(
       config.data.source, config.data.split, global_batch_size=config.data.global_batch_size,
       image_size=config.data.image_size, crop_scale=tuple(config.data.crop_scale),
-      seed=config.seed, data_dir=config.data.data_dir or None)
+      seed=config.seed, data_dir=config.data.data_dir or None,
+      interpolation=config.data.interpolation)
   mesh = sharding.make_mesh(config.mesh) if place else None
 
   def read(n):

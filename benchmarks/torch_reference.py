@@ -322,7 +322,8 @@ def main(argv):
     from sit_jax import data  # imports TensorFlow.
     it = data.pretrain_iterator(
         config.data.source, config.data.split, global_batch_size=FLAGS.batch,
-        image_size=FLAGS.image_size, crop_scale=tuple(config.data.crop_scale), seed=0)
+        image_size=FLAGS.image_size, crop_scale=tuple(config.data.crop_scale), seed=0,
+        interpolation=config.data.interpolation)
     next_real = lambda: sharding.global_batch(next(it), mesh)
     state, _ = throughput.run_window(compiled, state, next_real, 1)
 

@@ -64,6 +64,7 @@ def transfer_config(experiment: str, dataset: str) -> ml_collections.ConfigDict:
   c.data.image_size = 224
   c.data.crop_scale = (0.08, 1.0)  # random-resized crop of the training images.
   c.data.resize_mode = DATASETS[dataset]["resize_mode"]
+  c.data.interpolation = "bicubic_antialias"  # as PIL; 'bicubic', 'bilinear': faster hosts.
   c.data.global_batch_size = 256
   c.eval_batch_size = 256
 

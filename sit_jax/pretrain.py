@@ -252,6 +252,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   sharding.check_batch_size(config.data.global_batch_size, mesh)
   data_dir = config.data.data_dir or None
   info = data.dataset_info(config.data.source, config.data.split, data_dir=data_dir)
+  data.check_interpolation(config.data.interpolation)
   total_steps, steps_per_epoch = optim.schedule_lengths(
       config, config.num_train_examples or info.num_examples)
   logging.info("%s: %d examples, %d steps per epoch, %d steps; mesh %s", info.name,
@@ -286,7 +287,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   batches = data.pretrain_iterator(
       config.data.source, config.data.split, global_batch_size=config.data.global_batch_size,
       image_size=config.data.image_size, crop_scale=tuple(config.data.crop_scale),
-      seed=config.seed, start_step=start_step, data_dir=data_dir)
+      seed=config.seed, start_step=start_step, data_dir=data_dir,
+      interpolation=config.data.interpolation)
   preempted = checkpoint.install_preemption_handler()
 
   # Steps. -------------------------------------------------------------------------------------

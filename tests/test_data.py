@@ -246,6 +246,34 @@ def test_argument_and_folder_errors(tmp_path):
   with pytest.raises(data.DataError, match="resize_mode"):
     data.eval_iterator(DIGITS, "test", global_batch_size=8, image_size=8, resize_mode="x",
                        process_index=0, process_count=1)
+  with pytest.raises(data.DataError, match="bicubic_antialias"):
+    data.pretrain_iterator(DIGITS, "train", global_batch_size=8, image_size=8,
+                           interpolation="lanczos", **kw)
+
+
+def test_interpolations_shrink_like_pil_or_without_antialiasing(tmp_path):
+  # One 64 x 64 image of fine stripes (period 3 px), shrunk 4x by the eval path ('resize').
+  os.makedirs(tmp_path / "images")
+  x = np.arange(64)
+  stripes = np.where((x[None, :] + 0 * x[:, None]) % 3 == 0, 255, 0).astype(np.uint8)
+  rgb = np.repeat(stripes[..., None], 3, -1)
+  Image.fromarray(rgb).save(tmp_path / "images" / "a.png")
+
+  def shrink(interpolation):
+    it = data.eval_iterator(f"folder:{tmp_path / 'images'}", None, global_batch_size=1,
+                            image_size=16, resize_mode="resize", interpolation=interpolation,
+                            process_index=0, process_count=1)
+    return next(it)["image"][0].astype(np.float32)
+
+  pil = np.asarray(Image.fromarray(rgb).resize((16, 16), Image.BICUBIC), np.float32)
+  antialiased = shrink("bicubic_antialias")
+  assert np.abs(antialiased - pil).mean() < 1.0  # PIL averages the stripes too.
+  # Without antialiasing each output pixel interpolates a few input pixels, so the stripes alias
+  # into values far from the 85 grey that averaging gives.
+  for interpolation in ("bicubic", "bilinear"):
+    fast = shrink(interpolation)
+    assert np.abs(fast - pil).mean() > 20.0, interpolation
+  assert np.abs(shrink("bicubic") - shrink("bilinear")).max() > 0
 
 
 # ----- a real (tiny, locally generated) TFDS dataset: the reader path without mocks ---------

@@ -237,7 +237,8 @@ def eval_batches(config, split: str, image_size: int):
   from sit_jax import data
   return data.eval_iterator(config.data.source, split, global_batch_size=config.eval_batch_size,
                             image_size=image_size, data_dir=data_dir(config),
-                            resize_mode=config.data.resize_mode)
+                            resize_mode=config.data.resize_mode,
+                            interpolation=config.data.interpolation)
 
 
 def dataset_infos(config):

@@ -195,7 +195,8 @@ def run(config, workdir: str, *, multilabel: bool = False) -> dict:
           config.data.source, config.data.train_split,
           global_batch_size=config.data.global_batch_size, image_size=size,
           crop_scale=tuple(config.data.crop_scale), seed=config.seed, start_step=start_step,
-          data_dir=common.data_dir(config))
+          data_dir=common.data_dir(config),
+          interpolation=config.data.interpolation)
 
     metadata = {"model": backbone.model_config, "experiment": config.experiment,
                 "init": backbone.init, "num_classes": num_classes}
