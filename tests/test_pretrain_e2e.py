@@ -41,12 +41,13 @@ def uninterrupted(tmp_path_factory):
   proc = subprocess.run(command(workdir, *RUN_FLAGS), cwd=REPO, env=env(), capture_output=True,
                         text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  return workdir, proc.stdout
+  return workdir, proc.stdout, proc.stderr
 
 
 def test_runlocal_writes_metrics_pictures_checkpoint_and_results(uninterrupted):
-  workdir, stdout = uninterrupted
+  workdir, stdout, stderr = uninterrupted
   assert "step 40/40" in stdout and "img/s" in stdout and "ETA" in stdout
+  assert "checkpoint_manager.py" not in stderr  # orbax's INFO lines do not bury the progress.
   assert sorted(losses(workdir)) == list(range(5, 41, 5))
   assert sorted(os.listdir(os.path.join(workdir, "images"))) == ["reconstruction_0000020.png",
                                                                  "reconstruction_0000040.png"]
