@@ -210,9 +210,7 @@ def make_reconstruct(config, model):
 
 
 def checkpoint_metadata(config) -> dict:
-  # A run may resume with the runtime settings changed (e.g. remat after running out of memory).
-  model = {k: v for k, v in model_config(config).items() if k not in vit.RUNTIME_KEYS}
-  return {"model": model, "experiment": config.experiment}
+  return {"model": vit.architecture(model_config(config)), "experiment": config.experiment}
 
 
 def abstract_with_shardings(abstract, shardings):

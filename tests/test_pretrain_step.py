@@ -177,18 +177,14 @@ def test_scan_layers_step_equals_unrolled_step():
   config = tiny_config("sit", **overrides)
   config.sharding_rules = common.FSDP
   unrolled, want = run_steps(config, mesh)
-  initial = {}  # the unrolled run's initial parameters, stacked, start the scanned run.
-
-  def start_from_unrolled(state):
-    stack = lambda tree: {**tree, "backbone": vit.stack_blocks(jax.device_get(tree["backbone"]))}
-    return state.replace(params=stack(initial["params"]), teacher=stack(initial["teacher"]))
-
-  model = pretrain.build_model(config)
+  # The scanned run starts from the unrolled run's initial parameters, stacked.
   tx = pretrain.build_optimizer(config, pretrain.build_schedules(config, 100, 10))
-  state, _ = pretrain.create_train_state(config, model, tx, mesh, jax.random.PRNGKey(0))
-  initial.update(params=state.params, teacher=state.teacher)
+  initial, _ = pretrain.create_train_state(config, pretrain.build_model(config), tx, mesh,
+                                           jax.random.PRNGKey(0))
+  stack = lambda tree: {**tree, "backbone": vit.stack_blocks(tree["backbone"])}
   config.model.scan_layers = True
-  scanned, got = run_steps(config, mesh, edit_state=start_from_unrolled)
+  scanned, got = run_steps(config, mesh, edit_state=lambda state: state.replace(
+      params=stack(initial.params), teacher=stack(initial.teacher)))
   for g, w in zip(got, want):
     np.testing.assert_allclose(g["loss"], w["loss"], rtol=2e-5)
   stacked = scanned.params["backbone"]["blocks"]["block"]["attn"]["qkv"]["kernel"]

@@ -72,6 +72,16 @@ def test_knn_matches_brute_force_numpy(mesh, k):
   np.testing.assert_array_equal(got.argmax(1), want.argmax(1))
 
 
+def test_checkpoint_metadata_leaves_out_runtime_settings():
+  model_config = {"variant": "Mu/4", "image_size": 32, "remat": True, "dtype": "bfloat16",
+                  "drop_path_rate": 0.1, "attention": ""}
+  backbone = common.Backbone(None, None, model_config, init="/runs/sit")
+  meta = common.checkpoint_metadata(ml_collections.ConfigDict({"experiment": "linear"}),
+                                    backbone, 10)
+  assert meta == {"model": {"variant": "Mu/4", "image_size": 32}, "experiment": "linear",
+                  "init": "/runs/sit", "num_classes": 10}
+
+
 def test_topk_accuracy():
   scores = np.array([[0.1, 0.9, 0.0], [0.8, 0.05, 0.15], [0.2, 0.3, 0.5]])
   got = common.topk_accuracy(scores, np.array([1, 2, 0]), ks=(1, 2))

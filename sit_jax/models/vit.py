@@ -26,6 +26,12 @@ VARIANTS = {
 # Settings that change how the backbone computes, not its parameters.
 RUNTIME_KEYS = ("drop_path_rate", "dtype", "attention", "remat")
 
+
+def architecture(model_config: dict) -> dict:
+  """The model settings that define the parameters: what a checkpoint to resume must match.
+  A run may resume with the runtime ones changed (e.g. remat after running out of memory)."""
+  return {k: v for k, v in model_config.items() if k not in RUNTIME_KEYS}
+
 Dtype = Any
 trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
 
@@ -268,9 +274,7 @@ def stack_blocks(backbone_params: dict) -> dict:
   if not names:
     return backbone_params
   out = {k: v for k, v in backbone_params.items() if k not in names}
-  stack = jnp.stack if isinstance(jax.tree.leaves(backbone_params[names[0]])[0], jax.Array) \
-      else np.stack
-  out[SCANNED_BLOCKS] = {"block": jax.tree.map(lambda *layers: stack(layers),
+  out[SCANNED_BLOCKS] = {"block": jax.tree.map(lambda *layers: jnp.stack(layers),
                                                *(backbone_params[n] for n in names))}
   return out
 

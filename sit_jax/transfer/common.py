@@ -260,6 +260,12 @@ def check_multilabel(info, multilabel: bool):
                          "needs multi-hot labels (e.g. tfds:voc/2007).")
 
 
+def checkpoint_metadata(config, backbone: Backbone, num_classes: int) -> dict:
+  """What a resumed transfer run must match."""
+  return {"model": vit.architecture(backbone.model_config), "experiment": config.experiment,
+          "init": backbone.init, "num_classes": num_classes}
+
+
 def results_dict(config, backbone: Backbone, train_info, test_info, num_evaluated: int,
                  scores: dict, **extra) -> dict:
   return {"experiment": config.experiment, "dataset": config.get("dataset", "") or test_info.name,

@@ -156,8 +156,7 @@ def run(config, workdir: str, *, multilabel: bool = False) -> dict:
   writer = metrics.MetricWriter(workdir, total_steps=total_steps,
                                 global_batch_size=config.data.global_batch_size)
   writer.write_json("config.json", config.to_dict())
-  metadata = {"model": backbone.model_config, "experiment": config.experiment,
-              "init": backbone.init, "num_classes": num_classes}
+  metadata = common.checkpoint_metadata(config, backbone, num_classes)
   state, train_metrics, scores = supervised.train_loop(
       config, workdir, state=state, step_fn=step_fn, make_batches=make_batches,
       total_steps=total_steps, evaluate=evaluate, metadata=metadata, writer=writer, mesh=mesh)

@@ -198,8 +198,7 @@ def run(config, workdir: str, *, multilabel: bool = False) -> dict:
           data_dir=common.data_dir(config),
           interpolation=config.data.interpolation)
 
-    metadata = {"model": backbone.model_config, "experiment": config.experiment,
-                "init": backbone.init, "num_classes": num_classes}
+    metadata = common.checkpoint_metadata(config, backbone, num_classes)
     state, train_metrics, scores = supervised.train_loop(
         config, workdir, state=head_state, step_fn=lambda s, b: probe(s, params, b),
         make_batches=make_batches, total_steps=total_steps, evaluate=evaluate,
