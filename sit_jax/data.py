@@ -14,6 +14,9 @@ Sources (`source` argument):
       train/ and val/ folders); otherwise `split` is ignored.
   "embedded:digits"  scikit-learn's bundled 8x8 digits (1797 images, labels 0-9), upsampled
       bicubically to 32x32 RGB; split "train" (1500) / "test" (297) / "all" after a fixed shuffle.
+  Folder and embedded splits take a TFDS-style slice, "train[:1200]", "train[80%:]": the
+  examples of that range of a fixed shuffle of the split (seed 0), so a validation split can be
+  carved from train ("train[:80%]" to train on, "train[80%:]" to choose a recipe on).
   "embedded:digits_multilabel"  the same images with multi-hot labels (12,): the digit, odd, >= 5.
 
 Determinism and resuming. A training iterator's batches are a pure function of (seed,
@@ -41,6 +44,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 from typing import Callable, Iterator, Optional, Sequence
 
 from absl import logging
@@ -136,6 +140,46 @@ def _strided_share(n, process_index, process_count):
   return len(range(process_index, n, process_count)), -(-n // process_count)
 
 
+# ----- slices of random-access splits -------------------------------------------------------
+_SLICE = re.compile(r"^(?P<base>[^\[\]]*)\[(?P<part>[^\[\]]*)\]$")
+
+
+def _split_slice(split):
+  """'train[:80%]' -> ('train', ':80%'); 'train' -> ('train', None)."""
+  match = _SLICE.match(split or "")
+  if not match:
+    return split, None
+  return match["base"], match["part"]
+
+
+def _slice_bound(text, n, split):
+  text = text.strip()
+  if not text:
+    return None
+  try:
+    if text.endswith("%"):
+      return int(round(float(text[:-1]) * n / 100))
+    return int(text)
+  except ValueError:
+    raise DataError(f"bad slice {split!r}: use integers or percentages, e.g. 'train[:1200]' or "
+                    "'train[80%:]'") from None
+
+
+def _slice_indices(n, part, split):
+  """Indices of the examples a slice keeps: that range of a fixed (seed 0) shuffle of 0..n-1,
+  in increasing order; every index when the split is not sliced."""
+  if part is None:
+    return np.arange(n)
+  lo, colon, hi = part.partition(":")
+  if not colon:
+    raise DataError(f"bad slice {split!r}: expected [start:stop], e.g. 'train[:80%]'")
+  chosen = np.random.default_rng(0).permutation(n)[
+      slice(_slice_bound(lo, n, split), _slice_bound(hi, n, split))]
+  if not len(chosen):
+    raise DataError(f"split {split!r} selects no examples (the split has {n})")
+  return np.sort(chosen)
+
+
 # ----- embedded -----------------------------------------------------------------------------
 _DIGITS_CACHE = {}
 
@@ -170,9 +214,13 @@ def _embedded(name, split, p, P):
     labels = _digits_multilabel(labels)
   ranges = {"train": slice(0, DIGITS_TRAIN), "test": slice(DIGITS_TRAIN, None),
             "all": slice(None)}
-  if split not in ranges:
-    raise DataError(f"embedded:digits has splits {sorted(ranges)}, got {split!r}")
-  images, labels = images[ranges[split]], labels[ranges[split]]
+  base, part = _split_slice(split)
+  if base not in ranges:
+    raise DataError(f"embedded:{name} has splits {sorted(ranges)} (optionally sliced, e.g. "
+                    f"'train[:80%]'), got {split!r}")
+  images, labels = images[ranges[base]], labels[ranges[base]]
+  keep = _slice_indices(len(labels), part, split)
+  images, labels = images[keep], labels[keep]
   n = len(labels)
   host_images = tf.constant(images[p::P])
   host_labels = tf.constant(labels[p::P])
@@ -227,9 +275,12 @@ def _decode(encoded):
 
 def _folder(path, split, p, P):
   root = os.path.expanduser(path)
-  if split and os.path.isdir(os.path.join(root, split)):
-    root = os.path.join(root, split)
+  base, part = _split_slice(split)
+  if base and os.path.isdir(os.path.join(root, base)):
+    root = os.path.join(root, base)
   paths, labels, classes = _list_folder(root)
+  keep = _slice_indices(len(paths), part, split)
+  paths, labels = [paths[i] for i in keep], labels[keep]
   host_paths = tf.constant(paths[p::P])
   host_labels = tf.constant(labels[p::P])
 
@@ -237,7 +288,8 @@ def _folder(path, split, p, P):
     return _decode(tf.io.read_file(tf.gather(host_paths, i))), tf.gather(host_labels, i)
 
   n_local, n_max = _strided_share(len(paths), p, P)
-  info = DatasetInfo(len(paths), len(classes), f"folder:{root}")
+  info = DatasetInfo(len(paths), len(classes),
+                     f"folder:{root}" + (f"[{part}]" if part is not None else ""))
   return _HostData(info, n_local, n_max, load=load, fallible=True)
 
 

@@ -336,3 +336,38 @@ def test_real_tfds_hosts_resume_and_eval(tiny_tfds):
     got = [i for b in batches for i in _ids(b["image"][b["mask"]])]
     assert sorted(got) == sorted(per_host[-1])
   assert sorted(per_host[0] + per_host[1]) == list(range(21))
+
+
+def test_sliced_splits_partition_train_without_overlap():
+  """'train[:1200]' and 'train[1200:]' split one fixed shuffle of train: disjoint, complete,
+  the same on every call; percentages address the same ranges."""
+  def images_of(split):
+    it = data.eval_iterator("embedded:digits", split, global_batch_size=64, image_size=8,
+                            resize_mode="resize", process_index=0, process_count=1)
+    return np.concatenate([b["image"][b["mask"]].reshape(int(b["mask"].sum()), -1) for b in it])
+
+  head, tail, whole = images_of("train[:1200]"), images_of("train[1200:]"), images_of("train")
+  assert (len(head), len(tail)) == (1200, 300)
+  key = lambda rows: sorted(map(bytes, rows))
+  assert key(np.concatenate([head, tail])) == key(whole)
+  np.testing.assert_array_equal(images_of("train[80%:]"), tail)
+  np.testing.assert_array_equal(images_of("train[1200:]"), tail)
+
+
+def test_bad_slices_name_the_split():
+  with pytest.raises(data.DataError, match=r"train\[a:b\]"):
+    data.dataset_info("embedded:digits", "train[a:b]")
+  with pytest.raises(data.DataError, match="selects no examples"):
+    data.dataset_info("embedded:digits", "train[5:5]")
+  with pytest.raises(data.DataError, match="valid|splits"):
+    data.dataset_info("embedded:digits", "val[:10]")
+
+
+def test_folder_slice(tmp_path):
+  for c in range(2):
+    os.makedirs(tmp_path / f"c{c}")
+    for i in range(5):
+      _write(tmp_path / f"c{c}" / f"{i}.png", (40 * i, 0, 0), (12, 12), "PNG")
+  a = data.dataset_info(f"folder:{tmp_path}", "train[:60%]")
+  b = data.dataset_info(f"folder:{tmp_path}", "train[60%:]")
+  assert (a.num_examples, b.num_examples, a.num_classes) == (6, 4, 2)
