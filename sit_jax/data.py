@@ -431,14 +431,42 @@ def _resize(image, size, interpolation):
   return tf.cast(tf.clip_by_value(tf.round(x), 0.0, 255.0), tf.uint8)
 
 
+def _crop_window(shape, seed, scale, ratio=(3 / 4, 4 / 3), attempts=10):
+  """torchvision's RandomResizedCrop.get_params as a pure function of `seed`: (begin, size) of
+  the crop for tf.slice.
+
+  Each try takes an area fraction uniform in `scale` and an aspect ratio (w / h) log-uniform in
+  `ratio`, rounded half to even as Python's round; the first try that fits wins, at a uniform
+  position. If none of the `attempts` fits: the centre crop of the whole image clipped to the
+  ratio range. All tries come from one draw: a few dozen scalar ops, little beside the decode.
+  """
+  u = tf.random.stateless_uniform([3, attempts], seed, dtype=tf.float64)
+  height, width = shape[0], shape[1]
+  h_f, w_f = tf.cast(height, tf.float64), tf.cast(width, tf.float64)
+  area = h_f * w_f * (scale[0] + (scale[1] - scale[0]) * u[0])
+  log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+  aspect = tf.exp(log_lo + (log_hi - log_lo) * u[1])
+  ws = tf.cast(tf.round(tf.sqrt(area * aspect)), tf.int32)
+  hs = tf.cast(tf.round(tf.sqrt(area / aspect)), tf.int32)
+  fits = (ws > 0) & (ws <= width) & (hs > 0) & (hs <= height)
+  first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
+  found = tf.reduce_any(fits)
+
+  in_ratio = w_f / h_f
+  centre_h = tf.where(in_ratio < ratio[0], tf.cast(tf.round(w_f / ratio[0]), tf.int32), height)
+  centre_w = tf.where(in_ratio > ratio[1], tf.cast(tf.round(h_f * ratio[1]), tf.int32), width)
+  size = tf.where(found, tf.stack([hs[first], ws[first]]), tf.stack([centre_h, centre_w]))
+  room = tf.stack([height, width]) - size
+  uniform = tf.cast(tf.floor(u[2, :2] * tf.cast(room + 1, tf.float64)), tf.int32)
+  begin = tf.where(found, tf.minimum(uniform, room), room // 2)
+  return tf.concat([begin, [0]], 0), tf.concat([size, [-1]], 0)
+
+
 def _random_view(image, seed, size, scale, interpolation):
-  """Inception-style random-resized crop (area in `scale`, ratio 3/4..4/3; the whole image if
-  10 tries fail) + resize + horizontal flip with probability 1/2."""
+  """torchvision's RandomResizedCrop (area fraction in `scale`, ratio log-uniform in 3/4..4/3,
+  10 tries, else a centre crop) + resize + horizontal flip with probability 1/2."""
   crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-  begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-      tf.shape(image), tf.zeros([0, 0, 4], tf.float32), seed=crop_seed,
-      min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3), area_range=scale,
-      max_attempts=10, use_image_if_no_bounding_boxes=True)
+  begin, crop_size = _crop_window(tf.shape(image), crop_seed, scale)
   view = _resize(tf.slice(image, begin, crop_size), size, interpolation)
   return tf.image.stateless_random_flip_left_right(view, flip_seed)
 

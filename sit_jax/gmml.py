@@ -13,10 +13,6 @@ import jax.numpy as jnp
 VALID_FILLS = ("noise", "zeros", "replace")
 
 
-def _max_block_side(side: int, align: int, max_block_frac: float) -> int:
-  return max(align, int(max_block_frac * side) // align * align)
-
-
 def _check_align(height: int, width: int, align: int):
   if align < 1:
     raise ValueError(f"align must be >= 1, got {align}.")
@@ -26,17 +22,33 @@ def _check_align(height: int, width: int, align: int):
         f"off the {align}-pixel grid. Use align=1 or an image size that is a multiple of {align}.")
 
 
+def _round_half_even(x, align: int):
+  """Python's round(x / align) for ints x >= 0, ties to even, in exact integer arithmetic."""
+  q, r = x // align, x % align
+  return q + ((2 * r > align) | ((2 * r == align) & (q % 2 == 1))).astype(x.dtype)
+
+
+def _draw_block(key, height: int, width: int, align: int = 1, max_block_frac: float = 0.3):
+  """(top, left, h, w) of one block, before clipping at the border, drawn as the authors draw.
+
+  numpy's randint excludes its upper bound: the corner is (randint(0, side - align) // align) *
+  align, on any grid cell but the last; the side is round(randint(align, int(max_block_frac *
+  side)) / align) * align, ties to even as Python rounds. Their min(side, H - corner) is the
+  clipping that the mask's iota comparisons do.
+  """
+  cells = jnp.array([max(height // align - 1, 1), max(width // align - 1, 1)])
+  side_max = jnp.array([max(int(max_block_frac * height), align + 1),
+                        max(int(max_block_frac * width), align + 1)])
+  k_corner, k_side = jax.random.split(key)
+  top, left = jax.random.randint(k_corner, (2,), 0, cells) * align
+  h, w = _round_half_even(jax.random.randint(k_side, (2,), align, side_max), align) * align
+  return top, left, h, w
+
+
 def block_mask_with_count(key, height: int, width: int, ratio, *, align: int = 1,
                           max_block_frac: float = 0.3, max_blocks: int = 256):
   """Like `block_mask`, also returns the number of blocks drawn (int32 scalar)."""
   _check_align(height, width, align)
-  max_h = _max_block_side(height, align, max_block_frac)
-  max_w = _max_block_side(width, align, max_block_frac)
-  # Everything is drawn in units of `align`; corners can sit on any grid cell, and blocks are
-  # clipped at the border by the iota comparisons.
-  draw_max = jnp.array([height // align, width // align, max_h // align, max_w // align])
-  draw_min = jnp.array([0, 0, 1, 1])
-
   key_area, key_blocks = jax.random.split(key)
   ratio = jnp.asarray(ratio, jnp.float32)
   target = jax.random.uniform(key_area, (), jnp.float32, jnp.minimum(0.5, ratio), ratio)
@@ -51,8 +63,8 @@ def block_mask_with_count(key, height: int, width: int, ratio, *, align: int = 1
 
   def body(state):
     i, _, mask = state
-    top, left, h, w = jax.random.randint(
-        jax.random.fold_in(key_blocks, i), (4,), draw_min, draw_max + draw_min) * align
+    top, left, h, w = _draw_block(jax.random.fold_in(key_blocks, i), height, width, align,
+                                  max_block_frac)
     rect = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
     mask = mask | rect
     return i + 1, jnp.sum(mask, dtype=jnp.int32), mask
@@ -67,8 +79,10 @@ def block_mask(key, height: int, width: int, ratio, *, align: int = 1,
   """(height, width) bool mask of random rectangles covering >= U(min(.5, ratio), ratio) of it.
 
   Blocks are added (possibly overlapping) until the target area is reached, or `max_blocks` were
-  drawn. Block sides are multiples of `align` in [align, max_block_frac * side]; corners lie on
-  the `align` grid. `ratio` may be a traced scalar.
+  drawn. As in the authors' code, a side is a pixel count uniform in [align, int(max_block_frac *
+  side)) rounded to the nearest multiple of `align` (at 224 px: 1..66 unaligned; 16/32/48/64
+  with probabilities 8/17/15/11 of 51 at align 16), and a corner lies on the `align` grid, on any
+  cell but the last. `ratio` may be a traced scalar.
   """
   return block_mask_with_count(key, height, width, ratio, align=align,
                                max_block_frac=max_block_frac, max_blocks=max_blocks)[0]
@@ -92,17 +106,22 @@ def _cyclic_derangement(key, n: int) -> jax.Array:
 
 
 def corrupt(key, images, *, ratio=0.5, replace_ratio=0.3, fills=("noise", "replace"),
-            replace_prob=0.5, align=1, max_block_frac=0.3, max_blocks=256):
+            replace_prob=0.5, align=1, max_block_frac=0.3, max_blocks=256, num_views=2):
   """GMML-corrupts a batch of normalised images.
 
   Each image gets one corruption type. With "replace" and "noise"/"zeros" both in `fills`, an
-  image is, with probability `replace_prob`, corrupted by blocks pasted from another image of the
-  batch (area `replace_ratio`); otherwise its blocks (area `ratio`) are filled with N(0, 1) noise
-  or zeros (50/50 per image when both are given). The donor is never the image itself.
+  image is, with probability `replace_prob`, corrupted by blocks pasted from another image of its
+  view's batch (area `replace_ratio`); otherwise its blocks (area `ratio`) are filled with N(0, 1)
+  noise or zeros (50/50 per image when both are given).
+
+  The donor is drawn, as in the authors' code, within the view: `images` is `num_views` batches
+  stacked view-major (pretrain.corrupt_views passes view 1 then view 2), and an image of view v
+  takes blocks from another image of view v: never from itself, nor from another view of its own
+  source image, whose pixels show the same scene.
 
   Args:
     key: PRNG key.
-    images: (B, H, W, C) float images, already normalised.
+    images: (num_views * B, H, W, C) float images, already normalised.
     ratio: corruption ratio for noise / zeros fills.
     replace_ratio: corruption ratio for the replace fill.
     fills: subset of ("noise", "zeros", "replace").
@@ -110,18 +129,23 @@ def corrupt(key, images, *, ratio=0.5, replace_ratio=0.3, fills=("noise", "repla
     align: block grid in pixels (1: pixel level; patch size: patch-aligned blocks).
     max_block_frac: largest block side as a fraction of the image side.
     max_blocks: safety cap on the number of blocks per image.
+    num_views: how many views of the same B source images `images` stacks; 1 for a plain batch.
 
   Returns:
-    (corrupted, mask): corrupted has the shape and dtype of `images`; mask is (B, H, W) float32,
-    1 where a pixel (all its channels) was corrupted.
+    (corrupted, mask): corrupted has the shape and dtype of `images`; mask is
+    (num_views * B, H, W) float32, 1 where a pixel (all its channels) was corrupted.
   """
   fills = _check_fills(fills)
   b, h, w, _ = images.shape
   _check_align(h, w, align)
+  if num_views < 1 or b % num_views:
+    raise ValueError(f"A batch of {b} images cannot hold {num_views} views of the same size.")
   has_replace = "replace" in fills
-  if has_replace and b < 2:
-    raise ValueError(f"The 'replace' fill needs a donor image from the same batch, but the batch "
-                     f"has {b} image(s). Use a batch of >= 2 or drop 'replace' from fills.")
+  per_view = b // num_views
+  if has_replace and per_view < 2:
+    raise ValueError(f"The 'replace' fill needs a donor image from the same view's batch, but "
+                     f"each of the {num_views} view(s) has {per_view} image(s). Use a batch of "
+                     f">= 2 images per view or drop 'replace' from fills.")
 
   k_type, k_zeros, k_masks, k_donor, k_noise = jax.random.split(key, 5)
   has_base = "noise" in fills or "zeros" in fills
@@ -144,7 +168,16 @@ def corrupt(key, images, *, ratio=0.5, replace_ratio=0.3, fills=("noise", "repla
     noise = jax.random.normal(k_noise, images.shape, images.dtype)
     fill = jnp.where(use_zeros[:, None, None, None], fill, noise)
   if has_replace:
-    donors = images[_cyclic_derangement(k_donor, b)]
+    donors = images[_donors_within_views(k_donor, b, num_views)]
     fill = jnp.where(use_replace[:, None, None, None], donors, fill)
   corrupted = jnp.where(masks[..., None], fill, images)
   return corrupted, masks.astype(jnp.float32)
+
+
+def _donors_within_views(key, batch: int, num_views: int) -> jax.Array:
+  """(batch,) donor index of each image: a derangement within each of the `num_views` equal,
+  consecutive parts of the batch."""
+  per_view = batch // num_views
+  parts = [_cyclic_derangement(k, per_view) + v * per_view
+           for v, k in enumerate(jax.random.split(key, num_views))]
+  return jnp.concatenate(parts)

@@ -12,12 +12,16 @@ from sit_jax.models import vit
 
 def warmup_cosine(base: float, final: float, total_steps: int, warmup_steps: int = 0,
                   warmup_start: float = 0.0):
-  """DINO's cosine_scheduler as a function of the step: linear warmup, then cosine to `final`."""
+  """DINO's cosine_scheduler as a function of the step: linear warmup, then cosine to `final`.
+
+  The warmup is np.linspace(warmup_start, base, warmup_steps), so its last step already has
+  `base`; the cosine then starts at `base` again at step warmup_steps, as in the authors' table.
+  """
   decay_steps = max(total_steps - warmup_steps, 1)
 
   def schedule(step):
     step = jnp.asarray(step, jnp.float32)
-    warm = warmup_start + (base - warmup_start) * step / max(warmup_steps, 1)
+    warm = warmup_start + (base - warmup_start) * step / max(warmup_steps - 1, 1)
     progress = jnp.clip((step - warmup_steps) / decay_steps, 0.0, 1.0)
     cosine = final + 0.5 * (base - final) * (1 + jnp.cos(jnp.pi * progress))
     return jnp.where(step < warmup_steps, warm, cosine)
@@ -57,15 +61,27 @@ def clip_by_norm_per_tensor(max_norm: float) -> optax.GradientTransformation:
 NO_DECAY_NAMES = ("pos_embed", "cls_token")
 
 
-def decay_mask(params):
-  """True where weight decay applies: matrices and kernels, not biases, norms, embeddings or tokens."""
+def _decay_mask(params, exempt_names=()):
 
   def keep(path, leaf):
     name = _path_name(path)
     ndim = leaf.ndim - 1 if vit.is_scanned_layer(name) else leaf.ndim
-    return ndim > 1 and not any(n in name for n in NO_DECAY_NAMES)
+    is_bias = name.rsplit("/", 1)[-1] == "bias"
+    return ndim > 1 and not is_bias and not any(n in name for n in exempt_names)
 
   return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def decay_mask(params):
+  """True where weight decay applies in fine-tuning (DeiT/BEiT, timm's no_weight_decay): matrices
+  and kernels, not biases, norms, the position embedding or the CLS token."""
+  return _decay_mask(params, NO_DECAY_NAMES)
+
+
+def pretrain_decay_mask(params):
+  """True where weight decay applies in SiT pretraining: the authors' get_params_groups exempt
+  only biases and 1-D tensors, so the position embedding and CLS token (3-D) are decayed."""
+  return _decay_mask(params)
 
 
 def adamw(lr_schedule, wd_schedule, *, clip_norm: float | None = 3.0, b1=0.9, b2=0.999,

@@ -11,7 +11,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from sit_jax import gmml
 
 # Ratios and probabilities traced, as inside a train step.
-_corrupt = jax.jit(gmml.corrupt, static_argnames=("fills", "align", "max_block_frac", "max_blocks"))
+_corrupt = jax.jit(gmml.corrupt, static_argnames=("fills", "align", "max_block_frac", "max_blocks",
+                                                  "num_views"))
 
 def _const_images(b, h, w, c=1, dtype=jnp.float32):
   """Image i is constant, equal to 10 + i: every pixel tells which image it came from."""
@@ -52,6 +53,86 @@ def test_coverage_matches_rule_and_reference(ratio, ref_mean, ref_blocks):
   assert np.asarray(counts).max() < 256  # The safety cap never bites.
 
 
+def authors_block_mask(rng, size, ratio, align, max_block_sz=0.3):
+  """GMML_drop_rand_patches' mask (Sara-Ahmed/SiT datasets_utils.py), numpy, square image:
+  numpy's randint excludes its upper bound, Python's round ties to even."""
+  mask = np.zeros((size, size), bool)
+  n_drop_pix = rng.uniform(min(0.5, ratio), ratio) * size * size
+  mx_blk = int(size * max_block_sz)
+  blocks = 0
+  while mask.sum() < n_drop_pix:
+    rnd_r = (rng.randint(0, size - align) // align) * align
+    rnd_c = (rng.randint(0, size - align) // align) * align
+    rnd_h = round(min(rng.randint(align, mx_blk), size - rnd_r) / align) * align
+    rnd_w = round(min(rng.randint(align, mx_blk), size - rnd_c) / align) * align
+    mask[rnd_r:rnd_r + rnd_h, rnd_c:rnd_c + rnd_w] = True
+    blocks += 1
+  return mask, blocks
+
+
+def authors_side_probabilities(size, align, max_block_sz=0.3):
+  """P(side = s) by enumerating the authors' round(randint(align, int(0.3 size)) / align)."""
+  sides = [round(x / align) * align for x in range(align, int(size * max_block_sz))]
+  values, counts = np.unique(sides, return_counts=True)
+  return dict(zip(values.tolist(), (counts / len(sides)).tolist()))
+
+
+def _chi2_pvalue(observed, expected):
+  from scipy import stats
+  return stats.chi2.sf(((observed - expected) ** 2 / expected).sum(), len(observed) - 1)
+
+
+@functools.partial(jax.jit, static_argnames=("size", "n", "align"))
+def _blocks(key, *, size, n, align):
+  return jax.vmap(lambda k: jnp.stack(gmml._draw_block(k, size, size, align)))(
+      jax.random.split(key, n))
+
+
+def test_authors_side_probabilities_at_224_align_16():
+  probs = authors_side_probabilities(224, 16)
+  np.testing.assert_allclose([probs[s] for s in (16, 32, 48, 64)],
+                             np.array([8, 17, 15, 11]) / 51)
+  assert authors_side_probabilities(224, 1) == {s: 1 / 66 for s in range(1, 67)}
+
+
+@pytest.mark.parametrize("size,align", [(224, 16), (224, 1), (112, 8), (32, 4)])
+def test_block_sides_and_corners_follow_the_authors_rule(size, align):
+  n = 200_000
+  top, left, h, w = np.asarray(_blocks(jax.random.PRNGKey(13), size=size, n=n, align=align)).T
+  want = authors_side_probabilities(size, align)
+  cells = np.arange(0, size - align, align)  # corners: every grid cell but the last, uniformly.
+  for draws, probs in ((h, want), (w, want), (top, dict.fromkeys(cells.tolist(), 1 / len(cells))),
+                       (left, dict.fromkeys(cells.tolist(), 1 / len(cells)))):
+    values, counts = np.unique(draws, return_counts=True)
+    np.testing.assert_array_equal(values, sorted(probs))
+    p = np.array([probs[v] for v in values])
+    if len(p) <= 4:  # each probability within 3 sigma
+      assert (np.abs(counts / n - p) < 3 * np.sqrt(p * (1 - p) / n)).all(), (counts / n, p)
+    assert _chi2_pvalue(counts, n * p) > 1e-3, (values, counts / n, p)
+
+
+def test_unaligned_extremes_at_224():
+  """randint(1, 67) and randint(0, 223): sides 1..66, corners 0..222."""
+  top, left, h, w = np.asarray(_blocks(jax.random.PRNGKey(14), size=224, n=100_000, align=1)).T
+  assert h.min() == w.min() == 1 and h.max() == w.max() == 66
+  assert top.min() == left.min() == 0 and top.max() == left.max() == 222
+
+
+@pytest.mark.parametrize("align,ref_blocks", [(16, 22.8), (1, 40)])
+def test_blocks_per_image_match_the_authors_function(align, ref_blocks):
+  """Masks at 224 px, p 0.5, against the authors' function run on the same number of images."""
+  n = 256
+  rng = np.random.RandomState(0)
+  ref = [authors_block_mask(rng, 224, 0.5, align) for _ in range(n)]
+  ref_cover = np.mean([m.mean() for m, _ in ref])
+  ref_count = np.mean([c for _, c in ref])
+  np.testing.assert_allclose(ref_count, ref_blocks, rtol=0.05)  # the SPEC's measured figures.
+  masks, counts = _masks_and_counts(jax.random.PRNGKey(15), 0.5, size=224, n=n, align=align)
+  counts = np.asarray(counts)
+  np.testing.assert_allclose(counts.mean(), ref_count, rtol=0.05)
+  np.testing.assert_allclose(np.asarray(masks, np.float64).mean(), ref_cover, atol=0.005)
+
+
 def test_block_mask_is_bool_and_ratio_zero_is_empty():
   mask = gmml.block_mask(jax.random.PRNGKey(0), 16, 24, 0.0)
   chex.assert_shape(mask, (16, 24))
@@ -70,26 +151,50 @@ def test_aligned_blocks_follow_the_grid(size, align):
   assert (masks.mean(axis=(1, 2)) >= 0.5).all()
 
 
-def test_replace_takes_pixels_from_another_image():
+def _donors(out, mask):
+  """Donor index of each image, read from its replaced pixels (image i is constant 10 + i)."""
+  donors = []
+  for i in range(len(out)):
+    values = np.unique(out[i][mask[i]])
+    assert len(values) == 1, "one donor per image"
+    donors.append(int(values[0] - 10))
+  return np.array(donors)
+
+
+@pytest.mark.parametrize("num_views", [1, 2])
+def test_replace_takes_pixels_from_another_image(num_views):
   b = 16
   images = _const_images(b, 32, 32, 3)
-  out, mask = _corrupt(jax.random.PRNGKey(5), images, fills=("replace",))
+  out, mask = _corrupt(jax.random.PRNGKey(5), images, fills=("replace",), num_views=num_views)
   out, mask, images = np.asarray(out), np.asarray(mask).astype(bool), np.asarray(images)
   cover = mask.mean(axis=(1, 2))
   assert (cover >= 0.3).all() and (cover < 0.3 + 0.1).all()
   np.testing.assert_array_equal(out[~mask], images[~mask])
-  donors = []
-  for i in range(b):
-    values = np.unique(out[i][mask[i]])
-    assert len(values) == 1, "one donor per image"
-    assert values[0] != images[i, 0, 0, 0], "an image must never be its own donor"
-    donors.append(int(values[0] - 10))
-  assert sorted(donors) == list(range(b))  # A permutation of the batch.
+  donors = _donors(out, mask)
+  assert (donors != np.arange(b)).all(), "an image must never be its own donor"
+  n = b // num_views
+  for v in range(num_views):  # A permutation of each view's batch.
+    assert sorted(donors[v * n:(v + 1) * n]) == list(range(v * n, (v + 1) * n))
+
+
+@pytest.mark.parametrize("b", [2, 3, 8])
+def test_replace_donors_come_from_the_same_view_and_another_source_image(b):
+  """Views stacked as pretrain stacks them: view 1 (images 0..b-1) then view 2 of the same
+  sources. A donor is in its image's half, and is neither the image nor its other view."""
+  images = _const_images(2 * b, 16, 16)
+  own = np.arange(2 * b)
+  for seed in range(20):
+    out, mask = _corrupt(jax.random.PRNGKey(seed), images, fills=("replace",))
+    donors = _donors(np.asarray(out), np.asarray(mask).astype(bool))
+    assert (donors // b == own // b).all(), "donor from the other view"
+    assert (donors % b != own % b).all(), "donor is the same source image"
+  again, mask_again = _corrupt(jax.random.PRNGKey(19), images, fills=("replace",))
+  chex.assert_trees_all_equal((out, mask), (again, mask_again))
 
 
 def test_replace_with_two_images_swaps_them():
   images = _const_images(2, 8, 8)
-  out, mask = _corrupt(jax.random.PRNGKey(6), images, fills=("replace",))
+  out, mask = _corrupt(jax.random.PRNGKey(6), images, fills=("replace",), num_views=1)
   out, mask = np.asarray(out), np.asarray(mask).astype(bool)
   np.testing.assert_array_equal(out[0][mask[0]], 11.0)
   np.testing.assert_array_equal(out[1][mask[1]], 10.0)
@@ -171,6 +276,10 @@ def test_errors():
   with pytest.raises(ValueError, match="noise.*zeros.*replace"):
     gmml.corrupt(jax.random.PRNGKey(0), images, fills=("noise", "blur"))
   with pytest.raises(ValueError, match="batch"):
-    gmml.corrupt(jax.random.PRNGKey(0), images[:1], fills=("replace",))
+    gmml.corrupt(jax.random.PRNGKey(0), images[:1], fills=("replace",), num_views=1)
   with pytest.raises(ValueError, match="batch"):
-    gmml.corrupt(jax.random.PRNGKey(0), images[:1], fills=("noise", "replace"))
+    gmml.corrupt(jax.random.PRNGKey(0), images[:1], fills=("noise", "replace"), num_views=1)
+  with pytest.raises(ValueError, match="1 image"):
+    gmml.corrupt(jax.random.PRNGKey(0), images[:2], fills=("noise", "replace"))
+  with pytest.raises(ValueError, match="3 images cannot hold 2 views"):
+    gmml.corrupt(jax.random.PRNGKey(0), images[:3], fills=("noise",))

@@ -65,26 +65,38 @@ def test_classification_loss_with_label_smoothing():
 
 
 def dino_cosine(base, final, epochs, niter, warmup_epochs=0):
-  """DINO's utils.cosine_scheduler, written out with numpy as the reference."""
+  """DINO's utils.cosine_scheduler (the authors' copy), written out with numpy as the reference."""
   warmup_iters = warmup_epochs * niter
-  warm = np.linspace(0, base, warmup_iters) if warmup_iters else np.array([])
+  warm = np.linspace(0, base, warmup_iters) if warmup_epochs > 0 else np.array([])
   iters = np.arange(epochs * niter - warmup_iters)
   cos = final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / len(iters)))
   return np.concatenate([warm, cos])
 
 
-@pytest.mark.parametrize("step", [0, 37, 100, 101, 250, 499])
+@pytest.mark.parametrize("step", [0, 37, 98, 99, 100, 101, 250, 499])
 def test_lr_schedule_matches_warmup_cosine_formula(step):
   base = optim.scaled_lr(5e-4, 512)
   assert base == pytest.approx(1e-3)
   schedule = optim.warmup_cosine(base, 1e-6, total_steps=500, warmup_steps=100)
-  if step < 100:
-    expected = base * step / 100
+  if step < 100:  # np.linspace(0, base, 100): base * s / 99, base at step 99.
+    expected = base * step / 99
   else:
     expected = 1e-6 + 0.5 * (base - 1e-6) * (1 + math.cos(math.pi * (step - 100) / 400))
   np.testing.assert_allclose(schedule(step), expected, rtol=1e-5, atol=1e-10)
-  if step >= 100:  # identical to DINO's table after warmup.
-    np.testing.assert_allclose(schedule(step), dino_cosine(base, 1e-6, 5, 100, 1)[step], rtol=1e-5, atol=1e-10)
+  np.testing.assert_allclose(schedule(step), dino_cosine(base, 1e-6, 5, 100, 1)[step], rtol=1e-5,
+                             atol=1e-10)
+
+
+@pytest.mark.parametrize("epochs,niter,warmup_epochs", [(5, 100, 1), (10, 7, 2), (3, 1, 1),
+                                                        (4, 25, 0), (2, 3, 2)])
+def test_whole_schedule_equals_the_authors_cosine_scheduler(epochs, niter, warmup_epochs):
+  base, final = 2e-3, 1e-6
+  schedule = optim.warmup_cosine(base, final, epochs * niter, warmup_epochs * niter)
+  got = np.asarray(jax.vmap(schedule)(jnp.arange(epochs * niter)))
+  want = dino_cosine(base, final, epochs, niter, warmup_epochs)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-10)
+  if warmup_epochs * niter > 1:
+    assert got[warmup_epochs * niter - 1] == pytest.approx(base, rel=1e-6)
 
 
 @pytest.mark.parametrize("step", [0, 250, 500, 999])
@@ -122,6 +134,39 @@ def test_decay_mask_excludes_biases_norms_tokens_and_position_embedding():
   assert mask["patch_embed"]["kernel"] and mask["blocks_0"]["mlp"]["fc1"]["kernel"]
   assert not any([mask["cls_token"], mask["pos_embed"], mask["patch_embed"]["bias"],
                   mask["norm"]["scale"], mask["norm"]["bias"], mask["blocks_0"]["mlp"]["fc1"]["bias"]])
+
+
+def _sit_params(scan_layers=False):
+  from sit_jax.models import sit
+  model = sit.sit_from_config(dict(variant="Mu/4", image_size=16, scan_layers=scan_layers,
+                                   proj_hidden=32, proj_dim=8), "sit")
+  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((2, 16, 16, 3)),
+                                           train=False))["params"]
+
+
+def _torch_name(path):
+  return ".".join(str(getattr(p, "key", p)) for p in path)
+
+
+def test_pretrain_decay_mask_is_the_authors_parameter_groups():
+  """The authors' get_params_groups: not regularised iff name.endswith('.bias') or 1-D."""
+  from sit_jax.models import vit
+  for scan in (False, True):
+    params = _sit_params(scan)
+    got = optim.pretrain_decay_mask(params)
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    for (path, leaf), decay in zip(leaves, jax.tree.leaves(got)):
+      name = _torch_name(path)
+      ndim = leaf.ndim - 1 if vit.is_scanned_layer(name.replace(".", "/")) else leaf.ndim
+      assert decay == (not (name.endswith(".bias") or ndim == 1)), name
+    backbone = got["backbone"]
+    assert backbone["pos_embed"] is True and backbone["cls_token"] is True
+    # Fine-tuning keeps the DeiT/BEiT convention: no decay on pos_embed and cls_token.
+    finetune = optim.decay_mask(params)["backbone"]
+    assert finetune["pos_embed"] is False and finetune["cls_token"] is False
+    differ = [_torch_name(p) for (p, _), a, b in zip(
+        leaves, jax.tree.leaves(got), jax.tree.leaves(optim.decay_mask(params))) if a != b]
+    assert sorted(differ) == ["backbone.cls_token", "backbone.pos_embed"]
 
 
 def test_adamw_step_matches_hand_computation():

@@ -157,6 +157,58 @@ def test_projection_head_batchnorm_uses_batch_statistics():
   assert count(variables["params"]) == hidden
 
 
+def _numpy_projection_head(params, x, eps=1e-5):
+  """The head in float64, BatchNorm variance as torch takes it: mean of (x - mean)^2."""
+  from scipy.special import erf
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+
+  def bn(h, name=None):
+    h = (h - h.mean(0)) / np.sqrt(((h - h.mean(0)) ** 2).mean(0) + eps)
+    return h * p[name]["scale"] + p[name]["bias"] if name else h
+
+  h = np.maximum(bn(x @ p["fc_0"]["kernel"], "bn_0"), 0)
+  h = bn(h @ p["fc_1"]["kernel"], "bn_1")
+  h = 0.5 * h * (1 + erf(h / np.sqrt(2)))
+  return bn(h @ p["fc_2"]["kernel"])
+
+
+def test_projection_head_batchnorm_variance_is_stable_for_a_large_mean():
+  """Features with mean 1e3 and spread 0.1 (CLS features at init look like this): the head
+  matches a float64 reference to fp32 rounding of the mean, where E[x^2] - mean^2 is off by ~100."""
+  rng = np.random.default_rng(0)
+  x = (1e3 + 0.1 * rng.normal(size=(256, 16))).astype(np.float32)
+  head = heads.ProjectionHead(hidden=16, out_dim=8)
+  params = head.init(jax.random.PRNGKey(1), x)["params"]
+  # fc_0 = identity: bn_0 sees x itself.
+  params = {**params, "fc_0": {"kernel": jnp.eye(16)}}
+  params = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.PRNGKey(2), a.shape),
+                        params)
+  want = _numpy_projection_head(params, x.astype(np.float64))
+  got, _ = head.apply({"params": params}, x, mutable=["batch_stats"])
+  np.testing.assert_allclose(got, want, atol=2e-2)
+  for fast, ok in ((True, False), (False, True)):  # the input tells the two variances apart.
+    bn = nn.BatchNorm(use_running_average=False, use_scale=False, use_bias=False,
+                      use_fast_variance=fast)
+    y, _ = bn.apply({}, x, mutable=["batch_stats"])
+    x64 = x.astype(np.float64)
+    ref = (x64 - x64.mean(0)) / np.sqrt(x64.var(0) + 1e-5)
+    assert (np.abs(np.asarray(y) - ref).max() < 1e-2) == ok
+
+
+def test_projection_head_batchnorm_statistics_span_the_global_batch():
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  rng = np.random.default_rng(3)
+  # Each device's shard has its own offset: per-shard statistics would remove it.
+  x = (rng.normal(size=(32, 12)) + np.repeat(np.arange(8.0), 4)[:, None]).astype(np.float32)
+  head = heads.ProjectionHead(hidden=32, out_dim=8)
+  params = head.init(jax.random.PRNGKey(4), x)["params"]
+  fn = jax.jit(lambda p, a: head.apply({"params": p}, a, mutable=["batch_stats"])[0])
+  got = fn(params, jax.device_put(x, NamedSharding(mesh, P("data"))))
+  want = _numpy_projection_head(params, x.astype(np.float64))
+  np.testing.assert_allclose(got, want, atol=1e-3)
+
+
 def test_classifier_head_features():
   out = {"cls": jnp.ones((2, 8)), "patches": jnp.full((2, 4, 8), 2.0)}
   feats = heads.pool_features(out, "cls+mean")

@@ -63,7 +63,9 @@ class ProjectionHead(nn.Module):
 
   BatchNorm always uses the statistics of the current batch (SiT never evaluates this head).
   Under jit with a batch sharded over the mesh the mean and variance are taken over the whole
-  global batch, which is what SyncBN does in the authors' code.
+  global batch, which is what SyncBN does in the authors' code. The variance is E[(x - mean)^2]
+  as torch computes it, not flax's default E[x^2] - mean^2: at init the CLS features have a large
+  mean next to their spread, and the fast form then loses every significant digit in fp32.
   """
   hidden: int = 4096
   out_dim: int = 256
@@ -73,7 +75,7 @@ class ProjectionHead(nn.Module):
   def __call__(self, x):
     bn = lambda name, affine=True: nn.BatchNorm(
         use_running_average=False, momentum=0.9, epsilon=1e-5, use_scale=affine,
-        use_bias=affine, dtype=jnp.float32, name=name)
+        use_bias=affine, use_fast_variance=False, dtype=jnp.float32, name=name)
     # No bias before a BatchNorm: BN removes it (its gradient is exactly zero).
     dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype, kernel_init=trunc_normal,
                                      name=name)
