@@ -51,10 +51,12 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.data.image_size = 224
   c.data.crop_scale = (0.2, 1.0)
   c.data.interpolation = "bicubic_antialias"  # as PIL; 'bicubic', 'bilinear': faster hosts.
+  c.data.flip = True                    # random horizontal flips (off where handedness matters).
   c.data.global_batch_size = 256
 
   c.augment = ml_collections.ConfigDict()
   c.augment.preset = "sit"              # photometric views of SPEC: 'sit', 'gmml' or 'none'.
+  c.augment.blur_sigma = (0.1, 2.0)     # Gaussian blur sigma range in pixels (DINO, at 224 px).
 
   c.model = ml_collections.ConfigDict()
   c.model.variant = "S/16"
@@ -105,6 +107,18 @@ def pretrain_config() -> ml_collections.ConfigDict:
 
   c.log_every = 50
   c.image_every = 1000                  # reconstruction grids under workdir/images.
+  # k-NN top-1 of the student and teacher backbones on a held-out labelled split (DINO's
+  # monitor; sit_jax/monitor.py), in the progress line, metrics.jsonl and TensorBoard.
+  c.eval_every = 0                      # 0: off. ImageNet: e.g. 25_000 with a bank of train[:10%].
+  c.eval = ml_collections.ConfigDict()
+  c.eval.source = ""                    # '': data.source.
+  c.eval.train_split = ""               # the labelled bank; '': data.split.
+  c.eval.test_split = "validation"      # held out from pretraining.
+  c.eval.resize_mode = "center_crop"    # evaluation view, as configs/knn.py for the dataset.
+  c.eval.features = "cls"
+  c.eval.k = 20
+  c.eval.temperature = 0.07
+  c.eval.batch_size = 256
   c.checkpoint_every = 1000
   c.keep_checkpoints = 3
   c.export_backbone = True
@@ -137,4 +151,9 @@ def shrink_for_runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   c.log_every = 50
   c.image_every = 200
   c.checkpoint_every = 200
+  c.eval_every = 100
+  c.eval.train_split = "train"
+  c.eval.test_split = "test"
+  c.eval.resize_mode = "resize"
+  c.eval.batch_size = 128
   return c

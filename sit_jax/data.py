@@ -462,13 +462,13 @@ def _crop_window(shape, seed, scale, ratio=(3 / 4, 4 / 3), attempts=10):
   return tf.concat([begin, [0]], 0), tf.concat([size, [-1]], 0)
 
 
-def _random_view(image, seed, size, scale, interpolation):
+def _random_view(image, seed, size, scale, interpolation, flip=True):
   """torchvision's RandomResizedCrop (area fraction in `scale`, ratio log-uniform in 3/4..4/3,
-  10 tries, else a centre crop) + resize + horizontal flip with probability 1/2."""
+  10 tries, else a centre crop) + resize + horizontal flip with probability 1/2 (if `flip`)."""
   crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
   begin, crop_size = _crop_window(tf.shape(image), crop_seed, scale)
   view = _resize(tf.slice(image, begin, crop_size), size, interpolation)
-  return tf.image.stateless_random_flip_left_right(view, flip_seed)
+  return tf.image.stateless_random_flip_left_right(view, flip_seed) if flip else view
 
 
 def _eval_view(image, size, resize_mode, interpolation):
@@ -649,7 +649,7 @@ def _train_elements(data: _HostData, *, b, start_step, seed, process_index, shuf
 
 def _train_iterator(source, split, *, global_batch_size, image_size, crop_scale, seed,
                     start_step, process_index, process_count, data_dir, shuffle_buffer,
-                    interpolation, make_batch_element):
+                    interpolation, flip, make_batch_element):
   b, p, P = _check_layout(global_batch_size, image_size, process_index, process_count)
   check_interpolation(interpolation)
   lo, hi = crop_scale
@@ -660,7 +660,7 @@ def _train_iterator(source, split, *, global_batch_size, image_size, crop_scale,
   data = _host_data(source, split, data_dir, p, P)
   ds = _train_elements(data, b=b, start_step=start_step, seed=int(seed), process_index=p,
                        shuffle_buffer=shuffle_buffer)
-  ds = ds.map(lambda ex: make_batch_element(ex, image_size, (lo, hi), interpolation),
+  ds = ds.map(lambda ex: make_batch_element(ex, image_size, (lo, hi), interpolation, flip),
               num_parallel_calls=_AUTOTUNE, deterministic=True)
   ds = _options(ds.batch(b, drop_remainder=True).prefetch(_AUTOTUNE))
   return _TrainIterator(ds.as_numpy_iterator(), b, data.info, start_step)
@@ -670,14 +670,14 @@ def _private(ex):
   return {k: v for k, v in ex.items() if k.startswith("_")}
 
 
-def _two_views(ex, size, scale, interpolation):
+def _two_views(ex, size, scale, interpolation, flip):
   s1, s2 = tf.unstack(tf.random.experimental.stateless_split(ex["seed"], 2))
-  view = lambda seed: _random_view(ex["image"], seed, size, scale, interpolation)
+  view = lambda seed: _random_view(ex["image"], seed, size, scale, interpolation, flip)
   return dict(view1=view(s1), view2=view(s2), label=ex["label"], **_private(ex))
 
 
-def _one_view(ex, size, scale, interpolation):
-  return dict(image=_random_view(ex["image"], ex["seed"], size, scale, interpolation),
+def _one_view(ex, size, scale, interpolation, flip):
+  return dict(image=_random_view(ex["image"], ex["seed"], size, scale, interpolation, flip),
               label=ex["label"], **_private(ex))
 
 
@@ -686,18 +686,18 @@ def pretrain_iterator(source: str, split: Optional[str], *, global_batch_size: i
                       start_step: int = 0, process_index: Optional[int] = None,
                       process_count: Optional[int] = None, data_dir: Optional[str] = None,
                       shuffle_buffer: int = 50_000,
-                      interpolation: str = "bicubic_antialias") -> HostIterator:
+                      interpolation: str = "bicubic_antialias", flip: bool = True) -> HostIterator:
   """Infinite iterator of host-local batches dict(view1=uint8 (b, S, S, 3), view2=uint8
   (b, S, S, 3), label=int32 (b,)), b = global_batch_size // process_count. Each view is an
   independent random-resized crop (area `crop_scale`, ratio 3/4..4/3, resized to S with
-  `interpolation`, see INTERPOLATIONS) and flip.
+  `interpolation`, see INTERPOLATIONS) and, with `flip`, a horizontal flip with probability 1/2.
   Batch k is a pure function of (seed, process_index, process_count, k): `start_step=k`
   resumes exactly. `shuffle_buffer` only matters for TFDS sources (see the module doc)."""
   return _train_iterator(
       source, split, global_batch_size=global_batch_size, image_size=image_size,
       crop_scale=crop_scale, seed=seed, start_step=start_step, process_index=process_index,
       process_count=process_count, data_dir=data_dir, shuffle_buffer=shuffle_buffer,
-      interpolation=interpolation, make_batch_element=_two_views)
+      interpolation=interpolation, flip=flip, make_batch_element=_two_views)
 
 
 def train_iterator(source: str, split: Optional[str], *, global_batch_size: int,
@@ -705,7 +705,7 @@ def train_iterator(source: str, split: Optional[str], *, global_batch_size: int,
                    start_step: int = 0, process_index: Optional[int] = None,
                    process_count: Optional[int] = None, data_dir: Optional[str] = None,
                    shuffle_buffer: int = 50_000,
-                   interpolation: str = "bicubic_antialias") -> HostIterator:
+                   interpolation: str = "bicubic_antialias", flip: bool = True) -> HostIterator:
   """Infinite labelled iterator for supervised transfer: dict(image=uint8 (b, S, S, 3),
   label=int32 (b,)), one random-resized crop + flip per example. Resumable like
   `pretrain_iterator`."""
@@ -713,7 +713,7 @@ def train_iterator(source: str, split: Optional[str], *, global_batch_size: int,
       source, split, global_batch_size=global_batch_size, image_size=image_size,
       crop_scale=crop_scale, seed=seed, start_step=start_step, process_index=process_index,
       process_count=process_count, data_dir=data_dir, shuffle_buffer=shuffle_buffer,
-      interpolation=interpolation, make_batch_element=_one_view)
+      interpolation=interpolation, flip=flip, make_batch_element=_one_view)
 
 
 def eval_iterator(source: str, split: Optional[str], *, global_batch_size: int,

@@ -93,7 +93,15 @@ class MetricWriter:
 
   # -- scalars ---------------------------------------------------------------
 
-  def write_scalars(self, step, scalars: dict[str, Any]):
+  def exclude_time(self, seconds: float):
+    """Leaves `seconds` (an evaluation, say) out of the img/s and ETA of the next line."""
+    if self._first is not None:
+      self._first = (self._first[0], self._first[1] + seconds)
+      self._last = (self._last[0], self._last[1] + seconds)
+
+  def write_scalars(self, step, scalars: dict[str, Any], *, timed: bool = True):
+    """Appends to metrics.jsonl and TensorBoard and prints a progress line; `timed=False` for
+    lines between training logs (evaluations), which neither show nor reset img/s and ETA."""
     if not self.is_main:
       return
     step = int(step)
@@ -109,6 +117,9 @@ class MetricWriter:
 
     parts = [f"step {step}/{self.total_steps}"]
     parts += [f"{k} {_fmt_value(k, v)}" for k, v in values.items()]
+    if not timed:
+      print(" | ".join(parts), file=self._stream or sys.stdout, flush=True)
+      return
     if self._last is not None and step > self._last[0] and now > self._last[1]:
       img_s = (step - self._last[0]) * self.global_batch_size / (now - self._last[1])
       parts.append(f"{img_s:.0f} img/s")

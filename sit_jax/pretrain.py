@@ -79,7 +79,7 @@ def build_schedules(config, total_steps: int, steps_per_epoch: int) -> Schedules
 def build_optimizer(config, schedules: Schedules) -> optax.GradientTransformation:
   o = config.optim
   return optim.adamw(schedules.lr, schedules.weight_decay, clip_norm=o.clip_norm,
-                     b1=o.b1, b2=o.b2, eps=o.eps)
+                     b1=o.b1, b2=o.b2, eps=o.eps, mask=optim.pretrain_decay_mask)
 
 
 def init_state(config, model, tx, rng) -> TrainState:
@@ -113,6 +113,7 @@ def prepare_views(config, key, batch):
   for i, name in enumerate(("view1", "view2")):
     images = batch[name].astype(jnp.float32) / 255.0
     kwargs = augment.view_augment_config(config.augment.preset, i + 1)
+    kwargs["blur_sigma"] = tuple(config.augment.blur_sigma)
     images = augment.photometric(jax.random.fold_in(key, i), images, **kwargs)
     views.append(augment.normalize(images))
   return jnp.concatenate(views, axis=0)
@@ -239,7 +240,7 @@ def validate(config):
 def train_and_evaluate(config, workdir: str) -> dict:
   """Pretrains (or resumes pretraining) in `workdir`; returns the figures written to results.json."""
   # Imported here: TF (for TFDS and TensorBoard) stays out of pure-library users' processes.
-  from sit_jax import checkpoint, data, metrics, viz
+  from sit_jax import checkpoint, data, metrics, monitor, viz
 
   validate(config)
   workdir = os.path.abspath(workdir)
@@ -282,15 +283,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
   train_step = jit_train_step(make_train_step(config, model, tx, schedules), state_shardings,
                               mesh)
   reconstruct = jax.jit(make_reconstruct(config, model), out_shardings=sharding.replicated(mesh))
+  knn_monitor = monitor.KnnMonitor.from_config(config, mesh, model_config(config))
   batches = data.pretrain_iterator(
       config.data.source, config.data.split, global_batch_size=config.data.global_batch_size,
       image_size=config.data.image_size, crop_scale=tuple(config.data.crop_scale),
       seed=config.seed, start_step=start_step, data_dir=data_dir,
-      interpolation=config.data.interpolation)
+      interpolation=config.data.interpolation, flip=config.data.flip)
   preempted = checkpoint.install_preemption_handler()
 
   # Steps. -------------------------------------------------------------------------------------
-  pending, last_logged, start_time = [], {}, time.perf_counter()
+  pending, last_logged, last_eval, start_time = [], {}, {}, time.perf_counter()
   step = start_step
   while step < total_steps:
     batch = sharding.global_batch(next(batches), mesh)
@@ -298,12 +300,23 @@ def train_and_evaluate(config, workdir: str) -> dict:
     step += 1
     pending.append(step_metrics)  # stays on device until the next log step.
 
+    evaluated = {}
+    if knn_monitor and (step % config.eval_every == 0 or step == total_steps):
+      jax.block_until_ready(state)  # the steps in flight are training time, not evaluation.
+      eval_start = time.perf_counter()
+      evaluated = knn_monitor({"student": state.params["backbone"],
+                               **({"teacher": state.teacher["backbone"]} if state.teacher else {})})
+      writer.exclude_time(time.perf_counter() - eval_start)  # img/s and ETA count training only
+      last_eval = evaluated
     if step % config.log_every == 0 or step == total_steps:
       means = jax.tree.map(lambda *xs: float(np.mean(xs)), *jax.device_get(pending))
       last_logged = {k: means[k] for k in sorted(means, key=metric_order)}
       skipped = getattr(batches, "num_skipped", 0)
-      writer.write_scalars(step, {**last_logged, **({"skipped_images": skipped} if skipped else {})})
+      writer.write_scalars(step, {**last_logged, **evaluated,
+                                  **({"skipped_images": skipped} if skipped else {})})
       pending = []
+    elif evaluated:
+      writer.write_scalars(step, evaluated, timed=False)
     if "recon_head" in state.params and (step % config.image_every == 0 or step == total_steps):
       clean, corrupted, recon = jax.device_get(reconstruct(state, batch))
       grid = viz.reconstruction_grid(clean, corrupted, recon, augment.IMAGENET_MEAN,
@@ -324,6 +337,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   ckpt.wait()
   results = {"step": step, "total_steps": total_steps, "experiment": config.experiment,
              "dataset": info.name, "final_metrics": last_logged,
+             **({"knn_monitor": {**last_eval, "bank": monitor.eval_splits(config)}}
+                if last_eval else {}),
              "checkpoint": os.path.join(workdir, "checkpoints", str(step)),
              "train_seconds_this_run": time.perf_counter() - start_time,
              "steps_this_run": step - start_step, "preempted": bool(step < total_steps)}

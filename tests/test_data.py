@@ -371,3 +371,28 @@ def test_folder_slice(tmp_path):
   a = data.dataset_info(f"folder:{tmp_path}", "train[:60%]")
   b = data.dataset_info(f"folder:{tmp_path}", "train[60%:]")
   assert (a.num_examples, b.num_examples, a.num_classes) == (6, 4, 2)
+
+
+def test_flip_off_keeps_handedness():
+  """Whole-image crops: with flip=False every view is the image itself; with flips about half
+  are its mirror image."""
+  def views(flip):
+    it = data.pretrain_iterator("embedded:digits", "train[:64]", global_batch_size=64,
+                                image_size=32, crop_scale=(1.0, 1.0), seed=0, flip=flip,
+                                process_index=0, process_count=1, interpolation="bicubic")
+    batch = next(it)
+    return batch["view1"].astype(int)
+
+  reference = data.eval_iterator("embedded:digits", "train[:64]", global_batch_size=64,
+                                 image_size=32, resize_mode="resize", process_index=0,
+                                 process_count=1, interpolation="bicubic")
+  images = next(iter(reference))["image"].astype(int)
+  distance = lambda a, b: np.abs(a - b).reshape(len(a), -1).max(axis=1)
+  plain = views(False)
+  # Same images as a set (the order of a training batch is shuffled).
+  assert all(distance(images, v[None]).min() <= 1 for v in plain)
+  assert not any(distance(images[:, :, ::-1], v[None]).min() <= 1 and
+                 distance(images, v[None]).min() > 1 for v in plain)
+  flipped = views(True)
+  mirrored = sum(distance(images, v[None]).min() > 1 for v in flipped)
+  assert 16 <= mirrored <= 48

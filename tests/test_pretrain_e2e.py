@@ -15,7 +15,7 @@ from sit_jax import checkpoint, pretrain, sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_FLAGS = ["--config.total_steps=40", "--config.log_every=5", "--config.checkpoint_every=10",
-             "--config.image_every=20"]
+             "--config.image_every=20", "--config.eval_every=0"]
 
 
 def command(workdir, *flags, config="configs/sit_vits.py:runlocal"):

@@ -1,0 +1,120 @@
+"""Does pretraining learn? Pretrains with a config, then scores the frozen backbones beside the
+raw pixels and the same architecture at random init: the figures of benchmarks/learning.md.
+
+  python benchmarks/learning.py --config=configs/sit_vits.py:runlocal --workdir=/tmp/study/sit \
+      --split=val [--config.loss.alpha=5 ...]
+
+--split=val (what recipes are chosen on): pretraining reads train[:1200] of the embedded digits,
+the k-NN bank and the logistic regression train on it, and train[1200:] is scored; the test split
+is never read. --split=test: pretraining on train, bank train, scored on test (README figures).
+Scores: DINO's k-NN (k 20, T 0.07; transfer/knn.py) and scikit-learn's logistic regression on
+standardised features, for the CLS token, the mean patch token and both, of the student and the
+teacher. One JSON line per run is appended to --results.
+"""
+import json
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from sit_jax import checkpoint, data, pretrain, sharding  # noqa: E402
+from sit_jax.models import vit  # noqa: E402
+from sit_jax.transfer import common, knn  # noqa: E402
+
+config_flags.DEFINE_config_file("config", None, "Pretraining config.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Pretraining workdir (reused when already complete).")
+flags.DEFINE_enum("split", "val", ["val", "test"], "val: train[:1200] -> train[1200:]; test.")
+flags.DEFINE_string("results", "/tmp/learning_results.jsonl", "JSON lines appended here.")
+flags.DEFINE_string("name", "", "Row name (default: the workdir's base name).")
+flags.DEFINE_bool("baselines", False, "Also score raw pixels and random init.")
+
+SPLITS = {"val": ("train[:1200]", "train[1200:]"), "test": ("train", "test")}
+FEATURES = ("cls", "mean", "cls+mean")
+
+
+def images_and_labels(source, split, size):
+  it = data.eval_iterator(source, split, global_batch_size=128, image_size=size,
+                          resize_mode="resize", interpolation="bicubic_antialias")
+  batches = list(it)
+  images = np.concatenate([b["image"][b["mask"]] for b in batches])
+  labels = np.concatenate([b["label"][b["mask"]] for b in batches])
+  return images, labels
+
+
+def scores(train_x, train_y, test_x, test_y, mesh):
+  from sklearn.linear_model import LogisticRegression
+  knn_scores = knn.knn_classify(train_x, train_y, test_x, 20, 0.07, 10, mesh=mesh)
+  knn_top1 = float((knn_scores.argmax(1) == test_y).mean())
+  mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+  clf = LogisticRegression(max_iter=3000, C=1.0)
+  clf.fit((train_x - mean) / std, train_y)
+  return {"knn": knn_top1, "logistic": float(clf.score((test_x - mean) / std, test_y))}
+
+
+def backbone_scores(module, params, images, mesh):
+  out = {}
+  for features in FEATURES:
+    fn = jax.jit(common.make_feature_fn(module, features, 1))
+    feats = [np.asarray(fn(params, common.to_input(x))) for x in images[:2]]
+    out[features] = scores(feats[0], images[2], feats[1], images[3], mesh)
+  return out
+
+
+def main(_):
+  config = flags.FLAGS.config
+  workdir = flags.FLAGS.workdir
+  bank_split, test_split = SPLITS[flags.FLAGS.split]
+  with config.unlocked():
+    config.data.split = bank_split
+    config.eval.train_split, config.eval.test_split = bank_split, test_split
+  start = time.perf_counter()
+  results_path = os.path.join(workdir, "results.json")
+  done = os.path.exists(results_path) and not json.load(open(results_path)).get("preempted")
+  if not done:
+    pretrain.train_and_evaluate(config, workdir)
+  train_seconds = time.perf_counter() - start
+  result = json.load(open(results_path))
+
+  mesh = sharding.make_mesh()
+  size = config.data.image_size
+  train_images, train_labels = images_and_labels(config.data.source, bank_split, size)
+  test_images, test_labels = images_and_labels(config.data.source, test_split, size)
+  images = (train_images, test_images, train_labels, test_labels)
+  model_config = pretrain.model_config(config)
+  module = vit.backbone_from_config({"variant": model_config["variant"], "image_size": size,
+                                     "dtype": "float32"})
+  step_dir = os.path.join(workdir, "checkpoints", str(result["step"]))
+  state = checkpoint._restore_numpy(  # pylint: disable=protected-access
+      checkpoint.epath.Path(step_dir) / "state",
+      lambda t: {"params": {"backbone": t["params"]["backbone"]},
+                 **({"teacher": {"backbone": t["teacher"]["backbone"]}}
+                    if t.get("teacher") else {})})
+  row = {"name": flags.FLAGS.name or os.path.basename(workdir.rstrip("/")),
+         "split": flags.FLAGS.split, "overrides": sys.argv[1:], "train_seconds": train_seconds,
+         "final_metrics": result.get("final_metrics"),
+         "student": backbone_scores(module, state["params"]["backbone"], images, mesh)}
+  if "teacher" in state:
+    row["teacher"] = backbone_scores(module, state["teacher"]["backbone"], images, mesh)
+  if flags.FLAGS.baselines:
+    flat = lambda x: np.asarray(common.to_input(x)).reshape(len(x), -1)
+    row["raw_pixels"] = scores(flat(train_images), train_labels, flat(test_images),
+                               test_labels, mesh)
+    random_params = jax.jit(lambda rng: module.init(
+        rng, np.zeros((1, size, size, 3), np.float32))["params"])(jax.random.PRNGKey(config.seed))
+    row["random_init"] = backbone_scores(module, random_params, images, mesh)
+  with open(flags.FLAGS.results, "a") as f:
+    f.write(json.dumps(row) + "\n")
+  summary = {k: row[k] for k in ("student", "teacher", "raw_pixels", "random_init") if k in row}
+  print(row["name"], f"{train_seconds:.0f}s", json.dumps(summary))
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  logging.set_verbosity(logging.WARNING)
+  app.run(main)

@@ -1,0 +1,93 @@
+"""k-NN monitor of the backbones during pretraining (DINO's k-NN monitor, big_vision's evals).
+
+Every `eval_every` steps the student's and the teacher's backbones embed a labelled bank split
+and a held-out split (the evaluation view, one jitted pass over batches sharded on the mesh), and
+DINO's weighted k-NN (transfer/knn.py: the bank split over the devices) scores the held-out split.
+The functions, the view and the defaults are those of `configs/knn.py`, so the figure equals what
+knn.py reports for the same checkpoint and splits.
+"""
+from __future__ import annotations
+
+import time
+
+from absl import logging
+
+from sit_jax.models import vit
+from sit_jax.transfer import common, knn
+
+
+def eval_splits(config) -> tuple[str, str, str]:
+  """(source, bank split, held-out split) of the monitor; '' fields follow the pretraining data."""
+  e = config.eval
+  return (e.source or config.data.source, e.train_split or config.data.split, e.test_split)
+
+
+class KnnMonitor:
+  """Call with {'student': backbone params, 'teacher': ...} -> {'knn/student': top-1, ...}."""
+
+  def __init__(self, config, mesh, module: vit.VisionTransformer, bank_info, test_info):
+    e = config.eval
+    self.source, self.bank_split, self.test_split = eval_splits(config)
+    self.mesh, self.module = mesh, module
+    self.num_classes = bank_info.num_classes
+    self.batch_size, self.resize_mode = e.batch_size, e.resize_mode
+    self.interpolation, self.data_dir = config.data.interpolation, config.data.data_dir or None
+    self.k, self.temperature = e.k, e.temperature
+    fn = common.make_feature_fn(module, e.features, 1)
+    self.features_of = lambda params, images: fn(params, common.to_input(images))
+    logging.info("k-NN monitor every %d steps: bank %s (%d), held out %s (%d), %s features",
+                 config.eval_every, bank_info.name, bank_info.num_examples, test_info.name,
+                 test_info.num_examples, e.features)
+
+  @classmethod
+  def from_config(cls, config, mesh, model_config: dict) -> "KnnMonitor | None":
+    """The monitor, or None when it is off (eval_every = 0) or the data has no labels.
+
+    Checks everything before training starts: a bad split or batch is one clear error then,
+    not after the first `eval_every` steps.
+    """
+    from sit_jax import data, sharding
+    e = config.eval
+    if config.eval_every <= 0:
+      return None
+    source, bank_split, test_split = eval_splits(config)
+    sharding.check_batch_size(e.batch_size, mesh)
+    if e.k < 1 or e.temperature <= 0:
+      raise ValueError(f"eval.k={e.k} and eval.temperature={e.temperature} must be positive.")
+    data_dir = config.data.data_dir or None
+    bank = data.dataset_info(source, bank_split, data_dir)
+    if bank.num_classes <= 0 or bank.multilabel:
+      logging.warning("k-NN monitor off: %s has no class labels (set eval.source and "
+                      "eval.train_split to a labelled split to watch features learn).", bank.name)
+      return None
+    test = data.dataset_info(source, test_split, data_dir)
+    if test.name == bank.name:
+      raise data.DataError(
+          f"eval: the held-out split {test_split!r} of {source} is the bank split itself "
+          f"({bank.name}); carve one from train, e.g. --config.eval.train_split='train[:90%]' "
+          "--config.eval.test_split='train[90%:]'.")
+    runtime = {"dtype": model_config.get("dtype", "float32"),
+               "attention": model_config.get("attention", ""),
+               "scan_layers": model_config.get("scan_layers", False)}
+    module = vit.backbone_from_config({"variant": model_config["variant"],
+                                       "image_size": model_config["image_size"], **runtime})
+    return cls(config, mesh, module, bank, test)
+
+  def _batches(self, split):
+    from sit_jax import data
+    return data.eval_iterator(self.source, split, global_batch_size=self.batch_size,
+                              image_size=self.module.image_size, data_dir=self.data_dir,
+                              resize_mode=self.resize_mode, interpolation=self.interpolation)
+
+  def __call__(self, backbones: dict) -> dict:
+    start, results = time.perf_counter(), {}
+    for name, params in backbones.items():
+      bank, bank_labels = common.extract_features(self.features_of, params,
+                                                  self._batches(self.bank_split), self.mesh)
+      test, test_labels = common.extract_features(self.features_of, params,
+                                                  self._batches(self.test_split), self.mesh)
+      scores = knn.knn_classify(bank, bank_labels, test, self.k, self.temperature,
+                                self.num_classes, mesh=self.mesh)
+      results[f"knn/{name}"] = common.topk_accuracy(scores, test_labels, ks=(1,))["top1"]
+    logging.info("k-NN monitor: %s in %.1f s", results, time.perf_counter() - start)
+    return results

@@ -1,0 +1,63 @@
+"""The k-NN monitor of pretraining: the figure knn.py gives on the same checkpoint, written to
+metrics.jsonl and results.json; off for unlabelled data; a held-out split equal to the bank is
+refused before training."""
+import json
+import os
+
+import pytest
+
+from configs import knn as knn_config
+from configs import sit_vits
+from sit_jax import data, monitor, pretrain, sharding
+from sit_jax.transfer import knn
+
+BANK, HELD_OUT = "train[:256]", "train[256:384]"
+
+
+def short_run_config():
+  c = sit_vits.get_config("runlocal")
+  c.data.split = BANK
+  c.total_steps, c.log_every, c.checkpoint_every, c.image_every = 6, 3, 3, 100
+  c.eval_every = 3
+  c.eval.train_split, c.eval.test_split = BANK, HELD_OUT
+  return c
+
+
+def test_online_knn_equals_knn_py_on_the_same_checkpoint(tmp_path):
+  c = short_run_config()
+  workdir = str(tmp_path / "pretrain")
+  results = pretrain.train_and_evaluate(c, workdir)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = {row["step"]: row for row in map(json.loads, f)}
+  assert sorted(rows) == [3, 6]
+  for row in rows.values():  # one line per log step: losses and both k-NN figures.
+    assert {"loss", "knn/student", "knn/teacher"} <= set(row)
+  online = results["knn_monitor"]
+  assert online["knn/student"] == rows[6]["knn/student"]
+
+  k = knn_config.get_config("runlocal")
+  k.init = workdir  # the latest checkpoint: step 6, the student's backbone.
+  k.data.image_size = c.data.image_size
+  k.data.train_split, k.data.test_split = BANK, HELD_OUT
+  k.tsne_points = 0
+  standalone = knn.run(k, str(tmp_path / "knn"))
+  assert standalone["num_examples"] == 128
+  assert standalone["top1"] == pytest.approx(online["knn/student"], abs=1e-9)
+
+
+def test_monitor_is_off_without_labels_and_refuses_the_bank_as_held_out(tmp_path):
+  from PIL import Image
+  import numpy as np
+  for i in range(4):
+    Image.fromarray(np.full((8, 8, 3), 60 * i, np.uint8)).save(tmp_path / f"{i}.png")
+  c = short_run_config()
+  mesh = sharding.make_mesh(c.mesh)
+  c.eval.source = f"folder:{tmp_path}"
+  assert monitor.KnnMonitor.from_config(c, mesh, pretrain.model_config(c)) is None
+
+  c = short_run_config()
+  c.eval.test_split = BANK
+  with pytest.raises(data.DataError, match="eval.train_split"):
+    monitor.KnnMonitor.from_config(c, mesh, pretrain.model_config(c))
+  c.eval_every = 0
+  assert monitor.KnnMonitor.from_config(c, mesh, pretrain.model_config(c)) is None
