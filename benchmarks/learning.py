@@ -35,7 +35,8 @@ flags.DEFINE_string("name", "", "Row name (default: the workdir's base name).")
 flags.DEFINE_bool("baselines", False, "Also score raw pixels and random init.")
 
 SPLITS = {"val": ("train[:1200]", "train[1200:]"), "test": ("train", "test")}
-FEATURES = ("cls", "mean", "cls+mean")
+# (features, last_blocks) of transfer/common.make_feature_fn; last 4: DINO's linear evaluation.
+FEATURES = (("cls", 1), ("mean", 1), ("cls+mean", 1), ("cls", 4), ("cls+mean", 4))
 
 
 def images_and_labels(source, split, size):
@@ -59,10 +60,11 @@ def scores(train_x, train_y, test_x, test_y, mesh):
 
 def backbone_scores(module, params, images, mesh):
   out = {}
-  for features in FEATURES:
-    fn = jax.jit(common.make_feature_fn(module, features, 1))
+  for features, last_blocks in FEATURES:
+    fn = jax.jit(common.make_feature_fn(module, features, last_blocks))
     feats = [np.asarray(fn(params, common.to_input(x))) for x in images[:2]]
-    out[features] = scores(feats[0], images[2], feats[1], images[3], mesh)
+    name = features if last_blocks == 1 else f"last{last_blocks}:{features}"
+    out[name] = scores(feats[0], images[2], feats[1], images[3], mesh)
   return out
 
 

@@ -25,9 +25,11 @@ def eval_splits(config) -> tuple[str, str, str]:
 class KnnMonitor:
   """Call with {'student': backbone params, 'teacher': ...} -> {'knn/student': top-1, ...}."""
 
-  def __init__(self, config, mesh, module: vit.VisionTransformer, bank_info, test_info):
+  def __init__(self, config, mesh, module: vit.VisionTransformer, bank_info, test_info,
+               bank_split: str, test_split: str):
     e = config.eval
-    self.source, self.bank_split, self.test_split = eval_splits(config)
+    self.source = eval_splits(config)[0]
+    self.bank_split, self.test_split = bank_split, test_split
     self.mesh, self.module = mesh, module
     self.num_classes = bank_info.num_classes
     self.batch_size, self.resize_mode = e.batch_size, e.resize_mode
@@ -62,16 +64,21 @@ class KnnMonitor:
       return None
     test = data.dataset_info(source, test_split, data_dir)
     if test.name == bank.name:
-      raise data.DataError(
-          f"eval: the held-out split {test_split!r} of {source} is the bank split itself "
-          f"({bank.name}); carve one from train, e.g. --config.eval.train_split='train[:90%]' "
-          "--config.eval.test_split='train[90%:]'.")
+      # A folder without split sub-folders: every split name is the whole folder. Scoring the
+      # bank against itself would report ~1.0, so hold out a slice of it instead.
+      base = bank_split.partition("[")[0]
+      bank_split, test_split = f"{base}[:90%]", f"{base}[90%:]"
+      logging.warning("k-NN monitor: %s has no separate %r split; the bank is %s and the "
+                      "held-out images %s (set eval.train_split / eval.test_split to choose).",
+                      source, config.eval.test_split, bank_split, test_split)
+      bank = data.dataset_info(source, bank_split, data_dir)
+      test = data.dataset_info(source, test_split, data_dir)
     runtime = {"dtype": model_config.get("dtype", "float32"),
                "attention": model_config.get("attention", ""),
                "scan_layers": model_config.get("scan_layers", False)}
     module = vit.backbone_from_config({"variant": model_config["variant"],
                                        "image_size": model_config["image_size"], **runtime})
-    return cls(config, mesh, module, bank, test)
+    return cls(config, mesh, module, bank, test, bank_split, test_split)
 
   def _batches(self, split):
     from sit_jax import data

@@ -1,6 +1,5 @@
 """The k-NN monitor of pretraining: the figure knn.py gives on the same checkpoint, written to
-metrics.jsonl and results.json; off for unlabelled data; a held-out split equal to the bank is
-refused before training."""
+metrics.jsonl and results.json; off for unlabelled data; never the bank scored against itself."""
 import json
 import os
 
@@ -45,7 +44,7 @@ def test_online_knn_equals_knn_py_on_the_same_checkpoint(tmp_path):
   assert standalone["top1"] == pytest.approx(online["knn/student"], abs=1e-9)
 
 
-def test_monitor_is_off_without_labels_and_refuses_the_bank_as_held_out(tmp_path):
+def test_monitor_is_off_without_labels_and_never_scores_the_bank_against_itself(tmp_path):
   from PIL import Image
   import numpy as np
   for i in range(4):
@@ -55,9 +54,16 @@ def test_monitor_is_off_without_labels_and_refuses_the_bank_as_held_out(tmp_path
   c.eval.source = f"folder:{tmp_path}"
   assert monitor.KnnMonitor.from_config(c, mesh, pretrain.model_config(c)) is None
 
+  # A labelled folder without split sub-folders: a held-out slice, never the bank itself.
+  for c_ in range(2):
+    os.makedirs(tmp_path / "labelled" / f"c{c_}")
+    for i in range(10):
+      Image.fromarray(np.full((8, 8, 3), 20 * i, np.uint8)).save(
+          tmp_path / "labelled" / f"c{c_}" / f"{i}.png")
   c = short_run_config()
-  c.eval.test_split = BANK
-  with pytest.raises(data.DataError, match="eval.train_split"):
-    monitor.KnnMonitor.from_config(c, mesh, pretrain.model_config(c))
+  c.eval.source = f"folder:{tmp_path / 'labelled'}"
+  c.eval.train_split, c.eval.test_split = "train", "test"  # the runlocal defaults
+  m = monitor.KnnMonitor.from_config(c, mesh, pretrain.model_config(c))
+  assert (m.bank_split, m.test_split) == ("train[:90%]", "train[90%:]")
   c.eval_every = 0
   assert monitor.KnnMonitor.from_config(c, mesh, pretrain.model_config(c)) is None
