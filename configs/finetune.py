@@ -8,6 +8,10 @@ AdamW with layer-wise lr decay, drop path 0.1, RandAugment m9/mstd0.5, random er
 Mixup 0.8 / CutMix 1.0, label smoothing 0.1; the position embedding is resized when
 image_size differs from pretraining. Head: linear on CLS ('cls+mean' concatenates the mean
 patch token). Results: DIR/results.json (top1, top5).
+
+runlocal is not the DeiT recipe: at 1,500 digits and a 2-minute budget its regularisation only
+slows learning, so it trains with mild crops and no flips, mixup, RandAugment or erasing, and
+learns from random init to within a point of logistic regression on the pixels (get_config).
 """
 from configs import common, transfer_common as tc
 
@@ -22,7 +26,12 @@ RECIPES = {
     "oxford_iiit_pet": dict(image_size=224, epochs=300, batch=256, base_lr=2.5e-4,
                             layer_decay=0.75),
     "stl10": dict(image_size=224, epochs=200, batch=256, base_lr=2.5e-4, layer_decay=0.75),
-    "digits": dict(image_size=32, epochs=10, batch=32, base_lr=2e-3, layer_decay=0.75),
+    # runlocal, chosen on validation (see get_config). 16 px: the digits are 8x8 at source, so
+    # 16 px with patch 4 loses nothing and costs a quarter of 32 px (64 tokens: ~5 minutes for
+    # the same recipe). Batch 64: 23 steps per epoch, enough updates in the budget. lr 2e-3 at
+    # batch 64 (1.2e-2 per 256: 0.977 on validation). No layer decay: from random init the
+    # lower blocks must learn as fast as the top.
+    "digits": dict(image_size=16, epochs=43, batch=64, base_lr=8e-3, layer_decay=1.0),
 }
 
 
@@ -40,10 +49,26 @@ def get_config(arg=None):
                             layer_decay=r["layer_decay"])
   c.augment = tc.deit_augment_config()
   if arg.runlocal:
+    # Learns from random init in ~2 minutes on 2 CPU cores. Chosen on the validation split
+    # (train on train[:1200], score train[1200:]; single runs, 300 images): this recipe 0.987
+    # (seed 1: 0.980) where logistic regression on the raw pixels scores 0.970. DeiT's
+    # regularisation is made for 300 ImageNet epochs; on 1,500 8x8 digits for ~40 epochs it
+    # only slows learning (the old recipe: loss 2.30 -> 2.23 in 50 steps), so it is off.
+    # Image size, batch, lr and layer decay: the RECIPES row above.
     tc.shrink_for_runlocal(c)
-    c.data.global_batch_size = 32
+    c.data.global_batch_size = r["batch"]
     c.total_epochs = 0
-    c.total_steps = 50  # a smoke test: from random init the DeiT recipe needs far longer.
-    c.optim.warmup_epochs = 0.2
-    c.log_every = 10
+    c.total_steps = 1000              # the row's ~43 epochs, fixed in steps so validation runs
+                                      # on train[:1200] get the same budget (600: 0.973, 800: 0.980).
+    c.optim.warmup_epochs = 4         # ~90 warmup steps: the random-init ViT's early plateau.
+    c.model.drop_path_rate = 0.0      # 4 blocks, ~40 epochs: nothing to regularise away.
+    c.head.features = "cls+mean"      # the mean patch token learns faster than CLS alone.
+    c.data.flip = False               # digits are not mirror-symmetric: flips cost 6 points.
+    c.data.crop_scale = (0.8, 1.0)    # mild scale/shift jitter (0.6: 0.980); whole digits.
+    c.augment.randaugment = False     # rotations, shears, solarize: too strong for 16 px digits.
+    c.augment.erase_prob = 0.0        # erasing up to 1/3 of the image erases the digit.
+    c.augment.mixup_alpha = 0.0       # mixup/cutmix: blended digits take far longer to learn.
+    c.augment.cutmix_alpha = 0.0
+    c.augment.label_smoothing = 0.0   # 0.1 gave 0.967 on validation (the same budget).
+    c.log_every = 50
   return c

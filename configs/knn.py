@@ -5,7 +5,9 @@
   python -m sit_jax.main --config=configs/knn.py:runlocal --workdir=/tmp/knn
 
 Both splits go through the frozen backbone once (evaluation view); the train features form a
-bank split over the devices. Results: DIR/results.json (top1, top5), DIR/tsne.png.
+bank split over the devices. With baselines=True (on for runlocal) the same k-NN also runs on
+the raw pixels (the flattened normalised eval images) and on the backbone at random init
+(results.json 'baselines'). Results: DIR/results.json (top1, top5), DIR/tsne.png.
 """
 from configs import common, transfer_common as tc
 
@@ -31,8 +33,11 @@ def get_config(arg=None):
   c.head.features = "cls"
   c.head.last_blocks = 1
   c.knn = dict(k=arg.k, temperature=arg.temperature, chunk_size=1024)
+  # The same k-NN on raw pixels and on the backbone at random init (results.json 'baselines').
+  c.baselines = False
   if arg.runlocal:
     tc.shrink_for_runlocal(c)
     c.eval_batch_size = r["batch"]
     c.knn.chunk_size = 128
+    c.baselines = True  # the quickstart's question: does pretraining beat pixels and random init?
   return c

@@ -32,7 +32,7 @@ def get_config(arg=None):
   if arg.frozen:
     c.optim = tc.optim_config("adamw", base_lr=r["linear_lr"], weight_decay=0.0,
                               warmup_epochs=0)
-    c.linear = dict(cache_features=True, normalize_features=True, stats_examples=10_000)
+    c.linear = tc.linear_probe_config(cache_features=True)
     c.head.last_blocks = 1
   else:
     c.model.drop_path_rate = 0.1

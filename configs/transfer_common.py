@@ -63,6 +63,7 @@ def transfer_config(experiment: str, dataset: str) -> ml_collections.ConfigDict:
   c.data.data_dir = ""          # TFDS data_dir; empty: TFDS default.
   c.data.image_size = 224
   c.data.crop_scale = (0.08, 1.0)  # random-resized crop of the training images.
+  c.data.flip = True            # random horizontal flips of the training images.
   c.data.resize_mode = DATASETS[dataset]["resize_mode"]
   c.data.interpolation = "bicubic_antialias"  # as PIL; 'bicubic', 'bilinear': faster hosts.
   c.data.global_batch_size = 256
@@ -103,6 +104,26 @@ def optim_config(name="adamw", base_lr=5e-4, weight_decay=0.05, warmup_epochs=5,
       b1=0.9, b2=0.999, eps=1e-8, momentum=0.9))
 
 
+def linear_probe_config(cache_features: bool = True, **overrides) -> ml_collections.ConfigDict:
+  """The linear probe on frozen features (linear, multilabel frozen=True)."""
+  lin = ml_collections.ConfigDict(dict(
+      cache_features=cache_features,  # features once (eval view), else augmented SGD steps.
+      normalize_features=True,   # standardise with the train features' mean / std.
+      stats_examples=10_000,     # augmented mode: examples for those statistics.
+      # Cached mode: 'lbfgs' = full-batch logistic regression to convergence (sklearn's
+      # LogisticRegression with C = 1 / (l2 n)); 'sgd' = mini-batches with config.optim.
+      solver="lbfgs",
+      # L2 penalty (l2 / 2) ||W||^2 on the mean cross-entropy; with several values the one with
+      # the best score on a held-out val_fraction of the train features (fixed shuffle) wins,
+      # then the head is refitted on all train features. The test split never chooses.
+      l2=(1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1),
+      val_fraction=0.2,
+      max_iter=5000,             # L-BFGS iterations at most,
+      tol=1e-5))                 # or until the gradient's l2 norm is below this.
+  lin.update(overrides)
+  return lin
+
+
 def deit_augment_config(**overrides) -> ml_collections.ConfigDict:
   """DeiT's regularisation: RandAugment m9 mstd0.5 (on-device subset, see deit_augment.py),
   random erasing 0.25, Mixup 0.8 / CutMix 1.0, label smoothing 0.1."""
@@ -115,8 +136,8 @@ def deit_augment_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def shrink_for_runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The same experiment on the embedded digits at 32 px with the micro ViT: a minute on a CPU."""
-  c.data.image_size = 32
+  """The same experiment on the embedded digits with the micro ViT: a minute or two on a CPU.
+  The image size stays that of the config's 'digits' RECIPES row (its only place)."""
   c.data.crop_scale = (0.35, 1.0)
   c.data.global_batch_size = 64
   c.eval_batch_size = 128

@@ -147,6 +147,79 @@ def test_linear_probe_solves_separable_problem(mesh, multilabel):
     assert np.mean(logits.argmax(1) == labels[500:]) >= 0.99
 
 
+def sklearn_digits_features():
+  """scikit-learn's 8x8 digits as 64-d features: 1,500 to fit, 297 to score."""
+  from sklearn.datasets import load_digits
+  x, y = load_digits(return_X_y=True)
+  x = x.astype(np.float32) + np.random.default_rng(0).normal(scale=0.5, size=x.shape).astype(
+      np.float32)  # no constant pixels, a less separable problem
+  return x[:1500], y[:1500], x[1500:], y[1500:]
+
+
+@pytest.mark.parametrize("C", [0.05, 1.0])
+def test_lbfgs_probe_matches_sklearn_logistic_regression(mesh, C):
+  from sklearn.linear_model import LogisticRegression
+  train, train_labels, test, test_labels = sklearn_digits_features()
+  standardize = linear.feature_standardizer(train)
+  a, b = standardize(train), standardize(test)
+  sk = LogisticRegression(C=C, tol=1e-8, max_iter=20_000).fit(a, train_labels)
+  # sklearn minimises C * sum(CE) + ||W||^2 / 2: our mean CE + l2 / 2 ||W||^2 with l2 = 1/(C n).
+  l2 = 1.0 / (C * len(a))
+  scores, params, _, info = linear.probe_cached(train, train_labels, test, test_labels, 10,
+                                                l2=(l2,), mesh=mesh)
+  assert info["grad_norm"] < 1e-4 and info["iterations"] < 5000  # converged, not stopped
+  assert abs(scores["top1"] - sk.score(b, test_labels)) <= 0.01
+  predictions = linear.head_logits(params, b).argmax(1)
+  assert np.mean(predictions == sk.predict(b)) >= 0.99
+  # The same minimum: our objective at sklearn's weights is no lower than at ours.
+  sk_params = {"kernel": sk.coef_.T.astype(np.float32), "bias": sk.intercept_.astype(np.float32)}
+  ones = np.ones(len(a), np.float32)
+  at_sklearn = float(linear.logistic_objective(sk_params, a, train_labels, ones, l2))
+  assert info["loss"] == pytest.approx(at_sklearn, abs=1e-4)
+
+
+def test_lbfgs_multilabel_matches_per_class_sklearn(mesh):
+  from sklearn.linear_model import LogisticRegression
+  train, labels, test, test_labels = sklearn_digits_features()
+  multi = lambda y: np.stack([y % 2, y >= 5, y == 3], axis=1).astype(np.int32)
+  standardize = linear.feature_standardizer(train)
+  a, b = standardize(train), standardize(test)
+  l2 = 1e-3
+  params, info = linear.fit_logistic(a, multi(labels), 3, l2, mesh, multilabel=True)
+  assert info["grad_norm"] < 1e-4
+  for c in range(3):  # the sigmoid head is one independent logistic regression per class
+    sk = LogisticRegression(C=1 / (l2 * len(a)), tol=1e-8, max_iter=20_000).fit(
+        a, multi(labels)[:, c])
+    ours = linear.head_logits(params, b)[:, c] > 0
+    assert np.mean(ours == sk.predict(b).astype(bool)) >= 0.99
+
+
+def test_l2_chosen_on_held_out_train_examples_only(mesh):
+  from sklearn.linear_model import LogisticRegression
+  train, train_labels, test, test_labels = sklearn_digits_features()
+  grid = (1e-4, 1e-2, 1.0)
+  scores, _, _, info = linear.probe_cached(train, train_labels, test, test_labels, 10, l2=grid,
+                                           val_fraction=0.2, seed=3, mesh=mesh)
+  # The held-out part, as documented: the first 20% of a seeded shuffle of the train examples.
+  order = np.random.default_rng(3).permutation(1500)
+  fit, val = order[300:], order[:300]
+  standardize = linear.feature_standardizer(train[fit])
+  want = {}
+  for l2 in grid:
+    sk = LogisticRegression(C=1 / (l2 * len(fit)), tol=1e-8, max_iter=20_000).fit(
+        standardize(train[fit]), train_labels[fit])
+    want[l2] = sk.score(standardize(train[val]), train_labels[val])
+  assert info["held_out_examples"] == 300
+  for l2 in grid:
+    assert info["held_out"][f"{l2:g}"] == pytest.approx(want[l2], abs=0.01)
+  best = max(grid, key=lambda v: (info["held_out"][f"{v:g}"], v))
+  assert info["l2"] == best
+  # The test labels never choose: scrambling them changes the score, not the choice.
+  _, _, _, scrambled = linear.probe_cached(train, train_labels, test, test_labels[::-1], 10,
+                                           l2=grid, val_fraction=0.2, seed=3, mesh=mesh)
+  assert scrambled["l2"] == info["l2"]
+
+
 def test_probe_step_leaves_backbone_bit_identical(mesh):
   module = vit.backbone_from_config({"variant": "Mu/4", "image_size": 16})
   backbone = common.Backbone(module, None, {}, "")
@@ -291,6 +364,24 @@ def test_mixup_cutmix_targets_and_lam():
   assert float(lam) == 1.0 and np.array_equal(same, images)
 
 
+@pytest.mark.parametrize("flip", [False, True])
+def test_transfer_train_batches_flip_switch(flip):
+  # Digits are not mirror-symmetric: the runlocal fine-tuning turns flips off. With the crop
+  # off too, each host image is then exactly the evaluation view of a train digit.
+  assert not finetune_config.get_config("runlocal").data.flip
+  c = finetune_config.get_config("runlocal")
+  c.data.flip, c.data.crop_scale, c.data.image_size = flip, (1.0, 1.0), 16
+  eval_images = next(data.eval_iterator(
+      c.data.source, c.data.train_split, global_batch_size=2000, image_size=16,
+      resize_mode="resize", process_index=0, process_count=1))["image"]
+  known = {x.tobytes() for x in eval_images}
+  mirrored = {x[:, ::-1].tobytes() for x in eval_images} - known
+  batch = next(common.train_batches(c, 0, 16))
+  got = [x.tobytes() for x in batch["image"]]
+  assert all(g in known or g in mirrored for g in got)
+  assert any(g in mirrored for g in got) == flip
+
+
 def test_rand_augment_and_erasing_shapes_and_ranges():
   images = jax.random.uniform(jax.random.PRNGKey(0), (4, 16, 16, 3))
   out = jax.jit(deit_augment.rand_augment)(jax.random.PRNGKey(1), images)
@@ -350,6 +441,11 @@ def run_main(config_arg, workdir, *flags):
                                                   ("finetune", True), ("multilabel", True)])
 def test_runlocal(tmp_path, exported_backbone, experiment, with_init):
   flags = [f"--config.init={exported_backbone[0]}"] if with_init else []
+  # The recipes' length is measured, not tested: short runs of the same code.
+  if experiment in ("finetune", "multilabel"):
+    flags.append("--config.total_steps=30")
+  if experiment == "linear":
+    flags.append("--config.linear.max_iter=300")
   results = run_main(f"configs/{experiment}.py:runlocal", tmp_path, *flags)
   assert results["experiment"] == experiment
   assert results["init"] == (exported_backbone[0] if with_init else "random")
@@ -362,3 +458,6 @@ def test_runlocal(tmp_path, exported_backbone, experiment, with_init):
   assert os.path.getsize(tmp_path / "metrics.jsonl") > 0
   if experiment in ("knn", "linear"):
     assert (tmp_path / "tsne.png").read_bytes()[:4] == b"\x89PNG"
+    # runlocal adds the baseline rows.
+    assert set(results["baselines"]) == {"raw_pixels", "random_init"}
+    assert 0.5 < results["baselines"]["raw_pixels"]["top1"] <= 1.0

@@ -233,6 +233,18 @@ def data_dir(config):
   return config.data.data_dir or None
 
 
+def train_batches(config, start_step: int, image_size: int):
+  """The augmented training iterator of a transfer run: random-resized crops (data.crop_scale)
+  and, unless data.flip is False, horizontal flips, from batch `start_step` on."""
+  from sit_jax import data
+  return data.train_iterator(
+      config.data.source, config.data.train_split,
+      global_batch_size=config.data.global_batch_size, image_size=image_size,
+      crop_scale=tuple(config.data.crop_scale), seed=config.seed, start_step=start_step,
+      data_dir=data_dir(config), interpolation=config.data.interpolation,
+      flip=config.data.get("flip", True))
+
+
 def eval_batches(config, split: str, image_size: int):
   from sit_jax import data
   return data.eval_iterator(config.data.source, split, global_batch_size=config.eval_batch_size,
@@ -266,9 +278,34 @@ def checkpoint_metadata(config, backbone: Backbone, num_classes: int) -> dict:
           "init": backbone.init, "num_classes": num_classes}
 
 
+def _canonical(name: str) -> str:
+  return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+def dataset_name(config) -> str:
+  """The name results and pictures give the dataset: config.dataset (e.g. 'digits', 'voc2007')
+  when data.source is that dataset, else a name taken from the source actually read
+  ('folder:/data/mnist' -> 'mnist', 'tfds:cifar10' -> 'cifar10', 'embedded:digits' ->
+  'digits'), so that an overridden source is never reported under the recipe's dataset."""
+  source = str(config.data.source)
+  kind, sep, rest = source.partition(":")
+  if not sep or kind not in ("tfds", "folder", "embedded"):
+    kind, rest = "tfds", source  # a bare TFDS name
+  if kind == "folder":
+    derived = os.path.basename(os.path.normpath(os.path.expanduser(rest))) or rest
+  elif kind == "tfds":
+    derived = rest.partition(":")[0]  # 'NAME[/CONFIG][:SPLIT]'
+  else:
+    derived = rest
+  recipe = config.get("dataset", "") or ""
+  if recipe and _canonical(recipe) == _canonical(derived):
+    return recipe
+  return derived or recipe
+
+
 def results_dict(config, backbone: Backbone, train_info, test_info, num_evaluated: int,
                  scores: dict, **extra) -> dict:
-  return {"experiment": config.experiment, "dataset": config.get("dataset", "") or test_info.name,
+  return {"experiment": config.experiment, "dataset": dataset_name(config) or test_info.name,
           "source": config.data.source, "train_split": config.data.train_split,
           "test_split": config.data.test_split, "init": backbone.init or "random",
           "model": backbone.model_config, "image_size": backbone.module.image_size,
@@ -289,6 +326,55 @@ def tsne(config, workdir, features, labels, title: str):
   with threadpoolctl.threadpool_limits(limits=1):
     return viz.tsne_plot(features, labels, os.path.join(workdir, "tsne.png"), title=title,
                          max_points=config.tsne_points, seed=config.seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Baseline rows: the same evaluation on raw pixels and on the backbone at random init.
+# ---------------------------------------------------------------------------------------------
+
+def raw_pixel_features(params, images_uint8):
+  """The flattened normalised images the backbone would see (same eval view and size)."""
+  del params
+  images = to_input(images_uint8)
+  return images.reshape(images.shape[0], -1).astype(jnp.float32)
+
+
+def baseline_extractors(config, backbone: Backbone, mesh, fn) -> dict:
+  """name -> (feature fn of uint8 images, params) for the baseline rows: 'raw_pixels', and
+  'random_init' (the backbone's architecture with fresh weights from config.seed, through the
+  same feature fn `fn` of normalised images) when config.init names a checkpoint (with
+  config.init = '' the evaluated backbone is that random init already)."""
+  extractors = {"raw_pixels": (raw_pixel_features, None)}
+  if backbone.init:
+    fresh = Backbone(backbone.module, None, backbone.model_config, "")
+    extractors["random_init"] = (uint8_features(fn),
+                                 place_backbone(fresh, mesh, config.sharding_rules, config.seed))
+  return extractors
+
+
+@functools.lru_cache(maxsize=16)
+def uint8_features(fn):
+  """fn(params, normalised images) -> the same function of uint8 images. Cached: the same fn
+  gives the same function, so the backbone and its random-init baseline compile once."""
+  return lambda params, images: fn(params, to_input(images))
+
+
+def split_features(config, fn, params, mesh, image_size: int, what: str = ""):
+  """(train features, train labels, test features, test labels) of the eval view of both
+  splits through fn(params, uint8 images)."""
+  train = extract_features(fn, params, eval_batches(config, config.data.train_split, image_size),
+                           mesh, log_progress(f"{what}train features"))
+  test = extract_features(fn, params, eval_batches(config, config.data.test_split, image_size),
+                          mesh, log_progress(f"{what}test features"))
+  return (*train, *test)
+
+
+def log_baselines(what: str, dataset: str, init: str, scores: dict, baselines: dict):
+  """One line with the evaluated backbone and the baseline rows side by side."""
+  metric = "mAP" if "mAP" in scores else "top1"
+  rows = [f"this backbone ({init or 'random init'}) {scores[metric]:.3f}"]
+  rows += [f"{name.replace('_', ' ')} {row[metric]:.3f}" for name, row in baselines.items()]
+  logging.info("%s %s on %s: %s", what, metric, dataset, " | ".join(rows))
 
 
 def log_progress(what: str):

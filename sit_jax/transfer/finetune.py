@@ -103,7 +103,7 @@ def make_finetune_step(config, model, tx, num_classes: int, *, multilabel: bool 
 
 
 def run(config, workdir: str, *, multilabel: bool = False) -> dict:
-  from sit_jax import data, metrics
+  from sit_jax import metrics
 
   workdir = os.path.abspath(workdir)
   start = time.perf_counter()
@@ -145,12 +145,7 @@ def run(config, workdir: str, *, multilabel: bool = False) -> dict:
     return common.score(logits, labels, multilabel, config.get("voc07", False))
 
   def make_batches(start_step):
-    return data.train_iterator(
-        config.data.source, config.data.train_split,
-        global_batch_size=config.data.global_batch_size, image_size=size,
-        crop_scale=tuple(config.data.crop_scale), seed=config.seed, start_step=start_step,
-        data_dir=common.data_dir(config),
-        interpolation=config.data.interpolation)
+    return common.train_batches(config, start_step, size)
 
   # Loop. -------------------------------------------------------------------------------------
   writer = metrics.MetricWriter(workdir, total_steps=total_steps,

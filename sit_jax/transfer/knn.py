@@ -8,6 +8,7 @@ Test features go through in chunks, so memory is O(chunk * bank / devices) per d
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 
@@ -39,6 +40,7 @@ def _bank_on_mesh(train_feats, train_labels, mesh, k):
   return jax.device_put(feats, spec), jax.device_put(labels, spec)
 
 
+@functools.lru_cache(maxsize=16)
 def _make_topk(mesh, k):
   axes = sharding.AXES
 
@@ -54,6 +56,12 @@ def _make_topk(mesh, k):
   # After the gather every device holds the same answer: the output is replicated.
   return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P(axes), P(axes)),
                                out_specs=(P(), P()), check_vma=False))
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes",))
+def _vote(values, neighbour_labels, temperature, num_classes):
+  weights = jnp.exp(values / temperature)  # exp(-inf) = 0 for padding rows
+  return jnp.einsum("nk,nkc->nc", weights, jax.nn.one_hot(neighbour_labels, num_classes))
 
 
 def knn_classify(train_feats, train_labels, test_feats, k: int = 20, temperature: float = 0.07,
@@ -72,12 +80,7 @@ def knn_classify(train_feats, train_labels, test_feats, k: int = 20, temperature
   mesh = mesh if mesh is not None else sharding.make_mesh()
   bank, labels = _bank_on_mesh(train_feats, train_labels, mesh, k)
   topk = _make_topk(mesh, k)
-
-  @jax.jit
-  def vote(values, neighbour_labels):
-    weights = jnp.exp(values / temperature)  # exp(-inf) = 0 for padding rows
-    return jnp.einsum("nk,nkc->nc", weights, jax.nn.one_hot(neighbour_labels, num_classes))
-
+  vote = functools.partial(_vote, temperature=temperature, num_classes=num_classes)
   scores = []
   for lo in range(0, len(test_feats), chunk_size):
     chunk = test_feats[lo:lo + chunk_size]
@@ -90,7 +93,8 @@ def knn_classify(train_feats, train_labels, test_feats, k: int = 20, temperature
 
 
 def run(config, workdir: str) -> dict:
-  """Features of the train and test splits with the frozen backbone, k-NN scores, results."""
+  """Features of the train and test splits with the frozen backbone, k-NN scores, results; with
+  config.baselines the same k-NN on raw pixels and on the backbone at random init."""
   from sit_jax import metrics
 
   start = time.perf_counter()
@@ -102,27 +106,40 @@ def run(config, workdir: str) -> dict:
   backbone = common.load_backbone(config, image_size=size, drop_path_rate=0.0)
   params = common.place_backbone(backbone, mesh, config.sharding_rules, config.seed)
   fn = common.make_feature_fn(backbone.module, config.head.features, config.head.last_blocks)
-  features = lambda p, images: fn(p, common.to_input(images))
 
-  train_feats, train_labels = common.extract_features(
-      features, params, common.eval_batches(config, config.data.train_split, size), mesh,
-      common.log_progress("train features"))
-  test_feats, test_labels = common.extract_features(
-      features, params, common.eval_batches(config, config.data.test_split, size), mesh,
-      common.log_progress("test features"))
+  def evaluate(train_feats, train_labels, test_feats, test_labels):
+    scores = knn_classify(train_feats, train_labels, test_feats, config.knn.k,
+                          config.knn.temperature, train_info.num_classes, mesh=mesh,
+                          chunk_size=config.knn.chunk_size)
+    return common.topk_accuracy(scores, test_labels)
+
+  train_feats, train_labels, test_feats, test_labels = common.split_features(
+      config, common.uint8_features(fn), params, mesh, size)
   logging.info("k-NN: %d train, %d test features of dimension %d", len(train_feats),
                len(test_feats), train_feats.shape[1])
-
-  scores = knn_classify(train_feats, train_labels, test_feats, config.knn.k,
-                        config.knn.temperature, train_info.num_classes, mesh=mesh,
-                        chunk_size=config.knn.chunk_size)
-  accuracy = common.topk_accuracy(scores, test_labels)
+  accuracy = evaluate(train_feats, train_labels, test_feats, test_labels)
   writer = metrics.MetricWriter(workdir, total_steps=0, global_batch_size=config.eval_batch_size)
   writer.write_json("config.json", config.to_dict())
   writer.write_scalars(0, {f"knn/{k}": v for k, v in accuracy.items()})
+
+  extra = {}
+  if config.get("baselines", False):
+    baselines = {}
+    for name, (base_fn, base_params) in common.baseline_extractors(config, backbone, mesh,
+                                                                   fn).items():
+      feats = common.split_features(config, base_fn, base_params, mesh, size, f"{name}: ")
+      baselines[name] = {**evaluate(*feats), "dim": int(feats[0].shape[1])}
+    if "random_init" not in baselines:  # the evaluated backbone is the random init
+      baselines["random_init"] = {**accuracy, "dim": int(train_feats.shape[1])}
+    writer.write_scalars(0, {f"baselines/{name}/{k}": v for name, row in baselines.items()
+                             for k, v in row.items() if k != "dim"})
+    common.log_baselines("k-NN", common.dataset_name(config), backbone.init, accuracy,
+                         baselines)
+    extra["baselines"] = baselines
+
   results = common.results_dict(config, backbone, train_info, test_info, len(test_labels),
                                 accuracy, k=config.knn.k, temperature=config.knn.temperature,
-                                seconds=time.perf_counter() - start)
+                                **extra, seconds=time.perf_counter() - start)
   writer.write_json("results.json", results)
   writer.close()
   common.tsne(config, workdir, test_feats, test_labels,
