@@ -19,7 +19,7 @@ RECIPES = {
     "oxford_flowers102": dict(image_size=224, batch=256),
     "oxford_iiit_pet": dict(image_size=224, batch=256),
     "stl10": dict(image_size=224, batch=512),
-    "digits": dict(image_size=32, batch=128),
+    "digits": dict(image_size=16, batch=128),  # the size runlocal pretrains at.
 }
 
 

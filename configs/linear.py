@@ -35,7 +35,7 @@ RECIPES = {
                             base_lr=3e-3, cache=True),
     "stl10": dict(image_size=224, epochs=100, batch=256, optim="adamw", base_lr=3e-3,
                   cache=True),
-    "digits": dict(image_size=32, epochs=60, batch=128, optim="adamw", base_lr=0.3,
+    "digits": dict(image_size=16, epochs=60, batch=128, optim="adamw", base_lr=0.3,
                    cache=True),
 }
 

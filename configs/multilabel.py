@@ -15,7 +15,7 @@ from configs import common, transfer_common as tc
 
 RECIPES = {
     "voc2007": dict(image_size=224, epochs=100, batch=256, base_lr=2.5e-4, linear_lr=1e-3),
-    "digits_multilabel": dict(image_size=32, epochs=10, batch=64, base_lr=2e-3, linear_lr=0.3),
+    "digits_multilabel": dict(image_size=16, epochs=10, batch=64, base_lr=2e-3, linear_lr=0.3),
 }
 
 
