@@ -14,20 +14,9 @@ from configs import linear as linear_config
 from sit_jax import augment, checkpoint, data
 from sit_jax.models import vit
 from sit_jax.transfer import common, knn, linear
+from test_transfer import knn_numpy  # the reference k-NN of the k-NN tests
 
 SIZE = 16  # small images keep the runs short; the baselines do not depend on the size.
-
-
-def knn_numpy(train, train_labels, test, k, temperature, num_classes):
-  """DINO's weighted k-NN vote, written out on host numpy."""
-  train = train / np.linalg.norm(train, axis=1, keepdims=True)
-  test = test / np.linalg.norm(test, axis=1, keepdims=True)
-  sim = test @ train.T
-  scores = np.zeros((len(test), num_classes))
-  for i in range(len(test)):
-    for j in np.argsort(-sim[i], kind="stable")[:k]:
-      scores[i, train_labels[j]] += np.exp(sim[i, j] / temperature)
-  return scores
 
 
 def raw_pixels(split):
