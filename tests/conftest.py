@@ -5,10 +5,11 @@ import shutil
 import tempfile
 
 # On a loaded 2-core machine a simulated device can reach a collective long after the others:
-# XLA:CPU aborts the process after 40 s by default.
+# XLA:CPU aborts the process after 40 s by default (its rendezvous and collective timeouts).
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    " --xla_cpu_collective_call_terminate_timeout_seconds=600")
+    " --xla_cpu_collective_call_terminate_timeout_seconds=600"
+    " --xla_cpu_collective_timeout_seconds=600")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # tfds must never reach the network from a test.
