@@ -35,8 +35,7 @@ class KnnMonitor:
     self.batch_size, self.resize_mode = e.batch_size, e.resize_mode
     self.interpolation, self.data_dir = config.data.interpolation, config.data.data_dir or None
     self.k, self.temperature = e.k, e.temperature
-    fn = common.make_feature_fn(module, e.features, 1)
-    self.features_of = lambda params, images: fn(params, common.to_input(images))
+    self.features_of = common.uint8_features(common.make_feature_fn(module, e.features, 1))
     logging.info("k-NN monitor every %d steps: bank %s (%d), held out %s (%d), %s features",
                  config.eval_every, bank_info.name, bank_info.num_examples, test_info.name,
                  test_info.num_examples, e.features)

@@ -35,12 +35,7 @@ def small_config(module, **overrides):
   c.data.image_size = SIZE
   c.data.train_split = "train[:600]"
   c.tsne_points = 0
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  c.update_from_flattened_dict(overrides)  # 'optim.eps' -> c.optim.eps
   return c
 
 

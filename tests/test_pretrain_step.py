@@ -20,12 +20,7 @@ def tiny_config(experiment="sit", **overrides):
   c.model.proj_hidden = 32
   c.model.proj_dim = 16
   c.optim.warmup_epochs = 0
-  for key, value in overrides.items():
-    target = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
+  c.update_from_flattened_dict(overrides)  # 'optim.eps' -> c.optim.eps
   return c
 
 
