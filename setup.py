@@ -38,7 +38,9 @@ setuptools.setup(
     name="sit_jax",
     version="0.1.0",
     description="SiT: Self-supervised vIsion Transformer (GMML + contrastive) in JAX/Flax",
-    packages=setuptools.find_packages(include=["sit_jax", "sit_jax.*"]),
+    # configs/ ships as a top-level package: its files import `configs.common`, and
+    # `--config=configs/NAME.py` finds them from any directory (sit_jax/config_check.py).
+    packages=setuptools.find_packages(include=["sit_jax", "sit_jax.*", "configs"]),
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

@@ -5,6 +5,8 @@
 """
 from __future__ import annotations
 
+import difflib
+
 import ml_collections
 
 # Sharding rules: (regex over the '/'-joined state path, rule); see sit_jax/sharding.py.
@@ -15,27 +17,37 @@ FSDP = ((r"kernel$", "fsdp"), (r"pos_embed$", "fsdp"), ("", "replicate"))
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   """'runlocal,dataset=cifar10' -> ConfigDict(runlocal=True, dataset='cifar10', ...defaults).
 
-  Unknown keys are an error so that a typo never silently runs the default experiment.
+  An unknown key or a value of the wrong type is an error, so that a typo never silently runs
+  the default experiment. A boolean may be given as its bare name ('runlocal').
   """
   values = dict(runlocal=False, **defaults)
   for item in filter(None, (arg or "").split(",")):
-    key, _, value = item.partition("=")
-    key = key.strip()
+    key, equals, text = (part.strip() for part in item.partition("="))
     if key not in values:
-      raise ValueError(f"Unknown config argument {key!r}; valid arguments: {sorted(values)}.")
-    if not _:
-      values[key] = True
-    else:
-      default = values[key]
-      if isinstance(default, bool):
-        values[key] = value.lower() in ("1", "true", "yes")
-      elif isinstance(default, int):
-        values[key] = int(value)
-      elif isinstance(default, float):
-        values[key] = float(value)
-      else:
-        values[key] = value
+      nearest = difflib.get_close_matches(key, values, n=1)
+      raise ValueError(f"Unknown config argument {key!r}"
+                       f"{f' (did you mean {nearest[0]!r}?)' if nearest else ''}; valid "
+                       f"arguments: {', '.join(sorted(values))}.")
+    values[key] = _parse_value(key, text if equals else None, values[key])
   return ml_collections.ConfigDict(values)
+
+
+def _parse_value(key: str, text: str | None, default):
+  """The value of config argument `key` as text (None: the bare name), typed as its default."""
+  if isinstance(default, bool):
+    words = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+    if text is None or text.lower() in words:
+      return text is None or words[text.lower()]
+    raise ValueError(f"Config argument {key}={text} is not a boolean: use {key}=true or "
+                     f"{key}=false.")
+  if text is None:
+    raise ValueError(f"Config argument {key} needs a value: {key}={default}.")
+  kind = {int: "an integer", float: "a number"}.get(type(default))
+  try:
+    return type(default)(text) if kind else text
+  except ValueError:
+    raise ValueError(f"Config argument {key}={text} is not {kind}, e.g. {key}={default}.") \
+        from None
 
 
 def pretrain_config() -> ml_collections.ConfigDict:

@@ -1,22 +1,34 @@
 """Entry point: `python -m sit_jax.main --config=configs/sit_vits.py --workdir=DIR`.
 
-Parses the flags, starts jax.distributed on multi-process jobs, and runs the experiment the
-config names; with --aot_topology it only compiles the step for a target topology (aot.py).
-Mistakes in the input (a wrong config key, a missing dataset, an unwritable workdir, a
-checkpoint of another model) end with one clear line instead of a traceback; set
-SIT_JAX_TRACEBACK=1 to see the traceback too.
+Parses the flags, checks the config (config_check.py), starts jax.distributed on multi-process
+jobs, and runs the experiment the config names; with --aot_topology it only compiles the step for
+a target topology (aot.py). Mistakes in the input (a flag, the config file, a key or value of the
+config, a missing dataset, an unwritable workdir, a checkpoint of another model) end with one
+line on stderr, before any work for those the command line shows; set SIT_JAX_TRACEBACK=1 to see
+the traceback too. The console shows progress; the full config is in DIR/config.json.
 """
 from __future__ import annotations
 
-import logging as std_logging
 import os
-import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+# Before anything imports TensorFlow (the host input pipeline) or XLA: their C++ INFO lines
+# (TF's oneDNN notice, each after absl's "All log messages before absl::InitializeLog()") are
+# not for users. TF prints the oneDNN notice at any log level while oneDNN is on; the input
+# pipeline runs no op that oneDNN speeds up.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
-config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:args]).",
-                                lock_config=True)
+import logging as std_logging  # noqa: E402
+import sys  # noqa: E402
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from sit_jax import config_check  # noqa: E402
+
+config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (configs/*.py[:args]); a configs/ path that is not "
+    "in the working directory is taken from the installed sit_jax configs.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and pictures.")
 flags.DEFINE_string("coordinator_address", None,
                     "host:port of process 0 for multi-process runs (overrides "
@@ -29,11 +41,9 @@ flags.DEFINE_string("aot_topology", None,
                     "or 'cpu:N'. No --workdir needed, nothing is trained.")
 flags.mark_flags_as_required(["config"])
 
-PRETRAIN_EXPERIMENTS = ("gmml", "contrastive", "sit")
-TRANSFER_EXPERIMENTS = ("finetune", "linear", "knn", "multilabel")
-
 
 def user_errors() -> tuple[type[BaseException], ...]:
+  """The errors that are the input's fault (the message says what to change), not a bug."""
   from sit_jax import checkpoint
   from sit_jax import aot
   errors = [ValueError, FileNotFoundError, PermissionError, checkpoint.CheckpointError,
@@ -48,50 +58,64 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 def run(config, workdir: str):
   experiment = config.experiment
-  if experiment in PRETRAIN_EXPERIMENTS:
+  if experiment in config_check.PRETRAIN_EXPERIMENTS:
     from sit_jax import pretrain
     return pretrain.train_and_evaluate(config, workdir)
-  if experiment in TRANSFER_EXPERIMENTS:
-    from sit_jax import transfer
-    return transfer.run(config, workdir)
-  raise ValueError(f"Unknown experiment {experiment!r}: choose one of "
-                   f"{PRETRAIN_EXPERIMENTS + TRANSFER_EXPERIMENTS}.")
+  from sit_jax import transfer
+  return transfer.run(config, workdir)
 
 
-class _OnlyWarningsFromLibraries(std_logging.Filter):
-  """orbax logs a dozen INFO lines per checkpoint through absl; they would bury the progress
-  lines. Its warnings and errors still come through."""
-  LIBRARIES = (f"{os.sep}orbax{os.sep}",)
+class _QuietLibraries(std_logging.Filter):
+  """Keeps libraries' INFO lines off the console: orbax logs a dozen per checkpoint, jax one
+  per platform it could not start ("Unable to initialize backend 'tpu'" on every CPU machine).
+  Their warnings and errors still come through."""
+  SOURCES = (f"{os.sep}orbax{os.sep}", f"{os.sep}jax{os.sep}_src{os.sep}xla_bridge.py")
 
   def filter(self, record):
     return record.levelno >= std_logging.WARNING or not any(
-        lib in record.pathname for lib in self.LIBRARIES)
+        source in record.pathname for source in self.SOURCES)
+
+
+def exit_with(error: BaseException):
+  """Ends the program with one line on stderr; SIT_JAX_TRACEBACK=1 raises `error` instead."""
+  if os.environ.get("SIT_JAX_TRACEBACK"):
+    raise error
+  print(f"sit_jax: error: {' '.join(str(error).split())}", file=sys.stderr)
+  sys.exit(1)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """app.run's flags parser: checks the config file, its argument and the --config.KEY names
+  first (config_check.check_command_line), so each mistake on the command line is one line."""
+  try:
+    argv = flags.FLAGS.read_flags_from_files(argv, force_gnu=False)
+    return flags.FLAGS(config_check.check_command_line(argv))
+  except Exception as e:  # everything that fails here is the command line's fault
+    exit_with(e)
 
 
 def main(argv):
-  logging.get_absl_handler().addFilter(_OnlyWarningsFromLibraries())
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   FLAGS = flags.FLAGS
-  if not FLAGS.aot_topology and not FLAGS.workdir:
-    raise app.UsageError("--workdir is required (except with --aot_topology).")
-  config, workdir = FLAGS.config, FLAGS.workdir
-  logging.info("Config:\n%s", config)
   try:
+    if len(argv) > 1:
+      raise config_check.ConfigError(f"Unexpected arguments {argv[1:]}: every setting is a "
+                                     "--flag (e.g. --config.total_steps=100).")
+    if not FLAGS.aot_topology and not FLAGS.workdir:
+      raise config_check.ConfigError("--workdir is required (except with --aot_topology).")
+    config_check.check(FLAGS.config)
     if FLAGS.aot_topology:
       from sit_jax import aot
-      aot.run(config, FLAGS.aot_topology)
+      aot.run(FLAGS.config, FLAGS.aot_topology)
     else:
       from sit_jax import distributed
       distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-      run(config, workdir)
-  except user_errors() as e:
-    if os.environ.get("SIT_JAX_TRACEBACK"):
-      raise
-    logging.error("%s: %s", type(e).__name__, e)
-    print(f"sit_jax: error: {e}", file=sys.stderr)
-    sys.exit(1)
+      run(FLAGS.config, FLAGS.workdir)
+  except Exception as e:
+    if isinstance(e, config_check.ConfigError) or isinstance(e, user_errors()):
+      exit_with(e)
+    raise
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

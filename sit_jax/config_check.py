@@ -1,0 +1,418 @@
+"""The command line and the config, checked before any work: each mistake is one line that
+names the key and says what it must be.
+
+    argv = config_check.check_command_line(argv)   # before absl parses the flags
+    config_check.check(config)                     # the final config, before the run starts
+
+`check_command_line` loads the --config file as ml_collections' config_flags will (a missing
+file, a syntax error or an unknown `:argument` is a `ConfigError`, not a traceback inside flag
+parsing) and checks that every --config.KEY override names a key of that config, suggesting the
+nearest keys otherwise.
+
+`check` looks every key of the config up in RULES, a table of what each value must be (its type
+and range or choices), then runs the cross-key CHECKS. Experiments have different keys (pretraining
+has `gmml.*`, the transfer configs `head.*`, `knn.*`, ...): a rule applies where its key exists,
+so one table serves them all. To validate a new key, add a row to RULES (the vocabulary is
+`integer`, `number`, `one_of`, `subset`, `interval`, `numbers`, BOOL, TEXT, ...); a test checks
+that every key of every config in configs/ has one. Nothing here imports jax.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import os
+import re
+from typing import Any, Callable, Sequence
+
+import ml_collections
+
+PRETRAIN_EXPERIMENTS = ("gmml", "contrastive", "sit")
+TRANSFER_EXPERIMENTS = ("finetune", "linear", "knn", "multilabel", "segment", "fewshot")
+
+
+class ConfigError(ValueError):
+  """A bad config file, config argument, key or value; the message is one line."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The vocabulary of the table.
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """`ok(value)` says whether a value is allowed; `must` says what it must be, in words."""
+  ok: Callable[[Any], bool]
+  must: str
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+  """An int or a finite float (not a bool, not nan or inf)."""
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < float("inf")
+
+
+def _bounds(lo, hi, lo_open, hi_open) -> tuple[Callable[[Any], bool], str]:
+  def inside(v):
+    return ((lo is None or (v > lo if lo_open else v >= lo)) and
+            (hi is None or (v < hi if hi_open else v <= hi)))
+  if lo is not None and hi is not None:
+    words = f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+  elif lo is not None:
+    words = f"{'>' if lo_open else '>='} {lo}"
+  elif hi is not None:
+    words = f"{'<' if hi_open else '<='} {hi}"
+  else:
+    words = ""
+  return inside, words
+
+
+def integer(lo: int | None = None, hi: int | None = None) -> Rule:
+  inside, words = _bounds(lo, hi, False, False)
+  return Rule(lambda v: _is_int(v) and inside(v), f"an integer {words}".strip())
+
+
+def number(lo: float | None = None, hi: float | None = None, *, lo_open=False,
+           hi_open=False) -> Rule:
+  inside, words = _bounds(lo, hi, lo_open, hi_open)
+  return Rule(lambda v: _is_number(v) and inside(v), f"a number {words}".strip())
+
+
+def one_of(*choices) -> Rule:
+  return Rule(lambda v: isinstance(v, type(choices[0])) and v in choices,
+              f"one of {', '.join(map(repr, choices))}")
+
+
+def subset(*choices) -> Rule:
+  """A non-empty tuple of distinct `choices`."""
+  return Rule(lambda v: isinstance(v, (tuple, list)) and 0 < len(set(v)) == len(v) and
+              set(v) <= set(choices),
+              f"a non-empty tuple of distinct values from {', '.join(map(repr, choices))}")
+
+
+def interval(lo: float, hi: float | None = None, *, lo_open=False) -> Rule:
+  """(a, b) with lo <= a <= b <= hi: a range such as crop_scale or blur_sigma."""
+  inside, words = _bounds(lo, hi, lo_open, False)
+  return Rule(lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and
+              all(_is_number(x) and inside(x) for x in v) and v[0] <= v[1],
+              f"a pair (low, high) with low <= high, both {words}")
+
+
+def numbers(item: Rule, *, min_len: int = 0) -> Rule:
+  """A tuple of values that each satisfy `item`."""
+  return Rule(lambda v: isinstance(v, (tuple, list)) and len(v) >= min_len and
+              all(item.ok(x) for x in v),
+              f"a tuple{' (non-empty)' if min_len else ''} of values, each {item.must}")
+
+
+def either(*rules: Rule) -> Rule:
+  return Rule(lambda v: any(r.ok(v) for r in rules), " or ".join(r.must for r in rules))
+
+
+BOOL = Rule(lambda v: isinstance(v, bool), "True or False")
+TEXT = Rule(lambda v: isinstance(v, str), "a string")
+NAME = Rule(lambda v: isinstance(v, str) and bool(v.strip()), "a non-empty string")
+FRACTION = number(0, 1)  # also a probability
+POSITIVE = number(0, lo_open=True)
+NON_NEGATIVE = number(0)
+COUNT = integer(1)
+MESH_AXIS = Rule(lambda v: _is_int(v) and (v == -1 or v >= 1),
+                 "an integer >= 1, or -1 for all the devices left")
+
+
+def _pairs(first: Callable[[Any], bool], second: Callable[[Any], bool], must: str) -> Rule:
+  return Rule(lambda v: isinstance(v, (tuple, list)) and all(
+      isinstance(p, (tuple, list)) and len(p) == 2 and first(p[0]) and second(p[1]) for p in v),
+              must)
+
+
+def _mesh_axes(v) -> bool:
+  """None, an axis name, or a tuple of axis names (a rule of sit_jax/sharding.py)."""
+  return v is None or isinstance(v, str) or (
+      isinstance(v, (tuple, list)) and all(a is None or isinstance(a, str) for a in v))
+
+
+SHARDING_RULES = _pairs(lambda r: isinstance(r, str), _mesh_axes,
+                        "a tuple of (regex, rule) pairs, e.g. configs/common.py's REPLICATED, "
+                        "FSDP or TENSOR_PARALLEL")
+LOGICAL_AXIS_RULES = _pairs(lambda r: isinstance(r, str), _mesh_axes,
+                            "a tuple of (logical axis, mesh axes) pairs, e.g. "
+                            "sit_jax/sharding.py's LOGICAL_AXIS_RULES")
+# The names of sit_jax/models/vit.py's VARIANTS (a test checks they agree; importing vit here
+# would import jax before any flag is checked).
+VARIANT = Rule(lambda v: isinstance(v, str) and bool(re.fullmatch(r"(Mu|Ti|S|B|L)/[1-9]\d*", v)),
+               "a ViT variant 'NAME/PATCH' with NAME one of Mu, Ti, S, B, L, e.g. 'S/16'")
+FEATURES = one_of("cls", "mean", "cls+mean")
+RESIZE_MODE = one_of("center_crop", "resize")
+
+# ---------------------------------------------------------------------------------------------
+# What every key must be. A key that a config does not have is skipped.
+
+RULES: dict[str, Rule] = {
+    "experiment": one_of(*PRETRAIN_EXPERIMENTS, *TRANSFER_EXPERIMENTS),
+    "seed": integer(0),
+    "init": TEXT,
+    "dataset": NAME,
+    # data.* (sit_jax/data.py)
+    "data.source": NAME,
+    "data.split": NAME,
+    "data.train_split": NAME,
+    "data.val_split": TEXT,
+    "data.test_split": NAME,
+    "data.data_dir": TEXT,
+    "data.image_size": COUNT,
+    "data.crop_scale": interval(0, 1, lo_open=True),
+    "data.interpolation": one_of("bicubic_antialias", "bicubic", "bilinear"),
+    "data.flip": BOOL,
+    "data.resize_mode": RESIZE_MODE,
+    "data.global_batch_size": COUNT,
+    "eval_batch_size": COUNT,
+    # augment.*: pretraining's photometric preset, transfer's DeiT regularisation.
+    "augment.preset": one_of("sit", "gmml", "none"),
+    "augment.blur_sigma": interval(0, lo_open=True),
+    "augment.randaugment": BOOL,
+    "augment.ra_num_ops": integer(0),
+    "augment.ra_magnitude": number(0, 10),
+    "augment.ra_magnitude_std": NON_NEGATIVE,
+    "augment.erase_prob": FRACTION,
+    "augment.mixup_alpha": NON_NEGATIVE,
+    "augment.cutmix_alpha": NON_NEGATIVE,
+    "augment.mix_prob": FRACTION,
+    "augment.switch_prob": FRACTION,
+    "augment.label_smoothing": number(0, 1, hi_open=True),
+    # model.*
+    "model.variant": VARIANT,
+    "model.drop_path_rate": number(0, 1, hi_open=True),
+    "model.recons_blocks": numbers(COUNT),
+    "model.dtype": one_of("float32", "bfloat16", "float16"),
+    "model.attention": one_of("", "xla", "cudnn"),
+    "model.remat": BOOL,
+    "model.scan_layers": BOOL,
+    "model.recon_hidden": integer(0),
+    "model.recon_depth": COUNT,
+    "model.proj_hidden": COUNT,
+    "model.proj_dim": COUNT,
+    # gmml.* (sit_jax/gmml.py)
+    "gmml.enabled": BOOL,
+    "gmml.ratio": FRACTION,
+    "gmml.replace_ratio": FRACTION,
+    "gmml.fills": subset("noise", "zeros", "replace"),
+    "gmml.replace_prob": FRACTION,
+    "gmml.align": COUNT,
+    "loss.alpha": NON_NEGATIVE,
+    "loss.temperature": POSITIVE,
+    "loss.recon_all_pixels": BOOL,
+    "teacher.momentum": FRACTION,
+    # optim.* (sit_jax/optim.py; transfer: sit_jax/transfer/supervised.py)
+    "optim.name": one_of("adamw", "sgd"),
+    "optim.base_lr": POSITIVE,
+    "optim.min_lr": NON_NEGATIVE,
+    "optim.warmup_epochs": NON_NEGATIVE,
+    "optim.weight_decay": NON_NEGATIVE,
+    "optim.weight_decay_end": NON_NEGATIVE,
+    "optim.layer_decay": number(0, 1, lo_open=True),
+    "optim.clip_norm": NON_NEGATIVE,
+    "optim.b1": number(0, 1, hi_open=True),
+    "optim.b2": number(0, 1, hi_open=True),
+    "optim.eps": POSITIVE,
+    "optim.momentum": number(0, 1, hi_open=True),
+    # The length of a run.
+    "total_epochs": NON_NEGATIVE,
+    "total_steps": integer(0),
+    "num_train_examples": integer(0),
+    # Devices.
+    "mesh.data": MESH_AXIS,
+    "mesh.fsdp": MESH_AXIS,
+    "mesh.model": MESH_AXIS,
+    "sharding_rules": SHARDING_RULES,
+    "logical_axis_rules": LOGICAL_AXIS_RULES,
+    # Logging, evaluation, checkpoints.
+    "log_every": COUNT,
+    "image_every": COUNT,
+    "eval_every": integer(0),
+    "eval.source": TEXT,
+    "eval.train_split": TEXT,
+    "eval.test_split": NAME,
+    "eval.resize_mode": RESIZE_MODE,
+    "eval.features": FEATURES,
+    "eval.k": COUNT,
+    "eval.temperature": POSITIVE,
+    "eval.batch_size": COUNT,
+    "checkpoint_every": COUNT,
+    "keep_checkpoints": COUNT,
+    "export_backbone": BOOL,
+    # Transfer (configs/transfer_common.py and each transfer config).
+    "head.features": FEATURES,
+    "head.last_blocks": COUNT,
+    "tsne_points": integer(0),
+    "baselines": BOOL,
+    "knn.k": COUNT,
+    "knn.temperature": POSITIVE,
+    "knn.chunk_size": COUNT,
+    "linear.cache_features": BOOL,
+    "linear.normalize_features": BOOL,
+    "linear.stats_examples": COUNT,
+    "linear.solver": one_of("lbfgs", "sgd"),
+    "linear.l2": either(NON_NEGATIVE, numbers(NON_NEGATIVE, min_len=1)),
+    "linear.val_fraction": number(0, 1, hi_open=True),
+    "linear.max_iter": COUNT,
+    "linear.tol": POSITIVE,
+    "multilabel.frozen": BOOL,
+    "voc07": BOOL,
+    "data.num_classes": COUNT,
+    "seg.blocks": numbers(COUNT),
+    "seg.head": one_of("linear", "mlp"),
+    "seg.hidden": COUNT,
+    "seg.pictures": integer(0),
+}
+
+
+def _length_of_run(config) -> str | None:
+  if config.get("total_steps", 1) <= 0 and config.get("total_epochs", 1) <= 0:
+    return ("total_steps and total_epochs are both 0: set --config.total_steps or "
+            "--config.total_epochs to a positive number.")
+  return None
+
+
+# Rules across keys: each returns the one-line message of a mistake, or None.
+CHECKS: list[Callable[[ml_collections.ConfigDict], str | None]] = [_length_of_run]
+
+
+def flatten(config) -> dict[str, Any]:
+  """{'optim.base_lr': 5e-4, ...}: the leaves of a (nested) ConfigDict or dict."""
+  flat = {}
+  for key, value in config.items():
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+      flat.update({f"{key}.{k}": v for k, v in flatten(value).items()})
+    else:
+      flat[key] = value
+  return flat
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for the first value that breaks a rule of RULES or CHECKS."""
+  for key, value in flatten(config).items():
+    rule = RULES.get(key)
+    if rule is not None and not rule.ok(value):
+      raise ConfigError(f"config.{key}={value!r} is invalid: it must be {rule.must} "
+                        f"(set --config.{key}).")
+  for cross_check in CHECKS:
+    message = cross_check(config)
+    if message:
+      raise ConfigError(message)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line.
+
+_CONFIG_FLAG = re.compile(r"^--?config(=|$)")
+_OVERRIDE_FLAG = re.compile(r"^--?(?:no)?config\.([^=]+)")
+
+
+def resolve(path: str) -> str:
+  """A config path as given if it exists, else 'configs/NAME' in the installed `configs`
+  package: after a `pip install`, `--config=configs/sit_vits.py` works from any directory."""
+  installed = _installed(path)
+  return installed if installed and not os.path.exists(path) and os.path.exists(installed) \
+      else path
+
+
+def _installed(path: str) -> str | None:
+  """'configs/NAME' in the installed `configs` package, or None."""
+  parts = os.path.normpath(path).split(os.sep)
+  spec = importlib.util.find_spec("configs") if parts[0] == "configs" else None
+  locations = spec and spec.submodule_search_locations
+  return os.path.join(list(locations)[0], *parts[1:]) if locations else None
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+  """The config of 'path/to/config.py[:argument]', loaded as config_flags loads it."""
+  path, colon, argument = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ConfigError(f"Config file {path} not found{_nearest_files(path)}")
+  module_spec = importlib.util.spec_from_file_location("_sit_jax_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise ConfigError(f"Syntax error in {path} line {e.lineno}: {e.msg}.") from e
+  except Exception as e:  # an import error, or any mistake at the top of the config file
+    raise ConfigError(f"Config file {path}: {_one_line(e)}") from e
+  if not callable(getattr(module, "get_config", None)):
+    raise ConfigError(f"Config file {path} has no get_config() function.")
+  try:
+    config = module.get_config(*([argument] if colon else []))
+  except Exception as e:  # e.g. an unknown config argument (configs/common.py:parse_arg)
+    raise ConfigError(f"--config={spec}: {_one_line(e)}") from e
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"get_config() of {path} returned {type(config).__name__}, "
+                      "not a ConfigDict.")
+  return config
+
+
+def check_command_line(argv: Sequence[str]) -> list[str]:
+  """Checks --config and its --config.KEY overrides; returns argv with the config path resolved
+  (see `resolve`). Raises ConfigError. Without --config it changes nothing: absl reports that."""
+  argv = list(argv)
+  for i, arg in enumerate(argv):
+    if _CONFIG_FLAG.match(arg):
+      if "=" in arg:
+        flag, spec = arg.split("=", 1)
+      elif i + 1 < len(argv):  # '--config FILE'
+        flag, spec = arg, argv.pop(i + 1)
+      else:
+        return argv
+      path, colon, argument = spec.partition(":")
+      spec = resolve(path) + colon + argument
+      argv[i] = f"{flag}={spec}"
+      config = load(spec)
+      for override in argv:
+        match = _OVERRIDE_FLAG.match(override)
+        if match:
+          check_key(config, match.group(1), override)
+      return argv
+  return argv
+
+
+def check_key(config: ml_collections.ConfigDict, key: str, flag: str = "") -> None:
+  """Raises ConfigError, with the nearest valid keys, if `key` ('optim.base_lr') is not one."""
+  node = config
+  for part in key.split("."):
+    if isinstance(node, (ml_collections.ConfigDict, dict)) and part.split("[")[0] in node:
+      node = node[part.split("[")[0]]
+    else:
+      break
+  else:
+    return
+  keys = sorted(flatten(config))
+  nearest = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+  parent = key.rpartition(".")[0]
+  siblings = [k for k in keys if k.startswith(parent + ".")] if parent else []
+  if nearest:
+    hint = f"did you mean {' or '.join(nearest)}?"
+  elif siblings:
+    hint = f"the keys of {parent} are {', '.join(k[len(parent) + 1:] for k in siblings)}."
+  else:
+    hint = "see config.json of a run, or the config file, for the valid keys."
+  raise ConfigError(f"Unknown config key {key}{f' ({flag})' if flag else ''}: {hint}")
+
+
+def _nearest_files(path: str) -> str:
+  """'; did you mean configs/sit_vits.py?', or the configs there are."""
+  directory = os.path.dirname(path) or "."
+  if not os.path.isdir(directory):
+    directory = os.path.dirname(_installed(path) or "")
+  names = sorted(n for n in os.listdir(directory) if n.endswith(".py") and n != "__init__.py") \
+      if os.path.isdir(directory) else []
+  nearest = difflib.get_close_matches(os.path.basename(path), names, n=1, cutoff=0.8)
+  if nearest:
+    return f"; did you mean {os.path.join(os.path.dirname(path), nearest[0])}?"
+  return f"; the configs there are {', '.join(names)}." if names else "."
+
+
+def _one_line(e: BaseException) -> str:
+  text = " ".join(str(e).split())
+  return text if isinstance(e, ValueError) else f"{type(e).__name__}: {text}"
