@@ -1,26 +1,29 @@
-"""Checkpointing of arbitrary train-state pytrees with orbax.
+"""Checkpointing of train-state pytrees with orbax's CheckpointManager.
 
-Layout of a checkpoint directory (managed by `ocp.CheckpointManager`)::
+Layout of a checkpoint directory::
 
-    <directory>/<step>/state/      the train-state pytree (StandardSave, OCDBT)
-    <directory>/<step>/metadata/   a JSON dict (model config, experiment name, ...)
+    <directory>/<step>/state/                the train-state pytree (StandardSave, OCDBT)
+    <directory>/<step>/_CHECKPOINT_METADATA  orbax's step metadata; its custom metadata is what a
+                                             resumed run must match (model, experiment, settings)
 
-Orbax writes every step into `<step>.orbax-checkpoint-tmp` and renames it when
-complete, so a crashed or in-flight save is never listed as a step. On top of
-that we only trust step directories that carry one of orbax's commit files
-(see `_COMMIT_MARKERS`), which also covers copies that were interrupted
-(e.g. a partial `gsutil cp` of a workdir).
+orbax decides what is a step (a save is written under a temporary name and renamed when
+complete), when to save (`save_decision_policy`: every `every` steps, the last step, and the step
+where a preemption is reached) and what to keep (`preservation_policy`: the latest `keep`).
+This module adds what orbax leaves to its user: one-line errors that say what to do, the check
+of a checkpoint against the run about to resume it, falling back past an unreadable step (which
+is set aside, so that training writes that step again), Ctrl-C and SIGTERM on one process, and
+the backbone export.
 
-A backbone export (`export_backbone`) is a directory with `params/` (an orbax
-pytree checkpoint) and `model_config.json`.
+A backbone export (`export_backbone`) is a directory with `params/` (an orbax pytree checkpoint)
+and `model_config.json`.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import signal
-import tempfile
 import threading
 from typing import Any, Callable, Iterable
 
@@ -29,18 +32,19 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from sit_jax import metrics
 from sit_jax.models import vit
 
 log = logging.getLogger(__name__)
 
 STATE_ITEM = "state"
-METADATA_ITEM = "metadata"
+LEGACY_METADATA_ITEM = "metadata"  # checkpoints written before the custom metadata
 EXPORT_PARAMS = "params"
 EXPORT_CONFIG = "model_config.json"
+EXPORT_DIR = "backbone"  # of a pretraining workdir
+CORRUPT_SUFFIX = ".corrupt"
 # Sub-directories of a workdir that `load_backbone` searches for step dirs.
 CHECKPOINT_SUBDIRS = ("", "checkpoints", "ckpt", "checkpoint")
-_COMMIT_MARKERS = ("commit_success.txt", "_CHECKPOINT_METADATA")
-_TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
 
 class CheckpointError(RuntimeError):
@@ -55,61 +59,32 @@ def _is_local(path) -> bool:
   return "://" not in str(path)
 
 
+def _path(path) -> epath.Path:
+  path = os.fspath(path)
+  return epath.Path(os.path.abspath(path) if _is_local(path) else path)
+
+
 def _json_normalise(obj, what: str):
   """Round-trips `obj` through JSON (tuples -> lists) or raises CheckpointError."""
   try:
-    return json.loads(json.dumps(obj, default=_json_default))
+    return json.loads(json.dumps(obj, default=metrics.json_default))
   except (TypeError, ValueError) as e:
     raise CheckpointError(f"{what} must be JSON-serialisable: {e}") from e
 
 
-def _json_default(o):
-  if isinstance(o, (np.generic, np.ndarray, jax.Array)):
-    return np.asarray(o).tolist()
-  raise TypeError(f"object of type {type(o).__name__} is not JSON serialisable")
-
-
-def _short(err: BaseException, limit: int = 400) -> str:
-  msg = f"{type(err).__name__}: {err}"
-  msg = msg.split(" [tensorstore_spec=")[0]  # tensorstore appends a huge spec
+def _short(err: BaseException, limit: int = 300) -> str:
+  """One line: TensorStore appends a multi-line JSON spec, and nested errors repeat."""
+  msg = str(err).split(" [tensorstore_spec=")[0].split("tensorstore_spec")[0]
+  msg = " ".join(msg.split()) or type(err).__name__
+  if isinstance(err, OSError) and err.strerror:
+    msg = err.strerror
   return msg if len(msg) <= limit else msg[:limit] + " ..."
 
 
-def _is_committed(step_dir: epath.Path) -> bool:
-  if step_dir.name.endswith(_TMP_SUFFIX) or _TMP_SUFFIX + "-" in step_dir.name:
-    return False
-  try:
-    return step_dir.is_dir() and any(
-        (step_dir / m).exists() for m in _COMMIT_MARKERS)
-  except OSError:
-    return False
-
-
-def _committed_step_dirs(directory: epath.Path) -> list[tuple[int, epath.Path]]:
-  """(step, path) of committed numeric step directories, ascending."""
-  try:
-    if not directory.is_dir():
-      return []
-    children = list(directory.iterdir())
-  except OSError:
-    return []
-  out = []
-  for child in children:
-    if child.name.isdigit() and _is_committed(child):
-      out.append((int(child.name), child))
-  return sorted(out)
-
-
-def _key_str(k) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
-
-
 def _flat_abstract(tree) -> dict[tuple[str, ...], Any]:
+  from sit_jax import sharding
   leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {tuple(_key_str(k) for k in path): leaf for path, leaf in leaves}
+  return {tuple(sharding.path_name(path).split("/")): leaf for path, leaf in leaves}
 
 
 def _fmt_keys(keys: Iterable[tuple[str, ...]], limit: int = 10) -> str:
@@ -136,8 +111,64 @@ def _metadata_diff(expected, actual, prefix="") -> list[str]:
   return []
 
 
-class _CorruptCheckpoint(Exception):
+def _sync(name: str):
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f"sit_jax:{name}")
+
+
+class _Unreadable(Exception):
   """Internal: the step exists but could not be read (fallback candidate)."""
+
+
+# ----------------------------------------------------------------------------
+# Ctrl-C and SIGTERM.
+
+_SIGNALLED = threading.Event()
+
+
+def signalled() -> bool:
+  """True once SIGTERM or SIGINT arrived inside `stop_signals()`."""
+  return _SIGNALLED.is_set()
+
+
+def _on_signal(signum, frame):
+  del frame
+  if signum == signal.SIGINT and _SIGNALLED.is_set():
+    raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving.
+  # Only set a flag: the loop saves at a step boundary, never mid-update.
+  _SIGNALLED.set()
+
+
+@contextlib.contextmanager
+def stop_signals():
+  """Inside, SIGTERM and Ctrl-C (SIGINT) set `signalled()` instead of ending the process; the
+  training loop saves the current step and stops (a second Ctrl-C stops at once).
+
+  Only on one process, from the main thread: a multi-process job leaves SIGTERM to JAX's
+  preemption service, whose sync point (`Checkpointer.reached_preemption`) makes every host
+  save the same step.
+  """
+  if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  _SIGNALLED.clear()
+  previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield
+  finally:
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
+
+
+class _Manager(ocp.CheckpointManager):
+  """orbax's manager, with `stop_signals()` as the preemption signal of a one-process job (orbax
+  reads JAX's preemption sync point, which runs only under jax.distributed)."""
+
+  def reached_preemption(self, step: int) -> bool:
+    if jax.process_count() == 1:
+      return _SIGNALLED.is_set()
+    return super().reached_preemption(step)
 
 
 # ----------------------------------------------------------------------------
@@ -145,124 +176,124 @@ class _CorruptCheckpoint(Exception):
 
 
 class Checkpointer:
-  """Keeps the last `max_to_keep` committed checkpoints of a train state.
+  """Saves a train state every `every` steps, at `last_step` and at a preemption, and keeps the
+  latest `keep` (0: all) committed checkpoints.
 
-  Usage in a training loop::
+  Usage in a training loop (trainer.py)::
 
-    ckpt = Checkpointer(workdir + "/checkpoints")
+    ckpt = Checkpointer(workdir + "/checkpoints", keep=3, every=1000, last_step=total_steps)
     if ckpt.latest_step() is not None:
-      state, meta = ckpt.restore(abstract_state, expected_metadata={"model": cfg})
+      state, meta = ckpt.restore(abstract_state, expected_metadata={...}, fallback=True)
     for step in ...:
       ...
-      ckpt.save(step, state, metadata={"model": cfg, "name": name})
-      if preempted():
-        ckpt.save(step, state, metadata=..., force=True); ckpt.wait(); break
+      stop = ckpt.reached_preemption(step)
+      if ckpt.should_save(step):
+        ckpt.save(step, state, metadata={...})
+      if stop: break
     ckpt.close()
   """
 
-  def __init__(self, directory, *, max_to_keep: int | None = 3,
-               save_interval_steps: int = 1000, async_save: bool = True):
-    if save_interval_steps < 1:
-      raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
-    directory = os.fspath(directory)
-    if _is_local(directory):
-      directory = os.path.abspath(directory)
-    self.directory = epath.Path(directory)
-    self.save_interval_steps = int(save_interval_steps)
+  def __init__(self, directory, *, keep: int = 3, every: int = 1000,
+               last_step: int | None = None, async_save: bool = True):
+    if keep < 0:
+      raise ValueError(f"keep_checkpoints={keep}: keep the latest N >= 1 checkpoints, or 0 to "
+                       "keep all of them.")
+    if every < 1:
+      raise ValueError(f"checkpoint_every={every}: save every N >= 1 steps (the last step is "
+                       "always saved).")
+    self.directory = _path(directory)
+    self.set_aside: list[int] = []  # unreadable steps moved away by restore(fallback=True)
+    self._saving = None  # the step of the last asynchronous save not yet checked
     self._check_writable()
+    policies = [ocp.checkpoint_managers.FixedIntervalPolicy(every),
+                ocp.checkpoint_managers.PreemptionCheckpointingPolicy()]
+    if last_step:
+      policies.append(ocp.checkpoint_managers.SpecificStepsPolicy([last_step]))
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep,
-        save_interval_steps=self.save_interval_steps,
+        save_decision_policy=ocp.checkpoint_managers.AnySavePolicy(policies),
+        preservation_policy=ocp.checkpoint_managers.LatestN(keep or None),
         enable_async_checkpointing=async_save,
         create=True,
-        # Removes `*.orbax-checkpoint-tmp` leftovers of a crashed save.
-        cleanup_tmp_directories=True,
-    )
+        cleanup_tmp_directories=True)  # removes what a crash left half-written.
     try:
-      self._mngr = ocp.CheckpointManager(
-          self.directory, options=options,
-          item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(),
-                         METADATA_ITEM: ocp.JsonCheckpointHandler()})
+      self._mngr = _Manager(self.directory, options=options,
+                            item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler()})
     except Exception as e:
-      raise CheckpointError(
-          f"Cannot open checkpoint directory {self.directory}: {_short(e)}") from e
+      raise CheckpointError(f"Cannot open checkpoint directory {self.directory}: "
+                            f"{_short(e)}") from e
 
   def _check_writable(self):
     try:
       self.directory.mkdir(parents=True, exist_ok=True)
+      if _is_local(self.directory) and not os.access(self.directory, os.W_OK | os.X_OK):
+        raise PermissionError(13, "Permission denied")
     except Exception as e:
-      raise CheckpointError(
-          f"Cannot create checkpoint directory {self.directory}: {_short(e)}. "
-          "Pass a writable path.") from e
-    if not _is_local(self.directory):
-      return
-    try:
-      fd, probe = tempfile.mkstemp(prefix=".write_probe_", dir=str(self.directory))
-      os.close(fd)
-      os.remove(probe)
-    except OSError as e:
-      raise CheckpointError(
-          f"Checkpoint directory {self.directory} is not writable: {_short(e)}. "
-          "Fix its permissions or pass another path.") from e
+      raise CheckpointError(f"Checkpoint directory {self.directory} is not writable: "
+                            f"{_short(e)}. Fix its permissions or pass another path.") from e
 
   # -- queries ---------------------------------------------------------------
 
-  def _step_dir(self, step: int) -> epath.Path:
-    return self.directory / str(step)
+  def step_path(self, step: int) -> str:
+    return str(self.directory / str(int(step)))
 
   def all_steps(self) -> list[int]:
     """Committed steps, ascending."""
-    return sorted(s for s in self._mngr.all_steps()
-                  if _is_committed(self._step_dir(s)))
+    return sorted(self._mngr.all_steps())
 
   def latest_step(self) -> int | None:
-    steps = self.all_steps()
-    return steps[-1] if steps else None
+    return self._mngr.latest_step()
 
   def should_save(self, step) -> bool:
-    step = int(step)
-    if step <= 0 or step % self.save_interval_steps:
-      return False
-    return step not in self._mngr.all_steps()
+    return self._mngr.should_save(int(step))
 
   def reached_preemption(self, step) -> bool:
-    return reached_preemption(step)
+    """Whether to save `step` and stop (every process of a job must ask at every step)."""
+    return self._mngr.reached_preemption(int(step))
 
   # -- save ------------------------------------------------------------------
 
-  def save(self, step, state, *, metadata: dict, force: bool = False) -> bool:
-    """Starts saving `state` (asynchronously unless async_save=False).
-
-    Returns True if a save was started. Older checkpoints are only deleted by
-    orbax after the new step has been committed.
-    """
+  def save(self, step, state, *, metadata: dict) -> bool:
+    """Starts saving `state` (asynchronously unless async_save=False) if orbax's policy says
+    so; returns whether it did. Older checkpoints go only once the new one is committed."""
     step = int(step)
-    if not force and not self.should_save(step):
-      return False
-    if step in self._mngr.all_steps():
-      log.info("Checkpoint for step %d already exists in %s; not saving again.",
-               step, self.directory)
-      return False
     metadata = _json_normalise(metadata, "Checkpoint metadata")
+    self.raise_failed_save()
     try:
-      return bool(self._mngr.save(
-          step,
-          args=ocp.args.Composite(**{
-              STATE_ITEM: ocp.args.StandardSave(state),
-              METADATA_ITEM: ocp.args.JsonSave(metadata)}),
-          force=True))
+      saved = bool(self._mngr.save(step, args=ocp.args.Composite(
+          **{STATE_ITEM: ocp.args.StandardSave(state)}), custom_metadata=metadata))
     except Exception as e:
-      raise CheckpointError(
-          f"Saving step {step} to {self.directory} failed: {_short(e)}") from e
+      raise self._save_error(step, e) from e
+    if saved:
+      self._saving = step
+    return saved
+
+  def _save_error(self, step: int, err: BaseException) -> CheckpointError:
+    kept = [s for s in self.all_steps() if s != step]
+    return CheckpointError(
+        f"Saving step {step} to {self.directory} failed: {_short(err)}. "
+        + (f"The last good checkpoint is step {kept[-1]}." if kept else "No checkpoint is "
+           "kept.") + " Free space (or fix the directory) and start the same command to resume.")
+
+  def raise_failed_save(self):
+    """Raises if the last asynchronous save has ended without committing its step (disk
+    full, say); cheap and non-blocking while it is still running."""
+    if self._saving is None or self._mngr.is_saving_in_progress():
+      return
+    self.wait()
 
   def wait(self):
-    """Blocks until any in-flight async save is committed."""
+    """Blocks until the in-flight save is committed; raises a one-line error naming its step
+    if it failed."""
+    step, self._saving = self._saving, None
     try:
       self._mngr.wait_until_finished()
+      self._mngr.check_for_errors()
     except Exception as e:
-      raise CheckpointError(
-          f"Asynchronous checkpoint save to {self.directory} failed: {_short(e)}"
-      ) from e
+      raise self._save_error(step, e) from e
+    if step is not None and not (self.directory / str(step)).exists():
+      # orbax logs a failed finalisation instead of raising it, and still lists the step.
+      self._mngr.reload()
+      raise self._save_error(step, OSError("the step was not committed"))
 
   def close(self):
     try:
@@ -278,20 +309,29 @@ class Checkpointer:
 
   # -- restore ---------------------------------------------------------------
 
+  def metadata(self, step: int) -> dict:
+    """The custom metadata saved with `step`."""
+    try:
+      custom = self._mngr.metadata(step).custom_metadata
+    except Exception as e:
+      raise _Unreadable(f"cannot read its metadata: {_short(e)}") from e
+    return custom or _legacy_metadata(self.directory / str(step))
+
   def restore(self, abstract_state, step=None, *,
               expected_metadata: dict | None = None, fallback: bool = False):
     """Restores `(state, metadata)`.
 
     Args:
-      abstract_state: pytree of `jax.ShapeDtypeStruct` (or arrays) whose
-        `.sharding` says where each restored leaf goes; it may be a different
-        mesh / device count than the one the checkpoint was written from.
+      abstract_state: pytree of `jax.ShapeDtypeStruct` (or arrays) whose `.sharding` says
+        where each restored leaf goes; it may be another mesh or device count than the one
+        the checkpoint was written from.
       step: step to restore, default the latest committed step.
-      expected_metadata: if given, each of its top-level keys (e.g. 'model') is
-        compared with the saved metadata before any array is read; a
-        difference raises CheckpointError naming the differing fields.
-      fallback: if the chosen step is unreadable (corrupt or truncated files),
-        try the next older committed step instead of raising.
+      expected_metadata: if given, each of its top-level keys (e.g. 'model') is compared with
+        the saved metadata before any array is read; a difference raises CheckpointError
+        naming the differing fields ('settings': one dotted config key each, and what to do).
+      fallback: if the chosen step is unreadable (corrupt or truncated files), restore the
+        next older readable step instead, and set the unreadable ones aside (renamed
+        `<step>.corrupt`, listed in `set_aside`) so that training writes those steps again.
     """
     steps = self.all_steps()
     if not steps:
@@ -301,9 +341,8 @@ class Checkpointer:
     else:
       step = int(step)
       if step not in steps:
-        raise CheckpointError(
-            f"Step {step} is not a committed checkpoint in {self.directory}; "
-            f"available steps: {steps}.")
+        raise CheckpointError(f"Step {step} is not a committed checkpoint in "
+                              f"{self.directory}; available steps: {steps}.")
       candidates = [s for s in steps[::-1] if s <= step]
     if not fallback:
       candidates = candidates[:1]
@@ -313,52 +352,46 @@ class Checkpointer:
     errors = []
     for s in candidates:
       try:
-        return self._restore_step(s, abstract_state, expected_metadata)
-      except _CorruptCheckpoint as e:
-        errors.append(f"step {s}: {e}")
+        restored = self._restore_step(s, abstract_state, expected_metadata)
+      except _Unreadable as e:
+        errors.append((s, str(e)))
         if s != candidates[-1]:
-          log.warning("Checkpoint step %d in %s is unreadable (%s); falling back "
-                      "to an older step.", s, self.directory, e)
+          log.warning("Checkpoint step %d in %s is unreadable (%s); falling back to an older "
+                      "step.", s, self.directory, e)
+        continue
+      if errors:
+        self._set_aside([bad for bad, _ in errors])
+      return restored
     hint = "" if fallback else " Pass fallback=True to try older steps."
     raise CheckpointError(
         f"Checkpoint in {self.directory} is corrupt or unreadable: "
-        + "; ".join(errors) + "." + hint)
+        + "; ".join(f"step {s}: {e}" for s, e in errors) + "." + hint)
+
+  def _set_aside(self, steps: list[int]):
+    if jax.process_index() == 0:
+      for s in steps:
+        target = self.directory / f"{s}{CORRUPT_SUFFIX}"
+        n = 1
+        while target.exists():
+          target, n = self.directory / f"{s}{CORRUPT_SUFFIX}{n}", n + 1
+        (self.directory / str(s)).rename(target)
+        log.warning("Set aside unreadable checkpoint step %d as %s; training will write that "
+                    "step again.", s, target)
+    _sync("set_aside")
+    self._mngr.reload()
+    self.set_aside += steps
 
   def _restore_step(self, step, abstract_state, expected_metadata):
-    step_dir = self._step_dir(step)
-    try:
-      metadata = self._mngr.restore(step, args=ocp.args.Composite(**{
-          METADATA_ITEM: ocp.args.JsonRestore()}))[METADATA_ITEM]
-    except Exception as e:
-      raise _CorruptCheckpoint(f"cannot read metadata: {_short(e)}") from e
-
+    step_dir = self.directory / str(step)
+    metadata = self.metadata(step)
     if expected_metadata is not None:
-      diffs = []
-      for key, value in expected_metadata.items():
-        if key not in metadata:
-          diffs.append(f"{key}: missing in checkpoint")
-        else:
-          diffs.extend(_metadata_diff(value, metadata[key], key))
-      if diffs:
-        raise CheckpointError(
-            f"Checkpoint {step_dir} was written with a different configuration "
-            f"than requested; differing fields: " + "; ".join(diffs)
-            + ". Use a matching config or another workdir.")
-
+      _check_metadata(step_dir, expected_metadata, metadata)
     self._check_structure(step, abstract_state)
     try:
       state = self._mngr.restore(step, args=ocp.args.Composite(**{
           STATE_ITEM: ocp.args.StandardRestore(abstract_state)}))[STATE_ITEM]
     except Exception as e:
-      msg = str(e)
-      if ("tree structures do not match" in msg
-          or "not compatible with the stored shape" in msg):
-        msg = msg.replace("- Source:", "- requested:").replace(
-            "- Target:", "- in checkpoint:")
-        raise CheckpointError(
-            f"Checkpoint {step_dir} does not match the requested state "
-            f"structure: {msg}") from e
-      raise _CorruptCheckpoint(_short(e)) from e
+      raise _Unreadable(_short(e)) from e
     return state, metadata
 
   def _check_structure(self, step, abstract_state):
@@ -366,11 +399,12 @@ class Checkpointer:
     try:
       tree = self._mngr.item_metadata(step)[STATE_ITEM]
     except Exception as e:
-      raise _CorruptCheckpoint(f"cannot read state metadata: {_short(e)}") from e
+      raise _Unreadable(f"cannot read its state metadata: {_short(e)}") from e
     if tree is None:
-      raise _CorruptCheckpoint("state metadata missing")
+      raise _Unreadable("its state metadata is missing")
     try:
       stored = ocp.tree.to_flat_dict(tree.tree)
+      stored = {tuple(str(p) for p in k): v for k, v in stored.items()}
       wanted = _flat_abstract(abstract_state)
     except Exception:  # Unknown layout: let orbax do its own checks.
       log.debug("Structure pre-check skipped", exc_info=True)
@@ -395,92 +429,49 @@ class Checkpointer:
       more = f" (+{len(shape_diffs) - 10} more)" if len(shape_diffs) > 10 else ""
       parts.append("shape mismatch: " + "; ".join(shape_diffs[:10]) + more)
     raise CheckpointError(
-        f"Checkpoint {self._step_dir(step)} does not match the requested state "
+        f"Checkpoint {self.directory / str(step)} does not match the requested state "
         f"(different model or optimizer config?): " + ". ".join(parts) + ".")
 
 
-# ----------------------------------------------------------------------------
-# Preemption.
-
-_PREEMPTED = threading.Event()
-_warned_no_sync = False
-
-
-class _PreemptionFlag:
-  """Callable returning True once SIGTERM was received."""
-
-  def __init__(self, previous: dict):
-    self._previous = previous
-
-  def __call__(self) -> bool:
-    return _PREEMPTED.is_set()
-
-  def clear(self):
-    _PREEMPTED.clear()
-
-  def uninstall(self):
-    """Puts back the handlers that were active before installation."""
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-    self._previous = {}
+def _legacy_metadata(step_dir: epath.Path) -> dict:
+  """The JSON item that checkpoints written before the custom metadata carry."""
+  path = step_dir / LEGACY_METADATA_ITEM / "metadata"
+  try:
+    return json.loads(path.read_text()) if path.exists() else {}
+  except Exception as e:
+    raise _Unreadable(f"cannot read {path}: {_short(e)}") from e
 
 
-def _on_signal(signum, frame):
-  del signum, frame
-  # Only set a flag: the loop saves at a step boundary, never mid-update.
-  _PREEMPTED.set()
-
-
-def install_preemption_handler(signals=(signal.SIGTERM,)) -> Callable[[], bool]:
-  """Installs a flag-setting handler for SIGTERM; returns `preempted()`.
-
-  Must be called from the main thread. With several JAX processes the handler
-  is not installed: JAX's coordination service installs its own SIGTERM
-  notifier (which a Python handler would replace) and agrees on a common
-  sync step; use `reached_preemption(step)` there.
-  """
-  previous = {}
-  if jax.process_count() > 1:
-    log.info("Multi-process run: relying on JAX's preemption sync point "
-             "instead of a Python SIGTERM handler.")
-  else:
-    for sig in signals:
-      previous[sig] = signal.signal(sig, _on_signal)
-  return _PreemptionFlag(previous)
-
-
-def reached_preemption(step) -> bool:
-  """True if this step is where all processes should save and exit.
-
-  Single process: the local SIGTERM flag. Multi-process: JAX's preemption sync
-  point (every process must call this at every step), so that all hosts save
-  the same step; falls back to the local flag if the service is unavailable.
-  """
-  global _warned_no_sync
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    try:
-      return bool(multihost_utils.reached_preemption_sync_point(int(step)))
-    except RuntimeError as e:
-      if not _warned_no_sync:
-        log.warning("JAX preemption sync service unavailable (%s); using the "
-                    "local SIGTERM flag, hosts may disagree on the save step.", e)
-        _warned_no_sync = True
-  return _PREEMPTED.is_set()
+def _check_metadata(step_dir, expected: dict, actual: dict):
+  """Raises CheckpointError if `actual` differs from `expected` on one of its keys. The
+  'settings' entry ({dotted config key: value}) gets one sentence per setting; other entries
+  (model, experiment) list the differing fields."""
+  settings = [f"{key} was {actual['settings'][key]!r} when the checkpoint was written and is "
+              f"{value!r} now" for key, value in expected.get("settings", {}).items()
+              if key in actual.get("settings", {}) and actual["settings"][key] != value]
+  if settings:
+    first = next(iter(k for k, v in expected["settings"].items()
+                      if actual.get("settings", {}).get(k, v) != v))
+    raise CheckpointError(
+        f"Cannot resume {step_dir}: " + "; ".join(settings) + ". A resumed run must keep it "
+        f"(it changes the trained state or the data order): set {first} back to resume, or "
+        "pass another --workdir to start afresh.")
+  diffs = []
+  for key, value in expected.items():
+    if key == "settings":
+      continue
+    if key not in actual:
+      diffs.append(f"{key}: missing in checkpoint")
+    else:
+      diffs.extend(_metadata_diff(value, actual[key], key))
+  if diffs:
+    raise CheckpointError(
+        f"Checkpoint {step_dir} was written with a different configuration than requested; "
+        "differing fields: " + "; ".join(diffs) + ". Use a matching config or another workdir.")
 
 
 # ----------------------------------------------------------------------------
 # Backbone export / import.
-
-
-def _atomic_write_text(path: epath.Path, text: str):
-  if _is_local(path):
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-    os.replace(tmp, str(path))
-  else:
-    path.write_text(text)
 
 
 def export_backbone(directory, params, model_config: dict, *,
@@ -518,7 +509,7 @@ def export_backbone(directory, params, model_config: dict, *,
       ckptr.save(params_dir, params)
       ckptr.wait_until_finished()
     if jax.process_index() == 0:
-      _atomic_write_text(config_path, json.dumps(model_config, indent=2) + "\n")
+      metrics.atomic_write_text(config_path, json.dumps(model_config, indent=2) + "\n")
   except Exception as e:
     raise CheckpointError(f"Cannot write backbone export to {d}: {_short(e)}") from e
   return str(d)
@@ -545,14 +536,21 @@ def _restore_numpy(item_dir: epath.Path, select: Callable[[Any], Any] | None = N
         item=item, restore_args=restore_args, partial_restore=select is not None))
 
 
+def _step_metadata(step_dir: epath.Path) -> dict:
+  try:
+    custom = ocp.Checkpointer(ocp.CompositeCheckpointHandler()).metadata(step_dir).custom_metadata
+  except Exception as e:
+    raise CheckpointError(f"Cannot read the metadata of checkpoint {step_dir}: "
+                          f"{_short(e)}") from e
+  try:
+    return custom or _legacy_metadata(step_dir)
+  except _Unreadable as e:
+    raise CheckpointError(f"Checkpoint {step_dir}: {e}") from e
+
+
 def _load_from_step_dir(step_dir: epath.Path):
   state_dir = step_dir / STATE_ITEM
-  meta_path = step_dir / METADATA_ITEM / "metadata"
-  try:
-    metadata = json.loads(meta_path.read_text())
-  except Exception as e:
-    raise CheckpointError(
-        f"Cannot read checkpoint metadata {meta_path}: {_short(e)}") from e
+  metadata = _step_metadata(step_dir)
   model_config = metadata.get("model") if isinstance(metadata, dict) else None
   if not isinstance(model_config, dict):
     raise CheckpointError(
@@ -583,49 +581,57 @@ def _load_from_step_dir(step_dir: epath.Path):
   return {"backbone": vit.unstack_blocks(restored["params"]["backbone"])}, model_config
 
 
+def _load_export(p: epath.Path):
+  missing = [name for name, ok in ((EXPORT_CONFIG, (p / EXPORT_CONFIG).is_file()),
+                                   (f"{EXPORT_PARAMS}/", (p / EXPORT_PARAMS).is_dir())) if not ok]
+  if missing:
+    raise CheckpointError(f"Backbone export {p} is incomplete: it has no "
+                          f"{' and no '.join(missing)} (an export that was interrupted? export "
+                          "again, or point init at the pretraining checkpoints).")
+  try:
+    model_config = json.loads((p / EXPORT_CONFIG).read_text())
+    params = _restore_numpy(p / EXPORT_PARAMS)
+  except Exception as e:
+    raise CheckpointError(f"Backbone export {p} is corrupt or unreadable: {_short(e)}") from e
+  return params, model_config
+
+
 def load_backbone(path) -> tuple[Any, dict]:
   """Loads `(params, model_config)` as host numpy arrays.
 
   `path` may be
     * an `export_backbone` directory: returns the exported params tree as is;
-    * a checkpoint step directory (`<step>/state`, `<step>/metadata`), or
-    * a pretraining workdir (itself, or its checkpoints/ or ckpt/ sub-directory,
-      holding step directories): the latest committed step is used.
+    * a checkpoint step directory (`<step>/state` and orbax's step metadata), or
+    * a pretraining workdir: the latest committed step of the workdir itself or of its
+      checkpoints/ (or ckpt/) sub-directory, else its backbone/ export.
   For checkpoints the result is `{'backbone': state['params']['backbone']}` and
   `metadata['model']`, matching what `export_backbone` is given.
   """
-  p = epath.Path(os.path.abspath(path) if _is_local(path) else os.fspath(path))
+  p = _path(path)
   if not p.exists():
     raise CheckpointError(f"load_backbone: {p} does not exist.")
-
-  if (p / EXPORT_CONFIG).exists():
-    if not (p / EXPORT_PARAMS).is_dir():
-      raise CheckpointError(f"Backbone export {p} has {EXPORT_CONFIG} but no "
-                            f"{EXPORT_PARAMS}/ directory.")
-    try:
-      model_config = json.loads((p / EXPORT_CONFIG).read_text())
-      params = _restore_numpy(p / EXPORT_PARAMS)
-    except Exception as e:
-      raise CheckpointError(
-          f"Backbone export {p} is corrupt or unreadable: {_short(e)}") from e
-    return params, model_config
-
-  if (p / STATE_ITEM).is_dir() and (p / METADATA_ITEM).is_dir():
-    if not _is_committed(p):
-      raise CheckpointError(
-          f"{p} is an incomplete (uncommitted) checkpoint; use a committed step.")
+  if (p / EXPORT_CONFIG).exists() or (p / EXPORT_PARAMS).is_dir():
+    return _load_export(p)
+  if (p / STATE_ITEM).is_dir():
+    if not ocp.path.step.is_checkpoint_finalized(p):
+      raise CheckpointError(f"{p} is an incomplete (uncommitted) checkpoint; use a committed "
+                            "step.")
     return _load_from_step_dir(p)
 
   searched = []
   for sub in CHECKPOINT_SUBDIRS:
     d = p / sub if sub else p
     searched.append(str(d))
-    steps = [(s, sd) for s, sd in _committed_step_dirs(d)
-             if (sd / STATE_ITEM).is_dir()]
+    try:
+      steps = [s for s in ocp.utils.checkpoint_steps(d) if (d / str(s) / STATE_ITEM).is_dir()]
+    except (OSError, ValueError):
+      steps = []
     if steps:
-      return _load_from_step_dir(steps[-1][1])
+      return _load_from_step_dir(d / str(max(steps)))
+  if (p / EXPORT_DIR).is_dir():
+    return _load_export(p / EXPORT_DIR)
   raise CheckpointError(
       f"Nothing loadable at {p}: expected a backbone export ({EXPORT_CONFIG} + "
-      f"{EXPORT_PARAMS}/), a checkpoint step directory ({STATE_ITEM}/ + "
-      f"{METADATA_ITEM}/), or a workdir with committed step directories "
-      f"(searched {', '.join(searched)}).")
+      f"{EXPORT_PARAMS}/), a checkpoint step directory ({STATE_ITEM}/), or a pretraining "
+      f"workdir with committed step directories or a {EXPORT_DIR}/ export (searched "
+      f"{', '.join(searched)}).")

@@ -37,7 +37,8 @@ def _fmt_value(name: str, v: float) -> str:
   return f"{v:.4f}"
 
 
-def _json_default(o):
+def json_default(o):
+  """json.dumps(default=...) for numpy and JAX values and dates."""
   if isinstance(o, (np.generic, np.ndarray, jax.Array)):
     return np.asarray(o).tolist()
   if isinstance(o, (datetime.date, datetime.datetime)):
@@ -45,21 +46,78 @@ def _json_default(o):
   raise TypeError(f"object of type {type(o).__name__} is not JSON serialisable")
 
 
-def atomic_write_text(path: str, text: str):
-  """Writes `text` to `path` via a temp file in the same directory + rename."""
+def _finite_or_none(obj):
+  """NaN and inf -> None (JSON null): strict JSON has no NaN, and readers choke on it."""
+  if isinstance(obj, float):
+    return obj if math.isfinite(obj) else None
+  if isinstance(obj, dict):
+    return {k: _finite_or_none(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_finite_or_none(v) for v in obj]
+  return obj
+
+
+def to_json(obj, **kwargs) -> str:
+  """Strict JSON (non-finite floats as null) of dicts holding numpy, JAX and date values."""
+  obj = json.loads(json.dumps(obj, default=json_default))
+  return json.dumps(_finite_or_none(obj), allow_nan=False, **kwargs)
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+def atomic_write(path: str, write):
+  """Calls write(binary file) on a temporary file beside `path`, then renames it to `path`, so
+  readers never see a partial file. Local paths only. The file gets the mode open() would give
+  (0644 under the usual umask), not mkstemp's 0600."""
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)
   try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
+    with os.fdopen(fd, "wb") as f:
+      write(f)
       f.flush()
       os.fsync(f.fileno())
+    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+def atomic_write_text(path, text: str):
+  """Writes `text` to `path` atomically (local), or with one write (remote, e.g. gs://)."""
+  if "://" in str(path):
+    from etils import epath
+    epath.Path(path).write_text(text)
+  else:
+    atomic_write(os.fspath(path), lambda f: f.write(text.encode()))
+
+
+def write_json(path, obj):
+  atomic_write_text(path, to_json(obj, indent=2) + "\n")
+
+
+def drop_rows_after(path: str, step: int):
+  """Cuts metrics.jsonl after the last row of `step` or earlier: a resumed run redoes the later
+  steps and writes their rows again. Truncates in place, so a writer that holds the file open
+  in append mode keeps appending at the new end."""
+  if not os.path.exists(path):
+    return
+  keep = 0
+  with open(path, "rb") as f:
+    for line in f:
+      try:
+        if json.loads(line)["step"] > step:
+          break
+      except (ValueError, KeyError, TypeError):
+        break  # a torn last line (the process was killed mid-write) goes too.
+      keep += len(line)
+  os.truncate(path, keep)
 
 
 class MetricWriter:
@@ -93,6 +151,11 @@ class MetricWriter:
 
   # -- scalars ---------------------------------------------------------------
 
+  def start_timing(self, step):
+    """Counts img/s and ETA from now, `step` done: called once the first step (compilation)
+    is over, so that the first progress line already has both."""
+    self._first = self._last = (int(step), time.perf_counter())
+
   def exclude_time(self, seconds: float):
     """Leaves `seconds` (an evaluation, say) out of the img/s and ETA of the next line."""
     if self._first is not None:
@@ -115,7 +178,7 @@ class MetricWriter:
         for k, v in values.items():
           self._tf.summary.scalar(k, v, step=step)
 
-    parts = [f"step {step}/{self.total_steps}"]
+    parts = [f"step {step}/{self.total_steps}"] if self.total_steps else []  # 0: not a loop
     parts += [f"{k} {_fmt_value(k, v)}" for k, v in values.items()]
     if not timed:
       print(" | ".join(parts), file=self._stream or sys.stdout, flush=True)
@@ -149,10 +212,8 @@ class MetricWriter:
     safe = name.replace("/", "_")
     path = os.path.join(self.workdir, "images", f"{safe}_{int(step):07d}.png")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(path))
-    os.close(fd)
-    Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
+                 .save(f, format="PNG"))
     if self._tb is not None:
       with self._tb.as_default():
         self._tf.summary.image(name, img[None], step=int(step))
@@ -165,7 +226,7 @@ class MetricWriter:
     if not self.is_main:
       return None
     path = os.path.join(self.workdir, filename)
-    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+    write_json(path, obj)
     return path
 
   # -- lifecycle -------------------------------------------------------------

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import functools
 import os
-import tempfile
-import time
 from typing import Any, Callable, NamedTuple
 
 from absl import logging
@@ -93,15 +91,6 @@ def init_state(config, model, tx, rng) -> TrainState:
                     opt_state=tx.init(params), rng=state_rng)
 
 
-def create_train_state(config, model, tx, mesh, rng):
-  """Returns (state, state_shardings): parameters are created directly with their shardings."""
-  abstract = jax.eval_shape(functools.partial(init_state, config, model, tx), rng)
-  shardings = sharding.tree_shardings(abstract, mesh, config.sharding_rules)
-  state = jax.jit(functools.partial(init_state, config, model, tx),
-                  out_shardings=shardings)(rng)
-  return state, shardings
-
-
 # ---------------------------------------------------------------------------------------------
 # The step.
 # ---------------------------------------------------------------------------------------------
@@ -171,7 +160,9 @@ def make_train_step(config, model, tx, schedules: Schedules):
 
     metrics = {"loss": loss, **terms, "lr": schedules.lr(state.step),
                "weight_decay": schedules.weight_decay(state.step),
-               "grad_norm": optax.global_norm(grads), "mask_fraction": mask.mean()}
+               "grad_norm": optax.global_norm(grads)}
+    if uses_corruption(config):
+      metrics["mask_fraction"] = mask.mean()
     if with_teacher:
       metrics["momentum"] = momentum
     new_state = state.replace(step=state.step + 1, params=params, teacher=teacher,
@@ -181,12 +172,14 @@ def make_train_step(config, model, tx, schedules: Schedules):
   return train_step
 
 
-def jit_train_step(train_step, state_shardings, mesh):
-  """The step with the state donated; metrics come back replicated."""
-  return jax.jit(train_step,
-                 in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-                 out_shardings=(state_shardings, sharding.replicated(mesh)),
-                 donate_argnums=(0,))
+def jit_train_step(train_step, state_shardings, mesh,
+                   logical_axis_rules=sharding.LOGICAL_AXIS_RULES):
+  """The step with the state donated, activations split by `logical_axis_rules`
+  (config.logical_axis_rules); metrics come back replicated."""
+  return sharding.jit(train_step, mesh, logical_axis_rules,
+                      in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                      out_shardings=(state_shardings, sharding.replicated(mesh)),
+                      donate_argnums=(0,))
 
 
 def make_reconstruct(config, model):
@@ -206,11 +199,12 @@ def make_reconstruct(config, model):
 
 
 # ---------------------------------------------------------------------------------------------
-# The loop: mesh, input, state (fresh or resumed), steps, logs, pictures, checkpoints.
+# The run: experiment set-up, input, state and step, hooks; trainer.py runs the loop.
 # ---------------------------------------------------------------------------------------------
 
 
 def checkpoint_metadata(config) -> dict:
+  """What a resumed run must match (trainer.train adds the settings an exact resume needs)."""
   return {"model": vit.architecture(model_config(config)), "experiment": config.experiment}
 
 
@@ -219,16 +213,8 @@ def abstract_with_shardings(abstract, shardings):
                       abstract, shardings)
 
 
-METRIC_ORDER = ("loss", "recon", "contrastive", "lr")
-
-
-def metric_order(name: str):
-  return (METRIC_ORDER.index(name) if name in METRIC_ORDER else len(METRIC_ORDER), name)
-
-
 def validate(config):
   """Fails fast, before any data is read, on settings that cannot work."""
-  from sit_jax.models import vit
   arch = vit.parse_variant(config.model.variant)
   vit.check_image_size(config.data.image_size, arch["patch_size"])
   if config.gmml.align > 1 and config.data.image_size % config.gmml.align:
@@ -237,132 +223,93 @@ def validate(config):
   sit_model.sit_from_config(model_config(config), config.experiment)
 
 
+def picture_hook(config, model, mesh, writer):
+  """trainer hook: a grid of clean, corrupted and reconstructed views of the current batch."""
+  from sit_jax import viz
+  reconstruct = jax.jit(make_reconstruct(config, model), out_shardings=sharding.replicated(mesh))
+
+  def pictures(step, state, batch):
+    clean, corrupted, recon = jax.device_get(reconstruct(state, batch))
+    grid = viz.reconstruction_grid(clean, corrupted, recon, augment.IMAGENET_MEAN,
+                                   augment.IMAGENET_STD)
+    zoom = max(1, 96 // config.data.image_size)  # small images get big enough to see.
+    grid = np.repeat(np.repeat(grid, zoom, axis=0), zoom, axis=1)
+    writer.write_images(step, "reconstruction", grid)
+
+  return pictures
+
+
+def knn_hook(knn_monitor):
+  """trainer hook: the k-NN top-1 of the student's and the teacher's backbones."""
+  def evaluate(step, state, batch):
+    del step, batch
+    return knn_monitor({"student": state.params["backbone"],
+                        **({"teacher": state.teacher["backbone"]} if state.teacher else {})})
+  return evaluate
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Pretrains (or resumes pretraining) in `workdir`; returns the figures written to results.json."""
   # Imported here: TF (for TFDS and TensorBoard) stays out of pure-library users' processes.
-  from sit_jax import checkpoint, data, metrics, monitor, viz
+  from sit_jax import checkpoint, data, experiment, monitor, trainer
 
   validate(config)
-  workdir = os.path.abspath(workdir)
-  ensure_writable(workdir)
+  with experiment.Experiment(config, workdir,
+                             batch_sizes=(config.data.global_batch_size,)) as exp:
+    # Input. -----------------------------------------------------------------------------------
+    mesh = exp.mesh
+    data_dir = config.data.data_dir or None
+    info = data.dataset_info(config.data.source, config.data.split, data_dir=data_dir)
+    data.check_interpolation(config.data.interpolation)
+    total_steps, steps_per_epoch = optim.schedule_lengths(
+        config, config.num_train_examples or info.num_examples)
+    logging.info("%s: %d examples, %d steps per epoch, %d steps; mesh %s", info.name,
+                 info.num_examples, steps_per_epoch, total_steps, dict(mesh.shape))
 
-  # Mesh and input. ---------------------------------------------------------------------------
-  mesh = sharding.make_mesh(config.mesh)
-  sharding.check_batch_size(config.data.global_batch_size, mesh)
-  data_dir = config.data.data_dir or None
-  info = data.dataset_info(config.data.source, config.data.split, data_dir=data_dir)
-  data.check_interpolation(config.data.interpolation)
-  total_steps, steps_per_epoch = optim.schedule_lengths(
-      config, config.num_train_examples or info.num_examples)
-  logging.info("%s: %d examples, %d steps per epoch, %d steps; mesh %s", info.name,
-               info.num_examples, steps_per_epoch, total_steps, dict(mesh.shape))
+    def batches(start_step):
+      return data.pretrain_iterator(
+          config.data.source, config.data.split,
+          global_batch_size=config.data.global_batch_size, image_size=config.data.image_size,
+          crop_scale=tuple(config.data.crop_scale), seed=config.seed, start_step=start_step,
+          data_dir=data_dir, interpolation=config.data.interpolation, flip=config.data.flip)
 
-  # Model, optimiser and state: fresh, or resumed from the latest checkpoint. ----------------
-  model = build_model(config)
-  schedules = build_schedules(config, total_steps, steps_per_epoch)
-  tx = build_optimizer(config, schedules)
-  rng = jax.random.PRNGKey(config.seed)
-  init = functools.partial(init_state, config, model, tx)
-  abstract = jax.eval_shape(init, rng)
-  state_shardings = sharding.tree_shardings(abstract, mesh, config.sharding_rules)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                 max_to_keep=config.keep_checkpoints,
-                                 save_interval_steps=config.checkpoint_every)
-  metadata = checkpoint_metadata(config)
-  if ckpt.latest_step() is not None:
-    state, _ = ckpt.restore(abstract_with_shardings(abstract, state_shardings),
-                            expected_metadata=metadata, fallback=True)
-    logging.info("Resumed from step %d of %s", int(state.step), ckpt.directory)
-  else:
-    state = jax.jit(init, out_shardings=state_shardings)(rng)
-  start_step = int(state.step)
+    # Model, optimiser, state and step. --------------------------------------------------------
+    model = build_model(config)
+    schedules = build_schedules(config, total_steps, steps_per_epoch)
+    tx = build_optimizer(config, schedules)
+    rng = jax.random.PRNGKey(config.seed)
+    init = functools.partial(init_state, config, model, tx)
+    abstract = jax.eval_shape(init, rng)
+    state_shardings = sharding.tree_shardings(abstract, mesh, config.sharding_rules)
+    train_step = jit_train_step(make_train_step(config, model, tx, schedules), state_shardings,
+                                mesh, config.logical_axis_rules)
 
-  writer = metrics.MetricWriter(workdir, total_steps=total_steps,
-                                global_batch_size=config.data.global_batch_size)
-  writer.write_json("config.json", config.to_dict())
-  train_step = jit_train_step(make_train_step(config, model, tx, schedules), state_shardings,
-                              mesh)
-  reconstruct = jax.jit(make_reconstruct(config, model), out_shardings=sharding.replicated(mesh))
-  knn_monitor = monitor.KnnMonitor.from_config(config, mesh, model_config(config))
-  batches = data.pretrain_iterator(
-      config.data.source, config.data.split, global_batch_size=config.data.global_batch_size,
-      image_size=config.data.image_size, crop_scale=tuple(config.data.crop_scale),
-      seed=config.seed, start_step=start_step, data_dir=data_dir,
-      interpolation=config.data.interpolation, flip=config.data.flip)
-  preempted = checkpoint.install_preemption_handler()
+    # Hooks: pictures and the k-NN monitor. ----------------------------------------------------
+    writer = exp.writer(total_steps, config.data.global_batch_size)
+    hooks = []
+    if "recon_head" in abstract.params:
+      hooks.append(trainer.Hook(config.image_every, picture_hook(config, model, mesh, writer)))
+    knn_monitor = monitor.KnnMonitor.from_config(config, mesh, model_config(config))
+    if knn_monitor:
+      hooks.append(trainer.Hook(config.eval_every, knn_hook(knn_monitor)))
 
-  # Steps. -------------------------------------------------------------------------------------
-  pending, last_logged, last_eval, start_time = [], {}, {}, time.perf_counter()
-  step = start_step
-  while step < total_steps:
-    batch = sharding.global_batch(next(batches), mesh)
-    state, step_metrics = train_step(state, batch)
-    step += 1
-    pending.append(step_metrics)  # stays on device until the next log step.
+    # Train. -----------------------------------------------------------------------------------
+    outcome = trainer.train(
+        exp, init=lambda: jax.jit(init, out_shardings=state_shardings)(rng),
+        abstract=abstract_with_shardings(abstract, state_shardings), step_fn=train_step,
+        batches=batches, total_steps=total_steps, metadata=checkpoint_metadata(config),
+        hooks=hooks)
 
-    evaluated = {}
-    if knn_monitor and (step % config.eval_every == 0 or step == total_steps):
-      jax.block_until_ready(state)  # the steps in flight are training time, not evaluation.
-      eval_start = time.perf_counter()
-      evaluated = knn_monitor({"student": state.params["backbone"],
-                               **({"teacher": state.teacher["backbone"]} if state.teacher else {})})
-      writer.exclude_time(time.perf_counter() - eval_start)  # img/s and ETA count training only
-      last_eval = evaluated
-    if step % config.log_every == 0 or step == total_steps:
-      means = jax.tree.map(lambda *xs: float(np.mean(xs)), *jax.device_get(pending))
-      last_logged = {k: means[k] for k in sorted(means, key=metric_order)}
-      skipped = getattr(batches, "num_skipped", 0)
-      writer.write_scalars(step, {**last_logged, **evaluated,
-                                  **({"skipped_images": skipped} if skipped else {})})
-      pending = []
-    elif evaluated:
-      writer.write_scalars(step, evaluated, timed=False)
-    if "recon_head" in state.params and (step % config.image_every == 0 or step == total_steps):
-      clean, corrupted, recon = jax.device_get(reconstruct(state, batch))
-      grid = viz.reconstruction_grid(clean, corrupted, recon, augment.IMAGENET_MEAN,
-                                     augment.IMAGENET_STD)
-      zoom = max(1, 96 // config.data.image_size)  # small images get big enough to see.
-      grid = np.repeat(np.repeat(grid, zoom, axis=0), zoom, axis=1)
-      writer.write_images(step, "reconstruction", grid)
-    stop = checkpoint.reached_preemption(step)
-    if stop or step == total_steps:
-      ckpt.save(step, state, metadata=metadata, force=True)
-    else:
-      ckpt.save(step, state, metadata=metadata)
-    if stop:
-      logging.warning("Preemption signal: saved step %d, exiting; start the same command to "
-                      "resume.", step)
-      break
-
-  ckpt.wait()
-  results = {"step": step, "total_steps": total_steps, "experiment": config.experiment,
-             "dataset": info.name, "final_metrics": last_logged,
-             **({"knn_monitor": {**last_eval, "bank": monitor.eval_splits(config)}}
-                if last_eval else {}),
-             "checkpoint": os.path.join(workdir, "checkpoints", str(step)),
-             "train_seconds_this_run": time.perf_counter() - start_time,
-             "steps_this_run": step - start_step, "preempted": bool(step < total_steps)}
-  if step == total_steps and config.export_backbone:
-    # Exports always use the per-block layout (blocks_i) that transfer and convert read.
-    backbone = state.params["backbone"]
-    if vit.SCANNED_BLOCKS in backbone:
-      backbone = jax.jit(vit.unstack_blocks)(backbone)
-    results["backbone"] = checkpoint.export_backbone(
-        os.path.join(workdir, "backbone"), {"backbone": backbone},
-        {**model_config(config), "scan_layers": False}, overwrite=True)
-  writer.write_json("results.json", results)
-  writer.close()
-  ckpt.close()
+    results = {"experiment": config.experiment, "dataset": info.name, **outcome.results(),
+               **({"knn_monitor": {**outcome.evaluated, "bank": monitor.eval_splits(config)}}
+                  if outcome.evaluated else {})}
+    if outcome.complete and config.export_backbone:
+      # Exports always use the per-block layout (blocks_i) that transfer and convert read.
+      backbone = outcome.state.params["backbone"]
+      if vit.SCANNED_BLOCKS in backbone:
+        backbone = jax.jit(vit.unstack_blocks)(backbone)
+      results["backbone"] = checkpoint.export_backbone(
+          os.path.join(exp.workdir, "backbone"), {"backbone": backbone},
+          {**model_config(config), "scan_layers": False}, overwrite=True)
+    exp.finish(results)
   return results
-
-
-def ensure_writable(workdir: str):
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    # A unique name: every process of a multi-process job probes the same (shared) workdir.
-    fd, probe = tempfile.mkstemp(prefix=".write_probe_", dir=workdir)
-    os.close(fd)
-    os.remove(probe)
-  except OSError as e:
-    raise PermissionError(f"Workdir {workdir} is not writable ({e.strerror}): pass a "
-                          "--workdir you can write to.") from e

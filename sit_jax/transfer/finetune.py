@@ -8,8 +8,6 @@ layer (layer-wise lr decay). Everything runs in one jax.jit over the mesh.
 from __future__ import annotations
 
 import functools
-import os
-import time
 
 from absl import logging
 import flax.linen as nn
@@ -103,63 +101,61 @@ def make_finetune_step(config, model, tx, num_classes: int, *, multilabel: bool 
 
 
 def run(config, workdir: str, *, multilabel: bool = False) -> dict:
-  from sit_jax import metrics
+  from sit_jax import experiment, trainer
 
-  workdir = os.path.abspath(workdir)
-  start = time.perf_counter()
-  # Mesh and input. ---------------------------------------------------------------------------
-  mesh = sharding.make_mesh(config.mesh)
-  sharding.check_batch_size(config.data.global_batch_size, mesh)
-  sharding.check_batch_size(config.eval_batch_size, mesh)
-  train_info, test_info = common.dataset_infos(config)
-  common.check_multilabel(train_info, multilabel)
-  num_classes = train_info.num_classes
-  total_steps, steps_per_epoch = optim.schedule_lengths(config, train_info.num_examples)
-  size = config.data.image_size
+  with experiment.Experiment(config, workdir, batch_sizes=(config.data.global_batch_size,
+                                                           config.eval_batch_size)) as exp:
+    # Input. -----------------------------------------------------------------------------------
+    mesh = exp.mesh
+    train_info, test_info = common.dataset_infos(config)
+    common.check_multilabel(train_info, multilabel)
+    num_classes = train_info.num_classes
+    total_steps, steps_per_epoch = optim.schedule_lengths(config, train_info.num_examples)
+    size = config.data.image_size
 
-  # Model, optimiser, state (backbone from config.init). -------------------------------------
-  backbone = common.load_backbone(config, image_size=size)
-  model = Classifier(backbone.module, num_classes, config.head.features)
-  lr = supervised.lr_schedule(config, total_steps, steps_per_epoch)
-  abstract_params = jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))["params"])
-  tx = supervised.make_optimizer(config, lr, abstract_params, backbone.module.depth)
-  state, shardings = create_state(model, tx, size, mesh, config.sharding_rules,
-                                  jax.random.PRNGKey(config.seed), backbone.params)
-  logging.info("%s: %d classes, %d train examples, %d steps (%d per epoch); init %s",
-               train_info.name, num_classes, train_info.num_examples, total_steps,
-               steps_per_epoch, backbone.init or "random")
+    # Model, optimiser, state (backbone from config.init) and step. ----------------------------
+    backbone = common.load_backbone(config, image_size=size)
+    model = Classifier(backbone.module, num_classes, config.head.features)
+    lr = supervised.lr_schedule(config, total_steps, steps_per_epoch)
+    abstract_params = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))["params"])
+    tx = supervised.make_optimizer(config, lr, abstract_params, backbone.module.depth)
+    state, shardings = create_state(model, tx, size, mesh, config.sharding_rules,
+                                    jax.random.PRNGKey(config.seed), backbone.params)
+    logging.info("%s: %d classes, %d train examples, %d steps (%d per epoch); init %s",
+                 train_info.name, num_classes, train_info.num_examples, total_steps,
+                 steps_per_epoch, backbone.init or "random")
+    step_fn = jax.jit(make_finetune_step(config, model, tx, num_classes,
+                                         multilabel=multilabel, lr=lr),
+                      in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                      out_shardings=(shardings, sharding.replicated(mesh)),
+                      donate_argnums=(0,))
 
-  step_fn = jax.jit(make_finetune_step(config, model, tx, num_classes, multilabel=multilabel,
-                                       lr=lr),
-                    in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
-  logits_fn = lambda params, images: model.apply({"params": params}, common.to_input(images))
-  num_evaluated = [0]
+    # Evaluation on the test split. ------------------------------------------------------------
+    logits_fn = lambda params, images: model.apply({"params": params}, common.to_input(images))
+    num_evaluated = [0]
 
-  def evaluate(state):
-    logits, labels = common.extract_features(logits_fn, state.params,
-                                             common.eval_batches(config, config.data.test_split,
-                                                                 size), mesh)
-    num_evaluated[0] = len(labels)
-    return common.score(logits, labels, multilabel, config.get("voc07", False))
+    def evaluate(state):
+      batches = common.eval_batches(config, config.data.test_split, size)
+      logits, labels = common.extract_features(logits_fn, state.params, batches, mesh)
+      num_evaluated[0] = len(labels)
+      return common.score(logits, labels, multilabel, config.get("voc07", False))
 
-  def make_batches(start_step):
-    return common.train_batches(config, start_step, size)
-
-  # Loop. -------------------------------------------------------------------------------------
-  writer = metrics.MetricWriter(workdir, total_steps=total_steps,
-                                global_batch_size=config.data.global_batch_size)
-  writer.write_json("config.json", config.to_dict())
-  metadata = common.checkpoint_metadata(config, backbone, num_classes)
-  state, train_metrics, scores = supervised.train_loop(
-      config, workdir, state=state, step_fn=step_fn, make_batches=make_batches,
-      total_steps=total_steps, evaluate=evaluate, metadata=metadata, writer=writer, mesh=mesh)
-  results = common.results_dict(
-      config, backbone, train_info, test_info, num_evaluated[0], scores,
-      frozen=False, steps=int(state.step), total_steps=total_steps,
-      final_train_metrics=train_metrics, seconds_this_run=time.perf_counter() - start,
-      complete=int(state.step) == total_steps)
-  writer.write_json("results.json", results)
-  writer.close()
+    # Train. -----------------------------------------------------------------------------------
+    exp.writer(total_steps, config.data.global_batch_size)
+    outcome = trainer.train(
+        exp, init=lambda: state, abstract=supervised.abstract_of(state), step_fn=step_fn,
+        batches=lambda start_step: common.train_batches(config, start_step, size),
+        total_steps=total_steps, metadata=common.checkpoint_metadata(config, backbone,
+                                                                     num_classes),
+        hooks=[supervised.evaluation_hook(config, evaluate)])
+    run_results = outcome.results()
+    results = common.results_dict(
+        config, backbone, train_info, test_info, num_evaluated[0],
+        supervised.test_scores(outcome.evaluated), frozen=False, steps=outcome.step,
+        total_steps=total_steps, final_train_metrics=outcome.metrics,
+        seconds_this_run=outcome.seconds, complete=outcome.complete,
+        **{k: run_results[k] for k in ("checkpoint", "preempted", "steps_this_run", "error")
+           if k in run_results})
+    exp.finish(results)
   return results

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import functools
 import itertools
-import os
 import time
+import types
 
 from absl import logging
 import flax.linen as nn
@@ -83,34 +83,41 @@ def make_probe_step(feature_fn, head, tx, num_classes: int, *, multilabel: bool 
 def fit_head(config, head, tx, features, labels, num_classes: int, mesh, total_steps: int, *,
              multilabel: bool = False, lr=None, writer=None) -> supervised.TrainState:
   """Trains the head on cached features (host numpy, every host holding all of them): shuffled
-  epochs of config.data.global_batch_size, the last partial batch dropped."""
+  epochs of config.data.global_batch_size, the last partial batch dropped. The loop is
+  trainer.train's, in memory (a head of a few seconds is not checkpointed)."""
+  from sit_jax import trainer
   batch_size = config.data.global_batch_size
   n = len(features)
   if n < batch_size:
     raise ValueError(f"{n} training examples is fewer than one batch of {batch_size}.")
-  state = jax.jit(functools.partial(init_head_state, head, tx, features.shape[1]),
-                  out_shardings=sharding.replicated(mesh))(jax.random.PRNGKey(config.seed))
-  step_fn = jax.jit(make_head_step(head, tx, num_classes, multilabel=multilabel, lr=lr),
-                    in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh),
-                                  sharding.batch_sharding(mesh)),
-                    out_shardings=sharding.replicated(mesh), donate_argnums=(0,))
-  rng = np.random.default_rng(config.seed)
+  init = lambda: jax.jit(functools.partial(init_head_state, head, tx, features.shape[1]),
+                         out_shardings=sharding.replicated(mesh))(jax.random.PRNGKey(config.seed))
+  head_step = jax.jit(make_head_step(head, tx, num_classes, multilabel=multilabel, lr=lr),
+                      in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh),
+                                    sharding.batch_sharding(mesh)),
+                      out_shardings=sharding.replicated(mesh), donate_argnums=(0,))
   per_epoch = n // batch_size
   p, count = jax.process_index(), jax.process_count()
-  pending = []
-  for step in range(total_steps):
-    if step % per_epoch == 0:
-      order = rng.permutation(n)
-    idx = order[(step % per_epoch) * batch_size:][:batch_size].reshape(count, -1)[p]
-    batch = sharding.global_batch({"x": features[idx], "y": labels[idx]}, mesh)
-    state, metrics = step_fn(state, batch["x"], batch["y"])
-    pending.append(metrics)
-    if writer is not None and ((step + 1) % config.log_every == 0 or step + 1 == total_steps):
-      writer.write_scalars(step + 1, {k: float(np.mean(v)) for k, v in
-                                      jax.tree.map(lambda *xs: np.stack(xs),
-                                                   *jax.device_get(pending)).items()})
-      pending = []
-  return state
+
+  def batches(start_step):
+    del start_step  # always 0: nothing is restored.
+    rng = np.random.default_rng(config.seed)
+    for step in itertools.count():
+      if step % per_epoch == 0:
+        order = rng.permutation(n)
+      idx = order[(step % per_epoch) * batch_size:][:batch_size].reshape(count, -1)[p]
+      yield {"x": features[idx], "y": labels[idx]}
+
+  # The parts of an experiment.Experiment the loop reads.
+  run = types.SimpleNamespace(config=config, mesh=mesh, workdir=None, is_main=p == 0,
+                              metric_writer=writer)
+  outcome = trainer.train(run, init=init, abstract=None, metadata=None, batches=batches,
+                          step_fn=lambda state, b: head_step(state, b["x"], b["y"]),
+                          total_steps=total_steps, checkpoints=False)
+  if outcome.error:
+    from sit_jax import experiment
+    raise experiment.RunError(outcome.error)
+  return outcome.state
 
 
 def feature_standardizer(features, eps: float = 1e-6):
@@ -278,154 +285,152 @@ def probe_cached(train_feats, train_labels, test_feats, test_labels, num_classes
 
 
 def run(config, workdir: str, *, multilabel: bool = False) -> dict:
-  from sit_jax import metrics
+  from sit_jax import experiment, trainer
 
-  workdir = os.path.abspath(workdir)
   start = time.perf_counter()
-  # Mesh, input, frozen backbone. ------------------------------------------------------------
-  mesh = sharding.make_mesh(config.mesh)
-  sharding.check_batch_size(config.data.global_batch_size, mesh)
-  sharding.check_batch_size(config.eval_batch_size, mesh)
-  train_info, test_info = common.dataset_infos(config)
-  common.check_multilabel(train_info, multilabel)
-  num_classes = train_info.num_classes
-  size = config.data.image_size
-  backbone = common.load_backbone(config, image_size=size, drop_path_rate=0.0)
-  params = common.place_backbone(backbone, mesh, config.sharding_rules, config.seed)
-  fn = common.make_feature_fn(backbone.module, config.head.features, config.head.last_blocks)
-  features_of = common.uint8_features(fn)
-  dim = common.feature_dim(backbone.module, config.head.features, config.head.last_blocks)
-  lin, voc07 = config.linear, config.get("voc07", False)
-  solver = lin.get("solver", "lbfgs") if lin.cache_features else "augmented"
-  if solver not in ("lbfgs", "sgd", "augmented"):
-    raise ValueError(f"linear.solver must be 'lbfgs' or 'sgd', not {solver!r}.")
+  with experiment.Experiment(config, workdir, batch_sizes=(config.data.global_batch_size,
+                                                           config.eval_batch_size)) as exp:
+    # Input and frozen backbone. ---------------------------------------------------------------
+    mesh = exp.mesh
+    train_info, test_info = common.dataset_infos(config)
+    common.check_multilabel(train_info, multilabel)
+    num_classes = train_info.num_classes
+    size = config.data.image_size
+    backbone = common.load_backbone(config, image_size=size, drop_path_rate=0.0)
+    params = common.place_backbone(backbone, mesh, config.sharding_rules, config.seed)
+    fn = common.make_feature_fn(backbone.module, config.head.features, config.head.last_blocks)
+    features_of = common.uint8_features(fn)
+    dim = common.feature_dim(backbone.module, config.head.features, config.head.last_blocks)
+    lin, voc07 = config.linear, config.get("voc07", False)
+    solver = lin.get("solver", "lbfgs") if lin.cache_features else "augmented"
+    if solver not in ("lbfgs", "sgd", "augmented"):
+      raise ValueError(f"linear.solver must be 'lbfgs' or 'sgd', not {solver!r}.")
 
-  total_steps, steps_per_epoch = optim.schedule_lengths(config, train_info.num_examples)
-  lr = supervised.lr_schedule(config, total_steps, steps_per_epoch)
-  tx = supervised.make_optimizer(config, lr)
-  head = make_head(num_classes)
-  # L-BFGS logs its iterations out of linear.max_iter.
-  writer = metrics.MetricWriter(
-      workdir, total_steps=lin.get("max_iter", 5000) if solver == "lbfgs" else total_steps,
-      global_batch_size=config.data.global_batch_size)
-  writer.write_json("config.json", config.to_dict())
-  logging.info("%s: %d classes, %d train examples, %d-d features, solver %s%s; init %s",
-               train_info.name, num_classes, train_info.num_examples, dim, solver,
-               "" if solver == "lbfgs" else f", {total_steps} steps", backbone.init or "random")
+    total_steps, steps_per_epoch = optim.schedule_lengths(config, train_info.num_examples)
+    lr = supervised.lr_schedule(config, total_steps, steps_per_epoch)
+    tx = supervised.make_optimizer(config, lr)
+    head = make_head(num_classes)
+    # Progress lines count steps only for the SGD solvers: L-BFGS logs one line when it is done.
+    writer = exp.writer(0 if solver == "lbfgs" else total_steps, config.data.global_batch_size)
+    logging.info("%s: %d classes, %d train examples, %d-d features, solver %s%s; init %s",
+                 train_info.name, num_classes, train_info.num_examples, dim, solver,
+                 "" if solver == "lbfgs" else f", {total_steps} steps", backbone.init or "random")
 
-  def lbfgs_probe(train_feats, train_labels, test_feats, test_labels):
-    return probe_cached(
-        train_feats, train_labels, test_feats, test_labels, num_classes,
-        l2=tuple(lin.get("l2", (1e-4,))), val_fraction=lin.get("val_fraction", 0.2),
-        normalize=lin.normalize_features, multilabel=multilabel, voc07=voc07,
-        max_iter=lin.get("max_iter", 5000), tol=lin.get("tol", 1e-5), seed=config.seed,
-        mesh=mesh)
+    def lbfgs_probe(train_feats, train_labels, test_feats, test_labels):
+      return probe_cached(
+          train_feats, train_labels, test_feats, test_labels, num_classes,
+          l2=tuple(lin.get("l2", (1e-4,))), val_fraction=lin.get("val_fraction", 0.2),
+          normalize=lin.normalize_features, multilabel=multilabel, voc07=voc07,
+          max_iter=lin.get("max_iter", 5000), tol=lin.get("tol", 1e-5), seed=config.seed,
+          mesh=mesh)
 
-  def sgd_probe(train_feats, train_labels, test_feats, test_labels, log=None):
-    standardize = (feature_standardizer(train_feats) if lin.normalize_features
-                   else (lambda f: f))
-    state = fit_head(config, head, tx, standardize(train_feats), train_labels, num_classes,
-                     mesh, total_steps, multilabel=multilabel, lr=lr, writer=log)
-    scores = common.score(head_logits(state.params, standardize(test_feats)), test_labels,
-                          multilabel, voc07)
-    return scores, state.params, standardize, {"steps": total_steps}
+    def sgd_probe(train_feats, train_labels, test_feats, test_labels, log=None):
+      standardize = (feature_standardizer(train_feats) if lin.normalize_features
+                     else (lambda f: f))
+      state = fit_head(config, head, tx, standardize(train_feats), train_labels, num_classes,
+                       mesh, total_steps, multilabel=multilabel, lr=lr, writer=log)
+      scores = common.score(head_logits(state.params, standardize(test_feats)), test_labels,
+                            multilabel, voc07)
+      return scores, state.params, standardize, {"steps": total_steps}
 
-  def test_features():
-    return common.extract_features(
-        features_of, params, common.eval_batches(config, config.data.test_split, size), mesh,
-        common.log_progress("test features"))
+    def test_features():
+      return common.extract_features(
+          features_of, params, common.eval_batches(config, config.data.test_split, size), mesh,
+          common.log_progress("test features"))
 
-  # Train the head. ---------------------------------------------------------------------------
-  train_metrics, extra = {}, {}
-  if solver in ("lbfgs", "sgd"):
-    train_feats, train_labels, test_feats, test_labels = common.split_features(
-        config, features_of, params, mesh, size)
-    if solver == "lbfgs":
-      scores, _, standardize, info = lbfgs_probe(train_feats, train_labels, test_feats,
-                                                 test_labels)
-      steps = info["iterations"]
-      train_metrics = {"loss": info["loss"], "grad_norm": info["grad_norm"]}
-      extra["probe"] = info
-      writer.write_scalars(steps, {"probe/loss": info["loss"],
-                                   "probe/grad_norm": info["grad_norm"], "probe/l2": info["l2"],
-                                   **{f"probe/held_out/l2={k}": v
-                                      for k, v in info.get("held_out", {}).items()}})
-      logging.info("L-BFGS: l2 %g (held-out %s), %d iterations, training objective %.4f, "
-                   "gradient norm %.1e", info["l2"], info.get("held_out", "-"), steps,
-                   info["loss"], info["grad_norm"])
+    # Train the head. -------------------------------------------------------------------------
+    train_metrics, extra = {}, {}
+    if solver in ("lbfgs", "sgd"):
+      train_feats, train_labels, test_feats, test_labels = common.split_features(
+          config, features_of, params, mesh, size)
+      if solver == "lbfgs":
+        scores, _, standardize, info = lbfgs_probe(train_feats, train_labels, test_feats,
+                                                   test_labels)
+        steps = info["iterations"]
+        train_metrics = {"loss": info["loss"], "grad_norm": info["grad_norm"]}
+        extra["probe"] = info
+        writer.write_scalars(steps, {"probe/loss": info["loss"],
+                                     "probe/grad_norm": info["grad_norm"], "probe/l2": info["l2"],
+                                     **{f"probe/held_out/l2={k}": v
+                                        for k, v in info.get("held_out", {}).items()}})
+        logging.info("L-BFGS: l2 %g (held-out %s), %d iterations, training objective %.4f, "
+                     "gradient norm %.1e", info["l2"], info.get("held_out", "-"), steps,
+                     info["loss"], info["grad_norm"])
+      else:
+        scores, _, standardize, _ = sgd_probe(train_feats, train_labels, test_feats, test_labels,
+                                              log=writer)
+        steps = total_steps
+      test_feats = standardize(test_feats)
+      writer.write_scalars(steps, {f"test/{k}": v for k, v in scores.items()})
     else:
-      scores, _, standardize, _ = sgd_probe(train_feats, train_labels, test_feats, test_labels,
-                                            log=writer)
-      steps = total_steps
-    test_feats = standardize(test_feats)
-    writer.write_scalars(steps, {f"test/{k}": v for k, v in scores.items()})
-  else:
-    standardize = lambda f: f
-    if lin.normalize_features:
-      batches = common.eval_batches(config, config.data.train_split, size)
-      num = -(-lin.stats_examples // config.eval_batch_size)
-      sample, _ = common.extract_features(features_of, params, itertools.islice(batches, num),
-                                          mesh, common.log_progress("feature statistics"))
-      standardize = feature_standardizer(sample)
-    head_state = jax.jit(functools.partial(init_head_state, head, tx, dim),
-                         out_shardings=sharding.replicated(mesh))(jax.random.PRNGKey(config.seed))
-    probe = jax.jit(make_probe_step(lambda p, x: standardize(fn(p, x)), head, tx, num_classes,
-                                    multilabel=multilabel, lr=lr),
-                    out_shardings=sharding.replicated(mesh), donate_argnums=(0,))
-    cache = {}
+      standardize = lambda f: f
+      if lin.normalize_features:
+        batches = common.eval_batches(config, config.data.train_split, size)
+        num = -(-lin.stats_examples // config.eval_batch_size)
+        sample, _ = common.extract_features(features_of, params, itertools.islice(batches, num),
+                                            mesh, common.log_progress("feature statistics"))
+        standardize = feature_standardizer(sample)
+      head_state = jax.jit(functools.partial(init_head_state, head, tx, dim),
+                           out_shardings=sharding.replicated(mesh))(jax.random.PRNGKey(config.seed))
+      probe = jax.jit(make_probe_step(lambda p, x: standardize(fn(p, x)), head, tx, num_classes,
+                                      multilabel=multilabel, lr=lr),
+                      out_shardings=sharding.replicated(mesh), donate_argnums=(0,))
+      cache = {}
 
-    def evaluate(state):
-      feats, labels = test_features()
-      cache["test"] = standardize(feats), labels
-      return common.score(head_logits(state.params, cache["test"][0]), labels, multilabel,
-                          voc07)
+      def evaluate(state):
+        feats, labels = test_features()
+        cache["test"] = standardize(feats), labels
+        return common.score(head_logits(state.params, cache["test"][0]), labels, multilabel,
+                            voc07)
 
-    def make_batches(start_step):
-      return common.train_batches(config, start_step, size)
+      outcome = trainer.train(
+          exp, init=lambda: head_state, abstract=supervised.abstract_of(head_state),
+          step_fn=lambda s, b: probe(s, params, b),
+          batches=lambda start_step: common.train_batches(config, start_step, size),
+          total_steps=total_steps,
+          metadata=common.checkpoint_metadata(config, backbone, num_classes),
+          hooks=[supervised.evaluation_hook(config, evaluate)])
+      train_metrics, scores, steps = (outcome.metrics, supervised.test_scores(outcome.evaluated),
+                                      outcome.step)
+      extra.update({k: v for k, v in outcome.results().items()
+                    if k in ("checkpoint", "preempted", "steps_this_run", "error")})
+      test_feats, test_labels = cache.get("test", (np.zeros((0, dim)), np.zeros((0,))))
 
-    metadata = common.checkpoint_metadata(config, backbone, num_classes)
-    state, train_metrics, scores = supervised.train_loop(
-        config, workdir, state=head_state, step_fn=lambda s, b: probe(s, params, b),
-        make_batches=make_batches, total_steps=total_steps, evaluate=evaluate,
-        metadata=metadata, writer=writer, mesh=mesh)
-    steps = int(state.step)
-    test_feats, test_labels = cache.get("test", (np.zeros((0, dim)), np.zeros((0,))))
+    # Baselines: the same probe on raw pixels and on the random-init backbone. -----------------
+    if config.get("baselines", False) and scores:
+      # The augmented SGD probe would need a training run per row: its baselines use the cached
+      # L-BFGS probe (marked in results.json).
+      evaluate_cached = sgd_probe if solver == "sgd" else lbfgs_probe
+      baselines = {}
+      for name, (base_fn, base_params) in common.baseline_extractors(config, backbone, mesh,
+                                                                     fn).items():
+        feats = common.split_features(config, base_fn, base_params, mesh, size, f"{name}: ")
+        row, _, _, info = evaluate_cached(*feats)
+        baselines[name] = {**row, "dim": int(feats[0].shape[1]),
+                           **({"l2": info["l2"]} if "l2" in info else {})}
+      if "random_init" not in baselines:  # the evaluated backbone is the random init
+        baselines["random_init"] = {**scores, "dim": dim,
+                                    **({"l2": extra["probe"]["l2"]} if "probe" in extra else {})}
+      if solver == "augmented":
+        baselines["protocol"] = "cached features, L-BFGS"
+      rows = {k: v for k, v in baselines.items() if isinstance(v, dict)}
+      writer.write_scalars(steps, {f"baselines/{name}/{k}": v for name, row in rows.items()
+                                   for k, v in row.items() if k not in ("dim", "l2")})
+      common.log_baselines("linear probe", common.dataset_name(config), backbone.init, scores,
+                           rows)
+      extra["baselines"] = baselines
 
-  # Baselines: the same probe on raw pixels and on the random-init backbone. ---------------------
-  if config.get("baselines", False) and scores:
-    # The augmented SGD probe would need a training run per row: its baselines use the cached
-    # L-BFGS probe (marked in results.json).
-    evaluate_cached = sgd_probe if solver == "sgd" else lbfgs_probe
-    baselines = {}
-    for name, (base_fn, base_params) in common.baseline_extractors(config, backbone, mesh,
-                                                                   fn).items():
-      feats = common.split_features(config, base_fn, base_params, mesh, size, f"{name}: ")
-      row, _, _, info = evaluate_cached(*feats)
-      baselines[name] = {**row, "dim": int(feats[0].shape[1]),
-                         **({"l2": info["l2"]} if "l2" in info else {})}
-    if "random_init" not in baselines:  # the evaluated backbone is the random init
-      baselines["random_init"] = {**scores, "dim": dim,
-                                  **({"l2": extra["probe"]["l2"]} if "probe" in extra else {})}
-    if solver == "augmented":
-      baselines["protocol"] = "cached features, L-BFGS"
-    rows = {k: v for k, v in baselines.items() if isinstance(v, dict)}
-    writer.write_scalars(steps, {f"baselines/{name}/{k}": v for name, row in rows.items()
-                                 for k, v in row.items() if k not in ("dim", "l2")})
-    common.log_baselines("linear probe", common.dataset_name(config), backbone.init, scores,
-                         rows)
-    extra["baselines"] = baselines
-
-  results = common.results_dict(
-      config, backbone, train_info, test_info, len(test_labels), scores, frozen=True,
-      features=config.head.features, last_blocks=config.head.last_blocks,
-      cached_features=bool(lin.cache_features), solver=solver, steps=steps,
-      total_steps=steps if solver == "lbfgs" else total_steps,
-      final_train_metrics=train_metrics, **extra,
-      seconds_this_run=time.perf_counter() - start)
-  writer.write_json("results.json", results)
-  writer.close()
-  if not multilabel:
-    common.tsne(config, workdir, test_feats, test_labels,
-                f"{results['dataset']} ({results['init']}): linear top-1 "
-                f"{scores.get('top1', float('nan')):.3f}")
+    results = common.results_dict(
+        config, backbone, train_info, test_info, len(test_labels), scores, frozen=True,
+        features=config.head.features, last_blocks=config.head.last_blocks,
+        cached_features=bool(lin.cache_features), solver=solver, steps=steps,
+        total_steps=steps if solver == "lbfgs" else total_steps,
+        final_train_metrics=train_metrics, **extra,
+        seconds_this_run=time.perf_counter() - start)
+    tsne = None
+    if not multilabel and not results.get("error"):
+      tsne = common.tsne(config, exp.workdir, test_feats, test_labels,
+                         f"{results['dataset']} ({results['init']}): linear top-1 "
+                         f"{scores.get('top1', float('nan')):.3f}")
+    exp.finish(results, also=[tsne] if tsne else [])
   return results

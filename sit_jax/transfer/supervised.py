@@ -1,16 +1,12 @@
 """Supervised training shared by fine-tuning and the linear probe: train state, losses,
-optimiser (with layer-wise lr decay), and the resumable loop."""
+optimiser (with layer-wise lr decay) and the evaluation hook of the loop (trainer.py)."""
 from __future__ import annotations
 
-import os
-import time
 from typing import Any, Callable
 
-from absl import logging
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from sit_jax import optim, sharding
@@ -99,55 +95,16 @@ def abstract_of(tree):
                       tree)
 
 
-# ---------------------------------------------------------------------------------------------
-# The loop.
-# ---------------------------------------------------------------------------------------------
+def evaluation_hook(config, evaluate: Callable) -> "trainer.Hook":
+  """trainer hook: evaluate(state) -> scores, logged as test/<score> every config.eval_every
+  steps (0: none) and at the end, also when a finished run is started again."""
+  from sit_jax import trainer
+  return trainer.Hook(config.eval_every,
+                      lambda step, state, batch: {f"test/{k}": v
+                                                  for k, v in evaluate(state).items()},
+                      final=True)
 
 
-def train_loop(config, workdir: str, *, state: TrainState, step_fn: Callable,
-               make_batches: Callable[[int], Any], total_steps: int, evaluate: Callable,
-               metadata: dict, writer, mesh) -> tuple[TrainState, dict, dict]:
-  """Runs step_fn(state, global batch) to total_steps, resuming from workdir/checkpoints.
-
-  Logs the mean training metrics every config.log_every steps, evaluates (evaluate(state) ->
-  dict of scores) every config.eval_every steps (0: at the end only) and checkpoints every
-  config.checkpoint_every steps. Returns (state, last training metrics, last scores).
-  """
-  from sit_jax import checkpoint
-
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                 max_to_keep=config.keep_checkpoints,
-                                 save_interval_steps=config.checkpoint_every)
-  if ckpt.latest_step() is not None:
-    state, _ = ckpt.restore(abstract_of(state), expected_metadata=metadata, fallback=True)
-    logging.info("Resumed from step %d of %s", int(state.step), ckpt.directory)
-  start_step = int(state.step)
-  batches = make_batches(start_step)
-  preempted = checkpoint.install_preemption_handler()
-  del preempted  # checkpoint.reached_preemption reads the flag it sets.
-
-  pending, logged, scores = [], {}, {}
-  step, start = start_step, time.perf_counter()
-  while step < total_steps:
-    state, metrics = step_fn(state, sharding.global_batch(next(batches), mesh))
-    step += 1
-    pending.append(metrics)
-    if step % config.log_every == 0 or step == total_steps:
-      logged = {k: float(v) for k, v in
-                jax.tree.map(lambda *xs: np.mean(xs), *jax.device_get(pending)).items()}
-      writer.write_scalars(step, logged)
-      pending = []
-    if config.eval_every and step % config.eval_every == 0 and step < total_steps:
-      scores = evaluate(state)
-      writer.write_scalars(step, {f"test/{k}": v for k, v in scores.items()})
-    stop = checkpoint.reached_preemption(step)
-    ckpt.save(step, state, metadata=metadata, force=stop or step == total_steps)
-    if stop:
-      logging.warning("Preemption signal: saved step %d, exiting; rerun to resume.", step)
-      break
-  ckpt.close()
-  if step == total_steps:
-    scores = evaluate(state)
-    writer.write_scalars(step, {f"test/{k}": v for k, v in scores.items()})
-  logging.info("%d steps in %.1f s", step - start_step, time.perf_counter() - start)
-  return state, logged, scores
+def test_scores(evaluated: dict) -> dict:
+  """The scores of evaluation_hook without their test/ prefix."""
+  return {k.removeprefix("test/"): v for k, v in evaluated.items() if k.startswith("test/")}

@@ -1,0 +1,205 @@
+"""The set-up and closing of every run (pretraining and each transfer experiment).
+
+    exp = experiment.Experiment(config, workdir, batch_sizes=(config.data.global_batch_size,))
+    with exp:                          # workdir checked and locked, mesh built, config.json written
+      ...                              # read data, build the model
+      writer = exp.writer(total_steps, global_batch_size)
+      ...                              # trainer.train(exp, ...), evaluations
+      exp.finish(results)              # results.json, then one summary line of what is where
+
+`Experiment` owns, in this order:
+  * the workdir: created, probed for writing (one clear error otherwise) and locked against a
+    second run (`WorkdirLock`; a multi-process job takes it on process 0 only);
+  * the log file DIR/log.txt (process 0): every log line of the run, starting with the full
+    config, which the console does not show;
+  * DIR/config.json;
+  * the mesh (`config.mesh`), and the check that each batch size divides over it;
+  * the MetricWriter (`writer()`), created once the run knows its length;
+  * results.json and the closing summary line (`finish`).
+Leaving the `with` block (normally, on an error or on Ctrl-C) closes the writer, the log file and
+the lock.
+"""
+from __future__ import annotations
+
+import datetime
+import errno
+import logging as std_logging
+import os
+import socket
+import tempfile
+from typing import Sequence
+
+from absl import logging
+import jax
+
+from sit_jax import metrics, sharding
+
+LOCK_FILE = ".lock"
+LOG_FILE = "log.txt"
+
+
+class RunError(RuntimeError):
+  """A run that cannot start or could not finish; the message is one line saying what to do."""
+
+
+class WorkdirBusy(RunError):
+  """Another run holds the workdir's lock."""
+
+
+def ensure_writable(directory: str):
+  """Creates `directory` and checks that files can be made in it (one clear error if not)."""
+  try:
+    os.makedirs(directory, exist_ok=True)
+    # A unique name: every process of a multi-process job probes the same (shared) workdir.
+    fd, probe = tempfile.mkstemp(prefix=".write_probe_", dir=directory)
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    raise PermissionError(f"Workdir {directory} is not writable ({e.strerror}): pass a "
+                          "--workdir you can write to.") from e
+
+
+class WorkdirLock:
+  """An exclusive `flock` on DIR/.lock, which records the holder's pid, host and start time.
+
+  The kernel drops the lock when the holder exits, however it exits (kill -9 included), so a
+  stale file never blocks a new run. Only process 0 of a job locks: the other processes of the
+  same job share its workdir by design.
+  """
+
+  def __init__(self, directory: str):
+    self.path = os.path.join(directory, LOCK_FILE)
+    self._fd = None
+
+  def acquire(self):
+    import fcntl
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+      os.close(fd)
+      if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+        raise
+      raise WorkdirBusy(f"Workdir {os.path.dirname(self.path)} is in use by {holder}: wait "
+                        "for that run to end, stop it, or pass another --workdir.") from None
+    started = datetime.datetime.now().isoformat(timespec="seconds")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {started}\n".encode(), 0)
+    self._fd = fd
+
+  def release(self):
+    if self._fd is not None:
+      os.close(self._fd)  # closing the descriptor releases the lock; the file stays.
+      self._fd = None
+
+
+def _from_orbax(record) -> bool:
+  return f"{os.sep}orbax{os.sep}" in record.pathname
+
+
+class _NotLibraryInfo(std_logging.Filter):
+  """orbax logs a dozen INFO lines per checkpoint: the log file keeps its warnings only."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or not _from_orbax(record)
+
+
+class _NoLibraryErrors(std_logging.Filter):
+  """A failed save makes orbax log a traceback from each of its threads (hundreds of lines);
+  checkpoint.py reports the failure in one line, so the console leaves them to log.txt."""
+
+  def filter(self, record):
+    return record.levelno < std_logging.ERROR or not _from_orbax(record)
+
+
+class Experiment:
+  """The workdir, lock, log file, config.json, mesh and writer of one run (see the module doc).
+
+  Attributes: config, workdir (absolute), mesh, is_main (process 0), and `metric_writer` once
+  `writer()` was called.
+  """
+
+  def __init__(self, config, workdir: str, *, batch_sizes: Sequence[int] = ()):
+    self.config = config
+    self.workdir = os.path.abspath(workdir)
+    self.is_main = jax.process_index() == 0
+    self.metric_writer = None
+    self._lock = WorkdirLock(self.workdir)
+    self._log_handler = None
+    self._console_filter = _NoLibraryErrors()
+    ensure_writable(self.workdir)
+    if self.is_main:
+      self._lock.acquire()
+    try:
+      self._open_log()
+      self.write_json("config.json", config.to_dict())
+      self.mesh = sharding.make_mesh(config.mesh)
+      for size in batch_sizes:
+        sharding.check_batch_size(size, self.mesh)
+    except BaseException:
+      self.close()
+      raise
+
+  def _open_log(self):
+    if not self.is_main:
+      return
+    path = os.path.join(self.workdir, LOG_FILE)
+    handler = std_logging.FileHandler(path)
+    handler.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.addFilter(_NotLibraryInfo())
+    handler.setLevel(std_logging.INFO)
+    with open(path, "a") as f:
+      f.write(f"Config:\n{self.config}\n")
+    std_logging.getLogger().addHandler(handler)
+    self._log_handler = handler
+    logging.get_absl_handler().addFilter(self._console_filter)
+
+  def writer(self, total_steps: int, global_batch_size: int) -> metrics.MetricWriter:
+    """The run's MetricWriter (metrics.jsonl, TensorBoard, pictures, progress lines)."""
+    self.metric_writer = metrics.MetricWriter(self.workdir, total_steps=total_steps,
+                                              global_batch_size=global_batch_size)
+    return self.metric_writer
+
+  def write_json(self, filename: str, obj) -> str:
+    """Atomically writes DIR/filename from process 0; returns its path."""
+    path = os.path.join(self.workdir, filename)
+    if self.is_main:
+      metrics.write_json(path, obj)
+    return path
+
+  def finish(self, results: dict, *, also: Sequence[str] = ()):
+    """Writes results.json and logs one line saying what this run wrote where; raises RunError
+    if results has an 'error' (training stopped on NaN, say).
+
+    `also` names further outputs (paths under the workdir, or absolute) for the line; the
+    checkpoint and backbone paths in `results` are named without being listed.
+    """
+    self.write_json("results.json", results)
+    wrote = ["results.json", "metrics.jsonl", "config.json", LOG_FILE]
+    for key in ("checkpoint", "backbone"):
+      if results.get(key):
+        wrote.append(os.path.relpath(results[key], self.workdir))
+    wrote += [os.path.relpath(p, self.workdir) if os.path.isabs(p) else p for p in also]
+    if os.path.isdir(os.path.join(self.workdir, "images")):
+      wrote.append("images/")
+    logging.info("Wrote %s in %s", ", ".join(wrote), self.workdir)
+    if results.get("error"):
+      raise RunError(results["error"])
+
+  def close(self):
+    if self.metric_writer is not None:
+      self.metric_writer.close()
+      self.metric_writer = None
+    if self._log_handler is not None:
+      std_logging.getLogger().removeHandler(self._log_handler)
+      logging.get_absl_handler().removeFilter(self._console_filter)
+      self._log_handler.close()
+      self._log_handler = None
+    self._lock.release()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()

@@ -1,0 +1,259 @@
+"""The training loop of every experiment (pretraining, fine-tuning, multi-label, probes).
+
+    outcome = trainer.train(exp, init=..., abstract=..., step_fn=..., batches=...,
+                            total_steps=..., metadata=..., hooks=[trainer.Hook(every, fn)])
+
+`train` does, in one place: resume from the latest readable checkpoint in DIR/checkpoints (or
+`init()` when there is none), the steps, the mean of each metric over the steps between log
+steps with one progress line each, hooks (pictures, the k-NN monitor, evaluations), saves
+(orbax decides: every `config.checkpoint_every` steps, the last step and a preemption step),
+stopping on SIGTERM or Ctrl-C after saving the current step, and stopping with one line at the
+first step whose metrics (or, at a save, parameters) are NaN or inf, which is never saved.
+
+At most one step runs ahead of the host: the host waits for the metrics of step s - 1 after
+queueing step s. That costs nothing measurable (the next batch is prepared meanwhile), names the
+exact step that went non-finite and lets a signal stop the run within one step.
+
+The caller writes results: `outcome.results()` holds the fields every experiment reports.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Callable, Iterator, Sequence
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sit_jax import checkpoint, metrics, sharding
+
+# Progress lines and metrics.jsonl list these first, then the rest alphabetically.
+METRIC_ORDER = ("loss", "recon", "contrastive", "lr")
+
+
+def metric_order(name: str):
+  return (METRIC_ORDER.index(name) if name in METRIC_ORDER else len(METRIC_ORDER), name)
+
+
+def ordered(scalars: dict) -> dict:
+  return {k: scalars[k] for k in sorted(scalars, key=metric_order)}
+
+
+# Settings a resumed run must keep, saved with each checkpoint: they change the data order, the
+# random numbers, or the structure of the optimiser state (clip_norm on/off adds a transform).
+RESUME_SETTINGS = ("data.global_batch_size", "seed", "optim.clip_norm")
+
+
+def resume_settings(config) -> dict:
+  """{dotted key: value} of the RESUME_SETTINGS the config has."""
+  values = {}
+  for key in RESUME_SETTINGS:
+    value = config
+    for part in key.split("."):
+      value = value.get(part) if hasattr(value, "get") else None
+    if value is not None:
+      values[key] = value
+  return values
+
+
+@dataclasses.dataclass(frozen=True)
+class Hook:
+  """fn(step, state, batch) -> scalars to log (or None), called after the steps that are a
+  multiple of `every` (every <= 0: none) and after the last step. With `final`, it is also
+  called once after the loop when the run is complete but the last step ran in an earlier
+  process (a resumed finished run), with batch None. Its time is left out of img/s and ETA."""
+  every: int
+  fn: Callable[[int, Any, Any], dict | None]
+  final: bool = False
+
+
+@dataclasses.dataclass
+class Outcome:
+  state: Any
+  step: int                 # the last step done
+  start_step: int           # the step this process resumed from (0: a fresh run)
+  total_steps: int
+  metrics: dict             # the means at the last log step of this process
+  evaluated: dict           # the last scalars of each hook
+  checkpoint: str | None    # the latest committed checkpoint step directory
+  seconds: float            # wall time of this process's steps
+  stopped: str = ""         # '' | 'preempted' | 'non-finite'
+  error: str = ""           # why the run failed (non-finite), one line
+
+  @property
+  def complete(self) -> bool:
+    return self.step >= self.total_steps and not self.error
+
+  def results(self) -> dict:
+    """The results.json fields every experiment shares."""
+    return {"step": self.step, "total_steps": self.total_steps,
+            "final_metrics": self.metrics, "checkpoint": self.checkpoint,
+            "steps_this_run": self.step - self.start_step,
+            "train_seconds_this_run": self.seconds, "preempted": self.stopped == "preempted",
+            **({"error": self.error} if self.error else {})}
+
+
+class _NonFinite(Exception):
+  pass
+
+
+def _check_finite(step: int, scalars: dict):
+  bad = {k: v for k, v in scalars.items() if not np.isfinite(v)}
+  if bad:
+    raise _NonFinite(f"{', '.join(f'{k} {v}' for k, v in ordered(bad).items())} at step {step}")
+
+
+@jax.jit
+def _all_finite(tree):
+  leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def train(exp, *, init: Callable[[], Any], abstract, step_fn: Callable,
+          batches: Callable[[int], Iterator[dict]], total_steps: int, metadata: dict | None,
+          hooks: Sequence[Hook] = (), writer=None, checkpoints: bool = True) -> Outcome:
+  """Runs step_fn(state, global batch) -> (state, scalar metrics) up to `total_steps`.
+
+  Args:
+    exp: the experiment.Experiment (workdir, mesh, config: log_every, checkpoint_every,
+      keep_checkpoints).
+    init: () -> the fresh state, placed on the mesh; not called when resuming.
+    abstract: the state's jax.ShapeDtypeStructs with their shardings (to restore onto).
+    step_fn: the jitted step; the state has an integer `.step`.
+    batches: start_step -> iterator of host batches (this process's share), from that step.
+    total_steps: the step to train to.
+    metadata: what a resumed run must match (checkpoint.Checkpointer.restore); the
+      RESUME_SETTINGS are added.
+    hooks: pictures, monitors, evaluations (`Hook`).
+    writer: the MetricWriter; default exp.metric_writer.
+    checkpoints: False trains in memory only (a probe's head of a few seconds).
+  """
+  config = exp.config
+  writer = writer if writer is not None else exp.metric_writer
+  metadata = {**(metadata or {}), "settings": resume_settings(config)}
+  ckpt = None
+  if checkpoints:
+    ckpt = checkpoint.Checkpointer(os.path.join(exp.workdir, "checkpoints"),
+                                   keep=config.keep_checkpoints, every=config.checkpoint_every,
+                                   last_step=total_steps)
+  with checkpoint.stop_signals(), (ckpt or _NoCheckpoints()):
+    state = None
+    if ckpt is not None and ckpt.latest_step() is not None:
+      state, _ = ckpt.restore(abstract, expected_metadata=metadata, fallback=True)
+      logging.info("Resumed from step %d of %s", int(state.step), ckpt.directory)
+      if ckpt.set_aside and exp.is_main:
+        _forget_results(exp.workdir, ckpt.set_aside)
+    if state is None:
+      state = init()
+    start_step = int(jax.device_get(state.step))
+    if ckpt is not None and exp.is_main and writer is not None:
+      metrics.drop_rows_after(os.path.join(exp.workdir, "metrics.jsonl"), start_step)
+    outcome = Outcome(state, start_step, start_step, total_steps, {}, {}, None, 0.0)
+    start = time.perf_counter()
+    try:
+      _loop(exp, ckpt, outcome, step_fn, batches(start_step), hooks, writer, metadata)
+    except _NonFinite as e:
+      outcome.stopped = "non-finite"
+      kept = ckpt.latest_step() if ckpt is not None else None
+      outcome.error = (f"Training stopped: {e}. Nothing non-finite was saved"
+                       + (f"; the last good checkpoint is step {kept}" if kept is not None
+                          else "") + ". Lower optim.base_lr (or set optim.clip_norm) and rerun"
+                       + (" in a new --workdir, or after deleting the checkpoints past the "
+                          "point where training diverged." if kept is not None else "."))
+      logging.error("%s", outcome.error)
+    outcome.seconds = time.perf_counter() - start
+    if ckpt is not None:
+      ckpt.wait()  # a failed last save is reported here, with its step.
+      latest = ckpt.latest_step()
+      outcome.checkpoint = None if latest is None else ckpt.step_path(latest)
+  for hook in hooks:
+    if hook.final and outcome.complete and outcome.step == outcome.start_step:
+      outcome.evaluated.update(hook.fn(outcome.step, outcome.state, None) or {})
+      if writer is not None:
+        writer.write_scalars(outcome.step, outcome.evaluated, timed=False)
+  return outcome
+
+
+def _loop(exp, ckpt, outcome: Outcome, step_fn, batches, hooks, writer, metadata):
+  config, total = exp.config, outcome.total_steps
+  state, step = outcome.state, outcome.step
+  pending, fetched = [], []  # device metrics of the steps since the last log; host values
+
+  def fetch(count: int):
+    """Host values of the first `count` pending steps, each checked to be finite."""
+    while len(fetched) < count:
+      i = len(fetched)
+      fetched.append({k: float(v) for k, v in jax.device_get(pending[i]).items()})
+      _check_finite(step - len(pending) + i + 1, fetched[-1])
+
+  while step < total:
+    batch = sharding.global_batch(next(batches), exp.mesh)
+    state, step_metrics = step_fn(state, batch)
+    outcome.state = state  # the donated input is gone: keep the live state reachable.
+    step += 1
+    outcome.step = step
+    pending.append(step_metrics)
+    fetch(len(pending) - 1)  # one step in flight at most (see the module doc).
+    if step == outcome.start_step + 1 and writer is not None:
+      fetch(len(pending))  # the first step includes compilation: time the rest.
+      writer.start_timing(step)
+
+    evaluated = {}
+    for hook in hooks:
+      if (hook.every > 0 and step % hook.every == 0) or step == total:
+        jax.block_until_ready(state)  # steps in flight are training time, not the hook's.
+        hook_start = time.perf_counter()
+        evaluated.update(hook.fn(step, state, batch) or {})
+        if writer is not None:
+          writer.exclude_time(time.perf_counter() - hook_start)
+    outcome.evaluated.update(evaluated)
+
+    if step % config.log_every == 0 or step == total:
+      fetch(len(pending))
+      means = {k: float(np.mean([f[k] for f in fetched])) for k in fetched[0]}
+      outcome.metrics = ordered(means)
+      skipped = getattr(batches, "num_skipped", 0)
+      if writer is not None:
+        writer.write_scalars(step, {**outcome.metrics, **evaluated,
+                                    **({"skipped_images": skipped} if skipped else {})})
+      pending, fetched = [], []
+    elif evaluated and writer is not None:
+      writer.write_scalars(step, evaluated, timed=False)
+
+    if ckpt is None:
+      stop = checkpoint.signalled()
+    else:
+      stop = ckpt.reached_preemption(step)
+      ckpt.raise_failed_save()  # an asynchronous save that failed (disk full) stops the run.
+      if ckpt.should_save(step):
+        fetch(len(pending))
+        if not bool(_all_finite(state)):
+          raise _NonFinite(f"the parameters are not finite at step {step}")
+        ckpt.save(step, state, metadata=metadata)
+    if stop:
+      outcome.stopped = "preempted"
+      logging.warning("Stopped at step %d by a signal%s; start the same command to resume.",
+                      step, "" if ckpt is None else f", saved in {ckpt.step_path(step)}")
+      break
+
+
+def _forget_results(workdir: str, set_aside: Sequence[int]):
+  """results.json of an earlier process may name a checkpoint that was just set aside as
+  corrupt: it describes a state that no longer exists, and the run will write a new one."""
+  path = os.path.join(workdir, "results.json")
+  if os.path.exists(path):
+    os.remove(path)
+    logging.warning("Removed %s: it described checkpoint step(s) %s, set aside as unreadable.",
+                    path, list(set_aside))
+
+
+class _NoCheckpoints:
+  def __enter__(self):
+    return None
+
+  def __exit__(self, *exc):
+    return False
