@@ -311,11 +311,7 @@ class Checkpointer:
 
   def metadata(self, step: int) -> dict:
     """The custom metadata saved with `step`."""
-    try:
-      custom = self._mngr.metadata(step).custom_metadata
-    except Exception as e:
-      raise _Unreadable(f"cannot read its metadata: {_short(e)}") from e
-    return custom or _legacy_metadata(self.directory / str(step))
+    return _read_metadata(self.directory / str(step))
 
   def restore(self, abstract_state, step=None, *,
               expected_metadata: dict | None = None, fallback: bool = False):
@@ -433,13 +429,15 @@ class Checkpointer:
         f"(different model or optimizer config?): " + ". ".join(parts) + ".")
 
 
-def _legacy_metadata(step_dir: epath.Path) -> dict:
-  """The JSON item that checkpoints written before the custom metadata carry."""
-  path = step_dir / LEGACY_METADATA_ITEM / "metadata"
+def _read_metadata(step_dir: epath.Path) -> dict:
+  """The custom metadata of a step directory, or the JSON item that checkpoints written before
+  the custom metadata carry."""
+  legacy = step_dir / LEGACY_METADATA_ITEM / "metadata"
   try:
-    return json.loads(path.read_text()) if path.exists() else {}
+    custom = ocp.metadata.get_step_metadata(step_dir).custom_metadata
+    return custom or (json.loads(legacy.read_text()) if legacy.exists() else {})
   except Exception as e:
-    raise _Unreadable(f"cannot read {path}: {_short(e)}") from e
+    raise _Unreadable(f"cannot read its metadata: {_short(e)}") from e
 
 
 def _check_metadata(step_dir, expected: dict, actual: dict):
@@ -538,12 +536,7 @@ def _restore_numpy(item_dir: epath.Path, select: Callable[[Any], Any] | None = N
 
 def _step_metadata(step_dir: epath.Path) -> dict:
   try:
-    custom = ocp.Checkpointer(ocp.CompositeCheckpointHandler()).metadata(step_dir).custom_metadata
-  except Exception as e:
-    raise CheckpointError(f"Cannot read the metadata of checkpoint {step_dir}: "
-                          f"{_short(e)}") from e
-  try:
-    return custom or _legacy_metadata(step_dir)
+    return _read_metadata(step_dir)
   except _Unreadable as e:
     raise CheckpointError(f"Checkpoint {step_dir}: {e}") from e
 

@@ -43,7 +43,7 @@ def assert_tree_equal(a, b):
 
 def test_round_trip_exact(tmp_path):
   state = make_state(3)
-  with Checkpointer(tmp_path / "ck", save_interval_steps=1, async_save=False) as ck:
+  with Checkpointer(tmp_path / "ck", every=1, async_save=False) as ck:
     assert ck.latest_step() is None
     assert ck.save(3, state, metadata={"model": MODEL, "experiment": "t"})
     restored, meta = ck.restore(abstract(state))
@@ -52,7 +52,7 @@ def test_round_trip_exact(tmp_path):
 
 
 def test_async_save_keep_last_n_and_commit_order(tmp_path):
-  ck = Checkpointer(tmp_path / "ck", max_to_keep=2, save_interval_steps=1)
+  ck = Checkpointer(tmp_path / "ck", keep=2, every=1)
   kept = []
   for step in range(1, 5):
     assert ck.save(step, make_state(step), metadata={"model": MODEL})
@@ -69,24 +69,36 @@ def test_async_save_keep_last_n_and_commit_order(tmp_path):
   ck.close()
 
 
-def test_should_save_interval_and_force(tmp_path):
-  ck = Checkpointer(tmp_path / "ck", save_interval_steps=10, async_save=False)
-  assert [s for s in range(0, 31) if ck.should_save(s)] == [10, 20, 30]
+def test_save_policy_interval_last_step_and_preemption(tmp_path):
+  ck = Checkpointer(tmp_path / "ck", every=10, last_step=25, async_save=False)
+  assert [s for s in range(1, 31) if ck.should_save(s)] == [10, 20, 25, 30]
   assert not ck.save(15, make_state(), metadata={})
   assert ck.save(10, make_state(), metadata={})
-  assert not ck.should_save(10)
-  assert not ck.save(10, make_state(), metadata={}, force=True)  # exists
-  assert ck.save(15, make_state(), metadata={}, force=True)
-  assert ck.all_steps() == [10, 15]
+  assert not ck.should_save(10) and not ck.save(10, make_state(), metadata={})  # exists
+  with ckpt_lib.stop_signals():
+    os.kill(os.getpid(), signal.SIGTERM)
+    wait_for(ckpt_lib.signalled)
+    assert ck.reached_preemption(13) and ck.should_save(13)  # a preemption saves any step
+    assert ck.save(13, make_state(), metadata={})
+  assert ck.all_steps() == [10, 13]
   ck.close()
+
+
+def test_keep_zero_keeps_every_checkpoint(tmp_path):
+  with Checkpointer(tmp_path / "ck", keep=0, every=1, async_save=False) as ck:
+    for step in range(1, 6):
+      ck.save(step, make_state(step), metadata={})
+    assert ck.all_steps() == [1, 2, 3, 4, 5]
+  with pytest.raises(ValueError, match="keep_checkpoints=-1"):
+    Checkpointer(tmp_path / "ck", keep=-1)
 
 
 def test_latest_step_after_reopen(tmp_path):
-  ck = Checkpointer(tmp_path / "ck", save_interval_steps=5)
+  ck = Checkpointer(tmp_path / "ck", every=5)
   for s in (5, 10):
     ck.save(s, make_state(s), metadata={"model": MODEL})
   ck.close()
-  ck2 = Checkpointer(tmp_path / "ck", save_interval_steps=5)
+  ck2 = Checkpointer(tmp_path / "ck", every=5)
   assert ck2.latest_step() == 10
   restored, _ = ck2.restore(abstract(make_state()), step=5)
   assert_tree_equal(restored, make_state(5))
@@ -97,16 +109,11 @@ def test_latest_step_after_reopen(tmp_path):
 
 def test_uncommitted_step_dirs_are_ignored(tmp_path):
   d = tmp_path / "ck"
-  with Checkpointer(d, save_interval_steps=1, async_save=False) as ck:
+  with Checkpointer(d, every=1, async_save=False) as ck:
     ck.save(1, make_state(1), metadata={"model": MODEL})
-  # An in-flight orbax save (temp name) and a step dir that lost its commit
-  # marker (e.g. an interrupted copy) must not become the latest step.
+  # What a crash during a save leaves behind must not become the latest step.
   shutil.copytree(d / "1", d / "5.orbax-checkpoint-tmp")
-  shutil.copytree(d / "1", d / "7")
-  for marker in ("commit_success.txt", "_CHECKPOINT_METADATA"):
-    if (d / "7" / marker).exists():
-      os.remove(d / "7" / marker)
-  with Checkpointer(d, save_interval_steps=1) as ck:
+  with Checkpointer(d, every=1) as ck:
     assert ck.latest_step() == 1
     assert ck.all_steps() == [1]
     restored, _ = ck.restore(abstract(make_state()))
@@ -128,16 +135,19 @@ def _corrupt_arrays(step_dir):
     ":pytest.PytestUnraisableExceptionWarning")
 def test_corrupt_latest_step_error_and_fallback(tmp_path):
   d = tmp_path / "ck"
-  with Checkpointer(d, save_interval_steps=1, async_save=False) as ck:
+  with Checkpointer(d, every=1, async_save=False) as ck:
     ck.save(1, make_state(1), metadata={"model": MODEL})
     ck.save(2, make_state(2), metadata={"model": MODEL})
   _corrupt_arrays(d / "2")
-  with Checkpointer(d, save_interval_steps=1) as ck:
+  with Checkpointer(d, every=1) as ck:
     with pytest.raises(CheckpointError, match=r"corrupt.*step 2.*fallback=True"):
       ck.restore(abstract(make_state()))
     restored, _ = ck.restore(abstract(make_state()), fallback=True)
     assert int(restored["step"]) == 1
     assert_tree_equal(restored, make_state(1))
+    # The unreadable step is set aside, so that training writes step 2 again.
+    assert ck.set_aside == [2] and ck.all_steps() == [1] and ck.should_save(2)
+  assert sorted(os.listdir(d)) == ["1", "2.corrupt"]
 
 
 def test_cross_mesh_restore_8_to_4_devices(tmp_path):
@@ -150,7 +160,7 @@ def test_cross_mesh_restore_8_to_4_devices(tmp_path):
                  "count": jax.device_put(jnp.arange(3, dtype=jnp.int32),
                                          NamedSharding(mesh8, P()))},
   }
-  with Checkpointer(tmp_path / "ck", save_interval_steps=1) as ck:
+  with Checkpointer(tmp_path / "ck", every=1) as ck:
     ck.save(1, state, metadata={"model": MODEL})
     ck.wait()
 
@@ -175,12 +185,12 @@ def test_cross_mesh_restore_8_to_4_devices(tmp_path):
 
 def test_metadata_mismatch_is_checked_before_arrays(tmp_path):
   d = tmp_path / "ck"
-  with Checkpointer(d, save_interval_steps=1, async_save=False) as ck:
+  with Checkpointer(d, every=1, async_save=False) as ck:
     ck.save(1, make_state(1), metadata={"model": MODEL, "experiment": "a"})
   # With broken array files, only a check done before reading arrays can
   # produce the config error below.
   _corrupt_arrays(d / "1")
-  with Checkpointer(d, save_interval_steps=1) as ck:
+  with Checkpointer(d, every=1) as ck:
     other = dict(MODEL, width=64)
     with pytest.raises(CheckpointError) as e:
       ck.restore(abstract(make_state()), expected_metadata={"model": other})
@@ -190,7 +200,7 @@ def test_metadata_mismatch_is_checked_before_arrays(tmp_path):
 
 
 def test_structure_mismatch_names_leaves(tmp_path):
-  with Checkpointer(tmp_path / "ck", save_interval_steps=1, async_save=False) as ck:
+  with Checkpointer(tmp_path / "ck", every=1, async_save=False) as ck:
     ck.save(1, make_state(1), metadata={"model": MODEL})
     bad = make_state()
     bad["params"]["head"]["w"] = jnp.zeros((6, 10))
@@ -218,7 +228,7 @@ def test_export_and_load_backbone_round_trip(tmp_path):
 
 def test_load_backbone_from_workdir_and_step_dir(tmp_path):
   workdir = tmp_path / "run"
-  with Checkpointer(workdir / "checkpoints", save_interval_steps=1) as ck:
+  with Checkpointer(workdir / "checkpoints", every=1) as ck:
     ck.save(1, make_state(1), metadata={"model": MODEL})
     ck.save(2, make_state(2), metadata={"model": MODEL})
   params, cfg = ckpt_lib.load_backbone(workdir)
@@ -226,6 +236,14 @@ def test_load_backbone_from_workdir_and_step_dir(tmp_path):
   assert_tree_equal(params, {"backbone": make_state(2)["params"]["backbone"]})
   params1, _ = ckpt_lib.load_backbone(workdir / "checkpoints" / "1")
   assert_tree_equal(params1, {"backbone": make_state(1)["params"]["backbone"]})
+
+  # A workdir whose checkpoints are gone loads its backbone/ export, or says what it lacks.
+  shutil.rmtree(workdir / "checkpoints")
+  export = ckpt_lib.export_backbone(workdir / "backbone", params, MODEL)
+  assert_tree_equal(ckpt_lib.load_backbone(workdir)[0], params)
+  os.remove(os.path.join(export, "model_config.json"))
+  with pytest.raises(CheckpointError, match=r"backbone is incomplete: it has no model_config\.json"):
+    ckpt_lib.load_backbone(workdir)
 
   (tmp_path / "empty").mkdir()
   with pytest.raises(CheckpointError, match="Nothing loadable"):
@@ -245,22 +263,25 @@ def test_unwritable_directory(tmp_path):
     ckpt_lib.export_backbone(blocker / "export", {"w": jnp.ones(2)}, {})
 
 
-def test_preemption_handler_sets_flag_without_exiting():
-  previous = signal.getsignal(signal.SIGTERM)
-  preempted = ckpt_lib.install_preemption_handler()
-  try:
-    preempted.clear()
-    assert not preempted()
-    assert not ckpt_lib.reached_preemption(1)
-    os.kill(os.getpid(), signal.SIGTERM)
-    for _ in range(200):  # Python runs the handler at the next bytecode check.
-      if preempted():
-        break
-      time.sleep(0.005)
-    assert preempted()
-    assert ckpt_lib.reached_preemption(2)
-  finally:
-    preempted.uninstall()
-    preempted.clear()
-    signal.signal(signal.SIGTERM, previous)
-  assert signal.getsignal(signal.SIGTERM) is previous
+def wait_for(condition, seconds=5.0):
+  """Python runs a signal handler at the next bytecode boundary of the main thread."""
+  deadline = time.time() + seconds
+  while not condition():
+    assert time.time() < deadline
+    time.sleep(0.005)
+
+
+def test_stop_signals_set_a_flag_and_restore_the_handlers():
+  previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    with ckpt_lib.stop_signals():
+      assert not ckpt_lib.signalled()
+      os.kill(os.getpid(), sig)
+      wait_for(ckpt_lib.signalled)
+    assert {s: signal.getsignal(s) for s in previous} == previous
+  with ckpt_lib.stop_signals():  # a second Ctrl-C stops at once.
+    os.kill(os.getpid(), signal.SIGINT)
+    wait_for(ckpt_lib.signalled)
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+      wait_for(lambda: False)
