@@ -9,12 +9,13 @@ file, a syntax error or an unknown `:argument` is a `ConfigError`, not a traceba
 parsing) and checks that every --config.KEY override names a key of that config, suggesting the
 nearest keys otherwise.
 
-`check` looks every key of the config up in RULES, a table of what each value must be (its type
-and range or choices), then runs the cross-key CHECKS. Experiments have different keys (pretraining
-has `gmml.*`, the transfer configs `head.*`, `knn.*`, ...): a rule applies where its key exists,
-so one table serves them all. To validate a new key, add a row to RULES (the vocabulary is
-`integer`, `number`, `one_of`, `subset`, `interval`, `numbers`, BOOL, TEXT, ...); a test checks
-that every key of every config in configs/ has one. Nothing here imports jax.
+`check` looks every key of the config up in RULES, a table of what each value must be (its
+type and range or choices), then runs the cross-key CHECKS. Experiments have different keys
+(pretraining has `gmml.*`, the transfer configs `head.*`, `knn.*`, ...): a rule applies where
+its key exists, so one table serves them all. To validate a new key, add a row to RULES (the
+vocabulary: `integer`, `number`, `one_of`, `subset`, `interval`, `numbers`, BOOL, TEXT, ...);
+tests/test_configs.py checks that every key of every config in configs/ has one. Nothing here
+imports jax.
 """
 from __future__ import annotations
 
@@ -123,23 +124,20 @@ MESH_AXIS = Rule(lambda v: _is_int(v) and (v == -1 or v >= 1),
                  "an integer >= 1, or -1 for all the devices left")
 
 
-def _pairs(first: Callable[[Any], bool], second: Callable[[Any], bool], must: str) -> Rule:
+def _pairs(must: str) -> Rule:
+  """A tuple of (name, mesh axes) pairs: sit_jax/sharding.py's rules, where mesh axes are None,
+  an axis name or a tuple of them."""
+  def axes(v):
+    return v is None or isinstance(v, str) or (
+        isinstance(v, (tuple, list)) and all(a is None or isinstance(a, str) for a in v))
   return Rule(lambda v: isinstance(v, (tuple, list)) and all(
-      isinstance(p, (tuple, list)) and len(p) == 2 and first(p[0]) and second(p[1]) for p in v),
-              must)
+      isinstance(p, (tuple, list)) and len(p) == 2 and isinstance(p[0], str) and axes(p[1])
+      for p in v), must)
 
 
-def _mesh_axes(v) -> bool:
-  """None, an axis name, or a tuple of axis names (a rule of sit_jax/sharding.py)."""
-  return v is None or isinstance(v, str) or (
-      isinstance(v, (tuple, list)) and all(a is None or isinstance(a, str) for a in v))
-
-
-SHARDING_RULES = _pairs(lambda r: isinstance(r, str), _mesh_axes,
-                        "a tuple of (regex, rule) pairs, e.g. configs/common.py's REPLICATED, "
+SHARDING_RULES = _pairs("a tuple of (regex, rule) pairs, e.g. configs/common.py's REPLICATED, "
                         "FSDP or TENSOR_PARALLEL")
-LOGICAL_AXIS_RULES = _pairs(lambda r: isinstance(r, str), _mesh_axes,
-                            "a tuple of (logical axis, mesh axes) pairs, e.g. "
+LOGICAL_AXIS_RULES = _pairs("a tuple of (logical axis, mesh axes) pairs, e.g. "
                             "sit_jax/sharding.py's LOGICAL_AXIS_RULES")
 # The names of sit_jax/models/vit.py's VARIANTS (a test checks they agree; importing vit here
 # would import jax before any flag is checked).
@@ -379,24 +377,25 @@ def check_command_line(argv: Sequence[str]) -> list[str]:
 
 def check_key(config: ml_collections.ConfigDict, key: str, flag: str = "") -> None:
   """Raises ConfigError, with the nearest valid keys, if `key` ('optim.base_lr') is not one."""
-  node = config
-  for part in key.split("."):
-    if isinstance(node, (ml_collections.ConfigDict, dict)) and part.split("[")[0] in node:
-      node = node[part.split("[")[0]]
-    else:
+  node, parts = config, key.split(".")
+  for depth, part in enumerate(parts):
+    name = part.split("[")[0]  # 'blocks[0]': an item of a tuple
+    if not (isinstance(node, (ml_collections.ConfigDict, dict)) and name in node):
       break
+    node = node[name]
   else:
     return
-  keys = sorted(flatten(config))
-  nearest = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
-  parent = key.rpartition(".")[0]
-  siblings = [k for k in keys if k.startswith(parent + ".")] if parent else []
-  if nearest:
-    hint = f"did you mean {' or '.join(nearest)}?"
-  elif siblings:
-    hint = f"the keys of {parent} are {', '.join(k[len(parent) + 1:] for k in siblings)}."
-  else:
-    hint = "see config.json of a run, or the config file, for the valid keys."
+  # A misspelt name is matched within its section: the shared 'optim.' would make every optim
+  # key look close to any misspelt one.
+  if depth == len(parts) - 1 and isinstance(node, (ml_collections.ConfigDict, dict)):
+    section, names = ".".join(parts[:-1]), sorted(node)
+    nearest = [f"{section}.{n}" if section else n
+               for n in difflib.get_close_matches(parts[-1], names, n=3)]
+  else:  # a misspelt section
+    section, names = "", sorted(config)
+    nearest = difflib.get_close_matches(key, sorted(flatten(config)), n=3)
+  hint = (f"did you mean {' or '.join(nearest)}?" if nearest else
+          f"the keys of {section or 'the config'} are {', '.join(names)}.")
   raise ConfigError(f"Unknown config key {key}{f' ({flag})' if flag else ''}: {hint}")
 
 

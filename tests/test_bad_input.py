@@ -1,0 +1,215 @@
+"""Every bad input ends, before any work, with exit status 1 and one line on stderr that names
+what to change; and the rules of sit_jax/config_check.py, one by one."""
+import os
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from sit_jax import config_check
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIT = "--config=configs/sit_vits.py:runlocal"
+KNN = "--config=configs/knn.py:runlocal"
+
+# (id, command-line arguments, what the one line must say). TMP is the test's directory; every
+# case gets a --workdir (NO_WORKDIR: none). More values: test_values_of_each_experiment.
+CASES = [
+    ("misspelt_key", [SIT, "--config.optim.lrr=1"], ["optim.lrr", "base_lr, clip_norm"]),
+    ("missing_config_file", ["--config=configs/sit_vit.py"], ["configs/sit_vit.py not found",
+                                                             "configs/sit_vits.py"]),
+    ("config_syntax_error", ["--config=TMP/broken.py"], ["broken.py line 3", "Syntax error"]),
+    ("unknown_config_argument", ["--config=configs/knn.py:datset=x"],
+     ["'datset'", "did you mean 'dataset'", "k, runlocal, temperature"]),
+    ("batch_size_0", [SIT, "--config.data.global_batch_size=0"],
+     ["data.global_batch_size=0", "integer >= 1"]),
+    ("log_every_0", [SIT, "--config.log_every=0"], ["log_every=0", "integer >= 1"]),
+    ("image_every_0", [SIT, "--config.image_every=0"], ["image_every=0", "integer >= 1"]),
+    ("dtype", [SIT, "--config.model.dtype=float16x"], ["model.dtype='float16x'", "'bfloat16'"]),
+    ("gmml_ratio_above_1", [SIT, "--config.gmml.ratio=1.5"], ["gmml.ratio=1.5", "[0, 1]"]),
+    ("gmml_ratio_negative", [SIT, "--config.gmml.ratio=-0.1"], ["gmml.ratio=-0.1", "[0, 1]"]),
+    ("temperature_0", [SIT, "--config.loss.temperature=0"], ["loss.temperature=0", "> 0"]),
+    ("negative_lr", [SIT, "--config.optim.base_lr=-0.001"], ["optim.base_lr=-0.001", "> 0"]),
+    ("proj_dim_0", [SIT, "--config.model.proj_dim=0"], ["model.proj_dim=0", ">= 1"]),
+    ("checkpoint_every_0", [SIT, "--config.checkpoint_every=0"], ["checkpoint_every=0"]),
+    ("knn_k_0", [KNN, "--config.knn.k=0"], ["knn.k=0"]),
+    ("value_type", [SIT, "--config.log_every=abc"], ["config.log_every=abc"]),
+    ("unknown_flag", [SIT, "--workdr=/tmp/x"], ["workdr", "workdir"]),
+    ("no_config", [], ["--config"]),
+    ("no_workdir", [SIT, "NO_WORKDIR"], ["--workdir"]),
+    ("positional_argument", [SIT, "train"], ["['train']"]),
+]
+# The whole suite shares 2 cores: every case waits at most this long (idle: about 3 s).
+TIMEOUT_S = 120
+
+
+def _command(args, workdir, tmp):
+  args = [a.replace("TMP", str(tmp)) for a in args]
+  if "NO_WORKDIR" in args:
+    args.remove("NO_WORKDIR")
+  else:
+    args.append(f"--workdir={workdir}")
+  return [sys.executable, "-m", "sit_jax.main", *args]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+  """Every case at once (each is a fresh interpreter that stops before any jax work)."""
+  tmp = tmp_path_factory.mktemp("bad_input")
+  (tmp / "broken.py").write_text("def get_config(arg=None):\n  c = {}\n  return c[\n")
+  env = {k: v for k, v in os.environ.items() if k != "SIT_JAX_TRACEBACK"}
+  running = {}
+  for name, args, _ in CASES:
+    workdir = tmp / f"workdir_{name}"
+    running[name] = (workdir, subprocess.Popen(
+        _command(args, workdir, tmp), cwd=REPO, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True))
+  done = {}
+  for name, (workdir, process) in running.items():
+    stdout, stderr = process.communicate(timeout=TIMEOUT_S)
+    done[name] = (process.returncode, stdout, stderr, workdir)
+  return done
+
+
+@pytest.mark.parametrize("name,args,expected", CASES, ids=[c[0] for c in CASES])
+def test_one_line_before_any_work(results, name, args, expected):
+  returncode, stdout, stderr, workdir = results[name]
+  assert returncode == 1, (stdout, stderr)
+  lines = stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("sit_jax: error: "), stderr
+  for text in expected:
+    assert text in lines[0], (text, lines[0])
+  assert not stdout
+  assert not os.path.exists(workdir)  # nothing started
+
+
+def test_internal_names_stay_out(results):
+  """The line speaks of the setting the user gave, not of the function that would fail."""
+  line = results["checkpoint_every_0"][2]
+  assert "save_interval_steps" not in line and "--config.checkpoint_every" in line
+
+
+def test_traceback_on_request(tmp_path):
+  result = subprocess.run(
+      _command([SIT, "--config.gmml.ratio=1.5"], tmp_path / "w", tmp_path), cwd=REPO,
+      env={**os.environ, "SIT_JAX_TRACEBACK": "1"}, capture_output=True, text=True,
+      timeout=TIMEOUT_S)
+  assert result.returncode != 0
+  assert "Traceback" in result.stderr and "ConfigError" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The validator, in process.
+
+
+@pytest.mark.parametrize("spec,overrides,expected", [
+    ("sit_vits.py:runlocal", {"keep_checkpoints": 0}, "config.keep_checkpoints=0 is invalid"),
+    ("sit_vits.py:runlocal", {"total_steps": 0, "total_epochs": 0}, "total_steps and total_"),
+    ("sit_vits.py:runlocal", {"eval.k": 0}, "config.eval.k=0 is invalid"),
+    ("sit_vits.py:runlocal", {"sharding_rules": (("", 3),)}, "config.sharding_rules="),
+    ("knn.py:runlocal", {"head.features": "clss"}, "config.head.features='clss' is invalid"),
+    ("linear.py:runlocal", {"linear.val_fraction": 1.0}, "config.linear.val_fraction=1.0 is"),
+    ("finetune.py:runlocal", {"optim.layer_decay": 0.0}, "config.optim.layer_decay=0.0 is"),
+    ("finetune.py:runlocal", {"augment.label_smoothing": 1.0}, "config.augment.label_smoothing="),
+    ("multilabel.py:runlocal,frozen=true", {"linear.l2": ()}, "config.linear.l2=() is"),
+])
+def test_values_of_each_experiment(spec, overrides, expected):
+  config = config_check.load(os.path.join(REPO, "configs", spec))
+  config_check.check(config)
+  config.update_from_flattened_dict(overrides)
+  with pytest.raises(config_check.ConfigError) as e:
+    config_check.check(config)
+  assert str(e.value).startswith(expected), str(e.value)
+
+
+@pytest.mark.parametrize("argument,expected", [
+    ("frozen=treu", "Config argument frozen=treu is not a boolean"),
+    ("dataset", "Config argument dataset needs a value"),
+    ("runlocal,bogus=1", "Unknown config argument 'bogus'"),
+])
+def test_config_arguments(argument, expected):
+  with pytest.raises(config_check.ConfigError, match=expected):
+    config_check.load(os.path.join(REPO, "configs", f"multilabel.py:{argument}"))
+
+
+def _config(**values):
+  return ml_collections.ConfigDict(values)
+
+
+@pytest.mark.parametrize("rule,good,bad", [
+    (config_check.integer(1), [1, 7], [0, -1, 1.0, True, "1", None]),
+    (config_check.integer(0, 3), [0, 3], [-1, 4]),
+    (config_check.number(0, 1), [0, 0.5, 1, 1.0], [-0.1, 1.5, float("nan"), True, "0.5"]),
+    (config_check.number(0, lo_open=True), [1e-9, 3], [0, 0.0, -1, float("inf")]),
+    (config_check.number(0, 1, hi_open=True), [0, 0.99], [1, 1.0]),
+    (config_check.one_of("a", "b"), ["a", "b"], ["c", "", None, 1]),
+    (config_check.subset("x", "y"), [("x",), ("y", "x")], [(), ("x", "x"), ("z",), "x"]),
+    (config_check.interval(0, 1, lo_open=True), [(0.5, 1.0), (1, 1)],
+     [(0, 1), (0.6, 0.5), (0.5, 1.5), (0.5,), 0.5]),
+    (config_check.numbers(config_check.COUNT), [(), (2, 3)], [(0,), (1.5,), 3]),
+    (config_check.numbers(config_check.NON_NEGATIVE, min_len=1), [(0.1,)], [()]),
+    (config_check.BOOL, [True, False], [0, 1, "True"]),
+    (config_check.MESH_AXIS, [-1, 1, 8], [0, -2]),
+    (config_check.VARIANT, ["S/16", "Mu/4", "B/8"], ["S", "X/16", "S/0", "s/16"]),
+])
+def test_rule_vocabulary(rule, good, bad):
+  for value in good:
+    assert rule.ok(value), (rule.must, value)
+  for value in bad:
+    assert not rule.ok(value), (rule.must, value)
+
+
+def test_check_names_the_key_and_what_it_must_be():
+  config = _config(log_every=50, gmml=_config(ratio=1.5))
+  with pytest.raises(config_check.ConfigError) as e:
+    config_check.check(config)
+  assert str(e.value) == ("config.gmml.ratio=1.5 is invalid: it must be a number in [0, 1] "
+                          "(set --config.gmml.ratio).")
+
+
+def test_check_skips_keys_without_a_rule_and_runs_cross_checks():
+  config_check.check(_config(my_new_key=-5, total_steps=10))
+  with pytest.raises(config_check.ConfigError, match="total_steps and total_epochs"):
+    config_check.check(_config(total_steps=0, total_epochs=0))
+
+
+def test_unknown_key_suggestions():
+  config = _config(optim=_config(base_lr=1.0, min_lr=0.0), log_every=1)
+  with pytest.raises(config_check.ConfigError, match=r"did you mean optim\.base_lr\?"):
+    config_check.check_key(config, "optim.base_rl")
+  with pytest.raises(config_check.ConfigError, match="the keys of optim are base_lr, min_lr"):
+    config_check.check_key(config, "optim.warmup")
+  config_check.check_key(config, "optim.base_lr")
+  config_check.check_key(config, "optim")  # a whole sub-config may be overridden
+  with pytest.raises(config_check.ConfigError, match=r"did you mean optim\.base_lr"):
+    config_check.check_key(config, "optimm.base_lr")
+
+
+def test_command_line_forms(tmp_path):
+  """'--config FILE' and '--config=FILE' both resolve; overrides are checked either way."""
+  (tmp_path / "c.py").write_text(
+      "import ml_collections\n"
+      "def get_config(arg=None):\n"
+      "  return ml_collections.ConfigDict(dict(a=1, arg=arg))\n")
+  path = str(tmp_path / "c.py")
+  assert config_check.check_command_line(["prog", "--config", path, "--config.a=2"]) == [
+      "prog", f"--config={path}", "--config.a=2"]
+  assert config_check.load(f"{path}:x").arg == "x"
+  assert config_check.load(path).arg is None
+  with pytest.raises(config_check.ConfigError, match=r"Unknown config key b \(--config.b=2\)"):
+    config_check.check_command_line(["prog", f"--config={path}", "--config.b=2"])
+  with pytest.raises(config_check.ConfigError, match="noa"):  # --noconfig.X: booleans
+    config_check.check_command_line(["prog", f"--config={path}", "--noconfig.noa"])
+
+
+def test_config_files_that_are_not_configs(tmp_path):
+  (tmp_path / "none.py").write_text("x = 1\n")
+  (tmp_path / "dict.py").write_text("def get_config():\n  return {}\n")
+  (tmp_path / "imports.py").write_text("import no_such_module\n")
+  with pytest.raises(config_check.ConfigError, match="has no get_config"):
+    config_check.load(str(tmp_path / "none.py"))
+  with pytest.raises(config_check.ConfigError, match="returned dict, not a ConfigDict"):
+    config_check.load(str(tmp_path / "dict.py"))
+  with pytest.raises(config_check.ConfigError, match="ModuleNotFoundError: No module named"):
+    config_check.load(str(tmp_path / "imports.py"))
