@@ -12,17 +12,24 @@ INSTALL_REQUIRES = [
     "ml-collections>=1.1.0,<1.2",
     "absl-py>=2.1",
     "numpy>=2.0",
-    # Host input pipeline only; TF never touches the accelerators.
-    "tensorflow-cpu>=2.21.0,<2.22; platform_machine=='x86_64'",
+    # Host input pipeline (data.py): grain, PIL, and tfds for datasets prepared as array_record
+    # (tfds.data_source reads them without TensorFlow).
+    "grain>=0.2.18,<0.3",
     "tensorflow-datasets>=4.9.10,<4.10",
-    # tfds needs these at import time and does not declare them.
     "pillow>=11",
+    # tfds needs this at import time and does not declare it.
     "importlib_resources>=6",
     # The embedded offline dataset (digits), t-SNE plots and figures.
     "scikit-learn>=1.5",
     "matplotlib>=3.8",
-    "tensorboard>=2.21,<2.22",
+    # TensorBoard event files without TensorFlow; view them with `pip install tensorboard`.
+    "tensorboardX>=2.6.2,<3",
 ]
+
+# The 'tf' input engine (data.engine='tf': TFDS datasets prepared as TFRecord) and the tests
+# of it. TF never touches the accelerators.
+TF = ["tensorflow-cpu>=2.21.0,<2.22; platform_machine=='x86_64'",
+      "tensorflow>=2.21.0,<2.22; platform_machine!='x86_64'"]
 
 # PyTorch only for comparisons: the conversion tests (timm <-> sit_jax) and the benchmarks.
 # Pinned: an unpinned torch pulls another multi-GB build. timm needs torchvision.
@@ -31,6 +38,7 @@ EXTRAS = {
     "test": ["pytest>=8", "pytest-xdist>=3.6", "nbformat>=5.10", "nbclient>=0.10",
              "ipykernel>=6.29", *TORCH],
     "torch": TORCH,
+    "tf": TF,
     "bench": TORCH,
 }
 

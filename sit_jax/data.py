@@ -1,9 +1,9 @@
 """Host input pipeline: TFDS datasets, image folders and an embedded offline dataset -> per-host
 numpy batches of uint8 crops.
 
-The host only decodes, crops, resizes and flips (tf.data, parallel, prefetched); photometric
-augmentation runs on the accelerator (augment.py). The trainer turns these host-local batches
-into global jax.Arrays with jax.make_array_from_process_local_data.
+The host only decodes, crops, resizes and flips; photometric augmentation runs on the
+accelerator (augment.py). The trainer turns these host-local batches into global jax.Arrays with
+jax.make_array_from_process_local_data.
 
 Sources (`source` argument):
   "tfds:NAME[/CONFIG][:SPLIT]" or a bare "NAME[/CONFIG]"  a TFDS dataset (`split` like "train",
@@ -19,29 +19,45 @@ Sources (`source` argument):
   carved from train ("train[:80%]" to train on, "train[80%:]" to choose a recipe on).
   "embedded:digits_multilabel"  the same images with multi-hot labels (12,): the digit, odd, >= 5.
 
+Engines (`engine` argument):
+  "grain" (default)  every source. TFDS datasets must be prepared as array_record (README:
+      "Input engines"); they are read with tfds.data_source, i.e. random access, no TensorFlow.
+      Batches are built by grain (threads, and `workers` processes when > 0).
+  "tf"  TFDS datasets prepared as TFRecord (what `tfds build` writes by default), read with
+      tf.data (data_tf.py; needs `pip install "sit_jax[tf]"`, imported only then).
+Both engines decode with PIL and crop with the same code (below), so their crops have the same
+statistics.
+
+Host work per image: the JPEG is decoded once for all its views, at 1/2, 1/4 or 1/8 scale in the
+DCT domain (PIL's `draft`) when every crop still has at least the output size at that scale;
+each view is then one crop-and-resize from the decoded image.
+
 Determinism and resuming. A training iterator's batches are a pure function of (seed,
 process_index, process_count, step), so `start_step=k` yields exactly what a fresh iterator
-yields from its k-th batch on. Each host reads an infinite stream of its own examples, one
-permutation per epoch, epochs following each other without a gap; crop and flip randomness is
-stateless, keyed on the element's place in the stream.
-  - Random-access sources (folder, embedded): position t of the stream is example
-    index_shuffle(t mod n, seed(epoch)), computed directly, so starting at any step costs nothing.
-    Batch k is built from its own candidate list: positions k*b .. k*b+b-1 and, after them,
-    spare random examples used only to replace unreadable files. Batch k thus stays the same
-    whatever happened to earlier batches, and it is always full. `num_skipped` counts the
-    unreadable files met.
-  - TFDS: records can only be read in order, so each epoch is the host's split read in a fixed
+yields from its k-th batch on; no iterator state needs saving. Each host reads an infinite stream
+of its own examples, one permutation per epoch, epochs following each other without a gap; crop
+and flip randomness is keyed on the element's place in the stream.
+  - grain: position t of the stream is example permutation(seed, host, t // n)[t mod n], computed
+    directly, so starting at any step costs nothing. Batch k is built from its own candidate
+    list: positions k*b .. k*b+b-1 and, after them, spare random examples used only to replace
+    unreadable files. Batch k thus stays the same whatever happened to earlier batches, and it is
+    always full. `num_skipped` counts the unreadable files met.
+  - tf: records can only be read in order, so each epoch is the host's split read in a fixed
     order through a shuffle buffer seeded by (seed, host, epoch); resuming skips the first
-    records of the current epoch before decoding (cheap: no decode, but the skipped records are
-    still read). Shuffling is local to the buffer (`shuffle_buffer` examples); TFDS stores
-    examples already shuffled. If the program sets a TF global seed, the order depends on it too.
+    records of the current epoch before decoding (no decode, but the skipped records are still
+    read). Shuffling is local to the buffer (`shuffle_buffer` examples); TFDS stores examples
+    already shuffled. An unreadable record is skipped and counted; the batches after it then
+    start one record later than in a run that met none, so exact resume needs readable records.
 
-Multi-host: each process reads only its share: examples p, p+P, p+2P, ... of a folder/embedded
-source, tfds.even_splits(split, P)[p] of a TFDS split. Evaluation pads the last batches (mask
-False) so that every host yields the same number of batches.
+Multi-host: each process reads only its share: examples p, p+P, p+2P, ... of the split (grain),
+tfds.even_splits(split, P)[p] of a TFDS split (tf). Evaluation pads the last batches (mask False)
+so that every host yields the same number of batches.
 """
+from __future__ import annotations
+
 import dataclasses
 import difflib
+import functools
 import math
 import os
 import re
@@ -50,26 +66,15 @@ from typing import Callable, Iterator, Optional, Sequence
 from absl import logging
 import jax
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
+from PIL import Image
 
-
-def _hide_accelerators_from_tf():
-  # TF is for the host pipeline only: it must not grab GPU/TPU memory meant for JAX.
-  for kind in ("GPU", "TPU"):
-    try:
-      tf.config.set_visible_devices([], kind)
-    except (RuntimeError, ValueError):
-      pass
-
-
-_hide_accelerators_from_tf()
-
+ENGINES = ("grain", "tf")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 EVAL_CROP_FRACTION = 0.875  # "center_crop": central 87.5% square of the image, then resize
 DIGITS_TRAIN = 1500
 _MAX_SPARES = 64  # extra candidates per batch (plus the batch size again) to replace bad files
-_AUTOTUNE = tf.data.AUTOTUNE
+# What PIL raises on a file that is not a readable image (truncated, garbage, a bomb).
+UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
 class DataError(ValueError):
@@ -97,11 +102,11 @@ class _HostData:
   info: DatasetInfo
   n_local: int  # examples of this host
   n_max_local: int  # the largest share over all hosts
-  # Random-access sources: load(local index) -> (uint8 image (h, w, 3), int32 label).
+  # grain: load(local index) -> (encoded image bytes or uint8 (h, w, 3), int32 label).
   load: Optional[Callable] = None
   fallible: bool = False  # loading may fail (files): unreadable ones are skipped
-  # TFDS sources.
-  builder: Optional[tfds.core.DatasetBuilder] = None
+  # tf engine: the builder and this host's split.
+  builder: object = None
   host_split: object = None
 
 
@@ -136,11 +141,16 @@ def _check_layout(global_batch_size, image_size, process_index, process_count):
   return global_batch_size // process_count, process_index, process_count
 
 
+def _check_engine(engine):
+  if engine not in ENGINES:
+    raise DataError(f"Unknown data.engine {engine!r}: choose one of {ENGINES}.")
+
+
 def _strided_share(n, process_index, process_count):
   return len(range(process_index, n, process_count)), -(-n // process_count)
 
 
-# ----- slices of random-access splits -------------------------------------------------------
+# ----- slices of folder and embedded splits -------------------------------------------------
 _SLICE = re.compile(r"^(?P<base>[^\[\]]*)\[(?P<part>[^\[\]]*)\]$")
 
 
@@ -187,7 +197,6 @@ _DIGITS_CACHE = {}
 def _digits():
   """(images uint8 (1797, 32, 32, 3), labels int32) in a fixed shuffled order."""
   if "all" not in _DIGITS_CACHE:
-    from PIL import Image
     from sklearn.datasets import load_digits  # ships its data: no download
     digits = load_digits()
     small = np.clip(np.round(digits.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
@@ -203,6 +212,14 @@ def _digits_multilabel(labels):
   """Multi-hot (n, 12): the digit (10 classes), 'odd', '>= 5'; for offline multi-label tests."""
   return np.concatenate([np.eye(10, dtype=np.int32)[labels], (labels % 2)[:, None],
                          (labels >= 5)[:, None].astype(np.int32)], axis=1)
+
+
+class _ArrayLoader:
+  def __init__(self, images, labels):
+    self.images, self.labels = images, labels
+
+  def __call__(self, i):
+    return self.images[i], self.labels[i]
 
 
 def _embedded(name, split, p, P):
@@ -222,16 +239,10 @@ def _embedded(name, split, p, P):
   keep = _slice_indices(len(labels), part, split)
   images, labels = images[keep], labels[keep]
   n = len(labels)
-  host_images = tf.constant(images[p::P])
-  host_labels = tf.constant(labels[p::P])
-
-  def load(i):
-    return tf.gather(host_images, i), tf.gather(host_labels, i)
-
   n_local, n_max = _strided_share(n, p, P)
   info = DatasetInfo(n, labels.shape[-1] if labels.ndim > 1 else 10,
                      f"embedded:{name}/{split}", multilabel=labels.ndim > 1)
-  return _HostData(info, n_local, n_max, load=load)
+  return _HostData(info, n_local, n_max, load=_ArrayLoader(images[p::P], labels[p::P]))
 
 
 # ----- image folder -------------------------------------------------------------------------
@@ -267,10 +278,13 @@ def _list_folder(root):
   return paths, np.asarray(labels, np.int32), classes
 
 
-def _decode(encoded):
-  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-  image.set_shape([None, None, 3])
-  return image
+class _FileLoader:
+  def __init__(self, paths, labels):
+    self.paths, self.labels = paths, labels
+
+  def __call__(self, i):
+    with open(self.paths[i], "rb") as f:
+      return f.read(), self.labels[i]
 
 
 def _folder(path, split, p, P):
@@ -281,20 +295,16 @@ def _folder(path, split, p, P):
   paths, labels, classes = _list_folder(root)
   keep = _slice_indices(len(paths), part, split)
   paths, labels = [paths[i] for i in keep], labels[keep]
-  host_paths = tf.constant(paths[p::P])
-  host_labels = tf.constant(labels[p::P])
-
-  def load(i):
-    return _decode(tf.io.read_file(tf.gather(host_paths, i))), tf.gather(host_labels, i)
-
   n_local, n_max = _strided_share(len(paths), p, P)
   info = DatasetInfo(len(paths), len(classes),
                      f"folder:{root}" + (f"[{part}]" if part is not None else ""))
-  return _HostData(info, n_local, n_max, load=load, fallible=True)
+  return _HostData(info, n_local, n_max, load=_FileLoader(paths[p::P], labels[p::P]),
+                   fallible=True)
 
 
 # ----- TFDS ---------------------------------------------------------------------------------
 def _tfds_builder(name, data_dir):
+  import tensorflow_datasets as tfds  # imports TensorFlow only if it is installed
   try:
     return tfds.builder(name, data_dir=data_dir)
   except tfds.core.DatasetNotFoundError:
@@ -306,109 +316,112 @@ def _tfds_builder(name, data_dir):
     raise DataError(f"cannot open TFDS dataset {name!r}: {e}") from None
 
 
-def _not_prepared(builder, name):
+def _not_prepared(builder, name, engine="grain"):
   root = builder.data_dir_root
+  build = f"tfds build {name} --data_dir {root}" + (
+      " --file_format array_record" if engine == "grain" else "")
   if builder.name == "imagenet2012":
     return DataNotFoundError(
         f"TFDS dataset imagenet2012 is not prepared in {root}. It needs a manual download: "
         f"put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (from image-net.org) in "
-        f"{os.path.join(root, 'downloads', 'manual')}/ then run: "
-        f"tfds build imagenet2012 --data_dir {root}")
+        f"{os.path.join(root, 'downloads', 'manual')}/ then run: {build}")
   manual = ""
   if getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
     manual = (f" It needs a manual download into {os.path.join(root, 'downloads', 'manual')}/"
               f" first: {builder.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()}")
   return DataNotFoundError(
       f"TFDS dataset {name!r} is not prepared in {root}.{manual} Prepare it once (this "
-      f"downloads) with: tfds build {name} --data_dir {root}")
-
-
-def _tfds_read(builder, split, name):
-  """The split's records in a fixed order, images still encoded."""
-  if "image" not in builder.info.features:
-    raise DataError(f"TFDS dataset {name!r} has no 'image' feature")
-  try:
-    return builder.as_dataset(
-        split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()},
-        read_config=tfds.ReadConfig(interleave_cycle_length=16))
-  except AssertionError:  # tfds' "could not find data": never generated
-    if not builder.is_prepared():
-      raise _not_prepared(builder, name) from None
-    raise
-  except (ValueError, KeyError) as e:
-    raise DataError(f"TFDS dataset {name!r}: bad split {split!r}: {e}") from None
-
-
-def _tfds_size(builder, split, name):
-  try:
-    n = builder.info.splits[split].num_examples
-  except (KeyError, ValueError, TypeError, AssertionError):
-    n = 0
-  if n <= 0:  # not in the metadata (e.g. a sub-split object, or tfds.testing.mock_data)
-    n = int(_tfds_read(builder, split, name).cardinality())
-    if n < 0:
-      raise DataError(f"cannot tell the size of TFDS split {name}:{split}")
-  return n
-
-
-def _tfds_host_split(split, p, P):
-  parts = [tfds.even_splits(part, P)[p] for part in split.split("+")]
-  host = parts[0]
-  for part in parts[1:]:
-    host = host + part
-  return host
+      f"downloads) with: {build}")
 
 
 def _tfds_labels(builder):
-  """(ex -> int32 label tensor, num_classes, multilabel). A 'label' ClassLabel gives class ids;
+  """(example -> int32 label, num_classes, multilabel). A 'label' ClassLabel gives class ids;
   without one, a 'labels' Sequence(ClassLabel) (e.g. voc/2007) gives multi-hot vectors."""
+  import tensorflow_datasets as tfds
   features = builder.info.features
   if "label" in features:
-    return (lambda ex: tf.cast(ex["label"], tf.int32),
+    return (lambda ex: np.int32(np.asarray(ex["label"])),
             getattr(features["label"], "num_classes", 0) or 0, False)
   inner = getattr(features["labels"], "feature", None) if "labels" in features else None
   if isinstance(inner, tfds.features.ClassLabel):
     c = inner.num_classes
-    # Sum, not max, of the one-hots: an image without labels gives zeros.
-    return (lambda ex: tf.minimum(tf.reduce_sum(tf.one_hot(ex["labels"], c, dtype=tf.int32),
-                                                axis=0), 1), c, True)
-  return lambda ex: tf.constant(-1, tf.int32), 0, False
+
+    def multi_hot(ex):
+      hot = np.zeros(c, np.int32)
+      hot[np.asarray(ex["labels"], np.int64)] = 1
+      return hot
+    return multi_hot, c, True
+  return lambda ex: np.int32(-1), 0, False
 
 
-def _tfds(name, split, data_dir, p, P):
+class _TfdsLoader:
+  """Host-local random access to a TFDS array_record split; images stay encoded."""
+
+  def __init__(self, source, label_of, p, P):
+    self.source, self.label_of, self.p, self.P = source, label_of, p, P
+
+  def __call__(self, i):
+    ex = self.source[self.p + i * self.P]
+    return ex["image"], self.label_of(ex)
+
+
+def _tfds(name, split, data_dir, p, P, engine):
   builder = _tfds_builder(name, data_dir)
-  n = _tfds_size(builder, split, name)
-  host_split = _tfds_host_split(split, p, P) if P > 1 else split
-  n_local = _tfds_size(builder, host_split, name) if P > 1 else n
-  _, num_classes, multilabel = _tfds_labels(builder)
+  if "image" not in builder.info.features:
+    raise DataError(f"TFDS dataset {name!r} has no 'image' feature")
+  label_of, num_classes, multilabel = _tfds_labels(builder)
+  if engine == "tf":
+    from sit_jax import data_tf
+    return data_tf.host_data(builder, name, split, p, P, num_classes, multilabel)
+  import tensorflow_datasets as tfds
+  try:
+    source = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
+                              decoders={"image": tfds.decode.SkipDecoding()})
+  except (NotImplementedError, ValueError, KeyError, AssertionError) as e:
+    if not builder.is_prepared():
+      raise _not_prepared(builder, name) from None
+    if isinstance(e, NotImplementedError):  # no random access to this file format
+      raise DataError(
+          f"TFDS dataset {name!r} in {builder.data_dir} is prepared as "
+          f"{builder.info.file_format.value}; the default engine 'grain' reads array_record. "
+          f"Convert it (README: 'Input engines') or read it with TensorFlow: "
+          f"pip install 'sit_jax[tf]' and set data.engine='tf'.") from None
+    raise DataError(f"TFDS dataset {name!r}: bad split {split!r}: {e}") from None
+  n = len(source)
+  if not n:
+    raise DataError(f"TFDS split {name}:{split} is empty")
+  n_local, n_max = _strided_share(n, p, P)
   info = DatasetInfo(n, num_classes, f"tfds:{name}/{split}", multilabel=multilabel)
-  return _HostData(info, n_local, max(n_local, -(-n // P)), builder=builder,
-                   host_split=host_split)
+  return _HostData(info, n_local, n_max, load=_TfdsLoader(source, label_of, p, P))
 
 
-def _host_data(source, split, data_dir, p, P):
+def _host_data(source, split, data_dir, p, P, engine="grain"):
+  _check_engine(engine)
   kind, name, split = _parse_source(source, split)
+  if kind != "tfds" and engine != "grain":
+    raise DataError(f"data.engine {engine!r} reads TFDS datasets only; {kind} sources use the "
+                    f"default engine 'grain'.")
   if kind == "embedded":
     return _embedded(name, split, p, P)
   if kind == "folder":
     return _folder(name, split, p, P)
-  return _tfds(name, split, data_dir, p, P)
+  return _tfds(name, split, data_dir, p, P, engine)
 
 
-def dataset_info(source: str, split: Optional[str], data_dir: Optional[str] = None) -> DatasetInfo:
+def dataset_info(source: str, split: Optional[str], data_dir: Optional[str] = None,
+                 engine: str = "grain") -> DatasetInfo:
   """Size (whole split), number of classes and name of a source."""
-  return _host_data(source, split, data_dir, 0, 1).info
+  return _host_data(source, split, data_dir, 0, 1, engine).info
 
 
 # ============================================================================================
-# Image ops (tf, on the host)
+# Image ops (PIL, on the host)
 # ============================================================================================
-# data.interpolation -> (tf.image.resize method, antialias when shrinking). The default is what
-# PIL/torchvision do (the authors' pipeline); the others trade that for host speed: on
-# ImageNet-size JPEGs cropped to 224, 'bicubic' gives 1.8x and 'bilinear' 2.7x the images/s
-# (benchmarks/README.md).
-INTERPOLATIONS = {"bicubic_antialias": ("bicubic", True), "bicubic": ("bicubic", False),
-                  "bilinear": ("bilinear", False)}
+# data.interpolation -> (PIL filter, antialias when shrinking). The default is what PIL and
+# torchvision do (the authors' pipeline); without antialiasing each output pixel samples a few
+# input pixels, as tf.image.resize(antialias=False): faster hosts, aliased pictures.
+INTERPOLATIONS = {"bicubic_antialias": (Image.BICUBIC, True), "bicubic": (Image.BICUBIC, False),
+                  "bilinear": (Image.BILINEAR, False)}
 
 
 def check_interpolation(interpolation):
@@ -417,80 +430,200 @@ def check_interpolation(interpolation):
                     f"{sorted(INTERPOLATIONS)}.")
 
 
-def _resize(image, size, interpolation):
-  """Resize to (size, size) uint8. Antialiasing only matters when shrinking, and its kernel is
-  2-3x slower on the CPU, so it runs only for downscaling."""
-  method, antialias = INTERPOLATIONS[interpolation]
-  resize = lambda aa: tf.image.resize(image, [size, size], method=method, antialias=aa)
-  if antialias:
-    shape = tf.shape(image)
-    shrink = tf.logical_or(shape[0] > size, shape[1] > size)
-    x = tf.cond(shrink, lambda: resize(True), lambda: resize(False))
-  else:
-    x = resize(False)
-  return tf.cast(tf.clip_by_value(tf.round(x), 0.0, 255.0), tf.uint8)
-
-
-def _crop_window(shape, seed, scale, ratio=(3 / 4, 4 / 3), attempts=10):
-  """torchvision's RandomResizedCrop.get_params as a pure function of `seed`: (begin, size) of
-  the crop for tf.slice.
+def crop_window(rng: np.random.Generator, height: int, width: int, scale: Sequence[float],
+                ratio=(3 / 4, 4 / 3), attempts: int = 10):
+  """torchvision's RandomResizedCrop.get_params: (top, left, h, w).
 
   Each try takes an area fraction uniform in `scale` and an aspect ratio (w / h) log-uniform in
   `ratio`, rounded half to even as Python's round; the first try that fits wins, at a uniform
   position. If none of the `attempts` fits: the centre crop of the whole image clipped to the
-  ratio range. All tries come from one draw: a few dozen scalar ops, little beside the decode.
+  ratio range.
   """
-  u = tf.random.stateless_uniform([3, attempts], seed, dtype=tf.float64)
-  height, width = shape[0], shape[1]
-  h_f, w_f = tf.cast(height, tf.float64), tf.cast(width, tf.float64)
-  area = h_f * w_f * (scale[0] + (scale[1] - scale[0]) * u[0])
+  u = rng.random((4, attempts))
+  area = height * width * (scale[0] + (scale[1] - scale[0]) * u[0])
   log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-  aspect = tf.exp(log_lo + (log_hi - log_lo) * u[1])
-  ws = tf.cast(tf.round(tf.sqrt(area * aspect)), tf.int32)
-  hs = tf.cast(tf.round(tf.sqrt(area / aspect)), tf.int32)
-  fits = (ws > 0) & (ws <= width) & (hs > 0) & (hs <= height)
-  first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
-  found = tf.reduce_any(fits)
-
-  in_ratio = w_f / h_f
-  centre_h = tf.where(in_ratio < ratio[0], tf.cast(tf.round(w_f / ratio[0]), tf.int32), height)
-  centre_w = tf.where(in_ratio > ratio[1], tf.cast(tf.round(h_f * ratio[1]), tf.int32), width)
-  size = tf.where(found, tf.stack([hs[first], ws[first]]), tf.stack([centre_h, centre_w]))
-  room = tf.stack([height, width]) - size
-  uniform = tf.cast(tf.floor(u[2, :2] * tf.cast(room + 1, tf.float64)), tf.int32)
-  begin = tf.where(found, tf.minimum(uniform, room), room // 2)
-  return tf.concat([begin, [0]], 0), tf.concat([size, [-1]], 0)
-
-
-def _random_view(image, seed, size, scale, interpolation, flip=True):
-  """torchvision's RandomResizedCrop (area fraction in `scale`, ratio log-uniform in 3/4..4/3,
-  10 tries, else a centre crop) + resize + horizontal flip with probability 1/2 (if `flip`)."""
-  crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-  begin, crop_size = _crop_window(tf.shape(image), crop_seed, scale)
-  view = _resize(tf.slice(image, begin, crop_size), size, interpolation)
-  return tf.image.stateless_random_flip_left_right(view, flip_seed) if flip else view
+  aspect = np.exp(log_lo + (log_hi - log_lo) * u[1])
+  ws = np.round(np.sqrt(area * aspect)).astype(np.int64)
+  hs = np.round(np.sqrt(area / aspect)).astype(np.int64)
+  fits = np.flatnonzero((ws > 0) & (ws <= width) & (hs > 0) & (hs <= height))
+  if len(fits):
+    j = fits[0]
+    h, w = int(hs[j]), int(ws[j])
+    return int(u[2, j] * (height - h + 1)), int(u[3, j] * (width - w + 1)), h, w
+  in_ratio = width / height
+  h, w = height, width
+  if in_ratio < ratio[0]:
+    h = int(round(width / ratio[0]))
+  elif in_ratio > ratio[1]:
+    w = int(round(height * ratio[1]))
+  return (height - h) // 2, (width - w) // 2, h, w
 
 
-def _eval_view(image, size, resize_mode, interpolation):
+def _open(image) -> Image.Image:
+  if isinstance(image, np.ndarray):
+    return Image.fromarray(image)
+  import io
+  return Image.open(io.BytesIO(image))
+
+
+def _render(img: Image.Image, windows, size, interpolation):
+  """Decodes the opened `img` once and returns each (top, left, h, w) window, given in
+  full-resolution pixels, resized to (size, size) uint8 RGB.
+
+  A JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) at which every window still has
+  at least `size` pixels on each side: a box-filtered shrink, which the resize then finishes.
+  """
+  width, height = img.size
+  smallest = min(min(h, w) for _, _, h, w in windows)
+  factor = next((f for f in (8, 4, 2) if smallest >= f * size), 1)
+  if factor > 1:
+    img.draft("RGB", (width // factor, height // factor))  # a no-op unless JPEG
+  img.load()
+  scale = width / img.size[0]  # the DCT scale PIL chose (exactly `factor` unless tiny images)
+  scale = round(scale) if abs(scale - round(scale)) < 0.05 else scale
+  if img.mode not in ("RGB", "L"):
+    img = img.convert("RGB")
+  resample, antialias = INTERPOLATIONS[interpolation]
+  views = []
+  for top, left, h, w in windows:
+    box = (left / scale, top / scale, (left + w) / scale, (top + h) / scale)
+    if antialias:
+      view = img.resize((size, size), resample, box=box)
+    else:
+      view = img.transform((size, size), Image.Transform.EXTENT, box, resample)
+    views.append(np.asarray(view.convert("RGB") if view.mode != "RGB" else view))
+  return views
+
+
+def random_views(image, rng: np.random.Generator, n_views: int, size: int,
+                 scale: Sequence[float], interpolation: str, flip: bool = True):
+  """`n_views` independent torchvision RandomResizedCrops (area fraction in `scale`, ratio
+  log-uniform in 3/4..4/3) of one image, each resized to `size` and, with `flip`, mirrored with
+  probability 1/2. The image is decoded once."""
+  img = _open(image)  # reads the header only
+  width, height = img.size
+  windows = [crop_window(rng, height, width, scale) for _ in range(n_views)]
+  flips = rng.random(n_views) < 0.5
+  views = _render(img, windows, size, interpolation)
+  return [v[:, ::-1] if flip and f else v for v, f in zip(views, flips)]
+
+
+def eval_view(image, size: int, resize_mode: str, interpolation: str):
+  """'center_crop': the central 87.5% square resized to `size`; 'resize': the whole image."""
+  img = _open(image)
+  width, height = img.size
   if resize_mode == "center_crop":
-    h, w = tf.shape(image)[0], tf.shape(image)[1]
-    side = tf.maximum(1, tf.cast(
-        tf.round(tf.cast(tf.minimum(h, w), tf.float32) * EVAL_CROP_FRACTION), tf.int32))
-    image = tf.slice(image, [(h - side) // 2, (w - side) // 2, 0], [side, side, 3])
-  return _resize(image, size, interpolation)
+    side = max(1, int(round(min(height, width) * EVAL_CROP_FRACTION)))
+    window = ((height - side) // 2, (width - side) // 2, side, side)
+  else:
+    window = (0, 0, height, width)
+  return _render(img, [window], size, interpolation)[0]
 
 
-def _fold(seed, *data):
-  for d in data:
-    seed = tf.random.experimental.stateless_fold_in(seed, tf.cast(d, tf.int64))
-  return seed
+# ============================================================================================
+# Batches: pure functions of (seed, host, step)
+# ============================================================================================
+def _element_rng(seed, process_index, *place):
+  return np.random.default_rng((seed & (2**63 - 1), process_index, *place))
 
 
-def _options(ds):
-  options = tf.data.Options()
-  options.deterministic = True
-  options.threading.max_intra_op_parallelism = 1
-  return ds.with_options(options)
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n, seed, process_index, epoch):
+  return _element_rng(seed, process_index, 0, epoch).permutation(n)
+
+
+def view_keys(n_views):
+  return ("image",) if n_views == 1 else tuple(f"view{v + 1}" for v in range(n_views))
+
+
+@dataclasses.dataclass(frozen=True)
+class _TrainBatch:
+  """Batch k of a host's training stream (see the module doc): a picklable callable, so that
+  grain can run it in worker processes."""
+  data: _HostData
+  b: int
+  seed: int
+  process_index: int
+  n_views: int
+  size: int
+  scale: tuple
+  interpolation: str
+  flip: bool
+
+  def _example(self, k, slot):
+    n = self.data.n_local
+    if slot < self.b:
+      t = k * self.b + slot
+      return int(_epoch_order(n, self.seed, self.process_index, t // n)[t % n])
+    return int(_element_rng(self.seed, self.process_index, 2, k, slot).integers(n))
+
+  def __call__(self, k):
+    views, labels = [], []
+    slot = 0
+    while len(labels) < self.b and slot < 2 * self.b + _MAX_SPARES:
+      rng = _element_rng(self.seed, self.process_index, 1, k, slot)
+      try:
+        image, label = self.data.load(self._example(k, slot))
+        views.append(random_views(image, rng, self.n_views, self.size, self.scale,
+                                  self.interpolation, self.flip))
+        labels.append(label)
+      except UNREADABLE:
+        if not self.data.fallible:
+          raise
+      slot += 1
+    if len(labels) < self.b:
+      return dict(_skipped=slot - len(labels), _short=True)
+    batch = {key: np.stack([x[v] for x in views])
+             for v, key in enumerate(view_keys(self.n_views))}
+    return dict(batch, label=np.asarray(labels, np.int32), _skipped=slot - self.b)
+
+
+@dataclasses.dataclass(frozen=True)
+class _EvalBatch:
+  data: _HostData
+  b: int
+  size: int
+  resize_mode: str
+  interpolation: str
+
+  def __call__(self, k):
+    info, b = self.data.info, self.b
+    out = dict(image=np.zeros((b, self.size, self.size, 3), np.uint8),
+               label=np.full((b, info.num_classes) if info.multilabel else (b,), -1, np.int32),
+               mask=np.zeros((b,), bool))
+    skipped = 0
+    for slot, i in enumerate(range(k * b, min((k + 1) * b, self.data.n_local))):
+      try:
+        image, label = self.data.load(i)
+        out["image"][slot] = eval_view(image, self.size, self.resize_mode, self.interpolation)
+      except UNREADABLE:
+        if not self.data.fallible:
+          raise
+        skipped += 1
+        continue
+      out["label"][slot] = label
+      out["mask"][slot] = True
+    return dict(out, _skipped=skipped)
+
+
+def default_threads():
+  """Threads that build batches in each grain process: PIL decodes and resizes without the GIL."""
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return max(2, min(32, 2 * (cores or 1)))
+
+
+def _grain_batches(make_batch, start, stop, workers, threads):
+  import grain
+  threads = threads or default_threads()
+  ds = grain.MapDataset.range(start, stop).map(make_batch).to_iter_dataset(
+      grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads))
+  if workers:
+    from absl import flags
+    if not flags.FLAGS.is_parsed():  # grain reads its absl flags; a library user has none
+      flags.FLAGS.mark_as_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
+                                                     per_worker_buffer_size=2))
+  return iter(ds)
 
 
 # ============================================================================================
@@ -517,22 +650,11 @@ class HostIterator:
                       self.num_skipped)
 
   def __next__(self) -> dict:
-    batch = next(self._batches)
-    self.step += 1
-    return batch
-
-
-class _TrainIterator(HostIterator):
-
-  def __next__(self):
-    batch = next(self._batches)
-    group, slot = batch.pop("_group", None), batch.pop("_slot", None)
-    if group is not None:
-      if np.any(slot < 0):
-        raise DataError(f"{self.info.name}: batch {self.step} has too few readable images "
-                        f"(more than {_MAX_SPARES + self.batch_size} unreadable candidates)")
-      assert np.all(group == self.step), (group, self.step)
-      self._note_skipped(int(slot.max()) + 1 - self.batch_size)
+    batch = dict(next(self._batches))
+    self._note_skipped(int(batch.pop("_skipped", 0)))
+    if batch.pop("_short", False):
+      raise DataError(f"{self.info.name}: batch {self.step} has too few readable images "
+                      f"(more than {_MAX_SPARES + self.batch_size} unreadable candidates)")
     self.step += 1
     return batch
 
@@ -540,116 +662,22 @@ class _TrainIterator(HostIterator):
 class EvalIterator(HostIterator):
   """One pass; `len()` batches on every host; `mask` False marks padding and unreadable files."""
 
-  def __init__(self, batches, batch_size, info, n_local, num_batches, image_size):
+  def __init__(self, batches, batch_size, info, num_batches):
     super().__init__(batches, batch_size, info)
-    self._n_local = n_local
     self._num_batches = num_batches
-    self._size = image_size
-    self._pending = None
 
   def __len__(self):
     return self._num_batches
 
-  def _fill(self, upto):
-    """Reads tf batches until the pending elements reach stream position `upto`."""
-    while self._pending is None or (self._pending["_pos"].size == 0 or
-                                    self._pending["_pos"][-1] < upto):
-      try:
-        nxt = next(self._batches)
-      except StopIteration:
-        return
-      if self._pending is None:
-        self._pending = nxt
-      else:
-        self._pending = {k: np.concatenate([self._pending[k], nxt[k]]) for k in nxt}
-
   def __next__(self):
     if self.step >= self._num_batches:
       raise StopIteration
-    b, lo = self.batch_size, self.step * self.batch_size
-    self._fill(lo + b)
-    out = dict(image=np.zeros((b, self._size, self._size, 3), np.uint8),
-               label=np.full((b, self.info.num_classes) if self.info.multilabel else (b,), -1,
-                             np.int32),
-               mask=np.zeros((b,), bool))
-    if self._pending is not None:
-      take = int(np.searchsorted(self._pending["_pos"], lo + b))
-      slots = self._pending["_pos"][:take] - lo
-      out["image"][slots] = self._pending["image"][:take]
-      out["label"][slots] = self._pending["label"][:take]
-      out["mask"][slots] = True
-      self._pending = {k: v[take:] for k, v in self._pending.items()}
-    expected = max(0, min(lo + b, self._n_local) - lo)
-    self._note_skipped(expected - int(out["mask"].sum()))
-    self.step += 1
-    return out
-
-
-def _train_elements(data: _HostData, *, b, start_step, seed, process_index, shuffle_buffer):
-  """Unbatched stream of dict(image uint8, label int32, seed int64[2]) from batch `start_step`
-  on; for random-access sources also the element's batch ("_group") and candidate ("_slot")."""
-  base = tf.constant([seed & (2**63 - 1), process_index], tf.int64)
-  aug_base, order_base, spare_base = _fold(base, 1), _fold(base, 2), _fold(base, 3)
-  n = data.n_local
-  if n <= 0:
-    raise DataError(f"{data.info.name}: process {process_index} has no examples")
-
-  if data.load is not None:
-    def group(k):
-      def candidate(slot):
-        t = k * b + slot
-        epoch_order = _fold(order_base, t // n)
-        primary = tf.random.experimental.index_shuffle(t % n, epoch_order, n - 1)
-        spare = tf.random.stateless_uniform(
-            [], _fold(spare_base, k, slot), minval=0, maxval=n, dtype=tf.int64)
-        image, label = data.load(tf.where(slot < b, primary, spare))
-        return dict(image=image, label=label, seed=_fold(aug_base, k, slot), _group=k,
-                    _slot=slot)
-
-      ds = tf.data.Dataset.range(b + b + _MAX_SPARES).map(candidate)
-      if data.fallible:
-        ds = ds.ignore_errors()
-        # Placeholders keep batch k aligned if nearly every candidate is unreadable; the
-        # iterator raises on them.
-        filler = dict(image=tf.zeros([1, 1, 3], tf.uint8), label=tf.constant(-1, tf.int32),
-                      seed=tf.zeros([2], tf.int64), _group=k, _slot=tf.constant(-1, tf.int64))
-        ds = ds.concatenate(tf.data.Dataset.from_tensors(filler).repeat(b))
-      return ds.take(b)
-
-    cycle = max(2, min(16, os.cpu_count() or 2))
-    return tf.data.Dataset.range(start_step, 2**62).interleave(
-        group, cycle_length=cycle, block_length=b, num_parallel_calls=_AUTOTUNE,
-        deterministic=True)
-
-  # TFDS: one deterministic shuffled pass per epoch, resumed by skipping records.
-  records = _tfds_read(data.builder, data.host_split, data.info.name)
-  first = start_step * b
-  first_epoch, first_offset = first // n, first % n
-  buffer = max(1, min(shuffle_buffer, n))
-  label_of, _, _ = _tfds_labels(data.builder)
-
-  def epoch(e):
-    shuffle_seed = tf.random.stateless_uniform(
-        [], _fold(order_base, e), minval=0, maxval=2**31 - 1, dtype=tf.int64)
-    ds = records.shuffle(buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
-    ds = ds.enumerate().skip(tf.where(e == first_epoch, tf.constant(first_offset, tf.int64),
-                                      tf.constant(0, tf.int64)))
-    return ds.map(lambda offset, ex: dict(
-        encoded=ex["image"],
-        label=label_of(ex), seed=_fold(aug_base, e * n + offset)))
-
-  ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch)
-
-  def decode(ex):
-    encoded = ex.pop("encoded")
-    return dict(ex, image=_decode(encoded))
-
-  return ds.map(decode, num_parallel_calls=_AUTOTUNE, deterministic=True)
+    return super().__next__()
 
 
 def _train_iterator(source, split, *, global_batch_size, image_size, crop_scale, seed,
                     start_step, process_index, process_count, data_dir, shuffle_buffer,
-                    interpolation, flip, make_batch_element):
+                    interpolation, flip, n_views, engine, workers, threads):
   b, p, P = _check_layout(global_batch_size, image_size, process_index, process_count)
   check_interpolation(interpolation)
   lo, hi = crop_scale
@@ -657,28 +685,21 @@ def _train_iterator(source, split, *, global_batch_size, image_size, crop_scale,
     raise DataError(f"crop_scale must satisfy 0 < min <= max <= 1, got {crop_scale}")
   if start_step < 0:
     raise DataError(f"start_step must be >= 0, got {start_step}")
-  data = _host_data(source, split, data_dir, p, P)
-  ds = _train_elements(data, b=b, start_step=start_step, seed=int(seed), process_index=p,
-                       shuffle_buffer=shuffle_buffer)
-  ds = ds.map(lambda ex: make_batch_element(ex, image_size, (lo, hi), interpolation, flip),
-              num_parallel_calls=_AUTOTUNE, deterministic=True)
-  ds = _options(ds.batch(b, drop_remainder=True).prefetch(_AUTOTUNE))
-  return _TrainIterator(ds.as_numpy_iterator(), b, data.info, start_step)
-
-
-def _private(ex):
-  return {k: v for k, v in ex.items() if k.startswith("_")}
-
-
-def _two_views(ex, size, scale, interpolation, flip):
-  s1, s2 = tf.unstack(tf.random.experimental.stateless_split(ex["seed"], 2))
-  view = lambda seed: _random_view(ex["image"], seed, size, scale, interpolation, flip)
-  return dict(view1=view(s1), view2=view(s2), label=ex["label"], **_private(ex))
-
-
-def _one_view(ex, size, scale, interpolation, flip):
-  return dict(image=_random_view(ex["image"], ex["seed"], size, scale, interpolation, flip),
-              label=ex["label"], **_private(ex))
+  data = _host_data(source, split, data_dir, p, P, engine)
+  if data.n_local <= 0:
+    raise DataError(f"{data.info.name}: process {p} has no examples")
+  views = functools.partial(random_views, n_views=n_views, size=image_size, scale=(lo, hi),
+                            interpolation=interpolation, flip=flip)
+  if engine == "tf":
+    from sit_jax import data_tf
+    batches = data_tf.train_batches(data, b=b, start_step=start_step, seed=int(seed),
+                                    process_index=p, shuffle_buffer=shuffle_buffer,
+                                    n_views=n_views, size=image_size, views=views)
+  else:
+    make_batch = _TrainBatch(data, b, int(seed), p, n_views, image_size, (lo, hi), interpolation,
+                             flip)
+    batches = _grain_batches(make_batch, start_step, 2**62, workers, threads)
+  return HostIterator(batches, b, data.info, start_step)
 
 
 def pretrain_iterator(source: str, split: Optional[str], *, global_batch_size: int,
@@ -686,18 +707,23 @@ def pretrain_iterator(source: str, split: Optional[str], *, global_batch_size: i
                       start_step: int = 0, process_index: Optional[int] = None,
                       process_count: Optional[int] = None, data_dir: Optional[str] = None,
                       shuffle_buffer: int = 50_000,
-                      interpolation: str = "bicubic_antialias", flip: bool = True) -> HostIterator:
+                      interpolation: str = "bicubic_antialias", flip: bool = True,
+                      engine: str = "grain", workers: int = 0,
+                      threads: int = 0) -> HostIterator:
   """Infinite iterator of host-local batches dict(view1=uint8 (b, S, S, 3), view2=uint8
   (b, S, S, 3), label=int32 (b,)), b = global_batch_size // process_count. Each view is an
   independent random-resized crop (area `crop_scale`, ratio 3/4..4/3, resized to S with
   `interpolation`, see INTERPOLATIONS) and, with `flip`, a horizontal flip with probability 1/2.
   Batch k is a pure function of (seed, process_index, process_count, k): `start_step=k`
-  resumes exactly. `shuffle_buffer` only matters for TFDS sources (see the module doc)."""
+  resumes exactly. `shuffle_buffer` only matters for engine 'tf' (see the module doc).
+  grain builds batches in `threads` threads (0: default_threads()) of this process and, with
+  `workers` > 0, in that many worker processes."""
   return _train_iterator(
       source, split, global_batch_size=global_batch_size, image_size=image_size,
       crop_scale=crop_scale, seed=seed, start_step=start_step, process_index=process_index,
       process_count=process_count, data_dir=data_dir, shuffle_buffer=shuffle_buffer,
-      interpolation=interpolation, flip=flip, make_batch_element=_two_views)
+      interpolation=interpolation, flip=flip, n_views=2, engine=engine, workers=workers,
+      threads=threads)
 
 
 def train_iterator(source: str, split: Optional[str], *, global_batch_size: int,
@@ -705,7 +731,8 @@ def train_iterator(source: str, split: Optional[str], *, global_batch_size: int,
                    start_step: int = 0, process_index: Optional[int] = None,
                    process_count: Optional[int] = None, data_dir: Optional[str] = None,
                    shuffle_buffer: int = 50_000,
-                   interpolation: str = "bicubic_antialias", flip: bool = True) -> HostIterator:
+                   interpolation: str = "bicubic_antialias", flip: bool = True,
+                   engine: str = "grain", workers: int = 0, threads: int = 0) -> HostIterator:
   """Infinite labelled iterator for supervised transfer: dict(image=uint8 (b, S, S, 3),
   label=int32 (b,)), one random-resized crop + flip per example. Resumable like
   `pretrain_iterator`."""
@@ -713,14 +740,16 @@ def train_iterator(source: str, split: Optional[str], *, global_batch_size: int,
       source, split, global_batch_size=global_batch_size, image_size=image_size,
       crop_scale=crop_scale, seed=seed, start_step=start_step, process_index=process_index,
       process_count=process_count, data_dir=data_dir, shuffle_buffer=shuffle_buffer,
-      interpolation=interpolation, flip=flip, make_batch_element=_one_view)
+      interpolation=interpolation, flip=flip, n_views=1, engine=engine, workers=workers,
+      threads=threads)
 
 
 def eval_iterator(source: str, split: Optional[str], *, global_batch_size: int,
                   image_size: int, process_index: Optional[int] = None,
                   process_count: Optional[int] = None, data_dir: Optional[str] = None,
                   resize_mode: str = "center_crop",
-                  interpolation: str = "bicubic_antialias") -> EvalIterator:
+                  interpolation: str = "bicubic_antialias", engine: str = "grain",
+                  workers: int = 0, threads: int = 0) -> EvalIterator:
   """One pass over this host's share, in order: dict(image=uint8 (b, S, S, 3), label=int32 (b,),
   mask=bool (b,)). Every host yields ceil(largest share / b) batches; padding and unreadable
   files have mask False (and label -1). resize_mode: "center_crop" (central 87.5% square,
@@ -729,29 +758,14 @@ def eval_iterator(source: str, split: Optional[str], *, global_batch_size: int,
   if resize_mode not in ("center_crop", "resize"):
     raise DataError(f"resize_mode must be 'center_crop' or 'resize', got {resize_mode!r}")
   check_interpolation(interpolation)
-  data = _host_data(source, split, data_dir, p, P)
-
-  if data.load is not None:
-    def element(i):
-      image, label = data.load(i)
-      return dict(image=_eval_view(image, image_size, resize_mode, interpolation), label=label,
-                  _pos=i)
-
-    ds = tf.data.Dataset.range(data.n_local).map(
-        element, num_parallel_calls=_AUTOTUNE, deterministic=True)
-    if data.fallible:
-      ds = ds.ignore_errors()
-  else:
-    label_of, _, _ = _tfds_labels(data.builder)
-
-    def element(i, ex):
-      label = label_of(ex)
-      image = _eval_view(_decode(ex["image"]), image_size, resize_mode, interpolation)
-      return dict(image=image, label=label, _pos=i)
-
-    ds = _tfds_read(data.builder, data.host_split, data.info.name).enumerate().map(
-        element, num_parallel_calls=_AUTOTUNE, deterministic=True).ignore_errors()
-  ds = _options(ds.batch(b).prefetch(_AUTOTUNE))
+  data = _host_data(source, split, data_dir, p, P, engine)
   num_batches = math.ceil(data.n_max_local / b)
-  return EvalIterator(ds.as_numpy_iterator(), b, data.info, data.n_local, num_batches,
-                      image_size)
+  view = functools.partial(eval_view, size=image_size, resize_mode=resize_mode,
+                           interpolation=interpolation)
+  if engine == "tf":
+    from sit_jax import data_tf
+    batches = data_tf.eval_batches(data, b=b, size=image_size, view=view)
+  else:
+    batches = _grain_batches(_EvalBatch(data, b, image_size, resize_mode, interpolation), 0,
+                             num_batches, workers, threads)
+  return EvalIterator(batches, b, data.info, num_batches)

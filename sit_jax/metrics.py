@@ -134,7 +134,6 @@ class MetricWriter:
     self._stream = stream  # None: sys.stdout at print time (works with capsys)
     self._jsonl = None
     self._tb = None
-    self._tf = None
     # Timing state for img/s and ETA; the first logged step only sets the
     # baseline so compilation time does not distort the estimate.
     self._first = None   # (step, time) at the first write_scalars call
@@ -144,10 +143,8 @@ class MetricWriter:
     os.makedirs(self.workdir, exist_ok=True)
     self._jsonl = open(os.path.join(self.workdir, "metrics.jsonl"), "a")
     if enable_tensorboard:
-      import tensorflow as tf  # Imported lazily: slow and only needed here.
-      tf.config.set_visible_devices([], "GPU")
-      self._tf = tf
-      self._tb = tf.summary.create_file_writer(os.path.join(self.workdir, "tb"))
+      import tensorboardX  # TensorBoard event files without TensorFlow.
+      self._tb = tensorboardX.SummaryWriter(os.path.join(self.workdir, "tb"))
 
   # -- scalars ---------------------------------------------------------------
 
@@ -174,9 +171,8 @@ class MetricWriter:
     self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
     self._jsonl.flush()
     if self._tb is not None:
-      with self._tb.as_default():
-        for k, v in values.items():
-          self._tf.summary.scalar(k, v, step=step)
+      for k, v in values.items():
+        self._tb.add_scalar(k, v, global_step=step)
 
     parts = [f"step {step}/{self.total_steps}"] if self.total_steps else []  # 0: not a loop
     parts += [f"{k} {_fmt_value(k, v)}" for k, v in values.items()]
@@ -215,8 +211,7 @@ class MetricWriter:
     atomic_write(path, lambda f: Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
                  .save(f, format="PNG"))
     if self._tb is not None:
-      with self._tb.as_default():
-        self._tf.summary.image(name, img[None], step=int(step))
+      self._tb.add_image(name, img, global_step=int(step), dataformats="HWC")
     return path
 
   # -- json ------------------------------------------------------------------

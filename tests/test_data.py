@@ -124,21 +124,40 @@ def test_dataset_info():
 
 
 # ----- TFDS (mocked) ------------------------------------------------------------------------
-def test_tfds_mock_pretrain_resume_and_eval():
-  with tfds.testing.mock_data(num_examples=10):
-    assert data.dataset_info("tfds:cifar10", "train") == data.DatasetInfo(
-        10, 10, "tfds:cifar10/train")
-    kw = dict(global_batch_size=4, image_size=16, seed=0, process_index=0, process_count=1)
-    fresh = _take(data.pretrain_iterator("tfds:cifar10:train", None, **kw), 5)
-    chex.assert_shape(fresh[0]["view1"], (4, 16, 16, 3))
-    chex.assert_type([fresh[0]["view2"], fresh[0]["label"]], [np.uint8, np.int32])
-    # Step 3 starts at record 2 of epoch 1.
-    _assert_same_batches(fresh[3:], _take(data.pretrain_iterator(
-        "cifar10", "train", start_step=3, **kw), 2))
-    _assert_same_batches(fresh, _take(data.pretrain_iterator("cifar10", "train", **kw), 5))
-    ev = list(data.eval_iterator("cifar10", "test", global_batch_size=4, image_size=16,
-                                 process_index=0, process_count=1))
-    assert [b["mask"].sum() for b in ev] == [4, 4, 2]
+def _png(value, size=(12, 10)):
+  import io
+  out = io.BytesIO()
+  Image.fromarray(np.full(size + (3,), value, np.uint8)).save(out, format="PNG")
+  return out.getvalue()
+
+
+@pytest.fixture
+def mock_cifar10():
+  """tfds.data_source('cifar10', ...) -> 10 PNGs, example i of value 20*i and label i % 10;
+  works without TensorFlow (tfds' own random mock encodes images with TF)."""
+  examples = [dict(image=_png(20 * i), label=i % 10) for i in range(10)]
+  with tfds.testing.mock_data(as_data_source_fn=lambda *args, **kwargs: examples):
+    yield
+
+
+def test_tfds_mock_pretrain_resume_and_eval(mock_cifar10):
+  assert data.dataset_info("tfds:cifar10", "train") == data.DatasetInfo(
+      10, 10, "tfds:cifar10/train")
+  kw = dict(global_batch_size=4, image_size=16, seed=0, process_index=0, process_count=1)
+  fresh = _take(data.pretrain_iterator("tfds:cifar10:train", None, **kw), 5)
+  chex.assert_shape(fresh[0]["view1"], (4, 16, 16, 3))
+  chex.assert_type([fresh[0]["view2"], fresh[0]["label"]], [np.uint8, np.int32])
+  ids = [i for b in fresh for i in b["view1"][:, 0, 0, 0] // 20]  # constant images
+  for b in fresh:
+    np.testing.assert_array_equal(b["view1"][:, 0, 0, 0] // 20 % 10, b["label"])
+  assert sorted(ids[:10]) == sorted(ids[10:20]) == list(range(10))  # epochs 0 and 1
+  assert ids[:10] != ids[10:20]  # in other orders
+  _assert_same_batches(fresh[3:], _take(data.pretrain_iterator(
+      "cifar10", "train", start_step=3, **kw), 2))
+  ev = list(data.eval_iterator("cifar10", "test", global_batch_size=4, image_size=16,
+                               process_index=0, process_count=1))
+  assert [b["mask"].sum() for b in ev] == [4, 4, 2]
+  np.testing.assert_array_equal(np.concatenate([b["label"] for b in ev])[:10], np.arange(10))
 
 
 # ----- image folders ------------------------------------------------------------------------
@@ -276,7 +295,7 @@ def test_interpolations_shrink_like_pil_or_without_antialiasing(tmp_path):
   assert np.abs(shrink("bicubic") - shrink("bilinear")).max() > 0
 
 
-# ----- a real (tiny, locally generated) TFDS dataset: the reader path without mocks ---------
+# ----- a real (tiny, locally generated) TFDS dataset: the reader paths without mocks ---------
 _PREPARE = tfds.core.DatasetBuilder.download_and_prepare
 
 
@@ -298,11 +317,20 @@ class SitJaxTinyImages(tfds.core.GeneratorBasedBuilder):
       yield i, {"image": np.full((8, 8, 3), 10 * i, np.uint8), "label": i % 3}
 
 
-@pytest.fixture(scope="module")
-def tiny_tfds(tmp_path_factory):
-  data_dir = str(tmp_path_factory.mktemp("tfds"))
-  _PREPARE(tfds.builder("sit_jax_tiny_images", data_dir=data_dir))  # local generator only
-  return data_dir
+FORMATS = {"grain": "array_record", "tf": "tfrecord"}
+
+
+@pytest.fixture(scope="module", params=sorted(FORMATS))
+def tiny_tfds(request, tmp_path_factory):
+  """(engine, data_dir) of the tiny dataset in the engine's format. Writing TFDS images needs
+  TensorFlow, as does the 'tf' engine: skipped without it."""
+  pytest.importorskip("tensorflow")
+  engine = request.param
+  data_dir = str(tmp_path_factory.mktemp(f"tfds_{engine}"))
+  # A local generator only: nothing is downloaded.
+  _PREPARE(tfds.builder("sit_jax_tiny_images", data_dir=data_dir,
+                        file_format=FORMATS[engine]))
+  return engine, data_dir
 
 
 def _ids(images):
@@ -310,13 +338,14 @@ def _ids(images):
 
 
 def test_real_tfds_hosts_resume_and_eval(tiny_tfds):
+  engine, data_dir = tiny_tfds
   source = "tfds:sit_jax_tiny_images"
-  assert data.dataset_info(source, "train", data_dir=tiny_tfds) == data.DatasetInfo(
-      21, 3, f"{source}/train")
+  assert data.dataset_info(source, "train", data_dir=data_dir, engine=engine) == (
+      data.DatasetInfo(21, 3, f"{source}/train"))
   per_host = []
   for p in range(2):
     kw = dict(global_batch_size=4, image_size=4, seed=5, process_index=p, process_count=2,
-              data_dir=tiny_tfds)
+              data_dir=data_dir, engine=engine)
     fresh = _take(data.pretrain_iterator(source, "train", **kw), 12)
     for b in fresh:  # constant images: the label follows the image
       np.testing.assert_array_equal(_ids(b["view1"]), _ids(b["view2"]))
@@ -330,12 +359,24 @@ def test_real_tfds_hosts_resume_and_eval(tiny_tfds):
     assert sorted(ids[n_local:2 * n_local]) == sorted(ids[:n_local])  # epoch 2: same examples
     assert ids[n_local:2 * n_local] != ids[:n_local]  # in another order
     ev = data.eval_iterator(source, "train", process_index=p, process_count=2,
-                            global_batch_size=4, image_size=8, data_dir=tiny_tfds)
+                            global_batch_size=4, image_size=8, data_dir=data_dir,
+                            engine=engine)
     batches = list(ev)
     assert len(batches) == 6 and ev.num_skipped == 0  # ceil(11 / 2) on both hosts
     got = [i for b in batches for i in _ids(b["image"][b["mask"]])]
     assert sorted(got) == sorted(per_host[-1])
   assert sorted(per_host[0] + per_host[1]) == list(range(21))
+
+
+def test_engine_and_format_mismatch_says_what_to_do(tiny_tfds):
+  engine, data_dir = tiny_tfds
+  if engine == "tf":
+    with pytest.raises(data.DataError, match="prepared as tfrecord.*data.engine='tf'"):
+      data.dataset_info("tfds:sit_jax_tiny_images", "train", data_dir=data_dir)
+  with pytest.raises(data.DataError, match="TFDS datasets only"):
+    data.dataset_info(DIGITS, "train", engine="tf")
+  with pytest.raises(data.DataError, match="data.engine"):
+    data.dataset_info(DIGITS, "train", engine="torch")
 
 
 def test_sliced_splits_partition_train_without_overlap():

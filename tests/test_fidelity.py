@@ -3,7 +3,6 @@ import math
 
 import numpy as np
 import pytest
-import tensorflow as tf
 from scipy import stats
 
 from sit_jax import data
@@ -44,15 +43,9 @@ def torchvision_windows(height, width, scale, n, seed=0):
 
 
 def our_windows(height, width, scale, n):
-  """(top, left, h, w) of data._crop_window for seeds 0..n-1, in graph mode as in the pipeline."""
-  shape = tf.constant([height, width, 3])
-
-  def window(i):
-    begin, size = data._crop_window(shape, tf.stack([i, tf.constant(7, tf.int64)]), scale)
-    return tf.concat([begin[:2], size[:2]], 0)
-
-  ds = tf.data.Dataset.range(n).map(window).batch(n)
-  return next(iter(ds)).numpy()
+  """(top, left, h, w) of data.crop_window for n element seeds, drawn as the pipeline draws."""
+  return np.array([data.crop_window(data._element_rng(7, 0, 1, i, 0), height, width, scale)
+                   for i in range(n)])
 
 
 @pytest.mark.parametrize("height,width,scale", [
@@ -97,9 +90,9 @@ def test_fallback_is_the_centre_crop_clipped_to_the_ratio_range(height, width):
 
 
 def test_random_view_is_a_pure_function_of_the_seed():
-  image = tf.constant(np.random.default_rng(0).integers(0, 256, (60, 80, 3)), tf.uint8)
-  view = lambda s: data._random_view(image, tf.constant(s, tf.int64), 32, (0.2, 1.0),
-                                     "bicubic").numpy()
+  image = np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8)
+  view = lambda s: data.random_views(image, np.random.default_rng(s), 1, 32, (0.2, 1.0),
+                                     "bicubic")[0]
   a, b, c = view([1, 2]), view([1, 2]), view([1, 3])
   assert a.shape == (32, 32, 3) and a.dtype == np.uint8
   np.testing.assert_array_equal(a, b)

@@ -1,0 +1,162 @@
+"""The 'tf' input engine: TFDS datasets prepared as TFRecord, read in order with tf.data.
+
+Needs TensorFlow (`pip install "sit_jax[tf]"`); data.py imports this module only when
+data.engine is 'tf'. Records are read and shuffled by tf.data; images are decoded, cropped and
+resized by data.py's PIL code inside tf.numpy_function (PIL releases the GIL, so tf.data's
+parallel map runs them on several cores). The module doc of data.py describes the order and
+how resuming works.
+"""
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from sit_jax import data
+
+
+def _hide_accelerators_from_tf():
+  # TF is for the host pipeline only: it must not grab GPU/TPU memory meant for JAX.
+  for kind in ("GPU", "TPU"):
+    try:
+      tf.config.set_visible_devices([], kind)
+    except (RuntimeError, ValueError):
+      pass
+
+
+_hide_accelerators_from_tf()
+_AUTOTUNE = tf.data.AUTOTUNE
+
+
+def _read(builder, split, name):
+  """The split's records in a fixed order, images still encoded."""
+  try:
+    return builder.as_dataset(
+        split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()},
+        read_config=tfds.ReadConfig(interleave_cycle_length=16))
+  except AssertionError:  # tfds' "could not find data": never generated
+    if not builder.is_prepared():
+      raise data._not_prepared(builder, name, engine="tf") from None
+    raise
+  except (ValueError, KeyError) as e:
+    raise data.DataError(f"TFDS dataset {name!r}: bad split {split!r}: {e}") from None
+
+
+def _size(builder, split, name):
+  try:
+    n = builder.info.splits[split].num_examples
+  except (KeyError, ValueError, TypeError, AssertionError):
+    n = 0
+  if n <= 0:  # not in the metadata (e.g. a sub-split object, or tfds.testing.mock_data)
+    n = int(_read(builder, split, name).cardinality())
+    if n < 0:
+      raise data.DataError(f"cannot tell the size of TFDS split {name}:{split}")
+  return n
+
+
+def host_data(builder, name, split, p, P, num_classes, multilabel):
+  n = _size(builder, split, name)
+  host_split = split
+  if P > 1:
+    parts = [tfds.even_splits(part, P)[p] for part in split.split("+")]
+    host_split = parts[0]
+    for part in parts[1:]:
+      host_split = host_split + part
+  n_local = _size(builder, host_split, name) if P > 1 else n
+  info = data.DatasetInfo(n, num_classes, f"tfds:{name}/{split}", multilabel=multilabel)
+  return data._HostData(info, n_local, max(n_local, -(-n // P)), builder=builder,
+                        host_split=host_split)
+
+
+def _label_input(builder):
+  """(feature key, example -> the tensor data._tfds_labels needs)."""
+  features = builder.info.features
+  key = "label" if "label" in features else "labels" if "labels" in features else None
+  return key, (lambda ex: ex[key]) if key else (lambda ex: tf.constant(-1))
+
+
+def _numpy_elements(ds, builder, fn, shapes):
+  """Maps (position, example) to fn(encoded, label dict, position) -> (ok, *arrays) in
+  parallel with PIL, drops the elements fn could not decode, keeps the position."""
+  key, label_input = _label_input(builder)
+  label_of, num_classes, multilabel = data._tfds_labels(builder)
+  label_shape = (num_classes,) if multilabel else ()
+  outs = [tf.bool] + [tf.uint8] * len(shapes) + [tf.int32]
+
+  def run(encoded, label, pos):
+    label = label_of({key: label}) if key else np.int32(-1)
+    try:
+      arrays = fn(encoded, pos)
+    except data.UNREADABLE:
+      return (False, *[np.zeros(s, np.uint8) for s in shapes], np.zeros(label_shape, np.int32))
+    return (True, *arrays, np.asarray(label, np.int32).reshape(label_shape))
+
+  def element(pos, ex):
+    ok, *arrays, label = tf.numpy_function(run, [ex["image"], label_input(ex), pos], outs,
+                                           stateful=False)
+    for a, s in zip(arrays, shapes):
+      a.set_shape(s)
+    label.set_shape(label_shape)
+    return dict(ok=ok, arrays=tuple(arrays), label=label, _pos=pos)
+
+  return ds.map(element, num_parallel_calls=_AUTOTUNE, deterministic=True).filter(
+      lambda ex: ex["ok"])
+
+
+def _options(ds):
+  options = tf.data.Options()
+  options.deterministic = True
+  return ds.with_options(options)
+
+
+def train_batches(d, *, b, start_step, seed, process_index, shuffle_buffer, n_views, size,
+                  views):
+  """Batches (see data.HostIterator) of one deterministic shuffled pass per epoch, resumed by
+  skipping records; the stream position of an element keys its crops."""
+  n = d.n_local
+  records = _read(d.builder, d.host_split, d.info.name)
+  first = start_step * b
+  first_epoch, first_offset = first // n, first % n
+  buffer = max(1, min(shuffle_buffer, n))
+
+  def epoch(e):
+    shuffle_seed = tf.numpy_function(
+        lambda e: np.int64(data._element_rng(seed, process_index, 0, int(e)).integers(2**31)),
+        [e], tf.int64, stateful=False)
+    ds = records.shuffle(buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
+    ds = ds.enumerate().skip(tf.where(e == first_epoch, tf.constant(first_offset, tf.int64),
+                                      tf.constant(0, tf.int64)))
+    return ds.map(lambda offset, ex: (e * n + offset, ex))
+
+  def crops(encoded, pos):
+    rng = data._element_rng(seed, process_index, 1, int(pos))
+    return views(encoded, rng)
+
+  ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch)
+  ds = _numpy_elements(ds, d.builder, crops, [(size, size, 3)] * n_views)
+  ds = _options(ds.batch(b, drop_remainder=True).prefetch(_AUTOTUNE))
+  keys = data.view_keys(n_views)
+  expected = first  # stream position of the next element if none were unreadable
+
+  for batch in ds.as_numpy_iterator():
+    pos = batch["_pos"]
+    skipped, expected = int(pos[-1]) + 1 - expected - b, int(pos[-1]) + 1
+    yield dict(zip(keys, batch["arrays"]), label=batch["label"], _skipped=skipped)
+
+
+def eval_batches(d, *, b, size, view):
+  """Padded batches in record order; unreadable records and padding have mask False."""
+  label_shape = (d.info.num_classes,) if d.info.multilabel else ()
+  ds = _read(d.builder, d.host_split, d.info.name).enumerate()
+  ds = _numpy_elements(ds, d.builder, lambda encoded, pos: (view(encoded),),
+                       [(size, size, 3)])
+  pending = iter(_options(ds.prefetch(_AUTOTUNE)).as_numpy_iterator())
+  nxt = next(pending, None)
+  for k in range(-(-d.n_max_local // b)):
+    out = dict(image=np.zeros((b, size, size, 3), np.uint8),
+               label=np.full((b, *label_shape), -1, np.int32), mask=np.zeros((b,), bool))
+    while nxt is not None and nxt["_pos"] < (k + 1) * b:
+      slot = nxt["_pos"] - k * b
+      out["image"][slot], out["label"][slot] = nxt["arrays"][0], nxt["label"]
+      out["mask"][slot] = True
+      nxt = next(pending, None)
+    expected = max(0, min((k + 1) * b, d.n_local) - k * b)
+    yield dict(out, _skipped=expected - int(out["mask"].sum()))
