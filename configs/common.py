@@ -9,9 +9,20 @@ import difflib
 
 import ml_collections
 
+from sit_jax import sharding
+
 # Sharding rules: (regex over the '/'-joined state path, rule); see sit_jax/sharding.py.
 REPLICATED = (("", "replicate"),)
 FSDP = ((r"kernel$", "fsdp"), (r"pos_embed$", "fsdp"), ("", "replicate"))
+# Tensor parallelism over mesh.model (Megatron's split of each block: qkv and fc1 by output
+# features, proj and fc2 by input features), FSDP over mesh.fsdp; works for any mix of sizes.
+TENSOR_PARALLEL = ((r"(attn/qkv|mlp/fc1)/kernel$", ("fsdp", "model")),
+                   (r"(attn/qkv|mlp/fc1)/bias$", ("model",)),
+                   (r"(attn/proj|mlp/fc2)/kernel$", ("model", "fsdp")),
+                   *FSDP)
+# Activations: (logical axis, mesh axes) pairs; the default splits the batch over data x fsdp
+# and, with mesh.model > 1, the heads and MLP features over model.
+LOGICAL_AXIS_RULES = sharding.LOGICAL_AXIS_RULES
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -116,6 +127,7 @@ def pretrain_config() -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
   c.sharding_rules = REPLICATED
+  c.logical_axis_rules = LOGICAL_AXIS_RULES
 
   c.log_every = 50
   c.image_every = 1000                  # reconstruction grids under workdir/images.

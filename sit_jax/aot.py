@@ -5,13 +5,17 @@
 
 lowers the jitted train step on abstract inputs (the train state and a global batch with the
 shardings of a real run on that topology), compiles it with XLA for the target, and prints the
-compiled program's memory per device (arguments, outputs, temporaries), so one can see whether a
-config and batch size fit before asking for the machines. Nothing is trained or read.
+compiled program's memory per device (arguments, outputs, temporaries, generated code) against
+the HBM that XLA reports as available, and its FLOPs beside the analytic count, so one can see
+whether a config and batch size fit before asking for the machines. A program that XLA finds
+too large ends in one line: what it needs, what the chip has, what to try. Nothing is trained
+or read.
 
 Topologies:
   TPU slices 'v4:2x2x1', 'v5e:2x2', 'v5p:2x2x1' (or 'v5:...'), 'v6e:4x4', ... (the names of
   `gcloud compute tpus tpu-vm create --topology`, prefixed with the generation). Compiling for a
-  TPU needs libtpu on this machine (`pip install libtpu`, x86-64 Linux), but no TPU.
+  TPU needs the libtpu that matches jax on this machine (`pip install "jax[tpu]==<jax version>"`,
+  x86-64 Linux; README: "Will it fit"), but no TPU.
   'cpu:N'    N devices of the local CPU backend (forced with jax_num_cpu_devices if needed).
   'local' or 'local:N'  the devices this machine has (e.g. its GPUs).
 """
@@ -23,16 +27,22 @@ import re
 import jax
 import jax.numpy as jnp
 
-from sit_jax import pretrain, sharding
+from sit_jax import flops, pretrain, sharding
 
-# HBM per JAX device (a chip; v4/v5p run both cores of a chip as one "megacore" device).
-TPU_HBM_GIB = {"v4": 32, "v5e": 16, "v5": 95, "v6e": 32}
+# HBM per JAX device (a chip; v4/v5p run both cores of a chip as one "megacore" device) that
+# XLA reports as available to a program, in GiB: libtpu 0.0.42's "exceeds available HBM" figure
+# for each generation, a little under the chip's 16 / 32 / 95 / 32 GiB.
+TPU_HBM_GIB = {"v4": 30.75, "v5e": 15.75, "v5": 95.74, "v6e": 31.25}
 MEGACORE = ("v4", "v5")
 PRETRAIN_EXPERIMENTS = ("gmml", "contrastive", "sit")
 
 
 class TopologyUnavailable(RuntimeError):
   """The platform needed to compile for the requested topology is not installed here."""
+
+
+class DoesNotFit(ValueError):
+  """XLA refused to compile the step: it needs more memory per device than the chip has."""
 
 
 def _tpu_devices(generation: str, dims: tuple[int, ...]):
@@ -53,8 +63,9 @@ def _tpu_devices(generation: str, dims: tuple[int, ...]):
     if "not installed" in str(e) or "TPU support" in str(e):
       raise TopologyUnavailable(
           f"Compiling for the TPU topology {name!r} needs libtpu on this machine (no TPU "
-          "needed): `pip install libtpu` (x86-64 Linux), or run on a TPU VM. "
-          "Use --aot_topology=cpu:N to try the compile path on this CPU.") from e
+          f"needed): `pip install \"jax[tpu]=={jax.__version__}\"` installs the libtpu of this "
+          "jax (x86-64 Linux), or run on a TPU VM. Use --aot_topology=cpu:N to try the compile "
+          "path on this CPU.") from e
     raise
   return list(topology.devices)
 
@@ -130,8 +141,46 @@ def compile_train_step(config, devices, compiler_options: dict | None = None):
            "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=batch_sharding)}
 
   step = pretrain.jit_train_step(pretrain.make_train_step(config, model, tx, schedules),
-                                 state_shardings, mesh)
-  return step.lower(state, batch).compile(compiler_options=compiler_options), mesh
+                                 state_shardings, mesh, config.logical_axis_rules)
+  lowered = step.lower(state, batch)
+  try:
+    return lowered.compile(compiler_options=compiler_options), mesh
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    raise DoesNotFit(out_of_memory_line(config, mesh, devices, str(e))) from None
+
+
+def _gib(text: str) -> float | None:
+  """'17.57G' / '512.00M' (XLA's sizes) -> GiB."""
+  match = re.fullmatch(r"([\d.]+)([KMGT])i?B?", text.strip())
+  if not match:
+    return None
+  return float(match.group(1)) * 1024.0 ** ("KMGT".index(match.group(2)) - 2)
+
+
+def out_of_memory_line(config, mesh, devices, message: str) -> str:
+  """One line for XLA's RESOURCE_EXHAUSTED: what the step needs, what the chip has, what to try."""
+  sizes = re.findall(r"\(([\d.]+[KMGT])i?B?\)", message)  # '... temporaries (256.00G) exceeds
+  used = re.search(r"Used ([\d.]+[KMGT]) of ([\d.]+[KMGT])", message)  # available HBM (15.75G)'
+  need, have = ((used.group(1), used.group(2)) if used else sizes[:2] if len(sizes) >= 2
+                else (None, None))
+  need_text = f"needs {_gib(need):.2f} GiB" if need else "needs more memory"
+  have_text = f"{_gib(have):.2f} GiB" if have else "what the chip has"
+  per_device = config.data.global_batch_size // sharding.data_parallel_size(mesh)
+  tries = []
+  if not config.model.remat:
+    tries.append("--config.model.remat=True")
+  if mesh.shape["fsdp"] == 1:
+    tries.append(f"FSDP (--config.mesh.fsdp=-1 --config.mesh.data=1 and the common.FSDP "
+                 "sharding_rules)")
+  if per_device > 1:
+    tries.append(f"a smaller per-device batch (now {per_device}: --config.data.global_batch_size="
+                 f"{config.data.global_batch_size // 2})")
+  tries.append("more chips")
+  return (f"{config.model.variant} at global batch {config.data.global_batch_size} does not "
+          f"fit on {len(devices)} {devices[0].device_kind} devices (mesh {dict(mesh.shape)}): "
+          f"XLA {need_text} per device, {have_text} available. Try " + ", ".join(tries) + ".")
 
 
 def memory_figures(compiled) -> dict:
@@ -141,10 +190,19 @@ def memory_figures(compiled) -> dict:
     return {}
   figures = {name: int(getattr(stats, f"{name}_size_in_bytes", 0) or 0)
              for name in ("argument", "output", "alias", "temp", "generated_code")}
-  # Donated state is aliased to the output: count it once.
+  # Donated state is aliased to the output: count it once. The program itself lives in HBM too.
   figures["total"] = (figures["argument"] + figures["output"] - figures["alias"]
-                      + figures["temp"])
+                      + figures["temp"] + figures["generated_code"])
   return figures
+
+
+def has_loop(compiled) -> bool:
+  """Whether the program has a while loop (nn.scan over layers, or the windowed einsums XLA
+  builds for FSDP and tensor parallelism): XLA's cost analysis counts a loop body once."""
+  try:
+    return re.search(r"\bwhile\(", compiled.as_text()) is not None
+  except Exception:  # not every backend gives the text.
+    return False
 
 
 def _fmt(num_bytes: int) -> str:
@@ -155,14 +213,12 @@ def _fmt(num_bytes: int) -> str:
 
 
 def run(config, topology: str, compiler_options: dict | None = None) -> dict:
-  """Compiles for `topology`, prints the memory per device, returns the figures."""
+  """Compiles for `topology`, prints the memory per device and the FLOPs, returns the figures."""
   devices, platform = topology_devices(topology)
   compiled, mesh = compile_train_step(config, devices, compiler_options)
   figures = memory_figures(compiled)
-  try:
-    flops = float((compiled.cost_analysis() or {}).get("flops", 0.0))
-  except Exception:  # not every backend has a cost model.
-    flops = 0.0
+  xla_flops = flops.xla_flops(compiled) or 0.0
+  analytic = flops.sit_step_flops(config) / len(devices)
   lines = [
       f"AOT compile: {config.experiment} step of {config.model.variant} at "
       f"{config.data.image_size}px, global batch {config.data.global_batch_size}, for "
@@ -172,21 +228,30 @@ def run(config, topology: str, compiler_options: dict | None = None) -> dict:
   labels = {"argument": "arguments (state + batch)", "output": "outputs (state + metrics)",
             "alias": "aliased (donated state, counted once)", "temp": "temporaries",
             "generated_code": "generated code",
-            "total": "total (args + outputs - aliased + temps)"}
+            "total": "total (args + outputs - aliased + temps + code)"}
   for key, label in labels.items():
     if figures.get(key) or key in ("temp", "total") and key in figures:
       lines.append(f"  {label:<40} {_fmt(figures[key]):>12}")
   if not figures:
     lines.append("  (this backend reports no memory analysis)")
-  if flops:
-    lines.append(f"  {'FLOPs per device per step':<40} {flops / 1e9:>8.1f} GFLOP")
+  loop = has_loop(compiled)
+  lines.append("FLOPs per device per step:")
+  if xla_flops:
+    lines.append(f"  {'XLA cost analysis':<40} {xla_flops / 1e9:>8.1f} GFLOP"
+                 f"  ({xla_flops / analytic:.2f}x the analytic count)")
+  lines.append(f"  {'analytic (matmuls, sit_jax/flops.py)':<40} {analytic / 1e9:>8.1f} GFLOP")
+  if xla_flops and loop:
+    lines.append("  (the program has a loop -- scanned layers, or the windowed einsums of FSDP "
+                 "and tensor parallelism -- whose body XLA counts once: use the analytic count "
+                 "for MFU)")
   generation = topology.split(":")[0].lower()
   generation = "v5" if generation == "v5p" else generation
   if platform == "tpu" and generation in TPU_HBM_GIB and figures:
     hbm = TPU_HBM_GIB[generation] * 2**30
     verdict = "fits" if figures["total"] <= hbm else "does NOT fit"
-    lines.append(f"  {verdict} in {TPU_HBM_GIB[generation]} GiB HBM per device "
-                 f"({100 * figures['total'] / hbm:.0f}% used)")
+    lines.append(f"Verdict: {verdict} in the {TPU_HBM_GIB[generation]} GiB of HBM XLA reports "
+                 f"available per device ({100 * figures['total'] / hbm:.0f}% used).")
   print("\n".join(lines), flush=True)
   return {"topology": topology, "platform": platform, "num_devices": len(devices),
-          "mesh": dict(mesh.shape), "memory_bytes": figures, "flops": flops}
+          "mesh": dict(mesh.shape), "memory_bytes": figures, "flops": xla_flops,
+          "analytic_flops": analytic, "loop": loop}

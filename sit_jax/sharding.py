@@ -1,19 +1,29 @@
-"""Mesh construction, parameter partitioning from config rules, and batch placement.
+"""Mesh construction, parameter and activation partitioning from config rules, batch placement.
 
-Mesh axes are ('data', 'fsdp', 'model'). The batch is split over data x fsdp; parameters follow
-(regex -> rule) pairs from the config, matched against the '/'-joined path of every leaf of the
-train state (so optimizer moments follow their parameters). A rule is either
+Mesh axes are ('data', 'fsdp', 'model'). The batch is split over data x fsdp.
+
+Parameters follow `config.sharding_rules`, (regex -> rule) pairs matched against the '/'-joined
+path of every leaf of the train state (so optimizer moments follow their parameters). A rule is
   - 'replicate',
   - 'fsdp': shard the largest dimension divisible by the fsdp axis size over 'fsdp', or
-  - a tuple with one mesh-axis name (or None) per dimension, e.g. (None, 'model').
+  - a tuple with one mesh-axis name, tuple of names, or None per dimension, e.g. (None, 'model');
+    the layer axis that `scan_layers` stacks in front of a block's parameters takes None.
 The first matching rule wins; leaves matching none are replicated.
+
+Activations follow `config.logical_axis_rules`, as in MaxText: the model names the dimensions
+of its activations with logical axes only (nn.with_logical_constraint(x, ('batch', 'length',
+'embed'))) and the rules map each logical axis to mesh axes, e.g. ('batch', ('data', 'fsdp')),
+('heads', 'model'). `jit` traces a step under the mesh and those rules. Without them the model's
+constraints are no-ops (as in plain `model.apply` outside a step).
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Any, Sequence
 
+import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -22,6 +32,12 @@ from sit_jax.models import vit
 
 AXES = ("data", "fsdp", "model")
 BATCH_AXES = ("data", "fsdp")
+# Logical axes of activations, named by the model code. 'kv' is the per-head feature dimension.
+LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv", "mlp")
+# The default (config.logical_axis_rules): data parallelism and FSDP split the batch of every
+# activation; a 'model' axis > 1 splits attention heads and MLP features (tensor parallelism).
+# Unlisted logical axes are not split.
+LOGICAL_AXIS_RULES = (("batch", BATCH_AXES), ("heads", "model"), ("mlp", "model"))
 
 
 def make_mesh(axis_sizes: dict | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -92,6 +108,8 @@ def _spec_for(rule, shape, mesh: Mesh, name: str) -> P:
     spec[int(candidates[0])] = "fsdp"
     return P(*spec)
   rule = tuple(rule)
+  if vit.is_scanned_layer(name) and len(rule) == len(shape) - 1:
+    rule = (None,) + rule
   if len(rule) != len(shape):
     raise ValueError(f"Sharding rule {rule} for {name} has {len(rule)} entries but the "
                      f"array has shape {tuple(shape)}.")
@@ -136,3 +154,33 @@ def check_batch_size(global_batch_size: int, mesh: Mesh):
   if global_batch_size % jax.process_count():
     raise ValueError(f"Global batch size {global_batch_size} is not divisible by the "
                      f"{jax.process_count()} processes.")
+
+
+def jit(fn, mesh: Mesh, logical_axis_rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES,
+        **jit_kwargs):
+  """jax.jit of `fn`, traced under `mesh` and the logical axis rules of the activations.
+
+  The model's nn.with_logical_constraint calls then pin each activation to the mesh axes the
+  rules give its logical axes: the batch of every activation stays split over (data, fsdp) even
+  where the parameters are split along another dimension (FSDP), which sharding propagation
+  alone would follow instead.
+  """
+  rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes)
+                for name, axes in logical_axis_rules)
+  unknown = {name for name, _ in rules} - set(LOGICAL_AXES)
+  if unknown:
+    raise ValueError(f"logical_axis_rules name unknown logical axes {sorted(unknown)}; the "
+                     f"model's logical axes are {LOGICAL_AXES}.")
+  for name, axes in rules:
+    missing = set((axes,) if isinstance(axes, str) else axes or ()) - set(AXES)
+    if missing:
+      raise ValueError(f"logical_axis_rules map {name!r} to unknown mesh axes "
+                       f"{sorted(missing)}: the mesh axes are {AXES}.")
+
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+      return fn(*args, **kwargs)
+
+  return jax.jit(traced, **jit_kwargs)
+

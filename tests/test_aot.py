@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from configs import sit_vits
@@ -44,4 +45,5 @@ def test_tpu_topology_without_libtpu_says_what_to_install():
        "--aot_topology=v5e:2x2"], cwd=REPO, capture_output=True, text=True, timeout=120,
       env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"})
   assert proc.returncode == 1
-  assert "sit_jax: error:" in proc.stderr and "pip install libtpu" in proc.stderr
+  assert "sit_jax: error:" in proc.stderr
+  assert f'pip install "jax[tpu]=={jax.__version__}"' in proc.stderr

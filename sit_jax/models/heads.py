@@ -28,10 +28,10 @@ class ReconstructionHead(nn.Module):
     for i in range(self.depth):
       x = nn.Dense(self.hidden or tokens.shape[-1], dtype=self.dtype, kernel_init=trunc_normal,
                    name=f"mlp_{i}")(x)
-      x = nn.gelu(x, approximate=False)
+      x = nn.gelu(nn.with_logical_constraint(x, ("batch", "length", "mlp")), approximate=False)
     x = einops.rearrange(x, "b (h w) d -> b h w d", h=grid[0], w=grid[1])
     x = PatchToPixels(self.patch_size, self.channels, dtype=self.dtype, name="to_pixels")(x)
-    return x.astype(jnp.float32)
+    return nn.with_logical_constraint(x.astype(jnp.float32), ("batch", None, None, None))
 
 
 class PatchToPixels(nn.Module):
@@ -79,9 +79,11 @@ class ProjectionHead(nn.Module):
     # No bias before a BatchNorm: BN removes it (its gradient is exactly zero).
     dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype, kernel_init=trunc_normal,
                                      name=name)
-    x = nn.relu(bn("bn_0")(dense(self.hidden, "fc_0")(x)))
-    x = nn.gelu(bn("bn_1")(dense(self.hidden, "fc_1")(x)), approximate=False)
-    return bn("bn_2", affine=False)(dense(self.out_dim, "fc_2")(x))
+    hidden = lambda x: nn.with_logical_constraint(x, ("batch", "mlp"))
+    x = nn.relu(bn("bn_0")(hidden(dense(self.hidden, "fc_0")(x))))
+    x = nn.gelu(bn("bn_1")(hidden(dense(self.hidden, "fc_1")(x))), approximate=False)
+    out = bn("bn_2", affine=False)(dense(self.out_dim, "fc_2")(x))
+    return nn.with_logical_constraint(out, ("batch", None))
 
 
 class ClassifierHead(nn.Module):
@@ -94,8 +96,9 @@ class ClassifierHead(nn.Module):
   def __call__(self, backbone_out):
     feats = pool_features(backbone_out, self.features)
     init = nn.initializers.zeros if self.zero_init else trunc_normal
-    return nn.Dense(self.num_classes, kernel_init=init, dtype=jnp.float32, name="fc")(
+    logits = nn.Dense(self.num_classes, kernel_init=init, dtype=jnp.float32, name="fc")(
         feats.astype(jnp.float32))
+    return nn.with_logical_constraint(logits, ("batch", None))
 
 
 def pool_features(backbone_out, features: str):

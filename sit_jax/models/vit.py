@@ -3,9 +3,13 @@
 Parameters are float32; `dtype` is the compute dtype (bfloat16 on accelerators).
 Parameter names follow timm (`patch_embed`, `cls_token`, `pos_embed`, `blocks_i/{norm1,attn,norm2,mlp}`,
 `norm`) so that checkpoints map one to one.
+
+Activations are named by logical axes only ('batch', 'length', 'embed', 'heads', 'kv', 'mlp'):
+the config's logical_axis_rules map them to mesh axes (sit_jax/sharding.py).
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Sequence
 
@@ -44,6 +48,36 @@ def parse_variant(variant: str) -> dict:
                      f"{sorted(VARIANTS)} followed by '/<patch size>', e.g. 'S/16'.")
   width, depth, heads = VARIANTS[match.group(1)]
   return dict(width=width, depth=depth, num_heads=heads, patch_size=int(match.group(2)))
+
+
+def variant_name(width: int, depth: int, num_heads: int, patch_size: int) -> str:
+  for name, dims in VARIANTS.items():
+    if dims == (width, depth, num_heads):
+      return f"ViT-{name}/{patch_size}"
+  return f"ViT (width {width}, depth {depth}, {num_heads} heads)"
+
+
+TOKENS = ("batch", "length", "embed")  # the residual stream.
+
+
+def check_tensor_parallel(name: str, dims: dict[str, tuple[int, str]]):
+  """Raises, naming the model, the split and the sizes that would work, if the mesh and logical
+  axis rules in context (sharding.jit) split one of `dims` ({logical axis: (size, what)})
+  unevenly. Outside such a context there is nothing to check."""
+  mesh, rules = jax.sharding.get_abstract_mesh(), nn.get_logical_axis_rules()
+  if mesh.empty or not rules:
+    return
+  for logical, (size, what) in dims.items():
+    axes = nn.logical_to_mesh_axes((logical,), rules)[0]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    ways = math.prod(mesh.shape[a] for a in axes)
+    if size % ways:
+      valid = [d for d in range(1, size + 1) if size % d == 0]
+      raise ValueError(
+          f"{name} has {size} {what}, which the mesh cannot split {ways} ways (logical axis "
+          f"{logical!r} -> mesh {' x '.join(f'{a}={mesh.shape[a]}' for a in axes)}): use a "
+          f"product of those mesh axes that divides {size} ({', '.join(map(str, valid))}), or "
+          f"map {logical!r} to None in config.logical_axis_rules.")
 
 
 def check_image_size(image_size: int, patch_size: int):
@@ -107,8 +141,10 @@ class Attention(nn.Module):
     head_dim = width // self.num_heads
     qkv = nn.Dense(3 * width, dtype=self.dtype, kernel_init=trunc_normal, name="qkv")(x)
     qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
+    qkv = nn.with_logical_constraint(qkv, ("batch", "length", None, "heads", "kv"))
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+    out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
     out = out.reshape(batch, tokens, width)
     return nn.Dense(width, dtype=self.dtype, kernel_init=trunc_normal, name="proj")(out)
 
@@ -121,6 +157,7 @@ class Mlp(nn.Module):
   def __call__(self, x):
     width = x.shape[-1]
     x = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=trunc_normal, name="fc1")(x)
+    x = nn.with_logical_constraint(x, ("batch", "length", "mlp"))
     x = nn.gelu(x, approximate=False)
     return nn.Dense(width, dtype=self.dtype, kernel_init=trunc_normal, name="fc2")(x)
 
@@ -137,10 +174,11 @@ class Block(nn.Module):
     width = x.shape[-1]
     norm = lambda name: nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name=name)
     drop = DropPath(self.drop_path)
+    x = nn.with_logical_constraint(x, TOKENS)
     y = Attention(self.num_heads, self.dtype, self.attention, name="attn")(norm("norm1")(x))
-    x = x + drop(y, deterministic)
+    x = nn.with_logical_constraint(x + drop(y, deterministic), TOKENS)
     y = Mlp(int(width * self.mlp_ratio), self.dtype, name="mlp")(norm("norm2")(x))
-    return x + drop(y, deterministic)
+    return nn.with_logical_constraint(x + drop(y, deterministic), TOKENS)
 
 
 class _ScannedBlock(nn.Module):
@@ -197,11 +235,16 @@ class VisionTransformer(nn.Module):
     for b in self.recons_blocks:
       if not 1 <= b <= self.depth:
         raise ValueError(f"recons_blocks entry {b} is outside 1..{self.depth}.")
+    mlp_hidden = int(self.width * self.mlp_ratio)
+    check_tensor_parallel(
+        variant_name(self.width, self.depth, self.num_heads, self.patch_size),
+        {"heads": (self.num_heads, "attention heads"), "mlp": (mlp_hidden, "MLP features"),
+         "embed": (self.width, "features"), "kv": (self.width // self.num_heads, "features per head")})
 
     x = nn.Conv(self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
                 padding="VALID", dtype=self.dtype, name="patch_embed")(images.astype(self.dtype))
     grid = x.shape[1:3]
-    x = x.reshape(batch, grid[0] * grid[1], self.width)
+    x = nn.with_logical_constraint(x.reshape(batch, grid[0] * grid[1], self.width), TOKENS)
 
     cls = self.param("cls_token", trunc_normal, (1, 1, self.width))
     num_patches = (self.image_size // self.patch_size) ** 2
@@ -237,7 +280,7 @@ class VisionTransformer(nn.Module):
                    "dropout": True}, in_axes=(0, nn.broadcast), length=self.depth)
     blocks = scan(self.num_heads, self.mlp_ratio, self.dtype, self.attention, self.remat,
                   name=SCANNED_BLOCKS)
-    recon_sum = jnp.zeros_like(x) if chosen else None
+    recon_sum = nn.with_logical_constraint(jnp.zeros_like(x), TOKENS) if chosen else None
     (x, recon_sum), _ = blocks((x, recon_sum), (jnp.asarray(rates, jnp.float32),
                                                 jnp.asarray(weights)), not train)
     return x, recon_sum

@@ -1,0 +1,109 @@
+"""The README's "will it fit" table: the SiT step compiled for TPU slices with --aot_topology.
+
+  pip install "jax[tpu]==$(python -c 'import jax; print(jax.__version__)')"   # README: libtpu
+  python benchmarks/will_it_fit.py --out=/tmp/will_it_fit.jsonl
+  python benchmarks/will_it_fit.py --only=B/16 --generation=v5e --out=...   # some rows
+
+Every row is one `sit_jax.aot.run` (what `python -m sit_jax.main --aot_topology=...` prints) of
+configs/sit_vitb.py with the variant, batch, remat and parallelism of the row: data-parallel
+(mesh.data=-1, parameters replicated) or FSDP (mesh.fsdp=-1, common.FSDP). Rows are appended to
+--out as JSON lines as they finish (each compile of an unrolled ViT-L takes minutes on a small
+host); a row XLA refuses records its one-line reason. --markdown prints the table of a file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("out", "/tmp/will_it_fit.jsonl", "JSON lines, appended.")
+flags.DEFINE_string("only", "", "Only this variant, e.g. 'B/16'.")
+flags.DEFINE_string("generation", "", "Only the slices of this TPU generation, e.g. 'v5e'.")
+flags.DEFINE_string("markdown", "", "Print the table of this JSON-lines file and exit.")
+
+# (variant, global batch, slices): every slice of a model has the same number of chips.
+MODELS = (("B/16", 1024, ("v5e:4x4", "v4:2x2x4")),
+          ("L/16", 1024, ("v5e:4x4", "v4:2x2x4")),
+          ("S/16", 256, ("v5e:2x2", "v4:2x2x1")))
+
+
+def rows(generation: str = ""):
+  """(variant, batch, remat, parallelism, topology), FSDP first."""
+  return [(variant, batch, remat, parallelism, topology)
+          for parallelism in ("fsdp", "data") for variant, batch, slices in MODELS
+          for remat in (False, True) for topology in slices
+          if (not generation or topology.startswith(generation + ":"))
+          and (not FLAGS.only or variant == FLAGS.only)]
+
+
+def config_for(variant: str, batch: int, remat: bool, parallelism: str):
+  from configs import common, sit_vitb
+  c = sit_vitb.get_config()
+  c.model.variant = variant
+  c.data.global_batch_size = batch
+  c.model.remat = remat
+  if parallelism == "fsdp":
+    c.mesh.update({"data": 1, "fsdp": -1, "model": 1})
+    c.sharding_rules = common.FSDP
+  return c
+
+
+def measure(out: str):
+  from sit_jax import aot
+  done = set()
+  if os.path.exists(out):
+    with open(out) as f:
+      done = {tuple(json.loads(line)["key"]) for line in f}
+  for key in rows(FLAGS.generation):
+    if key in done:
+      continue
+    variant, batch, remat, parallelism, topology = key
+    row = {"key": key}
+    try:
+      figures = aot.run(config_for(variant, batch, remat, parallelism), topology)
+      row.update(memory=figures["memory_bytes"], flops=figures["flops"],
+                 analytic_flops=figures["analytic_flops"], loop=figures["loop"])
+    except aot.DoesNotFit as e:
+      print(e, flush=True)
+      row["does_not_fit"] = str(e)
+    with open(out, "a") as f:
+      f.write(json.dumps(row) + "\n")
+
+
+def markdown(path: str) -> str:
+  from sit_jax import aot
+  lines = ["| model | global batch | remat | parallelism | slice | per chip | of HBM | "
+           "XLA TFLOP per chip | XLA / analytic |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  with open(path) as f:
+    for row in map(json.loads, f):
+      variant, batch, remat, parallelism, topology = row["key"]
+      generation = topology.split(":")[0]
+      head = (f"| {variant} | {batch} | {'on' if remat else 'off'} | "
+              f"{'FSDP' if parallelism == 'fsdp' else 'data'} | {topology} |")
+      if "does_not_fit" in row:
+        need = row["does_not_fit"].split("XLA needs ")[-1].split(" per device")[0]
+        lines.append(f"{head} {need} (does not fit) | > 100% | | |")
+        continue
+      total, hbm = row["memory"]["total"], aot.TPU_HBM_GIB[generation] * 2**30
+      lines.append(f"{head} {total / 2**30:.2f} GiB | {100 * total / hbm:.0f}% | "
+                   f"{row['flops'] / 1e12:.2f} | {row['flops'] / row['analytic_flops']:.2f}"
+                   f"{'*' if row['loop'] else ''} |")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  if FLAGS.markdown:
+    print(markdown(FLAGS.markdown))
+  else:
+    measure(FLAGS.out)
+
+
+if __name__ == "__main__":
+  app.run(main)
