@@ -384,6 +384,9 @@ def check_key(config: ml_collections.ConfigDict, key: str, flag: str = "") -> No
       break
     node = node[name]
   else:
+    if isinstance(node, (ml_collections.ConfigDict, dict)):  # it would drop the keys it leaves out
+      raise ConfigError(f"config.{key} is a section: set its keys one by one "
+                        f"({', '.join(f'--config.{key}.{k}' for k in sorted(node)[:3])}, ...).")
     return
   # A misspelt name is matched within its section: the shared 'optim.' would make every optim
   # key look close to any misspelt one.

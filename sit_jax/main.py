@@ -43,11 +43,10 @@ flags.mark_flags_as_required(["config"])
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-  """The errors that are the input's fault (the message says what to change), not a bug."""
-  from sit_jax import checkpoint
-  from sit_jax import aot
+  """The errors whose message says what to do: one line, no traceback (bugs keep theirs)."""
+  from sit_jax import aot, checkpoint, experiment
   errors = [ValueError, FileNotFoundError, PermissionError, checkpoint.CheckpointError,
-            aot.TopologyUnavailable]
+            aot.TopologyUnavailable, experiment.RunError]
   try:
     from sit_jax import data
     errors.append(data.DataError)

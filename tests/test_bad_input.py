@@ -181,7 +181,8 @@ def test_unknown_key_suggestions():
   with pytest.raises(config_check.ConfigError, match="the keys of optim are base_lr, min_lr"):
     config_check.check_key(config, "optim.warmup")
   config_check.check_key(config, "optim.base_lr")
-  config_check.check_key(config, "optim")  # a whole sub-config may be overridden
+  with pytest.raises(config_check.ConfigError, match="config.optim is a section"):
+    config_check.check_key(config, "optim")
   with pytest.raises(config_check.ConfigError, match=r"did you mean optim\.base_lr"):
     config_check.check_key(config, "optimm.base_lr")
 
