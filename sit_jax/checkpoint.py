@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import threading
 from typing import Any, Callable, Iterable
@@ -73,11 +74,15 @@ def _json_normalise(obj, what: str):
 
 
 def _short(err: BaseException, limit: int = 300) -> str:
-  """One line: TensorStore appends a multi-line JSON spec, and nested errors repeat."""
-  msg = str(err).split(" [tensorstore_spec=")[0].split("tensorstore_spec")[0]
-  msg = " ".join(msg.split()) or type(err).__name__
+  """One line: TensorStore appends a multi-line JSON spec to a message that already names every
+  file of the chain; an operating-system error is its errno's text."""
+  msg = str(err)
+  code = re.search(r"os_error_code='?(\d+)", msg)
   if isinstance(err, OSError) and err.strerror:
-    msg = err.strerror
+    return err.strerror
+  if code:
+    return os.strerror(int(code.group(1)))
+  msg = " ".join(msg.split(" [tensorstore_spec=")[0].split()) or type(err).__name__
   return msg if len(msg) <= limit else msg[:limit] + " ..."
 
 
@@ -304,8 +309,14 @@ class Checkpointer:
   def __enter__(self):
     return self
 
-  def __exit__(self, *exc):
-    self.close()
+  def __exit__(self, exc_type, exc, traceback):
+    if exc_type is None:
+      self.close()
+      return
+    try:  # the error on its way out says what happened; orbax would raise a failed save again.
+      self.close()
+    except Exception:  # pylint: disable=broad-except
+      log.debug("Closing %s after an error", self.directory, exc_info=True)
 
   # -- restore ---------------------------------------------------------------
 

@@ -1,0 +1,343 @@
+"""A run never loses work: the faults a user meets, each tried on the trainer every experiment
+uses (NaN, a corrupt checkpoint, a busy workdir, a full disk, Ctrl-C and SIGTERM, a resume that
+changes a setting) and, where the console matters, on `python -m sit_jax.main`.
+
+The in-process runs train a tiny least-squares model with trainer.train: the loop, saves and
+restores are the real ones, and a run takes a second instead of a compilation of the ViT.
+"""
+import glob
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from sit_jax import checkpoint, experiment, sharding, trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIM, BATCH, LR = 4, 8, 0.1
+
+
+@flax.struct.dataclass
+class State:
+  step: jax.Array
+  params: dict
+
+
+def tiny_config(**overrides):
+  c = ml_collections.ConfigDict(dict(
+      seed=0, log_every=1, checkpoint_every=2, keep_checkpoints=2,
+      mesh=dict(data=-1, fsdp=1, model=1), data=dict(global_batch_size=BATCH),
+      optim=dict(clip_norm=0.0)))
+  c.update_from_flattened_dict(overrides)
+  return c
+
+
+def batch_of(step: int, nan_at=None):
+  """The batch that step `step` + 1 trains on: a function of the step, as the real pipelines."""
+  x = np.random.default_rng(step).normal(size=(BATCH, DIM)).astype(np.float32)
+  if nan_at is not None and step + 1 == nan_at:
+    x[0, 0] = np.nan
+  return {"x": x}
+
+
+def sgd_step(state, batch):
+  loss_fn = lambda w: jnp.mean((batch["x"] @ w - 1.0) ** 2)
+  loss, grad = jax.value_and_grad(loss_fn)(state.params["w"])
+  return (state.replace(step=state.step + 1, params={"w": state.params["w"] - LR * grad}),
+          {"loss": loss, "grad_norm": jnp.linalg.norm(grad)})
+
+
+def train(workdir, total_steps, *, nan_at=None, hooks=(), step_fn=sgd_step, **overrides):
+  """One run of the tiny model in `workdir`: (outcome, the Experiment's results.json or the
+  error it raised)."""
+  config = tiny_config(**overrides)
+  with experiment.Experiment(config, workdir, batch_sizes=(BATCH,)) as exp:
+    replicated = sharding.replicated(exp.mesh)
+    fresh = State(step=jnp.zeros((), jnp.int32), params={"w": jnp.zeros((DIM,), jnp.float32)})
+    fresh = jax.device_put(fresh, replicated)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            fresh)
+    jitted = jax.jit(step_fn, out_shardings=(replicated, replicated), donate_argnums=(0,))
+    exp.writer(total_steps, BATCH)
+    outcome = trainer.train(
+        exp, init=lambda: fresh, abstract=abstract, step_fn=jitted, total_steps=total_steps,
+        batches=lambda start: (batch_of(s, nan_at) for s in itertools.count(start)),
+        metadata={"model": {"dim": DIM}}, hooks=hooks)
+    results = {**outcome.results(), "w": np.asarray(outcome.state.params["w"])}
+    try:
+      exp.finish(results)
+    except experiment.RunError as e:
+      return outcome, e
+  return outcome, results
+
+
+def reference_weights(steps: int):
+  w = np.zeros(DIM, np.float32)
+  for s in range(steps):
+    x = batch_of(s)["x"]
+    w = w - LR * (2 / BATCH) * x.T @ (x @ w - 1.0)
+  return w
+
+
+def steps_on_disk(workdir):
+  return checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).all_steps()
+
+
+def restore(workdir, step):
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+  like = State(step=jax.ShapeDtypeStruct((), jnp.int32),
+               params={"w": jax.ShapeDtypeStruct((DIM,), jnp.float32)})
+  state, _ = ckpt.restore(like, step)
+  return np.asarray(state.params["w"])
+
+
+def metric_rows(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def results_json(workdir):
+  with open(os.path.join(workdir, "results.json")) as f:
+    return json.load(f)  # the standard library reads NaN; results.json must not hold any.
+
+
+def strict_json(path):
+  with open(path) as f:
+    return json.loads(f.read(), parse_constant=lambda c: pytest.fail(f"{path} holds {c}"))
+
+
+def test_tiny_run_matches_plain_numpy_sgd(tmp_path):
+  outcome, results = train(tmp_path, 6)
+  np.testing.assert_allclose(results["w"], reference_weights(6), rtol=1e-5)
+  assert steps_on_disk(tmp_path) == [4, 6] and outcome.complete
+  assert results_json(tmp_path)["checkpoint"] == str(tmp_path / "checkpoints" / "6")
+
+
+# -- NaN and inf ----------------------------------------------------------------------------
+
+
+def test_nan_loss_stops_at_its_step_and_saves_nothing_non_finite(tmp_path):
+  outcome, error = train(tmp_path, 20, nan_at=7)
+  assert isinstance(error, experiment.RunError)
+  message = str(error)
+  assert "\n" not in message and "at step 7" in message and "step 6" in message
+  assert outcome.step == 7 and outcome.stopped == "non-finite"
+  assert steps_on_disk(tmp_path) == [4, 6]  # the good ones, not rotated out.
+  assert np.isfinite(restore(tmp_path, 6)).all()
+  results = strict_json(tmp_path / "results.json")  # no bare NaN
+  assert results["error"] == message and results["checkpoint"].endswith("/6")
+  assert not os.path.exists(tmp_path / "checkpoints" / "8")
+
+
+def test_non_finite_parameters_with_a_finite_loss_are_never_saved(tmp_path):
+  def inf_after_step_3(state, batch):  # an update overflows; the loss it reports is finite.
+    state, metrics = sgd_step(state, batch)
+    w = jnp.where(state.step > 3, jnp.inf, state.params["w"])
+    return state.replace(params={"w": w}), metrics
+
+  _, error = train(tmp_path, 20, step_fn=inf_after_step_3)
+  assert "parameters are not finite at step 4" in str(error)
+  assert steps_on_disk(tmp_path) == [2]
+
+
+# -- Corrupt checkpoints ----------------------------------------------------------------------
+
+
+def truncate_arrays(step_dir):
+  files = glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True)
+  assert files
+  for f in files:
+    os.truncate(f, 3)
+
+
+# A failed TensorStore read can fire a callback after orbax's asyncio loop has closed.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_corrupt_latest_step_is_skipped_and_written_again(tmp_path):
+  train(tmp_path, 6)
+  truncate_arrays(tmp_path / "checkpoints" / "6")
+  outcome, results = train(tmp_path, 8)
+  assert outcome.start_step == 4  # fell back past the unreadable step 6 ...
+  assert steps_on_disk(tmp_path) == [6, 8]  # ... and wrote it again.
+  assert os.path.isdir(tmp_path / "checkpoints" / "6.corrupt")  # kept for a post-mortem
+  np.testing.assert_allclose(restore(tmp_path, 6), reference_weights(6), rtol=1e-5)
+  np.testing.assert_allclose(results["w"], reference_weights(8), rtol=1e-5)
+  assert results_json(tmp_path)["checkpoint"].endswith("/8")
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_results_never_name_a_step_that_was_set_aside(tmp_path):
+  train(tmp_path, 6)
+  truncate_arrays(tmp_path / "checkpoints" / "6")
+
+  def crash(step, state, batch):
+    raise RuntimeError("power cut")
+
+  with pytest.raises(RuntimeError, match="power cut"):
+    train(tmp_path, 8, hooks=[trainer.Hook(5, crash)])
+  # The old results.json named step 6, which is gone: it went too.
+  assert not os.path.exists(tmp_path / "results.json")
+
+
+# -- metrics.jsonl after a resume ---------------------------------------------------------------
+
+
+def test_resumed_steps_do_not_repeat_metric_rows(tmp_path):
+  def crash_at_7(step, state, batch):
+    if step == 7:
+      raise RuntimeError("killed")
+
+  with pytest.raises(RuntimeError, match="killed"):
+    train(tmp_path, 10, hooks=[trainer.Hook(1, crash_at_7)])
+  assert [r["step"] for r in metric_rows(tmp_path)] == [1, 2, 3, 4, 5, 6]  # 6 is saved
+  _, results = train(tmp_path, 10)
+  rows = metric_rows(tmp_path)
+  assert [r["step"] for r in rows] == list(range(1, 11))
+  np.testing.assert_allclose(results["w"], reference_weights(10), rtol=1e-5)
+
+
+# -- Signals --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_the_current_step_and_resumes_exactly(tmp_path, sig):
+  def signal_at_3(step, state, batch):
+    if step == 3:
+      os.kill(os.getpid(), sig)
+      time.sleep(0.05)  # Python runs the handler at the next bytecode boundary.
+
+  outcome, results = train(tmp_path, 10, hooks=[trainer.Hook(1, signal_at_3)])
+  assert outcome.stopped == "preempted" and outcome.step == 3 and results["preempted"]
+  assert steps_on_disk(tmp_path) == [2, 3]
+  assert signal.getsignal(sig) in (signal.default_int_handler, signal.SIG_DFL)
+  _, results = train(tmp_path, 10)
+  np.testing.assert_allclose(results["w"], reference_weights(10), rtol=1e-5)
+
+
+# -- Resume settings ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key, value", [("seed", 1), ("data.global_batch_size", 16),
+                                        ("optim.clip_norm", 1.0)])
+def test_resume_with_another_setting_names_it(tmp_path, key, value):
+  train(tmp_path, 4)
+  with pytest.raises(checkpoint.CheckpointError) as e:
+    train(tmp_path, 8, **{key: value})
+  message = str(e.value)
+  assert "\n" not in message and f"set {key} back" in message and len(message) < 400
+  assert f"{key} was" in message and repr(value) in message
+
+
+# -- Busy workdir ---------------------------------------------------------------------------
+
+
+HOLD_LOCK = ("import sys, time; from sit_jax import experiment; "
+             "experiment.WorkdirLock(sys.argv[1]).acquire(); print('locked', flush=True); "
+             "time.sleep(600)")
+
+
+def test_a_second_run_on_a_busy_workdir_is_refused_at_once(tmp_path):
+  holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path)], cwd=REPO,
+                            stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    start = time.time()
+    with pytest.raises(experiment.WorkdirBusy) as e:
+      experiment.Experiment(tiny_config(), str(tmp_path))
+    assert time.time() - start < 5
+    assert f"pid {holder.pid}" in str(e.value) and "\n" not in str(e.value)
+  finally:
+    holder.kill()  # the kernel drops the lock with its holder, however it ends.
+    holder.wait()
+  with experiment.Experiment(tiny_config(), str(tmp_path)):
+    pass
+
+
+def test_busy_workdir_on_the_command_line_is_one_line(tmp_path):
+  holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path)], cwd=REPO,
+                            stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    proc = subprocess.run(
+        [sys.executable, "-m", "sit_jax.main", "--config=configs/sit_vits.py:runlocal",
+         f"--workdir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": REPO})
+  finally:
+    holder.kill()
+    holder.wait()
+  assert proc.returncode == 1
+  assert "Traceback" not in proc.stderr
+  errors = [line for line in proc.stderr.splitlines() if "in use by" in line]
+  assert errors and f"pid {holder.pid}" in errors[-1]
+  assert not os.path.exists(tmp_path / "checkpoints")
+
+
+# -- Disk full ------------------------------------------------------------------------------
+
+
+def _mount_tmpfs(path, size="4m") -> bool:
+  if os.geteuid() != 0:
+    return False
+  os.makedirs(path, exist_ok=True)
+  return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                        capture_output=True).returncode == 0
+
+
+def test_disk_full_is_reported_at_the_failing_save_and_keeps_the_last_good_one(tmp_path,
+                                                                               monkeypatch):
+  ckpt_dir = tmp_path / "checkpoints"
+  mounted = _mount_tmpfs(ckpt_dir)
+  try:
+    def fill_disk_at_4(step, state, batch):
+      if step != 4:
+        return
+      if mounted:
+        deadline = time.time() + 60
+        while not os.path.isdir(ckpt_dir / "2"):  # the asynchronous save of step 2 is done.
+          assert time.time() < deadline
+          time.sleep(0.01)
+        with open(ckpt_dir / "filler", "wb", buffering=0) as f:
+          try:
+            while True:
+              f.write(b"\0" * 4096)
+          except OSError:
+            pass
+      else:  # no tmpfs here: the save fails as a full disk makes it fail.
+        def no_space(self, step, *args, **kwargs):
+          raise OSError(28, "No space left on device")
+        monkeypatch.setattr(checkpoint._Manager, "save", no_space)
+
+    with pytest.raises(checkpoint.CheckpointError) as e:
+      train(tmp_path, 10, hooks=[trainer.Hook(1, fill_disk_at_4)])
+    message = str(e.value)
+    assert "\n" not in message and len(message) < 400
+    assert "step 4" in message and "No space left on device" in message
+    assert "last good checkpoint is step 2" in message
+    monkeypatch.undo()
+    if mounted:
+      os.remove(ckpt_dir / "filler")
+    assert steps_on_disk(tmp_path) == [2]
+    np.testing.assert_allclose(restore(tmp_path, 2), reference_weights(2), rtol=1e-5)
+  finally:
+    if mounted:
+      subprocess.run(["umount", str(ckpt_dir)], check=False)
+
+
+# -- File modes -----------------------------------------------------------------------------
+
+
+def test_outputs_are_written_with_the_usual_mode(tmp_path):
+  train(tmp_path, 2)
+  umask = os.umask(0)
+  os.umask(umask)
+  for name in ("config.json", "results.json", "metrics.jsonl", "log.txt"):
+    assert os.stat(tmp_path / name).st_mode & 0o777 == 0o666 & ~umask, name
