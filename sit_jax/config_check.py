@@ -167,6 +167,8 @@ RULES: dict[str, Rule] = {
     "data.flip": BOOL,
     "data.resize_mode": RESIZE_MODE,
     "data.global_batch_size": COUNT,
+    "data.engine": one_of("grain", "tf"),
+    "data.workers": integer(0),
     "eval_batch_size": COUNT,
     # augment.*: pretraining's photometric preset, transfer's DeiT regularisation.
     "augment.preset": one_of("sit", "gmml", "none"),
@@ -247,7 +249,8 @@ RULES: dict[str, Rule] = {
     "head.last_blocks": COUNT,
     "tsne_points": integer(0),
     "baselines": BOOL,
-    "knn.k": COUNT,
+    "feature_cache": TEXT,
+    "knn.k": either(COUNT, numbers(COUNT, min_len=1)),
     "knn.temperature": POSITIVE,
     "knn.chunk_size": COUNT,
     "linear.cache_features": BOOL,
@@ -265,6 +268,9 @@ RULES: dict[str, Rule] = {
     "seg.head": one_of("linear", "mlp"),
     "seg.hidden": COUNT,
     "seg.pictures": integer(0),
+    "fewshot.shots": numbers(COUNT, min_len=1),
+    "fewshot.seeds": COUNT,
+    "fewshot.l2": numbers(NON_NEGATIVE, min_len=1),
 }
 
 

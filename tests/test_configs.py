@@ -47,6 +47,7 @@ def test_rules_agree_with_the_code_they_guard():
   assert all(rules["model.variant"].ok(f"{name}/16") for name in vit.VARIANTS)
   assert rules["gmml.fills"].ok(tuple(gmml.VALID_FILLS))
   assert all(rules["data.interpolation"].ok(name) for name in data.INTERPOLATIONS)
+  assert all(rules["data.engine"].ok(name) for name in data.ENGINES)
   assert set(config_check.TRANSFER_EXPERIMENTS) == set(transfer.EXPERIMENTS)
 
 
@@ -75,10 +76,10 @@ def test_configs_run_from_any_directory(tmp_path):
   _load_every_config(tmp_path, root=os.path.join(REPO, "configs"))
   # The real entry point, stopped by its config check once the config and override loaded.
   returncode, _, stderr = _run(["-m", "sit_jax.main", "--config=configs/knn.py:runlocal",
-                                "--config.knn.k=0", f"--workdir={tmp_path}/w"], tmp_path)
+                                "--config.knn.chunk_size=0", f"--workdir={tmp_path}/w"], tmp_path)
   assert returncode == 1 and stderr.strip() == (
-      "sit_jax: error: config.knn.k=0 is invalid: it must be an integer >= 1 "
-      "(set --config.knn.k).")
+      "sit_jax: error: config.knn.chunk_size=0 is invalid: it must be an integer >= 1 "
+      "(set --config.knn.chunk_size).")
 
 
 def test_configs_after_a_plain_install(tmp_path):
