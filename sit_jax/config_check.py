@@ -169,6 +169,7 @@ RULES: dict[str, Rule] = {
     "data.global_batch_size": COUNT,
     "data.engine": one_of("grain", "tf"),
     "data.workers": integer(0),
+    "data.num_classes": COUNT,  # segmentation: the classes of a folder's masks.
     "eval_batch_size": COUNT,
     # augment.*: pretraining's photometric preset, transfer's DeiT regularisation.
     "augment.preset": one_of("sit", "gmml", "none"),
@@ -263,7 +264,6 @@ RULES: dict[str, Rule] = {
     "linear.tol": POSITIVE,
     "multilabel.frozen": BOOL,
     "voc07": BOOL,
-    "data.num_classes": COUNT,
     "seg.blocks": numbers(COUNT),
     "seg.head": one_of("linear", "mlp"),
     "seg.hidden": COUNT,
