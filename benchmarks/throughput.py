@@ -48,7 +48,8 @@ def build(config, mesh, total_steps: int = 10_000):
   model = pretrain.build_model(config)
   schedules = pretrain.build_schedules(config, total_steps, steps_per_epoch=max(total_steps // 100, 1))
   tx = pretrain.build_optimizer(config, schedules)
-  state, shardings = pretrain.create_train_state(config, model, tx, mesh, jax.random.PRNGKey(0))
+  _, shardings, init = pretrain.state_layout(config, model, tx, mesh, jax.random.PRNGKey(0))
+  state = init()
   step = pretrain.jit_train_step(pretrain.make_train_step(config, model, tx, schedules),
                                  shardings, mesh)
   return state, step

@@ -247,13 +247,15 @@ def check_shapes(params: Mapping, config: Mapping):
   """Raises unless `params` has exactly the leaves and shapes of the backbone `config` builds."""
   import jax
   import jax.numpy as jnp
+
+  from sit_jax import sharding
   module = vit.backbone_from_config(config)
   size = config["image_size"]
   abstract = jax.eval_shape(
       lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))["params"])
-  want = {"/".join(str(getattr(k, "key", k)) for k in p): tuple(x.shape)
+  want = {sharding.path_name(p): tuple(x.shape)
           for p, x in jax.tree_util.tree_leaves_with_path(abstract)}
-  have = {"/".join(str(getattr(k, "key", k)) for k in p): tuple(np.shape(x))
+  have = {sharding.path_name(p): tuple(np.shape(x))
           for p, x in jax.tree_util.tree_leaves_with_path(params)}
   if want != have:
     diff = sorted(set(want.items()) ^ set(have.items()))[:10]

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sit_jax import sharding
 from sit_jax.models import vit
 
 
@@ -34,10 +35,6 @@ def scaled_lr(base_lr: float, global_batch_size: int) -> float:
   return base_lr * global_batch_size / 256
 
 
-def _path_name(path) -> str:
-  return "/".join(str(getattr(p, "key", p)) for p in path)
-
-
 def clip_by_norm_per_tensor(max_norm: float) -> optax.GradientTransformation:
   """Scales each gradient tensor whose own l2 norm exceeds max_norm (not a global-norm clip).
 
@@ -48,7 +45,7 @@ def clip_by_norm_per_tensor(max_norm: float) -> optax.GradientTransformation:
     del params
 
     def clip(path, g):
-      per_layer = vit.is_scanned_layer(_path_name(path))
+      per_layer = vit.is_scanned_layer(sharding.path_name(path))
       axes = tuple(range(1 if per_layer else 0, g.ndim))
       norm = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32)), axis=axes, keepdims=True))
       return g * jnp.minimum(1.0, max_norm / (norm + 1e-6)).astype(g.dtype)
@@ -64,7 +61,7 @@ NO_DECAY_NAMES = ("pos_embed", "cls_token")
 def _decay_mask(params, exempt_names=()):
 
   def keep(path, leaf):
-    name = _path_name(path)
+    name = sharding.path_name(path)
     ndim = leaf.ndim - 1 if vit.is_scanned_layer(name) else leaf.ndim
     is_bias = name.rsplit("/", 1)[-1] == "bias"
     return ndim > 1 and not is_bias and not any(n in name for n in exempt_names)

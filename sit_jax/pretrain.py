@@ -213,6 +213,17 @@ def abstract_with_shardings(abstract, shardings):
                       abstract, shardings)
 
 
+def state_layout(config, model, tx, mesh, rng):
+  """(abstract, shardings, init) of the train state on `mesh`: its ShapeDtypeStructs carrying
+  their shardings (config.sharding_rules), to restore onto; the shardings, for the step; and
+  init(), which creates the parameters directly in place, never whole on one device."""
+  init = functools.partial(init_state, config, model, tx)
+  abstract = jax.eval_shape(init, rng)
+  shardings = sharding.tree_shardings(abstract, mesh, config.sharding_rules)
+  return (abstract_with_shardings(abstract, shardings), shardings,
+          lambda: jax.jit(init, out_shardings=shardings)(rng))
+
+
 def validate(config):
   """Fails fast, before any data is read, on settings that cannot work."""
   arch = vit.parse_variant(config.model.variant)
@@ -277,10 +288,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     model = build_model(config)
     schedules = build_schedules(config, total_steps, steps_per_epoch)
     tx = build_optimizer(config, schedules)
-    rng = jax.random.PRNGKey(config.seed)
-    init = functools.partial(init_state, config, model, tx)
-    abstract = jax.eval_shape(init, rng)
-    state_shardings = sharding.tree_shardings(abstract, mesh, config.sharding_rules)
+    abstract, state_shardings, init = state_layout(config, model, tx, mesh,
+                                                   jax.random.PRNGKey(config.seed))
     train_step = jit_train_step(make_train_step(config, model, tx, schedules), state_shardings,
                                 mesh, config.logical_axis_rules)
 
@@ -295,10 +304,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     # Train. -----------------------------------------------------------------------------------
     outcome = trainer.train(
-        exp, init=lambda: jax.jit(init, out_shardings=state_shardings)(rng),
-        abstract=abstract_with_shardings(abstract, state_shardings), step_fn=train_step,
-        batches=batches, total_steps=total_steps, metadata=checkpoint_metadata(config),
-        hooks=hooks)
+        exp, init=init, abstract=abstract, step_fn=train_step, batches=batches,
+        total_steps=total_steps, metadata=checkpoint_metadata(config), hooks=hooks)
 
     results = {"experiment": config.experiment, "dataset": info.name, **outcome.results(),
                **({"knn_monitor": {**outcome.evaluated, "bank": monitor.eval_splits(config)}}

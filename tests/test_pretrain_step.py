@@ -35,7 +35,8 @@ def run_steps(config, mesh, num_steps=2, total_steps=100, edit_state=None):
   model = pretrain.build_model(config)
   schedules = pretrain.build_schedules(config, total_steps, steps_per_epoch=10)
   tx = pretrain.build_optimizer(config, schedules)
-  state, shardings = pretrain.create_train_state(config, model, tx, mesh, jax.random.PRNGKey(0))
+  _, shardings, init = pretrain.state_layout(config, model, tx, mesh, jax.random.PRNGKey(0))
+  state = init()
   if edit_state:
     state = jax.device_put(edit_state(state), shardings)
   step = pretrain.jit_train_step(pretrain.make_train_step(config, model, tx, schedules),
@@ -90,7 +91,8 @@ def test_fsdp_rules_really_shard_the_large_kernels():
   model = pretrain.build_model(config)
   schedules = pretrain.build_schedules(config, 100, 10)
   tx = pretrain.build_optimizer(config, schedules)
-  state, _ = pretrain.create_train_state(config, model, tx, mesh, jax.random.PRNGKey(0))
+  _, _, init = pretrain.state_layout(config, model, tx, mesh, jax.random.PRNGKey(0))
+  state = init()
   qkv = state.params["backbone"]["blocks_0"]["attn"]["qkv"]["kernel"]  # (96, 288)
   assert "fsdp" in tuple(qkv.sharding.spec)
   dim = list(qkv.sharding.spec).index("fsdp")
@@ -109,7 +111,8 @@ def test_teacher_is_the_ema_of_the_student():
   model = pretrain.build_model(config)
   schedules = pretrain.build_schedules(config, 100, 10)
   tx = pretrain.build_optimizer(config, schedules)
-  state, shardings = pretrain.create_train_state(config, model, tx, mesh, jax.random.PRNGKey(0))
+  _, shardings, init = pretrain.state_layout(config, model, tx, mesh, jax.random.PRNGKey(0))
+  state = init()
   before = jax.device_get(state.teacher)
   chex_equal = jax.tree.map(np.array_equal, before, {k: jax.device_get(state.params[k])
                                                      for k in before})
@@ -134,7 +137,8 @@ def test_gmml_has_no_teacher_and_contrastive_has_no_recon():
     model = pretrain.build_model(config)
     schedules = pretrain.build_schedules(config, 100, 10)
     tx = pretrain.build_optimizer(config, schedules)
-    state, _ = pretrain.create_train_state(config, model, tx, mesh, jax.random.PRNGKey(0))
+    _, _, init = pretrain.state_layout(config, model, tx, mesh, jax.random.PRNGKey(0))
+    state = init()
     assert bool(state.teacher) == has_teacher
     assert ("recon_head" in state.params) == (experiment == "gmml")
 
@@ -148,7 +152,8 @@ def test_gmml_learns_to_reconstruct_a_fixed_batch():
   model = pretrain.build_model(config)
   schedules = pretrain.build_schedules(config, 1000, 10)
   tx = pretrain.build_optimizer(config, schedules)
-  state, shardings = pretrain.create_train_state(config, model, tx, mesh, jax.random.PRNGKey(0))
+  _, shardings, init = pretrain.state_layout(config, model, tx, mesh, jax.random.PRNGKey(0))
+  state = init()
   step = pretrain.jit_train_step(pretrain.make_train_step(config, model, tx, schedules),
                                  shardings, mesh)
   # Smooth images (a masked pixel is predictable from its surroundings).
@@ -174,8 +179,9 @@ def test_scan_layers_step_equals_unrolled_step():
   unrolled, want = run_steps(config, mesh)
   # The scanned run starts from the unrolled run's initial parameters, stacked.
   tx = pretrain.build_optimizer(config, pretrain.build_schedules(config, 100, 10))
-  initial, _ = pretrain.create_train_state(config, pretrain.build_model(config), tx, mesh,
-                                           jax.random.PRNGKey(0))
+  _, _, init = pretrain.state_layout(config, pretrain.build_model(config), tx, mesh,
+                                     jax.random.PRNGKey(0))
+  initial = init()
   stack = lambda tree: {**tree, "backbone": vit.stack_blocks(tree["backbone"])}
   config.model.scan_layers = True
   scanned, got = run_steps(config, mesh, edit_state=lambda state: state.replace(
