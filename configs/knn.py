@@ -1,11 +1,14 @@
-"""DINO's weighted k-NN classifier on frozen features (k = 20, T = 0.07).
+"""DINO's weighted k-NN classifier on frozen features (k in 10, 20, 100, 200; T = 0.07).
 
   python -m sit_jax.main --config=configs/knn.py:dataset=imagenet2012 \
       --config.init=WORKDIR_OF_PRETRAINING --workdir=DIR
   python -m sit_jax.main --config=configs/knn.py:runlocal --workdir=/tmp/knn
 
-Both splits go through the frozen backbone once (evaluation view); the train features form a
-bank split over the devices. With baselines=True (on for runlocal) the same k-NN also runs on
+The train, validation and test splits go through the frozen backbone once (evaluation view)
+and are cached in DIR/feature_cache (config.feature_cache: a shared path, or 'off'), so a later
+run on the same checkpoint and splits reuses them; the train features form a bank split over
+the devices. Every k of knn.k comes from one neighbour search; k is chosen on the validation
+split and the test split is scored at it (results.json 'by_k' has every k on both). With baselines=True (on for runlocal) the same k-NN also runs on
 the raw pixels (the flattened normalised eval images) and on the backbone at random init
 (results.json 'baselines'). Results: DIR/results.json (top1, top5), DIR/tsne.png.
 """
@@ -24,7 +27,7 @@ RECIPES = {
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, dataset="imagenet2012", k=20, temperature=0.07)
+  arg = common.parse_arg(arg, dataset="imagenet2012", temperature=0.07)
   dataset = "digits" if arg.runlocal else arg.dataset
   r = tc.dataset_row(RECIPES, dataset)
   c = tc.transfer_config("knn", dataset)
@@ -32,7 +35,8 @@ def get_config(arg=None):
   c.eval_batch_size = r["batch"]
   c.head.features = "cls"
   c.head.last_blocks = 1
-  c.knn = dict(k=arg.k, temperature=arg.temperature, chunk_size=1024)
+  c.knn = dict(k=(10, 20, 100, 200), temperature=arg.temperature, chunk_size=1024)
+  c.feature_cache = ""  # '': DIR/feature_cache; a path shares it between workdirs; 'off'.
   # The same k-NN on raw pixels and on the backbone at random init (results.json 'baselines').
   c.baselines = False
   if arg.runlocal:

@@ -1,13 +1,17 @@
-"""Transfer of a pretrained backbone: fine-tuning, linear probe, k-NN and multi-label.
+"""Transfer of a pretrained backbone: fine-tuning, linear probe, k-NN, multi-label, semantic
+segmentation and few-shot.
 
 `run(config, workdir)` runs the experiment `config.experiment` names:
   finetune    the whole network, DeiT recipe (finetune.py)
   linear      a linear head on the frozen backbone (linear.py)
   knn         DINO's weighted k-NN on frozen features (knn.py)
   multilabel  sigmoid head and mAP, fine-tuned or (config.multilabel.frozen) a linear probe
+  segment     a per-pixel head on the frozen patch tokens, mIoU (segment.py)
+  fewshot     closed-form ridge regression on n frozen features per class (fewshot.py)
 The backbone comes from `config.init` (a pretraining workdir, a checkpoint step directory or a
 backbone export; '' = random init from config.model). Each run writes DIR/results.json,
-DIR/metrics.jsonl (and TensorBoard), and for linear and knn DIR/tsne.png.
+DIR/metrics.jsonl (and TensorBoard), and for linear and knn DIR/tsne.png; each prints its
+results table in one line.
 """
 from sit_jax.transfer.common import (extract_features, load_backbone, make_feature_fn,
                                      mean_average_precision, topk_accuracy)
@@ -17,11 +21,11 @@ from sit_jax.transfer.knn import knn_classify
 from sit_jax.transfer.linear import fit_head, make_probe_step
 from sit_jax.transfer.supervised import lr_decay_tree, make_optimizer
 
-EXPERIMENTS = ("finetune", "linear", "knn", "multilabel")
+EXPERIMENTS = ("finetune", "linear", "knn", "multilabel", "segment", "fewshot")
 
 
 def run(config, workdir: str) -> dict:
-  from sit_jax.transfer import finetune, knn, linear
+  from sit_jax.transfer import fewshot, finetune, knn, linear, segment
   experiment = config.experiment
   if experiment == "finetune":
     return finetune.run(config, workdir)
@@ -29,6 +33,10 @@ def run(config, workdir: str) -> dict:
     return linear.run(config, workdir)
   if experiment == "knn":
     return knn.run(config, workdir)
+  if experiment == "segment":
+    return segment.run(config, workdir)
+  if experiment == "fewshot":
+    return fewshot.run(config, workdir)
   if experiment == "multilabel":
     if config.multilabel.frozen:
       return linear.run(config, workdir, multilabel=True)

@@ -110,6 +110,21 @@ def _is_block(module, method_name):
   return method_name == "__call__" and (module.name or "").startswith("blocks_")
 
 
+def block_outputs(module: vit.VisionTransformer, params, images, blocks, *, train=False,
+                  rngs=None):
+  """(the backbone's output dict, [tokens (B, 1 + h*w, D) of each block in `blocks` (1-based),
+  each through the final LayerNorm as DINO reads several blocks]); one forward pass."""
+  for b in blocks:
+    if not 1 <= b <= module.depth:
+      raise ValueError(f"Block {b} is outside 1..{module.depth}.")
+  out, state = module.apply({"params": params}, images, train=train, rngs=rngs or {},
+                            capture_intermediates=_is_block, mutable=["intermediates"])
+  norm = nn.LayerNorm(epsilon=1e-6, dtype=module.dtype)
+  captured = state["intermediates"]
+  return out, [norm.apply({"params": params["norm"]}, captured[f"blocks_{b - 1}"]["__call__"][0])
+               for b in blocks]
+
+
 def make_feature_fn(module: vit.VisionTransformer, features: str = "cls", last_blocks: int = 1):
   """fn(params, images) -> (B, D) float32 features of normalised images.
 
@@ -127,15 +142,29 @@ def make_feature_fn(module: vit.VisionTransformer, features: str = "cls", last_b
     if last_blocks == 1:
       out = module.apply({"params": params}, images, train=train, rngs=rngs)
       return heads.pool_features(out, features).astype(jnp.float32)
-    out, state = module.apply({"params": params}, images, train=train, rngs=rngs,
-                              capture_intermediates=_is_block, mutable=["intermediates"])
-    norm = nn.LayerNorm(epsilon=1e-6, dtype=module.dtype)
-    blocks = state["intermediates"]
-    cls = [norm.apply({"params": params["norm"]}, blocks[f"blocks_{i}"]["__call__"][0][:, 0])
-           for i in range(module.depth - last_blocks, module.depth)]
+    blocks = range(module.depth - last_blocks + 1, module.depth + 1)
+    out, tokens = block_outputs(module, params, images, blocks, train=train, rngs=rngs)
+    cls = [t[:, 0] for t in tokens]
     if features == "cls+mean":
       cls.append(out["patches"].mean(axis=1))
     return jnp.concatenate(cls, axis=-1).astype(jnp.float32)
+
+  return fn
+
+
+def make_patch_fn(module: vit.VisionTransformer, blocks=(), cls: bool = False):
+  """fn(params, images) -> (B, h, w, D') float32 patch tokens on the patch grid: the given
+  blocks' (1-based; () = the last block's) concatenated, for dense heads; with `cls` the last
+  block's CLS token is appended to every patch (DINOv2's linear depth probe)."""
+
+  def fn(params, images):
+    out, per_block = block_outputs(module, params, images, tuple(blocks) or (module.depth,))
+    tokens = [t[:, 1:] for t in per_block]
+    if cls:
+      tokens.append(jnp.broadcast_to(out["cls"][:, None], tokens[0].shape[:2] +
+                                     out["cls"].shape[-1:]))
+    tokens = jnp.concatenate(tokens, axis=-1)
+    return tokens.reshape(tokens.shape[0], *out["grid"], tokens.shape[-1]).astype(jnp.float32)
 
   return fn
 
@@ -312,6 +341,22 @@ def results_dict(config, backbone: Backbone, train_info, test_info, num_evaluate
           "pretrained_image_size": backbone.pretrained_image_size,
           "num_train_examples": train_info.num_examples, "num_examples": int(num_evaluated),
           **scores, **extra}
+
+
+def _figure(value) -> str:
+  return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def results_table(results: dict, protocol: str, figures: dict) -> dict:
+  """The run's results table: `results` with `protocol` and `figures` (name -> number or text)
+  added, for results.json, and logged as one line: experiment (protocol) | dataset | checkpoint |
+  features | each figure."""
+  results = {**results, "protocol": protocol, "figures": figures}
+  cells = [f"{results['experiment']} ({protocol})", str(results.get("dataset", "")),
+           f"checkpoint {results.get('init', '')}", f"features {results.get('features', '')}"]
+  cells += [f"{name} {_figure(value)}" for name, value in figures.items()]
+  logging.info("results | %s", " | ".join(cells))
+  return results
 
 
 def tsne(config, workdir, features, labels, title: str):

@@ -1,0 +1,64 @@
+"""Semantic segmentation on a frozen pretrained ViT.
+
+  python -m sit_jax.main --config=configs/segment.py:dataset=oxford_iiit_pet \
+      --config.init=WORKDIR_OF_PRETRAINING --workdir=DIR
+  python -m sit_jax.main --config=configs/segment.py:runlocal --config.init=/tmp/sit_local \
+      --workdir=/tmp/segment
+
+Patch tokens of the frozen backbone (seg.blocks, 1-based, concatenated; () = the last block)
+-> a linear head (seg.head='linear', a 1x1 convolution) or a light one ('mlp': 3x3 convolution
+of seg.hidden channels, GELU, 1x1) -> bilinear upsampling -> per-pixel cross-entropy, label 255
+ignored. Images and label maps are cropped and flipped together on device. Datasets:
+oxford_iiit_pet (trimaps: pet, background, border), scene_parse150 (ADE20K, 150 classes; the
+TFDS validation split is the test split), a folder (--config.data.source=folder:/path
+--config.data.num_classes=N; PATH[/SPLIT]/images/X.jpg + PATH[/SPLIT]/masks/X.png), and
+embedded:digit_canvas (offline, runlocal). TFDS datasets must be built with
+--file_format=array_record (random access). Results: DIR/results.json (mIoU, pixel accuracy,
+per-class IoU, validation scores), DIR/images/segmentation_*.png (image | prediction | truth).
+"""
+from configs import common, transfer_common as tc
+
+# Per dataset: image size, steps, global batch, base lr (per 256 images), classes.
+# Starting points after DINOv2's linear segmentation protocol (AdamW, a linear head on the
+# last block; 40k iterations at batch 16 for ADE20K at 512 px); only digit_canvas was tuned
+# here, on its validation split.
+RECIPES = {
+    "oxford_iiit_pet": dict(image_size=224, steps=5000, batch=32, base_lr=8e-3, classes=3),
+    "scene_parse150": dict(image_size=512, steps=40_000, batch=16, base_lr=1.6e-2,
+                           classes=150),
+    "digit_canvas": dict(image_size=32, steps=600, batch=64, base_lr=8e-3, classes=11),
+}
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, dataset="oxford_iiit_pet", head="linear")
+  dataset = "digit_canvas" if arg.runlocal else arg.dataset
+  r = tc.dataset_row(RECIPES, dataset)
+  c = tc.transfer_config("segment", dataset)
+  c.data.image_size = r["image_size"]
+  c.data.global_batch_size = r["batch"]
+  c.data.num_classes = r["classes"]   # a folder source: the number of classes of its masks.
+  c.data.crop_scale = (0.5, 1.0)      # random resized crops of image and labels together.
+  c.eval_batch_size = 64
+  c.total_epochs = 0
+  c.total_steps = r["steps"]
+  c.optim = tc.optim_config("adamw", base_lr=r["base_lr"], weight_decay=1e-4,
+                            warmup_epochs=1)
+  c.seg = dict(
+      blocks=(),          # 1-based blocks whose patch tokens are concatenated; (): the last.
+      cls=False,          # append the CLS token to every patch token.
+      head=arg.head,      # 'linear' or 'mlp'.
+      hidden=256,         # channels of the 'mlp' head's 3x3 convolution.
+      pictures=8,         # test images shown as image | prediction | truth.
+  )
+  c.eval_every = 0
+  if arg.runlocal:
+    tc.shrink_for_runlocal(c)
+    c.data.global_batch_size = r["batch"]
+    c.data.flip = False               # digits have a handedness.
+    c.data.crop_scale = (0.5, 1.0)
+    c.eval_batch_size = 128
+    c.eval_every = 200
+    c.checkpoint_every = 200
+    c.log_every = 50
+  return c

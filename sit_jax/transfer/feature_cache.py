@@ -1,0 +1,66 @@
+"""Frozen features of a split, extracted once and kept in the workdir for later runs.
+
+A cache entry is keyed on everything that decides the features: the checkpoint's identity (a
+hash of the backbone's parameter values, so a resumed pretraining run that moved on is a new
+checkpoint whatever its path; for a random init, the architecture and seed), the source, split
+and data_dir, the feature function's name, the image size, resize mode and interpolation.
+Entries are DIR/<hash>.npz holding the features, labels and the key itself.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+from absl import logging
+import jax
+import numpy as np
+
+from sit_jax import sharding
+from sit_jax.transfer import common
+
+
+def checkpoint_identity(backbone: common.Backbone, seed: int) -> str:
+  if backbone.params is None:
+    return f"random init {json.dumps(backbone.model_config, sort_keys=True)} seed {seed}"
+  digest = hashlib.blake2b(digest_size=16)
+  for path, leaf in jax.tree_util.tree_leaves_with_path(backbone.params):
+    leaf = np.ascontiguousarray(leaf)
+    digest.update(f"{sharding.path_name(path)} {leaf.dtype} {leaf.shape}".encode())
+    digest.update(leaf.tobytes())
+  return f"params {digest.hexdigest()}"
+
+
+def cache_dir(config, workdir: str) -> str | None:
+  """config.feature_cache: '' = WORKDIR/feature_cache, a path to share one between workdirs,
+  'off' = none."""
+  where = config.get("feature_cache", "")
+  if where == "off":
+    return None
+  return where or os.path.join(workdir, "feature_cache")
+
+
+def split_features(config, workdir: str, identity: str, fn, params, mesh, split: str,
+                   features: str, image_size: int):
+  """(features, labels) of `split` through fn(params, uint8 images) (named `features`), from
+  the cache when an earlier run stored them, else extracted (and stored by process 0)."""
+  directory = cache_dir(config, workdir)
+  key = {"checkpoint": identity, "source": config.data.source, "split": split,
+         "data_dir": config.data.data_dir, "features": features, "image_size": image_size,
+         "resize_mode": config.data.resize_mode, "interpolation": config.data.interpolation}
+  name = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=12).hexdigest()
+  path = os.path.join(directory, f"{name}.npz") if directory else None
+  if path and os.path.exists(path):
+    with np.load(path) as f:
+      if json.loads(str(f["key"])) == key:
+        logging.info("Features of %s from the cache %s", split, path)
+        return f["features"], f["labels"]
+  feats, labels = common.extract_features(
+      fn, params, common.eval_batches(config, split, image_size), mesh,
+      common.log_progress(f"{split} features"))
+  if path and jax.process_index() == 0:
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}.npz"
+    np.savez(tmp, features=feats, labels=labels, key=json.dumps(key, sort_keys=True))
+    os.replace(tmp, path)
+  return feats, labels

@@ -1,0 +1,261 @@
+"""Semantic segmentation on a frozen backbone.
+
+Patch tokens of one or several blocks (seg.blocks, 1-based; each through the final LayerNorm,
+concatenated; with seg.cls the CLS token appended to each, as DINOv2's linear depth probe) of
+the frozen backbone (stop_gradient; the train state holds the head only) go
+through a head on the token grid: 'linear' (a 1x1 convolution, the linear probe of dense
+features) or 'mlp' (a 3x3 convolution of seg.hidden channels, GELU, then the 1x1). Its logits
+are upsampled bilinearly to the image and trained with per-pixel cross-entropy, pixels labelled
+IGNORE left out. Images and label maps are cropped and flipped together on device.
+
+Scores come from a confusion matrix accumulated over the split: pixel accuracy, per-class IoU
+and mIoU (the mean over classes present in the labels or the predictions), at the evaluation
+resolution (data.image_size). `eval_every` scores the validation split; the test split is
+scored once, at the end. Pictures: DIR/images/segmentation_*.png, image | prediction | truth.
+"""
+from __future__ import annotations
+
+import functools
+from absl import logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sit_jax import optim, sharding
+from sit_jax.transfer import common, segment_data, supervised
+
+
+class SegmentationHead(nn.Module):
+  """(B, h, w, D) tokens -> (B, h, w, num_classes) logits."""
+  num_classes: int
+  hidden: int = 0  # 0: linear; > 0: a 3x3 convolution of `hidden` channels and GELU first.
+
+  @nn.compact
+  def __call__(self, tokens):
+    x = tokens
+    if self.hidden:
+      x = nn.gelu(nn.Conv(self.hidden, (3, 3), padding="SAME", name="conv")(x))
+    return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, name="classifier")(x)
+
+
+def upsample(logits, size: int):
+  return jax.image.resize(logits, (logits.shape[0], size, size, logits.shape[-1]), "bilinear")
+
+
+def pixel_cross_entropy(logits, labels, ignore: int = segment_data.IGNORE):
+  """Mean softmax cross-entropy over the pixels whose label is not `ignore`."""
+  labels = labels.astype(jnp.int32)
+  valid = labels != ignore
+  per_pixel = optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), jnp.where(valid, labels, 0))
+  return jnp.sum(per_pixel * valid) / jnp.maximum(jnp.sum(valid), 1)
+
+
+def confusion_matrix(predictions, labels, num_classes: int, valid=None,
+                     ignore: int = segment_data.IGNORE):
+  """(C, C) int32 counts of (true class, predicted class) over the pixels whose label is a class
+  (not `ignore`) and, with `valid` (per example or per pixel), that are valid."""
+  labels = labels.astype(jnp.int32)
+  keep = (labels != ignore) & (labels >= 0) & (labels < num_classes)
+  if valid is not None:
+    keep &= jnp.reshape(valid, valid.shape + (1,) * (labels.ndim - valid.ndim))
+  index = jnp.where(keep, labels * num_classes + predictions.astype(jnp.int32),
+                    num_classes * num_classes)
+  counts = jnp.zeros(num_classes * num_classes, jnp.int32).at[index.ravel()].add(1, mode="drop")
+  return counts.reshape(num_classes, num_classes)
+
+
+def segmentation_scores(confusion) -> dict:
+  """Pixel accuracy, mIoU and per-class IoU of a (true, predicted) confusion matrix. A class
+  absent from both labels and predictions has no IoU and is left out of the mean (mmseg)."""
+  confusion = np.asarray(confusion, np.float64)
+  hits = np.diag(confusion)
+  union = confusion.sum(0) + confusion.sum(1) - hits
+  with np.errstate(invalid="ignore", divide="ignore"):
+    iou = np.where(union > 0, hits / union, np.nan)
+  total = confusion.sum()
+  return {"mIoU": float(np.nanmean(iou)) if np.any(union > 0) else float("nan"),
+          "pixel_accuracy": float(hits.sum() / total) if total else float("nan"),
+          "iou": [None if np.isnan(v) else float(v) for v in iou]}
+
+
+def make_train_step(patch_fn, head, tx, config, image_size: int, lr=None):
+  """step(state, backbone_params, batch) -> (state, metrics): augment image and labels
+  together, frozen tokens, head, upsampled logits, per-pixel cross-entropy."""
+  crop_scale, flip = tuple(config.data.crop_scale), bool(config.data.flip)
+
+  def step(state, backbone_params, batch):
+    key = jax.random.fold_in(state.rng, state.step)
+    images, labels = segment_data.augment_pair(key, batch["image"], batch["label"], crop_scale,
+                                               flip)
+    frozen = jax.lax.stop_gradient(backbone_params)
+    tokens = jax.lax.stop_gradient(patch_fn(frozen, common.to_input(images)))
+
+    def loss(params):
+      logits = upsample(head.apply({"params": params}, tokens), image_size)
+      return pixel_cross_entropy(logits, labels)
+
+    value, grads = jax.value_and_grad(loss)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    metrics = {"loss": value}
+    if lr is not None:
+      metrics["lr"] = lr(state.step)
+    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                         opt_state=opt_state), metrics
+
+  return step
+
+
+def make_predict(patch_fn, head, image_size: int):
+  """predict(backbone_params, head_params, uint8 images) -> (B, S, S) int32 classes."""
+
+  def predict(backbone_params, head_params, images):
+    tokens = patch_fn(backbone_params, common.to_input(images))
+    logits = upsample(head.apply({"params": head_params}, tokens), image_size)
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+  return predict
+
+
+def evaluate_split(predict, backbone_params, head_params, batches, mesh, num_classes: int,
+                   pictures: int = 0):
+  """(scores, (images, predictions, labels) of the first `pictures` examples or None) over an
+  EvalBatches pass; confusion matrices are summed on device per batch, then on the host."""
+  confusion_of = _jitted_confusion(predict, mesh, num_classes)
+  total, shown = np.zeros((num_classes, num_classes), np.int64), None
+  for batch in batches:
+    placed = sharding.global_batch(batch, mesh)
+    total += np.asarray(jax.device_get(confusion_of(backbone_params, head_params, placed)))
+    if shown is None and pictures:
+      # Process 0's examples lead the global batch: what it shows is its own.
+      n = min(pictures, int(batch["mask"].sum()))
+      pred = jax.jit(predict, out_shardings=sharding.replicated(mesh))(
+          backbone_params, head_params, placed["image"])
+      shown = (batch["image"][:n], np.asarray(jax.device_get(pred))[:n], batch["label"][:n])
+  return segmentation_scores(total), shown
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_confusion(predict, mesh, num_classes):
+  @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
+  def run(backbone_params, head_params, batch):
+    pred = predict(backbone_params, head_params, batch["image"])
+    return confusion_matrix(pred, batch["label"], num_classes, batch["mask"])
+  return run
+
+
+def palette(num_classes: int) -> np.ndarray:
+  """(num_classes + 1, 3) uint8 colours: class 0 black, the others distinct, IGNORE white."""
+  rng = np.random.default_rng(0)
+  colours = rng.integers(40, 256, (num_classes, 3)).astype(np.uint8)
+  colours[0] = 0
+  return np.concatenate([colours, np.full((1, 3), 255, np.uint8)])
+
+
+def picture_grid(images, predictions, labels, num_classes: int, min_side: int = 96):
+  """uint8 rows of image | prediction | ground truth (IGNORE white), 2 px white separators."""
+  colours = palette(num_classes)
+  paint = lambda m: colours[np.where(np.asarray(m) == segment_data.IGNORE, num_classes,
+                                     np.clip(np.asarray(m), 0, num_classes - 1))]
+  size = images.shape[1]
+  zoom = max(1, -(-min_side // size))
+  cells = [[np.asarray(images[i]), paint(predictions[i]), paint(labels[i])]
+           for i in range(len(images))]
+  side, s = size * zoom, 2
+  grid = np.full((len(cells) * (side + s) - s, 3 * (side + s) - s, 3), 255, np.uint8)
+  for r, row in enumerate(cells):
+    for c, cell in enumerate(row):
+      big = np.repeat(np.repeat(cell, zoom, axis=0), zoom, axis=1)
+      grid[r * (side + s):r * (side + s) + side, c * (side + s):c * (side + s) + side] = big
+  return grid
+
+
+def run(config, workdir: str) -> dict:
+  from sit_jax import experiment, trainer
+
+  d, seg, size = config.data, config.seg, config.data.image_size
+  if seg.head not in ("linear", "mlp"):
+    raise ValueError(f"seg.head must be 'linear' or 'mlp', not {seg.head!r}.")
+  with experiment.Experiment(config, workdir,
+                             batch_sizes=(d.global_batch_size, config.eval_batch_size)) as exp:
+    mesh = exp.mesh
+    open_split = functools.partial(segment_data.open_split, d.source,
+                                   data_dir=d.data_dir or None, num_classes=d.num_classes)
+    train, val, test = (open_split(s) for s in (d.train_split, d.val_split, d.test_split))
+    num_classes = train.num_classes
+
+    backbone = common.load_backbone(config, image_size=size, drop_path_rate=0.0)
+    params = common.place_backbone(backbone, mesh, config.sharding_rules, config.seed)
+    blocks = tuple(seg.blocks) or (backbone.module.depth,)
+    patch_fn = common.make_patch_fn(backbone.module, blocks, seg.cls)
+    head = SegmentationHead(num_classes, seg.hidden if seg.head == "mlp" else 0)
+
+    total_steps, steps_per_epoch = optim.schedule_lengths(config, train.num_examples)
+    lr = supervised.lr_schedule(config, total_steps, steps_per_epoch)
+    tx = supervised.make_optimizer(config, lr)
+    grid = size // backbone.module.patch_size
+    tokens = jnp.zeros((1, grid, grid, backbone.module.width * (len(blocks) + seg.cls)))
+
+    def init(rng):
+      init_rng, state_rng = jax.random.split(rng)
+      head_params = head.init(init_rng, tokens)["params"]
+      return supervised.TrainState(step=jnp.zeros((), jnp.int32), params=head_params,
+                                   opt_state=tx.init(head_params), rng=state_rng)
+
+    replicated = sharding.replicated(mesh)
+    rng = jax.random.PRNGKey(config.seed)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                            jax.eval_shape(init, rng))
+    step_fn = jax.jit(make_train_step(patch_fn, head, tx, config, size, lr),
+                      out_shardings=replicated, donate_argnums=(0,))
+    predict = make_predict(patch_fn, head, size)
+    logging.info("segment %s: %d classes, %d train / %d validation / %d test images at %d px, "
+                 "blocks %s, %s head, %d steps; init %s", train.name, num_classes,
+                 train.num_examples, val.num_examples, test.num_examples, size, blocks,
+                 seg.head, total_steps, backbone.init or "random")
+
+    def evaluate(data, head_params, pictures=0):
+      batches = segment_data.EvalBatches(data, global_batch_size=config.eval_batch_size,
+                                         image_size=size)
+      return evaluate_split(predict, params, head_params, batches, mesh, num_classes, pictures)
+
+    def validate(step, state, batch):
+      del step, batch
+      scores, _ = evaluate(val, state.params)
+      return {"val/mIoU": scores["mIoU"], "val/pixel_accuracy": scores["pixel_accuracy"]}
+
+    def batches(start_step):
+      return segment_data.train_batches(train, global_batch_size=d.global_batch_size,
+                                        image_size=size, seed=config.seed, start_step=start_step)
+
+    writer = exp.writer(total_steps, d.global_batch_size)
+    metadata = {**common.checkpoint_metadata(config, backbone, num_classes),
+                "blocks": list(blocks), "cls": bool(seg.cls), "head": seg.head}
+    outcome = trainer.train(
+        exp, init=lambda: jax.jit(init, out_shardings=replicated)(rng), abstract=abstract,
+        step_fn=lambda state, batch: step_fn(state, params, batch), batches=batches,
+        total_steps=total_steps, metadata=metadata,
+        hooks=[trainer.Hook(config.eval_every, validate, final=True)])
+    results = {**common.results_dict(config, backbone, train, test, 0, {}, frozen=True,
+                                     features=f"patch tokens of blocks {list(blocks)}" + (" + CLS" if seg.cls else ""),
+                                     head=seg.head), **outcome.results()}
+    if outcome.complete:  # the test split, once, at the end
+      scores, shown = evaluate(test, outcome.state.params, seg.pictures)
+      writer.write_scalars(outcome.step, {"test/mIoU": scores["mIoU"],
+                                          "test/pixel_accuracy": scores["pixel_accuracy"]},
+                           timed=False)
+      if shown is not None:
+        writer.write_images(outcome.step, "segmentation",
+                            picture_grid(*shown, num_classes))
+      names = train.class_names or tuple(map(str, range(num_classes)))
+      results.update(num_examples=test.num_examples, mIoU=scores["mIoU"],
+                     pixel_accuracy=scores["pixel_accuracy"], iou=dict(zip(names, scores["iou"])),
+                     validation={"split": d.val_split, **outcome.evaluated})
+      results = common.results_table(
+          results, f"frozen backbone, {seg.head} head, {outcome.step} steps",
+          {"val mIoU": outcome.evaluated.get("val/mIoU"), "test mIoU": scores["mIoU"],
+           "test pixel accuracy": scores["pixel_accuracy"]})
+    exp.finish(results)
+  return results
