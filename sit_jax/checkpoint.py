@@ -182,7 +182,7 @@ class _Manager(ocp.CheckpointManager):
 
 class Checkpointer:
   """Saves a train state every `every` steps, at `last_step` and at a preemption, and keeps the
-  latest `keep` (0: all) committed checkpoints.
+  latest `keep` (>= 1) committed checkpoints.
 
   Usage in a training loop (trainer.py)::
 
@@ -200,9 +200,8 @@ class Checkpointer:
 
   def __init__(self, directory, *, keep: int = 3, every: int = 1000,
                last_step: int | None = None, async_save: bool = True):
-    if keep < 0:
-      raise ValueError(f"keep_checkpoints={keep}: keep the latest N >= 1 checkpoints, or 0 to "
-                       "keep all of them.")
+    if keep < 1:  # 0 would delete every checkpoint as soon as it is written.
+      raise ValueError(f"keep_checkpoints={keep}: keep the latest N >= 1 checkpoints.")
     if every < 1:
       raise ValueError(f"checkpoint_every={every}: save every N >= 1 steps (the last step is "
                        "always saved).")
@@ -216,7 +215,7 @@ class Checkpointer:
       policies.append(ocp.checkpoint_managers.SpecificStepsPolicy([last_step]))
     options = ocp.CheckpointManagerOptions(
         save_decision_policy=ocp.checkpoint_managers.AnySavePolicy(policies),
-        preservation_policy=ocp.checkpoint_managers.LatestN(keep or None),
+        preservation_policy=ocp.checkpoint_managers.LatestN(keep),
         enable_async_checkpointing=async_save,
         create=True,
         cleanup_tmp_directories=True)  # removes what a crash left half-written.

@@ -84,13 +84,10 @@ def test_save_policy_interval_last_step_and_preemption(tmp_path):
   ck.close()
 
 
-def test_keep_zero_keeps_every_checkpoint(tmp_path):
-  with Checkpointer(tmp_path / "ck", keep=0, every=1, async_save=False) as ck:
-    for step in range(1, 6):
-      ck.save(step, make_state(step), metadata={})
-    assert ck.all_steps() == [1, 2, 3, 4, 5]
-  with pytest.raises(ValueError, match="keep_checkpoints=-1"):
-    Checkpointer(tmp_path / "ck", keep=-1)
+def test_keep_must_be_positive(tmp_path):
+  for keep in (0, -1):  # 0 would delete each checkpoint as soon as it is committed.
+    with pytest.raises(ValueError, match=f"keep_checkpoints={keep}: keep the latest N >= 1"):
+      Checkpointer(tmp_path / "ck", keep=keep)
 
 
 def test_latest_step_after_reopen(tmp_path):
