@@ -6,9 +6,10 @@
 
 Every row is one `sit_jax.aot.run` (what `python -m sit_jax.main --aot_topology=...` prints) of
 configs/sit_vitb.py with the variant, batch, remat and parallelism of the row: data-parallel
-(mesh.data=-1, parameters replicated) or FSDP (mesh.fsdp=-1, common.FSDP). Rows are appended to
---out as JSON lines as they finish (each compile of an unrolled ViT-L takes minutes on a small
-host); a row XLA refuses records its one-line reason. --markdown prints the table of a file.
+(the default: mesh.data=-1, parameters replicated) or FSDP (configs/sit_vitb.py:fsdp). Rows are
+appended to --out as JSON lines as they finish (each compile takes minutes on a small host) and
+rows already there are skipped; a row XLA refuses records its one-line reason. --markdown
+prints the table of a file.
 """
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ flags.DEFINE_string("out", "/tmp/will_it_fit.jsonl", "JSON lines, appended.")
 flags.DEFINE_string("only", "", "Only this variant, e.g. 'B/16'.")
 flags.DEFINE_string("generation", "", "Only the slices of this TPU generation, e.g. 'v5e'.")
 flags.DEFINE_string("markdown", "", "Print the table of this JSON-lines file and exit.")
+flags.DEFINE_bool("scan_layers", False, "Compile one scanned block (model.scan_layers): minutes "
+                  "instead of tens of minutes for ViT-L on a small host; XLA then counts the "
+                  "blocks' FLOPs once.")
 
 # (variant, global batch, slices): every slice of a model has the same number of chips.
 MODELS = (("B/16", 1024, ("v5e:4x4", "v4:2x2x4")),
@@ -33,23 +37,25 @@ MODELS = (("B/16", 1024, ("v5e:4x4", "v4:2x2x4")),
 
 
 def rows(generation: str = ""):
-  """(variant, batch, remat, parallelism, topology), FSDP first."""
-  return [(variant, batch, remat, parallelism, topology)
-          for parallelism in ("fsdp", "data") for variant, batch, slices in MODELS
-          for remat in (False, True) for topology in slices
+  """(variant, batch, remat, parallelism, topology): first the rows one would run (remat for
+  ViT-L only), then the others."""
+  rows = [(variant, batch, remat, parallelism, topology)
+          for variant, batch, slices in MODELS for remat in (False, True)
+          for parallelism in ("fsdp", "data") for topology in slices
           if (not generation or topology.startswith(generation + ":"))
           and (not FLAGS.only or variant == FLAGS.only)]
+  return sorted(rows, key=lambda r: r[2] != (r[0] == "L/16"))
 
 
 def config_for(variant: str, batch: int, remat: bool, parallelism: str):
-  from configs import common, sit_vitb
-  c = sit_vitb.get_config()
+  """configs/sit_vitb.py[:fsdp] --config.model.variant=... --config.data.global_batch_size=...
+  --config.model.remat=... [--config.model.scan_layers=True]"""
+  from configs import sit_vitb
+  c = sit_vitb.get_config("fsdp" if parallelism == "fsdp" else None)
   c.model.variant = variant
   c.data.global_batch_size = batch
   c.model.remat = remat
-  if parallelism == "fsdp":
-    c.mesh.update({"data": 1, "fsdp": -1, "model": 1})
-    c.sharding_rules = common.FSDP
+  c.model.scan_layers = FLAGS.scan_layers
   return c
 
 
@@ -63,7 +69,7 @@ def measure(out: str):
     if key in done:
       continue
     variant, batch, remat, parallelism, topology = key
-    row = {"key": key}
+    row = {"key": key, "scan_layers": FLAGS.scan_layers}
     try:
       figures = aot.run(config_for(variant, batch, remat, parallelism), topology)
       row.update(memory=figures["memory_bytes"], flops=figures["flops"],
@@ -84,7 +90,8 @@ def markdown(path: str) -> str:
     for row in map(json.loads, f):
       variant, batch, remat, parallelism, topology = row["key"]
       generation = topology.split(":")[0]
-      head = (f"| {variant} | {batch} | {'on' if remat else 'off'} | "
+      scan = " (scan)" if row.get("scan_layers") else ""
+      head = (f"| {variant}{scan} | {batch} | {'on' if remat else 'off'} | "
               f"{'FSDP' if parallelism == 'fsdp' else 'data'} | {topology} |")
       if "does_not_fit" in row:
         need = row["does_not_fit"].split("XLA needs ")[-1].split(" per device")[0]

@@ -9,8 +9,6 @@ import difflib
 
 import ml_collections
 
-from sit_jax import sharding
-
 # Sharding rules: (regex over the '/'-joined state path, rule); see sit_jax/sharding.py.
 REPLICATED = (("", "replicate"),)
 FSDP = ((r"kernel$", "fsdp"), (r"pos_embed$", "fsdp"), ("", "replicate"))
@@ -20,9 +18,10 @@ TENSOR_PARALLEL = ((r"(attn/qkv|mlp/fc1)/kernel$", ("fsdp", "model")),
                    (r"(attn/qkv|mlp/fc1)/bias$", ("model",)),
                    (r"(attn/proj|mlp/fc2)/kernel$", ("model", "fsdp")),
                    *FSDP)
-# Activations: (logical axis, mesh axes) pairs; the default splits the batch over data x fsdp
-# and, with mesh.model > 1, the heads and MLP features over model.
-LOGICAL_AXIS_RULES = sharding.LOGICAL_AXIS_RULES
+# Activations: (logical axis, mesh axes) pairs; the batch over data x fsdp and, with
+# mesh.model > 1, the heads and MLP features over model. sit_jax.sharding.LOGICAL_AXIS_RULES
+# (a test checks they agree; configs stay free of jax).
+LOGICAL_AXIS_RULES = (("batch", ("data", "fsdp")), ("heads", "model"), ("mlp", "model"))
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -76,6 +75,8 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.data.interpolation = "bicubic_antialias"  # as PIL; 'bicubic', 'bilinear': faster hosts.
   c.data.flip = True                    # random horizontal flips (off where handedness matters).
   c.data.global_batch_size = 256
+  c.data.engine = "grain"               # 'grain'; 'tf' for TFDS TFRecord (pip install 'sit_jax[tf]').
+  c.data.workers = 0                    # grain worker processes; 0: threads of this process only.
 
   c.augment = ml_collections.ConfigDict()
   c.augment.preset = "sit"              # photometric views of SPEC: 'sit', 'gmml' or 'none'.
@@ -146,6 +147,19 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 1000
   c.keep_checkpoints = 3
   c.export_backbone = True
+  return c
+
+
+def parallelism(c: ml_collections.ConfigDict, fsdp: bool = False, model: int = 1):
+  """The config arguments `fsdp` (parameters, optimizer state and batch over every device) and
+  `model=N` (tensor parallelism over N devices, N dividing the heads), alone or together; without
+  them, data parallelism."""
+  if fsdp:
+    c.mesh.update(dict(data=1, fsdp=-1))
+    c.sharding_rules = FSDP
+  if model > 1:
+    c.mesh.model = model
+    c.sharding_rules = TENSOR_PARALLEL
   return c
 
 

@@ -1,17 +1,18 @@
 """SiT on ImageNet-1K with ViT-B/16 (drop path 0.1, otherwise the ViT-S recipe).
 
 Big models: set --config.model.remat=True to trade compute for memory,
---config.model.scan_layers=True to compile one block instead of twelve, and
---config.mesh.fsdp=N with --config.sharding_rules from common.FSDP to shard the state.
+--config.model.scan_layers=True to compile one block instead of twelve, and the arguments
+`fsdp` (state and batch over every device) and `model=N` (tensor parallelism over N devices)
+to shard the state: --config=configs/sit_vitb.py:fsdp, :model=4 or :fsdp,model=4.
 """
 from configs import common
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg)
+  args = common.parse_arg(arg, fsdp=False, model=1)
   c = common.pretrain_config()
   c.experiment = "sit"
   c.model.variant = "B/16"
   if args.runlocal:
     c = common.shrink_for_runlocal(c)
-  return c
+  return common.parallelism(c, args.fsdp, args.model)

@@ -106,3 +106,7 @@ def test_bad_logical_axis_rules_are_explained(rules, message):
   mesh = sharding.make_mesh({"data": 8})
   with pytest.raises(ValueError, match=re.escape(message)):
     sharding.jit(lambda x: x, mesh, rules)
+
+
+def test_configs_default_logical_axis_rules_agree_with_sharding():
+  assert common.LOGICAL_AXIS_RULES == sharding.LOGICAL_AXIS_RULES

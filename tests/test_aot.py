@@ -8,7 +8,7 @@ import jax
 import pytest
 
 from configs import sit_vits
-from sit_jax import aot
+from sit_jax import aot, flops, sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,6 +24,28 @@ def test_cpu_topology_prints_memory_per_device(capsys):
   assert memory["argument"] > 0 and memory["temp"] > 0
   assert memory["total"] >= memory["argument"]
   assert figures["mesh"] == {"data": 8, "fsdp": 1, "model": 1}
+  # XLA's FLOPs beside the analytic count (whole step / 8 devices), within the elementwise work
+  # the analytic count leaves out (flops.py: 1.08x for this micro ViT).
+  assert "analytic (matmuls" in out and "XLA cost analysis" in out
+  assert figures["analytic_flops"] == pytest.approx(flops.sit_step_flops(
+      sit_vits.get_config("runlocal")) / 8)
+  assert 1.0 < figures["flops"] / figures["analytic_flops"] < 1.3
+
+
+@pytest.mark.parametrize("message, need", [
+    ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+     "temporaries (256.00G) exceeds available HBM (15.75G).", "256.00 GiB"),
+    ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space "
+     "hbm. Used 20.47G of 15.75G hbm. Exceeded hbm capacity by 4.72G.", "20.47 GiB"),
+])
+def test_out_of_memory_is_one_line_with_what_to_try(message, need):
+  config = sit_vits.get_config()
+  mesh = sharding.make_mesh({"data": 8})
+  line = aot.out_of_memory_line(config, mesh, jax.devices(), message)
+  assert "\n" not in line
+  assert f"XLA needs {need} per device, 15.75 GiB available" in line
+  for remedy in ("model.remat=True", "FSDP", "per-device batch (now 32", "more chips"):
+    assert remedy in line
 
 
 @pytest.mark.parametrize("topology, message", [
