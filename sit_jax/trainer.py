@@ -159,11 +159,12 @@ def train(exp, *, init: Callable[[], Any], abstract, step_fn: Callable,
     except _NonFinite as e:
       outcome.stopped = "non-finite"
       kept = ckpt.latest_step() if ckpt is not None else None
-      outcome.error = (f"Training stopped: {e}. Nothing non-finite was saved"
-                       + (f"; the last good checkpoint is step {kept}" if kept is not None
-                          else "") + ". Lower optim.base_lr (or set optim.clip_norm) and rerun"
-                       + (" in a new --workdir, or after deleting the checkpoints past the "
-                          "point where training diverged." if kept is not None else "."))
+      outcome.error = (
+          f"Training stopped: {e}. Nothing non-finite was saved"
+          + (f"; the last good checkpoint is step {kept}" if kept is not None else "")
+          + ". Lower optim.base_lr and start again"
+          + (f" (it resumes from step {kept}), or pass a new --workdir to start afresh."
+             if kept is not None else "."))
       logging.error("%s", outcome.error)
     outcome.seconds = time.perf_counter() - start
     if ckpt is not None:

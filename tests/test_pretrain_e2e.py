@@ -46,7 +46,11 @@ def uninterrupted(tmp_path_factory):
 
 def test_runlocal_writes_metrics_pictures_checkpoint_and_results(uninterrupted):
   workdir, stdout, stderr = uninterrupted
-  assert "step 40/40" in stdout and "img/s" in stdout and "ETA" in stdout
+  assert "step 40/40" in stdout
+  first_line = next(line for line in stdout.splitlines() if line.startswith("step "))
+  assert "img/s" in first_line and "ETA" in first_line
+  assert f"Wrote results.json, metrics.jsonl, config.json, log.txt, checkpoints/40, backbone, " \
+      f"images/ in {workdir}" in stderr
   assert "checkpoint_manager.py" not in stderr  # orbax's INFO lines do not bury the progress.
   assert sorted(losses(workdir)) == list(range(5, 41, 5))
   assert sorted(os.listdir(os.path.join(workdir, "images"))) == ["reconstruction_0000020.png",
@@ -89,6 +93,24 @@ def test_preempted_run_resumes_and_matches_uninterrupted_losses(uninterrupted, t
     np.testing.assert_allclose(got[s], reference[s], rtol=1e-5, err_msg=f"step {s}")
 
 
+def test_ctrl_c_saves_the_current_step_and_exits_without_a_traceback(tmp_path):
+  workdir = str(tmp_path)
+  proc = subprocess.Popen(command(workdir, *RUN_FLAGS), cwd=REPO, env=env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 300
+  while not (os.path.exists(metrics_path) and open(metrics_path).read().count("\n") >= 1):
+    assert proc.poll() is None and time.time() < deadline, "run ended before Ctrl-C"
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGINT)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 0 and "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+  results = json.load(open(os.path.join(workdir, "results.json")))
+  assert results["preempted"] and results["checkpoint"].endswith(f"/{results['step']}")
+  assert checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).latest_step() == \
+      results["step"]
+
+
 def tiny_state(config, mesh):
   model = pretrain.build_model(config)
   schedules = pretrain.build_schedules(config, 100, 10)
@@ -103,8 +125,8 @@ def test_checkpoint_from_8_devices_restores_onto_4(tmp_path):
   config = common.shrink_for_runlocal(common.pretrain_config())
   config.sharding_rules = common.FSDP
   state8, _, _ = tiny_state(config, sharding.make_mesh({"data": 4, "fsdp": 2}))
-  ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=False)
-  ckpt.save(5, state8, metadata=pretrain.checkpoint_metadata(config), force=True)
+  ckpt = checkpoint.Checkpointer(str(tmp_path), every=5, async_save=False)
+  assert ckpt.save(5, state8, metadata=pretrain.checkpoint_metadata(config))
   mesh4 = sharding.make_mesh({"data": 2, "fsdp": 2}, jax.devices()[:4])
   _, abstract, shardings4 = tiny_state(config, mesh4)
   restored, _ = ckpt.restore(pretrain.abstract_with_shardings(abstract, shardings4),

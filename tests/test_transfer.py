@@ -313,8 +313,8 @@ def test_finetune_starts_from_checkpoint_and_moves(mesh, exported_backbone):
 def test_load_backbone_from_pretraining_workdir(tmp_path, exported_backbone):
   _, params = exported_backbone
   state = {"step": np.int32(7), "params": {"backbone": params, "recon_head": {"w": np.ones(3)}}}
-  with checkpoint.Checkpointer(tmp_path / "checkpoints", async_save=False) as ckpt:
-    ckpt.save(7, state, metadata={"model": {"variant": "Mu/4", "image_size": 32}}, force=True)
+  with checkpoint.Checkpointer(tmp_path / "checkpoints", every=7, async_save=False) as ckpt:
+    assert ckpt.save(7, state, metadata={"model": {"variant": "Mu/4", "image_size": 32}})
   c = finetune_config.get_config("runlocal")
   c.init = str(tmp_path)
   backbone = common.load_backbone(c, image_size=32)
