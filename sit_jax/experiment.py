@@ -1,11 +1,10 @@
 """The set-up and closing of every run (pretraining and each transfer experiment).
 
-    exp = experiment.Experiment(config, workdir, batch_sizes=(config.data.global_batch_size,))
-    with exp:                          # workdir checked and locked, mesh built, config.json written
-      ...                              # read data, build the model
+    with experiment.Experiment(config, workdir) as exp:  # set up: see below
+      ...                                               # read data, build the model
       writer = exp.writer(total_steps, global_batch_size)
-      ...                              # trainer.train(exp, ...), evaluations
-      exp.finish(results)              # results.json, then one summary line of what is where
+      outcome = trainer.train(exp, ...)                 # and evaluations
+      exp.finish(results)                               # results.json, one summary line
 
 `Experiment` owns, in this order:
   * the workdir: created, probed for writing (one clear error otherwise) and locked against a
@@ -120,7 +119,9 @@ class Experiment:
   `writer()` was called.
   """
 
-  def __init__(self, config, workdir: str, *, batch_sizes: Sequence[int] = ()):
+  def __init__(self, config, workdir: str, *, batch_sizes: Sequence[int] | None = None):
+    """batch_sizes: each must divide over the mesh; default the config's data.global_batch_size
+    and eval_batch_size (where it has them)."""
     self.config = config
     self.workdir = os.path.abspath(workdir)
     self.is_main = jax.process_index() == 0
@@ -135,6 +136,9 @@ class Experiment:
       self._open_log()
       self.write_json("config.json", config.to_dict())
       self.mesh = sharding.make_mesh(config.mesh)
+      if batch_sizes is None:
+        batch_sizes = [size for size in (config.get("data", {}).get("global_batch_size"),
+                                         config.get("eval_batch_size")) if size]
       for size in batch_sizes:
         sharding.check_batch_size(size, self.mesh)
     except BaseException:

@@ -265,8 +265,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   from sit_jax import checkpoint, data, experiment, monitor, trainer
 
   validate(config)
-  with experiment.Experiment(config, workdir,
-                             batch_sizes=(config.data.global_batch_size,)) as exp:
+  with experiment.Experiment(config, workdir) as exp:
     # Input. -----------------------------------------------------------------------------------
     mesh = exp.mesh
     data_dir = config.data.data_dir or None

@@ -65,16 +65,22 @@ def test_runlocal_writes_metrics_pictures_checkpoint_and_results(uninterrupted):
   assert os.listdir(os.path.join(workdir, "tb"))
 
 
+def start_and_wait_for_rows(workdir, rows: int):
+  """A run started in the background, once it has logged `rows` rows of metrics."""
+  proc = subprocess.Popen(command(workdir, *RUN_FLAGS), cwd=REPO, env=env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 300
+  while not (os.path.exists(metrics_path) and open(metrics_path).read().count("\n") >= rows):
+    assert proc.poll() is None and time.time() < deadline, "the run ended before the signal"
+    time.sleep(0.2)
+  return proc
+
+
 def test_preempted_run_resumes_and_matches_uninterrupted_losses(uninterrupted, tmp_path):
   reference = losses(uninterrupted[0])
   workdir = str(tmp_path)
-  proc = subprocess.Popen(command(workdir, *RUN_FLAGS), cwd=REPO, env=env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
-  deadline = time.time() + 300
-  while not (os.path.exists(metrics_path) and open(metrics_path).read().count("\n") >= 2):
-    assert proc.poll() is None and time.time() < deadline, "run ended before it was preempted"
-    time.sleep(0.2)
+  proc = start_and_wait_for_rows(workdir, 2)
   proc.send_signal(signal.SIGTERM)  # what a Cloud TPU preemption sends.
   proc.communicate(timeout=300)
   assert proc.returncode == 0
@@ -95,13 +101,7 @@ def test_preempted_run_resumes_and_matches_uninterrupted_losses(uninterrupted, t
 
 def test_ctrl_c_saves_the_current_step_and_exits_without_a_traceback(tmp_path):
   workdir = str(tmp_path)
-  proc = subprocess.Popen(command(workdir, *RUN_FLAGS), cwd=REPO, env=env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
-  deadline = time.time() + 300
-  while not (os.path.exists(metrics_path) and open(metrics_path).read().count("\n") >= 1):
-    assert proc.poll() is None and time.time() < deadline, "run ended before Ctrl-C"
-    time.sleep(0.2)
+  proc = start_and_wait_for_rows(workdir, 1)
   proc.send_signal(signal.SIGINT)
   _, stderr = proc.communicate(timeout=120)
   assert proc.returncode == 0 and "Traceback" not in stderr and "KeyboardInterrupt" not in stderr

@@ -103,8 +103,7 @@ def make_finetune_step(config, model, tx, num_classes: int, *, multilabel: bool 
 def run(config, workdir: str, *, multilabel: bool = False) -> dict:
   from sit_jax import experiment, trainer
 
-  with experiment.Experiment(config, workdir, batch_sizes=(config.data.global_batch_size,
-                                                           config.eval_batch_size)) as exp:
+  with experiment.Experiment(config, workdir) as exp:
     # Input. -----------------------------------------------------------------------------------
     mesh = exp.mesh
     train_info, test_info = common.dataset_infos(config)

@@ -288,8 +288,7 @@ def run(config, workdir: str, *, multilabel: bool = False) -> dict:
   from sit_jax import experiment, trainer
 
   start = time.perf_counter()
-  with experiment.Experiment(config, workdir, batch_sizes=(config.data.global_batch_size,
-                                                           config.eval_batch_size)) as exp:
+  with experiment.Experiment(config, workdir) as exp:
     # Input and frozen backbone. ---------------------------------------------------------------
     mesh = exp.mesh
     train_info, test_info = common.dataset_infos(config)
