@@ -141,6 +141,11 @@ def test_gmml_has_no_teacher_and_contrastive_has_no_recon():
     state = init()
     assert bool(state.teacher) == has_teacher
     assert ("recon_head" in state.params) == (experiment == "gmml")
+    # Only a corrupting experiment reports a mask fraction (contrastive's would be 0 always).
+    step = pretrain.make_train_step(config, model, tx, schedules)
+    _, metrics = jax.eval_shape(step, state, fake_batch(config))
+    assert ("mask_fraction" in metrics) == (experiment == "gmml")
+    assert ("recon" in metrics, "contrastive" in metrics) == (experiment == "gmml", has_teacher)
 
 
 def test_gmml_learns_to_reconstruct_a_fixed_batch():
