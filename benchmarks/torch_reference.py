@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import statistics
 import sys
 import time
@@ -41,6 +40,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)
 
 from absl import app, flags  # noqa: E402
+from authors_input import AuthorsInput  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -64,9 +64,6 @@ flags.DEFINE_integer("threads", 0, "Threads for torch (0: every core this proces
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype of both sides: "
                   "sit_jax model.dtype, torch autocast on the CPU for bfloat16. Parameters, "
                   "optimiser and losses stay float32 on both.")
-
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
 
 # ---------------------------------------------------------------------------------------------
 # CPU accounting.
@@ -106,23 +103,6 @@ class Window:
 # ---------------------------------------------------------------------------------------------
 
 
-def gmml_blocks(x, fill, ratio, rng, align=1, max_block=0.3):
-  """Corrupts one (C, H, W) float array in place with random blocks until the drawn area is
-  covered; `fill(r, c, h, w)` gives the block's new pixels. Returns the (H, W) mask."""
-  _, h, w = x.shape
-  target = rng.uniform(min(0.5, ratio), ratio) * h * w
-  max_h, max_w = int(h * max_block), int(w * max_block)
-  mask = np.zeros((h, w), np.float32)
-  while mask.sum() < target:
-    r = rng.integers(0, h - align + 1) // align * align
-    c = rng.integers(0, w - align + 1) // align * align
-    bh = round(min(rng.integers(align, max_h + 1), h - r) / align) * align
-    bw = round(min(rng.integers(align, max_w + 1), w - c) / align) * align
-    x[:, r:r + bh, c:c + bw] = fill(r, c, bh, bw)
-    mask[r:r + bh, c:c + bw] = 1.0
-  return mask
-
-
 class TorchSiT:
   """Student, teacher, optimiser and the two halves of a step (CPU input work, model update)."""
 
@@ -130,14 +110,10 @@ class TorchSiT:
     import timm
     import torch
     from torch import nn
-    from torchvision import transforms as T
-    from PIL import ImageFilter, ImageOps
 
     torch.manual_seed(seed)
     self.torch, self.batch, self.size = torch, batch, image_size
     self.autocast = dtype == "bfloat16"
-    self.rng = np.random.default_rng(seed)
-    self.pyrng = random.Random(seed)
 
     def backbone(drop_path):
       return timm.create_model(model_name, pretrained=False, num_classes=0, img_size=image_size,
@@ -178,54 +154,11 @@ class TorchSiT:
     self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.04},
                                   {"params": no_decay, "weight_decay": 0.0}], lr=5e-4 * batch / 256)
 
-    class Blur:
-      def __init__(self, p, rng):
-        self.p, self.rng = p, rng
-
-      def __call__(self, img):
-        if self.rng.random() > self.p:
-          return img
-        return img.filter(ImageFilter.GaussianBlur(radius=self.rng.uniform(0.1, 2.0)))
-
-    class Solarize:
-      def __init__(self, p, rng):
-        self.p, self.rng = p, rng
-
-      def __call__(self, img):
-        return ImageOps.solarize(img) if self.rng.random() < self.p else img
-
-    common = [T.RandomResizedCrop(image_size, scale=(0.2, 1.0),
-                                  interpolation=T.InterpolationMode.BICUBIC),
-              T.RandomHorizontalFlip(),
-              T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-              T.RandomGrayscale(p=0.2)]
-    tail = [T.ToTensor(), T.Normalize(MEAN, STD)]
-    self.view1 = T.Compose(common + [Blur(1.0, self.pyrng)] + tail)
-    self.view2 = T.Compose(common + [Blur(0.1, self.pyrng), Solarize(0.2, self.pyrng)] + tail)
+    self.input = AuthorsInput(image_size, seed)
 
   def make_inputs(self, images):
     """PIL images -> (clean, corrupted, mask) tensors of both views, (2B, 3, S, S) each."""
-    torch, rng = self.torch, self.rng
-    clean, corrupted, masks = [[], []], [[], []], [[], []]
-    for img in images:  # the dataset's __getitem__: augment and corrupt each view
-      for v, transform in enumerate((self.view1, self.view2)):
-        x = transform(img).numpy()
-        xc = x.copy()
-        m = gmml_blocks(xc, lambda r, c, h, w: rng.standard_normal((3, h, w), np.float32),
-                        0.5, rng)
-        clean[v].append(x)
-        corrupted[v].append(xc)
-        masks[v].append(m)
-    for v in range(2):  # the collate function: with probability 1/2 re-corrupt by replacement
-      n = len(images)
-      for i in range(n):
-        if rng.random() < 0.5:
-          donor = clean[v][(i + 1 + rng.integers(0, n - 1)) % n]
-          xc = clean[v][i].copy()
-          masks[v][i] = gmml_blocks(xc, lambda r, c, h, w: donor[:, r:r + h, c:c + w], 0.3, rng)
-          corrupted[v][i] = xc
-    stack = lambda parts: torch.from_numpy(np.stack(parts[0] + parts[1]))
-    return stack(clean), stack(corrupted), stack(masks)
+    return tuple(map(self.torch.from_numpy, self.input(images)))
 
   def update(self, clean, corrupted, masks, momentum=0.996, temperature=0.2, clip=3.0):
     torch = self.torch
@@ -319,7 +252,7 @@ def main(argv):
   print(f"JAX compile {compile_s:.1f} s (lower {lower_s:.1f} s)", flush=True)
   state, _ = throughput.run_window(compiled, state, lambda: batch, FLAGS.warmup)
   if FLAGS.e2e:
-    from sit_jax import data  # imports TensorFlow.
+    from sit_jax import data
     it = data.pretrain_iterator(
         config.data.source, config.data.split, global_batch_size=FLAGS.batch,
         image_size=FLAGS.image_size, crop_scale=tuple(config.data.crop_scale), seed=0,

@@ -58,6 +58,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import io
 import math
 import os
 import re
@@ -73,8 +74,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 EVAL_CROP_FRACTION = 0.875  # "center_crop": central 87.5% square of the image, then resize
 DIGITS_TRAIN = 1500
 _MAX_SPARES = 64  # extra candidates per batch (plus the batch size again) to replace bad files
-# What PIL raises on a file that is not a readable image (truncated, garbage, a bomb).
-UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+# What PIL raises on data that is not a readable image (truncated, garbage, a bomb).
+_PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
 class DataError(ValueError):
@@ -83,6 +84,10 @@ class DataError(ValueError):
 
 class DataNotFoundError(DataError, FileNotFoundError):
   """The data is not where it should be (missing folder, TFDS dataset not prepared)."""
+
+
+class UnreadableImage(Exception):
+  """One image cannot be read or decoded: the pipelines skip it and count it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +109,6 @@ class _HostData:
   n_max_local: int  # the largest share over all hosts
   # grain: load(local index) -> (encoded image bytes or uint8 (h, w, 3), int32 label).
   load: Optional[Callable] = None
-  fallible: bool = False  # loading may fail (files): unreadable ones are skipped
   # tf engine: the builder and this host's split.
   builder: object = None
   host_split: object = None
@@ -139,6 +143,12 @@ def _check_layout(global_batch_size, image_size, process_index, process_count):
   if image_size <= 0:
     raise DataError(f"image_size must be positive, got {image_size}")
   return global_batch_size // process_count, process_index, process_count
+
+
+def engine_options(data_config) -> dict:
+  """The engine keywords of the iterators from a config's `data` block (defaults where absent):
+  data.engine and data.workers."""
+  return dict(engine=data_config.get("engine", "grain"), workers=data_config.get("workers", 0))
 
 
 def _check_engine(engine):
@@ -283,8 +293,11 @@ class _FileLoader:
     self.paths, self.labels = paths, labels
 
   def __call__(self, i):
-    with open(self.paths[i], "rb") as f:
-      return f.read(), self.labels[i]
+    try:
+      with open(self.paths[i], "rb") as f:
+        return f.read(), self.labels[i]
+    except OSError as e:
+      raise UnreadableImage(f"{self.paths[i]}: {e}") from e
 
 
 def _folder(path, split, p, P):
@@ -298,8 +311,7 @@ def _folder(path, split, p, P):
   n_local, n_max = _strided_share(len(paths), p, P)
   info = DatasetInfo(len(paths), len(classes),
                      f"folder:{root}" + (f"[{part}]" if part is not None else ""))
-  return _HostData(info, n_local, n_max, load=_FileLoader(paths[p::P], labels[p::P]),
-                   fallible=True)
+  return _HostData(info, n_local, n_max, load=_FileLoader(paths[p::P], labels[p::P]))
 
 
 # ----- TFDS ---------------------------------------------------------------------------------
@@ -460,10 +472,13 @@ def crop_window(rng: np.random.Generator, height: int, width: int, scale: Sequen
 
 
 def _open(image) -> Image.Image:
+  """A PIL image of encoded bytes (only the header is read) or of a uint8 array."""
   if isinstance(image, np.ndarray):
     return Image.fromarray(image)
-  import io
-  return Image.open(io.BytesIO(image))
+  try:
+    return Image.open(io.BytesIO(image))
+  except _PIL_ERRORS as e:
+    raise UnreadableImage(str(e)) from e
 
 
 def _render(img: Image.Image, windows, size, interpolation):
@@ -476,11 +491,15 @@ def _render(img: Image.Image, windows, size, interpolation):
   width, height = img.size
   smallest = min(min(h, w) for _, _, h, w in windows)
   factor = next((f for f in (8, 4, 2) if smallest >= f * size), 1)
-  if factor > 1:
-    img.draft("RGB", (width // factor, height // factor))  # a no-op unless JPEG
-  img.load()
-  scale = width / img.size[0]  # the DCT scale PIL chose (exactly `factor` unless tiny images)
-  scale = round(scale) if abs(scale - round(scale)) < 0.05 else scale
+  scale = 1
+  try:
+    # draft() is a no-op (None) unless JPEG; else its box is the image's extent after scaling.
+    drafted = img.draft("RGB", (width // factor, height // factor)) if factor > 1 else None
+    if drafted:
+      scale = width / drafted[1][2]
+    img.load()
+  except _PIL_ERRORS as e:
+    raise UnreadableImage(str(e)) from e
   if img.mode not in ("RGB", "L"):
     img = img.convert("RGB")
   resample, antialias = INTERPOLATIONS[interpolation]
@@ -567,9 +586,8 @@ class _TrainBatch:
         views.append(random_views(image, rng, self.n_views, self.size, self.scale,
                                   self.interpolation, self.flip))
         labels.append(label)
-      except UNREADABLE:
-        if not self.data.fallible:
-          raise
+      except UnreadableImage:
+        pass  # counted: slot - b at the end
       slot += 1
     if len(labels) < self.b:
       return dict(_skipped=slot - len(labels), _short=True)
@@ -596,9 +614,7 @@ class _EvalBatch:
       try:
         image, label = self.data.load(i)
         out["image"][slot] = eval_view(image, self.size, self.resize_mode, self.interpolation)
-      except UNREADABLE:
-        if not self.data.fallible:
-          raise
+      except UnreadableImage:
         skipped += 1
         continue
       out["label"][slot] = label

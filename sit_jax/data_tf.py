@@ -85,7 +85,7 @@ def _numpy_elements(ds, builder, fn, shapes):
     label = label_of({key: label}) if key else np.int32(-1)
     try:
       arrays = fn(encoded, pos)
-    except data.UNREADABLE:
+    except data.UnreadableImage:
       return (False, *[np.zeros(s, np.uint8) for s in shapes], np.zeros(label_shape, np.int32))
     return (True, *arrays, np.asarray(label, np.int32).reshape(label_shape))
 

@@ -2,7 +2,7 @@
 corrupt files and error messages. Nothing here downloads: embedded digits, images written to
 tmp_path, and tfds.testing.mock_data."""
 import collections
-import itertools
+import io
 import os
 
 import chex
@@ -437,3 +437,29 @@ def test_flip_off_keeps_handedness():
   flipped = views(True)
   mirrored = sum(distance(images, v[None]).min() > 1 for v in flipped)
   assert 16 <= mirrored <= 48
+
+
+def test_jpeg_decoded_at_a_dct_scale_matches_a_full_decode(tmp_path):
+  """A crop at least 8x the output side is decoded at 1/8 scale (PIL draft): the same picture
+  as a full decode resized by PIL, within a few grey levels on average."""
+  x, y = np.meshgrid(np.linspace(0, 6, 640), np.linspace(0, 4, 480))
+  photo = np.stack([128 + 100 * np.sin(x * y), 128 + 100 * np.cos(x + 2 * y),
+                    (x * 40) % 256], -1).astype(np.uint8)
+  out = io.BytesIO()
+  Image.fromarray(photo).save(out, format="JPEG", quality=95)
+  encoded = out.getvalue()
+  window = (40, 60, 400, 520)  # top, left, h, w
+  got = data._render(data._open(encoded), [window], 48, "bicubic_antialias")[0].astype(int)
+  full = Image.open(io.BytesIO(encoded))
+  want = np.asarray(full.resize((48, 48), Image.BICUBIC, box=(60, 40, 580, 440))).astype(int)
+  assert 0 < np.abs(got - want).mean() < 3
+
+
+def test_unreadable_files_are_skipped_in_worker_processes_too(class_folder):
+  """Worker processes build the same batches, skips included."""
+  kw = dict(global_batch_size=4, image_size=16, seed=0, process_index=0, process_count=1)
+  source = f"folder:{class_folder}"
+  in_process = data.pretrain_iterator(source, "train", **kw)
+  workers = data.pretrain_iterator(source, "train", workers=2, **kw)
+  _assert_same_batches(_take(in_process, 4), _take(workers, 4))
+  assert workers.num_skipped == in_process.num_skipped >= 1

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The accelerator check (benchmarks/device_check.py): on a machine with one GPU, under 6 minutes,
+# prints one JSON line on stdout (progress on stderr). --dry-run: the same on the CPU with tiny
+# shapes, run by tests/test_device_check.py so that the script cannot rot.
+#
+#   bash benchmarks/device_check.sh > device_check.json
+#   bash benchmarks/device_check.sh --dry-run
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [[ " $* " == *" --dry-run "* ]]; then
+  export JAX_PLATFORMS=cpu
+  # Halves XLA:CPU compile time; a dry run measures nothing.
+  export XLA_FLAGS="--xla_backend_optimization_level=0 ${XLA_FLAGS:-}"
+else
+  # shellcheck source=../launch/gpu_xla_flags.sh
+  source launch/gpu_xla_flags.sh
+fi
+args=()
+for a in "$@"; do
+  args+=("${a/--dry-run/--dry_run}")
+done
+exec python benchmarks/device_check.py "${args[@]}"

@@ -1,0 +1,34 @@
+"""benchmarks/device_check.sh --dry-run: the accelerator check runs end to end on the CPU with tiny
+shapes and prints its one JSON line, so that it works the day a GPU is lent."""
+import json
+import os
+import subprocess
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_device_check_dry_run():
+  env = dict(os.environ, XLA_FLAGS="")  # one CPU device, whatever the test session simulates
+  proc = subprocess.run(
+      ["bash", "benchmarks/device_check.sh", "--dry-run", "--steps=2", "--repeats=1",
+       "--budget_s=3000"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  r = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert r["dry_run"] and r["backend"] == "cpu" and r["dtype"] == "bfloat16"
+  assert set(r["cases"]) == {"S16_b8", "S16_b16", "S16_b8_cudnn", "S16_b8_remat", "B16_b8"}
+  assert r["cases"]["S16_b8_cudnn"] == {"skipped": "cuDNN attention needs a GPU"}
+  for name in ("S16_b8", "S16_b16", "S16_b8_remat", "B16_b8"):
+    case = r["cases"][name]
+    assert case["step_ms"] > 0 and case["compile_s"] > 0, (name, case)
+    assert case["images_per_s"] == pytest.approx(case["global_batch"] / case["step_ms"] * 1e3)
+    assert case["mfu_analytic"] is None  # no peak FLOP/s for CPUs
+  # Remat recomputes the forward pass: XLA counts more FLOPs, the analytic count does not.
+  plain, remat = r["cases"]["S16_b8"], r["cases"]["S16_b8_remat"]
+  assert remat["analytic_tflop_per_step"] == plain["analytic_tflop_per_step"]
+  assert remat["xla_tflop_per_step"] > plain["xla_tflop_per_step"]
+  e2e = r["end_to_end"]
+  assert e2e["e2e_images_per_s"] > 0 and e2e["pipeline_images_per_s"] > 0 and e2e["workers"] == 1
+  assert e2e["skipped_images"] == 0
