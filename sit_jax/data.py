@@ -330,8 +330,11 @@ def _tfds_builder(name, data_dir):
 
 def _not_prepared(builder, name, engine="grain"):
   root = builder.data_dir_root
-  build = f"tfds build {name} --data_dir {root}" + (
-      " --file_format array_record" if engine == "grain" else "")
+  # The `tfds build` command needs apache-beam in tfds 4.9.10; the Python call does not.
+  file_format = ", file_format='array_record'" if engine == "grain" else ""
+  build = (f"python -c \"import tensorflow_datasets as tfds; tfds.builder('{name}', "
+           f"data_dir='{root}'{file_format}).download_and_prepare()\" (writing needs "
+           f"TensorFlow: pip install 'sit_jax[tf]')")
   if builder.name == "imagenet2012":
     return DataNotFoundError(
         f"TFDS dataset imagenet2012 is not prepared in {root}. It needs a manual download: "

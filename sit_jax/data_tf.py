@@ -160,3 +160,41 @@ def eval_batches(d, *, b, size, view):
       nxt = next(pending, None)
     expected = max(0, min((k + 1) * b, d.n_local) - k * b)
     yield dict(out, _skipped=expected - int(out["mask"].sum()))
+
+
+def convert_to_array_record(src: str, dst: str):
+  """Copies a TFDS dataset version directory prepared as TFRecord (e.g.
+  ~/tensorflow_datasets/imagenet2012/5.1.0) to `dst` (e.g. /data/tfds_ar/imagenet2012/5.1.0)
+  in array_record, the format of the 'grain' engine: the same records, one shard for one
+  shard, written as tfds writes array_record (group_size 1: random access per record)."""
+  import json
+  import os
+  import shutil
+  from array_record.python import array_record_module
+  if os.path.exists(dst):
+    raise data.DataError(f"{dst} exists: choose a new directory")
+  os.makedirs(dst)
+  for name in sorted(os.listdir(src)):
+    path = os.path.join(src, name)
+    if ".tfrecord-" in name:
+      out = os.path.join(dst, name.replace(".tfrecord-", ".array_record-"))
+      writer = array_record_module.ArrayRecordWriter(out, "group_size:1")
+      for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
+        writer.write(record)
+      writer.close()
+    elif name == "dataset_info.json":
+      with open(path) as f:
+        info = json.load(f)
+      info["fileFormat"] = "array_record"
+      with open(os.path.join(dst, name), "w") as f:
+        json.dump(info, f, indent=2)
+    elif os.path.isfile(path):
+      shutil.copy(path, dst)
+
+
+if __name__ == "__main__":
+  import sys
+  if len(sys.argv) != 3:
+    sys.exit("usage: python -m sit_jax.data_tf SRC_VERSION_DIR DST_VERSION_DIR  (TFRecord -> "
+             "array_record)")
+  convert_to_array_record(sys.argv[1], sys.argv[2])

@@ -4,6 +4,7 @@ tmp_path, and tfds.testing.mock_data."""
 import collections
 import io
 import os
+import re
 
 import chex
 import numpy as np
@@ -240,8 +241,9 @@ def test_unknown_tfds_name():
 
 
 def test_tfds_not_prepared(tmp_path):
-  with pytest.raises(data.DataNotFoundError,
-                     match=f"tfds build cifar10 --data_dir {tmp_path}"):
+  with pytest.raises(data.DataNotFoundError, match=re.escape(
+      f"tfds.builder('cifar10', data_dir='{tmp_path}', file_format='array_record')"
+      ".download_and_prepare()")):
     data.pretrain_iterator("cifar10", "train", global_batch_size=2, image_size=8, seed=0,
                            process_index=0, process_count=1, data_dir=str(tmp_path))
   with pytest.raises(FileNotFoundError, match="ILSVRC2012_img_train.tar.*downloads/manual"):
@@ -463,3 +465,22 @@ def test_unreadable_files_are_skipped_in_worker_processes_too(class_folder):
   workers = data.pretrain_iterator(source, "train", workers=2, **kw)
   _assert_same_batches(_take(in_process, 4), _take(workers, 4))
   assert workers.num_skipped == in_process.num_skipped >= 1
+
+
+def test_tfrecord_converted_to_array_record_holds_the_same_examples(tmp_path):
+  """data_tf.convert_to_array_record: what the 'tf' engine reads of a TFRecord dataset, the
+  'grain' engine reads of its copy."""
+  pytest.importorskip("tensorflow")
+  from sit_jax import data_tf
+  _PREPARE(tfds.builder("sit_jax_tiny_images", data_dir=str(tmp_path / "tfrecord")))
+  data_tf.convert_to_array_record(str(tmp_path / "tfrecord" / "sit_jax_tiny_images" / "1.0.0"),
+                                  str(tmp_path / "ar" / "sit_jax_tiny_images" / "1.0.0"))
+
+  def read(engine, root):
+    it = data.eval_iterator("tfds:sit_jax_tiny_images", "train", global_batch_size=8,
+                            image_size=8, process_index=0, process_count=1, engine=engine,
+                            data_dir=str(tmp_path / root))
+    return [(i, l) for b in it for i, l in zip(_ids(b["image"][b["mask"]]), b["label"][b["mask"]])]
+
+  tf_examples, grain_examples = read("tf", "tfrecord"), read("grain", "ar")
+  assert sorted(tf_examples) == sorted(grain_examples) == [(i, i % 3) for i in range(21)]
