@@ -348,13 +348,12 @@ def run(config, workdir: str, *, multilabel: bool = False) -> dict:
         steps = info["iterations"]
         train_metrics = {"loss": info["loss"], "grad_norm": info["grad_norm"]}
         extra["probe"] = info
+        # One line: the L-BFGS fit, and the held-out score of each l2 candidate.
         writer.write_scalars(steps, {"probe/loss": info["loss"],
                                      "probe/grad_norm": info["grad_norm"], "probe/l2": info["l2"],
-                                     **{f"probe/held_out/l2={k}": v
+                                     "probe/iterations": steps,
+                                     **{f"probe/held_out/l2_{k}": v
                                         for k, v in info.get("held_out", {}).items()}})
-        logging.info("L-BFGS: l2 %g (held-out %s), %d iterations, training objective %.4f, "
-                     "gradient norm %.1e", info["l2"], info.get("held_out", "-"), steps,
-                     info["loss"], info["grad_norm"])
       else:
         scores, _, standardize, _ = sgd_probe(train_feats, train_labels, test_feats, test_labels,
                                               log=writer)
