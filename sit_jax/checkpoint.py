@@ -261,7 +261,7 @@ class Checkpointer:
     so; returns whether it did. Older checkpoints go only once the new one is committed."""
     step = int(step)
     metadata = _json_normalise(metadata, "Checkpoint metadata")
-    self.raise_failed_save()
+    self.wait()  # orbax would wait too, and blame a failure of the previous save on this one.
     try:
       saved = bool(self._mngr.save(step, args=ocp.args.Composite(
           **{STATE_ITEM: ocp.args.StandardSave(state)}), custom_metadata=metadata))
@@ -271,10 +271,11 @@ class Checkpointer:
       self._saving = step
     return saved
 
-  def _save_error(self, step: int, err: BaseException) -> CheckpointError:
+  def _save_error(self, step: int | None, err: BaseException) -> CheckpointError:
     kept = [s for s in self.all_steps() if s != step]
     return CheckpointError(
-        f"Saving step {step} to {self.directory} failed: {_short(err)}. "
+        f"Saving {'a checkpoint' if step is None else f'step {step}'} to {self.directory} "
+        f"failed: {_short(err)}. "
         + (f"The last good checkpoint is step {kept[-1]}." if kept else "No checkpoint is "
            "kept.") + " Free space (or fix the directory) and start the same command to resume.")
 

@@ -30,6 +30,7 @@ from typing import Sequence
 
 from absl import logging
 import jax
+import numpy as np
 
 from sit_jax import metrics, sharding
 
@@ -130,8 +131,7 @@ class Experiment:
     self._log_handler = None
     self._console_filter = _NoLibraryErrors()
     ensure_writable(self.workdir)
-    if self.is_main:
-      self._lock.acquire()
+    self._lock_workdir()
     try:
       self._open_log()
       self.write_json("config.json", config.to_dict())
@@ -144,6 +144,22 @@ class Experiment:
     except BaseException:
       self.close()
       raise
+
+  def _lock_workdir(self):
+    busy = None
+    if self.is_main:
+      try:
+        self._lock.acquire()
+      except WorkdirBusy as e:
+        busy = e
+    if jax.process_count() > 1:  # the other processes of the job stop with process 0.
+      from jax.experimental import multihost_utils
+      if multihost_utils.broadcast_one_to_all(np.int32(busy is not None)) and busy is None:
+        busy = WorkdirBusy(f"Workdir {self.workdir} is in use by another run (process 0 of "
+                           "this job could not lock it): wait for that run to end, stop it, or "
+                           "pass another --workdir.")
+    if busy is not None:
+      raise busy
 
   def _open_log(self):
     if not self.is_main:

@@ -55,6 +55,10 @@ def test_runlocal_writes_metrics_pictures_checkpoint_and_results(uninterrupted):
   assert sorted(losses(workdir)) == list(range(5, 41, 5))
   assert sorted(os.listdir(os.path.join(workdir, "images"))) == ["reconstruction_0000020.png",
                                                                  "reconstruction_0000040.png"]
+  umask = os.umask(0)
+  os.umask(umask)
+  for name in ("images/reconstruction_0000040.png", "results.json", "config.json"):
+    assert os.stat(os.path.join(workdir, name)).st_mode & 0o777 == 0o666 & ~umask, name
   results = json.load(open(os.path.join(workdir, "results.json")))
   assert results["step"] == 40 and not results["preempted"]
   assert np.isfinite(results["final_metrics"]["loss"])
