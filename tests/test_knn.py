@@ -1,0 +1,83 @@
+"""k-NN as DINO users run it: several k from one search equal separate runs, and a run on
+cached features equals the fresh run; the cache is keyed on the checkpoint's parameters."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import knn as knn_config
+from sit_jax import checkpoint, sharding
+from sit_jax.models import vit
+from sit_jax.transfer import common, feature_cache, knn
+
+
+def test_several_k_in_one_search_equal_separate_runs():
+  rng = np.random.default_rng(0)
+  train = rng.normal(size=(301, 12)).astype(np.float32)
+  labels = rng.integers(0, 6, 301)
+  test = rng.normal(size=(45, 12)).astype(np.float32)
+  mesh = sharding.make_mesh()
+  together = knn.knn_scores(train, labels, test, (10, 20, 100, 200), 0.07, 6, mesh=mesh,
+                            chunk_size=16)
+  assert sorted(together) == [10, 20, 100, 200]
+  for k, scores in together.items():
+    alone = knn.knn_classify(train, labels, test, k, 0.07, 6, mesh=mesh, chunk_size=16)
+    np.testing.assert_allclose(scores, alone, rtol=1e-6)
+
+
+def export(directory, seed):
+  module = vit.backbone_from_config({"variant": "Mu/4", "image_size": 16})
+  params = module.init(jax.random.PRNGKey(seed), jnp.zeros((1, 16, 16, 3)))["params"]
+  return checkpoint.export_backbone(directory, {"backbone": jax.tree.map(np.asarray, params)},
+                                    {"variant": "Mu/4", "image_size": 16})
+
+
+def small_config(init):
+  c = knn_config.get_config("runlocal")
+  c.init = str(init)
+  c.data.train_split, c.data.val_split = "train[:600]", "train[600:800]"
+  c.baselines, c.tsne_points = False, 0
+  return c
+
+
+def test_cached_features_give_the_fresh_numbers(tmp_path):
+  first = export(tmp_path / "a", seed=1)
+  workdir = tmp_path / "knn"
+  fresh = knn.run(small_config(first), str(workdir))
+  assert set(fresh["by_k"]) == {"10", "20", "100", "200"}
+  assert fresh["k"] in (10, 20, 100, 200)
+  assert fresh["top1"] == fresh["by_k"][str(fresh["k"])]["test"]["top1"]
+  assert fresh["k"] == max((10, 20, 100, 200),
+                           key=lambda k: (fresh["by_k"][str(k)]["val"]["top1"], -k))
+  entries = sorted((workdir / "feature_cache").iterdir())
+  assert len(entries) == 3
+  stamps = [p.stat().st_mtime_ns for p in entries]
+
+  cached = knn.run(small_config(first), str(workdir))  # a later run on the same checkpoint
+  assert [p.stat().st_mtime_ns for p in sorted((workdir / "feature_cache").iterdir())] == stamps
+  for key in ("top1", "top5", "k", "by_k"):
+    assert cached[key] == fresh[key]
+
+  # Another checkpoint (other parameters) or another image size: new entries, not the old ones.
+  knn.run(small_config(export(tmp_path / "b", seed=2)), str(workdir))
+  assert len(list((workdir / "feature_cache").iterdir())) == 6
+  c = small_config(first)
+  c.data.image_size = 20
+  knn.run(c, str(workdir))
+  assert len(list((workdir / "feature_cache").iterdir())) == 9
+
+
+def test_checkpoint_identity_follows_the_parameter_values():
+  module = vit.backbone_from_config({"variant": "Mu/4", "image_size": 16})
+  params = jax.tree.map(np.asarray, module.init(jax.random.PRNGKey(0),
+                                                jnp.zeros((1, 16, 16, 3)))["params"])
+  make = lambda p: common.Backbone(module, p, {"variant": "Mu/4", "image_size": 16}, "/x")
+  same = jax.tree.map(np.copy, params)
+  moved = jax.tree.map(np.copy, params)
+  moved["cls_token"] = moved["cls_token"] + 1e-6
+  identity = feature_cache.checkpoint_identity(make(params), 0)
+  assert identity == feature_cache.checkpoint_identity(make(same), 0)
+  assert identity != feature_cache.checkpoint_identity(make(moved), 0)
+  random = common.Backbone(module, None, {"variant": "Mu/4", "image_size": 16}, "")
+  assert (feature_cache.checkpoint_identity(random, 0)
+          != feature_cache.checkpoint_identity(random, 1))
