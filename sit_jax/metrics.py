@@ -32,6 +32,8 @@ def _fmt_value(name: str, v: float) -> str:
     return str(v)
   if "lr" in name.split("/")[-1].lower() or "learning_rate" in name.lower():
     return f"{v:.1e}"
+  if v.is_integer() and 10 <= abs(v) < 1e9:  # a count (iterations, skipped images)
+    return str(int(v))
   if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
     return f"{v:.3e}"
   return f"{v:.4f}"
