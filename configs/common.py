@@ -72,7 +72,7 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.data.data_dir = ""                  # TFDS data_dir; empty: TFDS default.
   c.data.image_size = 224
   c.data.crop_scale = (0.2, 1.0)
-  c.data.interpolation = "bicubic_antialias"  # as PIL; 'bicubic', 'bilinear': faster hosts.
+  c.data.interpolation = "bicubic_antialias"  # as PIL; 'bicubic', 'bilinear': no antialiasing.
   c.data.flip = True                    # random horizontal flips (off where handedness matters).
   c.data.global_batch_size = 256
   c.data.engine = "grain"               # 'grain'; 'tf' for TFDS TFRecord (pip install 'sit_jax[tf]').
