@@ -424,8 +424,10 @@ def _host_data(source, split, data_dir, p, P, engine="grain"):
 
 
 def dataset_info(source: str, split: Optional[str], data_dir: Optional[str] = None,
-                 engine: str = "grain") -> DatasetInfo:
-  """Size (whole split), number of classes and name of a source."""
+                 engine: str = "grain", workers: int = 0) -> DatasetInfo:
+  """Size (whole split), number of classes and name of a source. `workers` is unused: it lets
+  every call take `**engine_options(config.data)`."""
+  del workers
   return _host_data(source, split, data_dir, 0, 1, engine).info
 
 

@@ -124,6 +124,14 @@ def test_dataset_info():
   assert data.dataset_info(DIGITS, "test").num_examples == 297
 
 
+def test_engine_options_from_a_config():
+  import ml_collections
+  assert data.engine_options(ml_collections.ConfigDict()) == dict(engine="grain", workers=0)
+  options = data.engine_options(ml_collections.ConfigDict(dict(engine="grain", workers=2)))
+  assert options == dict(engine="grain", workers=2)
+  assert data.dataset_info(DIGITS, "test", **options).num_examples == 297
+
+
 # ----- TFDS (mocked) ------------------------------------------------------------------------
 def _png(value, size=(12, 10)):
   import io
