@@ -26,7 +26,7 @@ RECIPES = {
     "oxford_iiit_pet": dict(image_size=224, steps=5000, batch=32, base_lr=8e-3, classes=3),
     "scene_parse150": dict(image_size=512, steps=40_000, batch=16, base_lr=1.6e-2,
                            classes=150),
-    "digit_canvas": dict(image_size=32, steps=600, batch=64, base_lr=8e-3, classes=11),
+    "digit_canvas": dict(image_size=32, steps=600, batch=64, base_lr=6.4e-2, classes=11),
 }
 
 
@@ -57,6 +57,10 @@ def get_config(arg=None):
     c.data.global_batch_size = r["batch"]
     c.data.flip = False               # digits have a handedness.
     c.data.crop_scale = (0.5, 1.0)
+    # Chosen on the validation split (SiT runlocal backbone, 600 steps): the CLS token appended
+    # to each patch token 0.160 val mIoU, patch tokens alone 0.133, blocks 3+4 0.138;
+    # lr 1.6e-2 (base 6.4e-2) 0.194 where 2e-3 gave 0.160.
+    c.seg.cls = True
     c.eval_batch_size = 128
     c.eval_every = 200
     c.checkpoint_every = 200

@@ -49,7 +49,7 @@ def exported(tmp_path_factory):
 
 
 def test_knn_baselines_match_numpy_and_random_init_run(tmp_path, exported):
-  c = small_config(knn_config, init=str(exported))
+  c = small_config(knn_config, init=str(exported), **{"knn.k": (20,)})
   assert c.baselines  # on for runlocal
   results = knn.run(c, str(tmp_path / "pretrained"))
   baselines = results["baselines"]
@@ -59,13 +59,14 @@ def test_knn_baselines_match_numpy_and_random_init_run(tmp_path, exported):
   # Raw pixels: the same top-1 as a numpy k-NN on the numpy-normalised images.
   train, train_labels = raw_pixels("train[:600]")
   test, test_labels = raw_pixels("test")
-  scores = knn_numpy(train, train_labels, test, c.knn.k, c.knn.temperature, 10)
+  scores = knn_numpy(train, train_labels, test, 20, c.knn.temperature, 10)
   assert baselines["raw_pixels"]["dim"] == SIZE * SIZE * 3
   assert baselines["raw_pixels"]["top1"] == pytest.approx(np.mean(scores.argmax(1) == test_labels),
                                                           abs=1 / 297 + 1e-9)
 
   # Random init: what a run of the same architecture from config.init='' (same seed) gives.
-  random = knn.run(small_config(knn_config, init=""), str(tmp_path / "random"))
+  random = knn.run(small_config(knn_config, init="", **{"knn.k": (20,)}),
+                   str(tmp_path / "random"))
   assert baselines["random_init"]["top1"] == random["top1"]
   assert random["baselines"]["random_init"]["top1"] == random["top1"]
   assert random["baselines"]["raw_pixels"] == baselines["raw_pixels"]
@@ -117,7 +118,7 @@ def test_folder_source_is_named_after_the_folder(tmp_path, monkeypatch):
   monkeypatch.setattr(viz, "tsne_plot", lambda *args, title, **kw: titles.append(title))
   c = small_config(knn_config, **{"data.source": f"folder:{root}", "data.train_split": "train[:60]",
                                   "data.test_split": "train[60:]", "baselines": False,
-                                  "knn.k": 5, "tsne_points": 100})
+                                  "knn.k": (5,), "tsne_points": 100})
   results = knn.run(c, str(tmp_path / "run"))
   assert results["dataset"] == "handwritten" and results["num_examples"] == 30
   assert titles and "handwritten" in titles[0] and "digits" not in titles[0]

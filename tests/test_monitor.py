@@ -38,6 +38,7 @@ def test_online_knn_equals_knn_py_on_the_same_checkpoint(tmp_path):
   k.init = workdir  # the latest checkpoint: step 6, the student's backbone.
   k.data.image_size = c.data.image_size
   k.data.train_split, k.data.test_split = BANK, HELD_OUT
+  k.knn.k = (c.eval.k,)
   k.tsne_points = 0
   standalone = knn.run(k, str(tmp_path / "knn"))
   assert standalone["num_examples"] == 128

@@ -7,7 +7,7 @@ Sources (random access, so a batch is a pure function of (seed, process, step)):
                          (class index per pixel, IGNORE = 255 not scored); data.num_classes.
   embedded:digit_canvas  offline: 1-2 handwritten digits (scikit-learn's) pasted on a 32 px
                          canvas; label 1 + digit on the (thickened) digit, 0 background, IGNORE on
-                         its faint edge.
+                         its faint edge. embedded:digit_masks: each digit alone at 16 px.
 TFDS sources are read with `tfds.data_source`, which needs the array_record format:
 `tfds build oxford_iiit_pet --file_format=array_record`. Splits take TFDS slices
 ('train[:98%]'); folder and embedded splits take the same slices of a fixed shuffle.
@@ -81,20 +81,40 @@ def _slice(split: str, n: int) -> tuple[str, np.ndarray]:
   return base, np.sort(chosen)
 
 
-@functools.lru_cache(maxsize=4)
-def digit_canvases(split: str) -> tuple[np.ndarray, np.ndarray]:
-  """(images uint8 (n, 32, 32, 3), labels uint8 (n, 32, 32)) of the whole 'train' or 'test'
-  split. Train canvases paste the first 1,500 of a fixed shuffle of scikit-learn's 1,797 digits,
-  test canvases the other 297, so no digit is in both."""
-  if split not in _CANVAS_SPLITS:
-    raise SegmentationDataError(f"embedded:digit_canvas has splits {sorted(_CANVAS_SPLITS)} "
-                                f"(optionally sliced, e.g. 'train[:80%]'), got {split!r}.")
-  import scipy.ndimage
+def _digit_pool(split: str):
+  """(8x8 ink in 0..255, labels, indices of the split): train is the first 1,500 of a fixed
+  shuffle of scikit-learn's 1,797 digits, test the other 297 (as embedded:digits), so no digit
+  is in both."""
   from sklearn.datasets import load_digits  # ships its data: no download
   digits = load_digits()
   order = np.random.default_rng(0).permutation(len(digits.target))
-  pool = order[:1500] if split == "train" else order[1500:]
-  ink = digits.images * (255.0 / 16.0)
+  return digits.images * (255.0 / 16.0), digits.target, (order[:1500] if split == "train"
+                                                         else order[1500:])
+
+
+def _paste(images, labels, i, ink, digit, side, y, x):
+  """Pastes an 8x8 digit at side x side px into canvas i; its label is the digit's shape
+  thickened by a pixel (3 x 3 dilation), as a trimap labels a whole animal (strokes 2 px wide
+  are finer than a 4 px patch resolves), its faint edge IGNORE."""
+  import scipy.ndimage
+  glyph = np.asarray(Image.fromarray(ink.astype(np.float32)).resize((side, side),
+                                                                    Image.BILINEAR))
+  window = (i, slice(y, y + side), slice(x, x + side))
+  images[window] = np.maximum(images[window], np.clip(np.round(glyph), 0, 255).astype(np.uint8))
+  shape = scipy.ndimage.maximum_filter(glyph, size=3)
+  region = labels[window]  # a view: written in place
+  region[shape >= 64] = 1 + digit  # a later digit covers an earlier one
+  region[(shape >= 24) & (shape < 64) & (region == 0)] = IGNORE
+
+
+@functools.lru_cache(maxsize=4)
+def digit_canvases(split: str) -> tuple[np.ndarray, np.ndarray]:
+  """(images uint8 (n, 32, 32, 3), labels uint8 (n, 32, 32)) of the whole 'train' or 'test'
+  split: 1-2 digits of 12-20 px at random places on a 32 px canvas."""
+  if split not in _CANVAS_SPLITS:
+    raise SegmentationDataError(f"embedded:digit_canvas has splits {sorted(_CANVAS_SPLITS)} "
+                                f"(optionally sliced, e.g. 'train[:80%]'), got {split!r}.")
+  ink, targets, pool = _digit_pool(split)
   n = _CANVAS_SPLITS[split]
   images = np.zeros((n, CANVAS, CANVAS), np.uint8)
   labels = np.zeros((n, CANVAS, CANVAS), np.uint8)
@@ -104,25 +124,31 @@ def digit_canvases(split: str) -> tuple[np.ndarray, np.ndarray]:
       d = pool[rng.integers(len(pool))]
       side = int(rng.integers(12, 21))
       y, x = rng.integers(0, CANVAS - side + 1, size=2)
-      glyph = np.asarray(Image.fromarray(ink[d].astype(np.float32)).resize(
-          (side, side), Image.BILINEAR))
-      window = (i, slice(y, y + side), slice(x, x + side))
-      images[window] = np.maximum(images[window], np.clip(np.round(glyph), 0, 255)
-                                  .astype(np.uint8))
-      # The label is the digit's shape thickened by a pixel (3 x 3 dilation), as a trimap
-      # labels a whole animal: strokes 2 px wide are finer than what a 4 px patch resolves.
-      shape = scipy.ndimage.maximum_filter(glyph, size=3)
-      region = labels[window]  # a view: written in place
-      region[shape >= 64] = 1 + digits.target[d]  # a later digit covers an earlier one
-      region[(shape >= 24) & (shape < 64) & (region == 0)] = IGNORE  # the faint edge
+      _paste(images, labels, i, ink[d], targets[d], side, y, x)
+  return np.repeat(images[..., None], 3, axis=-1), labels
+
+
+@functools.lru_cache(maxsize=4)
+def digit_masks(split: str) -> tuple[np.ndarray, np.ndarray]:
+  """The digits of embedded:digits ('train' 1,500, 'test' 297) at 16 px, each labelled with its
+  own shape: the geometry the runlocal backbones are pretrained at."""
+  if split not in _CANVAS_SPLITS:
+    raise SegmentationDataError(f"embedded:digit_masks has splits {sorted(_CANVAS_SPLITS)}, "
+                                f"got {split!r}.")
+  ink, targets, pool = _digit_pool(split)
+  images = np.zeros((len(pool), 16, 16), np.uint8)
+  labels = np.zeros((len(pool), 16, 16), np.uint8)
+  for i, d in enumerate(pool):
+    _paste(images, labels, i, ink[d], targets[d], 16, 0, 0)
   return np.repeat(images[..., None], 3, axis=-1), labels
 
 
 def _embedded(name, split):
-  if name != "digit_canvas":
+  datasets = {"digit_canvas": digit_canvases, "digit_masks": digit_masks}
+  if name not in datasets:
     raise SegmentationDataError(f"Unknown embedded segmentation dataset {name!r}; available: "
-                                "'digit_canvas'.")
-  images, labels = digit_canvases(split.partition("[")[0])
+                                f"{sorted(datasets)}.")
+  images, labels = datasets[name](split.partition("[")[0])
   _, keep = _slice(split, len(labels))
   return SegmentationData(f"embedded:{name}/{split}", 11, len(keep),
                           lambda i: (images[keep[i]], labels[keep[i]]),

@@ -1,0 +1,199 @@
+"""Semantic segmentation on a frozen backbone: the metrics on hand-made label maps, the joint
+augmentation, the batch order, the data sources, and a frozen pretrained backbone's linear
+head beating random init on the offline digits."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import segment as segment_config
+from sit_jax import checkpoint
+from sit_jax.models import heads, vit
+from sit_jax.transfer import common, segment, segment_data
+
+IGNORE = segment_data.IGNORE
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_miou_and_pixel_accuracy_on_hand_made_label_maps():
+  truth = np.array([[0, 0, 1, 1],
+                    [0, 0, 1, 1],
+                    [2, 2, IGNORE, IGNORE]])
+  pred = np.array([[0, 1, 1, 1],
+                   [0, 0, 1, 0],
+                   [2, 0, 3, 3]])
+  confusion = np.asarray(segment.confusion_matrix(jnp.asarray(pred), jnp.asarray(truth), 4))
+  # Rows: truth, columns: prediction; the two IGNORE pixels are not counted.
+  np.testing.assert_array_equal(confusion, [[3, 1, 0, 0],
+                                            [1, 3, 0, 0],
+                                            [1, 0, 1, 0],
+                                            [0, 0, 0, 0]])
+  scores = segment.segmentation_scores(confusion)
+  # Class 0: 3 hits, union 4 + 5 - 3 = 6 -> 1/2. Class 1: 3 / (4 + 4 - 3) = 3/5.
+  # Class 2: 1 / (2 + 1 - 1) = 1/2. Class 3: neither labelled nor predicted -> left out.
+  assert scores["iou"] == pytest.approx([0.5, 0.6, 0.5, None], nan_ok=True)
+  assert scores["mIoU"] == pytest.approx((0.5 + 0.6 + 0.5) / 3)
+  assert scores["pixel_accuracy"] == pytest.approx(7 / 10)
+
+
+def test_a_class_predicted_but_never_labelled_counts_zero_and_padding_is_left_out():
+  truth = jnp.array([[[0, 0], [0, 0]], [[1, 1], [1, 1]]])
+  pred = jnp.array([[[0, 2], [0, 0]], [[0, 0], [0, 0]]])
+  # The second example is padding (valid False): only the first one counts.
+  confusion = segment.confusion_matrix(pred, truth, 3, valid=jnp.array([True, False]))
+  scores = segment.segmentation_scores(confusion)
+  assert scores["iou"] == pytest.approx([0.75, None, 0.0], nan_ok=True)
+  assert scores["mIoU"] == pytest.approx(0.375)
+  assert scores["pixel_accuracy"] == pytest.approx(0.75)
+
+
+def test_pixel_cross_entropy_leaves_ignored_pixels_out():
+  logits = jnp.log(jnp.array([[[[0.5, 0.5], [0.9, 0.1]], [[0.2, 0.8], [0.3, 0.7]]]]))
+  labels = jnp.array([[[0, IGNORE], [1, IGNORE]]])
+  want = -(np.log(0.5) + np.log(0.8)) / 2
+  assert float(segment.pixel_cross_entropy(logits, labels)) == pytest.approx(want, rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_augmentation_moves_image_and_labels_together():
+  rng = np.random.default_rng(0)
+  labels = np.kron(rng.integers(0, 5, (4, 4, 4)), np.ones((1, 8, 8))).astype(np.uint8)
+  images = np.repeat((labels * 50)[..., None], 3, axis=-1).astype(np.uint8)
+  aug_images, aug_labels = jax.jit(segment_data.augment_pair, static_argnums=(3, 4))(
+      jax.random.PRNGKey(3), images, labels, (0.2, 1.0), True)
+  aug_images, aug_labels = np.asarray(aug_images), np.asarray(aug_labels)
+  assert aug_labels.dtype == np.uint8 and aug_images.shape == images.shape
+  assert not np.array_equal(aug_labels, labels)  # something moved
+  # Away from the edges between regions (where bilinear blends), each pixel keeps its label.
+  grey = aug_images[..., 0]
+  inside = np.ones_like(aug_labels, bool)
+  for dy in (-1, 0, 1):
+    for dx in (-1, 0, 1):
+      inside &= np.roll(aug_labels, (dy, dx), axis=(1, 2)) == aug_labels
+  assert inside.mean() > 0.5
+  np.testing.assert_allclose(grey[inside], aug_labels[inside] * 50.0, atol=1.0)
+
+
+def test_train_batches_are_a_function_of_seed_process_and_step():
+  n, batch = 50, 8
+  halves = [segment_data.train_indices(n, batch, seed=1, step=9, process_index=p,
+                                       process_count=2) for p in (0, 1)]
+  whole = segment_data.train_indices(n, batch, seed=1, step=9, process_index=0, process_count=1)
+  np.testing.assert_array_equal(np.concatenate(halves), whole)
+  # Six steps of 8 walk through one permutation of 50 (48 distinct examples).
+  epoch = np.concatenate([segment_data.train_indices(n, batch, 1, s, 0, 1) for s in range(6)])
+  assert len(set(epoch.tolist())) == 48
+
+
+def test_digit_canvases_label_the_digits_they_show():
+  images, labels = segment_data.digit_canvases("test")
+  assert images.shape == (500, 32, 32, 3) and labels.shape == (500, 32, 32)
+  classes = set(np.unique(labels).tolist())
+  assert classes <= set(range(11)) | {IGNORE} and len(classes) == 12
+  digit = (labels > 0) & (labels != IGNORE)
+  assert images[..., 0][digit].mean() > 100 > images[..., 0][labels == 0].mean()
+  data = segment_data.open_split("embedded:digit_canvas", "train[80%:]")
+  assert data.num_examples == 300 and data.num_classes == 11
+
+
+def test_folder_of_image_mask_pairs(tmp_path):
+  from PIL import Image
+  for split, count in (("train", 3), ("test", 2)):
+    for sub in ("images", "masks"):
+      os.makedirs(tmp_path / split / sub)
+    for i in range(count):
+      Image.fromarray(np.full((10, 12, 3), 40 * i, np.uint8)).save(
+          tmp_path / split / "images" / f"{i}.jpg")
+      Image.fromarray(np.full((10, 12), i, np.uint8)).save(tmp_path / split / "masks" / f"{i}.png")
+  data = segment_data.open_split(f"folder:{tmp_path}", "test", num_classes=3)
+  assert data.num_examples == 2
+  batches = list(segment_data.EvalBatches(data, global_batch_size=4, image_size=8))
+  assert len(batches) == 1 and batches[0]["mask"].tolist() == [True, True, False, False]
+  assert batches[0]["label"].shape == (4, 8, 8)
+  assert sorted(np.unique(batches[0]["label"][:2]).tolist()) == [0, 1]
+  with pytest.raises(segment_data.SegmentationDataError, match="num_classes"):
+    segment_data.open_split(f"folder:{tmp_path}", "train")
+
+
+# ---------------------------------------------------------------------------------------------
+# A frozen pretrained backbone against random init.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+  """A Mu/4 backbone pretrained for 300 steps to classify the 16 px train digits from its CLS
+  token (image labels only, no pixel labels), exported as pretraining exports."""
+  images, label_maps = segment_data.digit_masks("train")
+  digits = np.array([np.max(np.where(m == IGNORE, 0, m)) - 1 for m in label_maps])
+  module = vit.backbone_from_config({"variant": "Mu/4", "image_size": 16})
+  head = heads.ClassifierHead(10, "cls")
+  rng = jax.random.PRNGKey(0)
+  params = {"backbone": module.init(rng, jnp.zeros((1, 16, 16, 3)))["params"]}
+  params["head"] = head.init(rng, module.apply({"params": params["backbone"]},
+                                               jnp.zeros((1, 16, 16, 3))))["params"]
+  tx = optax.adam(2e-3)
+
+  @jax.jit
+  def step(params, opt_state, x, y):
+    def loss(p):
+      logits = head.apply({"params": p["head"]},
+                          module.apply({"params": p["backbone"]}, common.to_input(x)))
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    grads = jax.grad(loss)(params)
+    updates, opt_state = tx.update(grads, opt_state)
+    return optax.apply_updates(params, updates), opt_state
+
+  opt_state = tx.init(params)
+  order = np.random.default_rng(0)
+  for _ in range(300):
+    idx = order.integers(0, len(images), 64)
+    params, opt_state = step(params, opt_state, images[idx], digits[idx])
+  return checkpoint.export_backbone(tmp_path_factory.mktemp("export") / "backbone",
+                                    {"backbone": jax.tree.map(np.asarray, params["backbone"])},
+                                    {"variant": "Mu/4", "image_size": 16})
+
+
+def small_config(init):
+  """The digits alone at 16 px, their shapes labelled with the digit: the head needs to know
+  which digit it sees, which the CLS token appended to each patch token tells it."""
+  c = segment_config.get_config("runlocal")
+  c.init = str(init)
+  c.data.source, c.data.image_size = "embedded:digit_masks", 16
+  c.data.train_split, c.data.val_split, c.data.test_split = ("train[:1200]", "train[1200:]",
+                                                             "test")
+  c.seg.cls = True
+  c.total_steps, c.eval_every, c.log_every, c.checkpoint_every = 150, 75, 75, 150
+  return c
+
+
+def test_frozen_pretrained_backbone_beats_random_init(tmp_path, pretrained):
+  trained = segment.run(small_config(pretrained), str(tmp_path / "pretrained"))
+  random = segment.run(small_config(""), str(tmp_path / "random"))
+  assert trained["mIoU"] > random["mIoU"] + 0.3, (trained["mIoU"], random["mIoU"])
+  assert trained["pixel_accuracy"] > random["pixel_accuracy"]
+
+  with open(tmp_path / "pretrained" / "results.json") as f:
+    saved = json.load(f)
+  assert saved["mIoU"] == trained["mIoU"] and saved["num_examples"] == 297
+  assert set(saved["iou"]) == {"background", *map(str, range(10))}
+  assert saved["validation"]["split"] == "train[1200:]" and "val/mIoU" in saved["validation"]
+  assert saved["figures"]["test mIoU"] == trained["mIoU"] and saved["protocol"]
+  with open(tmp_path / "pretrained" / "metrics.jsonl") as f:
+    rows = [json.loads(line) for line in f]
+  # eval_every scores the validation split; the test split appears once, at the end.
+  assert [r["step"] for r in rows if "val/mIoU" in r] == [75, 150]
+  assert [r["step"] for r in rows if "test/mIoU" in r] == [150]
+  assert os.listdir(tmp_path / "pretrained" / "images") == ["segmentation_0000150.png"]
