@@ -106,11 +106,25 @@ class _NotLibraryInfo(std_logging.Filter):
 
 
 class _NoLibraryErrors(std_logging.Filter):
-  """A failed save makes orbax log a traceback from each of its threads (hundreds of lines);
-  checkpoint.py reports the failure in one line, so the console leaves them to log.txt."""
+  """A failed save makes orbax log a traceback from each of its threads, and asyncio one for
+  each of its writes when they are collected (hundreds of lines); checkpoint.py reports the
+  failure in one line, so the console leaves them to log.txt. Installed for the rest of the
+  process: the asyncio lines come at its exit."""
 
   def filter(self, record):
-    return record.levelno < std_logging.ERROR or not _from_orbax(record)
+    return record.levelno < std_logging.ERROR or not (
+        _from_orbax(record) or (record.name == "asyncio" and "orbax" in record.getMessage()))
+
+
+_CONSOLE_FILTER = _NoLibraryErrors()
+
+
+class _LogFile(std_logging.FileHandler):
+  """A full disk ends the run with its own one-line error; the log file does not add a
+  '--- Logging error ---' traceback to the console for each line it cannot write."""
+
+  def handleError(self, record):
+    del record
 
 
 class Experiment:
@@ -129,7 +143,6 @@ class Experiment:
     self.metric_writer = None
     self._lock = WorkdirLock(self.workdir)
     self._log_handler = None
-    self._console_filter = _NoLibraryErrors()
     ensure_writable(self.workdir)
     self._lock_workdir()
     try:
@@ -165,7 +178,7 @@ class Experiment:
     if not self.is_main:
       return
     path = os.path.join(self.workdir, LOG_FILE)
-    handler = std_logging.FileHandler(path)
+    handler = _LogFile(path)
     handler.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     handler.addFilter(_NotLibraryInfo())
     handler.setLevel(std_logging.INFO)
@@ -173,7 +186,7 @@ class Experiment:
       f.write(f"Config:\n{self.config}\n")
     std_logging.getLogger().addHandler(handler)
     self._log_handler = handler
-    logging.get_absl_handler().addFilter(self._console_filter)
+    logging.get_absl_handler().addFilter(_CONSOLE_FILTER)  # a no-op if already there
 
   def writer(self, total_steps: int, global_batch_size: int) -> metrics.MetricWriter:
     """The run's MetricWriter (metrics.jsonl, TensorBoard, pictures, progress lines)."""
@@ -208,18 +221,29 @@ class Experiment:
       raise RunError(results["error"])
 
   def close(self):
-    if self.metric_writer is not None:
-      self.metric_writer.close()
-      self.metric_writer = None
-    if self._log_handler is not None:
-      std_logging.getLogger().removeHandler(self._log_handler)
-      logging.get_absl_handler().removeFilter(self._console_filter)
-      self._log_handler.close()
-      self._log_handler = None
-    self._lock.release()
+    """Closes the writer, the log file and the lock; the lock is released whatever fails."""
+    try:
+      if self.metric_writer is not None:
+        writer, self.metric_writer = self.metric_writer, None
+        writer.close()
+    finally:
+      if self._log_handler is not None:
+        std_logging.getLogger().removeHandler(self._log_handler)
+        self._log_handler.close()
+        self._log_handler = None
+      self._lock.release()
 
   def __enter__(self):
     return self
 
-  def __exit__(self, *exc):
-    self.close()
+  def __exit__(self, exc_type, exc, traceback):
+    if exc is None:
+      self.close()
+      return
+    if self._log_handler is not None:  # the console gets the error from main.py.
+      self._log_handler.handle(std_logging.makeLogRecord(dict(
+          levelno=std_logging.ERROR, levelname="ERROR", msg=f"{exc_type.__name__}: {exc}")))
+    try:  # the error on its way out says what happened, not a failure to close after it.
+      self.close()
+    except Exception:  # pylint: disable=broad-except
+      logging.debug("Closing %s after an error", self.workdir, exc_info=True)
