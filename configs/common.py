@@ -144,6 +144,11 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.eval.k = 20
   c.eval.temperature = 0.07
   c.eval.batch_size = 256
+  # Few-shot ridge on the same features (transfer/fewshot.py): mean test accuracy over
+  # fewshot_seeds draws of n examples per class of the bank, for each n; () = off.
+  c.eval.fewshot_shots = ()             # e.g. (5, 10).
+  c.eval.fewshot_seeds = 3
+  c.eval.fewshot_l2 = 2.0 ** -6         # fixed: the best 5/10-shot l2 of fewshot.py:runlocal.
   c.checkpoint_every = 1000
   c.keep_checkpoints = 3
   c.export_backbone = True

@@ -39,7 +39,7 @@ def get_config(arg=None):
   c.fewshot = dict(
       shots=(1, 5, 10, 25),
       seeds=5,                                  # draws of the shots per shot count.
-      l2=tuple(2.0 ** e for e in range(-10, 11, 2)),  # chosen per shot count on validation.
+      l2=tuple(2.0 ** e for e in range(-16, 11, 2)),  # chosen per shot count on validation.
   )
   c.feature_cache = ""  # '': DIR/feature_cache; a path shares it between workdirs; 'off'.
   if arg.runlocal:

@@ -1,10 +1,13 @@
-"""k-NN monitor of the backbones during pretraining (DINO's k-NN monitor, big_vision's evals).
+"""k-NN (and few-shot) monitor of the backbones during pretraining (DINO's k-NN monitor,
+big_vision's evals).
 
 Every `eval_every` steps the student's and the teacher's backbones embed a labelled bank split
 and a held-out split (the evaluation view, one jitted pass over batches sharded on the mesh), and
 DINO's weighted k-NN (transfer/knn.py: the bank split over the devices) scores the held-out split.
 The functions, the view and the defaults are those of `configs/knn.py`, so the figure equals what
-knn.py reports for the same checkpoint and splits.
+knn.py reports for the same checkpoint and splits. With eval.fewshot_shots the same features also
+give big_vision's few-shot ridge (transfer/fewshot.py, the fixed l2 eval.fewshot_l2): shots
+drawn from the bank, scored on the held-out split, the mean over eval.fewshot_seeds draws.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import time
 from absl import logging
 
 from sit_jax.models import vit
-from sit_jax.transfer import common, knn
+from sit_jax.transfer import common, fewshot, knn
 
 
 def eval_splits(config) -> tuple[str, str, str]:
@@ -35,6 +38,7 @@ class KnnMonitor:
     self.batch_size, self.resize_mode = e.batch_size, e.resize_mode
     self.interpolation, self.data_dir = config.data.interpolation, config.data.data_dir or None
     self.k, self.temperature = e.k, e.temperature
+    self.shots, self.seeds, self.l2 = tuple(e.fewshot_shots), e.fewshot_seeds, e.fewshot_l2
     self.features_of = common.uint8_features(common.make_feature_fn(module, e.features, 1))
     logging.info("k-NN monitor every %d steps: bank %s (%d), held out %s (%d), %s features",
                  config.eval_every, bank_info.name, bank_info.num_examples, test_info.name,
@@ -95,5 +99,9 @@ class KnnMonitor:
       scores = knn.knn_classify(bank, bank_labels, test, self.k, self.temperature,
                                 self.num_classes, mesh=self.mesh)
       results[f"knn/{name}"] = common.topk_accuracy(scores, test_labels, ks=(1,))["top1"]
+      for shots in self.shots:
+        accuracy = fewshot.fewshot_accuracies(bank, bank_labels, {"test": (test, test_labels)},
+                                              shots, self.seeds, (self.l2,), self.num_classes)
+        results[f"fewshot/{name}/{shots}shot"] = float(accuracy["test"].mean())
     logging.info("k-NN monitor: %s in %.1f s", results, time.perf_counter() - start)
     return results

@@ -1,14 +1,16 @@
-"""The k-NN monitor of pretraining: the figure knn.py gives on the same checkpoint, written to
-metrics.jsonl and results.json; off for unlabelled data; never the bank scored against itself."""
+"""The k-NN and few-shot monitor of pretraining: the figures knn.py and fewshot.py give on the
+same checkpoint, written to metrics.jsonl and results.json; off for unlabelled data; never the
+bank scored against itself."""
 import json
 import os
 
 import pytest
 
+from configs import fewshot as fewshot_config
 from configs import knn as knn_config
 from configs import sit_vits
 from sit_jax import data, monitor, pretrain, sharding
-from sit_jax.transfer import knn
+from sit_jax.transfer import fewshot, knn
 
 BANK, HELD_OUT = "train[:256]", "train[256:384]"
 
@@ -19,10 +21,11 @@ def short_run_config():
   c.total_steps, c.log_every, c.checkpoint_every, c.image_every = 6, 3, 3, 100
   c.eval_every = 3
   c.eval.train_split, c.eval.test_split = BANK, HELD_OUT
+  c.eval.fewshot_shots = (5,)
   return c
 
 
-def test_online_knn_equals_knn_py_on_the_same_checkpoint(tmp_path):
+def test_online_knn_and_fewshot_equal_knn_py_and_fewshot_py_on_the_same_checkpoint(tmp_path):
   c = short_run_config()
   workdir = str(tmp_path / "pretrain")
   results = pretrain.train_and_evaluate(c, workdir)
@@ -30,7 +33,7 @@ def test_online_knn_equals_knn_py_on_the_same_checkpoint(tmp_path):
     rows = {row["step"]: row for row in map(json.loads, f)}
   assert sorted(rows) == [3, 6]
   for row in rows.values():  # one line per log step: losses and both k-NN figures.
-    assert {"loss", "knn/student", "knn/teacher"} <= set(row)
+    assert {"loss", "knn/student", "knn/teacher", "fewshot/student/5shot"} <= set(row)
   online = results["knn_monitor"]
   assert online["knn/student"] == rows[6]["knn/student"]
 
@@ -43,6 +46,14 @@ def test_online_knn_equals_knn_py_on_the_same_checkpoint(tmp_path):
   standalone = knn.run(k, str(tmp_path / "knn"))
   assert standalone["num_examples"] == 128
   assert standalone["top1"] == pytest.approx(online["knn/student"], abs=1e-9)
+
+  f = fewshot_config.get_config("runlocal")
+  f.init, f.data.image_size = workdir, c.data.image_size
+  f.data.train_split, f.data.test_split = BANK, HELD_OUT
+  f.fewshot.shots, f.fewshot.seeds, f.fewshot.l2 = (5,), c.eval.fewshot_seeds, (c.eval.fewshot_l2,)
+  standalone = fewshot.run(f, str(tmp_path / "fewshot"))
+  assert standalone["fewshot"]["5shot"]["test_mean"] == pytest.approx(
+      online["fewshot/student/5shot"], abs=1e-6)
 
 
 def test_monitor_is_off_without_labels_and_never_scores_the_bank_against_itself(tmp_path):
