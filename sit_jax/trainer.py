@@ -165,7 +165,6 @@ def train(exp, *, init: Callable[[], Any], abstract, step_fn: Callable,
           + ". Lower optim.base_lr and start again"
           + (f" (it resumes from step {kept}), or pass a new --workdir to start afresh."
              if kept is not None else "."))
-      logging.error("%s", outcome.error)
     outcome.seconds = time.perf_counter() - start
     if ckpt is not None:
       ckpt.wait()  # a failed last save is reported here, with its step.
