@@ -1,4 +1,4 @@
-"""SiT pretraining: train state, the jitted step, and the training loop.
+"""SiT pretraining: train state, the jitted step, and the run (trainer.py runs its loop).
 
 One step = on-device photometric augmentation of both views, GMML corruption, student forward on
 the corrupted views, teacher forward on the clean views, losses, AdamW update, EMA of the teacher.

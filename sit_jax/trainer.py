@@ -10,9 +10,9 @@ steps with one progress line each, hooks (pictures, the k-NN monitor, evaluation
 stopping on SIGTERM or Ctrl-C after saving the current step, and stopping with one line at the
 first step whose metrics (or, at a save, parameters) are NaN or inf, which is never saved.
 
-At most one step runs ahead of the host: the host waits for the metrics of step s - 1 after
-queueing step s. That costs nothing measurable (the next batch is prepared meanwhile), names the
-exact step that went non-finite and lets a signal stop the run within one step.
+The host waits for the metrics of step s - 1 once step s is queued: the device always has the
+next step to run, and the host is never more than one step ahead, so the step that went
+non-finite is named exactly and a signal stops the run within one step.
 
 The caller writes results: `outcome.results()` holds the fields every experiment reports.
 """
