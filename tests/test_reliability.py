@@ -188,6 +188,34 @@ def test_results_never_name_a_step_that_was_set_aside(tmp_path):
   assert not os.path.exists(tmp_path / "results.json")
 
 
+# -- Killed ---------------------------------------------------------------------------------
+
+KILLED_AT_5 = """
+import os, signal, sys
+sys.path.insert(0, os.path.join(sys.argv[2], "tests"))
+import test_reliability as t
+from sit_jax import trainer
+def kill(step, state, batch):  # right after the asynchronous save of step 4 started
+  if step == 5:
+    os.kill(os.getpid(), signal.SIGKILL)
+t.train(sys.argv[1], 8, hooks=[trainer.Hook(1, kill)], checkpoint_every=4)
+"""
+
+
+def test_kill_9_during_a_save_loses_nothing_saved(tmp_path):
+  env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  proc = subprocess.run([sys.executable, "-c", KILLED_AT_5, str(tmp_path), REPO], env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+  # Step 4 is committed or was never listed (a temporary name); either way the run resumes.
+  outcome, results = train(tmp_path, 8, checkpoint_every=4)
+  assert outcome.start_step in (0, 4)
+  np.testing.assert_allclose(results["w"], reference_weights(8), rtol=1e-5)
+  assert steps_on_disk(tmp_path) == [4, 8]
+  assert not glob.glob(str(tmp_path / "checkpoints" / "*tmp*"))
+
+
 # -- metrics.jsonl after a resume ---------------------------------------------------------------
 
 
