@@ -443,7 +443,7 @@ def test_runlocal(tmp_path, exported_backbone, experiment, with_init):
   flags = [f"--config.init={exported_backbone[0]}"] if with_init else []
   # The recipes' length is measured, not tested: short runs of the same code.
   if experiment in ("finetune", "multilabel"):
-    flags.append("--config.total_steps=30")
+    flags += ["--config.total_steps=30", "--config.eval_every=10"]
   if experiment == "linear":
     flags.append("--config.linear.max_iter=300")
   results = run_main(f"configs/{experiment}.py:runlocal", tmp_path, *flags)
@@ -456,6 +456,12 @@ def test_runlocal(tmp_path, exported_backbone, experiment, with_init):
     assert 0.0 <= results["top5"] <= 1.0 and results["top1"] <= results["top5"]
     assert results["dataset"] == "digits"
   assert os.path.getsize(tmp_path / "metrics.jsonl") > 0
+  if experiment in ("finetune", "multilabel"):
+    # eval_every scores the validation split; the test split is scored once, at the end.
+    with open(tmp_path / "metrics.jsonl") as f:
+      rows = [json.loads(line) for line in f]
+    assert [r["step"] for r in rows if any(k.startswith("val/") for k in r)] == [10, 20, 30]
+    assert [r["step"] for r in rows if any(k.startswith("test/") for k in r)] == [30]
   if experiment in ("knn", "linear"):
     assert (tmp_path / "tsne.png").read_bytes()[:4] == b"\x89PNG"
     # runlocal adds the baseline rows.

@@ -130,14 +130,15 @@ def run(config, workdir: str, *, multilabel: bool = False) -> dict:
                       out_shardings=(shardings, sharding.replicated(mesh)),
                       donate_argnums=(0,))
 
-    # Evaluation on the test split. ------------------------------------------------------------
+    # Evaluation: validation every eval_every steps, test at the end. --------------------------
     logits_fn = lambda params, images: model.apply({"params": params}, common.to_input(images))
     num_evaluated = [0]
 
-    def evaluate(state):
-      batches = common.eval_batches(config, config.data.test_split, size)
+    def evaluate(state, split):
+      batches = common.eval_batches(config, split, size)
       logits, labels = common.extract_features(logits_fn, state.params, batches, mesh)
-      num_evaluated[0] = len(labels)
+      if split == config.data.test_split:
+        num_evaluated[0] = len(labels)
       return common.score(logits, labels, multilabel, config.get("voc07", False))
 
     # Train. -----------------------------------------------------------------------------------
@@ -147,7 +148,7 @@ def run(config, workdir: str, *, multilabel: bool = False) -> dict:
         batches=lambda start_step: common.train_batches(config, start_step, size),
         total_steps=total_steps, metadata=common.checkpoint_metadata(config, backbone,
                                                                      num_classes),
-        hooks=[supervised.evaluation_hook(config, evaluate)])
+        hooks=[supervised.evaluation_hook(config, evaluate, total_steps)])
     run_results = outcome.results()
     results = common.results_dict(
         config, backbone, train_info, test_info, num_evaluated[0],

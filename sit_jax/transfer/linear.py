@@ -375,10 +375,14 @@ def run(config, workdir: str, *, multilabel: bool = False) -> dict:
                       out_shardings=sharding.replicated(mesh), donate_argnums=(0,))
       cache = {}
 
-      def evaluate(state):
-        feats, labels = test_features()
-        cache["test"] = standardize(feats), labels
-        return common.score(head_logits(state.params, cache["test"][0]), labels, multilabel,
+      def evaluate(state, split):
+        if split == config.data.test_split:
+          feats, labels = test_features()
+          cache["test"] = standardize(feats), labels
+        else:
+          feats, labels = common.extract_features(
+              features_of, params, common.eval_batches(config, split, size), mesh)
+        return common.score(head_logits(state.params, standardize(feats)), labels, multilabel,
                             voc07)
 
       outcome = trainer.train(
@@ -387,7 +391,7 @@ def run(config, workdir: str, *, multilabel: bool = False) -> dict:
           batches=lambda start_step: common.train_batches(config, start_step, size),
           total_steps=total_steps,
           metadata=common.checkpoint_metadata(config, backbone, num_classes),
-          hooks=[supervised.evaluation_hook(config, evaluate)])
+          hooks=[supervised.evaluation_hook(config, evaluate, total_steps)])
       train_metrics, scores, steps = (outcome.metrics, supervised.test_scores(outcome.evaluated),
                                       outcome.step)
       extra.update({k: v for k, v in outcome.results().items()

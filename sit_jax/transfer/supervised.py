@@ -95,14 +95,24 @@ def abstract_of(tree):
                       tree)
 
 
-def evaluation_hook(config, evaluate: Callable) -> "trainer.Hook":
-  """trainer hook: evaluate(state) -> scores, logged as test/<score> every config.eval_every
-  steps (0: none) and at the end, also when a finished run is started again."""
+def evaluation_hook(config, evaluate: Callable, total_steps: int) -> "trainer.Hook":
+  """trainer hook: evaluate(state, split) -> scores. The validation split (data.val_split) is
+  logged as val/<score> every config.eval_every steps (0: none) and at the end; the test split
+  as test/<score> once, at the end (also when a finished run is started again): recipes are
+  chosen on validation, never on test."""
   from sit_jax import trainer
-  return trainer.Hook(config.eval_every,
-                      lambda step, state, batch: {f"test/{k}": v
-                                                  for k, v in evaluate(state).items()},
-                      final=True)
+
+  def fn(step, state, batch):
+    del batch
+    scores = {}
+    if config.data.get("val_split"):
+      scores.update({f"val/{k}": v for k, v in evaluate(state, config.data.val_split).items()})
+    if step >= total_steps:
+      scores.update({f"test/{k}": v
+                     for k, v in evaluate(state, config.data.test_split).items()})
+    return scores
+
+  return trainer.Hook(config.eval_every, fn, final=True)
 
 
 def test_scores(evaluated: dict) -> dict:
