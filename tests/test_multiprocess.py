@@ -112,9 +112,13 @@ def test_two_processes_match_one_process(runs):
   got, want = _losses(multi), _losses(single)
   assert sorted(got) == sorted(want) == [2, 4]
   for step in want:
-    for key in ("loss", "recon", "contrastive", "grad_norm"):
+    for key in ("loss", "recon", "contrastive"):
       np.testing.assert_allclose(got[step][key], want[step][key], rtol=2e-5,
                                  err_msg=f"{key} at step {step}")
+    # The gradient norm sums the per-parameter noise of the all-reduce order, amplified by Adam's
+    # normalised steps (see below): 6e-5 apart at step 4 with the PIL pipeline's pictures.
+    np.testing.assert_allclose(got[step]["grad_norm"], want[step]["grad_norm"], rtol=2e-4,
+                               err_msg=f"grad_norm at step {step}")
   # Both processes took part: the job had 8 devices in 2 processes.
   assert "process 1 of 2, 4 local / 8 global devices" in outputs[1][1]
   # Only process 0 prints the progress lines.
