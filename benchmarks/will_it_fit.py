@@ -84,23 +84,22 @@ def measure(out: str):
 def markdown(path: str) -> str:
   from sit_jax import aot
   lines = ["| model | global batch | remat | parallelism | slice | per chip | of HBM | "
-           "XLA TFLOP per chip | XLA / analytic |",
+           "TFLOP per chip: XLA | analytic |",
            "|---|---|---|---|---|---|---|---|---|"]
   with open(path) as f:
     for row in map(json.loads, f):
       variant, batch, remat, parallelism, topology = row["key"]
-      generation = topology.split(":")[0]
       scan = " (scan)" if row.get("scan_layers") else ""
       head = (f"| {variant}{scan} | {batch} | {'on' if remat else 'off'} | "
               f"{'FSDP' if parallelism == 'fsdp' else 'data'} | {topology} |")
       if "does_not_fit" in row:
         need = row["does_not_fit"].split("XLA needs ")[-1].split(" per device")[0]
-        lines.append(f"{head} {need} (does not fit) | > 100% | | |")
+        lines.append(f"{head} {need}: does not fit | > 100% | | |")
         continue
-      total, hbm = row["memory"]["total"], aot.TPU_HBM_GIB[generation] * 2**30
+      total, hbm = row["memory"]["total"], aot.TPU_HBM_GIB[topology.split(":")[0]] * 2**30
       lines.append(f"{head} {total / 2**30:.2f} GiB | {100 * total / hbm:.0f}% | "
-                   f"{row['flops'] / 1e12:.2f} | {row['flops'] / row['analytic_flops']:.2f}"
-                   f"{'*' if row['loop'] else ''} |")
+                   f"{row['flops'] / 1e12:.2f}{'*' if row['loop'] else ''} | "
+                   f"{row['analytic_flops'] / 1e12:.2f} |")
   return "\n".join(lines)
 
 

@@ -165,22 +165,21 @@ def out_of_memory_line(config, mesh, devices, message: str) -> str:
   used = re.search(r"Used ([\d.]+[KMGT]) of ([\d.]+[KMGT])", message)  # available HBM (15.75G)'
   need, have = ((used.group(1), used.group(2)) if used else sizes[:2] if len(sizes) >= 2
                 else (None, None))
-  need_text = f"needs {_gib(need):.2f} GiB" if need else "needs more memory"
-  have_text = f"{_gib(have):.2f} GiB" if have else "what the chip has"
+  verdict = (f"XLA needs {_gib(need):.2f} GiB per device, {_gib(have):.2f} GiB available"
+             if need else "XLA needs more memory per device than is available")
   per_device = config.data.global_batch_size // sharding.data_parallel_size(mesh)
   tries = []
   if not config.model.remat:
     tries.append("--config.model.remat=True")
   if mesh.shape["fsdp"] == 1:
-    tries.append(f"FSDP (--config.mesh.fsdp=-1 --config.mesh.data=1 and the common.FSDP "
-                 "sharding_rules)")
+    tries.append("FSDP (the config argument fsdp, e.g. --config=configs/sit_vitb.py:fsdp)")
   if per_device > 1:
     tries.append(f"a smaller per-device batch (now {per_device}: --config.data.global_batch_size="
                  f"{config.data.global_batch_size // 2})")
   tries.append("more chips")
   return (f"{config.model.variant} at global batch {config.data.global_batch_size} does not "
           f"fit on {len(devices)} {devices[0].device_kind} devices (mesh {dict(mesh.shape)}): "
-          f"XLA {need_text} per device, {have_text} available. Try " + ", ".join(tries) + ".")
+          f"{verdict}. Try " + ", ".join(tries) + ".")
 
 
 def memory_figures(compiled) -> dict:
@@ -231,19 +230,20 @@ def run(config, topology: str, compiler_options: dict | None = None) -> dict:
             "total": "total (args + outputs - aliased + temps + code)"}
   for key, label in labels.items():
     if figures.get(key) or key in ("temp", "total") and key in figures:
-      lines.append(f"  {label:<40} {_fmt(figures[key]):>12}")
+      lines.append(f"  {label:<48} {_fmt(figures[key]):>12}")
   if not figures:
     lines.append("  (this backend reports no memory analysis)")
   loop = has_loop(compiled)
   lines.append("FLOPs per device per step:")
   if xla_flops:
-    lines.append(f"  {'XLA cost analysis':<40} {xla_flops / 1e9:>8.1f} GFLOP"
+    lines.append(f"  {'XLA cost analysis':<48} {xla_flops / 1e9:>8.1f} GFLOP"
                  f"  ({xla_flops / analytic:.2f}x the analytic count)")
-  lines.append(f"  {'analytic (matmuls, sit_jax/flops.py)':<40} {analytic / 1e9:>8.1f} GFLOP")
+  lines.append(f"  {'analytic (matmuls, sit_jax/flops.py)':<48} {analytic / 1e9:>8.1f} GFLOP")
   if xla_flops and loop:
-    lines.append("  (the program has a loop -- scanned layers, or the windowed einsums of FSDP "
-                 "and tensor parallelism -- whose body XLA counts once: use the analytic count "
-                 "for MFU)")
+    what = ("the scanned blocks (model.scan_layers)" if config.model.get("scan_layers") else
+            "the loops XLA builds for sharded matmuls (windowed einsums)")
+    lines.append(f"  XLA counts the body of a loop once, here {what}: its figure is low; the "
+                 "analytic count is the one for MFU.")
   generation = topology.split(":")[0].lower()
   generation = "v5" if generation == "v5p" else generation
   if platform == "tpu" and generation in TPU_HBM_GIB and figures:

@@ -235,11 +235,12 @@ class VisionTransformer(nn.Module):
     for b in self.recons_blocks:
       if not 1 <= b <= self.depth:
         raise ValueError(f"recons_blocks entry {b} is outside 1..{self.depth}.")
-    mlp_hidden = int(self.width * self.mlp_ratio)
     check_tensor_parallel(
         variant_name(self.width, self.depth, self.num_heads, self.patch_size),
-        {"heads": (self.num_heads, "attention heads"), "mlp": (mlp_hidden, "MLP features"),
-         "embed": (self.width, "features"), "kv": (self.width // self.num_heads, "features per head")})
+        {"heads": (self.num_heads, "attention heads"),
+         "mlp": (int(self.width * self.mlp_ratio), "MLP features"),
+         "embed": (self.width, "features"),
+         "kv": (self.width // self.num_heads, "features per head")})
 
     x = nn.Conv(self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
                 padding="VALID", dtype=self.dtype, name="patch_embed")(images.astype(self.dtype))
