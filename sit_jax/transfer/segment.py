@@ -2,11 +2,11 @@
 
 Patch tokens of one or several blocks (seg.blocks, 1-based; each through the final LayerNorm,
 concatenated; with seg.cls the CLS token appended to each, as DINOv2's linear depth probe) of
-the frozen backbone (stop_gradient; the train state holds the head only) go
-through a head on the token grid: 'linear' (a 1x1 convolution, the linear probe of dense
-features) or 'mlp' (a 3x3 convolution of seg.hidden channels, GELU, then the 1x1). Its logits
-are upsampled bilinearly to the image and trained with per-pixel cross-entropy, pixels labelled
-IGNORE left out. Images and label maps are cropped and flipped together on device.
+the frozen backbone (stop_gradient; the train state holds the head only) go through a head on
+the token grid: 'linear' (a 1x1 convolution, the linear probe of dense features) or 'mlp' (a
+3x3 convolution of seg.hidden channels, GELU, then the 1x1). Its logits are upsampled
+bilinearly to the image and trained with per-pixel cross-entropy, pixels labelled IGNORE left
+out. Images and label maps are cropped and flipped together on device.
 
 Scores come from a confusion matrix accumulated over the split: pixel accuracy, per-class IoU
 and mIoU (the mean over classes present in the labels or the predictions), at the evaluation
@@ -16,6 +16,7 @@ scored once, at the end. Pictures: DIR/images/segmentation_*.png, image | predic
 from __future__ import annotations
 
 import functools
+
 from absl import logging
 import flax.linen as nn
 import jax

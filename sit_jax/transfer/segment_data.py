@@ -332,6 +332,7 @@ class EvalBatches:
         image[:n], label[:n] = loader.collect(pending)
       yield {"image": image, "label": label, "mask": np.arange(self.local) < n}
       pending = following
+    loader.pool.shutdown(wait=False)
 
 
 # ---------------------------------------------------------------------------------------------
