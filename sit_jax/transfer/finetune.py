@@ -155,7 +155,11 @@ def run(config, workdir: str, *, multilabel: bool = False) -> dict:
         supervised.test_scores(outcome.evaluated), frozen=False, steps=outcome.step,
         total_steps=total_steps, final_train_metrics=outcome.metrics,
         seconds_this_run=outcome.seconds, complete=outcome.complete,
+        features=config.head.features,
         **{k: run_results[k] for k in ("checkpoint", "preempted", "steps_this_run", "error")
            if k in run_results})
+    results = common.results_table(
+        results, f"fine-tuned, {outcome.step}/{total_steps} steps",
+        {k: v for k, v in outcome.evaluated.items() if k.startswith(("val/", "test/"))})
     exp.finish(results)
   return results

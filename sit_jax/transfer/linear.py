@@ -429,6 +429,9 @@ def run(config, workdir: str, *, multilabel: bool = False) -> dict:
         total_steps=steps if solver == "lbfgs" else total_steps,
         final_train_metrics=train_metrics, **extra,
         seconds_this_run=time.perf_counter() - start)
+    results = common.results_table(
+        results, f"frozen backbone, linear probe ({solver})",
+        {f"test {k}": v for k, v in scores.items()})
     tsne = None
     if not multilabel and not results.get("error"):
       tsne = common.tsne(config, exp.workdir, test_feats, test_labels,
