@@ -197,3 +197,23 @@ def test_frozen_pretrained_backbone_beats_random_init(tmp_path, pretrained):
   assert [r["step"] for r in rows if "val/mIoU" in r] == [75, 150]
   assert [r["step"] for r in rows if "test/mIoU" in r] == [150]
   assert os.listdir(tmp_path / "pretrained" / "images") == ["segmentation_0000150.png"]
+
+
+def test_tfds_label_maps(monkeypatch):
+  """Pets trimaps 1/2/3 -> 0/1/2; ADE20K 0 ("other") -> IGNORE, k -> k - 1 (read through a
+  stand-in for tfds.data_source: no dataset is prepared here)."""
+  import tensorflow_datasets as tfds
+  image = np.zeros((2, 3, 3), np.uint8)
+  examples = {
+      "oxford_iiit_pet": [{"image": image, "segmentation_mask": np.array(
+          [[[1], [2], [3]], [[3], [2], [1]]], np.uint8)}],
+      "scene_parse150": [{"image": image, "annotation": np.stack(
+          [np.array([[0, 1, 150], [2, 0, 7]], np.uint8)] * 3, axis=-1)}],
+  }
+  monkeypatch.setattr(tfds, "data_source", lambda name, **kw: examples[name])
+  pets = segment_data.open_split("tfds:oxford_iiit_pet", "train[:90%]")
+  assert pets.num_classes == 3 and pets.class_names == ("pet", "background", "border")
+  np.testing.assert_array_equal(pets.load(0)[1], [[0, 1, 2], [2, 1, 0]])
+  ade = segment_data.open_split("tfds:scene_parse150", "validation")
+  assert ade.num_classes == 150
+  np.testing.assert_array_equal(ade.load(0)[1], [[IGNORE, 0, 149], [1, IGNORE, 6]])
