@@ -17,7 +17,8 @@ from configs import common, transfer_common as tc
 
 # Image size and the batch of the feature extraction per dataset.
 RECIPES = {
-    "imagenet2012": dict(image_size=224, batch=1024),
+    # 25 shots need ~25 images per class, not 1.27M features: the first 10% of train is the pool.
+    "imagenet2012": dict(image_size=224, batch=1024, pool="train[:10%]"),
     "cifar10": dict(image_size=224, batch=512),
     "cifar100": dict(image_size=224, batch=512),
     "oxford_flowers102": dict(image_size=224, batch=256),
@@ -34,6 +35,7 @@ def get_config(arg=None):
   c = tc.transfer_config("fewshot", dataset)
   c.data.image_size = r["image_size"]
   c.eval_batch_size = r["batch"]
+  c.data.train_split = r.get("pool", c.data.train_split)  # where the shots are drawn from
   c.head.features = "cls"
   c.head.last_blocks = 1
   c.fewshot = dict(

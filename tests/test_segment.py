@@ -62,6 +62,17 @@ def test_pixel_cross_entropy_leaves_ignored_pixels_out():
   assert float(segment.pixel_cross_entropy(logits, labels)) == pytest.approx(want, rel=1e-6)
 
 
+def test_heads_on_the_token_grid():
+  tokens = jnp.ones((2, 4, 4, 6))
+  for hidden, names in ((0, {"classifier"}), (8, {"conv", "classifier"})):
+    head = segment.SegmentationHead(5, hidden)
+    params = head.init(jax.random.PRNGKey(0), tokens)["params"]
+    assert set(params) == names
+    logits = segment.upsample(head.apply({"params": params}, tokens), 16)
+    assert logits.shape == (2, 16, 16, 5)
+    np.testing.assert_array_equal(logits, 0.0)  # a zero-initialised classifier: uniform start
+
+
 # ---------------------------------------------------------------------------------------------
 # Data.
 # ---------------------------------------------------------------------------------------------
