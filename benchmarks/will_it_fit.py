@@ -98,7 +98,8 @@ def markdown(path: str) -> str:
         continue
       total, hbm = row["memory"]["total"], aot.TPU_HBM_GIB[topology.split(":")[0]] * 2**30
       lines.append(f"{head} {total / 2**30:.2f} GiB | {100 * total / hbm:.0f}% | "
-                   f"{row['flops'] / 1e12:.2f}{'*' if row['loop'] else ''} | "
+                   f"{row['flops'] / 1e12:.2f}"
+                   f"{'*' if row['loop'] and row['flops'] < row['analytic_flops'] else ''} | "
                    f"{row['analytic_flops'] / 1e12:.2f} |")
   return "\n".join(lines)
 

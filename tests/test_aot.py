@@ -30,6 +30,7 @@ def test_cpu_topology_prints_memory_per_device(capsys):
   assert figures["analytic_flops"] == pytest.approx(flops.sit_step_flops(
       sit_vits.get_config("runlocal")) / 8)
   assert 1.0 < figures["flops"] / figures["analytic_flops"] < 1.3
+  assert "counts the body of a loop once" not in out  # only where XLA's figure falls short.
 
 
 @pytest.mark.parametrize("message, need", [
