@@ -25,6 +25,13 @@ def eval_splits(config) -> tuple[str, str, str]:
   return (e.source or config.data.source, e.train_split or config.data.split, e.test_split)
 
 
+def engine_options(config) -> dict:
+  """The pretraining data's engine reads the bank too when it is the same source; another
+  source (the embedded digits, a folder) is read by the default engine."""
+  from sit_jax import data
+  return data.engine_options(config.data) if eval_splits(config)[0] == config.data.source else {}
+
+
 class KnnMonitor:
   """Call with {'student': backbone params, 'teacher': ...} -> {'knn/student': top-1, ...}."""
 
@@ -32,6 +39,7 @@ class KnnMonitor:
                bank_split: str, test_split: str):
     e = config.eval
     self.source = eval_splits(config)[0]
+    self.engine_options = engine_options(config)
     self.bank_split, self.test_split = bank_split, test_split
     self.mesh, self.module = mesh, module
     self.num_classes = bank_info.num_classes
@@ -60,12 +68,13 @@ class KnnMonitor:
     if e.k < 1 or e.temperature <= 0:
       raise ValueError(f"eval.k={e.k} and eval.temperature={e.temperature} must be positive.")
     data_dir = config.data.data_dir or None
-    bank = data.dataset_info(source, bank_split, data_dir)
+    options = engine_options(config)
+    bank = data.dataset_info(source, bank_split, data_dir, **options)
     if bank.num_classes <= 0 or bank.multilabel:
       logging.warning("k-NN monitor off: %s has no class labels (set eval.source and "
                       "eval.train_split to a labelled split to watch features learn).", bank.name)
       return None
-    test = data.dataset_info(source, test_split, data_dir)
+    test = data.dataset_info(source, test_split, data_dir, **options)
     if test.name == bank.name:
       # A folder without split sub-folders: every split name is the whole folder. Scoring the
       # bank against itself would report ~1.0, so hold out a slice of it instead.
@@ -74,8 +83,8 @@ class KnnMonitor:
       logging.warning("k-NN monitor: %s has no separate %r split; the bank is %s and the "
                       "held-out images %s (set eval.train_split / eval.test_split to choose).",
                       source, config.eval.test_split, bank_split, test_split)
-      bank = data.dataset_info(source, bank_split, data_dir)
-      test = data.dataset_info(source, test_split, data_dir)
+      bank = data.dataset_info(source, bank_split, data_dir, **options)
+      test = data.dataset_info(source, test_split, data_dir, **options)
     runtime = {"dtype": model_config.get("dtype", "float32"),
                "attention": model_config.get("attention", ""),
                "scan_layers": model_config.get("scan_layers", False)}
@@ -87,7 +96,8 @@ class KnnMonitor:
     from sit_jax import data
     return data.eval_iterator(self.source, split, global_batch_size=self.batch_size,
                               image_size=self.module.image_size, data_dir=self.data_dir,
-                              resize_mode=self.resize_mode, interpolation=self.interpolation)
+                              resize_mode=self.resize_mode, interpolation=self.interpolation,
+                              **self.engine_options)
 
   def __call__(self, backbones: dict) -> dict:
     start, results = time.perf_counter(), {}

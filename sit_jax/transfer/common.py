@@ -271,7 +271,7 @@ def train_batches(config, start_step: int, image_size: int):
       global_batch_size=config.data.global_batch_size, image_size=image_size,
       crop_scale=tuple(config.data.crop_scale), seed=config.seed, start_step=start_step,
       data_dir=data_dir(config), interpolation=config.data.interpolation,
-      flip=config.data.get("flip", True))
+      flip=config.data.get("flip", True), **data.engine_options(config.data))
 
 
 def eval_batches(config, split: str, image_size: int):
@@ -279,14 +279,18 @@ def eval_batches(config, split: str, image_size: int):
   return data.eval_iterator(config.data.source, split, global_batch_size=config.eval_batch_size,
                             image_size=image_size, data_dir=data_dir(config),
                             resize_mode=config.data.resize_mode,
-                            interpolation=config.data.interpolation)
+                            interpolation=config.data.interpolation,
+                            **data.engine_options(config.data))
 
 
 def dataset_infos(config):
   """(train info, test info); checks that the train split has labels."""
   from sit_jax import data
-  train = data.dataset_info(config.data.source, config.data.train_split, data_dir(config))
-  test = data.dataset_info(config.data.source, config.data.test_split, data_dir(config))
+  options = data.engine_options(config.data)
+  train = data.dataset_info(config.data.source, config.data.train_split, data_dir(config),
+                            **options)
+  test = data.dataset_info(config.data.source, config.data.test_split, data_dir(config),
+                           **options)
   if train.num_classes <= 0:
     raise data.DataError(f"{train.name} has no labels: transfer needs a labelled train split.")
   return train, test
