@@ -15,36 +15,24 @@ Results: DIR/results.json ('fewshot': per shot count test mean/std, chosen l2, v
 """
 from configs import common, transfer_common as tc
 
-# Image size and the batch of the feature extraction per dataset.
-RECIPES = {
-    # 25 shots need ~25 images per class, not 1.27M features: the first 10% of train is the pool.
-    "imagenet2012": dict(image_size=224, batch=1024, pool="train[:10%]"),
-    "cifar10": dict(image_size=224, batch=512),
-    "cifar100": dict(image_size=224, batch=512),
-    "oxford_flowers102": dict(image_size=224, batch=256),
-    "oxford_iiit_pet": dict(image_size=224, batch=256),
-    "stl10": dict(image_size=224, batch=512),
-    "digits": dict(image_size=16, batch=128),  # the size runlocal pretrains at.
-}
+RECIPES = tc.FEATURE_RECIPES  # the datasets with defaults (image size, batch)
+
+# 25 shots need ~25 images per class, not 1.27M features: ImageNet's shots come from the first
+# 10% of train; elsewhere from the whole train split.
+SHOT_POOLS = {"imagenet2012": "train[:10%]"}
 
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, dataset="imagenet2012")
   dataset = "digits" if arg.runlocal else arg.dataset
-  r = tc.dataset_row(RECIPES, dataset)
-  c = tc.transfer_config("fewshot", dataset)
-  c.data.image_size = r["image_size"]
-  c.eval_batch_size = r["batch"]
-  c.data.train_split = r.get("pool", c.data.train_split)  # where the shots are drawn from
-  c.head.features = "cls"
-  c.head.last_blocks = 1
+  c = tc.frozen_features_config("fewshot", dataset)
+  c.data.train_split = SHOT_POOLS.get(dataset, c.data.train_split)  # the shots are drawn here.
   c.fewshot = dict(
       shots=(1, 5, 10, 25),
       seeds=5,                                  # draws of the shots per shot count.
       l2=tuple(2.0 ** e for e in range(-16, 11, 2)),  # chosen per shot count on validation.
   )
-  c.feature_cache = ""  # '': DIR/feature_cache; a path shares it between workdirs; 'off'.
   if arg.runlocal:
     tc.shrink_for_runlocal(c)
-    c.eval_batch_size = r["batch"]
+    c.eval_batch_size = RECIPES["digits"]["batch"]
   return c

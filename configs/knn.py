@@ -14,34 +14,20 @@ the raw pixels (the flattened normalised eval images) and on the backbone at ran
 """
 from configs import common, transfer_common as tc
 
-# Image size and the batch of the feature extraction per dataset.
-RECIPES = {
-    "imagenet2012": dict(image_size=224, batch=1024),
-    "cifar10": dict(image_size=224, batch=512),
-    "cifar100": dict(image_size=224, batch=512),
-    "oxford_flowers102": dict(image_size=224, batch=256),
-    "oxford_iiit_pet": dict(image_size=224, batch=256),
-    "stl10": dict(image_size=224, batch=512),
-    "digits": dict(image_size=16, batch=128),  # the size runlocal pretrains at.
-}
+
+RECIPES = tc.FEATURE_RECIPES  # the datasets with defaults (image size, batch)
 
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, dataset="imagenet2012", temperature=0.07)
   dataset = "digits" if arg.runlocal else arg.dataset
-  r = tc.dataset_row(RECIPES, dataset)
-  c = tc.transfer_config("knn", dataset)
-  c.data.image_size = r["image_size"]
-  c.eval_batch_size = r["batch"]
-  c.head.features = "cls"
-  c.head.last_blocks = 1
+  c = tc.frozen_features_config("knn", dataset)
   c.knn = dict(k=(10, 20, 100, 200), temperature=arg.temperature, chunk_size=1024)
-  c.feature_cache = ""  # '': DIR/feature_cache; a path shares it between workdirs; 'off'.
   # The same k-NN on raw pixels and on the backbone at random init (results.json 'baselines').
   c.baselines = False
   if arg.runlocal:
     tc.shrink_for_runlocal(c)
-    c.eval_batch_size = r["batch"]
+    c.eval_batch_size = RECIPES["digits"]["batch"]
     c.knn.chunk_size = 128
     c.baselines = True  # the quickstart's question: does pretraining beat pixels and random init?
   return c

@@ -63,6 +63,30 @@ def dataset_row(table: dict, dataset: str) -> dict:
   return table[dataset]
 
 
+# Frozen-feature evaluations (knn.py, fewshot.py): image size and extraction batch per dataset.
+FEATURE_RECIPES = {
+    "imagenet2012": dict(image_size=224, batch=1024),
+    "cifar10": dict(image_size=224, batch=512),
+    "cifar100": dict(image_size=224, batch=512),
+    "oxford_flowers102": dict(image_size=224, batch=256),
+    "oxford_iiit_pet": dict(image_size=224, batch=256),
+    "stl10": dict(image_size=224, batch=512),
+    "digits": dict(image_size=16, batch=128),  # the size runlocal pretrains at.
+}
+
+
+def frozen_features_config(experiment: str, dataset: str) -> ml_collections.ConfigDict:
+  """Defaults of an evaluation on cached frozen CLS features (k-NN, few-shot)."""
+  r = dataset_row(FEATURE_RECIPES, dataset)
+  c = transfer_config(experiment, dataset)
+  c.data.image_size = r["image_size"]
+  c.eval_batch_size = r["batch"]
+  c.head.features = "cls"
+  c.head.last_blocks = 1
+  c.feature_cache = ""  # '': DIR/feature_cache; a path shares it between workdirs; 'off'.
+  return c
+
+
 def transfer_config(experiment: str, dataset: str) -> ml_collections.ConfigDict:
   """Defaults of every transfer experiment on `dataset` (a key of DATASETS)."""
   c = ml_collections.ConfigDict()
