@@ -110,6 +110,14 @@ def main(argv):
       from sit_jax import distributed
       distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
       run(FLAGS.config, FLAGS.workdir)
+  except KeyboardInterrupt:
+    # Inside the training loop Ctrl-C saves and stops (trainer.py); elsewhere (reading data,
+    # extracting features) there is nothing to save.
+    if os.environ.get("SIT_JAX_TRACEBACK"):
+      raise
+    print("sit_jax: interrupted (Ctrl-C); nothing was lost: start the same command to go on.",
+          file=sys.stderr)
+    sys.exit(130)
   except Exception as e:
     if isinstance(e, config_check.ConfigError) or isinstance(e, user_errors()):
       exit_with(e)

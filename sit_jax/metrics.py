@@ -14,6 +14,7 @@ import tempfile
 import time
 from typing import Any
 
+from absl import logging
 import jax
 import numpy as np
 
@@ -239,7 +240,10 @@ class MetricWriter:
       self._jsonl.close()
       self._jsonl = None
     if self._tb is not None:
-      self._tb.close()
+      try:
+        self._tb.close()
+      except OSError as e:  # a full disk: metrics.jsonl and the checkpoints say what was kept.
+        logging.warning("TensorBoard events not flushed: %s", e.strerror or e)
       self._tb = None
 
   def __enter__(self):

@@ -269,7 +269,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # Input. -----------------------------------------------------------------------------------
     mesh = exp.mesh
     data_dir = config.data.data_dir or None
-    info = data.dataset_info(config.data.source, config.data.split, data_dir=data_dir)
+    info = data.dataset_info(config.data.source, config.data.split, data_dir=data_dir,
+                             **data.engine_options(config.data))
     data.check_interpolation(config.data.interpolation)
     total_steps, steps_per_epoch = optim.schedule_lengths(
         config, config.num_train_examples or info.num_examples)
@@ -281,7 +282,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
           config.data.source, config.data.split,
           global_batch_size=config.data.global_batch_size, image_size=config.data.image_size,
           crop_scale=tuple(config.data.crop_scale), seed=config.seed, start_step=start_step,
-          data_dir=data_dir, interpolation=config.data.interpolation, flip=config.data.flip)
+          data_dir=data_dir, interpolation=config.data.interpolation, flip=config.data.flip,
+          **data.engine_options(config.data))
 
     # Model, optimiser, state and step. --------------------------------------------------------
     model = build_model(config)

@@ -16,7 +16,7 @@ from absl import logging
 import jax
 import numpy as np
 
-from sit_jax import sharding
+from sit_jax import metrics, sharding
 from sit_jax.transfer import common
 
 
@@ -59,8 +59,6 @@ def split_features(config, workdir: str, identity: str, fn, params, mesh, split:
       fn, params, common.eval_batches(config, split, image_size), mesh,
       common.log_progress(f"{split} features"))
   if path and jax.process_index() == 0:
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}.npz"
-    np.savez(tmp, features=feats, labels=labels, key=json.dumps(key, sort_keys=True))
-    os.replace(tmp, path)
+    metrics.atomic_write(path, lambda f: np.savez(
+        f, features=feats, labels=labels, key=json.dumps(key, sort_keys=True)))
   return feats, labels
