@@ -113,5 +113,6 @@ class KnnMonitor:
         accuracy = fewshot.fewshot_accuracies(bank, bank_labels, {"test": (test, test_labels)},
                                               shots, self.seeds, (self.l2,), self.num_classes)
         results[f"fewshot/{name}/{shots}shot"] = float(accuracy["test"].mean())
-    logging.info("k-NN monitor: %s in %.1f s", results, time.perf_counter() - start)
+    logging.info("Monitor of %s evaluated in %.1f s (figures on the progress line)",
+                 " and ".join(backbones), time.perf_counter() - start)
     return results
