@@ -87,20 +87,25 @@ def markdown(path: str) -> str:
            "TFLOP per chip: XLA | analytic |",
            "|---|---|---|---|---|---|---|---|---|"]
   with open(path) as f:
-    for row in map(json.loads, f):
-      variant, batch, remat, parallelism, topology = row["key"]
-      scan = " (scan)" if row.get("scan_layers") else ""
-      head = (f"| {variant}{scan} | {batch} | {'on' if remat else 'off'} | "
-              f"{'FSDP' if parallelism == 'fsdp' else 'data'} | {topology} |")
-      if "does_not_fit" in row:
-        need = row["does_not_fit"].split("XLA needs ")[-1].split(" per device")[0]
-        lines.append(f"{head} {need}: does not fit | > 100% | | |")
-        continue
-      total, hbm = row["memory"]["total"], aot.TPU_HBM_GIB[topology.split(":")[0]] * 2**30
-      lines.append(f"{head} {total / 2**30:.2f} GiB | {100 * total / hbm:.0f}% | "
-                   f"{row['flops'] / 1e12:.2f}"
-                   f"{'*' if row['loop'] and row['flops'] < row['analytic_flops'] else ''} | "
-                   f"{row['analytic_flops'] / 1e12:.2f} |")
+    rows = [json.loads(line) for line in f]
+  table = list({(tuple(r["key"]), r.get("scan_layers")): r for r in rows}.values())  # last wins
+  order = ("S/16", "B/16", "L/16")
+  table.sort(key=lambda r: (order.index(r["key"][0]), r["key"][2], r["key"][3] != "data",
+                            r["key"][4], bool(r.get("scan_layers"))))
+  for row in table:
+    variant, batch, remat, parallelism, topology = row["key"]
+    scan = " (scan)" if row.get("scan_layers") else ""
+    head = (f"| {variant}{scan} | {batch} | {'on' if remat else 'off'} | "
+            f"{'FSDP' if parallelism == 'fsdp' else 'data'} | {topology} |")
+    if "does_not_fit" in row:
+      need = row["does_not_fit"].split("XLA needs ")[-1].split(" per device")[0]
+      lines.append(f"{head} {need}: does not fit | > 100% | | |")
+      continue
+    total, hbm = row["memory"]["total"], aot.TPU_HBM_GIB[topology.split(":")[0]] * 2**30
+    lines.append(f"{head} {total / 2**30:.2f} GiB | {100 * total / hbm:.0f}% | "
+                 f"{row['flops'] / 1e12:.2f}"
+                 f"{'*' if row['loop'] and row['flops'] < row['analytic_flops'] else ''} | "
+                 f"{row['analytic_flops'] / 1e12:.2f} |")
   return "\n".join(lines)
 
 
