@@ -3,7 +3,8 @@ sigmoid head and mAP, multi-label classification.
 
 One step = RandAugment -> normalise -> random erasing -> Mixup/CutMix on label-smoothed one-hot
 targets (all on device), forward with drop path, cross-entropy, AdamW whose update is scaled per
-layer (layer-wise lr decay). Everything runs in one jax.jit over the mesh.
+layer (layer-wise lr decay). Each step is one jit over the mesh, its activations placed by
+config.logical_axis_rules (sharding.jit).
 """
 from __future__ import annotations
 
@@ -124,11 +125,12 @@ def run(config, workdir: str, *, multilabel: bool = False) -> dict:
     logging.info("%s: %d classes, %d train examples, %d steps (%d per epoch); init %s",
                  train_info.name, num_classes, train_info.num_examples, total_steps,
                  steps_per_epoch, backbone.init or "random")
-    step_fn = jax.jit(make_finetune_step(config, model, tx, num_classes,
-                                         multilabel=multilabel, lr=lr),
-                      in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                      out_shardings=(shardings, sharding.replicated(mesh)),
-                      donate_argnums=(0,))
+    step_fn = sharding.jit(make_finetune_step(config, model, tx, num_classes,
+                                              multilabel=multilabel, lr=lr),
+                           mesh, config.logical_axis_rules,
+                           in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                           out_shardings=(shardings, sharding.replicated(mesh)),
+                           donate_argnums=(0,))
 
     # Evaluation: validation every eval_every steps, test at the end. --------------------------
     logits_fn = lambda params, images: model.apply({"params": params}, common.to_input(images))
