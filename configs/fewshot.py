@@ -32,7 +32,10 @@ def get_config(arg=None):
       seeds=5,                                  # draws of the shots per shot count.
       l2=tuple(2.0 ** e for e in range(-16, 11, 2)),  # chosen per shot count on validation.
   )
+  # The same few-shot protocol on raw pixels and on the backbone at random init.
+  c.baselines = False
   if arg.runlocal:
     tc.shrink_for_runlocal(c)
+    c.baselines = True  # the quickstart's question: does pretraining beat pixels and random init?
     c.eval_batch_size = RECIPES["digits"]["batch"]
   return c

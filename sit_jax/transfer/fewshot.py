@@ -119,11 +119,32 @@ def run(config, workdir: str) -> dict:
                  len(train[0]), len(val[0]), len(test[0]), train[0].shape[1])
     rows = evaluate(*train, *val, *test, shots_list=tuple(f.shots), seeds=f.seeds, l2s=f.l2,
                     num_classes=train_info.num_classes)
-    exp.writer(0, config.eval_batch_size).write_scalars(
-        0, {f"fewshot/{k}/{m}": v[m] for k, v in rows.items() for m in ("test_mean", "val_mean")},
-        timed=False)
+    scalars = {f"fewshot/{k}/{m}": v[m] for k, v in rows.items() for m in ("test_mean", "val_mean")}
+    extra = {}
+    if config.get("baselines", False):
+      # The same protocol on raw pixels and (with an init) the random-init backbone.
+      baselines = {"random_init": rows} if not backbone.init else {}
+      for name, (base_fn, base_params) in common.baseline_extractors(config, backbone, exp.mesh,
+                                                                     fn).items():
+        feats = [common.extract_features(base_fn, base_params,
+                                         common.eval_batches(config, split, size), exp.mesh,
+                                         common.log_progress(f"{name}: {split} features"))
+                 for split in (d.train_split, d.val_split, d.test_split)]
+        baselines[name] = evaluate(*feats[0], *feats[1], *feats[2], shots_list=tuple(f.shots),
+                                   seeds=f.seeds, l2s=f.l2, num_classes=train_info.num_classes)
+      scalars.update({f"baselines/{name}/{k}": v["test_mean"]
+                      for name, by_shots in baselines.items() for k, v in by_shots.items()})
+      for k in rows:
+        logging.info("few-shot %s test accuracy: this backbone (%s) %.3f | %s", k,
+                     backbone.init or "random init", rows[k]["test_mean"],
+                     " | ".join(f"{n.replace('_', ' ')} {b[k]['test_mean']:.3f}"
+                                for n, b in baselines.items()))
+      extra["baselines"] = {name: {k: {m: v[m] for m in ("test_mean", "test_std")}
+                                   for k, v in by_shots.items()}
+                            for name, by_shots in baselines.items()}
+    exp.writer(0, config.eval_batch_size).write_scalars(0, scalars, timed=False)
     results = common.results_dict(config, backbone, train_info, test_info, len(test[1]),
-                                  {"fewshot": rows}, features=features, seeds=f.seeds,
+                                  {"fewshot": rows, **extra}, features=features, seeds=f.seeds,
                                   val_split=d.val_split, seconds=time.perf_counter() - start)
     results = common.results_table(
         results, f"ridge on {f.seeds} seeds of n shots, l2 chosen on validation",
