@@ -3,7 +3,6 @@ cached features equals the fresh run; the cache is keyed on the checkpoint's par
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from configs import knn as knn_config
 from sit_jax import checkpoint, sharding

@@ -9,7 +9,7 @@ import pytest
 from configs import fewshot as fewshot_config
 from configs import knn as knn_config
 from configs import sit_vits
-from sit_jax import data, monitor, pretrain, sharding
+from sit_jax import monitor, pretrain, sharding
 from sit_jax.transfer import fewshot, knn
 
 BANK, HELD_OUT = "train[:256]", "train[256:384]"
