@@ -90,5 +90,10 @@ def test_fewshot_run_and_its_cached_rerun(tmp_path, exported):
   cached = fewshot.run(c, str(workdir))
   assert [p.stat().st_mtime_ns for p in sorted((workdir / "feature_cache").iterdir())] == stamps
   assert cached["fewshot"] == fresh["fewshot"]
+  # runlocal adds the baseline rows: the same protocol on raw pixels and on a random init.
+  assert set(fresh["baselines"]) == {"raw_pixels", "random_init"}
+  for row in fresh["baselines"].values():
+    assert set(row) == {"1shot", "5shot"} and 0.0 < row["5shot"]["test_mean"] <= 1.0
+  assert cached["baselines"] == fresh["baselines"]
   with open(workdir / "results.json") as f:
     assert json.load(f)["fewshot"] == fresh["fewshot"]
