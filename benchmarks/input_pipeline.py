@@ -15,8 +15,11 @@ the host keeps up when its figure is higher.
 
 --compare writes --images JPEGs of 500x375 (quality 90: crops of scikit-learn's two sample photos)
 to a temporary folder and times, in rounds that alternate their order, two 224 crops per image:
-  grain        data.pretrain_iterator: PIL in threads of this process (workers=0)
-  grain_procs  the same with --workers grain worker processes
+  grain        data.pretrain_iterator as pretraining runs it (data.resize_on='device'): PIL
+               decodes in threads of this process (workers=0); the crops are cut and resized
+               on the accelerator (sit_jax/resample.py), timed apart below
+  grain_host   the same with resize_on='host': PIL also crops and resizes
+  grain_procs  `grain` with --workers grain worker processes
   before       the tf.data pipeline of commit --baseline (its data.py: TensorFlow decode, crop
                and antialiased resize); needs TensorFlow and git
   authors      the authors' per-image pipeline in one process (torch_reference.AuthorsInput:
@@ -25,6 +28,9 @@ to a temporary folder and times, in rounds that alternate their order, two 224 c
 For each: images/s, CPU seconds of the process and its children, images per CPU second ("per
 core": what one core delivers) and cores used (CPU / wall). Per-core figures are the ones to
 compare on a shared machine; the ratios to `before` and `authors` come from the same rounds.
+Then the accelerator's share of `grain`: the FLOPs of resample.render_views per image and its
+time on this machine's default JAX device (on a CPU that is the work the host was spared, done
+by dense matrix products: slower than PIL; on a GPU or TPU it is a few microseconds).
 The last line of the output is one JSON object.
 """
 from __future__ import annotations
@@ -62,7 +68,7 @@ flags.DEFINE_integer("workers", 0, "--compare: grain worker processes of grain_p
                      "(0: one per core).")
 flags.DEFINE_string("baseline", "a1d16da", "--compare: commit whose sit_jax/data.py is "
                     "`before` (the last tf.data pipeline).")
-flags.DEFINE_list("pipelines", ["grain", "grain_procs", "before", "authors"],
+flags.DEFINE_list("pipelines", ["grain", "grain_host", "grain_procs", "before", "authors"],
                   "--compare: the pipelines to time.")
 flags.DEFINE_string("window", None, "Internal (--compare): time one window of this pipeline "
                     "on --folder and print it as JSON.")
@@ -78,22 +84,26 @@ def _load_avg():
 # ---------------------------------------------------------------------------------------------
 def measure(config, *, batches=50, warmup=10, repeats=3, place=True, log=print) -> dict:
   import jax
-  from sit_jax import data, sharding
+  from sit_jax import data, resample, sharding
 
   per_process = config.data.global_batch_size // jax.process_count()
   it = data.pretrain_iterator(
       config.data.source, config.data.split, global_batch_size=config.data.global_batch_size,
       image_size=config.data.image_size, crop_scale=tuple(config.data.crop_scale),
       seed=config.seed, data_dir=config.data.data_dir or None,
-      interpolation=config.data.interpolation, **data.engine_options(config.data))
-  mesh = sharding.make_mesh(config.mesh) if place else None
+      interpolation=config.data.interpolation, **data.engine_options(config.data),
+      **data.resize_options(config.data))
+  place_batch = None
+  if place:
+    place_batch = resample.batch_placer(sharding.make_mesh(config.mesh), config.data,
+                                        config.data.image_size, data.view_keys(2))
 
   def read(n):
     for _ in range(n):
       batch = next(it)
-      if mesh is not None:
-        batch = sharding.global_batch(batch, mesh)
-    if mesh is not None:
+      if place_batch is not None:
+        batch = place_batch(batch)
+    if place_batch is not None:
       jax.block_until_ready(batch)
 
   t0 = time.perf_counter()
@@ -114,6 +124,7 @@ def measure(config, *, batches=50, warmup=10, repeats=3, place=True, log=print) 
       "benchmark": "input_pipeline",
       "source": config.data.source, "split": config.data.split,
       "image_size": config.data.image_size, **data.engine_options(config.data),
+      **data.resize_options(config.data),
       "global_batch": config.data.global_batch_size, "process_batch": per_process,
       "process_count": jax.process_count(),
       "cores": cores, "cpu_count": os.cpu_count(),
@@ -171,9 +182,12 @@ def _pipeline(name, folder, batch, workers, baseline):
   kw = dict(global_batch_size=batch, image_size=size, seed=0, process_index=0, process_count=1)
   source = f"folder:{folder}"
   if name == "grain":
-    return data.pretrain_iterator(source, None, **kw)
+    return data.pretrain_iterator(source, None, resize_on="device", **kw)
+  if name == "grain_host":
+    return data.pretrain_iterator(source, None, resize_on="host", **kw)
   if name == "grain_procs":
-    return data.pretrain_iterator(source, None, workers=workers or usable_cores(), **kw)
+    return data.pretrain_iterator(source, None, resize_on="device",
+                                  workers=workers or usable_cores(), **kw)
   if name == "before":
     return _baseline_data_module(baseline).pretrain_iterator(source, None, **kw)
   raise ValueError(f"unknown pipeline {name!r}")
@@ -220,7 +234,7 @@ def compare(*, folder, pipelines, batch, batches, warmup, rounds, workers, basel
              for name, ws in windows.items() if ws}
   per_core = {name: r["images_per_cpu_s"] for name, r in results.items()}
   ratios = {}
-  for fast in ("grain", "grain_procs"):
+  for fast in ("grain", "grain_host", "grain_procs"):
     for slow in ("before", "authors"):
       if fast in per_core and slow in per_core:
         ratios[f"{fast}_over_{slow}_per_core"] = per_core[fast] / per_core[slow]
@@ -231,7 +245,35 @@ def compare(*, folder, pipelines, batch, batches, warmup, rounds, workers, basel
       "cores": usable_cores(), "cpu_count": os.cpu_count(),
       "results": results, "ratios": ratios, "skipped": skipped,
       "windows": windows, "baseline_commit": baseline,
+      "device_resize": device_resize_cost(batch),
   }
+
+
+def device_resize_cost(batch, size=224, repeats=3) -> dict:
+  """resample.render_views on a batch of 500x375 images in the default decoded buffer: FLOPs per
+  image (XLA's count) and milliseconds per image on jax's default device."""
+  import jax
+  import numpy as np
+  from sit_jax import data, resample
+  capacity = data.default_capacity(size)
+  rng = np.random.default_rng(0)
+  windows = [[data.crop_window(rng, 375, 500, (0.2, 1.0)) for _ in range(2)]
+             for _ in range(batch)]
+  decoded = dict(decoded=rng.integers(0, 256, (batch, capacity, capacity, 3), np.uint8),
+                 extent=np.tile(np.int32([[375, 500]]), (batch, 1)),
+                 window=np.asarray(windows, np.float32), flip=rng.random((batch, 2)) < 0.5)
+  render = jax.jit(lambda b: resample.render_views(b, size, "bicubic_antialias",
+                                                   data.view_keys(2)))
+  decoded = jax.device_put(decoded)
+  flops = render.lower(decoded).compile().cost_analysis()
+  flops = (flops[0] if isinstance(flops, list) else flops).get("flops", 0.0)
+  jax.block_until_ready(render(decoded))
+  t0 = time.perf_counter()
+  for _ in range(repeats):
+    jax.block_until_ready(render(decoded))
+  return dict(device=jax.devices()[0].device_kind, decoded_size=capacity,
+              gflop_per_image=flops / batch / 1e9,
+              ms_per_image=(time.perf_counter() - t0) / repeats / batch * 1e3)
 
 
 def main(argv):
@@ -254,6 +296,10 @@ def main(argv):
             f"{x['cores_used']:7.2f}")
     for name, ratio in r["ratios"].items():
       print(f"  {name}: {ratio:.2f}")
+    d = r["device_resize"]
+    print(f"accelerator's share of `grain`: crop + resize of both views, "
+          f"{d['gflop_per_image']:.2f} GFLOP per image, {d['ms_per_image']:.2f} ms per image on "
+          f"{d['device']} (decoded buffer {d['decoded_size']} px)")
     print(json.dumps(r))
     return
   from sit_jax import distributed

@@ -106,6 +106,10 @@ def transfer_config(experiment: str, dataset: str) -> ml_collections.ConfigDict:
   c.data.flip = True            # random horizontal flips of the training images.
   c.data.resize_mode = DATASETS[dataset]["resize_mode"]
   c.data.interpolation = "bicubic_antialias"  # as PIL; 'bicubic', 'bilinear': faster hosts.
+  # 'host': transfer datasets are often small images enlarged to 224, cheaper to send resized;
+  # 'device' sends the decoded image (sit_jax/resample.py), as pretraining does.
+  c.data.resize_on = "host"
+  c.data.decoded_size = 0
   c.data.global_batch_size = 256
   c.eval_batch_size = 256
 

@@ -168,6 +168,8 @@ RULES: dict[str, Rule] = {
     "data.resize_mode": RESIZE_MODE,
     "data.global_batch_size": COUNT,
     "data.engine": one_of("grain", "tf"),
+    "data.resize_on": one_of("host", "device"),
+    "data.decoded_size": integer(0),
     "data.workers": integer(0),
     "data.num_classes": COUNT,  # segmentation: the classes of a folder's masks.
     "eval_batch_size": COUNT,
@@ -285,8 +287,19 @@ def _length_of_run(config) -> str | None:
   return None
 
 
+def _decoded_size(config) -> str | None:
+  data = config.get("data") or {}
+  size = data.get("decoded_size", 0)
+  views = 2 if config.get("experiment") in PRETRAIN_EXPERIMENTS else 1
+  if data.get("resize_on") == "device" and 0 < size < views * data.get("image_size", 0):
+    return (f"data.decoded_size {size} cannot hold {views} views of data.image_size "
+            f"{data.image_size} side by side: set it to 0 (automatic) or at least "
+            f"{views * data.image_size}.")
+  return None
+
+
 # Rules across keys: each returns the one-line message of a mistake, or None.
-CHECKS: list[Callable[[ml_collections.ConfigDict], str | None]] = [_length_of_run]
+CHECKS: list[Callable[[ml_collections.ConfigDict], str | None]] = [_length_of_run, _decoded_size]
 
 
 def flatten(config) -> dict[str, Any]:

@@ -69,7 +69,10 @@ import jax
 import numpy as np
 from PIL import Image
 
+from sit_jax import resample
+
 ENGINES = ("grain", "tf")
+RESIZE_ON = ("host", "device")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 EVAL_CROP_FRACTION = 0.875  # "center_crop": central 87.5% square of the image, then resize
 DIGITS_TRAIN = 1500
@@ -149,6 +152,13 @@ def engine_options(data_config) -> dict:
   """The engine keywords of the iterators from a config's `data` block (defaults where absent):
   data.engine and data.workers."""
   return dict(engine=data_config.get("engine", "grain"), workers=data_config.get("workers", 0))
+
+
+def resize_options(data_config) -> dict:
+  """The resize keywords of the training iterators from a config's `data` block: data.resize_on
+  ('host' where absent) and data.decoded_size."""
+  return dict(resize_on=data_config.get("resize_on", "host"),
+              decoded_size=data_config.get("decoded_size", 0))
 
 
 def _check_engine(engine):
@@ -488,13 +498,11 @@ def _open(image) -> Image.Image:
     raise UnreadableImage(str(e)) from e
 
 
-def _render(img: Image.Image, windows, size, interpolation):
-  """Decodes the opened `img` once and returns each (top, left, h, w) window, given in
-  full-resolution pixels, resized to (size, size) uint8 RGB.
-
-  A JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) at which every window still has
-  at least `size` pixels on each side: a box-filtered shrink, which the resize then finishes.
-  """
+def _decode(img: Image.Image, windows, size):
+  """Decodes the opened `img` for (top, left, h, w) windows given in full-resolution pixels:
+  (the RGB or L image, its scale), the scale > 1 when the JPEG was decoded at the smallest DCT
+  scale (1/2, 1/4, 1/8) at which every window still has at least `size` pixels on each side: a
+  box-filtered shrink, which the resize then finishes."""
   width, height = img.size
   smallest = min(min(h, w) for _, _, h, w in windows)
   factor = next((f for f in (8, 4, 2) if smallest >= f * size), 1)
@@ -509,6 +517,12 @@ def _render(img: Image.Image, windows, size, interpolation):
     raise UnreadableImage(str(e)) from e
   if img.mode not in ("RGB", "L"):
     img = img.convert("RGB")
+  return img, scale
+
+
+def _resize_views(img: Image.Image, windows, scale, size, interpolation):
+  """Each window of the decoded `img` (in full-resolution pixels, `scale` x img's) resized to
+  (size, size) uint8 RGB."""
   resample, antialias = INTERPOLATIONS[interpolation]
   views = []
   for top, left, h, w in windows:
@@ -521,17 +535,47 @@ def _render(img: Image.Image, windows, size, interpolation):
   return views
 
 
+def _render(img: Image.Image, windows, size, interpolation):
+  """Decodes the opened `img` once; each window resized to (size, size) uint8 RGB."""
+  img, scale = _decode(img, windows, size)
+  return _resize_views(img, windows, scale, size, interpolation)
+
+
+def _random_windows(image, rng: np.random.Generator, n_views: int, scale):
+  """The opened image and, drawn from `rng` in a fixed order, `n_views` crop windows and flips."""
+  img = _open(image)  # reads the header only
+  width, height = img.size
+  windows = [crop_window(rng, height, width, scale) for _ in range(n_views)]
+  return img, windows, rng.random(n_views) < 0.5
+
+
 def random_views(image, rng: np.random.Generator, n_views: int, size: int,
                  scale: Sequence[float], interpolation: str, flip: bool = True):
   """`n_views` independent torchvision RandomResizedCrops (area fraction in `scale`, ratio
   log-uniform in 3/4..4/3) of one image, each resized to `size` and, with `flip`, mirrored with
   probability 1/2. The image is decoded once."""
-  img = _open(image)  # reads the header only
-  width, height = img.size
-  windows = [crop_window(rng, height, width, scale) for _ in range(n_views)]
-  flips = rng.random(n_views) < 0.5
+  img, windows, flips = _random_windows(image, rng, n_views, scale)
   views = _render(img, windows, size, interpolation)
   return [v[:, ::-1] if flip and f else v for v, f in zip(views, flips)]
+
+
+def decoded_views(image, rng: np.random.Generator, n_views: int, size: int,
+                  scale: Sequence[float], interpolation: str, flip: bool, capacity: int):
+  """The host's half of `random_views` when the accelerator resizes (resample.py): the same
+  crops, as (pixels uint8 (h, w, 3) with h, w <= capacity, windows float32 (n_views, 4) as
+  (top, left, height, width) in those pixels, flips bool (n_views,)).
+
+  An image larger than capacity x capacity even after the DCT-domain shrink is resized here
+  and its views sent side by side at scale 1, where the accelerator's resize is exact."""
+  img, windows, flips = _random_windows(image, rng, n_views, scale)
+  img, factor = _decode(img, windows, size)
+  if max(img.size) <= capacity:
+    pixels = np.asarray(img.convert("RGB") if img.mode != "RGB" else img)
+    boxes = np.asarray(windows, np.float32) / np.float32(factor)
+  else:
+    pixels = np.concatenate(_resize_views(img, windows, factor, size, interpolation), axis=1)
+    boxes = np.asarray([(0, v * size, size, size) for v in range(n_views)], np.float32)
+  return pixels, boxes, flips & flip
 
 
 def eval_view(image, size: int, resize_mode: str, interpolation: str):
@@ -562,6 +606,54 @@ def view_keys(n_views):
   return ("image",) if n_views == 1 else tuple(f"view{v + 1}" for v in range(n_views))
 
 
+def default_capacity(image_size: int, n_views: int = 2) -> int:
+  """data.decoded_size 0: room for a 500 x 375 JPEG (ImageNet's usual size) at image_size 224,
+  i.e. 16/7 of the view's side rounded up to 32, and for the views side by side."""
+  return max(n_views * image_size, -(-image_size * 16 // (7 * 32)) * 32)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Views:
+  """How a training example becomes its views: resized here (capacity 0), or decoded into a
+  (capacity, capacity, 3) buffer to be resized on the accelerator (resample.render_views)."""
+  n_views: int
+  size: int
+  scale: tuple
+  interpolation: str
+  flip: bool
+  capacity: int = 0
+
+  @property
+  def keys(self):
+    return resample.DECODED_KEYS if self.capacity else view_keys(self.n_views)
+
+  @property
+  def specs(self):
+    """(shape, dtype) of one example's array under each key."""
+    if not self.capacity:
+      return [((self.size, self.size, 3), np.uint8)] * self.n_views
+    c, v = self.capacity, self.n_views
+    return [((c, c, 3), np.uint8), ((2,), np.int32), ((v, 4), np.float32), ((v,), np.bool_)]
+
+  def __call__(self, image, rng):
+    """One example's arrays; a decoded image is not yet padded to the capacity (`stack`)."""
+    if not self.capacity:
+      return random_views(image, rng, self.n_views, self.size, self.scale, self.interpolation,
+                          self.flip)
+    pixels, windows, flips = decoded_views(image, rng, self.n_views, self.size, self.scale,
+                                           self.interpolation, self.flip, self.capacity)
+    return pixels, np.asarray(pixels.shape[:2], np.int32), windows, flips
+
+  def stack(self, examples) -> dict:
+    """The batch of `examples` (from __call__), each array zero-padded to its spec's shape."""
+    batch = {}
+    for i, (key, (shape, dtype)) in enumerate(zip(self.keys, self.specs)):
+      batch[key] = np.zeros((len(examples), *shape), dtype)
+      for j, example in enumerate(examples):
+        batch[key][(j, *map(slice, example[i].shape))] = example[i]
+    return batch
+
+
 @dataclasses.dataclass(frozen=True)
 class _TrainBatch:
   """Batch k of a host's training stream (see the module doc): a picklable callable, so that
@@ -570,11 +662,7 @@ class _TrainBatch:
   b: int
   seed: int
   process_index: int
-  n_views: int
-  size: int
-  scale: tuple
-  interpolation: str
-  flip: bool
+  views: _Views
 
   def _example(self, k, slot):
     n = self.data.n_local
@@ -584,23 +672,21 @@ class _TrainBatch:
     return int(_element_rng(self.seed, self.process_index, 2, k, slot).integers(n))
 
   def __call__(self, k):
-    views, labels = [], []
+    examples, labels = [], []
     slot = 0
     while len(labels) < self.b and slot < 2 * self.b + _MAX_SPARES:
       rng = _element_rng(self.seed, self.process_index, 1, k, slot)
       try:
         image, label = self.data.load(self._example(k, slot))
-        views.append(random_views(image, rng, self.n_views, self.size, self.scale,
-                                  self.interpolation, self.flip))
+        examples.append(self.views(image, rng))
         labels.append(label)
       except UnreadableImage:
         pass  # counted: slot - b at the end
       slot += 1
     if len(labels) < self.b:
       return dict(_skipped=slot - len(labels), _short=True)
-    batch = {key: np.stack([x[v] for x in views])
-             for v, key in enumerate(view_keys(self.n_views))}
-    return dict(batch, label=np.asarray(labels, np.int32), _skipped=slot - self.b)
+    return dict(self.views.stack(examples), label=np.asarray(labels, np.int32),
+                _skipped=slot - self.b)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -702,7 +788,8 @@ class EvalIterator(HostIterator):
 
 def _train_iterator(source, split, *, global_batch_size, image_size, crop_scale, seed,
                     start_step, process_index, process_count, data_dir, shuffle_buffer,
-                    interpolation, flip, n_views, engine, workers, threads):
+                    interpolation, flip, n_views, engine, workers, threads, resize_on,
+                    decoded_size):
   b, p, P = _check_layout(global_batch_size, image_size, process_index, process_count)
   check_interpolation(interpolation)
   lo, hi = crop_scale
@@ -713,16 +800,21 @@ def _train_iterator(source, split, *, global_batch_size, image_size, crop_scale,
   data = _host_data(source, split, data_dir, p, P, engine)
   if data.n_local <= 0:
     raise DataError(f"{data.info.name}: process {p} has no examples")
-  views = functools.partial(random_views, n_views=n_views, size=image_size, scale=(lo, hi),
-                            interpolation=interpolation, flip=flip)
+  if resize_on not in RESIZE_ON:
+    raise DataError(f"resize_on must be one of {RESIZE_ON}, got {resize_on!r}")
+  capacity = 0
+  if resize_on == "device":
+    capacity = decoded_size or default_capacity(image_size, n_views)
+    if capacity < n_views * image_size:
+      raise DataError(f"data.decoded_size {capacity} is smaller than {n_views} views of "
+                      f"{image_size} side by side: use at least {n_views * image_size}.")
+  views = _Views(n_views, image_size, (lo, hi), interpolation, flip, capacity)
   if engine == "tf":
     from sit_jax import data_tf
     batches = data_tf.train_batches(data, b=b, start_step=start_step, seed=int(seed),
-                                    process_index=p, shuffle_buffer=shuffle_buffer,
-                                    n_views=n_views, size=image_size, views=views)
+                                    process_index=p, shuffle_buffer=shuffle_buffer, views=views)
   else:
-    make_batch = _TrainBatch(data, b, int(seed), p, n_views, image_size, (lo, hi), interpolation,
-                             flip)
+    make_batch = _TrainBatch(data, b, int(seed), p, views)
     batches = _grain_batches(make_batch, start_step, 2**62, workers, threads)
   return HostIterator(batches, b, data.info, start_step)
 
@@ -733,8 +825,8 @@ def pretrain_iterator(source: str, split: Optional[str], *, global_batch_size: i
                       process_count: Optional[int] = None, data_dir: Optional[str] = None,
                       shuffle_buffer: int = 50_000,
                       interpolation: str = "bicubic_antialias", flip: bool = True,
-                      engine: str = "grain", workers: int = 0,
-                      threads: int = 0) -> HostIterator:
+                      engine: str = "grain", workers: int = 0, threads: int = 0,
+                      resize_on: str = "host", decoded_size: int = 0) -> HostIterator:
   """Infinite iterator of host-local batches dict(view1=uint8 (b, S, S, 3), view2=uint8
   (b, S, S, 3), label=int32 (b,)), b = global_batch_size // process_count. Each view is an
   independent random-resized crop (area `crop_scale`, ratio 3/4..4/3, resized to S with
@@ -742,13 +834,18 @@ def pretrain_iterator(source: str, split: Optional[str], *, global_batch_size: i
   Batch k is a pure function of (seed, process_index, process_count, k): `start_step=k`
   resumes exactly. `shuffle_buffer` only matters for engine 'tf' (see the module doc).
   grain builds batches in `threads` threads (0: default_threads()) of this process and, with
-  `workers` > 0, in that many worker processes."""
+  `workers` > 0, in that many worker processes.
+
+  resize_on='device': the host decodes only, and batches are dict(decoded=uint8 (b, C, C, 3),
+  extent=int32 (b, 2), window=float32 (b, 2, 4), flip=bool (b, 2), label) with C =
+  `decoded_size` (0: default_capacity); resample.render_views turns them on the accelerator into
+  the views above (the same crops, pixels within one level)."""
   return _train_iterator(
       source, split, global_batch_size=global_batch_size, image_size=image_size,
       crop_scale=crop_scale, seed=seed, start_step=start_step, process_index=process_index,
       process_count=process_count, data_dir=data_dir, shuffle_buffer=shuffle_buffer,
       interpolation=interpolation, flip=flip, n_views=2, engine=engine, workers=workers,
-      threads=threads)
+      threads=threads, resize_on=resize_on, decoded_size=decoded_size)
 
 
 def train_iterator(source: str, split: Optional[str], *, global_batch_size: int,
@@ -757,16 +854,17 @@ def train_iterator(source: str, split: Optional[str], *, global_batch_size: int,
                    process_count: Optional[int] = None, data_dir: Optional[str] = None,
                    shuffle_buffer: int = 50_000,
                    interpolation: str = "bicubic_antialias", flip: bool = True,
-                   engine: str = "grain", workers: int = 0, threads: int = 0) -> HostIterator:
+                   engine: str = "grain", workers: int = 0, threads: int = 0,
+                   resize_on: str = "host", decoded_size: int = 0) -> HostIterator:
   """Infinite labelled iterator for supervised transfer: dict(image=uint8 (b, S, S, 3),
-  label=int32 (b,)), one random-resized crop + flip per example. Resumable like
-  `pretrain_iterator`."""
+  label=int32 (b,)), one random-resized crop + flip per example. Resumable, and resized on the
+  device with resize_on='device', like `pretrain_iterator`."""
   return _train_iterator(
       source, split, global_batch_size=global_batch_size, image_size=image_size,
       crop_scale=crop_scale, seed=seed, start_step=start_step, process_index=process_index,
       process_count=process_count, data_dir=data_dir, shuffle_buffer=shuffle_buffer,
       interpolation=interpolation, flip=flip, n_views=1, engine=engine, workers=workers,
-      threads=threads)
+      threads=threads, resize_on=resize_on, decoded_size=decoded_size)
 
 
 def eval_iterator(source: str, split: Optional[str], *, global_batch_size: int,

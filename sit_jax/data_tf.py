@@ -73,27 +73,29 @@ def _label_input(builder):
   return key, (lambda ex: ex[key]) if key else (lambda ex: tf.constant(-1))
 
 
-def _numpy_elements(ds, builder, fn, shapes):
-  """Maps (position, example) to fn(encoded, label dict, position) -> (ok, *arrays) in
-  parallel with PIL, drops the elements fn could not decode, keeps the position."""
+def _numpy_elements(ds, builder, fn, specs):
+  """Maps (position, example) to fn(encoded, position) -> arrays of `specs` ((shape, numpy
+  dtype) each) in parallel with PIL, drops the elements fn could not decode, keeps the
+  position."""
   key, label_input = _label_input(builder)
   label_of, num_classes, multilabel = data._tfds_labels(builder)
   label_shape = (num_classes,) if multilabel else ()
-  outs = [tf.bool] + [tf.uint8] * len(shapes) + [tf.int32]
+  outs = [tf.bool] + [tf.as_dtype(dtype) for _, dtype in specs] + [tf.int32]
 
   def run(encoded, label, pos):
     label = label_of({key: label}) if key else np.int32(-1)
     try:
       arrays = fn(encoded, pos)
     except data.UnreadableImage:
-      return (False, *[np.zeros(s, np.uint8) for s in shapes], np.zeros(label_shape, np.int32))
+      return (False, *[np.zeros(shape, dtype) for shape, dtype in specs],
+              np.zeros(label_shape, np.int32))
     return (True, *arrays, np.asarray(label, np.int32).reshape(label_shape))
 
   def element(pos, ex):
     ok, *arrays, label = tf.numpy_function(run, [ex["image"], label_input(ex), pos], outs,
                                            stateful=False)
-    for a, s in zip(arrays, shapes):
-      a.set_shape(s)
+    for a, (shape, _) in zip(arrays, specs):
+      a.set_shape(shape)
     label.set_shape(label_shape)
     return dict(ok=ok, arrays=tuple(arrays), label=label, _pos=pos)
 
@@ -107,8 +109,7 @@ def _options(ds):
   return ds.with_options(options)
 
 
-def train_batches(d, *, b, start_step, seed, process_index, shuffle_buffer, n_views, size,
-                  views):
+def train_batches(d, *, b, start_step, seed, process_index, shuffle_buffer, views):
   """Batches (see data.HostIterator) of one deterministic shuffled pass per epoch, resumed by
   skipping records; the stream position of an element keys its crops."""
   n = d.n_local
@@ -128,12 +129,13 @@ def train_batches(d, *, b, start_step, seed, process_index, shuffle_buffer, n_vi
 
   def crops(encoded, pos):
     rng = data._element_rng(seed, process_index, 1, int(pos))
-    return views(encoded, rng)
+    padded = views.stack([views(encoded, rng)])
+    return [padded[k][0] for k in views.keys]
 
   ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch)
-  ds = _numpy_elements(ds, d.builder, crops, [(size, size, 3)] * n_views)
+  ds = _numpy_elements(ds, d.builder, crops, views.specs)
   ds = _options(ds.batch(b, drop_remainder=True).prefetch(_AUTOTUNE))
-  keys = data.view_keys(n_views)
+  keys = views.keys
   expected = first  # stream position of the next element if none were unreadable
 
   for batch in ds.as_numpy_iterator():
@@ -147,7 +149,7 @@ def eval_batches(d, *, b, size, view):
   label_shape = (d.info.num_classes,) if d.info.multilabel else ()
   ds = _read(d.builder, d.host_split, d.info.name).enumerate()
   ds = _numpy_elements(ds, d.builder, lambda encoded, pos: (view(encoded),),
-                       [(size, size, 3)])
+                       [((size, size, 3), np.uint8)])
   pending = iter(_options(ds.prefetch(_AUTOTUNE)).as_numpy_iterator())
   nxt = next(pending, None)
   for k in range(-(-d.n_max_local // b)):

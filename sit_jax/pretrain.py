@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from sit_jax import augment, gmml, losses, optim, sharding
+from sit_jax import augment, gmml, losses, optim, resample, sharding
 from sit_jax.models import sit as sit_model
 from sit_jax.models import vit
 
@@ -283,7 +283,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
           global_batch_size=config.data.global_batch_size, image_size=config.data.image_size,
           crop_scale=tuple(config.data.crop_scale), seed=config.seed, start_step=start_step,
           data_dir=data_dir, interpolation=config.data.interpolation, flip=config.data.flip,
-          **data.engine_options(config.data))
+          **data.engine_options(config.data), **data.resize_options(config.data))
 
     # Model, optimiser, state and step. --------------------------------------------------------
     model = build_model(config)
@@ -306,7 +306,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # Train. -----------------------------------------------------------------------------------
     outcome = trainer.train(
         exp, init=init, abstract=abstract, step_fn=train_step, batches=batches,
-        total_steps=total_steps, metadata=checkpoint_metadata(config), hooks=hooks)
+        total_steps=total_steps, metadata=checkpoint_metadata(config), hooks=hooks,
+        place=resample.batch_placer(mesh, config.data, config.data.image_size,
+                                    data.view_keys(2)))
 
     results = {"experiment": config.experiment, "dataset": info.name, **outcome.results(),
                **({"knn_monitor": {**outcome.evaluated, "bank": monitor.eval_splits(config)}}

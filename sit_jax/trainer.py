@@ -19,6 +19,7 @@ The caller writes results: `outcome.results()` holds the fields every experiment
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from typing import Any, Callable, Iterator, Sequence
@@ -115,7 +116,8 @@ def _all_finite(tree):
 
 def train(exp, *, init: Callable[[], Any], abstract, step_fn: Callable,
           batches: Callable[[int], Iterator[dict]], total_steps: int, metadata: dict | None,
-          hooks: Sequence[Hook] = (), writer=None, checkpoints: bool = True) -> Outcome:
+          hooks: Sequence[Hook] = (), writer=None, checkpoints: bool = True,
+          place: Callable[[dict], dict] | None = None) -> Outcome:
   """Runs step_fn(state, global batch) -> (state, scalar metrics) up to `total_steps`.
 
   Args:
@@ -131,6 +133,8 @@ def train(exp, *, init: Callable[[], Any], abstract, step_fn: Callable,
     hooks: pictures, monitors, evaluations (`Hook`).
     writer: the MetricWriter; default exp.metric_writer.
     checkpoints: False trains in memory only (a probe's head of a few seconds).
+    place: host batch -> the step's global batch (resample.batch_placer); default
+      sharding.global_batch on exp.mesh.
   """
   config = exp.config
   writer = writer if writer is not None else exp.metric_writer
@@ -155,7 +159,8 @@ def train(exp, *, init: Callable[[], Any], abstract, step_fn: Callable,
     outcome = Outcome(state, start_step, start_step, total_steps, {}, {}, None, 0.0)
     start = time.perf_counter()
     try:
-      _loop(exp, ckpt, outcome, step_fn, batches(start_step), hooks, writer, metadata)
+      place = place or functools.partial(sharding.global_batch, mesh=exp.mesh)
+      _loop(exp, ckpt, outcome, step_fn, batches(start_step), place, hooks, writer, metadata)
     except _NonFinite as e:
       outcome.stopped = "non-finite"
       kept = ckpt.latest_step() if ckpt is not None else None
@@ -178,7 +183,7 @@ def train(exp, *, init: Callable[[], Any], abstract, step_fn: Callable,
   return outcome
 
 
-def _loop(exp, ckpt, outcome: Outcome, step_fn, batches, hooks, writer, metadata):
+def _loop(exp, ckpt, outcome: Outcome, step_fn, batches, place, hooks, writer, metadata):
   config, total = exp.config, outcome.total_steps
   state, step = outcome.state, outcome.step
   pending, fetched = [], []  # device metrics of the steps since the last log; host values
@@ -191,7 +196,7 @@ def _loop(exp, ckpt, outcome: Outcome, step_fn, batches, hooks, writer, metadata
       _check_finite(step - len(pending) + i + 1, fetched[-1])
 
   while step < total:
-    batch = sharding.global_batch(next(batches), exp.mesh)
+    batch = place(next(batches))
     state, step_metrics = step_fn(state, batch)
     outcome.state = state  # the donated input is gone: keep the live state reachable.
     step += 1

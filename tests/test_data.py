@@ -7,6 +7,7 @@ import os
 import re
 
 import chex
+import jax
 import numpy as np
 from PIL import Image
 import pytest
@@ -345,6 +346,22 @@ def tiny_tfds(request, tmp_path_factory):
 
 def _ids(images):
   return list(images[:, 0, 0, 0] // 10)
+
+
+def test_real_tfds_resize_on_device_gives_the_host_views(tiny_tfds):
+  """Both engines send decoded images for resize_on='device' (data_tf pads them to the buffer)."""
+  from sit_jax import resample
+  engine, data_dir = tiny_tfds
+  kw = dict(global_batch_size=4, image_size=4, seed=5, process_index=0, process_count=1,
+            data_dir=data_dir, engine=engine)
+  host = _take(data.pretrain_iterator("sit_jax_tiny_images", "train", **kw), 3)
+  device = _take(data.pretrain_iterator("sit_jax_tiny_images", "train", resize_on="device",
+                                        decoded_size=16, **kw), 3)
+  for want, got in zip(host, device):
+    chex.assert_shape(got["decoded"], (4, 16, 16, 3))
+    np.testing.assert_array_equal(got["extent"], np.full((4, 2), 8))
+    _assert_same_batches([want], [jax.device_get(
+        resample.render_views(got, 4, "bicubic_antialias", data.view_keys(2)))])
 
 
 def test_real_tfds_hosts_resume_and_eval(tiny_tfds):

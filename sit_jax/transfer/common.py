@@ -271,7 +271,15 @@ def train_batches(config, start_step: int, image_size: int):
       global_batch_size=config.data.global_batch_size, image_size=image_size,
       crop_scale=tuple(config.data.crop_scale), seed=config.seed, start_step=start_step,
       data_dir=data_dir(config), interpolation=config.data.interpolation,
-      flip=config.data.get("flip", True), **data.engine_options(config.data))
+      flip=config.data.get("flip", True), **data.engine_options(config.data),
+      **data.resize_options(config.data))
+
+
+def train_placer(config, mesh, image_size: int):
+  """`train_batches`' host batch -> the step's global batch (resized there with
+  data.resize_on='device')."""
+  from sit_jax import resample
+  return resample.batch_placer(mesh, config.data, image_size, ("image",))
 
 
 def eval_batches(config, split: str, image_size: int):
