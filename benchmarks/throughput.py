@@ -9,7 +9,8 @@ Three figures, kept apart because they answer different questions:
   model     the step on device-resident synthetic batches (random uint8 views already placed on
             the mesh): what the accelerator can do;
   e2e       the same step fed by the real input pipeline (data.pretrain_iterator +
-            sharding.global_batch each step): what training will actually see.
+            resample.batch_placer each step, with the config's data.resize_on): what training
+            will actually see.
 Each timed window dispatches `--steps` steps and blocks only at its end; `--repeats` windows are
 timed and the median is reported (hosts are often shared, so single windows are noisy).
 The last line of the output is one JSON object.
@@ -177,18 +178,21 @@ def measure(config, *, steps: int = 10, warmup: int = 2, repeats: int = 3, e2e: 
 
   it = None
   if e2e:
-    from sit_jax import data  # imports TensorFlow: only when asked.
+    from sit_jax import data
     try:
       it = data.pretrain_iterator(
           config.data.source, config.data.split, global_batch_size=gb,
           image_size=config.data.image_size, crop_scale=tuple(config.data.crop_scale),
           seed=config.seed, data_dir=config.data.data_dir or None,
-          interpolation=config.data.interpolation)
+          interpolation=config.data.interpolation, **data.engine_options(config.data),
+          **data.resize_options(config.data))
     except data.DataError as e:  # e.g. ImageNet not prepared here: keep the model figures.
       log(f"e2e skipped: {e}")
       result["e2e_error"] = str(e)
   if it is not None:
-    next_batch = lambda: sharding.global_batch(next(it), mesh)
+    from sit_jax import resample
+    place = resample.batch_placer(mesh, config.data, config.data.image_size, data.view_keys(2))
+    next_batch = lambda: place(next(it))
     state, _ = run_window(compiled, state, next_batch, warmup)
     e2e_windows = []
     for r in range(repeats):

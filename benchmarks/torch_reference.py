@@ -256,8 +256,10 @@ def main(argv):
     it = data.pretrain_iterator(
         config.data.source, config.data.split, global_batch_size=FLAGS.batch,
         image_size=FLAGS.image_size, crop_scale=tuple(config.data.crop_scale), seed=0,
-        interpolation=config.data.interpolation)
-    next_real = lambda: sharding.global_batch(next(it), mesh)
+        interpolation=config.data.interpolation, **data.resize_options(config.data))
+    from sit_jax import resample
+    place = resample.batch_placer(mesh, config.data, FLAGS.image_size, data.view_keys(2))
+    next_real = lambda: place(next(it))
     state, _ = throughput.run_window(compiled, state, next_real, 1)
 
   # PyTorch: build, warm up.
