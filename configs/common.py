@@ -78,8 +78,9 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.data.engine = "grain"               # 'grain'; 'tf' for TFDS TFRecord (pip install 'sit_jax[tf]').
   c.data.workers = 0                    # grain worker processes; 0: threads of this process only.
   # 'device': the host decodes, the accelerator crops and resizes (sit_jax/resample.py, PIL's
-  # pixels within one level): about twice the images per host core. 'host': PIL resizes.
-  c.data.resize_on = "device"
+  # pixels within one level): over twice the images per host core. 'host': PIL resizes.
+  # 'auto': 'device' on GPUs and TPUs, 'host' on CPUs.
+  c.data.resize_on = "auto"
   c.data.decoded_size = 0               # the decoded-image buffer's side; 0: 512 at 224 px.
 
   c.augment = ml_collections.ConfigDict()
@@ -187,7 +188,10 @@ def shrink_for_runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   c.data.global_batch_size = 128       # in-batch negatives for the contrastive loss.
   c.data.flip = False                  # digits have a handedness: flips cost 0.1 k-NN.
   c.data.crop_scale = (0.5, 1.0)       # (0.3, 1) measured the same.
-  c.data.decoded_size = 32             # the digits are 32 x 32.
+  # The accelerator's resize, as on GPUs and TPUs, so that the quickstart and the tests run the
+  # path real runs take; the 32 x 32 digits make it free on a CPU.
+  c.data.resize_on = "device"
+  c.data.decoded_size = 32
   c.augment.preset = "gmml"            # light jitter, rare blur: colour means nothing here.
   c.model.variant = "Mu/4"
   c.model.dtype = "float32"

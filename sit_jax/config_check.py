@@ -168,7 +168,7 @@ RULES: dict[str, Rule] = {
     "data.resize_mode": RESIZE_MODE,
     "data.global_batch_size": COUNT,
     "data.engine": one_of("grain", "tf"),
-    "data.resize_on": one_of("host", "device"),
+    "data.resize_on": one_of("auto", "host", "device"),
     "data.decoded_size": integer(0),
     "data.workers": integer(0),
     "data.num_classes": COUNT,  # segmentation: the classes of a folder's masks.
@@ -291,7 +291,7 @@ def _decoded_size(config) -> str | None:
   data = config.get("data") or {}
   size = data.get("decoded_size", 0)
   views = 2 if config.get("experiment") in PRETRAIN_EXPERIMENTS else 1
-  if data.get("resize_on") == "device" and 0 < size < views * data.get("image_size", 0):
+  if data.get("resize_on") != "host" and 0 < size < views * data.get("image_size", 0):
     return (f"data.decoded_size {size} cannot hold {views} views of data.image_size "
             f"{data.image_size} side by side: set it to 0 (automatic) or at least "
             f"{views * data.image_size}.")

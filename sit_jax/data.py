@@ -156,8 +156,8 @@ def engine_options(data_config) -> dict:
 
 def resize_options(data_config) -> dict:
   """The resize keywords of the training iterators from a config's `data` block: data.resize_on
-  ('host' where absent) and data.decoded_size."""
-  return dict(resize_on=data_config.get("resize_on", "host"),
+  (resample.resize_on) and data.decoded_size."""
+  return dict(resize_on=resample.resize_on(data_config),
               decoded_size=data_config.get("decoded_size", 0))
 
 

@@ -98,11 +98,20 @@ def render_views(batch: dict, size: int, interpolation: str, view_keys) -> dict:
   return out
 
 
+def resize_on(data_config) -> str:
+  """data.resize_on resolved: 'auto' (or absent: 'host') is 'device' on GPUs and TPUs, 'host'
+  on CPUs, where dense matrix products cost far more than PIL's resize."""
+  where = data_config.get("resize_on", "host")
+  if where == "auto":
+    return "host" if jax.default_backend() == "cpu" else "device"
+  return where
+
+
 def batch_placer(mesh, data_config, size: int, view_keys):
   """host batch -> the step's global batch on `mesh` (sharding.global_batch) with, when
   data.resize_on is 'device', its views rendered by one jitted call sharded like the batch."""
   from sit_jax import sharding
-  if data_config.get("resize_on", "host") == "host":
+  if resize_on(data_config) == "host":
     return lambda host_batch: sharding.global_batch(host_batch, mesh)
   render = jax.jit(functools.partial(render_views, size=size,
                                      interpolation=data_config.interpolation,

@@ -161,3 +161,4 @@ def test_a_buffer_too_small_for_the_views_is_one_line():
   config.data.decoded_size = 24
   with pytest.raises(config_check.ConfigError, match="data.decoded_size 24 cannot hold 2 views"):
     config_check.check(config)
+
