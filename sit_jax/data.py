@@ -3,7 +3,9 @@ numpy batches of uint8 crops.
 
 The host only decodes, crops, resizes and flips; photometric augmentation runs on the
 accelerator (augment.py). The trainer turns these host-local batches into global jax.Arrays with
-jax.make_array_from_process_local_data.
+jax.make_array_from_process_local_data. With resize_on='device' the training iterators leave
+the crop, resize and flip to the accelerator too (resample.py): the host decodes, draws the same
+windows and flips, and sends the decoded image.
 
 Sources (`source` argument):
   "tfds:NAME[/CONFIG][:SPLIT]" or a bare "NAME[/CONFIG]"  a TFDS dataset (`split` like "train",
@@ -30,7 +32,8 @@ statistics.
 
 Host work per image: the JPEG is decoded once for all its views, at 1/2, 1/4 or 1/8 scale in the
 DCT domain (PIL's `draft`) when every crop still has at least the output size at that scale;
-each view is then one crop-and-resize from the decoded image.
+each view is then one crop-and-resize from the decoded image (here or, with resize_on='device',
+on the accelerator).
 
 Determinism and resuming. A training iterator's batches are a pure function of (seed,
 process_index, process_count, step), so `start_step=k` yields exactly what a fresh iterator
