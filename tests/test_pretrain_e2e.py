@@ -69,33 +69,63 @@ def test_runlocal_writes_metrics_pictures_checkpoint_and_results(uninterrupted):
   assert os.listdir(os.path.join(workdir, "tb"))
 
 
-def start_and_wait_for_rows(workdir, rows: int):
-  """A run started in the background, once it has logged `rows` rows of metrics."""
+def last_logged_step(workdir) -> int:
+  """The step of the last complete row of metrics.jsonl, 0 before the first."""
+  try:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      rows = [line for line in f.read().split("\n")[:-1] if line]
+  except FileNotFoundError:
+    return 0
+  return json.loads(rows[-1])["step"] if rows else 0
+
+
+def start_and_wait_for_step(workdir, step: int):
+  """A run started in the background, once it has itself logged a row of `step` or later
+  (rows of an earlier run in `workdir` at or before its checkpoint stay in metrics.jsonl)."""
   proc = subprocess.Popen(command(workdir, *RUN_FLAGS), cwd=REPO, env=env(),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
   deadline = time.time() + 300
-  while not (os.path.exists(metrics_path) and open(metrics_path).read().count("\n") >= rows):
+  while last_logged_step(workdir) < step:
     assert proc.poll() is None and time.time() < deadline, "the run ended before the signal"
     time.sleep(0.2)
   return proc
 
 
-def test_preempted_run_resumes_and_matches_uninterrupted_losses(uninterrupted, tmp_path):
-  reference = losses(uninterrupted[0])
-  workdir = str(tmp_path)
-  proc = start_and_wait_for_rows(workdir, 2)
-  proc.send_signal(signal.SIGTERM)  # what a Cloud TPU preemption sends.
-  proc.communicate(timeout=300)
-  assert proc.returncode == 0
-  first = json.load(open(os.path.join(workdir, "results.json")))
-  assert first["preempted"] and 10 <= first["step"] < 35, first
+@pytest.fixture(scope="module")
+def interrupted(uninterrupted, tmp_path_factory):
+  """One workdir, three runs of the same command: Ctrl-C once the first row is logged; resumed,
+  then SIGTERM (what a Cloud TPU preemption sends) once it has logged step 10 or later; resumed
+  to the end. (After `uninterrupted`, so that the compilation cache is warm.)"""
+  workdir = str(tmp_path_factory.mktemp("interrupted"))
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  read_results = lambda: json.load(open(os.path.join(workdir, "results.json")))
+  proc = start_and_wait_for_step(workdir, 5)
+  proc.send_signal(signal.SIGINT)
+  _, stderr = proc.communicate(timeout=120)
+  ctrl_c = dict(returncode=proc.returncode, stderr=stderr, results=read_results(),
+                latest_step=checkpoint.Checkpointer(ckpt_dir).latest_step())
+
+  proc = start_and_wait_for_step(workdir, max(10, ctrl_c["results"]["step"] + 1))
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 0, stderr[-3000:]
+  preempted = read_results()
+
   resumed = subprocess.run(command(workdir, *RUN_FLAGS), cwd=REPO, env=env(),
                            capture_output=True, text=True, timeout=600)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  second = json.load(open(os.path.join(workdir, "results.json")))
+  return dict(workdir=workdir, ctrl_c=ctrl_c, preempted=preempted, resumed=read_results())
+
+
+def test_preempted_run_resumes_and_matches_uninterrupted_losses(uninterrupted, interrupted):
+  reference = losses(uninterrupted[0])
+  first, second = interrupted["preempted"], interrupted["resumed"]
+  # The SIGTERM run itself resumed from the Ctrl-C checkpoint.
+  assert first["steps_this_run"] == first["step"] - interrupted["ctrl_c"]["results"]["step"]
+  assert first["preempted"] and 10 <= first["step"] < 35, first
   assert second["step"] == 40 and second["steps_this_run"] == 40 - first["step"]
-  got = losses(workdir)
+  assert not second["preempted"]
+  got = losses(interrupted["workdir"])
   # Logged losses are means over the last 5 steps: compare windows that lie after the resume.
   later = [s for s in reference if s - 5 >= first["step"]]
   assert later
@@ -103,36 +133,34 @@ def test_preempted_run_resumes_and_matches_uninterrupted_losses(uninterrupted, t
     np.testing.assert_allclose(got[s], reference[s], rtol=1e-5, err_msg=f"step {s}")
 
 
-def test_ctrl_c_saves_the_current_step_and_exits_without_a_traceback(tmp_path):
-  workdir = str(tmp_path)
-  proc = start_and_wait_for_rows(workdir, 1)
-  proc.send_signal(signal.SIGINT)
-  _, stderr = proc.communicate(timeout=120)
-  assert proc.returncode == 0 and "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
-  results = json.load(open(os.path.join(workdir, "results.json")))
+def test_ctrl_c_saves_the_current_step_and_exits_without_a_traceback(interrupted):
+  c = interrupted["ctrl_c"]
+  stderr, results = c["stderr"], c["results"]
+  assert c["returncode"] == 0 and "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
   assert results["preempted"] and results["checkpoint"].endswith(f"/{results['step']}")
-  assert checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).latest_step() == \
-      results["step"]
+  assert c["latest_step"] == results["step"]
 
 
-def tiny_state(config, mesh):
+def tiny_layout(config, mesh):
+  """(abstract state, shardings, init) on `mesh`; init compiles, the layout alone does not."""
   model = pretrain.build_model(config)
   schedules = pretrain.build_schedules(config, 100, 10)
   tx = pretrain.build_optimizer(config, schedules)
   init = lambda rng: pretrain.init_state(config, model, tx, rng)
   abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
   shardings = sharding.tree_shardings(abstract, mesh, config.sharding_rules)
-  return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(0)), abstract, shardings
+  return abstract, shardings, lambda: jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(0))
 
 
 def test_checkpoint_from_8_devices_restores_onto_4(tmp_path):
   config = common.shrink_for_runlocal(common.pretrain_config())
   config.sharding_rules = common.FSDP
-  state8, _, _ = tiny_state(config, sharding.make_mesh({"data": 4, "fsdp": 2}))
+  _, _, init8 = tiny_layout(config, sharding.make_mesh({"data": 4, "fsdp": 2}))
+  state8 = init8()
   ckpt = checkpoint.Checkpointer(str(tmp_path), every=5, async_save=False)
   assert ckpt.save(5, state8, metadata=pretrain.checkpoint_metadata(config))
   mesh4 = sharding.make_mesh({"data": 2, "fsdp": 2}, jax.devices()[:4])
-  _, abstract, shardings4 = tiny_state(config, mesh4)
+  abstract, shardings4, _ = tiny_layout(config, mesh4)
   restored, _ = ckpt.restore(pretrain.abstract_with_shardings(abstract, shardings4),
                              expected_metadata=pretrain.checkpoint_metadata(config))
   kernel = restored.params["backbone"]["blocks_0"]["mlp"]["fc1"]["kernel"]
