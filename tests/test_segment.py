@@ -145,7 +145,7 @@ def test_folder_of_image_mask_pairs(tmp_path):
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-  """A Mu/4 backbone pretrained for 300 steps to classify the 16 px train digits from its CLS
+  """A Mu/4 backbone pretrained for 200 steps to classify the 16 px train digits from its CLS
   token (image labels only, no pixel labels), exported as pretraining exports."""
   images, label_maps = segment_data.digit_masks("train")
   digits = np.array([np.max(np.where(m == IGNORE, 0, m)) - 1 for m in label_maps])
@@ -169,7 +169,7 @@ def pretrained(tmp_path_factory):
 
   opt_state = tx.init(params)
   order = np.random.default_rng(0)
-  for _ in range(300):
+  for _ in range(200):  # test mIoU 0.55 against random init's 0.18 (0.71 after 300 steps)
     idx = order.integers(0, len(images), 64)
     params, opt_state = step(params, opt_state, images[idx], digits[idx])
   return checkpoint.export_backbone(tmp_path_factory.mktemp("export") / "backbone",
