@@ -28,3 +28,22 @@ if "SIT_JAX_TEST_CACHE" not in os.environ:
 import jax  # noqa: E402  (after XLA_FLAGS)
 
 jax.config.update("jax_threefry_partitionable", True)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def exported_backbone(tmp_path_factory):
+  """A Mu/4 backbone for 32 px images, exported as pretraining would export it (test_transfer.py
+  and test_transfer_runlocal.py): (path, params)."""
+  import jax.numpy as jnp
+  import numpy as np
+  from sit_jax import checkpoint
+  from sit_jax.models import vit
+  module = vit.backbone_from_config({"variant": "Mu/4", "image_size": 32})
+  params = module.init(jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 3)))["params"]
+  params = jax.tree.map(np.asarray, params)
+  path = checkpoint.export_backbone(tmp_path_factory.mktemp("export") / "backbone",
+                                    {"backbone": params}, {"variant": "Mu/4", "image_size": 32})
+  return path, params
