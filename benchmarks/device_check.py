@@ -9,8 +9,9 @@ one factor changed at a time at the smaller batch: cuDNN attention, remat on. Fo
 seconds, step ms, images/s, analytic and XLA FLOPs, MFU against flops.PEAK_FLOPS, and XLA's
 planned memory per device; the process's peak memory in use comes at the end (the allocator
 cannot be reset between cases). Then end to end: a generated folder of 500x375 JPEGs through
-the real pipeline (grain, one worker process per core) into the ViT-S/16 step, and the pipeline
-alone. A case that fails (out of memory, no cuDNN) records its error; cases past the time budget
+the real pipeline (grain, one worker process per core, crop and resize on the GPU) into the
+ViT-S/16 step; the pipeline alone, with the resize on the GPU and with PIL; the GPU's time and
+FLOPs for the crop and resize. A case that fails (out of memory, no cuDNN) records its error; cases past the time budget
 are skipped, so that the JSON always comes.
 """
 from __future__ import annotations
@@ -97,29 +98,45 @@ def run_case(config, steps, repeats):
 
 
 def end_to_end(config, built, folder, steps, repeats, workers):
-  """images/s of a case's step fed by the real pipeline, and of the pipeline alone."""
+  """images/s of a case's step fed by the real pipeline (the views cut and resized on the
+  device, as `data.resize_on=auto` does on a GPU), of the pipeline alone with that and with PIL
+  resizing on the host, and the device's share (resample.render_views)."""
   import throughput
-  from sit_jax import data, sharding
+  from hostutil import device_resize_cost
+  from sit_jax import data, resample, sharding
   state, compiled, _, _ = built
   mesh = sharding.make_mesh(config.mesh)
-  it = data.pretrain_iterator(
-      f"folder:{folder}", None, global_batch_size=config.data.global_batch_size,
-      image_size=config.data.image_size, crop_scale=tuple(config.data.crop_scale),
-      seed=0, workers=workers)
-  next_batch = lambda: sharding.global_batch(next(it), mesh)
+  config.data.resize_on = "device"
+
+  def pipeline(resize_on):
+    return data.pretrain_iterator(
+        f"folder:{folder}", None, global_batch_size=config.data.global_batch_size,
+        image_size=config.data.image_size, crop_scale=tuple(config.data.crop_scale),
+        seed=0, workers=workers, resize_on=resize_on)
+
+  def alone(it):
+    next(it)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      next(it)
+    return config.data.global_batch_size * steps / (time.perf_counter() - t0)
+
+  it = pipeline("device")
+  place = resample.batch_placer(mesh, config.data, config.data.image_size, data.view_keys(2))
+  next_batch = lambda: place(next(it))
   state, _ = throughput.run_window(compiled, state, next_batch, 2)
   e2e = []
   for _ in range(repeats):
     state, seconds = throughput.run_window(compiled, state, next_batch, steps)
     e2e.append(seconds / steps)
-  t0 = time.perf_counter()
-  for _ in range(steps):
-    next(it)
-  pipeline_s = (time.perf_counter() - t0) / steps
   gb = config.data.global_batch_size
   return {"variant": config.model.variant, "global_batch": gb, "workers": workers,
-          "jpegs": "500x375 q90", "e2e_images_per_s": gb / statistics.median(e2e),
-          "pipeline_images_per_s": gb / pipeline_s, "skipped_images": it.num_skipped}
+          "jpegs": "500x375 q90", "resize_on": "device",
+          "e2e_images_per_s": gb / statistics.median(e2e),
+          "pipeline_images_per_s": alone(it),
+          "pipeline_host_resize_images_per_s": alone(pipeline("host")),
+          "device_resize": device_resize_cost(gb, config.data.image_size),
+          "skipped_images": it.num_skipped}
 
 
 def main(argv):

@@ -31,4 +31,6 @@ def test_device_check_dry_run():
   assert remat["xla_tflop_per_step"] > plain["xla_tflop_per_step"]
   e2e = r["end_to_end"]
   assert e2e["e2e_images_per_s"] > 0 and e2e["pipeline_images_per_s"] > 0 and e2e["workers"] == 1
+  assert e2e["resize_on"] == "device" and e2e["pipeline_host_resize_images_per_s"] > 0
+  assert e2e["device_resize"]["gflop_per_image"] > 0
   assert e2e["skipped_images"] == 0
