@@ -99,8 +99,9 @@ def render_views(batch: dict, size: int, interpolation: str, view_keys) -> dict:
 
 
 def resize_on(data_config) -> str:
-  """data.resize_on resolved: 'auto' (or absent: 'host') is 'device' on GPUs and TPUs, 'host'
-  on CPUs, where dense matrix products cost far more than PIL's resize."""
+  """data.resize_on resolved to 'host' or 'device' ('host' where the key is absent). 'auto' is
+  'device' on GPUs and TPUs and 'host' on CPUs, where dense matrix products cost far more than
+  PIL's resize."""
   where = data_config.get("resize_on", "host")
   if where == "auto":
     return "host" if jax.default_backend() == "cpu" else "device"
