@@ -162,3 +162,12 @@ def test_a_buffer_too_small_for_the_views_is_one_line():
   with pytest.raises(config_check.ConfigError, match="data.decoded_size 24 cannot hold 2 views"):
     config_check.check(config)
 
+
+
+def test_resize_on_auto_is_the_host_on_a_cpu():
+  config = lambda **kw: ml_collections.ConfigDict(kw)
+  assert resample.resize_on(config(resize_on="auto")) == "host"  # tests run on the CPU backend
+  assert resample.resize_on(config(resize_on="device")) == "device"
+  assert resample.resize_on(config()) == "host"
+  assert data.resize_options(config(resize_on="auto", decoded_size=64)) == dict(
+      resize_on="host", decoded_size=64)
