@@ -180,6 +180,15 @@ class _Manager(ocp.CheckpointManager):
 # Checkpointer.
 
 
+def _no_replica_parallel_saves():
+  """orbax's replica-parallel saving has each device write a slice of every replicated array,
+  cut by a jitted slice per array shape: on XLA:CPU those compiles cost seconds per first save
+  (120 small arrays on 8 devices: 29 s against 0.1 s), and CPU devices share the host's memory,
+  so it gains nothing there. Sets orbax's (process-wide) jax.Array handler."""
+  ocp.type_handlers.register_type_handler(
+      jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+
+
 class Checkpointer:
   """Saves a train state every `every` steps, at `last_step` and at a preemption, and keeps the
   latest `keep` (>= 1) committed checkpoints.
@@ -219,6 +228,8 @@ class Checkpointer:
         enable_async_checkpointing=async_save,
         create=True,
         cleanup_tmp_directories=True)  # removes what a crash left half-written.
+    if jax.default_backend() == "cpu":
+      _no_replica_parallel_saves()
     try:
       self._mngr = _Manager(self.directory, options=options,
                             item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler()})
