@@ -171,3 +171,20 @@ def test_resize_on_auto_is_the_host_on_a_cpu():
   assert resample.resize_on(config()) == "host"
   assert data.resize_options(config(resize_on="auto", decoded_size=64)) == dict(
       resize_on="host", decoded_size=64)
+
+
+def test_transfer_batches_resized_on_the_device_equal_the_host_ones():
+  """Fine-tuning's and the augmented probe's input (transfer.common): train_batches and
+  train_placer with data.resize_on='device' give the views of 'host'."""
+  from configs import finetune
+  from sit_jax.transfer import common
+  mesh = sharding.make_mesh()
+  config = finetune.get_config("runlocal")
+  config.data.global_batch_size = 8
+  want = next(common.train_batches(config, 0, 16))
+  config.data.resize_on, config.data.decoded_size = "device", 32
+  host_batch = next(common.train_batches(config, 0, 16))
+  assert "decoded" in host_batch
+  got = common.train_placer(config, mesh, 16)(host_batch)
+  np.testing.assert_array_equal(got["label"], want["label"])
+  assert np.abs(np.asarray(got["image"]).astype(int) - want["image"]).max() <= 1
