@@ -139,6 +139,7 @@ def train(exp, *, init: Callable[[], Any], abstract, step_fn: Callable,
   config = exp.config
   writer = writer if writer is not None else exp.metric_writer
   metadata = {**(metadata or {}), "settings": resume_settings(config)}
+  place = place or functools.partial(sharding.global_batch, mesh=exp.mesh)
   ckpt = None
   if checkpoints:
     ckpt = checkpoint.Checkpointer(os.path.join(exp.workdir, "checkpoints"),
@@ -159,7 +160,6 @@ def train(exp, *, init: Callable[[], Any], abstract, step_fn: Callable,
     outcome = Outcome(state, start_step, start_step, total_steps, {}, {}, None, 0.0)
     start = time.perf_counter()
     try:
-      place = place or functools.partial(sharding.global_batch, mesh=exp.mesh)
       _loop(exp, ckpt, outcome, step_fn, batches(start_step), place, hooks, writer, metadata)
     except _NonFinite as e:
       outcome.stopped = "non-finite"

@@ -148,8 +148,8 @@ def run(config, workdir: str, *, multilabel: bool = False) -> dict:
     outcome = trainer.train(
         exp, init=lambda: state, abstract=supervised.abstract_of(state), step_fn=step_fn,
         batches=lambda start_step: common.train_batches(config, start_step, size),
-        place=common.train_placer(config, mesh, size), total_steps=total_steps, metadata=common.checkpoint_metadata(config, backbone,
-                                                                     num_classes),
+        place=common.train_placer(config, mesh, size), total_steps=total_steps,
+        metadata=common.checkpoint_metadata(config, backbone, num_classes),
         hooks=[supervised.evaluation_hook(config, evaluate, total_steps)])
     run_results = outcome.results()
     results = common.results_dict(
