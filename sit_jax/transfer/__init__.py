@@ -21,6 +21,11 @@ from sit_jax.transfer.knn import knn_classify
 from sit_jax.transfer.linear import fit_head, make_probe_step
 from sit_jax.transfer.supervised import lr_decay_tree, make_optimizer
 
+__all__ = ["EXPERIMENTS", "run", "extract_features", "load_backbone", "make_feature_fn",
+           "mean_average_precision", "topk_accuracy", "mixup_cutmix", "rand_augment",
+           "random_erasing", "Classifier", "create_state", "make_finetune_step", "knn_classify",
+           "fit_head", "make_probe_step", "lr_decay_tree", "make_optimizer"]
+
 EXPERIMENTS = ("finetune", "linear", "knn", "multilabel", "segment", "fewshot")
 
 

@@ -2,7 +2,7 @@
 optimiser (with layer-wise lr decay) and the evaluation hook of the loop (trainer.py)."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import flax
 import jax
@@ -10,6 +10,9 @@ import jax.numpy as jnp
 import optax
 
 from sit_jax import optim, sharding
+
+if TYPE_CHECKING:
+  from sit_jax import trainer
 
 
 @flax.struct.dataclass
