@@ -163,7 +163,6 @@ def test_a_buffer_too_small_for_the_views_is_one_line():
     config_check.check(config)
 
 
-
 def test_resize_on_auto_is_the_host_on_a_cpu():
   config = lambda **kw: ml_collections.ConfigDict(kw)
   assert resample.resize_on(config(resize_on="auto")) == "host"  # tests run on the CPU backend
