@@ -205,6 +205,7 @@ RULES: dict[str, Rule] = {
     "gmml.fills": subset("noise", "zeros", "replace"),
     "gmml.replace_prob": FRACTION,
     "gmml.align": COUNT,
+    "gmml.donor_group": integer(0),
     "loss.alpha": NON_NEGATIVE,
     "loss.temperature": POSITIVE,
     "loss.recon_all_pixels": BOOL,
@@ -298,8 +299,19 @@ def _decoded_size(config) -> str | None:
   return None
 
 
+def _donor_group(config) -> str | None:
+  group = (config.get("gmml") or {}).get("donor_group", 0)
+  batch = (config.get("data") or {}).get("global_batch_size", 0)
+  if group and batch > group and batch % group:
+    return (f"gmml.donor_group {group} does not divide data.global_batch_size {batch} (the "
+            f"images of each view): set --config.gmml.donor_group to a divisor of {batch}, "
+            f"or 0 for the whole view.")
+  return None
+
+
 # Rules across keys: each returns the one-line message of a mistake, or None.
-CHECKS: list[Callable[[ml_collections.ConfigDict], str | None]] = [_length_of_run, _decoded_size]
+CHECKS: list[Callable[[ml_collections.ConfigDict], str | None]] = [
+    _length_of_run, _decoded_size, _donor_group]
 
 
 def flatten(config) -> dict[str, Any]:

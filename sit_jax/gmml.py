@@ -106,7 +106,8 @@ def _cyclic_derangement(key, n: int) -> jax.Array:
 
 
 def corrupt(key, images, *, ratio=0.5, replace_ratio=0.3, fills=("noise", "replace"),
-            replace_prob=0.5, align=1, max_block_frac=0.3, max_blocks=256, num_views=2):
+            replace_prob=0.5, align=1, max_block_frac=0.3, max_blocks=256, num_views=2,
+            donor_group=0):
   """GMML-corrupts a batch of normalised images.
 
   Each image gets one corruption type. With "replace" and "noise"/"zeros" both in `fills`, an
@@ -117,7 +118,10 @@ def corrupt(key, images, *, ratio=0.5, replace_ratio=0.3, fills=("noise", "repla
   The donor is drawn, as in the authors' code, within the view: `images` is `num_views` batches
   stacked view-major (pretrain.corrupt_views passes view 1 then view 2), and an image of view v
   takes blocks from another image of view v: never from itself, nor from another view of its own
-  source image, whose pixels show the same scene.
+  source image, whose pixels show the same scene. `donor_group` > 0 narrows the donors further to
+  groups of that many consecutive images of a view, as the authors' code does per GPU (its batch
+  of 64 per view): a donor group that lies within one device's share of the batch is copied on
+  that device, where the whole view would be all-gathered to every device.
 
   Args:
     key: PRNG key.
@@ -130,6 +134,7 @@ def corrupt(key, images, *, ratio=0.5, replace_ratio=0.3, fills=("noise", "repla
     max_block_frac: largest block side as a fraction of the image side.
     max_blocks: safety cap on the number of blocks per image.
     num_views: how many views of the same B source images `images` stacks; 1 for a plain batch.
+    donor_group: images per donor group (0 or >= B: each view's whole batch); must divide B.
 
   Returns:
     (corrupted, mask): corrupted has the shape and dtype of `images`; mask is
@@ -142,10 +147,14 @@ def corrupt(key, images, *, ratio=0.5, replace_ratio=0.3, fills=("noise", "repla
     raise ValueError(f"A batch of {b} images cannot hold {num_views} views of the same size.")
   has_replace = "replace" in fills
   per_view = b // num_views
-  if has_replace and per_view < 2:
+  group = min(donor_group, per_view) if donor_group else per_view
+  if has_replace and per_view % group:
+    raise ValueError(f"gmml.donor_group {donor_group} does not divide the {per_view} images of "
+                     f"each view: choose a divisor of {per_view}, or 0 for the whole view.")
+  if has_replace and group < 2:
     raise ValueError(f"The 'replace' fill needs a donor image from the same view's batch, but "
-                     f"each of the {num_views} view(s) has {per_view} image(s). Use a batch of "
-                     f">= 2 images per view or drop 'replace' from fills.")
+                     f"each donor group has {group} image(s). Use >= 2 images per view and "
+                     f"gmml.donor_group (or drop 'replace' from fills).")
 
   k_type, k_zeros, k_masks, k_donor, k_noise = jax.random.split(key, 5)
   has_base = "noise" in fills or "zeros" in fills
@@ -168,16 +177,19 @@ def corrupt(key, images, *, ratio=0.5, replace_ratio=0.3, fills=("noise", "repla
     noise = jax.random.normal(k_noise, images.shape, images.dtype)
     fill = jnp.where(use_zeros[:, None, None, None], fill, noise)
   if has_replace:
-    donors = images[_donors_within_views(k_donor, b, num_views)]
+    donors = _donors_within_groups(k_donor, images, group)
     fill = jnp.where(use_replace[:, None, None, None], donors, fill)
   corrupted = jnp.where(masks[..., None], fill, images)
   return corrupted, masks.astype(jnp.float32)
 
 
-def _donors_within_views(key, batch: int, num_views: int) -> jax.Array:
-  """(batch,) donor index of each image: a derangement within each of the `num_views` equal,
-  consecutive parts of the batch."""
-  per_view = batch // num_views
-  parts = [_cyclic_derangement(k, per_view) + v * per_view
-           for v, k in enumerate(jax.random.split(key, num_views))]
-  return jnp.concatenate(parts)
+def _donors_within_groups(key, images, group: int) -> jax.Array:
+  """Each image's donor: another image of its group of `group` consecutive images (a cyclic
+  derangement per group). The copy is indexed within groups, so a group inside one device's
+  share of the batch never leaves that device."""
+  b = images.shape[0]
+  grouped = images.reshape(b // group, group, *images.shape[1:])
+  index = jax.vmap(_cyclic_derangement, in_axes=(0, None))(
+      jax.random.split(key, b // group), group)
+  index = index.reshape(index.shape + (1,) * (images.ndim - 1))
+  return jnp.take_along_axis(grouped, index, axis=1).reshape(images.shape)

@@ -113,7 +113,8 @@ def corrupt_views(config, key, clean):
     return clean, jnp.zeros(clean.shape[:3], jnp.float32)
   g = config.gmml
   return gmml.corrupt(key, clean, ratio=g.ratio, replace_ratio=g.replace_ratio,
-                      fills=tuple(g.fills), replace_prob=g.replace_prob, align=g.align)
+                      fills=tuple(g.fills), replace_prob=g.replace_prob, align=g.align,
+                      donor_group=g.get("donor_group", 0))
 
 
 def make_train_step(config, model, tx, schedules: Schedules):

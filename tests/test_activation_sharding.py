@@ -17,8 +17,8 @@ FAST = {"xla_backend_optimization_level": 0}  # buffer assignment (the memory) c
 BATCH = 48  # two views: 96 images of 17 tokens (16 patches + CLS), 3 heads, width 96.
 
 
-def compile_step(mesh_shape, rules, logical_axis_rules=sharding.LOGICAL_AXIS_RULES):
-  config = tiny_config("sit")
+def compile_step(mesh_shape, rules, logical_axis_rules=sharding.LOGICAL_AXIS_RULES, **overrides):
+  config = tiny_config("sit", **overrides)
   config.data.global_batch_size = BATCH
   config.mesh.update({"data": 1, "fsdp": 1, "model": 1, **mesh_shape})
   config.sharding_rules = rules
@@ -74,6 +74,23 @@ def test_fsdp_against_data_parallelism_on_the_same_devices():
   assert fsdp["temp"] <= data_parallel["temp"] + state_bytes / 3, (fsdp, data_parallel)
   assert fsdp["argument"] <= 1.5 * data_parallel["argument"] / 8
   assert fsdp["total"] < data_parallel["total"], (fsdp, data_parallel)
+
+
+def image_gathers(hlo: str) -> list[str]:
+  """All-gathers of (16 x 16 x 3) images: of other devices' shares of the batch."""
+  return re.findall(r"= \w+\[[\d,]*16,16,3\]\S* all-gather(?:-start)?\(", hlo)
+
+
+@pytest.mark.parametrize("mesh_shape, rules", [({"fsdp": 8}, common.FSDP),
+                                               ({"data": 8}, common.REPLICATED)])
+def test_replace_donors_stay_on_their_device(mesh_shape, rules):
+  """GMML's 'replace' copies blocks from a donor image. Drawn from the whole view, the donors
+  need every device's images (an all-gather of the global batch, 616 MB per chip at B/16 batch
+  1024); drawn from groups that lie within one device's 12 images, none leave the device."""
+  _, whole_view = compile_step(mesh_shape, rules, **{"gmml.donor_group": 0})
+  assert image_gathers(whole_view)
+  _, grouped = compile_step(mesh_shape, rules, **{"gmml.donor_group": 2 * BATCH // 8})
+  assert not image_gathers(grouped)
 
 
 def test_without_the_batch_rule_fsdp_follows_the_kernels():

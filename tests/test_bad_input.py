@@ -29,6 +29,8 @@ CASES = [
     ("dtype", [SIT, "--config.model.dtype=float16x"], ["model.dtype='float16x'", "'bfloat16'"]),
     ("gmml_ratio_above_1", [SIT, "--config.gmml.ratio=1.5"], ["gmml.ratio=1.5", "[0, 1]"]),
     ("gmml_ratio_negative", [SIT, "--config.gmml.ratio=-0.1"], ["gmml.ratio=-0.1", "[0, 1]"]),
+    ("donor_group_not_a_divisor", [SIT, "--config.gmml.donor_group=96"],
+     ["gmml.donor_group 96 does not divide data.global_batch_size 128", "0 for the whole view"]),
     ("temperature_0", [SIT, "--config.loss.temperature=0"], ["loss.temperature=0", "> 0"]),
     ("negative_lr", [SIT, "--config.optim.base_lr=-0.001"], ["optim.base_lr=-0.001", "> 0"]),
     ("proj_dim_0", [SIT, "--config.model.proj_dim=0"], ["model.proj_dim=0", ">= 1"]),

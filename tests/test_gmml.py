@@ -12,7 +12,7 @@ from sit_jax import gmml
 
 # Ratios and probabilities traced, as inside a train step.
 _corrupt = jax.jit(gmml.corrupt, static_argnames=("fills", "align", "max_block_frac", "max_blocks",
-                                                  "num_views"))
+                                                  "num_views", "donor_group"))
 
 def _const_images(b, h, w, c=1, dtype=jnp.float32):
   """Image i is constant, equal to 10 + i: every pixel tells which image it came from."""
@@ -175,6 +175,28 @@ def test_replace_takes_pixels_from_another_image(num_views):
   n = b // num_views
   for v in range(num_views):  # A permutation of each view's batch.
     assert sorted(donors[v * n:(v + 1) * n]) == list(range(v * n, (v + 1) * n))
+
+
+def test_donor_groups_keep_each_donor_within_its_group():
+  """donor_group=4: a derangement of every 4 consecutive images of each view (the authors'
+  per-GPU batch); a donor_group of the view's batch or more is 0, the whole view."""
+  b, group = 16, 4
+  images = _const_images(2 * b, 16, 16)
+  for seed in range(5):
+    key = jax.random.PRNGKey(seed)
+    out, mask = _corrupt(key, images, fills=("replace",), donor_group=group)
+    donors = _donors(np.asarray(out), np.asarray(mask).astype(bool))
+    own = np.arange(2 * b)
+    assert (donors != own).all()
+    for start in range(0, 2 * b, group):
+      assert sorted(donors[start:start + group]) == list(range(start, start + group))
+    whole_view = _corrupt(key, images, fills=("replace",), donor_group=0)
+    chex.assert_trees_all_equal(_corrupt(key, images, fills=("replace",), donor_group=b),
+                                whole_view)
+    chex.assert_trees_all_equal(_corrupt(key, images, fills=("replace",), donor_group=64),
+                                whole_view)
+  with pytest.raises(ValueError, match="gmml.donor_group 5 does not divide the 16 images"):
+    _corrupt(key, images, fills=("replace",), donor_group=5)
 
 
 @pytest.mark.parametrize("b", [2, 3, 8])
