@@ -139,6 +139,10 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
   c.sharding_rules = REPLICATED
   c.logical_axis_rules = LOGICAL_AXIS_RULES
+  # XLA options of the training step, 'name=value,...' for the backend it runs on, e.g. FSDP +
+  # remat on TPU v4 (README, "FSDP + remat on v4"): xla_tpu_enable_windowed_einsum_for_all_gather=
+  # false,xla_tpu_enable_windowed_einsum_for_reduce_scatter=false.
+  c.compiler_options = ""
 
   c.log_every = 50
   c.image_every = 1000                  # reconstruction grids under workdir/images.

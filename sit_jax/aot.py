@@ -143,9 +143,13 @@ def compile_train_step(config, devices, compiler_options: dict | None = None):
   step = pretrain.jit_train_step(pretrain.make_train_step(config, model, tx, schedules),
                                  state_shardings, mesh, config.logical_axis_rules)
   lowered = step.lower(state, batch)
+  options = {**sharding.compiler_options(config.compiler_options), **(compiler_options or {})}
   try:
-    return lowered.compile(compiler_options=compiler_options), mesh
+    return lowered.compile(compiler_options=options or None), mesh
   except jax.errors.JaxRuntimeError as e:
+    if "No such compile option" in str(e):
+      raise ValueError(f"config.compiler_options: {str(e).splitlines()[0]} for "
+                       f"{devices[0].platform}.") from None
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
     raise DoesNotFit(out_of_memory_line(config, mesh, devices, str(e))) from None

@@ -115,6 +115,9 @@ def either(*rules: Rule) -> Rule:
 
 BOOL = Rule(lambda v: isinstance(v, bool), "True or False")
 TEXT = Rule(lambda v: isinstance(v, str), "a string")
+COMPILER_OPTIONS = Rule(
+    lambda v: isinstance(v, str) and re.fullmatch(r"(\w+=[^,=\s]+(,\w+=[^,=\s]+)*)?", v) is not None,
+    "'' or comma-separated name=value XLA options, e.g. 'xla_cpu_enable_fast_math=false'")
 NAME = Rule(lambda v: isinstance(v, str) and bool(v.strip()), "a non-empty string")
 FRACTION = number(0, 1)  # also a probability
 POSITIVE = number(0, lo_open=True)
@@ -232,6 +235,7 @@ RULES: dict[str, Rule] = {
     "mesh.fsdp": MESH_AXIS,
     "mesh.model": MESH_AXIS,
     "sharding_rules": SHARDING_RULES,
+    "compiler_options": COMPILER_OPTIONS,
     "logical_axis_rules": LOGICAL_AXIS_RULES,
     # Logging, evaluation, checkpoints.
     "log_every": COUNT,

@@ -191,5 +191,4 @@ def _donors_within_groups(key, images, group: int) -> jax.Array:
   grouped = images.reshape(b // group, group, *images.shape[1:])
   index = jax.vmap(_cyclic_derangement, in_axes=(0, None))(
       jax.random.split(key, b // group), group)
-  index = index.reshape(index.shape + (1,) * (images.ndim - 1))
-  return jnp.take_along_axis(grouped, index, axis=1).reshape(images.shape)
+  return jax.vmap(lambda group_images, i: group_images[i])(grouped, index).reshape(images.shape)

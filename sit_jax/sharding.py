@@ -156,6 +156,34 @@ def check_batch_size(global_batch_size: int, mesh: Mesh):
                      f"{jax.process_count()} processes.")
 
 
+def compiler_options(text: str) -> dict[str, bool | int | float | str]:
+  """'a=false,b=2' (config.compiler_options) -> {'a': False, 'b': 2}."""
+  options = {}
+  for item in filter(None, text.split(",")):
+    name, value = item.split("=", 1)
+    for parse in (int, float):
+      try:
+        options[name] = parse(value)
+        break
+      except ValueError:
+        pass
+    else:
+      options[name] = {"true": True, "false": False}.get(value.lower(), value)
+  return options
+
+
+def check_compiler_options(options: dict, backend: str | None = None) -> None:
+  """Raises, naming the option, if XLA for `backend` (default: jax's) does not know one:
+  compiles an identity with them, before any real work."""
+  try:
+    jax.jit(lambda x: x, compiler_options=options, backend=backend).lower(0.0).compile()
+  except jax.errors.JaxRuntimeError as e:
+    platform = backend or jax.default_backend()
+    raise ValueError(f"config.compiler_options: {str(e).splitlines()[0]} for {platform} (each "
+                     f"backend has its own options: xla_tpu_* are TPU's, xla_gpu_* GPU's, "
+                     f"xla_cpu_* CPU's).") from None
+
+
 def jit(fn, mesh: Mesh, logical_axis_rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES,
         **jit_kwargs):
   """jax.jit of `fn`, traced under `mesh` and the logical axis rules of the activations.
