@@ -237,6 +237,23 @@ def validate(config):
   sit_model.sit_from_config(model_config(config), config.experiment)
 
 
+def warn_if_donors_cross_devices(config, mesh) -> str | None:
+  """The warning logged (and returned) when GMML's donor groups span devices: correct, but each
+  step then copies images between devices."""
+  if not uses_corruption(config) or "replace" not in config.gmml.fills:
+    return None
+  per_view = config.data.global_batch_size
+  per_device = 2 * per_view // sharding.data_parallel_size(mesh)
+  group = min(config.gmml.get("donor_group", 0) or per_view, per_view)
+  if per_device % group == 0:
+    return None
+  message = (f"gmml.donor_group: donor groups of {group} images span devices holding "
+             f"{per_device} images each, so 'replace' copies images between devices every "
+             f"step; a divisor of {per_device} keeps them on their device.")
+  logging.warning(message)
+  return message
+
+
 def picture_hook(config, model, mesh, writer):
   """trainer hook: a grid of clean, corrupted and reconstructed views of the current batch."""
   from sit_jax import viz
@@ -280,6 +297,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         config, config.num_train_examples or info.num_examples)
     logging.info("%s: %d examples, %d steps per epoch, %d steps; mesh %s", info.name,
                  info.num_examples, steps_per_epoch, total_steps, dict(mesh.shape))
+    warn_if_donors_cross_devices(config, mesh)
 
     def batches(start_step):
       return data.pretrain_iterator(

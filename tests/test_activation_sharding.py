@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import common
-from sit_jax import aot, sharding
+from sit_jax import aot, pretrain, sharding
 from test_pretrain_step import INVARIANCE_OVERRIDES, run_steps, single_device_run, tiny_config
 
 FAST = {"xla_backend_optimization_level": 0}  # buffer assignment (the memory) comes before.
@@ -91,6 +91,16 @@ def test_replace_donors_stay_on_their_device(mesh_shape, rules):
   assert image_gathers(whole_view)
   _, grouped = compile_step(mesh_shape, rules, **{"gmml.donor_group": 2 * BATCH // 8})
   assert not image_gathers(grouped)
+
+
+def test_donor_groups_across_devices_are_named():
+  config = tiny_config("sit", **{"gmml.donor_group": 16})  # 2 x 16 images, 4 on each of 8.
+  assert "span devices holding 4 images" in pretrain.warn_if_donors_cross_devices(
+      config, sharding.make_mesh({"data": 8}))
+  assert pretrain.warn_if_donors_cross_devices(config, sharding.make_mesh({"data": 1},
+                                                                          jax.devices()[:1])) is None
+  config.gmml.donor_group = 4
+  assert pretrain.warn_if_donors_cross_devices(config, sharding.make_mesh({"data": 8})) is None
 
 
 def test_without_the_batch_rule_fsdp_follows_the_kernels():
