@@ -175,6 +175,8 @@ def compiler_options(text: str) -> dict[str, bool | int | float | str]:
 def check_compiler_options(options: dict, backend: str | None = None) -> None:
   """Raises, naming the option, if XLA for `backend` (default: jax's) does not know one:
   compiles an identity with them, before any real work."""
+  if not options:
+    return
   try:
     jax.jit(lambda x: x, compiler_options=options, backend=backend).lower(0.0).compile()
   except jax.errors.JaxRuntimeError as e:
