@@ -105,6 +105,11 @@ def _cyclic_derangement(key, n: int) -> jax.Array:
   return jnp.zeros((n,), perm.dtype).at[perm].set(jnp.roll(perm, -1))
 
 
+def donor_group_size(donor_group: int, per_view: int) -> int:
+  """Images per donor group: `donor_group`, or the whole view for 0 or more than the view."""
+  return min(donor_group, per_view) if donor_group else per_view
+
+
 def corrupt(key, images, *, ratio=0.5, replace_ratio=0.3, fills=("noise", "replace"),
             replace_prob=0.5, align=1, max_block_frac=0.3, max_blocks=256, num_views=2,
             donor_group=0):
@@ -147,7 +152,7 @@ def corrupt(key, images, *, ratio=0.5, replace_ratio=0.3, fills=("noise", "repla
     raise ValueError(f"A batch of {b} images cannot hold {num_views} views of the same size.")
   has_replace = "replace" in fills
   per_view = b // num_views
-  group = min(donor_group, per_view) if donor_group else per_view
+  group = donor_group_size(donor_group, per_view)
   if has_replace and per_view % group:
     raise ValueError(f"gmml.donor_group {donor_group} does not divide the {per_view} images of "
                      f"each view: choose a divisor of {per_view}, or 0 for the whole view.")

@@ -244,7 +244,7 @@ def warn_if_donors_cross_devices(config, mesh) -> str | None:
     return None
   per_view = config.data.global_batch_size
   per_device = 2 * per_view // sharding.data_parallel_size(mesh)
-  group = min(config.gmml.get("donor_group", 0) or per_view, per_view)
+  group = gmml.donor_group_size(config.gmml.get("donor_group", 0), per_view)
   if per_device % group == 0:
     return None
   message = (f"gmml.donor_group: donor groups of {group} images span devices holding "

@@ -180,10 +180,16 @@ def check_compiler_options(options: dict, backend: str | None = None) -> None:
   try:
     jax.jit(lambda x: x, compiler_options=options, backend=backend).lower(0.0).compile()
   except jax.errors.JaxRuntimeError as e:
-    platform = backend or jax.default_backend()
-    raise ValueError(f"config.compiler_options: {str(e).splitlines()[0]} for {platform} (each "
-                     f"backend has its own options: xla_tpu_* are TPU's, xla_gpu_* GPU's, "
-                     f"xla_cpu_* CPU's).") from None
+    raise unknown_compiler_option(e, backend or jax.default_backend()) or e from None
+
+
+def unknown_compiler_option(error: Exception, platform: str) -> ValueError | None:
+  """The one-line error for XLA's 'No such compile option' (None for any other error)."""
+  if "No such compile option" not in str(error):
+    return None
+  return ValueError(f"config.compiler_options: {str(error).splitlines()[0]} for {platform} "
+                    f"(each backend has its own options: xla_tpu_* are TPU's, xla_gpu_* GPU's, "
+                    f"xla_cpu_* CPU's).")
 
 
 def jit(fn, mesh: Mesh, logical_axis_rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES,

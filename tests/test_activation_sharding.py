@@ -85,7 +85,7 @@ def image_gathers(hlo: str) -> list[str]:
                                                ({"data": 8}, common.REPLICATED)])
 def test_replace_donors_stay_on_their_device(mesh_shape, rules):
   """GMML's 'replace' copies blocks from a donor image. Drawn from the whole view, the donors
-  need every device's images (an all-gather of the global batch, 616 MB per chip at B/16 batch
+  need every device's images (all-gathers of whole views: bf16[1024,224,224,3] at B/16 batch
   1024); drawn from groups that lie within one device's 12 images, none leave the device."""
   _, whole_view = compile_step(mesh_shape, rules, **{"gmml.donor_group": 0})
   assert image_gathers(whole_view)
