@@ -108,8 +108,8 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.gmml.replace_prob = 0.5
   c.gmml.align = 1
   # 'replace' donors come from groups of this many consecutive images of a view: the authors'
-  # per-GPU batch (64). A group inside one device's share of the batch (2 x global batch /
-  # data-parallel devices images, view 1 then view 2) is copied there; 0, the whole view,
+  # per-GPU batch (64). A group inside one device's share of the batch (global batch /
+  # data-parallel devices images of each view) is copied there; 0, the whole view,
   # all-gathers every view to every device (bf16[1024,224,224,3] at B/16, batch 1024).
   c.gmml.donor_group = 64
 

@@ -5,6 +5,7 @@ only on its own key (split from `key` by batch index), not on the rest of the ba
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import jax
@@ -111,8 +112,7 @@ def donor_group_size(donor_group: int, per_view: int) -> int:
 
 
 def corrupt(key, images, *, ratio=0.5, replace_ratio=0.3, fills=("noise", "replace"),
-            replace_prob=0.5, align=1, max_block_frac=0.3, max_blocks=256, num_views=2,
-            donor_group=0):
+            replace_prob=0.5, align=1, max_block_frac=0.3, max_blocks=256, donor_group=0):
   """GMML-corrupts a batch of normalised images.
 
   Each image gets one corruption type. With "replace" and "noise"/"zeros" both in `fills`, an
@@ -120,17 +120,17 @@ def corrupt(key, images, *, ratio=0.5, replace_ratio=0.3, fills=("noise", "repla
   view's batch (area `replace_ratio`); otherwise its blocks (area `ratio`) are filled with N(0, 1)
   noise or zeros (50/50 per image when both are given).
 
-  The donor is drawn, as in the authors' code, within the view: `images` is `num_views` batches
-  stacked view-major (pretrain.corrupt_views passes view 1 then view 2), and an image of view v
-  takes blocks from another image of view v: never from itself, nor from another view of its own
-  source image, whose pixels show the same scene. `donor_group` > 0 narrows the donors further to
-  groups of that many consecutive images of a view, as the authors' code does per GPU (its batch
-  of 64 per view): a donor group that lies within one device's share of the batch is copied on
-  that device, where the whole view would be all-gathered to every device.
+  The donor is drawn, as in the authors' code, within the view: `images` may stack V views of the
+  same B source images on a leading axis (pretrain.corrupt_views passes both views), and an image
+  of view v takes blocks from another image of view v: never from itself, nor from another view
+  of its own source image, whose pixels show the same scene. `donor_group` > 0 narrows the donors
+  further to groups of that many consecutive images of a view, as the authors' code does per GPU
+  (its batch of 64 per view): a donor group that lies within one device's share of the batch is
+  copied on that device, where the whole view would be all-gathered to every device.
 
   Args:
     key: PRNG key.
-    images: (num_views * B, H, W, C) float images, already normalised.
+    images: (B, H, W, C) or (V, B, H, W, C) float images, already normalised.
     ratio: corruption ratio for noise / zeros fills.
     replace_ratio: corruption ratio for the replace fill.
     fills: subset of ("noise", "zeros", "replace").
@@ -138,20 +138,21 @@ def corrupt(key, images, *, ratio=0.5, replace_ratio=0.3, fills=("noise", "repla
     align: block grid in pixels (1: pixel level; patch size: patch-aligned blocks).
     max_block_frac: largest block side as a fraction of the image side.
     max_blocks: safety cap on the number of blocks per image.
-    num_views: how many views of the same B source images `images` stacks; 1 for a plain batch.
     donor_group: images per donor group (0 or >= B: each view's whole batch); must divide B.
 
   Returns:
-    (corrupted, mask): corrupted has the shape and dtype of `images`; mask is
-    (num_views * B, H, W) float32, 1 where a pixel (all its channels) was corrupted.
+    (corrupted, mask): corrupted has the shape and dtype of `images`; mask has its shape without
+    the channels, float32, 1 where a pixel (all its channels) was corrupted. The random draws
+    depend only on the key and the image's index in view-major order (view, then image).
   """
   fills = _check_fills(fills)
-  b, h, w, _ = images.shape
+  if images.ndim not in (4, 5):
+    raise ValueError(f"images must be (B, H, W, C) or (V, B, H, W, C), got shape {images.shape}.")
+  views = images.shape[:-3]  # (B,) or (V, B)
+  per_view, h, w = views[-1], *images.shape[-3:-1]
+  n = math.prod(views)
   _check_align(h, w, align)
-  if num_views < 1 or b % num_views:
-    raise ValueError(f"A batch of {b} images cannot hold {num_views} views of the same size.")
   has_replace = "replace" in fills
-  per_view = b // num_views
   group = donor_group_size(donor_group, per_view)
   if has_replace and per_view % group:
     raise ValueError(f"gmml.donor_group {donor_group} does not divide the {per_view} images of "
@@ -164,36 +165,43 @@ def corrupt(key, images, *, ratio=0.5, replace_ratio=0.3, fills=("noise", "repla
   k_type, k_zeros, k_masks, k_donor, k_noise = jax.random.split(key, 5)
   has_base = "noise" in fills or "zeros" in fills
   if has_replace and has_base:
-    use_replace = jax.random.bernoulli(k_type, replace_prob, (b,))
+    use_replace = jax.random.bernoulli(k_type, replace_prob, (n,)).reshape(views)
   else:
-    use_replace = jnp.full((b,), has_replace)
+    use_replace = jnp.full(views, has_replace)
   if "noise" in fills and "zeros" in fills:
-    use_zeros = jax.random.bernoulli(k_zeros, 0.5, (b,))
+    use_zeros = jax.random.bernoulli(k_zeros, 0.5, (n,)).reshape(views)
   else:
-    use_zeros = jnp.full((b,), "zeros" in fills)
+    use_zeros = jnp.full(views, "zeros" in fills)
 
   ratios = jnp.where(use_replace, replace_ratio, ratio)
-  masks = jax.vmap(lambda k, r: block_mask(
-      k, h, w, r, align=align, max_block_frac=max_block_frac, max_blocks=max_blocks))(
-          jax.random.split(k_masks, b), ratios)
+  draw_mask = lambda k, r: block_mask(k, h, w, r, align=align, max_block_frac=max_block_frac,
+                                      max_blocks=max_blocks)
+  for _ in views:
+    draw_mask = jax.vmap(draw_mask)
+  masks = draw_mask(jax.random.split(k_masks, n).reshape(*views, -1), ratios)
 
+  per_image = lambda x: x[..., None, None, None]
   fill = jnp.zeros_like(images)
   if "noise" in fills:
     noise = jax.random.normal(k_noise, images.shape, images.dtype)
-    fill = jnp.where(use_zeros[:, None, None, None], fill, noise)
+    fill = jnp.where(per_image(use_zeros), fill, noise)
   if has_replace:
     donors = _donors_within_groups(k_donor, images, group)
-    fill = jnp.where(use_replace[:, None, None, None], donors, fill)
+    fill = jnp.where(per_image(use_replace), donors, fill)
   corrupted = jnp.where(masks[..., None], fill, images)
   return corrupted, masks.astype(jnp.float32)
 
 
 def _donors_within_groups(key, images, group: int) -> jax.Array:
-  """Each image's donor: another image of its group of `group` consecutive images (a cyclic
-  derangement per group). The copy is indexed within groups, so a group inside one device's
-  share of the batch never leaves that device."""
-  b = images.shape[0]
-  grouped = images.reshape(b // group, group, *images.shape[1:])
-  index = jax.vmap(_cyclic_derangement, in_axes=(0, None))(
-      jax.random.split(key, b // group), group)
-  return jax.vmap(lambda group_images, i: group_images[i])(grouped, index).reshape(images.shape)
+  """Each image's donor: another image of its group of `group` consecutive images of its view (a
+  cyclic derangement per group). The copy is indexed within groups, so a group inside one
+  device's share of the batch never leaves that device."""
+  views = images.shape[:-3]
+  groups = math.prod(views) // group
+  grouped = images.reshape(*views[:-1], views[-1] // group, group, *images.shape[-3:])
+  index = jax.vmap(_cyclic_derangement, in_axes=(0, None))(jax.random.split(key, groups), group)
+  index = index.reshape(*grouped.shape[:-4], group)
+  take = lambda group_images, i: group_images[i]
+  for _ in grouped.shape[:-4]:
+    take = jax.vmap(take)
+  return take(grouped, index).reshape(images.shape)

@@ -9,7 +9,7 @@ import optax
 def masked_l1(reconstruction, target, mask, *, all_pixels: bool = False):
   """Mean |x - x_hat| over the corrupted pixels of the whole batch (or over all pixels).
 
-  reconstruction, target: (B, H, W, C); mask: (B, H, W), 1 where the pixel was corrupted. The mask
+  reconstruction, target: (..., H, W, C); mask: (..., H, W), 1 where the pixel was corrupted. The mask
   covers every channel, so the count of averaged elements is sum(mask) * C (not a per-image mean).
   """
   error = jnp.abs(reconstruction.astype(jnp.float32) - target.astype(jnp.float32))
@@ -38,9 +38,8 @@ def contrastive(queries, keys, temperature: float):
 
 
 def symmetric_contrastive(student, teacher, temperature: float):
-  """student/teacher: (2B, D) with view 1 in the first half; student(v1)~teacher(v2) + student(v2)~teacher(v1)."""
-  s1, s2 = jnp.split(student, 2)
-  t1, t2 = jnp.split(teacher, 2)
+  """student/teacher: (2, B, D), the two views stacked; student(v1)~teacher(v2) + student(v2)~teacher(v1)."""
+  (s1, s2), (t1, t2) = student, teacher
   return contrastive(s1, t2, temperature) + contrastive(s2, t1, temperature)
 
 

@@ -97,7 +97,7 @@ def init_state(config, model, tx, rng) -> TrainState:
 
 
 def prepare_views(config, key, batch):
-  """uint8 host crops -> augmented, normalised float views stacked as (2B, H, W, 3)."""
+  """uint8 host crops -> augmented, normalised float views stacked as (2, B, H, W, 3)."""
   views = []
   for i, name in enumerate(("view1", "view2")):
     images = batch[name].astype(jnp.float32) / 255.0
@@ -105,7 +105,19 @@ def prepare_views(config, key, batch):
     kwargs["blur_sigma"] = tuple(config.augment.blur_sigma)
     images = augment.photometric(jax.random.fold_in(key, i), images, **kwargs)
     views.append(augment.normalize(images))
-  return jnp.concatenate(views, axis=0)
+  return jnp.stack(views)
+
+
+def views_to_rows(views):
+  """(V, B, ...) -> (B * V, ...), the views of each source image in adjacent rows: the batch the
+  network sees. A device holding a share of the B images then holds all the rows of those
+  images; stacking view 1 over view 2 instead would move every image to another device."""
+  return jnp.swapaxes(views, 0, 1).reshape(-1, *views.shape[2:])
+
+
+def rows_to_views(rows, num_views: int = 2):
+  """Inverse of views_to_rows: (B * V, ...) -> (V, B, ...)."""
+  return jnp.swapaxes(rows.reshape(-1, num_views, *rows.shape[1:]), 0, 1)
 
 
 def corrupt_views(config, key, clean):
@@ -132,21 +144,22 @@ def make_train_step(config, model, tx, schedules: Schedules):
 
     teacher_proj = None
     if with_teacher:
-      teacher_out, _ = model.apply({"params": state.teacher}, clean, train=False, recon=False,
-                                   mutable=["batch_stats"])
-      teacher_proj = jax.lax.stop_gradient(teacher_out["proj"])
+      teacher_out, _ = model.apply({"params": state.teacher}, views_to_rows(clean), train=False,
+                                   recon=False, mutable=["batch_stats"])
+      teacher_proj = jax.lax.stop_gradient(rows_to_views(teacher_out["proj"]))
 
     def loss_fn(params):
-      out, _ = model.apply({"params": params}, corrupted, train=True, rngs={"dropout": drop_key},
-                           mutable=["batch_stats"])
+      out, _ = model.apply({"params": params}, views_to_rows(corrupted), train=True,
+                           rngs={"dropout": drop_key}, mutable=["batch_stats"])
       terms = {}
       total = 0.0
       if with_recon:
-        terms["recon"] = losses.masked_l1(out["recon"], clean, mask,
+        terms["recon"] = losses.masked_l1(rows_to_views(out["recon"]), clean, mask,
                                           all_pixels=config.loss.recon_all_pixels)
         total += alpha * terms["recon"]
       if with_teacher:
-        terms["contrastive"] = losses.symmetric_contrastive(out["proj"], teacher_proj, temperature)
+        terms["contrastive"] = losses.symmetric_contrastive(rows_to_views(out["proj"]),
+                                                            teacher_proj, temperature)
         total += terms["contrastive"]
       return total, terms
 
@@ -192,11 +205,10 @@ def make_reconstruct(config, model):
     key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 7)
     clean = prepare_views(config, key, batch)
     corrupted, _ = corrupt_views(config, jax.random.fold_in(key, 1), clean)
+    corrupted = corrupted[0]
     out, _ = model.apply({"params": state.params}, corrupted, train=False, proj=False,
                          mutable=["batch_stats"])
-    half = clean.shape[0] // 2
-    recon = out.get("recon", corrupted)
-    return clean[:half], corrupted[:half], recon[:half]
+    return clean[0], corrupted, out.get("recon", corrupted)
 
   return reconstruct
 
@@ -243,13 +255,13 @@ def warn_if_donors_cross_devices(config, mesh) -> str | None:
   if not uses_corruption(config) or "replace" not in config.gmml.fills:
     return None
   per_view = config.data.global_batch_size
-  per_device = 2 * per_view // sharding.data_parallel_size(mesh)
+  per_device = per_view // sharding.data_parallel_size(mesh)
   group = gmml.donor_group_size(config.gmml.get("donor_group", 0), per_view)
   if per_device % group == 0:
     return None
   message = (f"gmml.donor_group: donor groups of {group} images span devices holding "
-             f"{per_device} images each, so 'replace' copies images between devices every "
-             f"step; a divisor of {per_device} keeps them on their device.")
+             f"{per_device} images of each view, so 'replace' copies images between devices "
+             f"every step; a divisor of {per_device} keeps them on their device.")
   logging.warning(message)
   return message
 

@@ -56,7 +56,7 @@ def test_block_activations_are_split_over_the_batch_axes(single_device, mesh_sha
 
 def test_fsdp_temporaries_fall_with_the_device_count(single_device):
   # Measured: 83 MiB on one device, 12 MiB per device with FSDP over 8 (10.4 MiB of activations
-  # plus the gathered parameters); 31 MiB before the batch was constrained (below).
+  # plus the gathered parameters); 31 MiB when the blocks were not constrained to the batch.
   whole = single_device[0]["temp"]
   fsdp, _ = compile_step({"fsdp": 8}, common.FSDP)
   assert fsdp["temp"] <= 1.5 * whole / 8, (fsdp["temp"], whole)
@@ -86,28 +86,42 @@ def image_gathers(hlo: str) -> list[str]:
 def test_replace_donors_stay_on_their_device(mesh_shape, rules):
   """GMML's 'replace' copies blocks from a donor image. Drawn from the whole view, the donors
   need every device's images (all-gathers of whole views: bf16[1024,224,224,3] at B/16 batch
-  1024); drawn from groups that lie within one device's 12 images, none leave the device."""
+  1024); drawn from groups that lie within one device's 6 images of each view, none leave the
+  device."""
   _, whole_view = compile_step(mesh_shape, rules, **{"gmml.donor_group": 0})
   assert image_gathers(whole_view)
-  _, grouped = compile_step(mesh_shape, rules, **{"gmml.donor_group": 2 * BATCH // 8})
+  _, grouped = compile_step(mesh_shape, rules, **{"gmml.donor_group": BATCH // 8})
   assert not image_gathers(grouped)
 
 
+@pytest.mark.parametrize("mesh_shape, rules", [({"fsdp": 8}, common.FSDP),
+                                               ({"data": 8}, common.REPLICATED)])
+def test_both_views_of_an_image_stay_on_its_device(mesh_shape, rules):
+  """The network sees the views of each source image in adjacent rows (views_to_rows), so the
+  device holding an image's crops computes on both of its views. With view 1 stacked over view 2
+  the first devices computed on view 1 of every image and the others on view 2: three
+  all-to-alls of the images per step (f32[1024,224,224,3] across the slice at B/16 batch 1024)."""
+  _, hlo = compile_step(mesh_shape, rules, **{"gmml.donor_group": BATCH // 8})
+  assert "all-to-all" not in hlo
+  assert "collective-permute" not in hlo
+
+
+def test_views_to_rows_puts_the_views_of_an_image_side_by_side():
+  views = np.arange(2 * 3 * 4).reshape(2, 3, 4)  # (views, images, features)
+  rows = pretrain.views_to_rows(views)
+  np.testing.assert_array_equal(rows, [views[0, 0], views[1, 0], views[0, 1], views[1, 1],
+                                       views[0, 2], views[1, 2]])
+  np.testing.assert_array_equal(pretrain.rows_to_views(rows), views)
+
+
 def test_donor_groups_across_devices_are_named():
-  config = tiny_config("sit", **{"gmml.donor_group": 16})  # 2 x 16 images, 4 on each of 8.
-  assert "span devices holding 4 images" in pretrain.warn_if_donors_cross_devices(
+  config = tiny_config("sit", **{"gmml.donor_group": 16})  # 2 x 16 images, 2 x 2 on each of 8.
+  assert "span devices holding 2 images of each view" in pretrain.warn_if_donors_cross_devices(
       config, sharding.make_mesh({"data": 8}))
   assert pretrain.warn_if_donors_cross_devices(config, sharding.make_mesh({"data": 1},
                                                                           jax.devices()[:1])) is None
-  config.gmml.donor_group = 4
+  config.gmml.donor_group = 2
   assert pretrain.warn_if_donors_cross_devices(config, sharding.make_mesh({"data": 8})) is None
-
-
-def test_without_the_batch_rule_fsdp_follows_the_kernels():
-  """The failure the rules fix: propagation alone splits the residual stream along the kernels'
-  features and every device computes on the whole batch."""
-  _, hlo = compile_step({"fsdp": 8}, common.FSDP, logical_axis_rules=())
-  assert 2 * BATCH in token_batch_sizes(hlo)
 
 
 def test_tensor_parallel_step_equals_single_device_step():

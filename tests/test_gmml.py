@@ -12,7 +12,17 @@ from sit_jax import gmml
 
 # Ratios and probabilities traced, as inside a train step.
 _corrupt = jax.jit(gmml.corrupt, static_argnames=("fills", "align", "max_block_frac", "max_blocks",
-                                                  "num_views", "donor_group"))
+                                                  "donor_group"))
+
+
+def _as_views(images, num_views=2):
+  """(V * B, ...) -> (V, B, ...): V views of the same B sources, stacked as pretrain stacks them."""
+  return images.reshape(num_views, -1, *images.shape[1:])
+
+
+def _flat(*arrays):
+  """(V, B, ...) -> (V * B, ...) numpy arrays, for reading donors by image index."""
+  return [np.asarray(a).reshape(-1, *a.shape[2:]) for a in arrays]
 
 def _const_images(b, h, w, c=1, dtype=jnp.float32):
   """Image i is constant, equal to 10 + i: every pixel tells which image it came from."""
@@ -165,8 +175,10 @@ def _donors(out, mask):
 def test_replace_takes_pixels_from_another_image(num_views):
   b = 16
   images = _const_images(b, 32, 32, 3)
-  out, mask = _corrupt(jax.random.PRNGKey(5), images, fills=("replace",), num_views=num_views)
-  out, mask, images = np.asarray(out), np.asarray(mask).astype(bool), np.asarray(images)
+  stacked = images if num_views == 1 else _as_views(images, num_views)
+  out, mask = _corrupt(jax.random.PRNGKey(5), stacked, fills=("replace",))
+  out, mask = _flat(out, mask) if num_views > 1 else (np.asarray(out), np.asarray(mask))
+  mask, images = mask.astype(bool), np.asarray(images)
   cover = mask.mean(axis=(1, 2))
   assert (cover >= 0.3).all() and (cover < 0.3 + 0.1).all()
   np.testing.assert_array_equal(out[~mask], images[~mask])
@@ -181,11 +193,11 @@ def test_donor_groups_keep_each_donor_within_its_group():
   """donor_group=4: a derangement of every 4 consecutive images of each view (the authors'
   per-GPU batch); a donor_group of the view's batch or more is 0, the whole view."""
   b, group = 16, 4
-  images = _const_images(2 * b, 16, 16)
+  images = _as_views(_const_images(2 * b, 16, 16))
   for seed in range(5):
     key = jax.random.PRNGKey(seed)
-    out, mask = _corrupt(key, images, fills=("replace",), donor_group=group)
-    donors = _donors(np.asarray(out), np.asarray(mask).astype(bool))
+    out, mask = _flat(*_corrupt(key, images, fills=("replace",), donor_group=group))
+    donors = _donors(out, mask.astype(bool))
     own = np.arange(2 * b)
     assert (donors != own).all()
     for start in range(0, 2 * b, group):
@@ -201,13 +213,13 @@ def test_donor_groups_keep_each_donor_within_its_group():
 
 @pytest.mark.parametrize("b", [2, 3, 8])
 def test_replace_donors_come_from_the_same_view_and_another_source_image(b):
-  """Views stacked as pretrain stacks them: view 1 (images 0..b-1) then view 2 of the same
-  sources. A donor is in its image's half, and is neither the image nor its other view."""
-  images = _const_images(2 * b, 16, 16)
+  """Views stacked as pretrain stacks them: view 1 (images 0..b-1) and view 2 of the same
+  sources. A donor is in its image's view, and is neither the image nor its other view."""
+  images = _as_views(_const_images(2 * b, 16, 16))
   own = np.arange(2 * b)
   for seed in range(20):
     out, mask = _corrupt(jax.random.PRNGKey(seed), images, fills=("replace",))
-    donors = _donors(np.asarray(out), np.asarray(mask).astype(bool))
+    donors = _donors(*_flat(out, mask.astype(bool)))
     assert (donors // b == own // b).all(), "donor from the other view"
     assert (donors % b != own % b).all(), "donor is the same source image"
   again, mask_again = _corrupt(jax.random.PRNGKey(19), images, fills=("replace",))
@@ -216,7 +228,7 @@ def test_replace_donors_come_from_the_same_view_and_another_source_image(b):
 
 def test_replace_with_two_images_swaps_them():
   images = _const_images(2, 8, 8)
-  out, mask = _corrupt(jax.random.PRNGKey(6), images, fills=("replace",), num_views=1)
+  out, mask = _corrupt(jax.random.PRNGKey(6), images, fills=("replace",))
   out, mask = np.asarray(out), np.asarray(mask).astype(bool)
   np.testing.assert_array_equal(out[0][mask[0]], 11.0)
   np.testing.assert_array_equal(out[1][mask[1]], 10.0)
@@ -287,6 +299,20 @@ def test_sharded_batch_matches_unsharded():
   sharded = jax.device_put(images, NamedSharding(mesh, P("data")))
   got = jax.jit(fn)(key, sharded)
   chex.assert_trees_all_equal(got, expected)
+  views = _as_views(jnp.concatenate([images, images[::-1]]))
+  expected = fn(key, views)
+  got = jax.jit(fn)(key, jax.device_put(views, NamedSharding(mesh, P(None, "data"))))
+  chex.assert_trees_all_equal(got, expected)
+
+
+def test_draws_depend_on_the_view_major_index_only():
+  """Stacked views (V, B) draw each image's mask and noise as the flat batch (V * B) does at the
+  same view-major index: the layout of the batch does not change the corruption."""
+  images = jax.random.normal(jax.random.PRNGKey(3), (16, 16, 16, 3))
+  key = jax.random.PRNGKey(4)
+  flat = _corrupt(key, images, fills=("noise", "zeros"), align=4)
+  stacked = _flat(*_corrupt(key, _as_views(images), fills=("noise", "zeros"), align=4))
+  chex.assert_trees_all_equal(stacked, [np.asarray(x) for x in flat])
 
 
 def test_errors():
@@ -298,10 +324,10 @@ def test_errors():
   with pytest.raises(ValueError, match="noise.*zeros.*replace"):
     gmml.corrupt(jax.random.PRNGKey(0), images, fills=("noise", "blur"))
   with pytest.raises(ValueError, match="batch"):
-    gmml.corrupt(jax.random.PRNGKey(0), images[:1], fills=("replace",), num_views=1)
+    gmml.corrupt(jax.random.PRNGKey(0), images[:1], fills=("replace",))
   with pytest.raises(ValueError, match="batch"):
-    gmml.corrupt(jax.random.PRNGKey(0), images[:1], fills=("noise", "replace"), num_views=1)
+    gmml.corrupt(jax.random.PRNGKey(0), images[:1], fills=("noise", "replace"))
   with pytest.raises(ValueError, match="1 image"):
-    gmml.corrupt(jax.random.PRNGKey(0), images[:2], fills=("noise", "replace"))
-  with pytest.raises(ValueError, match="3 images cannot hold 2 views"):
-    gmml.corrupt(jax.random.PRNGKey(0), images[:3], fills=("noise",))
+    gmml.corrupt(jax.random.PRNGKey(0), _as_views(images[:2]), fills=("noise", "replace"))
+  with pytest.raises(ValueError, match=r"\(B, H, W, C\) or \(V, B, H, W, C\), got shape \(30, 32, 3\)"):
+    gmml.corrupt(jax.random.PRNGKey(0), images[0], fills=("noise",))

@@ -43,7 +43,8 @@ def test_symmetric_contrastive_pairs_views_crosswise():
   rng = np.random.default_rng(2)
   s, t = rng.normal(size=(2, 20, 8)).astype(np.float32)
   expected = numpy_contrastive(s[:10], t[10:], 0.2) + numpy_contrastive(s[10:], t[:10], 0.2)
-  np.testing.assert_allclose(losses.symmetric_contrastive(s, t, 0.2), expected, rtol=1e-5)
+  got = losses.symmetric_contrastive(s.reshape(2, 10, 8), t.reshape(2, 10, 8), 0.2)
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
 def test_contrastive_on_sharded_global_batch_matches_unsharded():
