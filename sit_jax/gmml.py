@@ -174,10 +174,8 @@ def corrupt(key, images, *, ratio=0.5, replace_ratio=0.3, fills=("noise", "repla
     use_zeros = jnp.full(views, "zeros" in fills)
 
   ratios = jnp.where(use_replace, replace_ratio, ratio)
-  draw_mask = lambda k, r: block_mask(k, h, w, r, align=align, max_block_frac=max_block_frac,
-                                      max_blocks=max_blocks)
-  for _ in views:
-    draw_mask = jax.vmap(draw_mask)
+  draw_mask = _per_image(lambda k, r: block_mask(
+      k, h, w, r, align=align, max_block_frac=max_block_frac, max_blocks=max_blocks), len(views))
   masks = draw_mask(jax.random.split(k_masks, n).reshape(*views, -1), ratios)
 
   per_image = lambda x: x[..., None, None, None]
@@ -201,7 +199,13 @@ def _donors_within_groups(key, images, group: int) -> jax.Array:
   grouped = images.reshape(*views[:-1], views[-1] // group, group, *images.shape[-3:])
   index = jax.vmap(_cyclic_derangement, in_axes=(0, None))(jax.random.split(key, groups), group)
   index = index.reshape(*grouped.shape[:-4], group)
-  take = lambda group_images, i: group_images[i]
-  for _ in grouped.shape[:-4]:
-    take = jax.vmap(take)
+  take = _per_image(lambda group_images, i: group_images[i], grouped.ndim - 4)
   return take(grouped, index).reshape(images.shape)
+
+
+def _per_image(fn, batch_dims: int):
+  """fn vmapped over `batch_dims` leading axes: (B,) or (V, B) without merging them, which would
+  move a sharded batch between devices."""
+  for _ in range(batch_dims):
+    fn = jax.vmap(fn)
+  return fn
