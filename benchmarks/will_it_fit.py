@@ -25,6 +25,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "/tmp/will_it_fit.jsonl", "JSON lines, appended.")
 flags.DEFINE_string("only", "", "Only this variant, e.g. 'B/16'.")
 flags.DEFINE_string("generation", "", "Only the slices of this TPU generation, e.g. 'v5e'.")
+flags.DEFINE_string("parallelism", "", "Only 'data' or 'fsdp' rows.")
+flags.DEFINE_string("compiler_options", "", "config.compiler_options of every row, e.g. libtpu's "
+                    "windowed einsums off; recorded in the row.")
 flags.DEFINE_string("markdown", "", "Print the table of this JSON-lines file and exit.")
 flags.DEFINE_bool("scan_layers", False, "Compile one scanned block (model.scan_layers): about a "
                   "minute per row instead of 2-4 on a 2-core host; XLA then counts the blocks' "
@@ -43,7 +46,8 @@ def rows(generation: str = ""):
           for variant, batch, slices in MODELS for remat in (False, True)
           for parallelism in ("fsdp", "data") for topology in slices
           if (not generation or topology.startswith(generation + ":"))
-          and (not FLAGS.only or variant == FLAGS.only)]
+          and (not FLAGS.only or variant == FLAGS.only)
+          and (not FLAGS.parallelism or parallelism == FLAGS.parallelism)]
   return sorted(rows, key=lambda r: r[2] != (r[0] == "L/16"))
 
 
@@ -56,6 +60,7 @@ def config_for(variant: str, batch: int, remat: bool, parallelism: str):
   c.data.global_batch_size = batch
   c.model.remat = remat
   c.model.scan_layers = FLAGS.scan_layers
+  c.compiler_options = FLAGS.compiler_options
   return c
 
 
@@ -69,7 +74,8 @@ def measure(out: str):
     if key in done:
       continue
     variant, batch, remat, parallelism, topology = key
-    row = {"key": key, "scan_layers": FLAGS.scan_layers}
+    row = {"key": key, "scan_layers": FLAGS.scan_layers,
+           "compiler_options": FLAGS.compiler_options}
     try:
       figures = aot.run(config_for(variant, batch, remat, parallelism), topology)
       row.update(memory=figures["memory_bytes"], flops=figures["flops"],

@@ -143,7 +143,8 @@ def compile_train_step(config, devices, compiler_options: dict | None = None):
   step = pretrain.jit_train_step(pretrain.make_train_step(config, model, tx, schedules),
                                  state_shardings, mesh, config.logical_axis_rules)
   lowered = step.lower(state, batch)
-  options = {**sharding.compiler_options(config.compiler_options), **(compiler_options or {})}
+  options = {**sharding.compiler_options(config.compiler_options, devices[0].platform),
+             **(compiler_options or {})}
   try:
     return lowered.compile(compiler_options=options or None), mesh
   except jax.errors.JaxRuntimeError as e:

@@ -187,15 +187,15 @@ def make_train_step(config, model, tx, schedules: Schedules):
 
 
 def jit_train_step(train_step, state_shardings, mesh,
-                   logical_axis_rules=sharding.LOGICAL_AXIS_RULES, compiler_options=""):
+                   logical_axis_rules=sharding.LOGICAL_AXIS_RULES, compiler_options=None):
   """The step with the state donated, activations split by `logical_axis_rules`
-  (config.logical_axis_rules), compiled with `compiler_options` (config.compiler_options);
-  metrics come back replicated."""
+  (config.logical_axis_rules), compiled with the XLA options `compiler_options` (a dict:
+  sharding.compiler_options of config.compiler_options); metrics come back replicated."""
   return sharding.jit(train_step, mesh, logical_axis_rules,
                       in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                       out_shardings=(state_shardings, sharding.replicated(mesh)),
                       donate_argnums=(0,),
-                      compiler_options=sharding.compiler_options(compiler_options) or None)
+                      compiler_options=compiler_options or None)
 
 
 def make_reconstruct(config, model):
@@ -297,7 +297,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   from sit_jax import checkpoint, data, experiment, monitor, trainer
 
   validate(config)
-  sharding.check_compiler_options(sharding.compiler_options(config.compiler_options))
+  compiler_options = sharding.compiler_options(config.compiler_options, jax.default_backend())
+  sharding.check_compiler_options(compiler_options)
   with experiment.Experiment(config, workdir) as exp:
     # Input. -----------------------------------------------------------------------------------
     mesh = exp.mesh
@@ -326,7 +327,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     abstract, state_shardings, init = state_layout(config, model, tx, mesh,
                                                    jax.random.PRNGKey(config.seed))
     train_step = jit_train_step(make_train_step(config, model, tx, schedules), state_shardings,
-                                mesh, config.logical_axis_rules, config.compiler_options)
+                                mesh, config.logical_axis_rules, compiler_options)
 
     # Hooks: pictures and the k-NN monitor. ----------------------------------------------------
     writer = exp.writer(total_steps, config.data.global_batch_size)

@@ -23,6 +23,7 @@ import math
 import re
 from typing import Any, Sequence
 
+from absl import logging
 import flax.linen as nn
 import jax
 import numpy as np
@@ -156,11 +157,25 @@ def check_batch_size(global_batch_size: int, mesh: Mesh):
                      f"{jax.process_count()} processes.")
 
 
-def compiler_options(text: str) -> dict[str, bool | int | float | str]:
-  """'a=false,b=2' (config.compiler_options) -> {'a': False, 'b': 2}."""
+# XLA options named for one backend: config.compiler_options applies them only there, so a
+# recipe's TPU options do not stop its runs on CPU or GPU.
+BACKEND_OPTION_PREFIXES = {"xla_tpu_": "tpu", "xla_gpu_": "gpu", "xla_cpu_": "cpu"}
+
+
+def compiler_options(text: str, platform: str | None = None) -> dict[str, bool | int | float | str]:
+  """'a=false,b=2' (config.compiler_options) -> {'a': False, 'b': 2}.
+
+  With `platform` ('tpu', 'gpu', 'cpu'), the options of the other backends (xla_tpu_*,
+  xla_gpu_*, xla_cpu_*) are left out; options without such a prefix always stay.
+  """
   options = {}
   for item in filter(None, text.split(",")):
     name, value = item.split("=", 1)
+    backend = next((b for prefix, b in BACKEND_OPTION_PREFIXES.items()
+                    if name.startswith(prefix)), None)
+    if platform is not None and backend not in (None, platform):
+      logging.info("Compiler option %s is %s's: not applied on %s.", name, backend, platform)
+      continue
     for parse in (int, float):
       try:
         options[name] = parse(value)
@@ -188,8 +203,8 @@ def unknown_compiler_option(error: Exception, platform: str) -> ValueError | Non
   if "No such compile option" not in str(error):
     return None
   return ValueError(f"config.compiler_options: {str(error).splitlines()[0]} for {platform} "
-                    f"(each backend has its own options: xla_tpu_* are TPU's, xla_gpu_* GPU's, "
-                    f"xla_cpu_* CPU's).")
+                    f"(check the name; an option of one backend needs its prefix, xla_tpu_, xla_gpu_ "
+                    f"or xla_cpu_, to be left out on the others).")
 
 
 def jit(fn, mesh: Mesh, logical_axis_rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES,

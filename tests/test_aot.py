@@ -72,23 +72,30 @@ def test_tpu_topology_without_libtpu_says_what_to_install():
   assert f'pip install "jax[tpu]=={jax.__version__}"' in proc.stderr
 
 
-def test_compiler_options_parse_and_reach_xla(tmp_path):
+def test_compiler_options_parse():
   assert sharding.compiler_options("") == {}
   assert sharding.compiler_options("a=false,b=2,c=0.5,d=True,e=x") == {
       "a": False, "b": 2, "c": 0.5, "d": True, "e": "x"}
+
+
+def test_options_of_another_backend_are_left_out_and_unknown_ones_are_one_line(tmp_path):
+  text = "xla_tpu_a=false,xla_gpu_b=1,xla_cpu_c=2,d=3"
+  assert sharding.compiler_options(text, "tpu") == {"xla_tpu_a": False, "d": 3}
+  assert sharding.compiler_options(text, "gpu") == {"xla_gpu_b": 1, "d": 3}
+  assert sharding.compiler_options(text, "cpu") == {"xla_cpu_c": 2, "d": 3}
+  assert len(sharding.compiler_options(text)) == 4
+  # A recipe's TPU options do not stop a CPU compile; the others reach XLA (it wrote the step
+  # where the config told it to, beside aot's own option).
   config = sit_vits.get_config("runlocal")
-  config.compiler_options = f"xla_dump_to={tmp_path},xla_dump_hlo_as_text=true"
+  config.compiler_options = ("xla_tpu_enable_windowed_einsum_for_all_gather=false,"
+                             f"xla_dump_to={tmp_path},xla_dump_hlo_as_text=true")
   aot.run(config, "cpu:8", compiler_options={"xla_backend_optimization_level": 0})
-  # XLA wrote the step where the config's option told it to (both sets of options applied).
   assert any("train_step" in p.name for p in tmp_path.iterdir())
-
-
-def test_an_option_of_another_backend_is_one_line():
-  option = "xla_tpu_enable_windowed_einsum_for_all_gather"
-  with pytest.raises(ValueError, match=f"config.compiler_options: .*{option}.* for cpu"):
-    sharding.check_compiler_options({option: False})
-  config = sit_vits.get_config("runlocal")
-  config.compiler_options = f"{option}=false"
-  with pytest.raises(ValueError, match=f"config.compiler_options: .*{option}.* for cpu"):
-    aot.run(config, "cpu:8", compiler_options={"xla_backend_optimization_level": 0})
+  # An option this backend does not know (misspelt, or unprefixed and another backend's).
+  for option in ("xla_cpu_enable_fast_mathh", "xla_jf_auto_cross_replica_sharding"):
+    with pytest.raises(ValueError, match=f"config.compiler_options: .*{option}.* for cpu"):
+      sharding.check_compiler_options({option: False})
+    config.compiler_options = f"{option}=false"
+    with pytest.raises(ValueError, match=f"config.compiler_options: .*{option}.* for cpu"):
+      aot.run(config, "cpu:8", compiler_options={"xla_backend_optimization_level": 0})
   sharding.check_compiler_options({"xla_cpu_enable_fast_math": False})  # CPU's own: no error.
