@@ -26,8 +26,9 @@ flags.DEFINE_string("out", "/tmp/will_it_fit.jsonl", "JSON lines, appended.")
 flags.DEFINE_string("only", "", "Only this variant, e.g. 'B/16'.")
 flags.DEFINE_string("generation", "", "Only the slices of this TPU generation, e.g. 'v5e'.")
 flags.DEFINE_string("parallelism", "", "Only 'data' or 'fsdp' rows.")
-flags.DEFINE_string("compiler_options", "", "config.compiler_options of every row, e.g. libtpu's "
-                    "windowed einsums off; recorded in the row.")
+flags.DEFINE_string("compiler_options", None, "config.compiler_options of every row instead of "
+                    "the recipe's (FSDP: libtpu's windowed einsums off), e.g. '' for XLA's "
+                    "defaults; recorded in the row.")
 flags.DEFINE_string("markdown", "", "Print the table of this JSON-lines file and exit.")
 flags.DEFINE_bool("scan_layers", False, "Compile one scanned block (model.scan_layers): about a "
                   "minute per row instead of 2-4 on a 2-core host; XLA then counts the blocks' "
@@ -60,7 +61,8 @@ def config_for(variant: str, batch: int, remat: bool, parallelism: str):
   c.data.global_batch_size = batch
   c.model.remat = remat
   c.model.scan_layers = FLAGS.scan_layers
-  c.compiler_options = FLAGS.compiler_options
+  if FLAGS.compiler_options is not None:
+    c.compiler_options = FLAGS.compiler_options
   return c
 
 
@@ -74,10 +76,11 @@ def measure(out: str):
     if key in done:
       continue
     variant, batch, remat, parallelism, topology = key
+    config = config_for(variant, batch, remat, parallelism)
     row = {"key": key, "scan_layers": FLAGS.scan_layers,
-           "compiler_options": FLAGS.compiler_options}
+           "compiler_options": config.compiler_options}
     try:
-      figures = aot.run(config_for(variant, batch, remat, parallelism), topology)
+      figures = aot.run(config, topology)
       row.update(memory=figures["memory_bytes"], flops=figures["flops"],
                  analytic_flops=figures["analytic_flops"], loop=figures["loop"])
     except aot.DoesNotFit as e:

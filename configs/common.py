@@ -22,6 +22,12 @@ TENSOR_PARALLEL = ((r"(attn/qkv|mlp/fc1)/kernel$", ("fsdp", "model")),
 # mesh.model > 1, the heads and MLP features over model. sit_jax.sharding.LOGICAL_AXIS_RULES
 # (a test checks they agree; configs stay free of jax).
 LOGICAL_AXIS_RULES = (("batch", ("data", "fsdp")), ("heads", "model"), ("mlp", "model"))
+# FSDP on TPU: libtpu's windowed einsums (each sharded matmul fused with its all-gather or
+# reduce-scatter) run late and keep activations live until then, so FSDP needed more per chip
+# than data parallelism; off, it needs less (README, "Will it fit"). TPU options: left out on
+# CPU and GPU.
+FSDP_COMPILER_OPTIONS = ("xla_tpu_enable_windowed_einsum_for_all_gather=false,"
+                         "xla_tpu_enable_windowed_einsum_for_reduce_scatter=false")
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -139,9 +145,8 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
   c.sharding_rules = REPLICATED
   c.logical_axis_rules = LOGICAL_AXIS_RULES
-  # XLA options of the training step, 'name=value,...' for the backend it runs on, e.g. FSDP +
-  # remat on TPU v4 (README, "FSDP + remat on v4"): xla_tpu_enable_windowed_einsum_for_all_gather=
-  # false,xla_tpu_enable_windowed_einsum_for_reduce_scatter=false.
+  # XLA options of the training step, 'name=value,...'; xla_tpu_* (xla_gpu_*, xla_cpu_*) ones
+  # apply only on that backend. The `fsdp` argument sets FSDP_COMPILER_OPTIONS.
   c.compiler_options = ""
 
   c.log_every = 50
@@ -176,6 +181,7 @@ def parallelism(c: ml_collections.ConfigDict, fsdp: bool = False, model: int = 1
   if fsdp:
     c.mesh.update(dict(data=1, fsdp=-1))
     c.sharding_rules = FSDP
+    c.compiler_options = FSDP_COMPILER_OPTIONS
   if model > 1:
     c.mesh.model = model
     c.sharding_rules = TENSOR_PARALLEL

@@ -3,9 +3,10 @@
 Big models: set --config.model.remat=True to trade compute for memory,
 --config.model.scan_layers=True to compile one block instead of twelve, and the arguments
 `fsdp` (state and batch over every device) and `model=N` (tensor parallelism over N devices)
-to shard the state: --config=configs/sit_vitb.py:fsdp, :model=4 or :fsdp,model=4. FSDP + remat
-on TPU v4 wants libtpu's windowed einsums off (config.compiler_options; README, "FSDP + remat on
-v4": 9.48 -> 2.79 GiB per chip at batch 1024 on v4:2x2x4).
+to shard the state: --config=configs/sit_vitb.py:fsdp, :model=4 or :fsdp,model=4. `fsdp` also
+turns libtpu's windowed einsums off (common.FSDP_COMPILER_OPTIONS): with them, FSDP needed more
+per chip than data parallelism (README, "Will it fit": B/16 + remat at batch 1024 on v4:2x2x4
+10.02 -> 2.79 GiB).
 """
 from configs import common
 

@@ -162,3 +162,17 @@ def test_bad_logical_axis_rules_are_explained(rules, message):
 
 def test_configs_default_logical_axis_rules_agree_with_sharding():
   assert common.LOGICAL_AXIS_RULES == sharding.LOGICAL_AXIS_RULES
+
+
+def test_the_fsdp_recipe_turns_windowed_einsums_off_on_tpu_only():
+  """configs/*:fsdp carries libtpu options (README, "FSDP and libtpu's windowed einsums"):
+  compiled for a TPU they apply, on CPU (and GPU) they are left out, so the recipe runs here."""
+  from configs import sit_vitb
+  config = sit_vitb.get_config("fsdp")
+  assert config.compiler_options == common.FSDP_COMPILER_OPTIONS
+  assert sharding.compiler_options(config.compiler_options, "tpu") == {
+      "xla_tpu_enable_windowed_einsum_for_all_gather": False,
+      "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}
+  assert sharding.compiler_options(config.compiler_options, "cpu") == {}
+  assert sharding.compiler_options(config.compiler_options, "gpu") == {}
+  assert sit_vitb.get_config(None).compiler_options == ""
