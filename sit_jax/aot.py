@@ -178,6 +178,10 @@ def out_of_memory_line(config, mesh, devices, message: str) -> str:
     tries.append("--config.model.remat=True")
   if mesh.shape["fsdp"] == 1:
     tries.append("FSDP (the config argument fsdp, e.g. --config=configs/sit_vitb.py:fsdp)")
+  elif devices[0].platform == "tpu" and "windowed_einsum" not in config.compiler_options:
+    from configs import common  # The recipe's options (README, "FSDP and libtpu's windowed einsums").
+    tries.append(f"libtpu's windowed einsums off (--config.compiler_options="
+                 f"{common.FSDP_COMPILER_OPTIONS})")
   if per_device > 1:
     tries.append(f"a smaller per-device batch (now {per_device}: --config.data.global_batch_size="
                  f"{config.data.global_batch_size // 2})")

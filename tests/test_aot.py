@@ -7,7 +7,7 @@ import sys
 import jax
 import pytest
 
-from configs import sit_vits
+from configs import common, sit_vits
 from sit_jax import aot, flops, sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,6 +47,22 @@ def test_out_of_memory_is_one_line_with_what_to_try(message, need):
   assert f"XLA needs {need} per device, 15.75 GiB available" in line
   for remedy in ("model.remat=True", "FSDP", "per-device batch (now 32", "more chips"):
     assert remedy in line
+
+
+def test_out_of_memory_with_fsdp_on_tpu_suggests_windowed_einsums_off():
+  class Chip:  # what out_of_memory_line reads of a TPU topology's devices
+    platform, device_kind = "tpu", "TPU v5 lite"
+  config = sit_vits.get_config()
+  config.mesh.update(dict(data=1, fsdp=-1))
+  mesh = sharding.make_mesh(config.mesh)
+  message = "RESOURCE_EXHAUSTED: Used 20.47G of 15.75G hbm."
+  line = aot.out_of_memory_line(config, mesh, [Chip()] * 8, message)
+  assert "windowed einsums off (--config.compiler_options=xla_tpu_enable_windowed_einsum" in line
+  assert "FSDP (" not in line and "\n" not in line
+  # Not on CPU devices, nor when the config already turns them off.
+  assert "windowed" not in aot.out_of_memory_line(config, mesh, jax.devices(), message)
+  config.compiler_options = common.FSDP_COMPILER_OPTIONS
+  assert "windowed" not in aot.out_of_memory_line(config, mesh, [Chip()] * 8, message)
 
 
 @pytest.mark.parametrize("topology, message", [
