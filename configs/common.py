@@ -100,6 +100,7 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.model.dtype = "bfloat16"            # Compute dtype; parameters stay float32.
   c.model.attention = ""                # '' (XLA chooses), 'xla', or 'cudnn' (fused, GPU).
   c.model.remat = False                 # Recompute each block in the backward pass (memory).
+  c.model.qkv_per_head = False          # qkv computed per head: the `model=N` argument sets it.
   c.model.scan_layers = False           # One nn.scan over the blocks: compile time flat in depth.
   c.model.recon_hidden = 0              # 0: the backbone width.
   c.model.recon_depth = 3
@@ -188,6 +189,9 @@ def parallelism(c: ml_collections.ConfigDict, fsdp: bool = False, model: int = 1
   if model > 1:
     c.mesh.model = model
     c.sharding_rules = TENSOR_PARALLEL
+    # Split the qkv kernel by heads, not the qkv activations (vit.QkvProjection: B/16 + remat at
+    # batch 1024 on v5e:4x4, 14.47 -> 7.08 GiB per chip).
+    c.model.qkv_per_head = True
   return c
 
 

@@ -196,6 +196,7 @@ RULES: dict[str, Rule] = {
     "model.dtype": one_of("float32", "bfloat16", "float16"),
     "model.attention": one_of("", "xla", "cudnn"),
     "model.remat": BOOL,
+    "model.qkv_per_head": BOOL,
     "model.scan_layers": BOOL,
     "model.recon_hidden": integer(0),
     "model.recon_depth": COUNT,

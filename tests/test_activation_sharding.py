@@ -126,9 +126,12 @@ def test_donor_groups_across_devices_are_named():
 
 def test_tensor_parallel_step_equals_single_device_step():
   # FSDP x TP: the data x TP layout is compiled above; one run of the mix keeps the suite short.
+  # With the `model=N` recipe's qkv per head (vit.QkvProjection), against the single device's
+  # nn.Dense: the same parameters, the same numbers.
   mesh_shape = {"fsdp": 2, "model": 3}
   config = tiny_config("sit", **INVARIANCE_OVERRIDES)
   config.sharding_rules = common.TENSOR_PARALLEL
+  config.model.qkv_per_head = True
   devices = jax.devices()[:int(np.prod(list(mesh_shape.values())))]
   state, metrics = run_steps(config, sharding.make_mesh(mesh_shape, devices))
   qkv = state.params["backbone"]["blocks_0"]["attn"]["qkv"]["kernel"]
@@ -177,3 +180,16 @@ def test_the_fsdp_recipe_turns_windowed_einsums_off_on_tpu_only():
   assert sharding.compiler_options(config.compiler_options, "gpu") == {}
   assert sit_vitb.get_config(None).compiler_options == ""
   assert sit_vitb.get_config("fsdp,model=4").compiler_options == ""  # off needs more there.
+
+
+@pytest.mark.parametrize("qkv_per_head", [False, True])
+def test_tensor_parallel_qkv_per_head_keeps_each_device_on_its_heads(qkv_per_head):
+  """The flat qkv kernel split over `model` gives each device a contiguous third of q|k|v, not
+  its head, so GSPMD reshards the qkv output (rows, 17, 3, heads, 32) between devices, through
+  6-d intermediates such as (rows, 17, 1, 3, 1, 32) (on TPU, B/16: the whole output on every
+  chip). Per head (vit.QkvProjection) the kernel is resharded instead, and each device computes
+  (rows, 17, 3, 1, 32) of its own head only."""
+  _, hlo = compile_step({"data": 2, "model": 3}, common.TENSOR_PARALLEL,
+                        **{"model.qkv_per_head": qkv_per_head})
+  assert (re.search(r"\[\d+,17,\d,\d,\d,32\]", hlo) is None) == qkv_per_head
+  assert re.search(r"\[\d+,17,3,1,32\]", hlo)
