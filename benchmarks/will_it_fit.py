@@ -4,12 +4,17 @@
   python benchmarks/will_it_fit.py --out=/tmp/will_it_fit.jsonl
   python benchmarks/will_it_fit.py --only=B/16 --generation=v5e --out=...   # some rows
 
+  python benchmarks/will_it_fit.py --scaling --out=/tmp/scaling.jsonl   # memory vs chips
+
 Every row is one `sit_jax.aot.run` (what `python -m sit_jax.main --aot_topology=...` prints) of
-configs/sit_vitb.py with the variant, batch, remat and parallelism of the row: data-parallel
-(the default: mesh.data=-1, parameters replicated) or FSDP (configs/sit_vitb.py:fsdp). Rows are
-appended to --out as JSON lines as they finish (each compile takes minutes on a small host) and
-rows already there are skipped; a row XLA refuses records its one-line reason. --markdown
-prints the table of a file.
+configs/sit_vitb.py with the variant, batch, remat and parallelism of the row, which is the
+config argument: data-parallel (none: mesh.data=-1, parameters replicated), `fsdp`, `model=4`
+(tensor parallelism over 4 chips; B/16 and L/16 only, S/16 has 6 heads) or `fsdp,model=4`.
+--scaling compiles one model and global batch for 4, 8 and 16 chips instead, to show how the
+memory per chip of each parallelism falls with the chip count. Rows are appended to --out as
+JSON lines as they finish (each compile takes minutes on a small host) and rows already there
+are skipped; a row XLA refuses records its one-line reason. --markdown prints the table of a
+file (the scaling table when its rows are scaling rows).
 """
 from __future__ import annotations
 
@@ -19,13 +24,15 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "/tmp/will_it_fit.jsonl", "JSON lines, appended.")
 flags.DEFINE_string("only", "", "Only this variant, e.g. 'B/16'.")
 flags.DEFINE_string("generation", "", "Only the slices of this TPU generation, e.g. 'v5e'.")
-flags.DEFINE_string("parallelism", "", "Only 'data' or 'fsdp' rows.")
+flags.DEFINE_string("parallelism", "", "Only the rows of this parallelism: one of PARALLELISMS.")
+flags.DEFINE_bool("scaling", False, "The memory-per-chip-against-chip-count rows (SCALING).")
 flags.DEFINE_string("compiler_options", None, "config.compiler_options of every row instead of "
                     "the recipe's (FSDP: libtpu's windowed einsums off), e.g. '' for XLA's "
                     "defaults; recorded in the row.")
@@ -34,29 +41,46 @@ flags.DEFINE_bool("scan_layers", False, "Compile one scanned block (model.scan_l
                   "minute per row instead of 2-4 on a 2-core host; XLA then counts the blocks' "
                   "FLOPs once.")
 
-# (variant, global batch, slices): every slice of a model has the same number of chips.
-MODELS = (("B/16", 1024, ("v5e:4x4", "v4:2x2x4")),
-          ("L/16", 1024, ("v5e:4x4", "v4:2x2x4")),
-          ("S/16", 256, ("v5e:2x2", "v4:2x2x1")))
+# The config argument of configs/sit_vitb.py that selects each parallelism ("data": none).
+PARALLELISMS = ("data", "fsdp", "model=4", "fsdp,model=4")
+LABELS = {"data": "data", "fsdp": "FSDP", "model=4": "TP (model=4)",
+          "fsdp,model=4": "FSDP + TP (model=4)"}
+# (variant, global batch, slices, parallelisms): every slice of a model has the same number of
+# chips; S/16's 6 heads do not divide a model axis of 4.
+MODELS = (("B/16", 1024, ("v5e:4x4", "v4:2x2x4"), PARALLELISMS),
+          ("L/16", 1024, ("v5e:4x4", "v4:2x2x4"), PARALLELISMS),
+          ("S/16", 256, ("v5e:2x2", "v4:2x2x1"), ("data", "fsdp")))
+# One model and global batch on 4, 8 and 16 v5e chips: at a fixed global batch the memory per
+# chip of every parallelism should fall as chips are added.
+SCALING = (("B/16", 256, True), ("v5e:2x2", "v5e:2x4", "v5e:4x4"))
 
 
 def rows(generation: str = ""):
   """(variant, batch, remat, parallelism, topology): first the rows one would run (remat for
   ViT-L only), then the others."""
-  rows = [(variant, batch, remat, parallelism, topology)
-          for variant, batch, slices in MODELS for remat in (False, True)
-          for parallelism in ("fsdp", "data") for topology in slices
-          if (not generation or topology.startswith(generation + ":"))
-          and (not FLAGS.only or variant == FLAGS.only)
-          and (not FLAGS.parallelism or parallelism == FLAGS.parallelism)]
-  return sorted(rows, key=lambda r: r[2] != (r[0] == "L/16"))
+  if FLAGS.scaling:
+    (variant, batch, remat), slices = SCALING
+    candidates = [(variant, batch, remat, parallelism, topology)
+                  for parallelism in PARALLELISMS for topology in slices]
+  else:
+    candidates = sorted(
+        [(variant, batch, remat, parallelism, topology)
+         for variant, batch, slices, parallelisms in MODELS for remat in (False, True)
+         for parallelism in parallelisms for topology in slices],
+        key=lambda r: r[2] != (r[0] == "L/16"))
+  return [r for r in candidates
+          if (not generation or r[4].startswith(generation + ":"))
+          and (not FLAGS.only or r[0] == FLAGS.only)
+          and (not FLAGS.parallelism or r[3] == FLAGS.parallelism)]
 
 
 def config_for(variant: str, batch: int, remat: bool, parallelism: str):
-  """configs/sit_vitb.py[:fsdp] --config.model.variant=... --config.data.global_batch_size=...
-  --config.model.remat=... [--config.model.scan_layers=True]"""
+  """configs/sit_vitb.py[:PARALLELISM] --config.model.variant=...
+  --config.data.global_batch_size=... --config.model.remat=... [--config.model.scan_layers=True]"""
   from configs import sit_vitb
-  c = sit_vitb.get_config("fsdp" if parallelism == "fsdp" else None)
+  if parallelism not in PARALLELISMS:
+    raise ValueError(f"--parallelism={parallelism!r}: use one of {', '.join(PARALLELISMS)}.")
+  c = sit_vitb.get_config(None if parallelism == "data" else parallelism)
   c.model.variant = variant
   c.data.global_batch_size = batch
   c.model.remat = remat
@@ -90,40 +114,68 @@ def measure(out: str):
       f.write(json.dumps(row) + "\n")
 
 
-def markdown(path: str) -> str:
+def per_chip(row) -> tuple[str, str]:
+  """('12.46 GiB', '79%') of a row, with aot's verdict: a program XLA compiled can still exceed
+  what XLA reports as available once its code is counted."""
   from sit_jax import aot
+  if "does_not_fit" in row:
+    need = row["does_not_fit"].split("XLA needs ")[-1].split(" per device")[0]
+    return f"{need}: does not fit", "> 100%"
+  total = row["memory"]["total"]
+  hbm = aot.TPU_HBM_GIB[row["key"][4].split(":")[0]] * 2**30
+  return (f"{total / 2**30:.2f} GiB{': does not fit' if total > hbm else ''}",
+          f"{100 * total / hbm:.0f}%")
+
+
+def read_rows(path: str) -> list[dict]:
+  with open(path) as f:
+    rows = [json.loads(line) for line in f]
+  return list({(tuple(r["key"]), r.get("scan_layers")): r for r in rows}.values())  # last wins
+
+
+def markdown(path: str) -> str:
   lines = ["| model | global batch | remat | parallelism | slice | per chip | of HBM | "
            "TFLOP per chip: XLA | analytic |",
            "|---|---|---|---|---|---|---|---|---|"]
-  with open(path) as f:
-    rows = [json.loads(line) for line in f]
-  table = list({(tuple(r["key"]), r.get("scan_layers")): r for r in rows}.values())  # last wins
+  table = read_rows(path)
   order = ("S/16", "B/16", "L/16")
-  table.sort(key=lambda r: (order.index(r["key"][0]), r["key"][2], r["key"][3] != "data",
-                            r["key"][4], bool(r.get("scan_layers"))))
+  table.sort(key=lambda r: (order.index(r["key"][0]), r["key"][2],
+                            PARALLELISMS.index(r["key"][3]), r["key"][4],
+                            bool(r.get("scan_layers"))))
   for row in table:
     variant, batch, remat, parallelism, topology = row["key"]
     scan = " (scan)" if row.get("scan_layers") else ""
-    head = (f"| {variant}{scan} | {batch} | {'on' if remat else 'off'} | "
-            f"{'FSDP' if parallelism == 'fsdp' else 'data'} | {topology} |")
+    memory, share = per_chip(row)
+    line = (f"| {variant}{scan} | {batch} | {'on' if remat else 'off'} | {LABELS[parallelism]} | "
+            f"{topology} | {memory} | {share} |")
     if "does_not_fit" in row:
-      need = row["does_not_fit"].split("XLA needs ")[-1].split(" per device")[0]
-      lines.append(f"{head} {need}: does not fit | > 100% | | |")
+      lines.append(line + " | |")
       continue
-    total, hbm = row["memory"]["total"], aot.TPU_HBM_GIB[topology.split(":")[0]] * 2**30
-    over = ": does not fit" if total > hbm else ""  # aot's verdict: XLA compiled it, but the
-    # program with its code exceeds what XLA reports as available.
-    lines.append(f"{head} {total / 2**30:.2f} GiB{over} | {100 * total / hbm:.0f}% | "
-                 f"{row['flops'] / 1e12:.2f}"
-                 f"{'*' if row['loop'] and row['flops'] < row['analytic_flops'] else ''} | "
+    loop_undercount = row["loop"] and row["flops"] < row["analytic_flops"]
+    lines.append(f"{line} {row['flops'] / 1e12:.2f}{'*' if loop_undercount else ''} | "
                  f"{row['analytic_flops'] / 1e12:.2f} |")
+  return "\n".join(lines)
+
+
+def scaling_markdown(path: str) -> str:
+  """Parallelisms down, chip counts across: memory per chip (share of HBM)."""
+  table = {(r["key"][3], r["key"][4]): r for r in read_rows(path)}
+  slices = sorted({topology for _, topology in table},
+                  key=lambda t: int(np.prod([int(d) for d in t.split(":")[1].split("x")])))
+  chips = [int(np.prod([int(d) for d in t.split(":")[1].split("x")])) for t in slices]
+  lines = ["| parallelism | " + " | ".join(f"{n} chips ({t})" for n, t in zip(chips, slices))
+           + " |", "|---|" + "---|" * len(slices)]
+  for parallelism in PARALLELISMS:
+    cells = [" (".join(per_chip(table[parallelism, t])) + ")" if (parallelism, t) in table
+             else "" for t in slices]
+    lines.append(f"| {LABELS[parallelism]} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
 def main(argv):
   del argv
   if FLAGS.markdown:
-    print(markdown(FLAGS.markdown))
+    print((scaling_markdown if FLAGS.scaling else markdown)(FLAGS.markdown))
   else:
     measure(FLAGS.out)
 
