@@ -78,8 +78,6 @@ def config_for(variant: str, batch: int, remat: bool, parallelism: str):
   """configs/sit_vitb.py[:PARALLELISM] --config.model.variant=...
   --config.data.global_batch_size=... --config.model.remat=... [--config.model.scan_layers=True]"""
   from configs import sit_vitb
-  if parallelism not in PARALLELISMS:
-    raise ValueError(f"--parallelism={parallelism!r}: use one of {', '.join(PARALLELISMS)}.")
   c = sit_vitb.get_config(None if parallelism == "data" else parallelism)
   c.model.variant = variant
   c.data.global_batch_size = batch
@@ -174,6 +172,9 @@ def scaling_markdown(path: str) -> str:
 
 def main(argv):
   del argv
+  if FLAGS.parallelism and FLAGS.parallelism not in PARALLELISMS:
+    raise app.UsageError(f"--parallelism={FLAGS.parallelism!r}: use one of "
+                         f"{', '.join(PARALLELISMS)}.")
   if FLAGS.markdown:
     print((scaling_markdown if FLAGS.scaling else markdown)(FLAGS.markdown))
   else:
