@@ -182,7 +182,7 @@ def test_the_fsdp_recipe_turns_windowed_einsums_off_on_tpu_only():
   assert sharding.compiler_options(config.compiler_options, "cpu") == {}
   assert sharding.compiler_options(config.compiler_options, "gpu") == {}
   assert sit_vitb.get_config(None).compiler_options == ""
-  assert sit_vitb.get_config("fsdp,model=4").compiler_options == ""  # off needs more there.
+  assert sit_vitb.get_config("fsdp,model=4").compiler_options == ""  # off saves nothing there.
 
 
 @pytest.mark.parametrize("qkv_per_head", [False, True])
