@@ -6,8 +6,13 @@ import tempfile
 
 # On a loaded 2-core machine a simulated device can reach a collective long after the others:
 # XLA:CPU aborts the process after 40 s by default (its rendezvous and collective timeouts).
+# Tests compile many small programs and run few steps of each: LLVM's optimisation of the
+# generated CPU code is most of their compile time and buys little (the suite: 12.6 -> 10.3
+# minutes on 2 cores). TEST_XLA_FLAGS is also what the tests give subprocesses of one device.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "") + " " + TEST_XLA_FLAGS +
+    " --xla_force_host_platform_device_count=8"
     " --xla_cpu_collective_call_terminate_timeout_seconds=600"
     " --xla_cpu_collective_timeout_seconds=600")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

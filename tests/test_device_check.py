@@ -6,11 +6,14 @@ import subprocess
 
 import pytest
 
+import conftest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_device_check_dry_run():
-  env = dict(os.environ, XLA_FLAGS="")  # one CPU device, whatever the test session simulates
+  # One CPU device, whatever the test session simulates.
+  env = dict(os.environ, XLA_FLAGS=conftest.TEST_XLA_FLAGS)
   proc = subprocess.run(
       ["bash", "benchmarks/device_check.sh", "--dry-run", "--steps=2", "--repeats=1",
        "--budget_s=3000"],

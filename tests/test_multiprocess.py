@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from sit_jax import checkpoint, distributed
+import conftest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "configs/sit_vits.py:runlocal"
@@ -49,7 +50,7 @@ def _env(num_devices):
   env = {k: v for k, v in os.environ.items() if not k.startswith(_CLUSTER_PREFIXES)}
   # Optimisation level 0 halves XLA's CPU compile time; both sides compile with the same flags.
   env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices} "
-                       "--xla_backend_optimization_level=0",
+                       + conftest.TEST_XLA_FLAGS,
              JAX_PLATFORMS="cpu", PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
   return env
 

@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import numpy as np
+import conftest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,7 +27,8 @@ NO_TF = textwrap.dedent("""
 
 def _run_without_tf(program, timeout, devices=8):
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
+             + conftest.TEST_XLA_FLAGS)
   proc = subprocess.run([sys.executable, "-c", NO_TF + textwrap.dedent(program)], cwd=REPO,
                         env=env, capture_output=True, text=True, timeout=timeout)
   assert proc.returncode == 0, proc.stderr[-4000:]

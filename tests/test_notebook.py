@@ -4,6 +4,7 @@ import os
 import re
 
 import pytest
+import conftest
 
 nbformat = pytest.importorskip("nbformat")
 
@@ -64,7 +65,7 @@ def test_notebook_runs_on_cpu(tmp_path, monkeypatch):
   monkeypatch.setenv("SIT_NOTEBOOK_STEPS", "2")
   # One CPU device and XLA's lowest optimisation level: the compiles dominate this test.
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1 "
-                                  "--xla_backend_optimization_level=0")
+                     + conftest.TEST_XLA_FLAGS)
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   monkeypatch.setenv("PYTHONPATH", REPO)
   nb = nbformat.read(NOTEBOOK, as_version=4)

@@ -12,6 +12,7 @@ import pytest
 
 from configs import common
 from sit_jax import checkpoint, pretrain, sharding
+import conftest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_FLAGS = ["--config.total_steps=40", "--config.log_every=5", "--config.checkpoint_every=10",
@@ -25,7 +26,7 @@ def command(workdir, *flags, config="configs/sit_vits.py:runlocal"):
 
 def env():
   e = dict(os.environ)
-  e.update(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+  e.update(XLA_FLAGS="--xla_force_host_platform_device_count=8 " + conftest.TEST_XLA_FLAGS, JAX_PLATFORMS="cpu",
            PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
   return e
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import conftest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -17,7 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_main(config_arg, workdir, *flags):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 " + conftest.TEST_XLA_FLAGS,
              JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
   cmd = [sys.executable, "-m", "sit_jax.main", f"--config={config_arg}",
          f"--workdir={workdir}", *flags]
