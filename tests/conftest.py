@@ -7,8 +7,8 @@ import tempfile
 # On a loaded 2-core machine a simulated device can reach a collective long after the others:
 # XLA:CPU aborts the process after 40 s by default (its rendezvous and collective timeouts).
 # Tests compile many small programs and run few steps of each: LLVM's optimisation of the
-# generated CPU code is most of their compile time and buys little (the suite: 12.6 -> 10.3
-# minutes on 2 cores). TEST_XLA_FLAGS is also what the tests give subprocesses of one device.
+# generated CPU code is most of their compile time and buys little (the suite on 2 cores:
+# 11.5-12.6 minutes before, 10.3-11.1 after). TEST_XLA_FLAGS is also what the tests give subprocesses of one device.
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " " + TEST_XLA_FLAGS +

@@ -3,6 +3,7 @@
 The compiled per-device programs are inspected on 8 simulated CPU devices: what each device
 holds (memory_analysis) and the shapes it computes on (the HLO text).
 """
+import functools
 import re
 
 import jax
@@ -18,6 +19,16 @@ BATCH = 48  # two views: 96 images of 17 tokens (16 patches + CLS), 3 heads, wid
 
 
 def compile_step(mesh_shape, rules, logical_axis_rules=sharding.LOGICAL_AXIS_RULES, **overrides):
+  """(memory figures, HLO text) of the step compiled for these devices; several tests inspect the
+  same program (gmml.donor_group=0 is the default), so each is compiled once."""
+  overrides = {"gmml.donor_group": 0, **overrides}
+  return _compile_step(tuple(mesh_shape.items()), rules, logical_axis_rules,
+                       tuple(sorted(overrides.items())))
+
+
+@functools.lru_cache(maxsize=None)
+def _compile_step(mesh_items, rules, logical_axis_rules, override_items):
+  mesh_shape, overrides = dict(mesh_items), dict(override_items)
   config = tiny_config("sit", **overrides)
   config.data.global_batch_size = BATCH
   config.mesh.update({"data": 1, "fsdp": 1, "model": 1, **mesh_shape})
