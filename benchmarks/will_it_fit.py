@@ -14,17 +14,17 @@ config argument: data-parallel (none: mesh.data=-1, parameters replicated), `fsd
 memory per chip of each parallelism falls with the chip count. Rows are appended to --out as
 JSON lines as they finish (each compile takes minutes on a small host) and rows already there
 are skipped; a row XLA refuses records its one-line reason. --markdown prints the table of a
-file (the scaling table when its rows are scaling rows).
+file (with --scaling, the scaling table).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -155,14 +155,17 @@ def markdown(path: str) -> str:
   return "\n".join(lines)
 
 
+def chips(topology: str) -> int:
+  """16 for 'v5e:4x4'."""
+  return math.prod(int(d) for d in topology.split(":")[1].split("x"))
+
+
 def scaling_markdown(path: str) -> str:
   """Parallelisms down, chip counts across: memory per chip (share of HBM)."""
   table = {(r["key"][3], r["key"][4]): r for r in read_rows(path)}
-  slices = sorted({topology for _, topology in table},
-                  key=lambda t: int(np.prod([int(d) for d in t.split(":")[1].split("x")])))
-  chips = [int(np.prod([int(d) for d in t.split(":")[1].split("x")])) for t in slices]
-  lines = ["| parallelism | " + " | ".join(f"{n} chips ({t})" for n, t in zip(chips, slices))
-           + " |", "|---|" + "---|" * len(slices)]
+  slices = sorted({topology for _, topology in table}, key=chips)
+  lines = ["| parallelism | " + " | ".join(f"{chips(t)} chips ({t})" for t in slices) + " |",
+           "|---|" + "---|" * len(slices)]
   for parallelism in PARALLELISMS:
     cells = [" (".join(per_chip(table[parallelism, t])) + ")" if (parallelism, t) in table
              else "" for t in slices]

@@ -8,11 +8,17 @@ import tempfile
 # XLA:CPU aborts the process after 40 s by default (its rendezvous and collective timeouts).
 # Tests compile many small programs and run few steps of each: LLVM's optimisation of the
 # generated CPU code is most of their compile time and buys little (the suite on 2 cores:
-# 11.5-12.6 minutes before, 10.3-11.1 after). TEST_XLA_FLAGS is also what the tests give subprocesses of one device.
+# 11.5-12.6 minutes before, 10.3-11.1 after).
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+
+
+def xla_flags(num_devices: int) -> str:
+  """XLA_FLAGS of the processes the tests start: num_devices simulated CPU devices."""
+  return f"--xla_force_host_platform_device_count={num_devices} {TEST_XLA_FLAGS}"
+
+
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " " + TEST_XLA_FLAGS +
-    " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8) +
     " --xla_cpu_collective_call_terminate_timeout_seconds=600"
     " --xla_cpu_collective_timeout_seconds=600")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -13,7 +13,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_device_check_dry_run():
   # One CPU device, whatever the test session simulates.
-  env = dict(os.environ, XLA_FLAGS=conftest.TEST_XLA_FLAGS)
+  env = dict(os.environ, XLA_FLAGS=conftest.xla_flags(1))
   proc = subprocess.run(
       ["bash", "benchmarks/device_check.sh", "--dry-run", "--steps=2", "--repeats=1",
        "--budget_s=3000"],

@@ -48,9 +48,8 @@ app.run(main.main, argv=sys.argv)
 
 def _env(num_devices):
   env = {k: v for k, v in os.environ.items() if not k.startswith(_CLUSTER_PREFIXES)}
-  # Optimisation level 0 halves XLA's CPU compile time; both sides compile with the same flags.
-  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices} "
-                       + conftest.TEST_XLA_FLAGS,
+  # Both sides compile with the same flags.
+  env.update(XLA_FLAGS=conftest.xla_flags(num_devices),
              JAX_PLATFORMS="cpu", PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
   return env
 

@@ -27,8 +27,7 @@ NO_TF = textwrap.dedent("""
 
 def _run_without_tf(program, timeout, devices=8):
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
-             + conftest.TEST_XLA_FLAGS)
+             XLA_FLAGS=conftest.xla_flags(devices))
   proc = subprocess.run([sys.executable, "-c", NO_TF + textwrap.dedent(program)], cwd=REPO,
                         env=env, capture_output=True, text=True, timeout=timeout)
   assert proc.returncode == 0, proc.stderr[-4000:]

@@ -63,9 +63,8 @@ def test_notebook_runs_on_cpu(tmp_path, monkeypatch):
   workdir = str(tmp_path / "sit_local")
   monkeypatch.setenv("SIT_NOTEBOOK_WORKDIR", workdir)
   monkeypatch.setenv("SIT_NOTEBOOK_STEPS", "2")
-  # One CPU device and XLA's lowest optimisation level: the compiles dominate this test.
-  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1 "
-                     + conftest.TEST_XLA_FLAGS)
+  # One CPU device (and the suite's lowest optimisation level: the compiles dominate this test).
+  monkeypatch.setenv("XLA_FLAGS", conftest.xla_flags(1))
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   monkeypatch.setenv("PYTHONPATH", REPO)
   nb = nbformat.read(NOTEBOOK, as_version=4)

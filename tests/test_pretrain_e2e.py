@@ -26,7 +26,7 @@ def command(workdir, *flags, config="configs/sit_vits.py:runlocal"):
 
 def env():
   e = dict(os.environ)
-  e.update(XLA_FLAGS="--xla_force_host_platform_device_count=8 " + conftest.TEST_XLA_FLAGS, JAX_PLATFORMS="cpu",
+  e.update(XLA_FLAGS=conftest.xla_flags(8), JAX_PLATFORMS="cpu",
            PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
   return e
 

@@ -205,7 +205,7 @@ t.train(sys.argv[1], 8, hooks=[trainer.Hook(1, kill)], checkpoint_every=4)
 
 def test_kill_9_during_a_save_loses_nothing_saved(tmp_path):
   env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=8 " + conftest.TEST_XLA_FLAGS}
+         "XLA_FLAGS": conftest.xla_flags(8)}
   proc = subprocess.run([sys.executable, "-c", KILLED_AT_5, str(tmp_path), REPO], env=env,
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]

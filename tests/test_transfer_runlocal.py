@@ -18,7 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_main(config_arg, workdir, *flags):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 " + conftest.TEST_XLA_FLAGS,
+  env = dict(os.environ, XLA_FLAGS=conftest.xla_flags(8),
              JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
   cmd = [sys.executable, "-m", "sit_jax.main", f"--config={config_arg}",
          f"--workdir={workdir}", *flags]
