@@ -15,8 +15,9 @@ from sit_jax import checkpoint, pretrain, sharding
 import conftest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# runlocal at a quarter of its batch (4 images per device): the same code, steps twice as fast.
 RUN_FLAGS = ["--config.total_steps=40", "--config.log_every=5", "--config.checkpoint_every=10",
-             "--config.image_every=20", "--config.eval_every=0"]
+             "--config.image_every=20", "--config.eval_every=0", "--config.data.global_batch_size=32"]
 
 
 def command(workdir, *flags, config="configs/sit_vits.py:runlocal"):
