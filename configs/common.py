@@ -101,6 +101,7 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.model.attention = ""                # '' (XLA chooses), 'xla', or 'cudnn' (fused, GPU).
   c.model.remat = False                 # Recompute each block in the backward pass (memory).
   c.model.qkv_per_head = False          # qkv computed per head: the `model=N` argument sets it.
+  c.model.recompute_gelu = False        # GELU recomputed in the backward pass (vit.Mlp): CPU.
   c.model.scan_layers = False           # One nn.scan over the blocks: compile time flat in depth.
   c.model.recon_hidden = 0              # 0: the backbone width.
   c.model.recon_depth = 3

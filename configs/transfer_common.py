@@ -119,6 +119,7 @@ def transfer_config(experiment: str, dataset: str) -> ml_collections.ConfigDict:
   c.model.dtype = "bfloat16"
   c.model.attention = ""
   c.model.remat = False
+  c.model.recompute_gelu = False  # GELU recomputed in the backward pass (vit.Mlp): CPU.
 
   c.head = ml_collections.ConfigDict()
   c.head.features = "cls"       # 'cls', 'mean' or 'cls+mean' (concat CLS and mean patch token).

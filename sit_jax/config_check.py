@@ -197,6 +197,7 @@ RULES: dict[str, Rule] = {
     "model.attention": one_of("", "xla", "cudnn"),
     "model.remat": BOOL,
     "model.qkv_per_head": BOOL,
+    "model.recompute_gelu": BOOL,
     "model.scan_layers": BOOL,
     "model.recon_hidden": integer(0),
     "model.recon_depth": COUNT,

@@ -262,3 +262,26 @@ def test_is_scanned_layer_names():
   assert vit.is_scanned_layer("blocks/block/norm1/scale")
   assert not vit.is_scanned_layer("backbone/blocks_3/attn/qkv/kernel")
   assert not vit.is_scanned_layer("backbone/norm/scale")
+
+
+def test_recompute_gelu_keeps_its_input_only_and_computes_the_same():
+  # Differentiated with respect to parameters and input, the MLP keeps fc1's output (GELU's
+  # input) and GELU's output (fc2's input) for the backward pass; through GELU's own derivative,
+  # two more tensors of that size.
+  inputs = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 8))
+  params = vit.Mlp(hidden=32).init(jax.random.PRNGKey(1), inputs)
+  hidden_sized = {}
+  for recompute in (False, True):
+    _, backward = jax.vjp(vit.Mlp(32, recompute_gelu=recompute).apply, params, inputs)
+    hidden_sized[recompute] = [r.shape for r in jax.tree.leaves(backward)].count((2, 5, 32))
+  assert hidden_sized == {False: 4, True: 2}
+  # The whole backbone, from the config key: the same loss and gradients.
+  cfg = {"variant": "Mu/4", "image_size": 16}
+  plain = vit.backbone_from_config(cfg)
+  recomputing = vit.backbone_from_config({**cfg, "recompute_gelu": True})
+  assert recomputing.recompute_gelu and not plain.recompute_gelu
+  x = jax.random.normal(jax.random.PRNGKey(2), (2, 16, 16, 3))
+  backbone_params = plain.init(jax.random.PRNGKey(3), x)
+  loss = lambda model: jax.value_and_grad(
+      lambda p: jnp.sum(jnp.square(model.apply(p, x, train=True)["cls"])))(backbone_params)
+  chex.assert_trees_all_close(loss(recomputing), loss(plain), atol=1e-6, rtol=1e-6)

@@ -45,7 +45,7 @@ def sit_from_config(model_cfg, experiment: str) -> SiT:
                      "'contrastive' or 'sit' (both).")
   backbone = {k: model_cfg[k] for k in
               ("variant", "image_size", "drop_path_rate", "recons_blocks", "dtype", "attention",
-               "remat", "scan_layers", "qkv_per_head") if k in model_cfg}
+               "remat", "scan_layers", "qkv_per_head", "recompute_gelu") if k in model_cfg}
   return SiT(
       backbone_config=backbone,
       recon_hidden=model_cfg.get("recon_hidden") or None,
