@@ -183,6 +183,9 @@ def exact_gelu(x):
   return jax.nn.gelu(x, approximate=False)
 
 
+recomputed_gelu = jax.checkpoint(exact_gelu)  # Keeps only x for the backward pass.
+
+
 class Mlp(nn.Module):
   """fc1, GELU, fc2. `recompute_gelu` keeps only GELU's input for the backward pass and
   recomputes the rest there: differentiated as it is, GELU keeps three more tensors of fc1's
@@ -198,7 +201,7 @@ class Mlp(nn.Module):
     width = x.shape[-1]
     x = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=trunc_normal, name="fc1")(x)
     x = nn.with_logical_constraint(x, ("batch", "length", "mlp"))
-    x = (jax.checkpoint(exact_gelu) if self.recompute_gelu else exact_gelu)(x)
+    x = (recomputed_gelu if self.recompute_gelu else exact_gelu)(x)
     return nn.Dense(width, dtype=self.dtype, kernel_init=trunc_normal, name="fc2")(x)
 
 
