@@ -208,7 +208,9 @@ def shrink_for_runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   # tokens costs a quarter of 32 px (64 tokens), so 4x the images fit the budget
   # (k-NN 0.47 -> 0.56 at the same number of steps, with 4x the batch).
   c.data.image_size = 16
-  c.data.global_batch_size = 128       # in-batch negatives for the contrastive loss.
+  # Batch 64 for 2,000 steps, not 128 for 1,000: the same images in the same minutes, twice the
+  # updates (k-NN 0.923 -> 0.942 on validation, mean of two seeds, drop path 0 in both).
+  c.data.global_batch_size = 64
   c.data.flip = False                  # digits have a handedness: flips cost 0.1 k-NN.
   c.data.crop_scale = (0.5, 1.0)       # (0.3, 1) measured the same.
   # The accelerator's resize, as on GPUs and TPUs, so that the quickstart and the tests run the
@@ -218,6 +220,9 @@ def shrink_for_runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   c.augment.preset = "gmml"            # light jitter, rare blur: colour means nothing here.
   c.model.variant = "Mu/4"
   c.model.dtype = "float32"
+  # No stochastic depth for 4 blocks and a short run: k-NN 0.885 -> 0.923 on validation (two
+  # seeds each); the paper's 0.1 is for ViT-S over 800 epochs.
+  c.model.drop_path_rate = 0.0
   c.model.proj_hidden = 256
   c.model.proj_dim = 64
   c.model.recon_hidden = 0
@@ -230,13 +235,14 @@ def shrink_for_runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   # at 600 steps); still cosine to 1.
   c.teacher.momentum = 0.96
   c.total_epochs = 0
-  c.total_steps = 1000                 # ~107 epochs of the 1,200-1,500 training digits.
-  c.optim.base_lr = 4e-3               # lr 2e-3 at batch 128 (8e-3 per 256 was no better).
-  c.optim.warmup_epochs = 10           # ~100 steps: 1 epoch (12 steps) cost 0.02 k-NN.
-  c.log_every = 50
-  c.image_every = 250
-  c.checkpoint_every = 250
-  c.eval_every = 250                   # a k-NN on the 297 test digits takes a few seconds.
+  c.total_steps = 2000                 # ~107 epochs of the 1,200-1,500 training digits.
+  c.optim.base_lr = 8e-3               # lr 2e-3 at batch 64, as at batch 128 (twice that lr
+                                       # was no better there).
+  c.optim.warmup_epochs = 10           # ~200 steps: 1 epoch cost 0.02 k-NN.
+  c.log_every = 100
+  c.image_every = 500
+  c.checkpoint_every = 500
+  c.eval_every = 500                   # a k-NN on the 297 test digits takes a few seconds.
   c.eval.train_split = "train"
   c.eval.test_split = "test"
   c.eval.resize_mode = "resize"

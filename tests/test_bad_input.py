@@ -30,7 +30,7 @@ CASES = [
     ("gmml_ratio_above_1", [SIT, "--config.gmml.ratio=1.5"], ["gmml.ratio=1.5", "[0, 1]"]),
     ("gmml_ratio_negative", [SIT, "--config.gmml.ratio=-0.1"], ["gmml.ratio=-0.1", "[0, 1]"]),
     ("donor_group_not_a_divisor", [SIT, "--config.gmml.donor_group=96"],
-     ["gmml.donor_group 96 does not divide data.global_batch_size 128", "0 for the whole view"]),
+     ["gmml.donor_group 96 does not divide data.global_batch_size 64", "0 for the whole view"]),
     ("compiler_options_format", [SIT, "--config.compiler_options=fast"],
      ["config.compiler_options='fast' is invalid", "name=value"]),
     ("compiler_option_unknown_to_the_backend",
