@@ -190,8 +190,9 @@ class Mlp(nn.Module):
   """fc1, GELU, fc2. `recompute_gelu` keeps only GELU's input for the backward pass and
   recomputes the rest there: differentiated as it is, GELU keeps three more tensors of fc1's
   output size. A CPU setting (the same gradients, rounded differently): runlocal on cpu:8
-  needs 20.9 instead of 27.2 MiB of temporaries and steps ~15% faster (~700 vs ~610 img/s);
-  compiled for a TPU it needed more (B/16, batch 1024, v5e:4x4: 13.95 vs 13.72 GiB per chip)."""
+  needs 10.7 instead of 13.9 MiB of temporaries, and steps 4-15% faster depending on the CPU
+  (README); compiled for a TPU it needed more (B/16, batch 1024, v5e:4x4: 13.95 vs 13.72 GiB
+  per chip)."""
   hidden: int
   dtype: Dtype = jnp.float32
   recompute_gelu: bool = False
