@@ -50,7 +50,7 @@ def images_and_labels(source, split, size):
 
 def scores(train_x, train_y, test_x, test_y, mesh):
   from sklearn.linear_model import LogisticRegression
-  knn_scores = knn.knn_classify(train_x, train_y, test_x, 20, 0.07, 10, mesh=mesh)
+  knn_scores = knn.knn_classify(train_x, train_y, test_x, 20, 0.07, mesh=mesh)
   knn_top1 = float((knn_scores.argmax(1) == test_y).mean())
   mean, std = train_x.mean(0), train_x.std(0) + 1e-6
   clf = LogisticRegression(max_iter=3000, C=1.0)
@@ -90,6 +90,7 @@ def main(_):
   images = (train_images, test_images, train_labels, test_labels)
   model_config = pretrain.model_config(config)
   module = vit.backbone_from_config({"variant": model_config["variant"], "image_size": size,
+                                     "standardize_input": model_config["standardize_input"],
                                      "dtype": "float32"})
   step_dir = os.path.join(workdir, "checkpoints", str(result["step"]))
   state = checkpoint._restore_numpy(  # pylint: disable=protected-access

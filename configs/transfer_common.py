@@ -115,6 +115,7 @@ def transfer_config(experiment: str, dataset: str) -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.variant = "S/16"      # random init only; a checkpoint brings its own.
+  c.model.standardize_input = False  # the same.
   c.model.drop_path_rate = 0.0
   c.model.dtype = "bfloat16"
   c.model.attention = ""
@@ -189,6 +190,7 @@ def shrink_for_runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   c.eval_batch_size = 128
   c.model.variant = "Mu/4"
   c.model.dtype = "float32"
+  c.model.standardize_input = True  # random init as pretraining's runlocal builds it.
   c.log_every = 20
   c.checkpoint_every = 100
   return c

@@ -199,6 +199,7 @@ RULES: dict[str, Rule] = {
     "model.qkv_per_head": BOOL,
     "model.recompute_gelu": BOOL,
     "model.scan_layers": BOOL,
+    "model.standardize_input": BOOL,
     "model.recon_hidden": integer(0),
     "model.recon_depth": COUNT,
     "model.proj_hidden": COUNT,

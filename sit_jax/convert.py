@@ -339,6 +339,10 @@ def to_timm(input_path: str, output_path: str) -> dict:
   print(f"Wrote {len(state)} tensors to {output_path}. Load them with\n"
         f"  model = {timm_constructor(config)}\n"
         f"  model.load_state_dict(<the file>, strict=True)")
+  if config.get("standardize_input"):
+    print("This backbone was trained on images standardised one by one (model.standardize_input):"
+          " timm's model does not do it, so feed it each image's channels shifted and scaled to "
+          "mean 0, std 1 (sit_jax.models.vit.standardize_per_image).")
   return config
 
 

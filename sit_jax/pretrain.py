@@ -105,7 +105,9 @@ def prepare_views(config, key, batch):
     kwargs["blur_sigma"] = tuple(config.augment.blur_sigma)
     images = augment.photometric(jax.random.fold_in(key, i), images, **kwargs)
     views.append(augment.normalize(images))
-  return jnp.stack(views)
+  views = jnp.stack(views)
+  # The reconstruction target and the teacher's input live where the backbone computes.
+  return vit.standardize_per_image(views) if config.model.get("standardize_input") else views
 
 
 def views_to_rows(views):

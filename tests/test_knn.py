@@ -3,6 +3,7 @@ cached features equals the fresh run; the cache is keyed on the checkpoint's par
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from configs import knn as knn_config
 from sit_jax import checkpoint, sharding
@@ -22,6 +23,20 @@ def test_several_k_in_one_search_equal_separate_runs():
   for k, scores in together.items():
     alone = knn.knn_classify(train, labels, test, k, 0.07, 6, mesh=mesh, chunk_size=16)
     np.testing.assert_allclose(scores, alone, rtol=1e-6)
+
+
+def test_labels_past_num_classes_are_an_error_not_a_silent_drop():
+  """A vote for class >= num_classes would vanish from the scores (benchmarks/learning.py once
+  scored 26 letters with num_classes=10); counting the classes gives every label its vote."""
+  rng = np.random.default_rng(1)
+  train = rng.normal(size=(64, 8)).astype(np.float32)
+  labels = np.arange(64) % 16
+  mesh = sharding.make_mesh()
+  with pytest.raises(ValueError, match="num_classes=10"):
+    knn.knn_classify(train, labels, train[:8], 5, 0.07, 10, mesh=mesh)
+  counted = knn.knn_classify(train, labels, train[:8], 1, 0.07, mesh=mesh)
+  assert counted.shape == (8, 16)
+  np.testing.assert_array_equal(counted.argmax(1), labels[:8])  # each point is its own nearest
 
 
 def export(directory, seed):

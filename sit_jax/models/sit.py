@@ -44,7 +44,8 @@ def sit_from_config(model_cfg, experiment: str) -> SiT:
     raise ValueError(f"Unknown experiment {experiment!r}: use 'gmml' (reconstruction only), "
                      "'contrastive' or 'sit' (both).")
   backbone = {k: model_cfg[k] for k in
-              ("variant", "image_size", "recons_blocks", "scan_layers", *vit.RUNTIME_KEYS)
+              ("variant", "image_size", "recons_blocks", "scan_layers", "standardize_input",
+               *vit.RUNTIME_KEYS)
               if k in model_cfg}
   return SiT(
       backbone_config=backbone,

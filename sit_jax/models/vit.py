@@ -252,6 +252,18 @@ class _ScannedBlock(nn.Module):
     return (x, recon_sum), None
 
 
+def standardize_per_image(images, eps: float = 1e-2):
+  """Each image's channels shifted and scaled to mean 0 and std 1 over its pixels (float32).
+
+  Invariant to any per-image, per-channel affine change of the pixels (exposure, contrast, a
+  colour cast), so the ImageNet normalisation applied before it makes no difference. `eps` floors
+  the std (about one grey level in ImageNet units) so that a flat image becomes zeros."""
+  x = jnp.asarray(images, jnp.float32)
+  mean = x.mean(axis=(-3, -2), keepdims=True)
+  std = jnp.sqrt(jnp.square(x - mean).mean(axis=(-3, -2), keepdims=True))
+  return (x - mean) / jnp.maximum(std, eps)
+
+
 class VisionTransformer(nn.Module):
   """ViT backbone returning CLS and patch tokens after the final LayerNorm.
 
@@ -262,6 +274,8 @@ class VisionTransformer(nn.Module):
   `scan_layers` runs the blocks as one nn.scan (one compiled block, parameters stacked under
   `blocks/block` with a leading layer axis) instead of `blocks_0..blocks_{depth-1}`: compile time
   and program size stop growing with depth. `stack_blocks`/`unstack_blocks` convert the layouts.
+  `standardize_input` standardises each image first (`standardize_per_image`): part of what
+  the parameters mean, so it is saved with them and every user of the backbone gets it.
   """
   width: int = 384
   depth: int = 12
@@ -277,6 +291,7 @@ class VisionTransformer(nn.Module):
   scan_layers: bool = False
   qkv_per_head: bool = False
   recompute_gelu: bool = False
+  standardize_input: bool = False
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
@@ -294,6 +309,8 @@ class VisionTransformer(nn.Module):
          "embed": (self.width, "features"),
          "kv": (self.width // self.num_heads, "features per head")})
 
+    if self.standardize_input:
+      images = standardize_per_image(images)
     x = nn.Conv(self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
                 padding="VALID", dtype=self.dtype, name="patch_embed")(images.astype(self.dtype))
     grid = x.shape[1:3]
@@ -393,4 +410,5 @@ def backbone_from_config(cfg) -> VisionTransformer:
       scan_layers=cfg.get("scan_layers", False),
       qkv_per_head=cfg.get("qkv_per_head", False),
       recompute_gelu=cfg.get("recompute_gelu", False),
+      standardize_input=cfg.get("standardize_input", False),
   )

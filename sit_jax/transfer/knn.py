@@ -84,6 +84,10 @@ def knn_scores(train_feats, train_labels, test_feats, ks=(20,), temperature: flo
   train_labels = np.asarray(train_labels)
   if num_classes is None:
     num_classes = int(train_labels.max()) + 1
+  elif train_labels.max() >= num_classes:
+    # A label past num_classes would silently drop out of the vote (scatter mode "drop").
+    raise ValueError(f"k-NN bank label {int(train_labels.max())} >= num_classes={num_classes}: "
+                     "pass the dataset's number of classes (or None to count them).")
   mesh = mesh if mesh is not None else sharding.make_mesh()
   bank, labels = _bank_on_mesh(train_feats, train_labels, mesh, max(ks))
   topk = _make_topk(mesh, max(ks))
