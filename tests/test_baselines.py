@@ -41,11 +41,13 @@ def small_config(module, **overrides):
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-  module = vit.backbone_from_config({"variant": "Mu/4", "image_size": SIZE})
+  """A backbone as `:runlocal` pretraining exports it (standardising its input, as the
+  transfer configs' random init does, so the two random-init rows are the same network)."""
+  model_config = {"variant": "Mu/4", "image_size": SIZE, "standardize_input": True}
+  module = vit.backbone_from_config(model_config)
   params = module.init(jax.random.PRNGKey(7), jnp.zeros((1, SIZE, SIZE, 3)))["params"]
   return checkpoint.export_backbone(tmp_path_factory.mktemp("export") / "backbone",
-                                    {"backbone": jax.tree.map(np.asarray, params)},
-                                    {"variant": "Mu/4", "image_size": SIZE})
+                                    {"backbone": jax.tree.map(np.asarray, params)}, model_config)
 
 
 def test_knn_baselines_match_numpy_and_random_init_run(tmp_path, exported):
