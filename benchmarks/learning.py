@@ -89,8 +89,7 @@ def main(_):
   test_images, test_labels = images_and_labels(config.data.source, test_split, size)
   images = (train_images, test_images, train_labels, test_labels)
   model_config = pretrain.model_config(config)
-  module = vit.backbone_from_config({"variant": model_config["variant"], "image_size": size,
-                                     "standardize_input": model_config["standardize_input"],
+  module = vit.backbone_from_config({**vit.parameter_settings(model_config), "image_size": size,
                                      "dtype": "float32"})
   step_dir = os.path.join(workdir, "checkpoints", str(result["step"]))
   state = checkpoint._restore_numpy(  # pylint: disable=protected-access

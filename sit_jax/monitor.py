@@ -88,9 +88,8 @@ class KnnMonitor:
     runtime = {"dtype": model_config.get("dtype", "float32"),
                "attention": model_config.get("attention", ""),
                "scan_layers": model_config.get("scan_layers", False)}
-    module = vit.backbone_from_config({
-        "variant": model_config["variant"], "image_size": model_config["image_size"],
-        "standardize_input": model_config.get("standardize_input", False), **runtime})
+    module = vit.backbone_from_config({**vit.parameter_settings(model_config),
+                                       "image_size": model_config["image_size"], **runtime})
     return cls(config, mesh, module, bank, test, bank_split, test_split)
 
   def _batches(self, split):

@@ -44,7 +44,7 @@ def sit_from_config(model_cfg, experiment: str) -> SiT:
     raise ValueError(f"Unknown experiment {experiment!r}: use 'gmml' (reconstruction only), "
                      "'contrastive' or 'sit' (both).")
   backbone = {k: model_cfg[k] for k in
-              ("variant", "image_size", "recons_blocks", "scan_layers", "standardize_input",
+              (*vit.PARAMETER_KEYS, "image_size", "recons_blocks", "scan_layers",
                *vit.RUNTIME_KEYS)
               if k in model_cfg}
   return SiT(

@@ -27,9 +27,17 @@ VARIANTS = {
     "L": (1024, 24, 16),
 }
 
+# Settings that travel with a backbone's parameters to every user of them (a checkpoint brings
+# them; the image size and the runtime settings are the user's).
+PARAMETER_KEYS = ("variant", "standardize_input")
 # Settings that change how the backbone computes, not its parameters.
 RUNTIME_KEYS = ("drop_path_rate", "dtype", "attention", "remat", "qkv_per_head",
                 "recompute_gelu")
+
+
+def parameter_settings(model_config) -> dict:
+  """The PARAMETER_KEYS entries of a model config (a checkpoint's or a config's)."""
+  return {k: model_config[k] for k in PARAMETER_KEYS if k in model_config}
 
 
 def architecture(model_config: dict) -> dict:

@@ -50,8 +50,7 @@ def load_backbone(config, *, image_size: int, drop_path_rate: float | None = Non
   if drop_path_rate is not None:
     runtime["drop_path_rate"] = drop_path_rate
   if not config.init:
-    model_config = {"variant": model["variant"], "image_size": image_size,
-                    "standardize_input": model.get("standardize_input", False), **runtime}
+    model_config = {**vit.parameter_settings(model), "image_size": image_size, **runtime}
     return Backbone(vit.backbone_from_config(model_config), None, model_config, "")
 
   from sit_jax import checkpoint  # orbax: only when a checkpoint is read.
@@ -62,8 +61,7 @@ def load_backbone(config, *, image_size: int, drop_path_rate: float | None = Non
   if model.get("variant") and model["variant"] != ckpt_config["variant"]:
     logging.warning("config.model.variant=%s ignored: the checkpoint is a %s.",
                     model["variant"], ckpt_config["variant"])
-  model_config = {"variant": ckpt_config["variant"], "image_size": image_size,
-                  "standardize_input": ckpt_config.get("standardize_input", False), **runtime}
+  model_config = {**vit.parameter_settings(ckpt_config), "image_size": image_size, **runtime}
   module = vit.backbone_from_config(model_config)
   params = jax.tree.map(np.asarray, loaded["backbone"])
   grid = image_size // module.patch_size
