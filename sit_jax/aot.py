@@ -17,7 +17,7 @@ Topologies:
   TPU needs the libtpu that matches jax on this machine (`pip install "jax[tpu]==<jax version>"`,
   x86-64 Linux; README: "Will it fit"), but no TPU.
   'cpu:N'    N devices of the local CPU backend (forced with jax_num_cpu_devices if needed),
-             compiled with XLA:CPU's memory-minimising scheduler (CPU_COMPILER_OPTIONS).
+             compiled with XLA:CPU's memory-minimising scheduler (AOT_COMPILER_OPTIONS).
   'local' or 'local:N'  the devices this machine has (e.g. its GPUs).
 """
 from __future__ import annotations
@@ -110,11 +110,12 @@ def topology_devices(topology: str) -> tuple[list, str]:
       "v6e:4x4, ...), cpu:N or local[:N].")
 
 
-# For CPU devices, XLA:CPU's memory-minimising scheduler: its default favours concurrency and
-# issues collectives as early as it can (every FSDP all-gather at the start of the program),
-# which a TPU's memory-aware scheduler does not; the question compiling here answers is memory
-# (runlocal on cpu:8: data-parallel temporaries 13.9 -> 12.6 MiB, FSDP 16.1 -> 14.8 MiB).
-CPU_COMPILER_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+# Put before config.compiler_options (which override them) and, like them, applied only on their
+# backend (sharding.compiler_options). XLA:CPU's memory-minimising scheduler: its default favours
+# concurrency and issues collectives as early as it can (every FSDP all-gather at the start of the
+# program), which a TPU's memory-aware scheduler does not; the question compiling here answers is
+# memory (runlocal on cpu:8: data-parallel temporaries 13.9 -> 12.6 MiB, FSDP 16.1 -> 14.8 MiB).
+AOT_COMPILER_OPTIONS = "xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
 
 
 def compile_train_step(config, devices, compiler_options: dict | None = None):
@@ -151,9 +152,8 @@ def compile_train_step(config, devices, compiler_options: dict | None = None):
   step = pretrain.jit_train_step(pretrain.make_train_step(config, model, tx, schedules),
                                  state_shardings, mesh, config.logical_axis_rules)
   lowered = step.lower(state, batch)
-  platform = devices[0].platform
-  options = {**(CPU_COMPILER_OPTIONS if platform == "cpu" else {}),
-             **sharding.compiler_options(config.compiler_options, platform),
+  options = {**sharding.compiler_options(f"{AOT_COMPILER_OPTIONS},{config.compiler_options}",
+                                         devices[0].platform),
              **(compiler_options or {})}
   try:
     return lowered.compile(compiler_options=options or None), mesh

@@ -100,7 +100,7 @@ def test_fsdp_needs_fewer_temporaries_where_the_state_outweighs_the_activations(
   holds the whole parameter set's gradients (FSDP: its shard of them); they outweigh the
   activations and the kernels FSDP gathers, so FSDP needs fewer temporaries (MiB per device: 3.42
   vs 3.75). Compiled with XLA:CPU's default scheduler, which issues every all-gather at the start
-  of the program, FSDP needed more (4.29; aot.CPU_COMPILER_OPTIONS)."""
+  of the program, FSDP needed more (4.29; aot.AOT_COMPILER_OPTIONS)."""
   data_parallel, _ = compile_step({"data": 8}, common.REPLICATED, batch=8)
   fsdp, _ = compile_step({"fsdp": 8}, common.FSDP, batch=8)
   assert fsdp["temp"] < 0.95 * data_parallel["temp"], (fsdp, data_parallel)

@@ -199,9 +199,9 @@ class Mlp(nn.Module):
   recomputes the rest there: differentiated as it is, GELU keeps three more tensors of fc1's
   output size. A CPU setting (the same gradients, rounded differently): runlocal on cpu:8,
   compiled as a CPU run compiles it, needs 10.7 instead of 13.9 MiB of temporaries (12.1 vs 12.6
-  with the memory-minimising scheduler of aot.CPU_COMPILER_OPTIONS), and steps 4-15% faster
-  depending on the CPU (README); compiled for a TPU it needed more (B/16, batch 1024, v5e:4x4: 13.95 vs 13.72 GiB
-  per chip)."""
+  with the memory-minimising scheduler of aot.AOT_COMPILER_OPTIONS), and steps 4-15% faster
+  depending on the CPU (README); compiled for a TPU it needed more (B/16, batch 1024, v5e:4x4:
+  13.95 vs 13.72 GiB per chip)."""
   hidden: int
   dtype: Dtype = jnp.float32
   recompute_gelu: bool = False
