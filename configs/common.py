@@ -117,7 +117,7 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.gmml.replace_ratio = 0.3
   c.gmml.fills = ("noise", "replace")
   c.gmml.replace_prob = 0.5
-  c.gmml.align = 1                     # 2: a tie over four seeds on the letters; 4 (whole tokens) worse.
+  c.gmml.align = 1                     # 2: a tie on the letters (four seeds); 4 was worse.
   # 'replace' donors come from groups of this many consecutive images of a view: the authors'
   # per-GPU batch (64). A group inside one device's share of the batch (global batch /
   # data-parallel devices images of each view) is copied there; 0, the whole view,
@@ -235,7 +235,7 @@ def shrink_for_runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   c.model.recon_hidden = 0
   if c.model.recons_blocks:
     c.model.recons_blocks = (2, 3, 4)
-  c.gmml.align = 1                     # 2: a tie over four seeds on the letters; 4 (whole tokens) worse.
+  c.gmml.align = 1                     # 2: a tie on the letters (four seeds); 4 was worse.
   c.gmml.donor_group = 0               # the whole view, as the figures in README were measured.
   # gmml.ratio stays the paper's 0.5: 0.25 measured 0.06 k-NN lower (flips off). On small objects
   # (the letters of benchmarks/learning.md) 0.3 was 0.02 k-NN higher, over four seeds.
