@@ -117,7 +117,7 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.gmml.replace_ratio = 0.3
   c.gmml.fills = ("noise", "replace")
   c.gmml.replace_prob = 0.5
-  c.gmml.align = 1                     # 2: a tie on the letters (four seeds); 4 was worse.
+  c.gmml.align = 1
   # 'replace' donors come from groups of this many consecutive images of a view: the authors'
   # per-GPU batch (64). A group inside one device's share of the batch (global batch /
   # data-parallel devices images of each view) is copied there; 0, the whole view,
