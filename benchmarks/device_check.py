@@ -1,6 +1,6 @@
 """The accelerator check: one run on a machine with one GPU, one JSON line (benchmarks/README.md).
 
-  bash benchmarks/device_check.sh             # one GPU, under 6 minutes
+  bash benchmarks/device_check.sh --out=F.json   # one GPU, under 6 minutes
   bash benchmarks/device_check.sh --dry-run   # the same code on the CPU with tiny shapes (CI)
 
 Cases, each compiled and timed in this process (bf16, synthetic device-resident batches, SiT):
@@ -12,16 +12,22 @@ cannot be reset between cases). Then end to end: a generated folder of 500x375 J
 the real pipeline (grain, one worker process per core, crop and resize on the GPU) into the
 ViT-S/16 step; the pipeline alone, with the resize on the GPU and with PIL; the GPU's time and
 FLOPs for the crop and resize. A case that fails (out of memory, no cuDNN) records its error; cases past the time budget
-are skipped, so that the JSON always comes.
+are skipped, so that the JSON always comes. With --out the JSON is also rewritten after every
+stage, and past --hard_limit_s a watchdog saves it marked `aborted`, prints every thread's stack
+(where it hung) and ends the process and its input workers: a lease that runs out keeps what was
+measured.
 """
 from __future__ import annotations
 
+import faulthandler
 import gc
 import json
+import multiprocessing
 import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -36,6 +42,8 @@ flags.DEFINE_bool("dry_run", False, "Tiny shapes on the CPU: checks the script, 
 flags.DEFINE_float("budget_s", 300.0, "Start no new case after this many seconds.")
 flags.DEFINE_integer("steps", 10, "Steps per timed window.")
 flags.DEFINE_integer("repeats", 2, "Timed windows per case; the median counts.")
+flags.DEFINE_string("out", None, "Also write the JSON here, rewritten after every stage.")
+flags.DEFINE_float("hard_limit_s", 480.0, "Past this, save what was measured and exit (code 3).")
 
 # (name, variant, global batch, attention, remat)
 GPU_CASES = [
@@ -139,6 +147,36 @@ def end_to_end(config, built, folder, steps, repeats, workers):
           "skipped_images": it.num_skipped}
 
 
+def save(result, path):
+  """Rewrites `path` with `result` (a temporary file renamed: a reader never sees half)."""
+  if path:
+    with open(path + ".tmp", "w") as f:
+      json.dump(result, f)
+    os.replace(path + ".tmp", path)
+
+
+def start_watchdog(result, path, limit_s):
+  """Past `limit_s`: mark `result` aborted, save it, print every thread's stack and exit, taking
+  the input pipeline's worker processes along (orphans would hold the output pipes open)."""
+  def fire():
+    result["aborted"] = f"hard limit of {limit_s:.0f} s; the stacks on stderr show where"
+    try:  # the main thread may be changing `result` this instant
+      save(result, path)
+      print(json.dumps(result), flush=True)
+    except (RuntimeError, ValueError) as e:
+      print(f"could not save the partial result: {e}", file=sys.stderr)
+    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+    for child in multiprocessing.active_children():
+      child.kill()
+    os._exit(3)
+  timer = threading.Timer(limit_s, fire)
+  timer.daemon = True
+  timer.start()
+  # A backstop that needs no GIL, should a C call hold it past the limit.
+  faulthandler.dump_traceback_later(limit_s + 30, exit=True)
+  return timer
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -154,7 +192,10 @@ def main(argv):
             "jax_version": jax.__version__, "python": sys.version.split()[0],
             "host_cores": usable_cores(), "dtype": "bfloat16", "image_size": size,
             "cases": {}}
-  log = lambda *a: print(*a, file=sys.stderr, flush=True)
+  watchdog = start_watchdog(result, FLAGS.out, FLAGS.hard_limit_s)
+  save(result, FLAGS.out)
+  log = lambda *a: print(f"[{time.perf_counter() - start:6.1f} s]", *a, file=sys.stderr,
+                         flush=True)
   first = None
   for name, variant, batch, attention, remat in cases:
     if time.perf_counter() - start > FLAGS.budget_s:
@@ -164,6 +205,7 @@ def main(argv):
       result["cases"][name] = {"skipped": "cuDNN attention needs a GPU"}
       continue
     config = case_config(variant, batch, attention, remat, size, dry)
+    log(name, "compiling and timing")
     try:
       result["cases"][name], built = run_case(config, FLAGS.steps, FLAGS.repeats)
       first = first or (config, built)  # the end-to-end run reuses the first case's step
@@ -173,6 +215,7 @@ def main(argv):
     jax.clear_caches()
     gc.collect()
     log(name, json.dumps(result["cases"][name]))
+    save(result, FLAGS.out)
   result["peak_memory_gib"] = (throughput.peak_memory_bytes() or 0) / 2**30 or None
 
   if first is None:
@@ -181,7 +224,9 @@ def main(argv):
     result["end_to_end"] = {"skipped": "time budget"}
   else:
     with tempfile.TemporaryDirectory() as folder:
+      log("end_to_end: writing JPEGs")
       write_jpegs(folder, 64 if dry else 1024)
+      log("end_to_end: the pipeline into the first case's step, then the pipeline alone")
       try:
         result["end_to_end"] = end_to_end(*first, folder, FLAGS.steps, FLAGS.repeats,
                                           workers=1 if dry else usable_cores())
@@ -189,6 +234,9 @@ def main(argv):
         result["end_to_end"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     del first
   result["wall_s"] = time.perf_counter() - start
+  watchdog.cancel()
+  faulthandler.cancel_dump_traceback_later()
+  save(result, FLAGS.out)
   print(json.dumps(result))
 
 

@@ -3,7 +3,7 @@
 # prints one JSON line on stdout (progress on stderr). --dry-run: the same on the CPU with tiny
 # shapes, run by tests/test_device_check.py so that the script cannot rot.
 #
-#   bash benchmarks/device_check.sh > device_check.json
+#   bash benchmarks/device_check.sh --out=device_check.json
 #   bash benchmarks/device_check.sh --dry-run
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,4 +19,5 @@ args=()
 for a in "$@"; do
   args+=("${a/--dry-run/--dry_run}")
 done
-exec python benchmarks/device_check.py "${args[@]}"
+# python3: GPU images often have no plain `python` (PYTHON overrides).
+exec "${PYTHON:-python3}" benchmarks/device_check.py "${args[@]}"

@@ -11,15 +11,21 @@ import conftest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_device_check_dry_run():
+def run_dry(*flags):
   # One CPU device, whatever the test session simulates.
   env = dict(os.environ, XLA_FLAGS=conftest.xla_flags(1))
-  proc = subprocess.run(
-      ["bash", "benchmarks/device_check.sh", "--dry-run", "--steps=2", "--repeats=1",
-       "--budget_s=3000"],
+  return subprocess.run(
+      ["bash", "benchmarks/device_check.sh", "--dry-run", "--steps=2", "--repeats=1", *flags],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_device_check_dry_run(tmp_path):
+  out = tmp_path / "check.json"
+  proc = run_dry("--budget_s=3000", "--hard_limit_s=3000", f"--out={out}")
   assert proc.returncode == 0, proc.stderr[-4000:]
   r = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert json.loads(out.read_text()) == r  # the file holds the final JSON, not an earlier stage
+  assert "aborted" not in r
   assert r["dry_run"] and r["backend"] == "cpu" and r["dtype"] == "bfloat16"
   assert set(r["cases"]) == {"S16_b8", "S16_b8_cudnn", "S16_b8_remat", "B16_b8"}
   assert r["cases"]["S16_b8_cudnn"] == {"skipped": "cuDNN attention needs a GPU"}
@@ -37,3 +43,15 @@ def test_device_check_dry_run():
   assert e2e["resize_on"] == "device" and e2e["pipeline_host_resize_images_per_s"] > 0
   assert e2e["device_resize"]["gflop_per_image"] > 0
   assert e2e["skipped_images"] == 0
+
+
+def test_device_check_hard_limit_keeps_what_was_measured(tmp_path):
+  # 3 s after start-up the first compile is under way: the watchdog must save the JSON marked
+  # aborted, print the stacks (where it hung) and exit 3, not leave the lease to run out.
+  out = tmp_path / "check.json"
+  proc = run_dry("--budget_s=3000", "--hard_limit_s=3", f"--out={out}")
+  assert proc.returncode == 3, proc.stderr[-4000:]
+  saved = json.loads(out.read_text())
+  assert saved["aborted"].startswith("hard limit of 3 s")
+  assert json.loads(proc.stdout.strip().splitlines()[-1]) == saved
+  assert "most recent call first" in proc.stderr and "device_check.py" in proc.stderr
