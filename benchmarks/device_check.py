@@ -1,7 +1,7 @@
 """The accelerator check: one run on a machine with one GPU, one JSON line (benchmarks/README.md).
 
-  bash benchmarks/device_check.sh --out=F.json   # one GPU, under 6 minutes
-  bash benchmarks/device_check.sh --dry-run   # the same code on the CPU with tiny shapes (CI)
+  bash benchmarks/device_check.sh --out=F.json  # one GPU, under 6 minutes
+  bash benchmarks/device_check.sh --dry-run      # the same code on the CPU, tiny shapes (CI)
 
 Cases, each compiled and timed in this process (bf16, synthetic device-resident batches, SiT):
 ViT-S/16 and ViT-B/16 at 224 px, two batch sizes each with XLA attention and remat off, then
@@ -13,7 +13,7 @@ the real pipeline (grain, one worker process per core, crop and resize on the GP
 ViT-S/16 step; the pipeline alone, with the resize on the GPU and with PIL; the GPU's time and
 FLOPs for the crop and resize. A case that fails (out of memory, no cuDNN) records its error; cases past the time budget
 are skipped, so that the JSON always comes. With --out the JSON is also rewritten after every
-stage, and past --hard_limit_s a watchdog saves it marked `aborted`, prints every thread's stack
+case, and past --hard_limit_s a watchdog saves it marked `aborted`, prints every thread's stack
 (where it hung) and ends the process and its input workers: a lease that runs out keeps what was
 measured.
 """
@@ -42,7 +42,7 @@ flags.DEFINE_bool("dry_run", False, "Tiny shapes on the CPU: checks the script, 
 flags.DEFINE_float("budget_s", 300.0, "Start no new case after this many seconds.")
 flags.DEFINE_integer("steps", 10, "Steps per timed window.")
 flags.DEFINE_integer("repeats", 2, "Timed windows per case; the median counts.")
-flags.DEFINE_string("out", None, "Also write the JSON here, rewritten after every stage.")
+flags.DEFINE_string("out", None, "Also write the JSON here, rewritten after every case.")
 flags.DEFINE_float("hard_limit_s", 480.0, "Past this, save what was measured and exit (code 3).")
 
 # (name, variant, global batch, attention, remat)
@@ -148,11 +148,10 @@ def end_to_end(config, built, folder, steps, repeats, workers):
 
 
 def save(result, path):
-  """Rewrites `path` with `result` (a temporary file renamed: a reader never sees half)."""
+  """Rewrites `path` (if any) with `result`; a reader never sees half of it."""
   if path:
-    with open(path + ".tmp", "w") as f:
-      json.dump(result, f)
-    os.replace(path + ".tmp", path)
+    from sit_jax import metrics
+    metrics.atomic_write_text(path, json.dumps(result))
 
 
 def start_watchdog(result, path, limit_s):
@@ -160,10 +159,10 @@ def start_watchdog(result, path, limit_s):
   the input pipeline's worker processes along (orphans would hold the output pipes open)."""
   def fire():
     result["aborted"] = f"hard limit of {limit_s:.0f} s; the stacks on stderr show where"
-    try:  # the main thread may be changing `result` this instant
+    try:  # whatever fails here (the main thread changing `result`, a full disk), exit below
       save(result, path)
       print(json.dumps(result), flush=True)
-    except (RuntimeError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001
       print(f"could not save the partial result: {e}", file=sys.stderr)
     faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
     for child in multiprocessing.active_children():
