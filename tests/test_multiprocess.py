@@ -16,8 +16,9 @@ import conftest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "configs/sit_vits.py:runlocal"
+# The paper's fills: 'replace' takes its donors from the whole global view, across processes.
 RUN_FLAGS = ["--config.total_steps=4", "--config.log_every=2", "--config.checkpoint_every=4",
-             "--config.image_every=1000"]
+             "--config.image_every=1000", "--config.gmml.fills=('noise','replace')"]
 # Cluster variables of the machine running the tests must not leak into the children.
 _CLUSTER_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "TPU_", "MEGASCALE_", "JAX_COORDINATOR",
                      "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "JAX_LOCAL_DEVICE_IDS")
