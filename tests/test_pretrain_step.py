@@ -19,7 +19,7 @@ def tiny_config(experiment="sit", **overrides):
   c.model.proj_hidden = 32
   c.model.proj_dim = 16
   c.optim.warmup_epochs = 0
-  c.gmml.fills = ("noise", "replace")  # the paper's: every fill, and donors from other images.
+  c.gmml.fills = ("noise", "replace")  # the paper's fills: donors from other images included.
   c.update_from_flattened_dict(overrides)  # 'optim.eps' -> c.optim.eps
   return c
 
