@@ -217,8 +217,9 @@ def shrink_for_runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   c.data.flip = False                  # digits have a handedness: flips cost 0.1 k-NN.
   # Crops of 80-100% of the image, not the paper's 20-100%: at 16 px a smaller crop cuts away
   # much of an object that fills few tokens (validation k-NN, (0.5, 1) -> (0.8, 1): MNIST digits
-  # 0.78 -> 0.88, the letters 0.21 -> 0.45, these digits 0.948 -> 0.958; two seeds each;
-  # (0.9, 1) and (0.65, 1) on one seed bracket it). benchmarks/learning.md, "Seventh round".
+  # 0.78 -> 0.88, the letters 0.21 -> 0.45, these digits 0.948 -> 0.958; two seeds each, one
+  # for MNIST's (0.5, 1); (0.9, 1) read the same on one seed). benchmarks/learning.md,
+  # "Seventh round".
   c.data.crop_scale = (0.8, 1.0)
   # The accelerator's resize, as on GPUs and TPUs, so that the quickstart and the tests run the
   # path real runs take; the 32 x 32 digits make it free on a CPU.
