@@ -24,13 +24,16 @@ def write_csv(path):
 
 
 def make(csv, out, holdout):
+  """{split: {CSV row: (label, pixels)}} of the folder the script writes."""
   subprocess.run([sys.executable, "benchmarks/make_mnist5k.py", f"--out={out}", f"--csv={csv}",
                   f"--holdout={holdout}"], cwd=REPO, check=True, capture_output=True, timeout=300)
-  return {split: {int(f[:-4]): (int(label), np.asarray(Image.open(os.path.join(out, split, label,
-                                                                               f))))
-                  for label in os.listdir(os.path.join(out, split))
-                  for f in os.listdir(os.path.join(out, split, label))}
-          for split in ("train", "test")}
+  found = {"train": {}, "test": {}}
+  for split, by_row in found.items():
+    for folder, _, files in os.walk(os.path.join(out, split)):
+      for f in files:  # OUT/<split>/<label>/<row>.png
+        by_row[int(f[:-4])] = (int(os.path.basename(folder)),
+                               np.asarray(Image.open(os.path.join(folder, f))))
+  return found
 
 
 def test_validation_draw_is_carved_from_train_and_pixels_survive(tmp_path):
