@@ -48,6 +48,10 @@ def get_config(arg=None):
       blocks=(),          # 1-based blocks whose patch tokens are concatenated; (): the last.
       cls=False,          # append the CLS token to every patch token.
       head=arg.head,      # 'linear' or 'mlp'.
+      # 'raw_pixels': the same head on each patch's pixels (+ the whole image with cls), not
+      # the backbone's tokens: the baseline row. With head 'mlp' set cls False: the whole
+      # image's 3,072 channels make its 3x3 convolution too slow for a CPU.
+      features="backbone",
       hidden=256,         # channels of the 'mlp' head's 3x3 convolution.
       pictures=8,         # test images shown as image | prediction | truth.
   )

@@ -280,6 +280,7 @@ RULES: dict[str, Rule] = {
     "seg.blocks": numbers(COUNT),
     "seg.cls": BOOL,
     "seg.head": one_of("linear", "mlp"),
+    "seg.features": one_of("backbone", "raw_pixels"),
     "seg.hidden": COUNT,
     "seg.pictures": integer(0),
     "fewshot.shots": numbers(COUNT, min_len=1),

@@ -73,6 +73,19 @@ def test_heads_on_the_token_grid():
     np.testing.assert_array_equal(logits, 0.0)  # a zero-initialised classifier: uniform start
 
 
+def test_raw_pixel_tokens_are_each_patch_and_the_whole_image():
+  images = jnp.arange(2 * 8 * 8 * 3, dtype=jnp.float32).reshape(2, 8, 8, 3)
+  tokens = common.make_pixel_patch_fn(4)(None, images)
+  assert tokens.shape == (2, 2, 2, 4 * 4 * 3)
+  for b, row, col in ((0, 0, 0), (1, 0, 1), (1, 1, 0)):  # token (row, col) = that 4x4 patch
+    patch = np.asarray(images[b, 4 * row:4 * row + 4, 4 * col:4 * col + 4])
+    np.testing.assert_array_equal(tokens[b, row, col], patch.reshape(-1))
+  with_image = common.make_pixel_patch_fn(4, whole_image=True)(None, images)
+  assert with_image.shape == (2, 2, 2, 48 + 192)
+  np.testing.assert_array_equal(with_image[..., :48], tokens)
+  np.testing.assert_array_equal(with_image[1, 1, 1, 48:], np.asarray(images[1]).reshape(-1))
+
+
 # ---------------------------------------------------------------------------------------------
 # Data.
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import os
 from typing import Any, Callable, Iterable
 
 from absl import logging
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -165,6 +166,24 @@ def make_patch_fn(module: vit.VisionTransformer, blocks=(), cls: bool = False):
                                      out["cls"].shape[-1:]))
     tokens = jnp.concatenate(tokens, axis=-1)
     return tokens.reshape(tokens.shape[0], *out["grid"], tokens.shape[-1]).astype(jnp.float32)
+
+  return fn
+
+
+def make_pixel_patch_fn(patch_size: int, whole_image: bool = False):
+  """fn(params, images) -> (B, h, w, p * p * C) float32: each patch's normalised pixels on the
+  backbone's token grid, the raw-pixel baseline of dense heads; with `whole_image` the flattened
+  image is appended to every patch, as `make_patch_fn` appends the CLS token."""
+
+  def fn(params, images):
+    del params
+    tokens = einops.rearrange(images, "b (h p) (w q) c -> b h w (p q c)", p=patch_size,
+                              q=patch_size)
+    if whole_image:
+      image = einops.rearrange(images, "b y x c -> b 1 1 (y x c)")
+      tokens = jnp.concatenate(
+          [tokens, jnp.broadcast_to(image, tokens.shape[:3] + image.shape[-1:])], axis=-1)
+    return tokens.astype(jnp.float32)
 
   return fn
 

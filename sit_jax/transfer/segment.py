@@ -6,7 +6,9 @@ the frozen backbone (stop_gradient; the train state holds the head only) go thro
 the token grid: 'linear' (a 1x1 convolution, the linear probe of dense features) or 'mlp' (a
 3x3 convolution of seg.hidden channels, GELU, then the 1x1). Its logits are upsampled
 bilinearly to the image and trained with per-pixel cross-entropy, pixels labelled IGNORE left
-out. Images and label maps are cropped and flipped together on device.
+out. Images and label maps are cropped and flipped together on device. seg.features='raw_pixels'
+trains the same head on each patch's normalised pixels (with seg.cls, the whole image appended
+in place of the CLS token) on the backbone's token grid: the raw-pixel baseline.
 
 Scores come from a confusion matrix accumulated over the split: pixel accuracy, per-class IoU
 and mIoU (the mean over classes present in the labels or the predictions), at the evaluation
@@ -179,6 +181,8 @@ def run(config, workdir: str) -> dict:
   d, seg, size = config.data, config.seg, config.data.image_size
   if seg.head not in ("linear", "mlp"):
     raise ValueError(f"seg.head must be 'linear' or 'mlp', not {seg.head!r}.")
+  if seg.features not in ("backbone", "raw_pixels"):
+    raise ValueError(f"seg.features must be 'backbone' or 'raw_pixels', not {seg.features!r}.")
   with experiment.Experiment(config, workdir,
                              batch_sizes=(d.global_batch_size, config.eval_batch_size)) as exp:
     mesh = exp.mesh
@@ -190,14 +194,18 @@ def run(config, workdir: str) -> dict:
     backbone = common.load_backbone(config, image_size=size, drop_path_rate=0.0)
     params = common.place_backbone(backbone, mesh, config.sharding_rules, config.seed)
     blocks = tuple(seg.blocks) or (backbone.module.depth,)
-    patch_fn = common.make_patch_fn(backbone.module, blocks, seg.cls)
+    if seg.features == "raw_pixels":  # the baseline row: the same head on each patch's pixels
+      patch_fn = common.make_pixel_patch_fn(backbone.module.patch_size, seg.cls)
+      features = "pixels of each patch" + (" + the whole image" if seg.cls else "")
+    else:
+      patch_fn = common.make_patch_fn(backbone.module, blocks, seg.cls)
+      features = f"patch tokens of blocks {list(blocks)}" + (" + CLS" if seg.cls else "")
     head = SegmentationHead(num_classes, seg.hidden if seg.head == "mlp" else 0)
 
     total_steps, steps_per_epoch = optim.schedule_lengths(config, train.num_examples)
     lr = supervised.lr_schedule(config, total_steps, steps_per_epoch)
     tx = supervised.make_optimizer(config, lr)
-    grid = size // backbone.module.patch_size
-    tokens = jnp.zeros((1, grid, grid, backbone.module.width * (len(blocks) + seg.cls)))
+    tokens = jnp.zeros(jax.eval_shape(patch_fn, params, jnp.zeros((1, size, size, 3))).shape)
 
     def init(rng):
       init_rng, state_rng = jax.random.split(rng)
@@ -213,8 +221,8 @@ def run(config, workdir: str) -> dict:
                       out_shardings=replicated, donate_argnums=(0,))
     predict = make_predict(patch_fn, head, size)
     logging.info("segment %s: %d classes, %d train / %d validation / %d test images at %d px, "
-                 "blocks %s, %s head, %d steps; init %s", train.name, num_classes,
-                 train.num_examples, val.num_examples, test.num_examples, size, blocks,
+                 "%s, %s head, %d steps; init %s", train.name, num_classes,
+                 train.num_examples, val.num_examples, test.num_examples, size, features,
                  seg.head, total_steps, backbone.init or "random")
 
     def evaluate(data, head_params, pictures=0):
@@ -233,14 +241,15 @@ def run(config, workdir: str) -> dict:
 
     writer = exp.writer(total_steps, d.global_batch_size)
     metadata = {**common.checkpoint_metadata(config, backbone, num_classes),
-                "blocks": list(blocks), "cls": bool(seg.cls), "head": seg.head}
+                "blocks": list(blocks), "cls": bool(seg.cls), "head": seg.head,
+                "features": seg.features}
     outcome = trainer.train(
         exp, init=lambda: jax.jit(init, out_shardings=replicated)(rng), abstract=abstract,
         step_fn=lambda state, batch: step_fn(state, params, batch), batches=batches,
         total_steps=total_steps, metadata=metadata,
         hooks=[trainer.Hook(config.eval_every, validate, final=True)])
     results = {**common.results_dict(config, backbone, train, test, 0, {}, frozen=True,
-                                     features=f"patch tokens of blocks {list(blocks)}" + (" + CLS" if seg.cls else ""),
+                                     features=features,
                                      head=seg.head), **outcome.results()}
     if outcome.complete:  # the test split, once, at the end
       scores, shown = evaluate(test, outcome.state.params, seg.pictures)
@@ -255,7 +264,8 @@ def run(config, workdir: str) -> dict:
                      pixel_accuracy=scores["pixel_accuracy"], iou=dict(zip(names, scores["iou"])),
                      validation={"split": d.val_split, **outcome.evaluated})
       results = common.results_table(
-          results, f"frozen backbone, {seg.head} head, {outcome.step} steps",
+          results, f"{'raw pixels' if seg.features == 'raw_pixels' else 'frozen backbone'}, "
+                   f"{seg.head} head, {outcome.step} steps",
           {"val mIoU": outcome.evaluated.get("val/mIoU"), "test mIoU": scores["mIoU"],
            "test pixel accuracy": scores["pixel_accuracy"]})
     exp.finish(results)
