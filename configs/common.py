@@ -255,8 +255,9 @@ def shrink_for_runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   c.total_steps = 2000                 # ~107 epochs of the 1,200-1,500 training digits.
   c.optim.base_lr = 8e-3               # lr 2e-3 at batch 64, as at batch 128 (twice that lr
                                        # was no better there).
-  # On small objects (the letters) a quarter of it lifted SiT's k-NN 0.22 -> 0.28 but cost the
-  # digits' 0.95 -> 0.89: the digits' rate stays.
+  # With the crops of 50-100% a quarter of it lifted the letters' k-NN 0.22 -> 0.28 but cost the
+  # digits' 0.95 -> 0.89; with the crops below, half of it cost MNIST and the letters 0.03-0.05
+  # (benchmarks/learning.md, "Eighth round"): the rate stays.
   c.optim.warmup_epochs = 10           # ~200 steps: 1 epoch cost 0.02 k-NN.
   c.log_every = 100
   c.image_every = 500
