@@ -196,16 +196,19 @@ def run(config, workdir: str) -> dict:
     blocks = tuple(seg.blocks) or (backbone.module.depth,)
     if seg.features == "raw_pixels":  # the baseline row: the same head on each patch's pixels
       patch_fn = common.make_pixel_patch_fn(backbone.module.patch_size, seg.cls)
-      features = "pixels of each patch" + (" + the whole image" if seg.cls else "")
+      inputs, features = "raw pixels", "pixels of each patch" + (
+          " + the whole image" if seg.cls else "")
     else:
       patch_fn = common.make_patch_fn(backbone.module, blocks, seg.cls)
-      features = f"patch tokens of blocks {list(blocks)}" + (" + CLS" if seg.cls else "")
+      inputs, features = "frozen backbone", f"patch tokens of blocks {list(blocks)}" + (
+          " + CLS" if seg.cls else "")
     head = SegmentationHead(num_classes, seg.hidden if seg.head == "mlp" else 0)
 
     total_steps, steps_per_epoch = optim.schedule_lengths(config, train.num_examples)
     lr = supervised.lr_schedule(config, total_steps, steps_per_epoch)
     tx = supervised.make_optimizer(config, lr)
-    tokens = jnp.zeros(jax.eval_shape(patch_fn, params, jnp.zeros((1, size, size, 3))).shape)
+    image = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    tokens = jnp.zeros(jax.eval_shape(patch_fn, params, image).shape)
 
     def init(rng):
       init_rng, state_rng = jax.random.split(rng)
@@ -264,8 +267,7 @@ def run(config, workdir: str) -> dict:
                      pixel_accuracy=scores["pixel_accuracy"], iou=dict(zip(names, scores["iou"])),
                      validation={"split": d.val_split, **outcome.evaluated})
       results = common.results_table(
-          results, f"{'raw pixels' if seg.features == 'raw_pixels' else 'frozen backbone'}, "
-                   f"{seg.head} head, {outcome.step} steps",
+          results, f"{inputs}, {seg.head} head, {outcome.step} steps",
           {"val mIoU": outcome.evaluated.get("val/mIoU"), "test mIoU": scores["mIoU"],
            "test pixel accuracy": scores["pixel_accuracy"]})
     exp.finish(results)
