@@ -53,10 +53,13 @@ def test_rules_agree_with_the_code_they_guard():
 
 def test_runlocal_changes_the_corruption_ratio_of_sit_only():
   """shrink_for_runlocal's ratio was chosen for SiT; GMML alone keeps its paper's 0.75."""
-  ratio = lambda spec: config_check.load(os.path.join(REPO, "configs", spec)).gmml.ratio
+  def ratio(spec):
+    return config_check.load(os.path.join(REPO, "configs", spec)).gmml.ratio
+
   assert ratio("sit_vits.py:runlocal") == ratio("sit_small.py:runlocal") == 0.3
   assert ratio("gmml_vits.py:runlocal") == ratio("gmml_vits.py") == 0.75
   assert ratio("sit_vits.py") == 0.5
+
 
 def _run(args, cwd, env=None):
   result = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
