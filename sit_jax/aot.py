@@ -114,7 +114,7 @@ def topology_devices(topology: str) -> tuple[list, str]:
 # backend (sharding.compiler_options). XLA:CPU's memory-minimising scheduler: its default favours
 # concurrency and issues collectives as early as it can (every FSDP all-gather at the start of the
 # program), which a TPU's memory-aware scheduler does not; the question compiling here answers is
-# memory (runlocal on cpu:8: data-parallel temporaries 13.9 -> 12.6 MiB, FSDP 16.1 -> 14.8 MiB).
+# memory (runlocal on cpu:8: data-parallel temporaries 13.9 -> 12.4 MiB, FSDP 16.1 -> 14.6 MiB).
 AOT_COMPILER_OPTIONS = "xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
 
 

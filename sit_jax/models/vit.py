@@ -198,7 +198,7 @@ class Mlp(nn.Module):
   """fc1, GELU, fc2. `recompute_gelu` keeps only GELU's input for the backward pass and
   recomputes the rest there: differentiated as it is, GELU keeps three more tensors of fc1's
   output size. A CPU setting (the same gradients, rounded differently): runlocal on cpu:8,
-  compiled as a CPU run compiles it, needs 10.7 instead of 13.9 MiB of temporaries (12.1 vs 12.6
+  compiled as a CPU run compiles it, needs 10.7 instead of 13.9 MiB of temporaries (11.9 vs 12.4
   with the memory-minimising scheduler of aot.AOT_COMPILER_OPTIONS), and steps 4-15% faster
   depending on the CPU (README); compiled for a TPU it needed more (B/16, batch 1024, v5e:4x4:
   13.95 vs 13.72 GiB per chip)."""
