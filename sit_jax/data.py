@@ -10,8 +10,9 @@ windows and flips, and sends the decoded image.
 Sources (`source` argument):
   "tfds:NAME[/CONFIG][:SPLIT]" or a bare "NAME[/CONFIG]"  a TFDS dataset (`split` like "train",
       "train+unlabelled", "train[:90%]"; `data_dir` as in tfds). Never downloads.
-  "folder:/path"  an image folder. Sub-directories of the root are classes (sorted by name ->
-      label index, searched recursively); without sub-directories every file has label -1.
+  "folder:/path"  an image folder (files ending in IMAGE_EXTENSIONS; the others are named in one
+      warning). Sub-directories of the root are classes (sorted by name -> label index, searched
+      recursively); without sub-directories every image has label -1.
       If `<path>/<split>` is a directory it is used instead of the root (ImageNet-style
       train/ and val/ folders); otherwise `split` is ignored.
   "embedded:digits"  scikit-learn's bundled 8x8 digits (1797 images, labels 0-9), upsampled
@@ -58,6 +59,7 @@ so that every host yields the same number of batches.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import difflib
 import functools
@@ -76,7 +78,7 @@ from sit_jax import resample
 
 ENGINES = ("grain", "tf")
 RESIZE_ON = ("host", "device")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 EVAL_CROP_FRACTION = 0.875  # "center_crop": central 87.5% square of the image, then resize
 DIGITS_TRAIN = 1500
 _MAX_SPARES = 64  # extra candidates per batch (plus the batch size again) to replace bad files
@@ -273,12 +275,25 @@ def _is_image(name):
   return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _list_images(directory):
+def _list_images(directory, left_out: collections.Counter):
+  """Image paths under `directory`, sorted; other files (not hidden) counted by extension."""
   found = []
   for root, dirs, files in os.walk(directory, followlinks=True):
     dirs[:] = [d for d in dirs if not d.startswith(".")]
-    found += [os.path.join(root, f) for f in files if _is_image(f) and not f.startswith(".")]
+    for f in files:
+      if _is_image(f) and not f.startswith("."):
+        found.append(os.path.join(root, f))
+      elif not f.startswith("."):
+        left_out[os.path.splitext(f)[1].lower() or f] += 1
   return sorted(found)
+
+
+@functools.lru_cache(maxsize=16)
+def _warn_left_out(root, left_out: tuple):
+  """Once per folder: the files that are not read, so that none go missing unnoticed."""
+  logging.warning("folder:%s: %d file(s) not read, not an image extension (%s); read are %s.",
+                  root, sum(n for _, n in left_out),
+                  ", ".join(f"{ext} {n}" for ext, n in left_out), " ".join(IMAGE_EXTENSIONS))
 
 
 def _list_folder(root):
@@ -287,15 +302,19 @@ def _list_folder(root):
     raise DataNotFoundError(f"image folder {root!r} does not exist")
   entries = sorted(e for e in os.listdir(root) if not e.startswith("."))
   classes = [e for e in entries if os.path.isdir(os.path.join(root, e))]
+  left_out = collections.Counter()
   if classes:
     paths, labels = [], []
     for label, name in enumerate(classes):
-      files = _list_images(os.path.join(root, name))
+      files = _list_images(os.path.join(root, name), left_out)
       paths += files
       labels += [label] * len(files)
   else:
     paths = [os.path.join(root, e) for e in entries if _is_image(e)]
+    left_out.update(os.path.splitext(e)[1].lower() or e for e in entries if not _is_image(e))
     labels = [-1] * len(paths)
+  if left_out:
+    _warn_left_out(root, tuple(sorted(left_out.items())))
   if not paths:
     raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in folder {root!r}")
   return paths, np.asarray(labels, np.int32), classes
@@ -518,9 +537,24 @@ def _decode(img: Image.Image, windows, size):
     img.load()
   except _PIL_ERRORS as e:
     raise UnreadableImage(str(e)) from e
-  if img.mode not in ("RGB", "L"):
-    img = img.convert("RGB")
-  return img, scale
+  return rgb_or_grey(img), scale
+
+
+def rgb_or_grey(img: Image.Image) -> Image.Image:
+  """A decoded image as 8-bit 'RGB' or 'L'. 16-bit, 32-bit integer and float grey images are
+  scaled, where PIL's convert clips at 255 (a 16-bit PNG would come out white, a float image in
+  [0, 1] black): 'I;16*' is 16-bit; 'I' (an older PIL's 16-bit PNG) is read as 16-bit unless
+  every value fits 8 bits; 'F' as [0, 1] unless a value exceeds 1, then as [0, 255]."""
+  if img.mode in ("RGB", "L"):
+    return img
+  if not img.mode.startswith(("I", "F")):
+    return img.convert("RGB")
+  pixels = np.asarray(img, np.float64)
+  if img.mode.startswith("I;16") or (img.mode == "I" and pixels.max() > 255):
+    pixels = pixels / 257.0
+  elif img.mode == "F" and pixels.max() <= 1.0:
+    pixels = pixels * 255.0
+  return Image.fromarray(np.clip(np.round(pixels), 0, 255).astype(np.uint8))
 
 
 def _resize_views(img: Image.Image, windows, scale, size, interpolation):

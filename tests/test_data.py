@@ -233,6 +233,39 @@ def test_folder_without_classes_and_split_subdir(tmp_path):
       1, 1, f"folder:{tmp_path / 'split' / 'train'}")
 
 
+GREY_RAMP = np.arange(256, dtype=np.int64).reshape(16, 16)  # every 8-bit value once
+
+
+@pytest.mark.parametrize("pixels", [GREY_RAMP.astype(np.uint16) * 257,    # 'I;16': 16-bit PNG
+                                    GREY_RAMP.astype(np.int32) * 257,     # 'I': older PILs'
+                                    GREY_RAMP.astype(np.int32),           # 'I' holding 8 bits
+                                    GREY_RAMP.astype(np.float32) / 255])  # 'F' in [0, 1]
+def test_high_bit_depth_grey_images_are_scaled_not_clipped(pixels):
+  """PIL's convert('RGB') clips these at 255 (a 16-bit ramp came out 99.6% white); each must
+  read as the 8-bit ramp it encodes, on every channel."""
+  view = data.eval_view(pixels, 16, "resize", "bicubic_antialias")
+  chex.assert_shape(view, (16, 16, 3))
+  for channel in range(3):
+    np.testing.assert_array_equal(view[..., channel], GREY_RAMP)
+
+
+def test_folder_reads_tiff_and_names_the_files_it_leaves_out(tmp_path, monkeypatch):
+  root = tmp_path / "images"
+  os.makedirs(root / "a")
+  os.makedirs(root / "b")
+  _write(root / "a" / "0.tif", (200, 0, 0), (20, 20), "TIFF")
+  _write(root / "b" / "0.png", (0, 0, 200), (20, 20), "PNG")
+  (root / "a" / "notes.txt").write_text("not an image")
+  (root / "b" / "scan.raw").write_bytes(b"\0" * 8)
+  (root / "b" / ".hidden.txt").write_text("hidden: neither read nor counted")
+  warnings = []
+  monkeypatch.setattr(data.logging, "warning", lambda fmt, *args: warnings.append(fmt % args))
+  assert data.dataset_info(f"folder:{root}", None).num_examples == 2
+  data.dataset_info(f"folder:{root}", None)  # listed again: not warned again
+  assert warnings == [f"folder:{root}: 2 file(s) not read, not an image extension (.raw 1, .txt 1);"
+                      f" read are {' '.join(data.IMAGE_EXTENSIONS)}."]
+
+
 def test_folder_of_only_corrupt_files_raises(tmp_path):
   os.makedirs(tmp_path / "bad")
   for i in range(3):

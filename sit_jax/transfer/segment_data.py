@@ -31,10 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from sit_jax.data import IMAGE_EXTENSIONS, rgb_or_grey
+
 IGNORE = 255
 CANVAS = 32  # embedded:digit_canvas side in pixels
 _CANVAS_SPLITS = {"train": 1500, "test": 500}  # canvases per split
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
 
 class SegmentationDataError(ValueError):
@@ -177,7 +178,7 @@ def _folder(path, split, num_classes):
   def load(i):
     image_path, mask_path = pairs[keep[i]]
     with Image.open(image_path) as im, Image.open(mask_path) as m:
-      return np.asarray(im.convert("RGB")), np.asarray(m)
+      return np.asarray(rgb_or_grey(im).convert("RGB")), np.asarray(m)
 
   return SegmentationData(f"folder:{path}/{split}", num_classes, len(keep), load)
 
