@@ -275,16 +275,23 @@ def _is_image(name):
   return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def _extension(name):
+  return os.path.splitext(name)[1].lower() or name
+
+
 def _list_images(directory, left_out: collections.Counter):
-  """Image paths under `directory`, sorted; other files (not hidden) counted by extension."""
+  """Image paths under `directory`, sorted; the other files (not hidden) counted by extension
+  into `left_out`."""
   found = []
   for root, dirs, files in os.walk(directory, followlinks=True):
     dirs[:] = [d for d in dirs if not d.startswith(".")]
     for f in files:
-      if _is_image(f) and not f.startswith("."):
+      if f.startswith("."):
+        continue
+      if _is_image(f):
         found.append(os.path.join(root, f))
-      elif not f.startswith("."):
-        left_out[os.path.splitext(f)[1].lower() or f] += 1
+      else:
+        left_out[_extension(f)] += 1
   return sorted(found)
 
 
@@ -311,7 +318,7 @@ def _list_folder(root):
       labels += [label] * len(files)
   else:
     paths = [os.path.join(root, e) for e in entries if _is_image(e)]
-    left_out.update(os.path.splitext(e)[1].lower() or e for e in entries if not _is_image(e))
+    left_out.update(_extension(e) for e in entries if not _is_image(e))
     labels = [-1] * len(paths)
   if left_out:
     _warn_left_out(root, tuple(sorted(left_out.items())))
