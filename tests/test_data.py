@@ -264,6 +264,13 @@ def test_folder_reads_tiff_and_names_the_files_it_leaves_out(tmp_path, monkeypat
   data.dataset_info(f"folder:{root}", None)  # listed again: not warned again
   assert warnings == [f"folder:{root}: 2 file(s) not read, not an image extension (.raw 1, .txt 1);"
                       f" read are {' '.join(data.IMAGE_EXTENSIONS)}."]
+  flat = tmp_path / "flat"  # no class sub-folders: the root's own files
+  os.makedirs(flat)
+  _write(flat / "0.tiff", (0, 200, 0), (20, 20), "TIFF")
+  (flat / "labels.json").write_text("{}")
+  assert data.dataset_info(f"folder:{flat}", None).num_examples == 1
+  assert warnings[1:] == [f"folder:{flat}: 1 file(s) not read, not an image extension (.json 1);"
+                          f" read are {' '.join(data.IMAGE_EXTENSIONS)}."]
 
 
 def test_folder_of_only_corrupt_files_raises(tmp_path):
