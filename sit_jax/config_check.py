@@ -282,6 +282,7 @@ RULES: dict[str, Rule] = {
     "seg.head": one_of("linear", "mlp"),
     "seg.features": one_of("backbone", "raw_pixels"),
     "seg.hidden": COUNT,
+    "seg.lr_scales": numbers(POSITIVE, min_len=1),
     "seg.pictures": integer(0),
     "fewshot.shots": numbers(COUNT, min_len=1),
     "fewshot.seeds": COUNT,

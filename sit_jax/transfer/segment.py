@@ -10,6 +10,12 @@ out. Images and label maps are cropped and flipped together on device. seg.featu
 trains the same head on each patch's normalised pixels (with seg.cls, the whole image appended
 in place of the CLS token) on the backbone's token grid: the raw-pixel baseline.
 
+seg.lr_scales trains one head per learning rate (the factors times the optimiser's schedule), side
+by side on the same frozen tokens and from the same initial head, as DINO's linear evaluation
+does: each head's gradients and AdamW state are its own, so a head trained beside others is the
+head trained alone. The head with the best validation mIoU is the one the test split scores, so
+that backbones are compared at the rate that suits each.
+
 Scores come from a confusion matrix accumulated over the split: pixel accuracy, per-class IoU
 and mIoU (the mean over classes present in the labels or the predictions), at the evaluation
 resolution (data.image_size). `eval_every` scores the validation split; the test split is
@@ -86,8 +92,10 @@ def segmentation_scores(confusion) -> dict:
 
 def make_train_step(patch_fn, head, tx, config, image_size: int, lr=None):
   """step(state, backbone_params, batch) -> (state, metrics): augment image and labels
-  together, frozen tokens, head, upsampled logits, per-pixel cross-entropy."""
+  together, frozen tokens, every head (params stacked on a leading axis, one per
+  seg.lr_scales), upsampled logits, per-pixel cross-entropy. `loss` is the mean over the heads."""
   crop_scale, flip = tuple(config.data.crop_scale), bool(config.data.flip)
+  scales = jnp.asarray(config.seg.lr_scales, jnp.float32)
 
   def step(state, backbone_params, batch):
     key = jax.random.fold_in(state.rng, state.step)
@@ -100,23 +108,29 @@ def make_train_step(patch_fn, head, tx, config, image_size: int, lr=None):
       logits = upsample(head.apply({"params": params}, tokens), image_size)
       return pixel_cross_entropy(logits, labels)
 
-    value, grads = jax.value_and_grad(loss)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    metrics = {"loss": value}
+    def update(params, opt_state, scale):
+      value, grads = jax.value_and_grad(loss)(params)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      updates = jax.tree.map(lambda u: u * scale.astype(u.dtype), updates)
+      return value, optax.apply_updates(params, updates), opt_state
+
+    values, params, opt_state = jax.vmap(update)(state.params, state.opt_state, scales)
+    metrics = {"loss": jnp.mean(values)}
     if lr is not None:
       metrics["lr"] = lr(state.step)
-    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                         opt_state=opt_state), metrics
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return step
 
 
 def make_predict(patch_fn, head, image_size: int):
-  """predict(backbone_params, head_params, uint8 images) -> (B, S, S) int32 classes."""
+  """predict(backbone_params, head_params, uint8 images) -> (heads, B, S, S) int32 classes, one
+  map per head of the stacked head_params (the backbone runs once)."""
 
   def predict(backbone_params, head_params, images):
     tokens = patch_fn(backbone_params, common.to_input(images))
-    logits = upsample(head.apply({"params": head_params}, tokens), image_size)
+    logits = jax.vmap(lambda p: upsample(head.apply({"params": p}, tokens), image_size))(
+        head_params)
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
   return predict
@@ -124,29 +138,38 @@ def make_predict(patch_fn, head, image_size: int):
 
 def evaluate_split(predict, backbone_params, head_params, batches, mesh, num_classes: int,
                    pictures: int = 0):
-  """(scores, (images, predictions, labels) of the first `pictures` examples or None) over an
-  EvalBatches pass; confusion matrices are summed on device per batch, then on the host."""
+  """([scores of each head], (images, predictions of each head, labels) of the first `pictures`
+  examples or None) over an EvalBatches pass; confusion matrices are summed on device per batch,
+  then on the host."""
   confusion_of = _jitted_confusion(predict, mesh, num_classes)
-  total, shown = np.zeros((num_classes, num_classes), np.int64), None
+  total, shown = None, None
   for batch in batches:
     placed = sharding.global_batch(batch, mesh)
-    total += np.asarray(jax.device_get(confusion_of(backbone_params, head_params, placed)))
+    counts = np.asarray(jax.device_get(confusion_of(backbone_params, head_params, placed)),
+                        np.int64)
+    total = counts if total is None else total + counts
     if shown is None and pictures:
       # Process 0's examples lead the global batch: what it shows is its own.
       n = min(pictures, int(batch["mask"].sum()))
       pred = jax.jit(predict, out_shardings=sharding.replicated(mesh))(
           backbone_params, head_params, placed["image"])
-      shown = (batch["image"][:n], np.asarray(jax.device_get(pred))[:n], batch["label"][:n])
-  return segmentation_scores(total), shown
+      shown = (batch["image"][:n], np.asarray(jax.device_get(pred))[:, :n], batch["label"][:n])
+  return [segmentation_scores(c) for c in total], shown
 
 
 @functools.lru_cache(maxsize=8)
 def _jitted_confusion(predict, mesh, num_classes):
   @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
   def run(backbone_params, head_params, batch):
-    pred = predict(backbone_params, head_params, batch["image"])
-    return confusion_matrix(pred, batch["label"], num_classes, batch["mask"])
+    predictions = predict(backbone_params, head_params, batch["image"])
+    return jax.vmap(lambda p: confusion_matrix(p, batch["label"], num_classes, batch["mask"]))(
+        predictions)
   return run
+
+
+def best_head(val_mious) -> int:
+  """The head with the highest validation mIoU; on a tie the first listed."""
+  return int(np.argmax(np.nan_to_num(np.asarray(val_mious, np.float64), nan=-1.0)))
 
 
 def palette(num_classes: int) -> np.ndarray:
@@ -210,11 +233,14 @@ def run(config, workdir: str) -> dict:
     image = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
     tokens = jnp.zeros(jax.eval_shape(patch_fn, params, image).shape)
 
-    def init(rng):
+    scales = tuple(float(s) for s in seg.lr_scales)
+
+    def init(rng):  # every head starts from the same parameters: they differ by their rate
       init_rng, state_rng = jax.random.split(rng)
-      head_params = head.init(init_rng, tokens)["params"]
+      one = head.init(init_rng, tokens)["params"]
+      head_params = jax.tree.map(lambda x: jnp.broadcast_to(x, (len(scales),) + x.shape), one)
       return supervised.TrainState(step=jnp.zeros((), jnp.int32), params=head_params,
-                                   opt_state=tx.init(head_params), rng=state_rng)
+                                   opt_state=jax.vmap(tx.init)(head_params), rng=state_rng)
 
     replicated = sharding.replicated(mesh)
     rng = jax.random.PRNGKey(config.seed)
@@ -224,19 +250,24 @@ def run(config, workdir: str) -> dict:
                       out_shardings=replicated, donate_argnums=(0,))
     predict = make_predict(patch_fn, head, size)
     logging.info("segment %s: %d classes, %d train / %d validation / %d test images at %d px, "
-                 "%s, %s head, %d steps; init %s", train.name, num_classes,
+                 "%s, %s head, %d steps, lr x %s; init %s", train.name, num_classes,
                  train.num_examples, val.num_examples, test.num_examples, size, features,
-                 seg.head, total_steps, backbone.init or "random")
+                 seg.head, total_steps, scales, backbone.init or "random")
 
     def evaluate(data, head_params, pictures=0):
       batches = segment_data.EvalBatches(data, global_batch_size=config.eval_batch_size,
                                          image_size=size)
       return evaluate_split(predict, params, head_params, batches, mesh, num_classes, pictures)
 
-    def validate(step, state, batch):
+    def per_head(name):
+      return [f"{name}_at_x{s:g}" for s in scales] if len(scales) > 1 else [name]
+
+    def validate(step, state, batch):  # val/mIoU, val/pixel_accuracy: the best head's
       del step, batch
-      scores, _ = evaluate(val, state.params)
-      return {"val/mIoU": scores["mIoU"], "val/pixel_accuracy": scores["pixel_accuracy"]}
+      heads = evaluate(val, state.params)[0]
+      best = heads[best_head([h["mIoU"] for h in heads])]
+      return {"val/mIoU": best["mIoU"], "val/pixel_accuracy": best["pixel_accuracy"],
+              **dict(zip(per_head("val/mIoU"), (h["mIoU"] for h in heads)))}
 
     def batches(start_step):
       return segment_data.train_batches(train, global_batch_size=d.global_batch_size,
@@ -245,7 +276,7 @@ def run(config, workdir: str) -> dict:
     writer = exp.writer(total_steps, d.global_batch_size)
     metadata = {**common.checkpoint_metadata(config, backbone, num_classes),
                 "blocks": list(blocks), "cls": bool(seg.cls), "head": seg.head,
-                "features": seg.features}
+                "features": seg.features, "lr_scales": list(scales)}
     outcome = trainer.train(
         exp, init=lambda: jax.jit(init, out_shardings=replicated)(rng), abstract=abstract,
         step_fn=lambda state, batch: step_fn(state, params, batch), batches=batches,
@@ -254,20 +285,26 @@ def run(config, workdir: str) -> dict:
     results = {**common.results_dict(config, backbone, train, test, 0, {}, frozen=True,
                                      features=features,
                                      head=seg.head), **outcome.results()}
-    if outcome.complete:  # the test split, once, at the end
-      scores, shown = evaluate(test, outcome.state.params, seg.pictures)
+    if outcome.complete:  # the test split, once, at the end, for the head validation chose
+      chosen = best_head([outcome.evaluated[k] for k in per_head("val/mIoU")])
+      head_params = jax.tree.map(lambda x: x[chosen:chosen + 1], outcome.state.params)
+      (scores,), shown = evaluate(test, head_params, seg.pictures)
       writer.write_scalars(outcome.step, {"test/mIoU": scores["mIoU"],
                                           "test/pixel_accuracy": scores["pixel_accuracy"]},
                            timed=False)
       if shown is not None:
+        images, predictions, labels = shown
         writer.write_images(outcome.step, "segmentation",
-                            picture_grid(*shown, num_classes))
+                            picture_grid(images, predictions[0], labels, num_classes))
       names = train.class_names or tuple(map(str, range(num_classes)))
       results.update(num_examples=test.num_examples, mIoU=scores["mIoU"],
                      pixel_accuracy=scores["pixel_accuracy"], iou=dict(zip(names, scores["iou"])),
+                     lr_scale=scales[chosen], lr_scales=list(scales),
                      validation={"split": d.val_split, **outcome.evaluated})
+      rate = (f", lr x {scales[chosen]:g} chosen on validation from {list(scales)}"
+              if len(scales) > 1 else "")
       results = common.results_table(
-          results, f"{inputs}, {seg.head} head, {outcome.step} steps",
+          results, f"{inputs}, {seg.head} head, {outcome.step} steps{rate}",
           {"val mIoU": outcome.evaluated.get("val/mIoU"), "test mIoU": scores["mIoU"],
            "test pixel accuracy": scores["pixel_accuracy"]})
     exp.finish(results)
