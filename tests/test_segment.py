@@ -4,9 +4,9 @@ head beating random init on the offline digits."""
 import json
 import os
 
+import chex
 import jax
 import jax.numpy as jnp
-import chex
 import numpy as np
 import optax
 import pytest
