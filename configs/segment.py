@@ -18,6 +18,8 @@ embedded:digit_canvas (offline, runlocal). TFDS datasets must be built with
 --file_format=array_record (random access). Results: DIR/results.json (mIoU, pixel accuracy,
 per-class IoU, validation scores), DIR/images/segmentation_*.png (image | prediction | truth).
 """
+from ml_collections import config_dict
+
 from configs import common, transfer_common as tc
 
 # Per dataset: image size, steps, global batch, base lr (per 256 images) of each head, classes.
@@ -47,17 +49,16 @@ def get_config(arg=None):
   c.eval_batch_size = 64
   c.total_epochs = 0
   c.total_steps = r["steps"]
-  if arg.head not in r["base_lr"]:
-    raise ValueError(f"configs/segment.py: head={arg.head!r} is not one of "
-                     f"{sorted(r['base_lr'])}; set head=linear or head=mlp.")
-  c.optim = tc.optim_config("adamw", base_lr=r["base_lr"][arg.head], weight_decay=1e-4,
+  # optim.base_lr unset: the run takes seg.head's own rate from seg.base_lr, so that
+  # --config.seg.head=mlp alone also changes the rate; --config.optim.base_lr=X sets it for
+  # either head.
+  c.optim = tc.optim_config("adamw", base_lr=config_dict.placeholder(float), weight_decay=1e-4,
                             warmup_epochs=1)
   c.seg = dict(
       blocks=(),          # 1-based blocks whose patch tokens are concatenated; (): the last.
       cls=False,          # append the CLS token to every patch token.
-      # 'linear' or 'mlp': choose it with the config argument (segment.py:head=mlp), which
-      # also sets optim.base_lr to the head's rate; --config.seg.head alone keeps the other's.
-      head=arg.head,
+      head=arg.head,      # 'linear' or 'mlp' (also the config argument: segment.py:head=mlp).
+      base_lr=dict(r["base_lr"]),  # each head's base rate, where optim.base_lr is unset.
       # 'raw_pixels': the same head on each patch's pixels (+ the whole image with cls), not
       # the backbone's tokens: the baseline row. With head 'mlp' set cls False: the whole
       # image's 3,072 channels make its 3x3 convolution too slow for a CPU.

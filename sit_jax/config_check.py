@@ -218,7 +218,8 @@ RULES: dict[str, Rule] = {
     "teacher.momentum": FRACTION,
     # optim.* (sit_jax/optim.py; transfer: sit_jax/transfer/supervised.py)
     "optim.name": one_of("adamw", "sgd"),
-    "optim.base_lr": POSITIVE,
+    # None only in segment configs: each head's own rate, seg.base_lr (see _unset_rate).
+    "optim.base_lr": either(POSITIVE, Rule(lambda v: v is None, "unset")),
     "optim.min_lr": NON_NEGATIVE,
     "optim.warmup_epochs": NON_NEGATIVE,
     "optim.weight_decay": NON_NEGATIVE,
@@ -283,6 +284,8 @@ RULES: dict[str, Rule] = {
     "seg.features": one_of("backbone", "raw_pixels"),
     "seg.hidden": COUNT,
     "seg.lr_scales": numbers(POSITIVE, min_len=1),
+    "seg.base_lr.linear": POSITIVE,
+    "seg.base_lr.mlp": POSITIVE,
     "seg.pictures": integer(0),
     "fewshot.shots": numbers(COUNT, min_len=1),
     "fewshot.seeds": COUNT,
@@ -318,9 +321,15 @@ def _donor_group(config) -> str | None:
   return None
 
 
+def _unset_rate(config) -> str | None:
+  if "optim" in config and config.optim.get("base_lr", 1) is None and "seg" not in config:
+    return "optim.base_lr is unset: set --config.optim.base_lr to a positive number."
+  return None
+
+
 # Rules across keys: each returns the one-line message of a mistake, or None.
 CHECKS: list[Callable[[ml_collections.ConfigDict], str | None]] = [
-    _length_of_run, _decoded_size, _donor_group]
+    _length_of_run, _decoded_size, _donor_group, _unset_rate]
 
 
 def flatten(config) -> dict[str, Any]:

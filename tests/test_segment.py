@@ -7,12 +7,13 @@ import os
 import chex
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
 
 from configs import segment as segment_config
-from sit_jax import checkpoint
+from sit_jax import checkpoint, config_check
 from sit_jax.models import heads, vit
 from sit_jax.transfer import common, segment, segment_data, supervised
 
@@ -106,6 +107,26 @@ def test_heads_side_by_side_train_as_each_would_alone():
   assert mean_loss == pytest.approx(np.mean([loss for _, loss in alone]), rel=1e-5)
   # The rates matter: the two heads moved apart.
   assert not np.allclose(together["classifier"]["kernel"][0], together["classifier"]["kernel"][1])
+
+
+def test_each_head_trains_at_its_own_rate_unless_one_is_given():
+  rates = segment_config.RECIPES["digit_canvas"]["base_lr"]
+  assert rates["linear"] != rates["mlp"]
+  for head, arg in (("linear", "runlocal"), ("mlp", "runlocal,head=mlp")):
+    by_argument = segment_config.get_config(arg)
+    by_key = segment_config.get_config("runlocal")
+    by_key.seg.head = head                     # --config.seg.head=HEAD
+    for c in (by_argument, by_key):
+      assert c.optim.base_lr is None
+      config_check.check(c)
+      assert segment.with_head_rate(c).optim.base_lr == rates[head]
+      assert c.optim.base_lr is None           # the caller's config is left as it was.
+    by_key.optim.base_lr = 0.5                 # --config.optim.base_lr: both heads take it.
+    assert segment.with_head_rate(by_key).optim.base_lr == 0.5
+  # Unset is only for segmentation, which has the heads' rates to fall back on.
+  knn_like = ml_collections.ConfigDict({"optim": {"base_lr": None}, "total_steps": 1})
+  with pytest.raises(config_check.ConfigError, match="optim.base_lr is unset"):
+    config_check.check(knn_like)
 
 
 def test_validation_picks_the_head_and_a_tie_the_first():
@@ -258,6 +279,9 @@ def test_frozen_pretrained_backbone_beats_random_init(tmp_path, pretrained):
   assert val["val/mIoU"] == max(per_head) and "chosen on validation" in random["protocol"]
   assert trained["lr_scales"] == [1.0] and trained["lr_scale"] == 1.0
 
+  with open(tmp_path / "pretrained" / "config.json") as f:
+    assert json.load(f)["optim"]["base_lr"] == segment_config.RECIPES["digit_canvas"][
+        "base_lr"]["linear"]                   # the head's rate the run used, not unset.
   with open(tmp_path / "pretrained" / "results.json") as f:
     saved = json.load(f)
   assert saved["mIoU"] == trained["mIoU"] and saved["num_examples"] == 297

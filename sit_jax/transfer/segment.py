@@ -23,6 +23,7 @@ scored once, at the end. Pictures: DIR/images/segmentation_*.png, image | predic
 """
 from __future__ import annotations
 
+import copy
 import functools
 
 from absl import logging
@@ -198,6 +199,16 @@ def picture_grid(images, predictions, labels, num_classes: int, min_side: int = 
   return grid
 
 
+def with_head_rate(config):
+  """The config with optim.base_lr set to seg.head's own rate (seg.base_lr) where it is unset,
+  so that DIR/config.json records the rate the run used."""
+  if config.optim.base_lr is not None:
+    return config
+  config = copy.deepcopy(config)
+  config.optim.base_lr = float(config.seg.base_lr[config.seg.head])
+  return config
+
+
 def run(config, workdir: str) -> dict:
   from sit_jax import experiment, trainer
 
@@ -206,6 +217,7 @@ def run(config, workdir: str) -> dict:
     raise ValueError(f"seg.head must be 'linear' or 'mlp', not {seg.head!r}.")
   if seg.features not in ("backbone", "raw_pixels"):
     raise ValueError(f"seg.features must be 'backbone' or 'raw_pixels', not {seg.features!r}.")
+  config = with_head_rate(config)
   with experiment.Experiment(config, workdir,
                              batch_sizes=(d.global_batch_size, config.eval_batch_size)) as exp:
     mesh = exp.mesh
