@@ -14,7 +14,10 @@ Sources (`source` argument):
       warning). Sub-directories of the root are classes (sorted by name -> label index, searched
       recursively); without sub-directories every image has label -1.
       If `<path>/<split>` is a directory it is used instead of the root (ImageNet-style
-      train/ and val/ folders); otherwise `split` is ignored.
+      train/ and val/ folders). Without one, "train" (or no split) is the whole folder and any
+      other split name is an error: a "test" split never silently reads the training images;
+      carve held-out splits from "train" with slices instead. The val/test splits of a
+      transfer run must have the train split's class folders (`DatasetInfo.classes`).
   "embedded:digits"  scikit-learn's bundled 8x8 digits (1797 images, labels 0-9), upsampled
       bicubically to 32x32 RGB; split "train" (1500) / "test" (297) / "all" after a fixed shuffle.
   Folder and embedded splits take a TFDS-style slice, "train[:1200]", "train[80%:]": the
@@ -94,6 +97,10 @@ class DataNotFoundError(DataError, FileNotFoundError):
   """The data is not where it should be (missing folder, TFDS dataset not prepared)."""
 
 
+class SplitNotFound(DataError):
+  """A folder has no sub-folder for the split asked for, and that split is not 'train'."""
+
+
 class UnreadableImage(Exception):
   """One image cannot be read or decoded: the pipelines skip it and count it."""
 
@@ -104,6 +111,10 @@ class DatasetInfo:
   num_classes: int  # 0 when the source has no labels
   name: str
   multilabel: bool = False  # labels are multi-hot int32 vectors (num_classes,), not class ids
+  classes: tuple[str, ...] = ()  # a folder's class names, label i = classes[i]; else ()
+  root: str = dataclasses.field(default="", compare=False)  # what a folder split reads
+  indices: Optional[np.ndarray] = dataclasses.field(default=None, repr=False, compare=False)
+  # the examples of `root` (a sorted file list) or of an embedded split that the slice keeps
 
 
 # ============================================================================================
@@ -179,7 +190,7 @@ def _strided_share(n, process_index, process_count):
 _SLICE = re.compile(r"^(?P<base>[^\[\]]*)\[(?P<part>[^\[\]]*)\]$")
 
 
-def _split_slice(split):
+def split_slice(split):
   """'train[:80%]' -> ('train', ':80%'); 'train' -> ('train', None)."""
   match = _SLICE.match(split or "")
   if not match:
@@ -200,7 +211,7 @@ def _slice_bound(text, n, split):
                     "'train[80%:]'") from None
 
 
-def _slice_indices(n, part, split):
+def slice_indices(n, part, split):
   """Indices of the examples a slice keeps: that range of a fixed (seed 0) shuffle of 0..n-1,
   in increasing order; every index when the split is not sliced."""
   if part is None:
@@ -256,17 +267,19 @@ def _embedded(name, split, p, P):
     labels = _digits_multilabel(labels)
   ranges = {"train": slice(0, DIGITS_TRAIN), "test": slice(DIGITS_TRAIN, None),
             "all": slice(None)}
-  base, part = _split_slice(split)
+  base, part = split_slice(split)
   if base not in ranges:
     raise DataError(f"embedded:{name} has splits {sorted(ranges)} (optionally sliced, e.g. "
                     f"'train[:80%]'), got {split!r}")
+  indices = np.arange(len(labels))[ranges[base]]  # into the whole dataset
   images, labels = images[ranges[base]], labels[ranges[base]]
-  keep = _slice_indices(len(labels), part, split)
+  keep = slice_indices(len(labels), part, split)
   images, labels = images[keep], labels[keep]
   n = len(labels)
   n_local, n_max = _strided_share(n, p, P)
   info = DatasetInfo(n, labels.shape[-1] if labels.ndim > 1 else 10,
-                     f"embedded:{name}/{split}", multilabel=labels.ndim > 1)
+                     f"embedded:{name}/{split}", multilabel=labels.ndim > 1,
+                     root=f"embedded:{name}", indices=indices[keep])
   return _HostData(info, n_local, n_max, load=_ArrayLoader(images[p::P], labels[p::P]))
 
 
@@ -279,11 +292,21 @@ def _extension(name):
   return os.path.splitext(name)[1].lower() or name
 
 
-def _list_images(directory, left_out: collections.Counter):
+def _inode(path):
+  stat = os.stat(path)
+  return stat.st_dev, stat.st_ino
+
+
+def _list_images(directory, left_out: collections.Counter, seen: set):
   """Image paths under `directory`, sorted; the other files (not hidden) counted by extension
-  into `left_out`."""
+  into `left_out`. Symbolic links are followed, each directory read once (`seen`: inodes of the
+  directories read so far; a link to a parent would list the same files again and again)."""
   found = []
   for root, dirs, files in os.walk(directory, followlinks=True):
+    if _inode(root) in seen:
+      dirs[:] = []
+      continue
+    seen.add(_inode(root))
     dirs[:] = [d for d in dirs if not d.startswith(".")]
     for f in files:
       if f.startswith("."):
@@ -298,8 +321,8 @@ def _list_images(directory, left_out: collections.Counter):
 @functools.lru_cache(maxsize=16)
 def _warn_left_out(root, left_out: tuple):
   """Once per folder: the files that are not read, so that none go missing unnoticed."""
-  logging.warning("folder:%s: %d file(s) not read, not an image extension (%s); read are %s.",
-                  root, sum(n for _, n in left_out),
+  logging.warning("folder:%s: %d file(s) not read (%s); read are the files ending in %s, in "
+                  "the class folders when there are any.", root, sum(n for _, n in left_out),
                   ", ".join(f"{ext} {n}" for ext, n in left_out), " ".join(IMAGE_EXTENSIONS))
 
 
@@ -313,9 +336,12 @@ def _list_folder(root):
   if classes:
     paths, labels = [], []
     for label, name in enumerate(classes):
-      files = _list_images(os.path.join(root, name), left_out)
+      files = _list_images(os.path.join(root, name), left_out, seen={_inode(root)})
       paths += files
       labels += [label] * len(files)
+    # Files beside the class folders belong to no class.
+    left_out.update(f"{_extension(e)} (beside the class folders)" for e in entries
+                    if e not in classes)
   else:
     paths = [os.path.join(root, e) for e in entries if _is_image(e)]
     left_out.update(_extension(e) for e in entries if not _is_image(e))
@@ -339,17 +365,51 @@ class _FileLoader:
       raise UnreadableImage(f"{self.paths[i]}: {e}") from e
 
 
-def _folder(path, split, p, P):
+SPLIT_FOLDERS = ("train", "val", "validation", "test")
+
+
+def folder_split(path: str, split: Optional[str]) -> tuple[str, Optional[str]]:
+  """(the directory a split of the image folder `path` reads, the split's slice or None).
+
+  `<path>/<split>` when it is a folder. Otherwise 'train' (or no split) is the whole folder,
+  unless the folder has split folders, and any other split is an error: read as the whole
+  folder, a 'test' split would score the training images. A split folder that holds images but
+  no class folders, beside folders that are not split names, is a class that shares a split's
+  name (classes bicycle, bus, car, train): an error too."""
   root = os.path.expanduser(path)
-  base, part = _split_slice(split)
-  if base and os.path.isdir(os.path.join(root, base)):
-    root = os.path.join(root, base)
+  base, part = split_slice(split)
+  subdirs = sorted(e for e in os.listdir(root)
+                   if not e.startswith(".") and os.path.isdir(os.path.join(root, e))) \
+      if os.path.isdir(root) else []
+  split_dirs = [d for d in subdirs if d in SPLIT_FOLDERS]
+  if base and base in subdirs:
+    chosen = os.path.join(root, base)
+    others = [d for d in subdirs if d not in SPLIT_FOLDERS]
+    if others and not any(os.path.isdir(os.path.join(chosen, e)) for e in os.listdir(chosen)):
+      raise DataError(f"folder:{root}: is {base}/ the {base!r} split or a class beside "
+                      f"{', '.join(others[:5])}? It holds images but no class folders. Rename "
+                      f"the class folder, or put the splits in folders of their own.")
+    return chosen, part
+  if base in (None, "", "train") and not split_dirs:
+    return root, part
+  if split_dirs:
+    raise SplitNotFound(f"folder:{root} has no {base}/ folder for split {split!r}; its split "
+                        f"folders are {', '.join(split_dirs)}.")
+  raise SplitNotFound(
+      f"folder:{root} has no {base}/ folder, and split {split!r} read as the whole folder would "
+      f"hold the training images: carve it from the folder with slices of 'train' (e.g. "
+      f"'train[:90%]' to train on, 'train[90%:]' held out) or add a {base}/ folder.")
+
+
+def _folder(path, split, p, P):
+  root, part = folder_split(path, split)
   paths, labels, classes = _list_folder(root)
-  keep = _slice_indices(len(paths), part, split)
+  keep = slice_indices(len(paths), part, split)
   paths, labels = [paths[i] for i in keep], labels[keep]
   n_local, n_max = _strided_share(len(paths), p, P)
   info = DatasetInfo(len(paths), len(classes),
-                     f"folder:{root}" + (f"[{part}]" if part is not None else ""))
+                     f"folder:{root}" + (f"[{part}]" if part is not None else ""),
+                     classes=tuple(classes), root=root, indices=keep)
   return _HostData(info, n_local, n_max, load=_FileLoader(paths[p::P], labels[p::P]))
 
 
@@ -460,6 +520,33 @@ def _host_data(source, split, data_dir, p, P, engine="grain"):
   if kind == "folder":
     return _folder(name, split, p, P)
   return _tfds(name, split, data_dir, p, P, engine)
+
+
+def shared_examples(a: DatasetInfo, b: DatasetInfo) -> int:
+  """How many examples two splits of one image folder or embedded dataset have in common (0
+  for TFDS splits: their slices are TFDS's)."""
+  if not a.root or a.root != b.root or a.indices is None or b.indices is None:
+    return 0
+  return len(np.intersect1d(a.indices, b.indices))
+
+
+def check_held_out(train: DatasetInfo, held_out: DatasetInfo, train_key: str, held_out_key: str):
+  """A held-out split must share no example with the training split, and a folder split must
+  have the training split's class folders, so that label i names the same class in both."""
+  shared = shared_examples(train, held_out)
+  if shared:
+    raise DataError(f"{held_out_key} ({held_out.name}) holds {shared} of the {train.num_examples} "
+                    f"images of {train_key} ({train.name}): make them disjoint slices, e.g. "
+                    f"'train[:90%]' and 'train[90%:]'.")
+  if train.classes and held_out.classes and held_out.classes != train.classes:
+    missing = sorted(set(train.classes) - set(held_out.classes))
+    extra = sorted(set(held_out.classes) - set(train.classes))
+    raise DataError(
+        f"{held_out.name} ({held_out_key}) has other class folders than {train.name} "
+        f"({train_key})" + (f"; missing: {', '.join(missing[:10])}" if missing else "")
+        + (f"; not in {train_key}: {', '.join(extra[:10])}" if extra else "")
+        + ". Label i is the i-th class folder by name, so give both the same folders (an empty "
+        "folder keeps a class's place).")
 
 
 def dataset_info(source: str, split: Optional[str], data_dir: Optional[str] = None,

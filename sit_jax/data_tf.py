@@ -54,16 +54,21 @@ def _size(builder, split, name):
 
 def host_data(builder, name, split, p, P, num_classes, multilabel):
   n = _size(builder, split, name)
-  host_split = split
+  host_split, n_local, n_max = split, n, n
   if P > 1:
-    parts = [tfds.even_splits(part, P)[p] for part in split.split("+")]
-    host_split = parts[0]
-    for part in parts[1:]:
-      host_split = host_split + part
-  n_local = _size(builder, host_split, name) if P > 1 else n
+    def share(q):  # host q's part of each '+' part of the split
+      parts = [tfds.even_splits(part, P)[q] for part in split.split("+")]
+      joined = parts[0]
+      for part in parts[1:]:
+        joined = joined + part
+      return joined
+    host_split = share(p)
+    n_local = _size(builder, host_split, name)
+    # even_splits gives each part's remainder to the first hosts: host 0's share is the largest
+    # (more than ceil(n / P) when several parts have a remainder).
+    n_max = _size(builder, share(0), name)
   info = data.DatasetInfo(n, num_classes, f"tfds:{name}/{split}", multilabel=multilabel)
-  return data._HostData(info, n_local, max(n_local, -(-n // P)), builder=builder,
-                        host_split=host_split)
+  return data._HostData(info, n_local, n_max, builder=builder, host_split=host_split)
 
 
 def _label_input(builder):

@@ -6,6 +6,7 @@ processes every method returns immediately without touching device values.
 from __future__ import annotations
 
 import datetime
+import io
 import json
 import math
 import os
@@ -74,8 +75,15 @@ def _umask() -> int:
 
 def atomic_write(path: str, write):
   """Calls write(binary file) on a temporary file beside `path`, then renames it to `path`, so
-  readers never see a partial file. Local paths only. The file gets the mode open() would give
-  (0644 under the usual umask), not mkstemp's 0600."""
+  readers never see a partial file. The file gets the mode open() would give (0644 under the
+  usual umask), not mkstemp's 0600. A remote path (gs://...) is written in one upload, which
+  makes the object appear whole or not at all."""
+  if "://" in str(path):
+    from etils import epath
+    buffer = io.BytesIO()
+    write(buffer)
+    epath.Path(path).write_bytes(buffer.getvalue())
+    return
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)
@@ -93,12 +101,7 @@ def atomic_write(path: str, write):
 
 
 def atomic_write_text(path, text: str):
-  """Writes `text` to `path` atomically (local), or with one write (remote, e.g. gs://)."""
-  if "://" in str(path):
-    from etils import epath
-    epath.Path(path).write_text(text)
-  else:
-    atomic_write(os.fspath(path), lambda f: f.write(text.encode()))
+  atomic_write(os.fspath(path), lambda f: f.write(text.encode()))
 
 
 def write_json(path, obj):

@@ -74,17 +74,21 @@ class KnnMonitor:
       logging.warning("k-NN monitor off: %s has no class labels (set eval.source and "
                       "eval.train_split to a labelled split to watch features learn).", bank.name)
       return None
-    test = data.dataset_info(source, test_split, data_dir, **options)
-    if test.name == bank.name:
-      # A folder without split sub-folders: every split name is the whole folder. Scoring the
-      # bank against itself would report ~1.0, so hold out a slice of it instead.
-      base = bank_split.partition("[")[0]
+    try:
+      test = data.dataset_info(source, test_split, data_dir, **options)
+    except data.SplitNotFound:
+      test = None
+    if test is None or data.shared_examples(bank, test):
+      # A folder without that split, or a test split that holds bank images: scoring the bank
+      # against itself would report ~1.0, so hold out a slice of the bank's split instead.
+      base = data.split_slice(bank_split)[0]
       bank_split, test_split = f"{base}[:90%]", f"{base}[90%:]"
-      logging.warning("k-NN monitor: %s has no separate %r split; the bank is %s and the "
-                      "held-out images %s (set eval.train_split / eval.test_split to choose).",
-                      source, config.eval.test_split, bank_split, test_split)
+      logging.warning("k-NN monitor: %s has no %r split held out from the bank; the bank is %s "
+                      "and the held-out images %s (set eval.train_split / eval.test_split to "
+                      "choose).", source, config.eval.test_split, bank_split, test_split)
       bank = data.dataset_info(source, bank_split, data_dir, **options)
       test = data.dataset_info(source, test_split, data_dir, **options)
+    data.check_held_out(bank, test, "eval.train_split", "eval.test_split")
     runtime = {"dtype": model_config.get("dtype", "float32"),
                "attention": model_config.get("attention", ""),
                "scan_layers": model_config.get("scan_layers", False)}

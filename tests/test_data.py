@@ -194,7 +194,8 @@ def class_folder(tmp_path):
 def test_folder_pretrain_skips_corrupt_and_resumes(class_folder):
   kw = dict(global_batch_size=4, image_size=16, seed=0, process_index=0, process_count=1)
   source = f"folder:{class_folder}"
-  assert data.dataset_info(source, "train") == data.DatasetInfo(7, 2, f"folder:{class_folder}")
+  assert data.dataset_info(source, "train") == data.DatasetInfo(
+      7, 2, f"folder:{class_folder}", classes=("cat", "dog"))
   it = data.pretrain_iterator(source, "train", **kw)
   batches = _take(it, 5)  # 20 positions: the broken file comes up at least twice
   assert it.num_skipped >= 2
@@ -230,7 +231,76 @@ def test_folder_without_classes_and_split_subdir(tmp_path):
   os.makedirs(tmp_path / "split" / "train" / "x")
   _write(tmp_path / "split" / "train" / "x" / "0.png", (0, 0, 0), (20, 20), "PNG")
   assert data.dataset_info(f"folder:{tmp_path / 'split'}", "train") == data.DatasetInfo(
-      1, 1, f"folder:{tmp_path / 'split' / 'train'}")
+      1, 1, f"folder:{tmp_path / 'split' / 'train'}", classes=("x",))
+
+
+def _class_folders(root, classes, images_each=2):
+  for name in classes:
+    os.makedirs(root / name)
+    for i in range(images_each):
+      _write(root / name / f"{i}.png", (10, 10, 10), (12, 12), "PNG")
+  return root
+
+
+def test_a_folder_split_is_its_folder_or_a_slice_of_train(tmp_path):
+  """'train' (or no split) is the whole folder when it has no split folders; any other split
+  name must be a folder, so that a 'test' split never silently reads the training images."""
+  flat = f"folder:{_class_folders(tmp_path / 'flat', ('a', 'b'))}"
+  assert data.dataset_info(flat, "train").num_examples == 4
+  assert data.dataset_info(flat, None).num_examples == 4
+  assert data.dataset_info(flat, "train[:50%]").num_examples == 2
+  for split in ("test", "validation", "train+validation", "val[:50%]"):
+    with pytest.raises(data.SplitNotFound, match="slices of 'train'"):
+      data.dataset_info(flat, split)
+
+  split_root = tmp_path / "inet"
+  _class_folders(split_root / "train", ("a", "b"))
+  _class_folders(split_root / "val", ("a", "b"), images_each=1)
+  layout = f"folder:{split_root}"
+  assert data.dataset_info(layout, "train").num_examples == 4
+  assert data.dataset_info(layout, "val").name == f"folder:{split_root / 'val'}"
+  assert data.dataset_info(layout, "val").classes == ("a", "b")
+  for split in ("validation", "test", "train[:1]+val"):
+    with pytest.raises(data.SplitNotFound, match="its split folders are train, val"):
+      data.dataset_info(layout, split)
+
+  # A class that shares a split's name is not taken for the split.
+  vehicles = f"folder:{_class_folders(tmp_path / 'vehicles', ('bicycle', 'bus', 'train'))}"
+  with pytest.raises(data.DataError, match="train/ the 'train' split or a class beside bicycle"):
+    data.dataset_info(vehicles, "train")
+
+
+def test_held_out_splits_share_no_image_and_the_classes(tmp_path):
+  info = lambda split, source=DIGITS: data.dataset_info(source, split)
+  data.check_held_out(info("train[:80%]"), info("train[80%:]"), "train", "val")
+  data.check_held_out(info("train"), info("test"), "train", "test")
+  with pytest.raises(data.DataError, match=r"val \(embedded:digits/train\[70%:\]\) holds 150 of "
+                     r"the 1200 images of train"):
+    data.check_held_out(info("train[:80%]"), info("train[70%:]"), "train", "val")
+  with pytest.raises(data.DataError, match="holds 297 of"):
+    data.check_held_out(info("test"), info("all"), "train", "test")
+  root = tmp_path / "split"
+  _class_folders(root / "train", ("ant", "bee", "cow"))
+  _class_folders(root / "test", ("ant", "cow", "dog"))
+  source = f"folder:{root}"
+  with pytest.raises(data.DataError, match=r"other class folders than .*missing: bee; not in "
+                     r"data.train_split: dog\. Label i is the i-th class folder"):
+    data.check_held_out(info("train", source), info("test", source), "data.train_split",
+                        "data.test_split")
+  # Different folders never share an image; the same folder's disjoint slices do not either.
+  data.check_held_out(info("train[:50%]", source), info("train[50%:]", source), "a", "b")
+
+
+def test_folder_listing_reads_each_directory_once_and_names_what_it_leaves(tmp_path, caplog):
+  root = _class_folders(tmp_path / "loop", ("a", "b"))
+  os.symlink(root, root / "a" / "back_to_root")  # a loop through the root
+  os.symlink(root / "b", root / "a" / "b_too")   # a link to another class: read in both
+  _write(root / "stray.png", (0, 0, 0), (12, 12), "PNG")
+  data._warn_left_out.cache_clear()
+  with caplog.at_level("WARNING"):
+    info = data.dataset_info(f"folder:{root}", "train")
+  assert info.num_examples == 6 and info.classes == ("a", "b")
+  assert ".png (beside the class folders) 1" in caplog.text
 
 
 GREY_RAMP = np.arange(256, dtype=np.int64).reshape(16, 16)  # every 8-bit value once
@@ -262,15 +332,17 @@ def test_folder_reads_tiff_and_names_the_files_it_leaves_out(tmp_path, monkeypat
   monkeypatch.setattr(data.logging, "warning", lambda fmt, *args: warnings.append(fmt % args))
   assert data.dataset_info(f"folder:{root}", None).num_examples == 2
   data.dataset_info(f"folder:{root}", None)  # listed again: not warned again
-  assert warnings == [f"folder:{root}: 2 file(s) not read, not an image extension (.raw 1, .txt 1);"
-                      f" read are {' '.join(data.IMAGE_EXTENSIONS)}."]
+  assert warnings == [f"folder:{root}: 2 file(s) not read (.raw 1, .txt 1); read are the files "
+                      f"ending in {' '.join(data.IMAGE_EXTENSIONS)}, in the class folders when "
+                      "there are any."]
   flat = tmp_path / "flat"  # no class sub-folders: the root's own files
   os.makedirs(flat)
   _write(flat / "0.tiff", (0, 200, 0), (20, 20), "TIFF")
   (flat / "labels.json").write_text("{}")
   assert data.dataset_info(f"folder:{flat}", None).num_examples == 1
-  assert warnings[1:] == [f"folder:{flat}: 1 file(s) not read, not an image extension (.json 1);"
-                          f" read are {' '.join(data.IMAGE_EXTENSIONS)}."]
+  assert warnings[1:] == [f"folder:{flat}: 1 file(s) not read (.json 1); read are the files "
+                          f"ending in {' '.join(data.IMAGE_EXTENSIONS)}, in the class folders "
+                          "when there are any."]
 
 
 def test_folder_of_only_corrupt_files_raises(tmp_path):
@@ -433,6 +505,25 @@ def test_real_tfds_hosts_resume_and_eval(tiny_tfds):
     got = [i for b in batches for i in _ids(b["image"][b["mask"]])]
     assert sorted(got) == sorted(per_host[-1])
   assert sorted(per_host[0] + per_host[1]) == list(range(21))
+
+
+def test_real_tfds_joined_split_gives_every_host_the_same_eval_batches(tiny_tfds):
+  """Each part of 'train[:3]+test[:3]' gives its remainder to host 0 (2 + 2 of 6 examples): every
+  host must still yield that many batches, or the collective evaluation step hangs."""
+  engine, data_dir = tiny_tfds
+  read = lambda p, count: data.eval_iterator(
+      "tfds:sit_jax_tiny_images", "train[:3]+test[:3]", process_index=p, process_count=count,
+      global_batch_size=2, image_size=8, data_dir=data_dir, engine=engine)
+  ids = lambda batches: [i for b in batches for i in _ids(b["image"][b["mask"]])]
+  seen, lengths = [], []
+  for p in range(2):
+    ev = read(p, 2)
+    batches = list(ev)
+    lengths.append((len(ev), len(batches)))
+    seen += ids(batches)
+  assert lengths[0] == lengths[1] and lengths[0][0] == lengths[0][1]
+  whole = ids(read(0, 1))
+  assert len(whole) == 6 and sorted(seen) == sorted(whole)
 
 
 def test_engine_and_format_mismatch_says_what_to_do(tiny_tfds):

@@ -1,5 +1,8 @@
 """k-NN as DINO users run it: several k from one search equal separate runs, and a run on
 cached features equals the fresh run; the cache is keyed on the checkpoint's parameters."""
+import os
+
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -92,3 +95,64 @@ def test_checkpoint_identity_follows_the_parameter_values():
   random = common.Backbone(module, None, {"variant": "Mu/4", "image_size": 16}, "")
   assert (feature_cache.checkpoint_identity(random, 0)
           != feature_cache.checkpoint_identity(random, 1))
+  # The same parameters computing in bfloat16 give other features than in float32.
+  in_dtype = lambda dtype: feature_cache.checkpoint_identity(common.Backbone(
+      module, params, {"variant": "Mu/4", "image_size": 16, "dtype": dtype}, "/x"), 0)
+  assert in_dtype("float32") != in_dtype("bfloat16")
+
+
+@pytest.fixture
+def counted_extraction(monkeypatch):
+  """split_features without a backbone: each extraction is counted and gives fixed features."""
+  calls = []
+
+  def extract(fn, params, batches, mesh, progress):
+    calls.append(1)
+    return np.arange(6, dtype=np.float32).reshape(3, 2), np.arange(3)
+
+  monkeypatch.setattr(common, "extract_features", extract)
+  monkeypatch.setattr(common, "eval_batches", lambda *args: None)
+  return calls
+
+
+def _split_features(config, workdir):
+  return feature_cache.split_features(config, str(workdir), "params x", None, None, None,
+                                      "test", "cls", 16)
+
+
+def test_a_cache_hit_counts_only_where_every_process_has_the_entry(tmp_path, monkeypatch,
+                                                                     counted_extraction):
+  """Extraction is collective: a process that skipped it while another extracts would hang or
+  feed the others different arrays (a cache on each host's disk, written by process 0 alone)."""
+  config = small_config("")
+  _split_features(config, tmp_path)
+  _split_features(config, tmp_path)
+  assert len(counted_extraction) == 1  # stored, then read
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  found = {}
+  monkeypatch.setattr(feature_cache.multihost_utils, "process_allgather",
+                      lambda hit: np.array([bool(hit), found["other"]]))
+  found["other"] = False
+  features, labels = _split_features(config, tmp_path)
+  assert len(counted_extraction) == 2
+  np.testing.assert_array_equal(labels, np.arange(3))
+  found["other"] = True
+  _split_features(config, tmp_path)
+  assert len(counted_extraction) == 2
+
+
+def test_a_remote_cache_is_read_and_written_through_epath(tmp_path, monkeypatch,
+                                                          counted_extraction):
+  """feature_cache=gs://... (or a gs:// workdir) goes to the bucket, not to a local 'gs:' folder."""
+  import pathlib
+  bucket = tmp_path / "bucket"
+  os.makedirs(bucket / "fc")
+  monkeypatch.setattr(epath, "Path", lambda p: pathlib.Path(str(p).replace("gs://b", str(bucket))))
+  monkeypatch.chdir(tmp_path)
+  config = small_config("")
+  config.feature_cache = "gs://b/fc"
+  _split_features(config, "gs://b/run")
+  _split_features(config, "gs://b/run")
+  assert len(counted_extraction) == 1
+  assert [p.suffix for p in (bucket / "fc").iterdir()] == [".npz"]
+  assert not os.path.exists(tmp_path / "gs:")

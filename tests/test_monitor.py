@@ -9,7 +9,7 @@ import pytest
 from configs import fewshot as fewshot_config
 from configs import knn as knn_config
 from configs import sit_vits
-from sit_jax import monitor, pretrain, sharding
+from sit_jax import data, monitor, pretrain, sharding
 from sit_jax.transfer import fewshot, knn
 
 BANK, HELD_OUT = "train[:256]", "train[256:384]"
@@ -77,5 +77,18 @@ def test_monitor_is_off_without_labels_and_never_scores_the_bank_against_itself(
   c.eval.train_split, c.eval.test_split = "train", "test"  # the runlocal defaults
   m = monitor.KnnMonitor.from_config(c, mesh, pretrain.model_config(c))
   assert (m.bank_split, m.test_split) == ("train[:90%]", "train[90%:]")
+  # A held-out split that holds bank images is no held-out split either.
+  c.eval.train_split, c.eval.test_split = "train[:50%]", "train"
+  m = monitor.KnnMonitor.from_config(c, mesh, pretrain.model_config(c))
+  assert (m.bank_split, m.test_split) == ("train[:90%]", "train[90%:]")
+  # Split folders whose classes differ would score the labels of other classes.
+  for split, classes in (("train", ("c0", "c1")), ("test", ("c1",))):
+    for name in classes:
+      os.makedirs(tmp_path / "split" / split / name)
+      Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "split" / split / name / "0.png")
+  c.eval.source = f"folder:{tmp_path / 'split'}"
+  c.eval.train_split, c.eval.test_split = "train", "test"
+  with pytest.raises(data.DataError, match="missing: c0"):
+    monitor.KnnMonitor.from_config(c, mesh, pretrain.model_config(c))
   c.eval_every = 0
   assert monitor.KnnMonitor.from_config(c, mesh, pretrain.model_config(c)) is None

@@ -194,8 +194,25 @@ def test_digit_canvases_label_the_digits_they_show():
   assert data.num_examples == 300 and data.num_classes == 11
 
 
+def test_digit_canvas_splits_share_no_digit():
+  """The validation canvases (train[80%:]) choose the head's rate: none of their digits may be
+  in a training canvas, nor in a test canvas; the training ones are embedded:digits'
+  train[:80%], the bank of the k-NN and linear evaluations."""
+  from sit_jax import data as image_data
+  layout = segment_data.canvas_layout("train")
+  digits_of = lambda split: {d for i in segment_data._slice(split, len(layout))[1]
+                             for d, *_ in layout[i]}
+  train, val = digits_of("train[:80%]"), digits_of("train[80%:]")
+  test = {d for pasted in segment_data.canvas_layout("test") for d, *_ in pasted}
+  assert not train & val and not (train | val) & test
+  order = np.random.default_rng(0).permutation(1797)  # embedded:digits' order
+  bank = set(order[image_data.slice_indices(1500, ":80%", "train[:80%]")].tolist())
+  assert train <= bank and len(train) > 800  # of 1,200: each canvas draws 1-2 at random
+
+
 def test_folder_of_image_mask_pairs(tmp_path):
   from PIL import Image
+  from sit_jax import data as image_data
   for split, count in (("train", 3), ("test", 2)):
     for sub in ("images", "masks"):
       os.makedirs(tmp_path / split / sub)
@@ -211,6 +228,18 @@ def test_folder_of_image_mask_pairs(tmp_path):
   assert sorted(np.unique(batches[0]["label"][:2]).tolist()) == [0, 1]
   with pytest.raises(segment_data.SegmentationDataError, match="num_classes"):
     segment_data.open_split(f"folder:{tmp_path}", "train")
+  # A mask value that is no class, and a colour mask: the file and the fix, not a NaN loss.
+  Image.fromarray(np.full((10, 12), 7, np.uint8)).save(tmp_path / "test" / "masks" / "0.png")
+  Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(tmp_path / "test" / "masks" / "1.png")
+  data = segment_data.open_split(f"folder:{tmp_path}", "test", num_classes=3)
+  with pytest.raises(segment_data.SegmentationDataError,
+                     match=r"0.png holds the value 7, not a class of data.num_classes=3"):
+    data.load(0)
+  with pytest.raises(segment_data.SegmentationDataError, match="1.png has 3 channels"):
+    data.load(1)
+  # No val/ folder: the validation split is a slice of train, never the whole folder.
+  with pytest.raises(image_data.SplitNotFound, match="its split folders are test, train"):
+    segment_data.open_split(f"folder:{tmp_path}", "val", num_classes=3)
 
 
 # ---------------------------------------------------------------------------------------------

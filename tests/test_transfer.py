@@ -400,3 +400,26 @@ def test_multilabel_labels():
   assert (num_classes, multilabel) == (4, True)
   np.testing.assert_array_equal(label_of({"labels": np.array([1, 3, 1])}), [0, 1, 0, 1])
   np.testing.assert_array_equal(label_of({"labels": np.zeros([0], np.int64)}), [0, 0, 0, 0])
+
+
+def test_transfer_splits_are_held_out_before_any_work(tmp_path):
+  """An image folder without a test/ folder cannot be scored as its own test split, and the
+  validation and test slices may not overlap: the error names the keys, before any backbone."""
+  from configs import knn as knn_config
+  from PIL import Image
+  for name in ("a", "b"):
+    (tmp_path / name).mkdir()
+    for i in range(5):
+      Image.fromarray(np.full((8, 8, 3), 30 * i, np.uint8)).save(tmp_path / name / f"{i}.png")
+  c = knn_config.get_config("runlocal")
+  c.data.source = f"folder:{tmp_path}"
+  with pytest.raises(data.SplitNotFound, match="split 'test' read as the whole folder"):
+    common.dataset_infos(c)
+  c.data.train_split, c.data.val_split, c.data.test_split = "train[:60%]", "train[60%:80%]", \
+      "train[70%:]"
+  with pytest.raises(data.DataError, match=r"data.test_split \(.*\) holds 1 of the 2 images of "
+                     r"data.val_split"):
+    common.dataset_infos(c)
+  c.data.test_split = "train[80%:]"
+  train, test = common.dataset_infos(c)
+  assert (train.num_examples, test.num_examples, train.classes) == (6, 2, ("a", "b"))

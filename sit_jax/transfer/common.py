@@ -311,15 +311,20 @@ def eval_batches(config, split: str, image_size: int):
 
 
 def dataset_infos(config):
-  """(train info, test info); checks that the train split has labels."""
+  """(train info, test info). Checks, before any work, that the train split has labels and
+  that the validation and test splits are held out from it (no shared image, the same class
+  folders) and from each other."""
   from sit_jax import data
   options = data.engine_options(config.data)
-  train = data.dataset_info(config.data.source, config.data.train_split, data_dir(config),
-                            **options)
-  test = data.dataset_info(config.data.source, config.data.test_split, data_dir(config),
-                           **options)
+  info = lambda split: data.dataset_info(config.data.source, split, data_dir(config), **options)
+  train, test = info(config.data.train_split), info(config.data.test_split)
   if train.num_classes <= 0:
     raise data.DataError(f"{train.name} has no labels: transfer needs a labelled train split.")
+  data.check_held_out(train, test, "data.train_split", "data.test_split")
+  if config.data.get("val_split"):
+    val = info(config.data.val_split)
+    data.check_held_out(train, val, "data.train_split", "data.val_split")
+    data.check_held_out(val, test, "data.val_split", "data.test_split")
   return train, test
 
 

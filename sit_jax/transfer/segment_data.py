@@ -5,6 +5,8 @@ Sources (random access, so a batch is a pure function of (seed, process, step)):
   tfds:scene_parse150    ADE20K, 150 classes; its label 0 ("other") is ignored.
   folder:/path           /path[/SPLIT]/images/NAME.{jpg,png,...} with /path[/SPLIT]/masks/NAME.png
                          (class index per pixel, IGNORE = 255 not scored); data.num_classes.
+                         Without a SPLIT folder 'train' is the whole folder, and other
+                         splits are slices of it (data.folder_split).
   embedded:digit_canvas  offline: 1-2 handwritten digits (scikit-learn's) pasted on a 32 px
                          canvas; label 1 + digit on the (thickened) digit, 0 background, IGNORE on
                          its faint edge. embedded:digit_masks: each digit alone at 16 px.
@@ -23,7 +25,6 @@ import dataclasses
 import functools
 import math
 import os
-import re
 from typing import Callable, Iterator, Sequence
 
 import jax
@@ -31,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from sit_jax import data
 from sit_jax.data import IMAGE_EXTENSIONS, rgb_or_grey
 
 IGNORE = 255
@@ -57,29 +59,10 @@ class SegmentationData:
 
 
 def _slice(split: str, n: int) -> tuple[str, np.ndarray]:
-  """('train[:98%]', n) -> ('train', sorted indices of that range of a fixed shuffle of n)."""
-  match = re.fullmatch(r"([^\[\]]*)\[([^\[\]]*)\]", split)
-  if not match:
-    return split, np.arange(n)
-  base, part = match.groups()
-  lo, colon, hi = part.partition(":")
-  if not colon:
-    raise SegmentationDataError(f"Bad slice {split!r}: expected [start:stop], e.g. "
-                                "'train[:98%]'.")
-
-  def bound(text):
-    text = text.strip()
-    if not text:
-      return None
-    try:
-      return int(round(float(text[:-1]) * n / 100)) if text.endswith("%") else int(text)
-    except ValueError:
-      raise SegmentationDataError(f"Bad slice {split!r}: use integers or percentages.") from None
-
-  chosen = np.random.default_rng(0).permutation(n)[bound(lo):bound(hi)]
-  if not len(chosen):
-    raise SegmentationDataError(f"Split {split!r} selects none of the {n} examples.")
-  return base, np.sort(chosen)
+  """('train[:98%]', n) -> ('train', sorted indices of that range of a fixed shuffle of n):
+  data.py's slices, so a slice keeps the same examples in both pipelines."""
+  base, part = data.split_slice(split)
+  return base, data.slice_indices(n, part, split)
 
 
 def _digit_pool(split: str):
@@ -108,23 +91,43 @@ def _paste(images, labels, i, ink, digit, side, y, x):
   region[(shape >= 24) & (shape < 64) & (region == 0)] = IGNORE
 
 
-@functools.lru_cache(maxsize=4)
-def digit_canvases(split: str) -> tuple[np.ndarray, np.ndarray]:
-  """(images uint8 (n, 32, 32, 3), labels uint8 (n, 32, 32)) of the whole 'train' or 'test'
-  split: 1-2 digits of 12-20 px at random places on a 32 px canvas."""
+def canvas_layout(split: str) -> list[list[tuple[int, int, int, int]]]:
+  """For each canvas of the whole 'train' or 'test' split of embedded:digit_canvas, its digits:
+  (index into scikit-learn's digits, side, top, left) each. The canvases of train[:80%] and
+  train[80%:] (runlocal's train and validation splits) draw from the digits of the same slices
+  of embedded:digits' train, so no digit is in both (nor in test's canvases)."""
   if split not in _CANVAS_SPLITS:
     raise SegmentationDataError(f"embedded:digit_canvas has splits {sorted(_CANVAS_SPLITS)} "
                                 f"(optionally sliced, e.g. 'train[:80%]'), got {split!r}.")
-  ink, targets, pool = _digit_pool(split)
+  _, _, pool = _digit_pool(split)
   n = _CANVAS_SPLITS[split]
-  images = np.zeros((n, CANVAS, CANVAS), np.uint8)
-  labels = np.zeros((n, CANVAS, CANVAS), np.uint8)
+  part_of, parts = np.zeros(n, int), [pool]
+  if split == "train":
+    part_of[_slice("train[80%:]", n)[1]] = 1
+    parts = [pool[_slice(f"train[{s}]", len(pool))[1]] for s in (":80%", "80%:")]
+  layout = []
   for i in range(n):
     rng = np.random.default_rng([list(_CANVAS_SPLITS).index(split), i])
+    digits, pasted = parts[part_of[i]], []
     for _ in range(rng.integers(1, 3)):
-      d = pool[rng.integers(len(pool))]
+      d = int(digits[rng.integers(len(digits))])
       side = int(rng.integers(12, 21))
       y, x = rng.integers(0, CANVAS - side + 1, size=2)
+      pasted.append((d, side, int(y), int(x)))
+    layout.append(pasted)
+  return layout
+
+
+@functools.lru_cache(maxsize=4)
+def digit_canvases(split: str) -> tuple[np.ndarray, np.ndarray]:
+  """(images uint8 (n, 32, 32, 3), labels uint8 (n, 32, 32)) of the whole 'train' or 'test'
+  split: 1-2 digits of 12-20 px at random places on a 32 px canvas (`canvas_layout`)."""
+  layout = canvas_layout(split)
+  ink, targets, _ = _digit_pool(split)
+  images = np.zeros((len(layout), CANVAS, CANVAS), np.uint8)
+  labels = np.zeros((len(layout), CANVAS, CANVAS), np.uint8)
+  for i, pasted in enumerate(layout):
+    for d, side, y, x in pasted:
       _paste(images, labels, i, ink[d], targets[d], side, y, x)
   return np.repeat(images[..., None], 3, axis=-1), labels
 
@@ -160,8 +163,7 @@ def _folder(path, split, num_classes):
   if num_classes <= 0:
     raise SegmentationDataError(f"folder:{path}: set data.num_classes (the mask values are "
                                 f"0..num_classes-1, {IGNORE} = not scored).")
-  base, _, _ = split.partition("[")
-  root = os.path.join(path, base) if base and os.path.isdir(os.path.join(path, base)) else path
+  root, _ = data.folder_split(path, split)
   image_dir, mask_dir = os.path.join(root, "images"), os.path.join(root, "masks")
   if not os.path.isdir(image_dir) or not os.path.isdir(mask_dir):
     raise SegmentationDataError(f"{root} needs images/ and masks/ sub-folders (NAME.jpg with "
@@ -178,7 +180,17 @@ def _folder(path, split, num_classes):
   def load(i):
     image_path, mask_path = pairs[keep[i]]
     with Image.open(image_path) as im, Image.open(mask_path) as m:
-      return np.asarray(rgb_or_grey(im).convert("RGB")), np.asarray(m)
+      image, labels = np.asarray(rgb_or_grey(im).convert("RGB")), np.asarray(m)
+    if labels.ndim != 2:
+      raise SegmentationDataError(f"{mask_path} has {labels.shape[-1]} channels: save each mask "
+                                  "as one channel of class indices (a grey or palette PNG).")
+    wrong = labels[(labels >= num_classes) & (labels != IGNORE)]
+    if wrong.size:
+      raise SegmentationDataError(
+          f"{mask_path} holds the value {int(wrong.max())}, not a class of data.num_classes="
+          f"{num_classes} (0..{num_classes - 1}) nor {IGNORE} (not scored): raise "
+          f"data.num_classes, or map the value to {IGNORE}.")
+    return image, labels
 
   return SegmentationData(f"folder:{path}/{split}", num_classes, len(keep), load)
 
