@@ -135,7 +135,7 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.optim = ml_collections.ConfigDict()
   c.optim.base_lr = 5e-4                # scaled by global_batch_size / 256.
   c.optim.min_lr = 1e-6
-  c.optim.warmup_epochs = 10
+  c.optim.warmup_epochs = 10.0
   c.optim.weight_decay = 0.04
   c.optim.weight_decay_end = 0.1
   c.optim.clip_norm = 3.0               # per parameter tensor.
@@ -143,7 +143,7 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.optim.b2 = 0.999
   c.optim.eps = 1e-8
 
-  c.total_epochs = 800
+  c.total_epochs = 800.0
   c.total_steps = 0                     # > 0 overrides total_epochs.
   c.num_train_examples = 0              # 0: read from the dataset.
 

@@ -126,7 +126,7 @@ def transfer_config(experiment: str, dataset: str) -> ml_collections.ConfigDict:
   c.head.features = "cls"       # 'cls', 'mean' or 'cls+mean' (concat CLS and mean patch token).
   c.head.last_blocks = 1        # linear/knn: concat the CLS of the last k blocks.
 
-  c.total_epochs = 100
+  c.total_epochs = 100.0
   c.total_steps = 0             # > 0 overrides total_epochs.
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))

@@ -9,6 +9,7 @@ the traceback too. The console shows progress; the full config is in DIR/config.
 """
 from __future__ import annotations
 
+import errno
 import os
 
 # Before anything imports TensorFlow (the host input pipeline) or XLA: their C++ INFO lines
@@ -75,6 +76,10 @@ class _QuietLibraries(std_logging.Filter):
         source in record.pathname for source in self.SOURCES)
 
 
+# A full disk, a quota, a read-only filesystem: the storage's fault, not a bug of sit_jax.
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
 def exit_with(error: BaseException):
   """Ends the program with one line on stderr; SIT_JAX_TRACEBACK=1 raises `error` instead."""
   if os.environ.get("SIT_JAX_TRACEBACK"):
@@ -121,6 +126,9 @@ def main(argv):
   except Exception as e:
     if isinstance(e, config_check.ConfigError) or isinstance(e, user_errors()):
       exit_with(e)
+    if isinstance(e, OSError) and e.errno in STORAGE_ERRNOS:
+      exit_with(OSError(f"{e}. Free space (or fix the storage) and start the same command: "
+                        "the checkpoints saved so far are kept, and it resumes from the latest."))
     raise
 
 

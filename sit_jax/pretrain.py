@@ -338,7 +338,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       hooks.append(trainer.Hook(config.image_every, picture_hook(config, model, mesh, writer)))
     knn_monitor = monitor.KnnMonitor.from_config(config, mesh, model_config(config))
     if knn_monitor:
-      hooks.append(trainer.Hook(config.eval_every, knn_hook(knn_monitor)))
+      # final: a finished run started again reports the monitor's figures again.
+      hooks.append(trainer.Hook(config.eval_every, knn_hook(knn_monitor), final=True))
 
     # Train. -----------------------------------------------------------------------------------
     outcome = trainer.train(

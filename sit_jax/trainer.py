@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import time
 from typing import Any, Callable, Iterator, Sequence
@@ -150,14 +151,18 @@ def train(exp, *, init: Callable[[], Any], abstract, step_fn: Callable,
     if ckpt is not None and ckpt.latest_step() is not None:
       state, _ = ckpt.restore(abstract, expected_metadata=metadata, fallback=True)
       logging.info("Resumed from step %d of %s", int(state.step), ckpt.directory)
-      if ckpt.set_aside and exp.is_main:
-        _forget_results(exp.workdir, ckpt.set_aside)
     if state is None:
       state = init()
     start_step = int(jax.device_get(state.step))
-    if ckpt is not None and exp.is_main and writer is not None:
-      metrics.drop_rows_after(os.path.join(exp.workdir, "metrics.jsonl"), start_step)
+    if start_step > total_steps:
+      raise ValueError(f"The checkpoint in {ckpt.directory} is at step {start_step}, past "
+                       f"total_steps={total_steps}: set total_steps to {start_step} or more to "
+                       "go on, or pass another --workdir.")
     outcome = Outcome(state, start_step, start_step, total_steps, {}, {}, None, 0.0)
+    if ckpt is not None and exp.is_main:
+      _results_of_earlier_runs(exp.workdir, outcome, ckpt.set_aside)
+      if writer is not None:
+        metrics.drop_rows_after(os.path.join(exp.workdir, "metrics.jsonl"), start_step)
     start = time.perf_counter()
     try:
       _loop(exp, ckpt, outcome, step_fn, batches(start_step), place, hooks, writer, metadata)
@@ -175,12 +180,25 @@ def train(exp, *, init: Callable[[], Any], abstract, step_fn: Callable,
       ckpt.wait()  # a failed last save is reported here, with its step.
       latest = ckpt.latest_step()
       outcome.checkpoint = None if latest is None else ckpt.step_path(latest)
+  finished_earlier = outcome.complete and outcome.step == outcome.start_step
   for hook in hooks:
-    if hook.final and outcome.complete and outcome.step == outcome.start_step:
-      outcome.evaluated.update(hook.fn(outcome.step, outcome.state, None) or {})
-      if writer is not None:
-        writer.write_scalars(outcome.step, outcome.evaluated, timed=False)
+    if hook.final and finished_earlier:
+      evaluated = hook.fn(outcome.step, outcome.state, None) or {}
+      outcome.evaluated.update(evaluated)
+      if writer is not None and not _logged(exp, outcome.step, evaluated):
+        writer.write_scalars(outcome.step, evaluated, timed=False)
   return outcome
+
+
+def _logged(exp, step: int, scalars: dict) -> bool:
+  """Whether metrics.jsonl has a row of `step` with every key of `scalars` (a finished run
+  started again evaluates again, and keeps one row per step)."""
+  path = os.path.join(exp.workdir, "metrics.jsonl") if exp.workdir else None
+  if not path or not os.path.exists(path):
+    return False
+  with open(path) as f:
+    rows = [row for row in map(json.loads, f) if row.get("step") == step]
+  return all(any(k in row for row in rows) for k in scalars)
 
 
 def _loop(exp, ckpt, outcome: Outcome, step_fn, batches, place, hooks, writer, metadata):
@@ -246,12 +264,24 @@ def _loop(exp, ckpt, outcome: Outcome, step_fn, batches, place, hooks, writer, m
       break
 
 
-def _forget_results(workdir: str, set_aside: Sequence[int]):
-  """results.json of an earlier process may name a checkpoint that was just set aside as
-  corrupt: it describes a state that no longer exists, and the run will write a new one."""
+def _results_of_earlier_runs(workdir: str, outcome: Outcome, set_aside: Sequence[int]):
+  """results.json of an earlier process of this workdir. A run that goes on removes it: it
+  describes a state the run moves past, and may name a checkpoint that the run's saves rotate
+  out (or that was just set aside as corrupt); the run writes a new one at its end. A finished
+  run started again keeps its final metrics (this process trains no step to average)."""
   path = os.path.join(workdir, "results.json")
-  if os.path.exists(path):
-    os.remove(path)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    earlier = json.load(f)
+  if (outcome.step == outcome.total_steps and earlier.get("step") == outcome.step
+      and not set_aside):
+    outcome.metrics = earlier.get("final_metrics") or {}
+    logging.info("The run is complete at step %d; its final metrics are kept from %s.",
+                 outcome.step, path)
+    return
+  os.remove(path)
+  if set_aside:
     logging.warning("Removed %s: it described checkpoint step(s) %s, set aside as unreadable.",
                     path, list(set_aside))
 

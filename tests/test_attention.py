@@ -67,3 +67,10 @@ def test_cudnn_attention_matches_xla_attention_on_gpu(mu_vit):
                                           dtype="bfloat16"))
     outputs[attention] = np.asarray(model.apply(params, images)["patches"], np.float32)
   np.testing.assert_allclose(outputs["cudnn"], outputs["xla"], rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="cuDNN attention runs on a GPU")
+def test_cudnn_attention_off_a_gpu_is_one_clear_error():
+  with pytest.raises(ValueError, match="needs a GPU and model.dtype bfloat16 or float16, not cpu"):
+    vit.backbone_from_config(dict(variant="Mu/4", image_size=16, attention="cudnn",
+                                  dtype="bfloat16"))

@@ -106,6 +106,32 @@ def test_traceback_on_request(tmp_path):
   assert "Traceback" in result.stderr and "ConfigError" in result.stderr
 
 
+FULL_DISK = """
+import errno, sys
+from absl import app
+from sit_jax import main
+
+def run(config, workdir):
+  raise OSError(errno.ENOSPC, "No space left on device", workdir + "/metrics.jsonl")
+
+main.run = run
+app.run(main.main, flags_parser=main.parse_flags, argv=sys.argv)
+"""
+
+
+def test_a_full_disk_outside_a_save_is_one_line(tmp_path):
+  """A write that fails for lack of space (metrics, pictures, results) is the storage's doing:
+  one line naming the file and what to do, not a traceback."""
+  result = subprocess.run(
+      [sys.executable, "-c", FULL_DISK, SIT, f"--workdir={tmp_path}"], cwd=REPO,
+      env={k: v for k, v in os.environ.items() if k != "SIT_JAX_TRACEBACK"},
+      capture_output=True, text=True, timeout=TIMEOUT_S)
+  assert result.returncode == 1
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and "No space left on device" in lines[0], result.stderr
+  assert f"{tmp_path}/metrics.jsonl" in lines[0] and "resumes from the latest" in lines[0]
+
+
 # ---------------------------------------------------------------------------------------------
 # The validator, in process.
 

@@ -108,3 +108,12 @@ def test_configs_after_a_plain_install(tmp_path):
   env = {**os.environ, "PYTHONPATH": str(site)}
   paths = _load_every_config(elsewhere, env)
   assert paths == [os.path.join(str(site), "configs", f"{n}.py") for n in CONFIGS]
+
+
+@pytest.mark.parametrize("name", ["sit_vits", "finetune", "linear", "segment"])
+def test_epochs_may_be_fractional(name):
+  """--config.optim.warmup_epochs=2.5: the fields are floats, so the command line may set one."""
+  module = importlib.import_module(f"configs.{name}")
+  for arg in ("", "runlocal"):
+    c = module.get_config(arg)
+    c.optim.warmup_epochs, c.total_epochs = 2.5, 1.5

@@ -189,6 +189,43 @@ def test_results_never_name_a_step_that_was_set_aside(tmp_path):
   assert not os.path.exists(tmp_path / "results.json")
 
 
+def test_a_finished_run_started_again_keeps_its_results(tmp_path):
+  """The README's advice after a stop, 'start the same command again', on a run that had
+  finished: results.json keeps its final metrics, a final hook evaluates again without a second
+  row in metrics.jsonl."""
+  evaluate = trainer.Hook(2, lambda step, state, batch: {"eval/w0": 1.0}, final=True)
+  _, first = train(tmp_path, 4, hooks=[evaluate])
+  rows = metric_rows(tmp_path)
+  outcome, again = train(tmp_path, 4, hooks=[evaluate])
+  assert again["steps_this_run"] == 0 and outcome.evaluated == {"eval/w0": 1.0}
+  assert results_json(tmp_path)["final_metrics"] == first["final_metrics"] != {}
+  assert metric_rows(tmp_path) == rows
+
+
+def test_a_resumed_run_drops_the_results_of_the_process_before(tmp_path):
+  """results.json of an earlier process names its checkpoint, which the resumed run's saves
+  rotate out (keep 2): it goes when the run goes on, and the run writes its own at the end."""
+  train(tmp_path, 4)
+  assert results_json(tmp_path)["checkpoint"].endswith("/4")
+
+  def crash(step, state, batch):
+    if step == 9:
+      raise RuntimeError("power cut")
+
+  with pytest.raises(RuntimeError, match="power cut"):
+    train(tmp_path, 10, hooks=[trainer.Hook(1, crash)])
+  assert steps_on_disk(tmp_path) == [6, 8]
+  assert not os.path.exists(tmp_path / "results.json")
+
+
+def test_a_checkpoint_past_total_steps_is_one_line(tmp_path):
+  train(tmp_path, 4)
+  with pytest.raises(ValueError, match=r"at step 4, past total_steps=2: set total_steps to 4 or "
+                     "more"):
+    train(tmp_path, 2)
+  assert steps_on_disk(tmp_path) == [2, 4]
+
+
 # -- Killed ---------------------------------------------------------------------------------
 
 KILLED_AT_5 = """

@@ -128,6 +128,18 @@ def test_linear_probe_solves_separable_problem(mesh, multilabel):
     assert np.mean(logits.argmax(1) == labels[500:]) >= 0.99
 
 
+def test_a_signal_while_a_head_trains_in_memory_is_not_a_result(mesh, monkeypatch):
+  """SIGTERM or Ctrl-C during the SGD probe's head: nothing is saved to resume from, so the run
+  must not report the half-trained head's figures as the probe's."""
+  from sit_jax import checkpoint, experiment
+  monkeypatch.setattr(checkpoint, "signalled", lambda: True)
+  feats = np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32)
+  c = probe_config(base_lr=0.05)
+  with pytest.raises(experiment.RunError, match="Stopped by a signal at step 1 of the head's 150"):
+    linear.fit_head(c, linear.make_head(3), supervised.make_optimizer(c, 0.05), feats,
+                    np.arange(64) % 3, 3, mesh, total_steps=150)
+
+
 def sklearn_digits_features():
   """scikit-learn's 8x8 digits as 64-d features: 1,500 to fit, 297 to score."""
   from sklearn.datasets import load_digits

@@ -408,12 +408,18 @@ def backbone_from_config(cfg) -> VisionTransformer:
   attention = cfg.get("attention") or None
   if attention not in (None, "xla", "cudnn"):
     raise ValueError(f"model.attention must be '', 'xla' or 'cudnn', not {attention!r}.")
+  dtype = cfg.get("dtype", "float32")
+  if attention == "cudnn" and (jax.default_backend() != "gpu"
+                               or dtype not in ("bfloat16", "float16")):
+    raise ValueError(f"model.attention='cudnn' is cuDNN's fused attention: it needs a GPU and "
+                     f"model.dtype bfloat16 or float16, not {jax.default_backend()} and {dtype}; "
+                     "set --config.model.attention='' (XLA's) here.")
   return VisionTransformer(
       **arch,
       image_size=cfg["image_size"],
       drop_path_rate=cfg.get("drop_path_rate", 0.0),
       recons_blocks=tuple(cfg.get("recons_blocks") or ()),
-      dtype=jnp.dtype(cfg.get("dtype", "float32")),
+      dtype=jnp.dtype(dtype),
       attention=attention,
       remat=cfg.get("remat", False),
       scan_layers=cfg.get("scan_layers", False),

@@ -114,9 +114,13 @@ def fit_head(config, head, tx, features, labels, num_classes: int, mesh, total_s
   outcome = trainer.train(run, init=init, abstract=None, metadata=None, batches=batches,
                           step_fn=lambda state, b: head_step(state, b["x"], b["y"]),
                           total_steps=total_steps, checkpoints=False)
+  from sit_jax import experiment
   if outcome.error:
-    from sit_jax import experiment
     raise experiment.RunError(outcome.error)
+  if outcome.stopped:  # a signal: nothing of a head trained in memory can be kept.
+    raise experiment.RunError(
+        f"Stopped by a signal at step {outcome.step} of the head's {total_steps}: a head "
+        "trained in memory is not saved; start the same command again to train it.")
   return outcome.state
 
 
