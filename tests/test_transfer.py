@@ -425,7 +425,8 @@ def test_transfer_splits_are_held_out_before_any_work(tmp_path):
       Image.fromarray(np.full((8, 8, 3), 30 * i, np.uint8)).save(tmp_path / name / f"{i}.png")
   c = knn_config.get_config("runlocal")
   c.data.source = f"folder:{tmp_path}"
-  with pytest.raises(data.SplitNotFound, match="split 'test' read as the whole folder"):
+  with pytest.raises(data.SplitNotFound, match=r"data.test_split='test': .*split 'test' read as "
+                     r"the whole folder.* --config.data.val_split='train\[70%:85%\]'"):
     common.dataset_infos(c)
   c.data.train_split, c.data.val_split, c.data.test_split = "train[:60%]", "train[60%:80%]", \
       "train[70%:]"

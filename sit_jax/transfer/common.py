@@ -316,13 +316,23 @@ def dataset_infos(config):
   folders) and from each other."""
   from sit_jax import data
   options = data.engine_options(config.data)
-  info = lambda split: data.dataset_info(config.data.source, split, data_dir(config), **options)
-  train, test = info(config.data.train_split), info(config.data.test_split)
+
+  def info(key):
+    split = config.data[key]
+    try:
+      return data.dataset_info(config.data.source, split, data_dir(config), **options)
+    except data.SplitNotFound as e:
+      raise data.SplitNotFound(
+          f"data.{key}={split!r}: {e} Three disjoint slices, for instance: "
+          "--config.data.train_split='train[:70%]' --config.data.val_split='train[70%:85%]' "
+          "--config.data.test_split='train[85%:]'.") from None
+
+  train, test = info("train_split"), info("test_split")
   if train.num_classes <= 0:
     raise data.DataError(f"{train.name} has no labels: transfer needs a labelled train split.")
   data.check_held_out(train, test, "data.train_split", "data.test_split")
   if config.data.get("val_split"):
-    val = info(config.data.val_split)
+    val = info("val_split")
     data.check_held_out(train, val, "data.train_split", "data.val_split")
     data.check_held_out(val, test, "data.val_split", "data.test_split")
   return train, test
