@@ -126,11 +126,18 @@ else
   rm -f "$tarball"
   on_all "rm -rf ~/sit_jax && mkdir -p ~/sit_jax && tar -xzf ~/sit_jax.tar.gz -C ~/sit_jax"
 fi
-on_all "python3 -m pip install -q -U pip && python3 -m pip install -q -U 'jax[tpu]>=0.10.2' \
-        && python3 -m pip install -q -e ~/sit_jax"
+# The TPU images run Ubuntu 22.04, whose python3 is 3.10; sit_jax and jax need 3.11 or newer,
+# so each worker gets a Python 3.12 virtual environment from uv. jax[tpu] and sit_jax in one
+# install, so that jax and libtpu come at the versions sit_jax admits.
+on_all "curl -LsSf https://astral.sh/uv/install.sh | sh -s -- --quiet \
+        && ~/.local/bin/uv venv --quiet --python 3.12 --seed ~/sit_venv \
+        && ~/.local/bin/uv pip install --quiet --python ~/sit_venv/bin/python \
+             -e ~/sit_jax 'jax[tpu]>=0.10.2,<0.12'"
 
 # 3. The same command on all workers, detached from the ssh sessions. ---------------------------
-cmd=(python3 -m sit_jax.main --config="$CONFIG" --workdir="$WORKDIR" "${MAIN_FLAGS[@]}")
+# ${A[@]+...}: an empty array under `set -u` is an error in bash < 4.4 (macOS's bash 3.2).
+cmd=(../sit_venv/bin/python -m sit_jax.main --config="$CONFIG" --workdir="$WORKDIR"
+     ${MAIN_FLAGS[@]+"${MAIN_FLAGS[@]}"})
 printf -v quoted '%q ' "${cmd[@]}"
 on_all "cd ~/sit_jax && rm -f ~/sit_jax.rc && \
   (nohup bash -c '$quoted > ~/sit_jax.log 2>&1; echo \$? > ~/sit_jax.rc' > /dev/null 2>&1 &) && \

@@ -67,7 +67,8 @@ def _tpu_devices(generation: str, dims: tuple[int, ...]):
           f"needed): `pip install \"jax[tpu]=={jax.__version__}\"` installs the libtpu of this "
           "jax (x86-64 Linux), or run on a TPU VM. Use --aot_topology=cpu:N to try the compile "
           "path on this CPU.") from e
-    raise
+    raise ValueError(f"libtpu cannot build the TPU topology {name!r}: "
+                     f"{str(e).splitlines()[0][:300]}") from e
   return list(topology.devices)
 
 
@@ -78,8 +79,11 @@ def topology_devices(topology: str) -> tuple[list, str]:
   if match:
     kind, count = match.group(1), match.group(2)
     count = int(count) if count else None
-    if kind == "cpu" and count is None:
-      raise ValueError("Give the number of CPU devices: --aot_topology=cpu:N, e.g. cpu:8.")
+    if kind == "cpu" and not count:
+      raise ValueError("Give the number of CPU devices: --aot_topology=cpu:N with N >= 1, e.g. "
+                       "cpu:8.")
+    if count == 0:
+      raise ValueError("--aot_topology=local:N needs N >= 1 (or local for every device).")
     if kind == "cpu":
       from jax._src import xla_bridge
       if not xla_bridge.backends_are_initialized():
@@ -99,6 +103,8 @@ def topology_devices(topology: str) -> tuple[list, str]:
   if match:
     generation = "v5" if match.group(1) == "v5p" else match.group(1)
     dims = tuple(int(d) for d in match.group(2).split("x"))
+    if 0 in dims:
+      raise ValueError(f"--aot_topology={topology}: every dimension of a slice is at least 1.")
     want = 3 if generation in MEGACORE else 2
     if len(dims) != want:
       example = "x".join(["2", "2", "1"][:want])
@@ -264,7 +270,7 @@ def run(config, topology: str, compiler_options: dict | None = None) -> dict:
             "the loops XLA builds for sharded matmuls (windowed einsums)")
     lines.append(f"  XLA counts the body of a loop once, here {what}: its figure is low; the "
                  "analytic count is the one for MFU.")
-  generation = topology.split(":")[0].lower()
+  generation = re.split(r"[:\-]", topology.strip().lower())[0]  # 'v5e:2x2' or 'v5e-2x2'
   generation = "v5" if generation == "v5p" else generation
   if platform == "tpu" and generation in TPU_HBM_GIB and figures:
     hbm = TPU_HBM_GIB[generation] * 2**30

@@ -92,12 +92,13 @@ def _is_tensor(x) -> bool:
 
 
 def _to_numpy(x) -> np.ndarray:
-  if isinstance(x, np.ndarray):
-    return x
-  x = x.detach().cpu()
-  if x.is_floating_point():
-    x = x.float()
-  return x.numpy()
+  """Floating weights as float32 (sit_jax's parameters always are), from torch or numpy
+  (.safetensors stored in float16 or bfloat16)."""
+  if not isinstance(x, np.ndarray):
+    x = x.detach().cpu()
+    return (x.float() if x.is_floating_point() else x).numpy()
+  floating = np.issubdtype(x.dtype, np.floating) or x.dtype.name == "bfloat16"
+  return x.astype(np.float32) if floating and x.dtype != np.float32 else x
 
 
 def load_file(path: str, *, unsafe_pickle: bool = False) -> Any:
@@ -107,12 +108,18 @@ def load_file(path: str, *, unsafe_pickle: bool = False) -> Any:
   if path.endswith(".safetensors"):
     try:
       from safetensors.numpy import load_file as load_numpy
-      return load_numpy(path)
+      from safetensors import SafetensorError
     except ImportError as e:
       raise ConversionError("Reading .safetensors needs `pip install safetensors`.") from e
-    except (TypeError, ValueError):  # e.g. bfloat16, which numpy cannot hold.
-      from safetensors.torch import load_file as load_torch
-      return load_torch(path, device="cpu")
+    try:
+      try:
+        return load_numpy(path)
+      except (TypeError, ValueError):  # e.g. bfloat16, which numpy cannot hold.
+        from safetensors.torch import load_file as load_torch
+        return load_torch(path, device="cpu")
+    except SafetensorError as e:
+      raise ConversionError(f"{path} is not a readable .safetensors file ({e}); is it "
+                            "truncated?") from e
   try:
     import torch
   except ImportError as e:
@@ -126,6 +133,10 @@ def load_file(path: str, *, unsafe_pickle: bool = False) -> Any:
       return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError or RuntimeError, by version.
       if "weights_only" not in str(e) and "Unpickl" not in type(e).__name__:
+        if isinstance(e, RuntimeError) and ("PytorchStreamReader" in str(e)
+                                            or "zip archive" in str(e)):
+          raise ConversionError(f"{path} is not a readable PyTorch file "
+                                f"({str(e).splitlines()[0][:200]}); is it truncated?") from e
         raise
       raise ConversionError(
           f"{path} holds Python objects besides tensors, which torch.load(weights_only=True) "

@@ -3,7 +3,8 @@
 Which processes form the job, in order of precedence:
   1. explicit arguments (main.py's --coordinator_address, --num_processes, --process_id);
   2. the environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID;
-  3. what JAX detects by itself: a SLURM step (srun), an OpenMPI job (mpirun), a Cloud TPU VM.
+  3. what JAX detects by itself: an OpenMPI job (mpirun), a SLURM step (srun), a Cloud TPU VM;
+     an Open MPI 5 job, which it misses, through mpi4py or with JAX_COORDINATOR_ADDRESS.
 A lone process (none of the above, or a job of size 1) does not start jax.distributed at all.
 On CPU the cross-process collectives go through gloo.
 """
@@ -29,11 +30,12 @@ def detected_job_size(environ: Mapping[str, str] = os.environ) -> int | None:
   """Number of processes a SLURM step, OpenMPI job or TPU pod slice announces, else None."""
   # JAX's own SLURM detection needs all of these; SLURM_NTASKS alone is also set in a plain
   # `salloc` shell, where no srun step (and no peer process) exists.
+  # An OpenMPI job first, as JAX checks: mpirun inside an `srun --pty bash` step is MPI's job.
+  if "OMPI_MCA_orte_hnp_uri" in environ or "OMPI_COMM_WORLD_SIZE" in environ:
+    return _int_or_none(environ.get("OMPI_COMM_WORLD_SIZE"), "OMPI_COMM_WORLD_SIZE")
   slurm = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
   if all(k in environ for k in slurm):
     return _int_or_none(environ["SLURM_NTASKS"], "SLURM_NTASKS")
-  if "OMPI_MCA_orte_hnp_uri" in environ or "OMPI_COMM_WORLD_SIZE" in environ:
-    return _int_or_none(environ.get("OMPI_COMM_WORLD_SIZE"), "OMPI_COMM_WORLD_SIZE")
   hosts = environ.get("TPU_PROCESS_ADDRESSES") or environ.get("TPU_WORKER_HOSTNAMES")
   if hosts:
     return len([h for h in hosts.split(",") if h.strip()])
@@ -50,18 +52,42 @@ def _on_cloud_tpu_vm() -> bool:
     return False
 
 
+def _open_mpi_5(environ: Mapping[str, str]) -> bool:
+  """An mpirun of Open MPI 5: its ranks have OMPI_COMM_WORLD_* but not the ORTE address that JAX's
+  OpenMPI detection looks for."""
+  return "OMPI_COMM_WORLD_SIZE" in environ and "OMPI_MCA_orte_hnp_uri" not in environ
+
+
 def resolve(coordinator_address: str | None = None, num_processes: int | None = None,
             process_id: int | None = None, environ: Mapping[str, str] = os.environ,
-            on_tpu_vm: bool = False) -> dict | None:
+            on_tpu_vm: bool = False, have_mpi4py: bool | None = None) -> dict | None:
   """The keyword arguments for jax.distributed.initialize, or None for a single process.
 
-  Missing values are left to JAX's cluster detection (SLURM, OpenMPI, Cloud TPU).
+  Missing values are left to JAX's cluster detection (SLURM, OpenMPI, Cloud TPU); an Open MPI 5
+  job, which it misses, goes through mpi4py's, or takes its size and rank from Open MPI with the
+  coordinator address given.
   """
   coordinator_address = coordinator_address or environ.get("JAX_COORDINATOR_ADDRESS") or None
   if num_processes is None:
     num_processes = _int_or_none(environ.get("JAX_NUM_PROCESSES"), "JAX_NUM_PROCESSES")
   if process_id is None:
     process_id = _int_or_none(environ.get("JAX_PROCESS_ID"), "JAX_PROCESS_ID")
+  if _open_mpi_5(environ) and (detected_job_size(environ) or 1) > 1:
+    if coordinator_address is None:
+      if have_mpi4py is None:
+        import importlib.util
+        have_mpi4py = importlib.util.find_spec("mpi4py") is not None
+      if not have_mpi4py:
+        raise ValueError(
+            f"An Open MPI 5 job of {environ['OMPI_COMM_WORLD_SIZE']} processes, which JAX does "
+            "not detect by itself: pip install mpi4py (JAX then reads the job from MPI), or set "
+            "JAX_COORDINATOR_ADDRESS=HOST:PORT of rank 0 (e.g. mpirun -x "
+            "JAX_COORDINATOR_ADDRESS=$(hostname):12345 ...).")
+      return {"cluster_detection_method": "mpi4py"}
+    if num_processes is None:
+      num_processes = int(environ["OMPI_COMM_WORLD_SIZE"])
+    if process_id is None:
+      process_id = _int_or_none(environ.get("OMPI_COMM_WORLD_RANK"), "OMPI_COMM_WORLD_RANK")
   kwargs = {k: v for k, v in dict(coordinator_address=coordinator_address,
                                   num_processes=num_processes, process_id=process_id).items()
             if v is not None}

@@ -70,6 +70,9 @@ def test_out_of_memory_with_fsdp_on_tpu_suggests_windowed_einsums_off():
     ("v4:2x2", "3 dimensions"),
     ("cpu", "cpu:N"),
     ("cpu:64", "only 8 cpu devices"),
+    ("cpu:0", "N >= 1"),
+    ("local:0", "N >= 1"),
+    ("v5e:0x2", "every dimension of a slice is at least 1"),
 ])
 def test_bad_topologies_are_explained(topology, message):
   with pytest.raises(ValueError, match=message):
@@ -115,3 +118,22 @@ def test_options_of_another_backend_are_left_out_and_unknown_ones_are_one_line(t
     with pytest.raises(ValueError, match=f"config.compiler_options: .*{option}.* for cpu"):
       aot.run(config, "cpu:8", compiler_options={"xla_backend_optimization_level": 0})
   sharding.check_compiler_options({"xla_cpu_enable_fast_math": False})  # CPU's own: no error.
+
+
+@pytest.mark.parametrize("topology", ["v5e:2x2", "v5e-2x2"])
+def test_both_spellings_of_a_slice_get_the_verdict(topology, monkeypatch, capsys):
+  """'v5e-2x2' (gcloud's accelerator spelling) parses like 'v5e:2x2' and gets the HBM verdict."""
+  import types
+  from configs import sit_vits
+  from sit_jax import flops
+  stats = types.SimpleNamespace(argument_size_in_bytes=2**30, output_size_in_bytes=2**30,
+                                alias_size_in_bytes=2**30, temp_size_in_bytes=20 * 2**30,
+                                generated_code_size_in_bytes=0)
+  compiled = types.SimpleNamespace(memory_analysis=lambda: stats, as_text=lambda: "",
+                                   cost_analysis=lambda: {})
+  mesh = types.SimpleNamespace(shape={"data": 4, "fsdp": 1, "model": 1})
+  monkeypatch.setattr(aot, "topology_devices", lambda t: (jax.devices()[:1] * 4, "tpu"))
+  monkeypatch.setattr(aot, "compile_train_step", lambda c, d, o=None: (compiled, mesh))
+  monkeypatch.setattr(flops, "xla_flops", lambda c: 0.0)
+  aot.run(sit_vits.get_config("runlocal"), topology)
+  assert "Verdict: does NOT fit in the 15.75 GiB" in capsys.readouterr().out

@@ -144,3 +144,23 @@ def test_command_line_errors_name_the_problem(tmp_path):
   assert proc.returncode == 1
   assert "sit_jax.convert: error: Missing 'cls_token'" in proc.stderr
   assert "encoder.weight" in proc.stderr
+
+
+def test_half_precision_safetensors_become_float32(reference, tmp_path):
+  """Weights stored in float16 become float32 parameters, as from a .pth (whose tensors torch
+  upcasts): fine-tuning must not keep half-precision master weights and Adam moments."""
+  state = load_file(str(reference / "timm.safetensors"))
+  half = {k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in state.items()}
+  params, _ = convert.torch_to_params(half)
+  assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {np.dtype(np.float32)}
+  np.testing.assert_array_equal(params["cls_token"].ravel(),
+                                half["cls_token"].astype(np.float32).ravel())
+
+
+def test_a_truncated_file_is_one_line(reference, tmp_path):
+  data = (reference / "timm.safetensors").read_bytes()
+  truncated = tmp_path / "cut.safetensors"
+  truncated.write_bytes(data[:len(data) // 2])
+  with pytest.raises(convert.ConversionError, match="cut.safetensors is not a readable "
+                     r".safetensors file .*truncated\?"):
+    convert.load_file(str(truncated))

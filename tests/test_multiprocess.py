@@ -164,3 +164,27 @@ def test_resolve_errors():
   with pytest.raises(ValueError, match="outside 0..1"):
     distributed.resolve("c:1", 2, 2, environ={})
   assert distributed.resolve(environ={}, on_tpu_vm=True) == {}
+
+
+SRUN_PTY = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "1",
+            "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}  # an interactive `srun --pty bash` step
+
+
+def test_openmpi_jobs_are_found_as_jax_finds_them():
+  """mpirun inside a one-task SLURM step is an 8-process MPI job (JAX checks OpenMPI first); an
+  Open MPI 5 job, whose ranks lack the ORTE address JAX's detection reads, goes through mpi4py
+  or takes its size and rank from Open MPI once the coordinator is given."""
+  ompi4 = {"OMPI_MCA_orte_hnp_uri": "1234.0;tcp://10.0.0.1:5000", "OMPI_COMM_WORLD_SIZE": "8",
+           "OMPI_COMM_WORLD_RANK": "3"}
+  ompi5 = {"OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_RANK": "3"}
+  assert distributed.resolve(environ={**SRUN_PTY, **ompi4}) == {}  # left to JAX: OpenMPI
+  assert distributed.resolve(environ=SRUN_PTY) is None              # one task: one process
+  assert distributed.resolve(environ={**SRUN_PTY, **ompi5}, have_mpi4py=True) == {
+      "cluster_detection_method": "mpi4py"}
+  assert distributed.resolve(environ={**ompi5, "JAX_COORDINATOR_ADDRESS": "h:9"},
+                             have_mpi4py=False) == {
+      "coordinator_address": "h:9", "num_processes": 8, "process_id": 3}
+  with pytest.raises(ValueError, match="Open MPI 5 job of 8 processes.*pip install mpi4py.*"
+                     "JAX_COORDINATOR_ADDRESS"):
+    distributed.resolve(environ=ompi5, have_mpi4py=False)
+  assert distributed.resolve(environ={"OMPI_COMM_WORLD_SIZE": "1"}, have_mpi4py=False) is None
