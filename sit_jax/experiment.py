@@ -8,10 +8,11 @@
 
 `Experiment` owns, in this order:
   * the workdir: created, probed for writing (one clear error otherwise) and locked against a
-    second run (`WorkdirLock`; a multi-process job takes it on process 0 only);
+    second run (`WorkdirLock`; a multi-process job takes it on process 0 only). A remote
+    workdir (gs://bucket/run) is written through etils.epath and cannot be locked;
   * the log file DIR/log.txt (process 0): every log line of the run, starting with the full
     config, which the console does not show;
-  * DIR/config.json;
+  * DIR/config.json (a resuming run's after its checkpoint accepted the settings: trainer.py);
   * the mesh (`config.mesh`), and the check that each batch size divides over it;
   * the MetricWriter (`writer()`), created once the run knows its length;
   * results.json and the closing summary line (`finish`).
@@ -27,6 +28,7 @@ import os
 import socket
 import tempfile
 from typing import Sequence
+import uuid
 
 from absl import logging
 import jax
@@ -48,6 +50,21 @@ class WorkdirBusy(RunError):
 
 def ensure_writable(directory: str):
   """Creates `directory` and checks that files can be made in it (one clear error if not)."""
+  if metrics.is_remote(directory):
+    from etils import epath
+    try:
+      remote = epath.Path(directory)
+      remote.mkdir(parents=True, exist_ok=True)
+      probe = remote / f".write_probe_{uuid.uuid4().hex}"
+      probe.write_bytes(b"")
+      probe.unlink()
+    except ImportError as e:  # etils reads gs:// through gcsfs, or TensorFlow's gfile
+      raise ValueError(f"Workdir {directory} needs a client for its storage ({e}): "
+                       "pip install 'sit_jax[gcs]' (gcsfs) for gs://.") from e
+    except Exception as e:  # storage clients raise their own errors, not OSError
+      raise PermissionError(f"Workdir {directory} is not writable ({type(e).__name__}: {e}): "
+                            "pass a --workdir you can write to.") from e
+    return
   try:
     os.makedirs(directory, exist_ok=True)
     # A unique name: every process of a multi-process job probes the same (shared) workdir.
@@ -119,7 +136,7 @@ class _NoLibraryErrors(std_logging.Filter):
 _CONSOLE_FILTER = _NoLibraryErrors()
 
 
-class _LogFile(std_logging.FileHandler):
+class _QuietErrors:
   """A full disk ends the run with its own one-line error; the log file does not add a
   '--- Logging error ---' traceback to the console for each line it cannot write."""
 
@@ -127,27 +144,51 @@ class _LogFile(std_logging.FileHandler):
     del record
 
 
+class _LogFile(_QuietErrors, std_logging.FileHandler):
+  pass
+
+
+class _RemoteLogFile(_QuietErrors, std_logging.StreamHandler):
+  """The log file of a remote workdir: a metrics.RemoteTextFile, uploaded every
+  metrics.REMOTE_FLUSH_SECONDS and at close."""
+
+  def __init__(self, path: str):
+    super().__init__(metrics.RemoteTextFile(path))
+
+  def close(self):
+    try:
+      self.stream.close()
+    finally:
+      super().close()
+
+
 class Experiment:
   """The workdir, lock, log file, config.json, mesh and writer of one run (see the module doc).
 
-  Attributes: config, workdir (absolute), mesh, is_main (process 0), and `metric_writer` once
-  `writer()` was called.
+  Attributes: config, workdir (absolute, or a remote URL as given), mesh, is_main (process 0),
+  and `metric_writer` once `writer()` was called.
   """
 
   def __init__(self, config, workdir: str, *, batch_sizes: Sequence[int] | None = None):
     """batch_sizes: each must divide over the mesh; default the config's data.global_batch_size
     and eval_batch_size (where it has them)."""
     self.config = config
-    self.workdir = os.path.abspath(workdir)
+    remote = metrics.is_remote(workdir)
+    self.workdir = os.fspath(workdir).rstrip("/") if remote else os.path.abspath(workdir)
     self.is_main = jax.process_index() == 0
     self.metric_writer = None
-    self._lock = WorkdirLock(self.workdir)
+    # flock needs a local (or NFS) file: object storage has nothing like it.
+    self._lock = None if remote else WorkdirLock(self.workdir)
     self._log_handler = None
     ensure_writable(self.workdir)
     self._lock_workdir()
     try:
       self._open_log()
-      self.write_json("config.json", config.to_dict())
+      if remote and self.is_main:
+        logging.info("Workdir %s is remote: no lock is held, so make sure no other run "
+                     "writes to it.", self.workdir)
+      if not self._has_checkpoints():  # else the trainer writes it once the resume is allowed
+        self.write_config()
       self.mesh = sharding.make_mesh(config.mesh)
       if batch_sizes is None:
         batch_sizes = [size for size in (config.get("data", {}).get("global_batch_size"),
@@ -159,6 +200,8 @@ class Experiment:
       raise
 
   def _lock_workdir(self):
+    if self._lock is None:
+      return
     busy = None
     if self.is_main:
       try:
@@ -178,12 +221,12 @@ class Experiment:
     if not self.is_main:
       return
     path = os.path.join(self.workdir, LOG_FILE)
-    handler = _LogFile(path)
+    handler = _RemoteLogFile(path) if metrics.is_remote(path) else _LogFile(path)
     handler.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     handler.addFilter(_NotLibraryInfo())
     handler.setLevel(std_logging.INFO)
-    with open(path, "a") as f:
-      f.write(f"Config:\n{self.config}\n")
+    handler.stream.write(f"Config:\n{self.config}\n")
+    handler.flush()
     std_logging.getLogger().addHandler(handler)
     self._log_handler = handler
     logging.get_absl_handler().addFilter(_CONSOLE_FILTER)  # a no-op if already there
@@ -193,6 +236,17 @@ class Experiment:
     self.metric_writer = metrics.MetricWriter(self.workdir, total_steps=total_steps,
                                               global_batch_size=global_batch_size)
     return self.metric_writer
+
+  def _has_checkpoints(self) -> bool:
+    from etils import epath
+    checkpoints = epath.Path(os.path.join(self.workdir, "checkpoints"))
+    return checkpoints.is_dir() and any(checkpoints.iterdir())
+
+  def write_config(self) -> str:
+    """DIR/config.json: the config of this run. A run that resumes writes it only after the
+    checkpoint accepted its settings, so a refused resume leaves the one the checkpoints
+    were trained with."""
+    return self.write_json("config.json", self.config.to_dict())
 
   def write_json(self, filename: str, obj) -> str:
     """Atomically writes DIR/filename from process 0; returns its path."""
@@ -210,15 +264,27 @@ class Experiment:
     """
     self.write_json("results.json", results)
     wrote = ["results.json", "metrics.jsonl", "config.json", LOG_FILE]
-    for key in ("checkpoint", "backbone"):
-      if results.get(key):
-        wrote.append(os.path.relpath(results[key], self.workdir))
-    wrote += [os.path.relpath(p, self.workdir) if os.path.isabs(p) else p for p in also]
-    if os.path.isdir(os.path.join(self.workdir, "images")):
+    wrote += [self._relative(results[key]) for key in ("checkpoint", "backbone")
+              if results.get(key)]
+    wrote += [self._relative(p) for p in also]
+    images = os.path.join(self.workdir, "images")
+    if metrics.is_remote(images):
+      from etils import epath
+      has_images = epath.Path(images).is_dir()
+    else:
+      has_images = os.path.isdir(images)
+    if has_images:
       wrote.append("images/")
     logging.info("Wrote %s in %s", ", ".join(wrote), self.workdir)
     if results.get("error"):
       raise RunError(results["error"])
+
+  def _relative(self, path: str) -> str:
+    """`path` relative to the workdir where it is under it, for the closing line."""
+    path = os.fspath(path)
+    if metrics.is_remote(self.workdir) or metrics.is_remote(path):
+      return path[len(self.workdir) + 1:] if path.startswith(self.workdir + "/") else path
+    return os.path.relpath(path, self.workdir) if os.path.isabs(path) else path
 
   def close(self):
     """Closes the writer, the log file and the lock; the lock is released whatever fails."""
@@ -227,11 +293,14 @@ class Experiment:
         writer, self.metric_writer = self.metric_writer, None
         writer.close()
     finally:
-      if self._log_handler is not None:
-        std_logging.getLogger().removeHandler(self._log_handler)
-        self._log_handler.close()
-        self._log_handler = None
-      self._lock.release()
+      try:
+        if self._log_handler is not None:
+          handler, self._log_handler = self._log_handler, None
+          std_logging.getLogger().removeHandler(handler)
+          handler.close()  # remote: the last upload of log.txt
+      finally:
+        if self._lock is not None:
+          self._lock.release()
 
   def __enter__(self):
     return self

@@ -2,6 +2,11 @@
 
 Only the main process (jax.process_index() == 0) writes anything; on the other
 processes every method returns immediately without touching device values.
+
+A workdir may be remote (gs://bucket/run, any path with "://"), written through etils.epath.
+Object stores cannot append, so metrics.jsonl (and the log file, experiment.py) are kept in
+memory and rewritten whole, and TensorBoard writes to a local temporary directory that is
+copied over: both every REMOTE_FLUSH_SECONDS from a background thread, at flush() and at close.
 """
 from __future__ import annotations
 
@@ -10,8 +15,10 @@ import io
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -73,16 +80,34 @@ def _umask() -> int:
   return mask
 
 
+# How often a remote workdir's log.txt, metrics.jsonl and TensorBoard events are uploaded. Each
+# upload rewrites whole objects; a run killed without closing them (kill -9, a lost VM) loses
+# about the last this many seconds of them (a resumed run redoes the steps since its checkpoint).
+REMOTE_FLUSH_SECONDS = 30.0
+
+
+def is_remote(path) -> bool:
+  """A path on object storage (gs://bucket/..., s3://...), read and written through epath."""
+  return "://" in str(path)
+
+
+# The remote text files this process has open, by path: drop_rows_after and read_text go through
+# them, as the next upload would overwrite a change made to the object itself.
+_OPEN_REMOTE_FILES: dict[str, RemoteTextFile] = {}
+
+
 def atomic_write(path: str, write):
   """Calls write(binary file) on a temporary file beside `path`, then renames it to `path`, so
   readers never see a partial file. The file gets the mode open() would give (0644 under the
   usual umask), not mkstemp's 0600. A remote path (gs://...) is written in one upload, which
   makes the object appear whole or not at all."""
-  if "://" in str(path):
+  if is_remote(path):
     from etils import epath
     buffer = io.BytesIO()
     write(buffer)
-    epath.Path(path).write_bytes(buffer.getvalue())
+    target = epath.Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)  # no-op on buckets; other stores need it
+    target.write_bytes(buffer.getvalue())
     return
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
@@ -108,22 +133,188 @@ def write_json(path, obj):
   atomic_write_text(path, to_json(obj, indent=2) + "\n")
 
 
+def _kept_length(lines, step: int) -> int:
+  """The length of the leading `lines` (of metrics.jsonl) whose step is `step` or earlier."""
+  keep = 0
+  for line in lines:
+    try:
+      if json.loads(line)["step"] > step:
+        break
+    except (ValueError, KeyError, TypeError):
+      break  # a torn last line (the process was killed mid-write) goes too.
+    keep += len(line)
+  return keep
+
+
 def drop_rows_after(path: str, step: int):
   """Cuts metrics.jsonl after the last row of `step` or earlier: a resumed run redoes the later
   steps and writes their rows again. Truncates in place, so a writer that holds the file open
-  in append mode keeps appending at the new end."""
+  in append mode keeps appending at the new end (for a remote file, the writer's copy is cut)."""
+  path = os.fspath(path)
+  if is_remote(path):
+    held = _OPEN_REMOTE_FILES.get(path)
+    if held is not None:
+      held.truncate(_kept_length(io.StringIO(held.getvalue()), step))
+      return
+    from etils import epath
+    remote = epath.Path(path)
+    if remote.exists():
+      data = remote.read_bytes()
+      keep = _kept_length(io.BytesIO(data), step)
+      if keep < len(data):
+        remote.write_bytes(data[:keep])
+    return
   if not os.path.exists(path):
     return
-  keep = 0
   with open(path, "rb") as f:
-    for line in f:
-      try:
-        if json.loads(line)["step"] > step:
-          break
-      except (ValueError, KeyError, TypeError):
-        break  # a torn last line (the process was killed mid-write) goes too.
-      keep += len(line)
+    keep = _kept_length(f, step)
   os.truncate(path, keep)
+
+
+def read_text(path) -> str | None:
+  """The text of a local or remote file, None where there is none. A remote file this process
+  holds open (metrics.jsonl) reads as written so far, uploaded or not."""
+  path = os.fspath(path)
+  if is_remote(path):
+    held = _OPEN_REMOTE_FILES.get(path)
+    if held is not None:
+      return held.getvalue()
+    from etils import epath
+    remote = epath.Path(path)
+    return remote.read_text() if remote.exists() else None
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return f.read()
+
+
+class _Uploads:
+  """Calls `upload()` every REMOTE_FLUSH_SECONDS from a daemon thread, at flush() and at
+  close(); one call at a time, so an older state never overwrites a newer one."""
+
+  def __init__(self, upload, what: str):
+    self._upload = upload
+    self._what = what
+    self._lock = threading.Lock()
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._loop, name=f"upload {what}", daemon=True)
+    self._thread.start()
+
+  def _loop(self):
+    failing = False
+    while not self._stop.wait(REMOTE_FLUSH_SECONDS):
+      try:
+        self.flush()
+      except Exception as e:  # pylint: disable=broad-except  (storage clients raise their own)
+        if not failing:  # one warning per outage, not one per attempt
+          logging.warning("Could not upload %s (retrying every %.0f s): %s", self._what,
+                          REMOTE_FLUSH_SECONDS, e)
+        failing = True
+      else:
+        failing = False
+
+  def flush(self):
+    with self._lock:
+      self._upload()
+
+  def close(self):
+    """Stops the thread and uploads once more; raises if that last upload fails."""
+    self._stop.set()
+    self._thread.join()
+    self.flush()
+
+
+class RemoteTextFile:
+  """A text file on object storage, which has no append, written like a file opened with "a":
+  the content is kept in memory, starting with the object's (a resumed run keeps its earlier
+  lines), and the whole object is rewritten when it changed, every REMOTE_FLUSH_SECONDS and at
+  sync() and close(). flush() uploads nothing: callers may call it after every line."""
+
+  def __init__(self, path: str):
+    from etils import epath
+    self.path = os.fspath(path)
+    existing = epath.Path(self.path)
+    self._chunks = [existing.read_text()] if existing.exists() else []
+    self._dirty = False
+    self._lock = threading.Lock()  # the content; uploads are serialised by _Uploads
+    self._uploads = _Uploads(self._upload, self.path)
+    _OPEN_REMOTE_FILES[self.path] = self
+
+  def write(self, text: str):
+    with self._lock:
+      self._chunks.append(text)
+      self._dirty = True
+
+  def getvalue(self) -> str:
+    with self._lock:
+      self._chunks = ["".join(self._chunks)]
+      return self._chunks[0]
+
+  def truncate(self, size: int):
+    with self._lock:
+      text = "".join(self._chunks)
+      self._chunks = [text[:size]]
+      self._dirty = self._dirty or size < len(text)
+
+  def _upload(self):
+    with self._lock:
+      if not self._dirty:
+        return
+      text = "".join(self._chunks)
+      self._chunks, self._dirty = [text], False
+    try:
+      atomic_write(self.path, lambda f: f.write(text.encode()))
+    except BaseException:
+      with self._lock:
+        self._dirty = True  # the next upload tries again, with whatever came since
+      raise
+
+  def flush(self):
+    pass
+
+  def sync(self):
+    self._uploads.flush()
+
+  def close(self):
+    if _OPEN_REMOTE_FILES.get(self.path) is self:
+      del _OPEN_REMOTE_FILES[self.path]
+    self._uploads.close()
+
+
+class _TensorBoardMirror:
+  """Copies the event files of a local directory, new or grown since the last copy, to a
+  remote one: tensorboardX writes gs:// only with google-cloud-storage installed, and by
+  rewriting each whole file at every flush."""
+
+  def __init__(self, remote_dir: str):
+    self.local_dir = tempfile.mkdtemp(prefix="sit_jax_tb_")
+    self.remote_dir = remote_dir
+    self._copied = {}  # relative path -> (size, mtime) when copied
+    self._uploads = _Uploads(self._upload, f"TensorBoard events to {remote_dir}")
+
+  def _upload(self):
+    for root, _, files in os.walk(self.local_dir):
+      for name in files:
+        local = os.path.join(root, name)
+        stat = os.stat(local)
+        rel = os.path.relpath(local, self.local_dir)
+        if self._copied.get(rel) != (stat.st_size, stat.st_mtime_ns):
+          with open(local, "rb") as f:
+            data = f.read()
+          atomic_write(os.path.join(self.remote_dir, rel), lambda f, data=data: f.write(data))
+          self._copied[rel] = (stat.st_size, stat.st_mtime_ns)
+
+  def sync(self):
+    self._uploads.flush()
+
+  def close(self):
+    try:
+      self._uploads.close()
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning("TensorBoard events not copied to %s (they are in %s): %s",
+                      self.remote_dir, self.local_dir, e)
+    else:
+      shutil.rmtree(self.local_dir, ignore_errors=True)
 
 
 class MetricWriter:
@@ -140,17 +331,28 @@ class MetricWriter:
     self._stream = stream  # None: sys.stdout at print time (works with capsys)
     self._jsonl = None
     self._tb = None
+    self._tb_mirror = None  # a remote workdir's TensorBoard copy
     # Timing state for img/s and ETA; the first logged step only sets the
     # baseline so compilation time does not distort the estimate.
     self._first = None   # (step, time) at the first write_scalars call
     self._last = None    # (step, time) at the previous call
     if not self.is_main:
       return
-    os.makedirs(self.workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(self.workdir, "metrics.jsonl"), "a")
+    jsonl = os.path.join(self.workdir, "metrics.jsonl")
+    if is_remote(self.workdir):
+      self._jsonl = RemoteTextFile(jsonl)
+    else:
+      os.makedirs(self.workdir, exist_ok=True)
+      self._jsonl = open(jsonl, "a")
     if enable_tensorboard:
       import tensorboardX  # TensorBoard event files without TensorFlow.
-      self._tb = tensorboardX.SummaryWriter(os.path.join(self.workdir, "tb"))
+      tb_dir = os.path.join(self.workdir, "tb")
+      if is_remote(tb_dir):
+        self._tb_mirror = _TensorBoardMirror(tb_dir)
+        self._tb = tensorboardX.SummaryWriter(self._tb_mirror.local_dir,
+                                              flush_secs=REMOTE_FLUSH_SECONDS)
+      else:
+        self._tb = tensorboardX.SummaryWriter(tb_dir)
 
   # -- scalars ---------------------------------------------------------------
 
@@ -213,7 +415,6 @@ class MetricWriter:
     from PIL import Image
     safe = name.replace("/", "_")
     path = os.path.join(self.workdir, "images", f"{safe}_{int(step):07d}.png")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     atomic_write(path, lambda f: Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
                  .save(f, format="PNG"))
     if self._tb is not None:
@@ -233,21 +434,31 @@ class MetricWriter:
   # -- lifecycle -------------------------------------------------------------
 
   def flush(self):
+    """Writes out everything so far (for a remote workdir: uploads it now)."""
     if self._jsonl is not None:
       self._jsonl.flush()
+      if isinstance(self._jsonl, RemoteTextFile):
+        self._jsonl.sync()
     if self._tb is not None:
       self._tb.flush()
+      if self._tb_mirror is not None:
+        self._tb_mirror.sync()
 
   def close(self):
-    if self._jsonl is not None:
-      self._jsonl.close()
-      self._jsonl = None
-    if self._tb is not None:
-      try:
-        self._tb.close()
-      except OSError as e:  # a full disk: metrics.jsonl and the checkpoints say what was kept.
-        logging.warning("TensorBoard events not flushed: %s", e.strerror or e)
-      self._tb = None
+    try:
+      if self._jsonl is not None:
+        jsonl, self._jsonl = self._jsonl, None
+        jsonl.close()
+    finally:
+      if self._tb is not None:
+        try:
+          self._tb.close()
+        except OSError as e:  # a full disk: metrics.jsonl and the checkpoints say what was kept.
+          logging.warning("TensorBoard events not flushed: %s", e.strerror or e)
+        self._tb = None
+      if self._tb_mirror is not None:
+        self._tb_mirror.close()
+        self._tb_mirror = None
 
   def __enter__(self):
     return self

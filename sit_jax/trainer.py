@@ -26,6 +26,7 @@ import time
 from typing import Any, Callable, Iterator, Sequence
 
 from absl import logging
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -159,6 +160,8 @@ def train(exp, *, init: Callable[[], Any], abstract, step_fn: Callable,
                        f"total_steps={total_steps}: set total_steps to {start_step} or more to "
                        "go on, or pass another --workdir.")
     outcome = Outcome(state, start_step, start_step, total_steps, {}, {}, None, 0.0)
+    if ckpt is not None:
+      exp.write_config()  # the settings passed the checkpoint's checks
     if ckpt is not None and exp.is_main:
       _results_of_earlier_runs(exp.workdir, outcome, ckpt.set_aside)
       if writer is not None:
@@ -193,12 +196,9 @@ def train(exp, *, init: Callable[[], Any], abstract, step_fn: Callable,
 def _logged(exp, step: int, scalars: dict) -> bool:
   """Whether metrics.jsonl has a row of `step` with every key of `scalars` (a finished run
   started again evaluates again, and keeps one row per step)."""
-  path = os.path.join(exp.workdir, "metrics.jsonl") if exp.workdir else None
-  if not path or not os.path.exists(path):
-    return False
-  with open(path) as f:
-    rows = [row for row in map(json.loads, f) if row.get("step") == step]
-  return all(any(k in row for row in rows) for k in scalars)
+  text = metrics.read_text(os.path.join(exp.workdir, "metrics.jsonl")) if exp.workdir else None
+  rows = [row for row in map(json.loads, (text or "").splitlines()) if row.get("step") == step]
+  return bool(rows) and all(any(k in row for row in rows) for k in scalars)
 
 
 def _loop(exp, ckpt, outcome: Outcome, step_fn, batches, place, hooks, writer, metadata):
@@ -270,17 +270,17 @@ def _results_of_earlier_runs(workdir: str, outcome: Outcome, set_aside: Sequence
   out (or that was just set aside as corrupt); the run writes a new one at its end. A finished
   run started again keeps its final metrics (this process trains no step to average)."""
   path = os.path.join(workdir, "results.json")
-  if not os.path.exists(path):
+  text = metrics.read_text(path)
+  if text is None:
     return
-  with open(path) as f:
-    earlier = json.load(f)
+  earlier = json.loads(text)
   if (outcome.step == outcome.total_steps and earlier.get("step") == outcome.step
       and not set_aside):
     outcome.metrics = earlier.get("final_metrics") or {}
     logging.info("The run is complete at step %d; its final metrics are kept from %s.",
                  outcome.step, path)
     return
-  os.remove(path)
+  epath.Path(path).unlink()
   if set_aside:
     logging.warning("Removed %s: it described checkpoint step(s) %s, set aside as unreadable.",
                     path, list(set_aside))

@@ -5,6 +5,8 @@ import os
 
 import numpy as np
 
+from sit_jax import metrics
+
 SEPARATOR_PX = 2
 
 
@@ -100,6 +102,5 @@ def tsne_plot(features, labels, path, title: str = "", max_points: int = 2000,
   fig.tight_layout()
 
   path = os.fspath(path)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, format="png")
+  metrics.atomic_write(path, lambda f: fig.savefig(f, format="png"))  # local or gs://
   return path

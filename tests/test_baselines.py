@@ -119,8 +119,9 @@ def test_folder_source_is_named_after_the_folder(tmp_path, monkeypatch):
   from sit_jax import viz
   monkeypatch.setattr(viz, "tsne_plot", lambda *args, title, **kw: titles.append(title))
   c = small_config(knn_config, **{"data.source": f"folder:{root}", "data.train_split": "train[:60]",
-                                  "data.test_split": "train[60:]", "baselines": False,
+                                  "data.val_split": "train[60:70]",
+                                  "data.test_split": "train[70:]", "baselines": False,
                                   "knn.k": (5,), "tsne_points": 100})
   results = knn.run(c, str(tmp_path / "run"))
-  assert results["dataset"] == "handwritten" and results["num_examples"] == 30
+  assert results["dataset"] == "handwritten" and results["num_examples"] == 20
   assert titles and "handwritten" in titles[0] and "digits" not in titles[0]

@@ -298,11 +298,17 @@ def test_signal_saves_the_current_step_and_resumes_exactly(tmp_path, sig):
                                         ("optim.clip_norm", 1.0)])
 def test_resume_with_another_setting_names_it(tmp_path, key, value):
   train(tmp_path, 4)
+  config_json = (tmp_path / "config.json").read_text()
   with pytest.raises(checkpoint.CheckpointError) as e:
     train(tmp_path, 8, **{key: value})
   message = str(e.value)
   assert "\n" not in message and f"set {key} back" in message and len(message) < 400
   assert f"{key} was" in message and repr(value) in message
+  # config.json still describes the run the checkpoints belong to.
+  assert (tmp_path / "config.json").read_text() == config_json
+  written = (tmp_path / "config.json").stat().st_mtime_ns
+  train(tmp_path, 6)  # an accepted resume records its config
+  assert (tmp_path / "config.json").stat().st_mtime_ns != written
 
 
 # -- Busy workdir ---------------------------------------------------------------------------

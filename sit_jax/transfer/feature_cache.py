@@ -58,7 +58,7 @@ def _read(path: str, key: dict):
   entry = epath.Path(path)
   if not entry.exists():
     return None
-  with np.load(io.BytesIO(entry.read_bytes()) if "://" in path else path) as f:
+  with np.load(io.BytesIO(entry.read_bytes()) if metrics.is_remote(path) else path) as f:
     if json.loads(str(f["key"])) != key:
       return None
     return f["features"], f["labels"]
