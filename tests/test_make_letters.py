@@ -52,3 +52,23 @@ def test_variations_change_only_what_they_name(tmp_path):
   backgrounds = [np.percentile(x, 10) for x in images["intensity"]]
   assert np.std(backgrounds) > 10
   assert np.median([x.max() for x in images["intensity"]]) < 250
+
+
+def test_a_variation_keeps_the_geometry_of_every_image(tmp_path):
+  """The strokes (face, size, shift, rotation) of image i are the same in every variation: with
+  fixed levels and no noise ('none') each image is a level map of the same strokes as in
+  'intensity', whose levels are affine in the strokes."""
+  plain = make(tmp_path / "none", 4, "none", per_class="3,0")
+  levels = make(tmp_path / "intensity", 4, "intensity", per_class="3,0")
+  for name, x in plain.items():
+    y = levels[name].astype(np.float64)
+    ink = x > 128
+    assert ink.any() and (~ink).any()
+    assert y[ink].mean() > y[~ink].mean() + 60  # the same pixels are stroke in both
+
+
+def test_an_output_folder_in_use_is_refused(tmp_path):
+  make(tmp_path / "a", 1, "full")
+  proc = subprocess.run([sys.executable, "benchmarks/make_letters.py", f"--out={tmp_path / 'a'}"],
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0 and "is not empty" in proc.stderr
