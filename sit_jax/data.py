@@ -70,6 +70,7 @@ import io
 import math
 import os
 import re
+import signal
 from typing import Callable, Iterator, Optional, Sequence
 
 from absl import logging
@@ -867,6 +868,14 @@ def prefetch_depth(workers: int, threads: int = 0) -> int:
   return workers * (threads + WORKER_BUFFER) if workers else threads
 
 
+def _leave_interrupts_to_the_trainer(worker_index, worker_count):
+  """In each grain worker process: Ctrl-C reaches the whole process group, and the training
+  process saves and stops (trainer.py); a worker would only print a KeyboardInterrupt
+  traceback before it is shut down."""
+  del worker_index, worker_count
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _grain_batches(make_batch, start, stop, workers, threads):
   import grain
   threads = threads or default_threads(workers)
@@ -879,7 +888,8 @@ def _grain_batches(make_batch, start, stop, workers, threads):
     if not flags.FLAGS.is_parsed():  # grain reads its absl flags; a library user has none
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
-                                                     per_worker_buffer_size=WORKER_BUFFER))
+                                                     per_worker_buffer_size=WORKER_BUFFER),
+                        worker_init_fn=_leave_interrupts_to_the_trainer)
   return iter(ds)
 
 
