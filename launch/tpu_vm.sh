@@ -140,8 +140,10 @@ on_all "curl -LsSf https://astral.sh/uv/install.sh | sh \
 cmd=(../sit_venv/bin/python -m sit_jax.main --config="$CONFIG" --workdir="$WORKDIR"
      ${MAIN_FLAGS[@]+"${MAIN_FLAGS[@]}"})
 printf -v quoted '%q ' "${cmd[@]}"
+# The detached shell's script, quoted as one word (a flag value may hold any character, ').
+printf -v detached '%q' "$quoted > ~/sit_jax.log 2>&1; echo \$? > ~/sit_jax.rc"
 on_all "cd ~/sit_jax && rm -f ~/sit_jax.rc && \
-  (nohup bash -c '$quoted > ~/sit_jax.log 2>&1; echo \$? > ~/sit_jax.rc' > /dev/null 2>&1 &) && \
+  (nohup bash -c $detached > /dev/null 2>&1 &) && \
   sleep 1 && echo \"worker \$(hostname): started\""
 echo "Started on all workers: ${cmd[*]}"
 if ((DETACH)); then
