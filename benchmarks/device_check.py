@@ -120,7 +120,7 @@ def end_to_end(config, built, folder, steps, repeats, workers):
     return data.pretrain_iterator(
         f"folder:{folder}", None, global_batch_size=config.data.global_batch_size,
         image_size=config.data.image_size, crop_scale=tuple(config.data.crop_scale),
-        seed=0, workers=workers, resize_on=resize_on)
+        seed=0, flip=config.data.flip, workers=workers, resize_on=resize_on)
 
   # Each measurement first drains what the pipeline built ahead (workers x their threads'
   # and buffers' batches): a window on full buffers times their draining, not the steady rate.

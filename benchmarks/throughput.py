@@ -186,8 +186,8 @@ def measure(config, *, steps: int = 10, warmup: int = 2, repeats: int = 3, e2e: 
           config.data.source, config.data.split, global_batch_size=gb,
           image_size=config.data.image_size, crop_scale=tuple(config.data.crop_scale),
           seed=config.seed, data_dir=config.data.data_dir or None,
-          interpolation=config.data.interpolation, **data.engine_options(config.data),
-          **data.resize_options(config.data))
+          interpolation=config.data.interpolation, flip=config.data.flip,
+          **data.engine_options(config.data), **data.resize_options(config.data))
     except data.DataError as e:  # e.g. ImageNet not prepared here: keep the model figures.
       log(f"e2e skipped: {e}")
       result["e2e_error"] = str(e)
