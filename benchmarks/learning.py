@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from sit_jax import checkpoint, data, metrics, pretrain, sharding  # noqa: E402
+from sit_jax import checkpoint, config_check, data, metrics, pretrain, sharding  # noqa: E402
 from sit_jax.models import vit  # noqa: E402
 from sit_jax.transfer import common, knn  # noqa: E402
 
@@ -68,16 +68,10 @@ def backbone_scores(module, params, images, mesh):
   return out
 
 
-def _flat(tree, prefix=""):
-  if not isinstance(tree, dict):
-    return {prefix[:-1]: tree}
-  return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
-
-
 def settings_changed(config_json: str, config) -> str:
   """The keys whose values differ between a run's config.json and `config`, '' if none."""
-  saved = _flat(json.load(open(config_json)))
-  now = _flat(json.loads(metrics.to_json(config.to_dict())))
+  saved = config_check.flatten(json.load(open(config_json)))
+  now = config_check.flatten(json.loads(metrics.to_json(config.to_dict())))
   changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
   return ", ".join(f"{k}: {saved.get(k)!r} then, {now.get(k)!r} now" for k in changed[:6])
 

@@ -31,6 +31,7 @@ from typing import Sequence
 import uuid
 
 from absl import logging
+from etils import epath
 import jax
 import numpy as np
 
@@ -51,7 +52,6 @@ class WorkdirBusy(RunError):
 def ensure_writable(directory: str):
   """Creates `directory` and checks that files can be made in it (one clear error if not)."""
   if metrics.is_remote(directory):
-    from etils import epath
     try:
       remote = epath.Path(directory)
       remote.mkdir(parents=True, exist_ok=True)
@@ -238,7 +238,6 @@ class Experiment:
     return self.metric_writer
 
   def _has_checkpoints(self) -> bool:
-    from etils import epath
     checkpoints = epath.Path(os.path.join(self.workdir, "checkpoints"))
     return checkpoints.is_dir() and any(checkpoints.iterdir())
 
@@ -267,13 +266,7 @@ class Experiment:
     wrote += [self._relative(results[key]) for key in ("checkpoint", "backbone")
               if results.get(key)]
     wrote += [self._relative(p) for p in also]
-    images = os.path.join(self.workdir, "images")
-    if metrics.is_remote(images):
-      from etils import epath
-      has_images = epath.Path(images).is_dir()
-    else:
-      has_images = os.path.isdir(images)
-    if has_images:
+    if epath.Path(os.path.join(self.workdir, "images")).is_dir():  # local or remote
       wrote.append("images/")
     logging.info("Wrote %s in %s", ", ".join(wrote), self.workdir)
     if results.get("error"):

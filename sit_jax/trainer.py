@@ -162,10 +162,10 @@ def train(exp, *, init: Callable[[], Any], abstract, step_fn: Callable,
     outcome = Outcome(state, start_step, start_step, total_steps, {}, {}, None, 0.0)
     if ckpt is not None:
       exp.write_config()  # the settings passed the checkpoint's checks
-    if ckpt is not None and exp.is_main:
-      _results_of_earlier_runs(exp.workdir, outcome, ckpt.set_aside)
-      if writer is not None:
-        metrics.drop_rows_after(os.path.join(exp.workdir, "metrics.jsonl"), start_step)
+      if exp.is_main:
+        _results_of_earlier_runs(exp.workdir, outcome, ckpt.set_aside)
+        if writer is not None:
+          metrics.drop_rows_after(os.path.join(exp.workdir, "metrics.jsonl"), start_step)
     start = time.perf_counter()
     try:
       _loop(exp, ckpt, outcome, step_fn, batches(start_step), place, hooks, writer, metadata)
