@@ -64,7 +64,10 @@ class KnnMonitor:
     if config.eval_every <= 0:
       return None
     source, bank_split, test_split = eval_splits(config)
-    sharding.check_batch_size(e.batch_size, mesh)
+    try:
+      sharding.check_batch_size(e.batch_size, mesh)
+    except ValueError as error:  # it names no key, and is not data.global_batch_size.
+      raise ValueError(f"eval.batch_size: {error}") from None
     if e.k < 1 or e.temperature <= 0:
       raise ValueError(f"eval.k={e.k} and eval.temperature={e.temperature} must be positive.")
     data_dir = config.data.data_dir or None

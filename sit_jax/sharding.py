@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import re
 from typing import Any, Sequence
 
@@ -51,6 +52,11 @@ def make_mesh(axis_sizes: dict | None = None, devices: Sequence[jax.Device] | No
   unknown = set(sizes) - set(AXES)
   if unknown:
     raise ValueError(f"Unknown mesh axes {sorted(unknown)}: the mesh axes are {AXES}.")
+  bad = {a: s for a, s in sizes.items()
+         if isinstance(s, bool) or not isinstance(s, numbers.Integral) or (s < 1 and s != -1)}
+  if bad:
+    raise ValueError(f"Mesh axis sizes {bad}: each must be an integer >= 1, or -1 for all the "
+                     "devices left.")
   shape = [int(sizes[a]) for a in AXES]
   if shape.count(-1) > 1:
     raise ValueError(f"At most one mesh axis may be -1, got {sizes}.")
@@ -108,6 +114,10 @@ def _spec_for(rule, shape, mesh: Mesh, name: str) -> P:
     spec = [None] * len(shape)
     spec[int(candidates[0])] = "fsdp"
     return P(*spec)
+  if isinstance(rule, str):
+    raise ValueError(f"Sharding rule {rule!r} for {name}: a rule is 'replicate', 'fsdp' or a "
+                     "tuple with one mesh axis (a name, a tuple of names, or None) per "
+                     "dimension, e.g. (None, 'model').")
   rule = tuple(rule)
   if vit.is_scanned_layer(name) and len(rule) == len(shape) - 1:
     rule = (None,) + rule
@@ -116,7 +126,12 @@ def _spec_for(rule, shape, mesh: Mesh, name: str) -> P:
                      f"array has shape {tuple(shape)}.")
   for axis, dim in zip(rule, shape):
     if axis is not None:
-      axis_size = math.prod(mesh.shape[a] for a in ((axis,) if isinstance(axis, str) else axis))
+      names = (axis,) if isinstance(axis, str) else tuple(axis)
+      unknown = set(names) - set(mesh.shape)
+      if unknown:
+        raise ValueError(f"Sharding rule {rule} for {name} names unknown mesh axes "
+                         f"{sorted(unknown)}: the mesh axes are {tuple(mesh.shape)}.")
+      axis_size = math.prod(mesh.shape[a] for a in names)
       if dim % axis_size:
         raise ValueError(f"Sharding rule {rule} for {name}: dimension {dim} is not divisible "
                          f"by mesh axis {axis!r} of size {axis_size}.")
@@ -126,16 +141,25 @@ def _spec_for(rule, shape, mesh: Mesh, name: str) -> P:
 def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Any:
   """NamedSharding for every leaf of `tree` (arrays or ShapeDtypeStructs) from the first matching rule."""
   compiled = [(re.compile(pattern), rule) for pattern, rule in rules]
+  used = set()
 
   def leaf_sharding(path, leaf):
     name = path_name(path)
     shape = getattr(leaf, "shape", ())
-    for pattern, rule in compiled:
+    for i, (pattern, rule) in enumerate(compiled):
       if pattern.search(name):
+        used.add(i)
         return NamedSharding(mesh, _spec_for(rule, shape, mesh, name))
     return NamedSharding(mesh, P())
 
-  return jax.tree_util.tree_map_with_path(leaf_sharding, tree)
+  shardings = jax.tree_util.tree_map_with_path(leaf_sharding, tree)
+  # A mistyped regex would otherwise leave its leaves replicated without a word.
+  unused = [pattern for i, (pattern, _) in enumerate(rules) if i not in used]
+  if unused:
+    logging.warning("Sharding rules %s place no leaf (they match none, or an earlier rule "
+                    "matches first); the leaves they were meant for follow the other rules.",
+                    unused)
+  return shardings
 
 
 def global_batch(host_batch: dict, mesh: Mesh) -> dict:

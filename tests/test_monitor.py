@@ -92,3 +92,10 @@ def test_monitor_is_off_without_labels_and_never_scores_the_bank_against_itself(
     monitor.KnnMonitor.from_config(c, mesh, pretrain.model_config(c))
   c.eval_every = 0
   assert monitor.KnnMonitor.from_config(c, mesh, pretrain.model_config(c)) is None
+
+
+def test_an_eval_batch_the_mesh_cannot_split_names_eval_batch_size():
+  c = short_run_config()
+  c.eval.batch_size = 12  # data.global_batch_size stays 64, which 8 devices split.
+  with pytest.raises(ValueError, match=r"^eval.batch_size: Global batch size 12 is not divisible"):
+    monitor.KnnMonitor.from_config(c, sharding.make_mesh(c.mesh), pretrain.model_config(c))

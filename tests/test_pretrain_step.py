@@ -5,6 +5,7 @@ import chex
 import jax
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from configs import common
 from sit_jax import pretrain, sharding
@@ -216,3 +217,40 @@ def test_scan_layers_step_equals_unrolled_step():
           for s in (False, True)]
   assert meta[0]["model"]["scan_layers"] != meta[1]["model"]["scan_layers"]
   assert "remat" not in meta[0]["model"] and "dtype" not in meta[0]["model"]
+
+
+@pytest.mark.parametrize("sizes", [{"fsdp": 0}, {"data": -2, "fsdp": -1}, {"model": 2.5}])
+def test_mesh_sizes_must_be_positive_integers_or_minus_one(sizes):
+  # Before: a zero was a ZeroDivisionError, 2.5 silently became a mesh of model=2.
+  with pytest.raises(ValueError, match=r"integer >= 1, or -1"):
+    sharding.make_mesh(sizes)
+
+
+def test_bad_sharding_rules_fail_with_one_clear_line_and_unused_rules_warn(monkeypatch):
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
+  tree = {"attn": {"qkv": {"kernel": jax.ShapeDtypeStruct((8, 4, 4, 16), np.float32)}},
+          "norm": {"scale": jax.ShapeDtypeStruct((16,), np.float32)}}
+  with pytest.raises(ValueError, match=r"rule 'fdsp' for attn/qkv/kernel: a rule is 'replicate'"):
+    sharding.tree_shardings(tree, mesh, ((r"kernel$", "fdsp"),))  # was KeyError: 'f'
+  with pytest.raises(ValueError, match=r"unknown mesh axes \['modle'\]"):
+    sharding.tree_shardings(tree, mesh, ((r"kernel$", (None, None, None, "modle")),))
+  warnings = []
+  monkeypatch.setattr(sharding.logging, "warning", lambda *args: warnings.append(args))
+  rules = ((r"qvk/kernel$", ("fsdp", None, None, None)), (r"scale$", "fsdp"),
+           (r"norm/scale$", "replicate"), ("", "replicate"))
+  placed = sharding.tree_shardings(tree, mesh, rules)
+  assert placed["norm"]["scale"].spec == P("fsdp") and placed["attn"]["qkv"]["kernel"].spec == P()
+  assert len(warnings) == 1 and warnings[0][1] == [r"qvk/kernel$", r"norm/scale$"]
+
+
+def test_a_warmup_longer_than_the_run_is_reported(monkeypatch):
+  warnings = []
+  monkeypatch.setattr(pretrain.logging, "warning", lambda *args: warnings.append(args))
+  config = tiny_config("sit", **{"optim.warmup_epochs": 10.0})
+  schedules = pretrain.build_schedules(config, total_steps=6, steps_per_epoch=4)
+  peak = 0.008 * 16 / 256  # runlocal base_lr, scaled.
+  # np.linspace(0, peak, 40)[5]: the last step's lr, 5/39 of the peak.
+  np.testing.assert_allclose(schedules.lr(5), peak * 5 / 39, rtol=1e-6)
+  assert len(warnings) == 1 and warnings[0][2:] == (40, 6, 5 / 39)
+  pretrain.build_schedules(config, total_steps=40, steps_per_epoch=4)
+  assert len(warnings) == 1
