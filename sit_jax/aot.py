@@ -164,9 +164,9 @@ def compile_train_step(config, devices, compiler_options: dict | None = None):
   try:
     return lowered.compile(compiler_options=options or None), mesh
   except jax.errors.JaxRuntimeError as e:
-    unknown_option = sharding.unknown_compiler_option(e, devices[0].platform)
-    if unknown_option:
-      raise unknown_option from None
+    bad_option = sharding.bad_compiler_option(e, devices[0].platform)
+    if bad_option:
+      raise bad_option from None
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
     raise DoesNotFit(out_of_memory_line(config, mesh, devices, str(e))) from None

@@ -186,9 +186,11 @@ def check_batch_size(global_batch_size: int, mesh: Mesh):
 BACKEND_OPTION_PREFIXES = {"xla_tpu_": "tpu", "xla_gpu_": "gpu", "xla_cpu_": "cpu"}
 
 
-def compiler_options(text: str, platform: str | None = None) -> dict[str, bool | int | float | str]:
-  """'a=false,b=2' (config.compiler_options) -> {'a': False, 'b': 2}.
+def compiler_options(text: str, platform: str | None = None) -> dict[str, bool | str]:
+  """'a=false,b=2' (config.compiler_options) -> {'a': False, 'b': '2'}.
 
+  true/false become booleans (XLA takes no text for a boolean option); every other value stays
+  text, which XLA parses by the option's type (as an int 1, a string option's '1' is refused).
   With `platform` ('tpu', 'gpu', 'cpu'), the options of the other backends (xla_tpu_*,
   xla_gpu_*, xla_cpu_*) are left out; options without such a prefix always stay.
   """
@@ -200,14 +202,7 @@ def compiler_options(text: str, platform: str | None = None) -> dict[str, bool |
     if platform is not None and backend not in (None, platform):
       logging.info("Compiler option %s is %s's: not applied on %s.", name, backend, platform)
       continue
-    for parse in (int, float):
-      try:
-        options[name] = parse(value)
-        break
-      except ValueError:
-        pass
-    else:
-      options[name] = {"true": True, "false": False}.get(value.lower(), value)
+    options[name] = {"true": True, "false": False}.get(value.lower(), value)
   return options
 
 
@@ -219,16 +214,21 @@ def check_compiler_options(options: dict, backend: str | None = None) -> None:
   try:
     jax.jit(lambda x: x, compiler_options=options, backend=backend).lower(0.0).compile()
   except jax.errors.JaxRuntimeError as e:
-    raise unknown_compiler_option(e, backend or jax.default_backend()) or e from None
+    raise bad_compiler_option(e, backend or jax.default_backend()) or e from None
 
 
-def unknown_compiler_option(error: Exception, platform: str) -> ValueError | None:
-  """The one-line error for XLA's 'No such compile option' (None for any other error)."""
-  if "No such compile option" not in str(error):
-    return None
-  return ValueError(f"config.compiler_options: {str(error).splitlines()[0]} for {platform} "
-                    f"(check the name; an option of one backend needs its prefix, xla_tpu_, xla_gpu_ "
-                    f"or xla_cpu_, to be left out on the others).")
+def bad_compiler_option(error: Exception, platform: str) -> ValueError | None:
+  """The one-line error for an option XLA does not know or a value it cannot take (None for any
+  other error)."""
+  first_line = str(error).splitlines()[0]
+  if "No such compile option" in first_line:
+    return ValueError(f"config.compiler_options: {first_line} for {platform} (check the name; "
+                      f"an option of one backend needs its prefix, xla_tpu_, xla_gpu_ or "
+                      f"xla_cpu_, to be left out on the others).")
+  if re.search(r"is not a valid \w+ value", first_line):
+    return ValueError(f"config.compiler_options: {first_line} (a boolean option takes true or "
+                      f"false).")
+  return None
 
 
 def jit(fn, mesh: Mesh, logical_axis_rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES,

@@ -94,14 +94,14 @@ def test_tpu_topology_without_libtpu_says_what_to_install():
 def test_compiler_options_parse():
   assert sharding.compiler_options("") == {}
   assert sharding.compiler_options("a=false,b=2,c=0.5,d=True,e=x") == {
-      "a": False, "b": 2, "c": 0.5, "d": True, "e": "x"}
+      "a": False, "b": "2", "c": "0.5", "d": True, "e": "x"}
 
 
 def test_options_of_another_backend_are_left_out_and_unknown_ones_are_one_line(tmp_path):
   text = "xla_tpu_a=false,xla_gpu_b=1,xla_cpu_c=2,d=3"
-  assert sharding.compiler_options(text, "tpu") == {"xla_tpu_a": False, "d": 3}
-  assert sharding.compiler_options(text, "gpu") == {"xla_gpu_b": 1, "d": 3}
-  assert sharding.compiler_options(text, "cpu") == {"xla_cpu_c": 2, "d": 3}
+  assert sharding.compiler_options(text, "tpu") == {"xla_tpu_a": False, "d": "3"}
+  assert sharding.compiler_options(text, "gpu") == {"xla_gpu_b": "1", "d": "3"}
+  assert sharding.compiler_options(text, "cpu") == {"xla_cpu_c": "2", "d": "3"}
   assert len(sharding.compiler_options(text)) == 4
   # A recipe's TPU options do not stop a CPU compile; the others reach XLA (it wrote the step
   # where the config told it to, beside aot's own option).
@@ -118,6 +118,13 @@ def test_options_of_another_backend_are_left_out_and_unknown_ones_are_one_line(t
     with pytest.raises(ValueError, match=f"config.compiler_options: .*{option}.* for cpu"):
       aot.run(config, "cpu:8", compiler_options={"xla_backend_optimization_level": 0})
   sharding.check_compiler_options({"xla_cpu_enable_fast_math": False})  # CPU's own: no error.
+  # Values as XLA takes them: an int option and a string option whose value looks like a number
+  # (as an int, XLA refused the latter); a boolean given as 0 is one line.
+  sharding.check_compiler_options(sharding.compiler_options(
+      "xla_backend_optimization_level=0,xla_dump_hlo_pass_re=1"))
+  with pytest.raises(ValueError, match="config.compiler_options: .*xla_cpu_enable_fast_math.*"
+                                       "takes true or false"):
+    sharding.check_compiler_options(sharding.compiler_options("xla_cpu_enable_fast_math=0"))
 
 
 @pytest.mark.parametrize("topology", ["v5e:2x2", "v5e-2x2"])
