@@ -176,7 +176,7 @@ def corrupt(key, images, *, ratio=0.5, replace_ratio=0.3, fills=("noise", "repla
   ratios = jnp.where(use_replace, replace_ratio, ratio)
   draw_mask = _per_image(lambda k, r: block_mask(
       k, h, w, r, align=align, max_block_frac=max_block_frac, max_blocks=max_blocks), len(views))
-  masks = draw_mask(jax.random.split(k_masks, n).reshape(*views, -1), ratios)
+  masks = draw_mask(jax.random.split(k_masks, views), ratios)
 
   per_image = lambda x: x[..., None, None, None]
   fill = jnp.zeros_like(images)

@@ -44,8 +44,9 @@ KERNELS = {"bicubic_antialias": (_cubic(-0.5), 2.0, True), "bicubic": (_cubic(-1
 
 def resize_weights(in_size: int, out_size: int, start, length, extent, interpolation: str):
   """(..., out_size, in_size) float32 weights mapping input pixels [start, start + length) to
-  out_size output pixels, as PIL's precompute_coeffs. start, length (float) and extent (the
-  image's size along this axis; pixels from extent on are padding) broadcast together."""
+  out_size output pixels, as PIL's precompute_coeffs (resize) or its EXTENT transform. start,
+  length (float) and extent (the image's size along this axis; pixels from extent on are
+  padding) broadcast together."""
   kernel, support, antialias = KERNELS[interpolation]
   start, length, extent = (jnp.asarray(a, jnp.float32)[..., None, None]
                            for a in (start, length, extent))
@@ -53,11 +54,20 @@ def resize_weights(in_size: int, out_size: int, start, length, extent, interpola
   filter_scale = jnp.maximum(scale, 1.0) if antialias else jnp.ones_like(scale)
   radius = support * filter_scale
   center = start + (jnp.arange(out_size, dtype=jnp.float32)[:, None] + 0.5) * scale
+  lo, hi = jnp.floor(center - radius + 0.5), jnp.floor(center + radius + 0.5)
   pixel = jnp.arange(in_size, dtype=jnp.float32)
+  tap = lambda p: kernel((p - center + 0.5) / filter_scale)
   # PIL's window: int(center -/+ radius + 0.5), clipped to [0, extent).
-  inside = ((pixel >= jnp.floor(center - radius + 0.5)) & (pixel < jnp.floor(center + radius + 0.5))
-            & (pixel < extent))
-  weights = jnp.where(inside, kernel((pixel - center + 0.5) / filter_scale), 0.0)
+  inside = (pixel >= lo) & (pixel < hi) & (pixel < extent)
+  weights = jnp.where(inside, tap(pixel), 0.0)
+  if not antialias:
+    # The EXTENT transform reads a tap beyond the image at the edge pixel (PIL's XCLIP), where
+    # resize drops it and renormalises: the same for the triangle, not for the cubic's lobes.
+    offsets = jnp.arange(1, int(support) + 1, dtype=jnp.float32)  # taps reach `support` out
+    before = jnp.sum(jnp.where(-offsets >= lo, tap(-offsets), 0.0), -1, keepdims=True)
+    beyond = extent - 1 + offsets
+    after = jnp.sum(jnp.where(beyond < hi, tap(beyond), 0.0), -1, keepdims=True)
+    weights += jnp.where(pixel == 0, before, 0.0) + jnp.where(pixel == extent - 1, after, 0.0)
   total = jnp.sum(weights, axis=-1, keepdims=True)
   return weights / jnp.where(total == 0, 1.0, total)
 

@@ -47,6 +47,14 @@ def test_same_key_same_output_different_key_different_mask():
   chex.assert_type([out1, mask1], [jnp.float32, jnp.float32])
 
 
+def test_typed_keys_draw_as_raw_keys():
+  """jax.random.key(s) and PRNGKey(s) hold the same bits: the same corruption, stacked or flat."""
+  images = jax.random.normal(jax.random.PRNGKey(0), (8, 16, 16, 3))
+  for batch in (images, _as_views(images)):
+    chex.assert_trees_all_equal(_corrupt(jax.random.key(1), batch),
+                                _corrupt(jax.random.PRNGKey(1), batch))
+
+
 # ratio, authors' mean coverage, authors' mean blocks per image (224x224, align 1; see SPEC).
 @pytest.mark.parametrize("ratio,ref_mean,ref_blocks", [
     (0.3, 0.313, 21), (0.5, 0.511, 40), (0.75, 0.632, 59)])
