@@ -129,7 +129,7 @@ def rows_to_views(rows, num_views: int = 2):
 
 def corrupt_views(config, key, clean):
   if not uses_corruption(config):
-    return clean, jnp.zeros(clean.shape[:3], jnp.float32)
+    return clean, jnp.zeros(clean.shape[:-1], jnp.float32)
   g = config.gmml
   return gmml.corrupt(key, clean, ratio=g.ratio, replace_ratio=g.replace_ratio,
                       fills=tuple(g.fills), replace_prob=g.replace_prob, align=g.align,
