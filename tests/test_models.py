@@ -88,6 +88,19 @@ def test_image_size_not_divisible_by_patch_is_a_clear_error():
 def test_unknown_variant_error():
   with pytest.raises(ValueError, match="Unknown ViT variant"):
     vit.parse_variant("XL/16")
+  for zero_patch in ("S/0", "S/00"):  # not a ZeroDivisionError further on.
+    with pytest.raises(ValueError, match="Unknown ViT variant"):
+      vit.backbone_from_config(dict(variant=zero_patch, image_size=224))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="float16 runs elsewhere")
+def test_float16_on_cpu_is_one_clear_error():
+  # XLA:CPU cannot compile attention's float16 x float16 -> float32 dot.
+  q = jnp.ones((1, 4, 2, 8), jnp.float16)
+  with pytest.raises(ValueError, match="F16_F16_F32"):
+    jax.jit(jax.nn.dot_product_attention)(q, q, q)
+  with pytest.raises(ValueError, match="model.dtype='float16' does not run on cpu"):
+    vit.backbone_from_config(dict(variant="Mu/4", image_size=16, dtype="float16"))
 
 
 def test_pos_embed_resize_preserves_original_size_and_interpolates():
@@ -255,6 +268,10 @@ def test_scanned_blocks_compute_what_the_unrolled_blocks_compute():
   # bf16 compute keeps the scan carry in bf16 (a traced drop-path rate must not promote it).
   out = train(scanned.clone(dtype=jnp.bfloat16), stacked, 0.5)
   assert out.dtype == jnp.bfloat16
+  # Without drop path, training needs no dropout key, as unrolled.
+  for model, p in ((unrolled, params), (scanned, stacked)):
+    got = model.clone(drop_path_rate=0.0).apply({"params": p}, x, train=True)["cls"]
+    np.testing.assert_allclose(got, want["cls"], atol=2e-5)
 
 
 def test_is_scanned_layer_names():

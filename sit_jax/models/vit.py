@@ -51,7 +51,7 @@ trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
 
 def parse_variant(variant: str) -> dict:
   """'S/16' -> dict(width=384, depth=12, num_heads=6, patch_size=16)."""
-  match = re.fullmatch(r"(Mu|Ti|S|B|L)/(\d+)", variant)
+  match = re.fullmatch(r"(Mu|Ti|S|B|L)/([1-9]\d*)", variant)
   if not match:
     raise ValueError(f"Unknown ViT variant {variant!r}: expected one of "
                      f"{sorted(VARIANTS)} followed by '/<patch size>', e.g. 'S/16'.")
@@ -360,8 +360,10 @@ class VisionTransformer(nn.Module):
     blocks = scan(self.num_heads, self.mlp_ratio, self.dtype, self.attention, self.remat,
                   self.qkv_per_head, self.recompute_gelu, name=SCANNED_BLOCKS)
     recon_sum = nn.with_logical_constraint(jnp.zeros_like(x), TOKENS) if chosen else None
+    # The rates are traced in the scan: without drop path, training must not draw (nor need) masks.
+    deterministic = not train or self.drop_path_rate == 0
     (x, recon_sum), _ = blocks((x, recon_sum), (jnp.asarray(rates, jnp.float32),
-                                                jnp.asarray(weights)), not train)
+                                                jnp.asarray(weights)), deterministic)
     return x, recon_sum
 
 
@@ -414,6 +416,10 @@ def backbone_from_config(cfg) -> VisionTransformer:
     raise ValueError(f"model.attention='cudnn' is cuDNN's fused attention: it needs a GPU and "
                      f"model.dtype bfloat16 or float16, not {jax.default_backend()} and {dtype}; "
                      "set --config.model.attention='' (XLA's) here.")
+  if dtype == "float16" and jax.default_backend() == "cpu":
+    raise ValueError("model.dtype='float16' does not run on cpu: XLA:CPU has no float16 matmul "
+                     "accumulating in float32, which attention needs; set "
+                     "--config.model.dtype=bfloat16 (or float32) here.")
   return VisionTransformer(
       **arch,
       image_size=cfg["image_size"],
