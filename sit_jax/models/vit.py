@@ -310,7 +310,8 @@ class VisionTransformer(nn.Module):
       check_image_size(side, self.patch_size)
     for b in self.recons_blocks:
       if not 1 <= b <= self.depth:
-        raise ValueError(f"recons_blocks entry {b} is outside 1..{self.depth}.")
+        raise ValueError(f"model.recons_blocks entry {b} is outside 1..{self.depth}, the blocks of "
+                         f"this {self.depth}-deep ViT: set --config.model.recons_blocks within them.")
     check_tensor_parallel(
         variant_name(self.width, self.depth, self.num_heads, self.patch_size),
         {"heads": (self.num_heads, "attention heads"),
