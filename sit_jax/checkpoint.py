@@ -280,6 +280,10 @@ class Checkpointer:
     return saved
 
   def _save_error(self, step: int | None, err: BaseException) -> CheckpointError:
+    # orbax drops the steps a save rotates out from its list when the save starts, and they stay
+    # on disk if it fails: only the directory says what is kept (keep=1 listed none).
+    with contextlib.suppress(Exception):
+      self._mngr.reload()
     kept = [s for s in self.all_steps() if s != step]
     return CheckpointError(
         f"Saving {'a checkpoint' if step is None else f'step {step}'} to {self.directory} "
@@ -305,7 +309,6 @@ class Checkpointer:
       raise self._save_error(step, e) from e
     if step is not None and not (self.directory / str(step)).exists():
       # orbax logs a failed finalisation instead of raising it, and still lists the step.
-      self._mngr.reload()
       raise self._save_error(step, OSError("the step was not committed"))
 
   def close(self):

@@ -368,15 +368,17 @@ class MetricWriter:
       self._last = (self._last[0], self._last[1] + seconds)
 
   def write_scalars(self, step, scalars: dict[str, Any], *, timed: bool = True):
-    """Appends to metrics.jsonl and TensorBoard and prints a progress line; `timed=False` for
-    lines between training logs (evaluations), which neither show nor reset img/s and ETA."""
+    """Appends to metrics.jsonl (NaN and inf as null) and TensorBoard and prints a progress
+    line; `timed=False` for lines between training logs (evaluations), which neither show nor
+    reset img/s and ETA."""
     if not self.is_main:
       return
     step = int(step)
     values = {k: _to_float(k, v) for k, v in scalars.items()}
     now = time.perf_counter()
 
-    self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
+    self._jsonl.write(json.dumps(_finite_or_none({"step": step, **values}), allow_nan=False)
+                      + "\n")
     self._jsonl.flush()
     if self._tb is not None:
       for k, v in values.items():

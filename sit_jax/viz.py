@@ -72,14 +72,19 @@ def tsne_plot(features, labels, path, title: str = "", max_points: int = 2000,
   if n > max_points:
     idx = np.sort(rng.choice(n, size=max_points, replace=False))
     features, labels, n = features[idx], labels[idx], max_points
-  if features.shape[1] > 50 and n > 50:
-    from sklearn.decomposition import PCA  # Standard speed-up before t-SNE.
-    features = PCA(n_components=50, random_state=seed).fit_transform(features)
-
-  # sklearn requires perplexity < n_samples; ~n/3 keeps small sets stable.
-  perplexity = float(min(30.0, max(2.0, (n - 1) / 3.0)))
-  emb = TSNE(n_components=2, perplexity=perplexity, init="pca",
-             learning_rate="auto", random_state=seed).fit_transform(features)
+  note = ""
+  if not np.ptp(features, axis=0).any():
+    # One point n times (a collapsed backbone): sklearn's PCA initialisation divides by its zero
+    # spread, and the Barnes-Hut pass then crashes the whole process on the NaNs.
+    emb, note = np.zeros((n, 2), np.float32), " (all features equal)"
+  else:
+    if features.shape[1] > 50 and n > 50:
+      from sklearn.decomposition import PCA  # Standard speed-up before t-SNE.
+      features = PCA(n_components=50, random_state=seed).fit_transform(features)
+    # sklearn requires perplexity < n_samples; ~n/3 keeps small sets stable.
+    perplexity = float(min(30.0, max(2.0, (n - 1) / 3.0)))
+    emb = TSNE(n_components=2, perplexity=perplexity, init="pca",
+               learning_rate="auto", random_state=seed).fit_transform(features)
 
   fig = Figure(figsize=(7, 6), dpi=100)
   ax = fig.add_subplot()
@@ -96,7 +101,7 @@ def tsne_plot(features, labels, path, title: str = "", max_points: int = 2000,
     # Too many classes for a readable legend: colour by label value instead.
     sc = ax.scatter(emb[:, 0], emb[:, 1], s=4, c=labels, cmap="nipy_spectral")
     fig.colorbar(sc, ax=ax, label="label")
-  ax.set_title(title or f"t-SNE ({n} points)")
+  ax.set_title((title or f"t-SNE ({n} points)") + note)
   ax.set_xticks([])
   ax.set_yticks([])
   fig.tight_layout()

@@ -69,6 +69,28 @@ def test_async_save_keep_last_n_and_commit_order(tmp_path):
   ck.close()
 
 
+def test_failed_async_save_with_keep_1_names_the_kept_step(tmp_path, monkeypatch):
+  """A save that fails in the background (disk full) leaves the step it would have rotated
+  out on disk; the error names it, and it is still the latest step."""
+  from orbax.checkpoint._src.checkpointers import async_checkpointer
+  ck = Checkpointer(tmp_path / "ck", keep=1, every=1)
+  ck.save(1, make_state(1), metadata={"model": MODEL})
+  ck.wait()
+
+  def no_space(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+  monkeypatch.setattr(async_checkpointer, "_background_wait_for_commit_futures", no_space)
+  assert ck.save(2, make_state(2), metadata={"model": MODEL})
+  with pytest.raises(CheckpointError, match="step 2 .* No space left on device. The last good "
+                                            "checkpoint is step 1."):
+    ck.wait()
+  monkeypatch.undo()
+  assert ck.all_steps() == [1] and ck.latest_step() == 1
+  restored, _ = ck.restore(abstract(make_state()))
+  assert_tree_equal(restored, make_state(1))
+  ck.close()
+
+
 def test_save_policy_interval_last_step_and_preemption(tmp_path):
   ck = Checkpointer(tmp_path / "ck", every=10, last_step=25, async_save=False)
   assert [s for s in range(1, 31) if ck.should_save(s)] == [10, 20, 25, 30]

@@ -2,6 +2,8 @@ import glob
 import json
 import os
 import re
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -35,6 +37,23 @@ def test_scalars_jsonl_and_progress_line(tmp_path, capsys):
   assert re.fullmatch(
       r"step 20/100 \| loss 0\.4321 \| recon 0\.1234 \| lr 1\.2e-04 \| "
       r"\d+ img/s \| ETA \d+:\d\d:\d\d", out[1]), out[1]
+
+
+def test_non_finite_scalars_are_null_in_metrics_jsonl(tmp_path, capsys):
+  """An evaluation may be NaN (a segmentation split with no labelled pixel): metrics.jsonl
+  stays strict JSON, as results.json does; the progress line shows the value."""
+  w = MetricWriter(tmp_path, total_steps=10, global_batch_size=8, enable_tensorboard=False,
+                   is_main_process=True)
+  w.write_scalars(4, {"val/mIoU": float("nan"), "x": np.float32("-inf"), "top1": 0.5},
+                  timed=False)
+  w.close()
+
+  def strict(constant):
+    raise ValueError(f"{constant} is not JSON")
+  line = (tmp_path / "metrics.jsonl").read_text()
+  assert json.loads(line, parse_constant=strict) == {"step": 4, "val/mIoU": None, "x": None,
+                                                     "top1": 0.5}
+  assert capsys.readouterr().out == "step 4/10 | val/mIoU nan | x -inf | top1 0.5000\n"
 
 
 def test_non_main_process_writes_nothing(tmp_path, capsys):
@@ -113,3 +132,16 @@ def test_tsne_plot_small(tmp_path):
   path = tsne_plot(feats, labels, tmp_path / "plots" / "tsne.png", title="test")
   with Image.open(path) as im:
     assert im.format == "PNG" and im.size[0] > 100
+
+
+def test_tsne_plot_of_equal_features(tmp_path):
+  """A collapsed backbone's features are one point: sklearn's t-SNE crashed the process on
+  them (a segfault, before a linear probe wrote results.json), so run it in a child."""
+  code = ("import sys, numpy as np; from sit_jax.viz import tsne_plot; "
+          "tsne_plot(np.ones((40, 16)), np.arange(40) % 2, sys.argv[1])")
+  path = tmp_path / "tsne.png"
+  result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+  assert result.returncode == 0, result.stderr[-2000:]
+  with Image.open(path) as im:
+    assert im.format == "PNG"
