@@ -102,7 +102,15 @@ def init_state(config, model, tx, rng) -> TrainState:
 
 
 def prepare_views(config, key, batch):
-  """uint8 host crops -> augmented, normalised float views stacked as (2, B, H, W, 3)."""
+  """uint8 host crops -> augmented, normalised float views stacked as (2, B, H, W, 3), each
+  image standardised where the backbone standardises its input."""
+  views = normalised_views(config, key, batch)
+  # The reconstruction target and the teacher's input live where the backbone computes.
+  return vit.standardize_per_image(views) if config.model.get("standardize_input") else views
+
+
+def normalised_views(config, key, batch):
+  """uint8 host crops -> augmented views with ImageNet's normalisation, (2, B, H, W, 3)."""
   views = []
   for i, name in enumerate(("view1", "view2")):
     images = batch[name].astype(jnp.float32) / 255.0
@@ -110,9 +118,7 @@ def prepare_views(config, key, batch):
     kwargs["blur_sigma"] = tuple(config.augment.blur_sigma)
     images = augment.photometric(jax.random.fold_in(key, i), images, **kwargs)
     views.append(augment.normalize(images))
-  views = jnp.stack(views)
-  # The reconstruction target and the teacher's input live where the backbone computes.
-  return vit.standardize_per_image(views) if config.model.get("standardize_input") else views
+  return jnp.stack(views)
 
 
 def views_to_rows(views):
@@ -206,7 +212,8 @@ def jit_train_step(train_step, state_shardings, mesh,
 
 
 def make_reconstruct(config, model):
-  """(state, batch) -> (clean, corrupted, reconstruction) of view 1, for pictures."""
+  """(state, batch) -> (clean, corrupted, reconstruction) of view 1 with ImageNet's
+  normalisation, for pictures."""
 
   def reconstruct(state, batch):
     key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 7)
@@ -215,7 +222,12 @@ def make_reconstruct(config, model):
     corrupted = corrupted[0]
     out, _ = model.apply({"params": state.params}, corrupted, train=False, proj=False,
                          mutable=["batch_stats"])
-    return clean[0], corrupted, out.get("recon", corrupted)
+    pictures = clean[0], corrupted, out.get("recon", corrupted)
+    if config.model.get("standardize_input"):
+      # Each image back in its own colours: the network's are each image standardised.
+      mean, std = vit.per_image_moments(normalised_views(config, key, batch)[0])
+      pictures = tuple(x * std + mean for x in pictures)
+    return pictures
 
   return reconstruct
 

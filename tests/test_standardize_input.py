@@ -85,3 +85,27 @@ def test_pretraining_views_and_reconstruction_target_are_standardised():
   config.model.standardize_input = False
   plain = np.asarray(pretrain.prepare_views(config, jax.random.PRNGKey(0), batch))
   np.testing.assert_allclose(np.asarray(vit.standardize_per_image(plain)), views, atol=1e-4)
+
+
+def test_pictures_show_each_image_in_its_own_colours():
+  """With standardize_input the network's views are each image standardised; the pictures'
+  columns are mapped back, so the clean one is the ImageNet-normalised view (what the grid
+  un-normalises), not a standardised image read as if it were ImageNet-normalised."""
+  config = sit_vits.get_config("runlocal")
+  config.model.update(standardize_input=True, proj_hidden=32, proj_dim=16)
+  model = pretrain.build_model(config)
+  tx = pretrain.build_optimizer(config, pretrain.build_schedules(config, 10, 10))
+  state = pretrain.init_state(config, model, tx, jax.random.PRNGKey(0))
+  rng = np.random.default_rng(0)
+  # A dim grey image with a colour cast: its standardised form has neither.
+  batch = {name: (rng.integers(40, 90, (4, 16, 16, 1)) * np.array([1.0, 0.8, 0.6])).astype(np.uint8)
+           for name in ("view1", "view2")}
+  clean, corrupted, recon = map(np.asarray,
+                                jax.jit(pretrain.make_reconstruct(config, model))(state, batch))
+  key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 7)
+  want = np.asarray(pretrain.normalised_views(config, key, batch))[0]
+  np.testing.assert_allclose(clean, want, atol=1e-4)
+  chex.assert_equal_shape([clean, corrupted, recon])
+  # Uncorrupted pixels of the corrupted view are the clean view's, in the same colours.
+  same = np.isclose(corrupted, clean, atol=1e-4)
+  assert same.mean() > 0.5

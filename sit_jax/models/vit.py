@@ -267,10 +267,17 @@ def standardize_per_image(images, eps: float = 1e-2):
   Invariant to any per-image, per-channel affine change of the pixels (exposure, contrast, a
   colour cast), so the ImageNet normalisation applied before it makes no difference. `eps` floors
   the std (about one grey level in ImageNet units) so that a flat image becomes zeros."""
+  mean, std = per_image_moments(images, eps)
+  return (jnp.asarray(images, jnp.float32) - mean) / std
+
+
+def per_image_moments(images, eps: float = 1e-2):
+  """(mean, std) of each image's channels over its pixels, the std floored at `eps`: what
+  standardize_per_image subtracts and divides by (x * std + mean undoes it)."""
   x = jnp.asarray(images, jnp.float32)
   mean = x.mean(axis=(-3, -2), keepdims=True)
   std = jnp.sqrt(jnp.square(x - mean).mean(axis=(-3, -2), keepdims=True))
-  return (x - mean) / jnp.maximum(std, eps)
+  return mean, jnp.maximum(std, eps)
 
 
 class VisionTransformer(nn.Module):
