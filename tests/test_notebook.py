@@ -85,3 +85,20 @@ def test_notebook_runs_on_cpu(tmp_path, monkeypatch):
   assert results["init"].startswith(os.path.join(workdir, "pretrain"))
   if have_kernel:
     assert "k-NN top-1 accuracy" in output and "step    2" in output
+
+
+def test_metrics_cell_skips_evaluation_only_rows(tmp_path):
+  """At the notebook's defaults (1,200 steps, a log every 120, the k-NN monitor every 500) steps
+  500 and 1,000 have rows with the k-NN figures only: the cell printing the losses must pass them
+  (it raised KeyError: 'loss' after the whole pretraining)."""
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  cell = next(c.source for c in nb.cells if c.cell_type == "code" and "metrics.jsonl" in c.source)
+  (tmp_path / "pretrain").mkdir()
+  rows = [{"step": 480, "loss": 1.5, "recon": 0.5, "contrastive": 1.0},
+          {"step": 500, "knn/student": 0.9, "knn/teacher": 0.9},
+          {"step": 600, "loss": 1.4, "recon": 0.5, "contrastive": 0.9}]
+  (tmp_path / "pretrain" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  printed = []
+  exec(compile(cell, "<notebook cell>", "exec"),
+       {"WORKDIR": str(tmp_path), "glob": __import__("glob"), "print": printed.append})
+  assert [line.split()[1] for line in printed] == ["480", "600"]
