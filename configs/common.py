@@ -31,12 +31,14 @@ FSDP_COMPILER_OPTIONS = ("xla_tpu_enable_windowed_einsum_for_all_gather=false,"
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
-  """'runlocal,dataset=cifar10' -> ConfigDict(runlocal=True, dataset='cifar10', ...defaults).
+  """'runlocal,head=mlp' -> ConfigDict(runlocal=True, head='mlp', ...defaults).
 
   An unknown key or a value of the wrong type is an error, so that a typo never silently runs
-  the default experiment. A boolean may be given as its bare name ('runlocal').
+  the default experiment. A boolean may be given as its bare name ('runlocal'). runlocal runs on
+  the embedded digits: with dataset= as well, one of the two would be ignored, an error too.
   """
   values = dict(runlocal=False, **defaults)
+  given = set()
   for item in filter(None, (arg or "").split(",")):
     key, equals, text = (part.strip() for part in item.partition("="))
     if key not in values:
@@ -45,6 +47,11 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
                        f"{f' (did you mean {nearest[0]!r}?)' if nearest else ''}; valid "
                        f"arguments: {', '.join(sorted(values))}.")
     values[key] = _parse_value(key, text if equals else None, values[key])
+    given.add(key)
+  if values["runlocal"] and "dataset" in given:
+    raise ValueError(f"Config arguments runlocal and dataset={values['dataset']}: runlocal runs "
+                     "on the embedded digits, so drop one (a short run on the dataset: "
+                     "--config.total_steps=N).")
   return ml_collections.ConfigDict(values)
 
 
@@ -183,6 +190,9 @@ def parallelism(c: ml_collections.ConfigDict, fsdp: bool = False, model: int = 1
   """The config arguments `fsdp` (parameters, optimizer state and batch over every device) and
   `model=N` (tensor parallelism over N devices, N dividing the heads), alone or together; without
   them, data parallelism."""
+  if model < 1:
+    raise ValueError(f"Config argument model={model}: the number of devices that split each "
+                     "layer must be >= 1 (1: no tensor parallelism).")
   if fsdp:
     c.mesh.update(dict(data=1, fsdp=-1))
     c.sharding_rules = FSDP

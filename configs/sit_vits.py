@@ -3,7 +3,8 @@
 800 epochs, global batch 256 (64 x 4 GPUs in the paper), lr 5e-4 x batch/256, alpha = 1.
   python -m sit_jax.main --config=configs/sit_vits.py --workdir=DIR
   python -m sit_jax.main --config=configs/sit_vits.py:runlocal --workdir=DIR   # CPU, offline
-Arguments `fsdp` and `model=N` shard the state (configs/sit_vitb.py).
+Arguments `fsdp` and `model=N` shard the state (configs/sit_vitb.py); N divides ViT-S's
+6 heads: 2, 3 or 6.
 """
 from configs import common
 

@@ -22,11 +22,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import math
 import os
 import re
 from typing import Any, Callable, Sequence
 
 import ml_collections
+
+from sit_jax.models import variants
 
 PRETRAIN_EXPERIMENTS = ("gmml", "contrastive", "sit")
 TRANSFER_EXPERIMENTS = ("finetune", "linear", "knn", "multilabel", "segment", "fewshot")
@@ -142,10 +145,9 @@ SHARDING_RULES = _pairs("a tuple of (regex, rule) pairs, e.g. configs/common.py'
                         "FSDP or TENSOR_PARALLEL")
 LOGICAL_AXIS_RULES = _pairs("a tuple of (logical axis, mesh axes) pairs, e.g. "
                             "sit_jax/sharding.py's LOGICAL_AXIS_RULES")
-# The names of sit_jax/models/vit.py's VARIANTS (a test checks they agree; importing vit here
-# would import jax before any flag is checked).
-VARIANT = Rule(lambda v: isinstance(v, str) and bool(re.fullmatch(r"(Mu|Ti|S|B|L)/[1-9]\d*", v)),
-               "a ViT variant 'NAME/PATCH' with NAME one of Mu, Ti, S, B, L, e.g. 'S/16'")
+VARIANT = Rule(lambda v: isinstance(v, str) and bool(variants.PATTERN.fullmatch(v)),
+               f"a ViT variant 'NAME/PATCH' with NAME one of {', '.join(variants.VARIANTS)}, "
+               "e.g. 'S/16'")
 FEATURES = one_of("cls", "mean", "cls+mean")
 RESIZE_MODE = one_of("center_crop", "resize")
 
@@ -327,9 +329,112 @@ def _unset_rate(config) -> str | None:
   return None
 
 
+# The sections each experiment reads: a config switched to another experiment by
+# --config.experiment lacks some (a traceback seconds into the run), and the config file of each.
+SECTIONS = {**{e: ("gmml", "loss", "teacher") for e in PRETRAIN_EXPERIMENTS},
+            "finetune": ("head", "augment", "optim"), "linear": ("head", "linear", "optim"),
+            "knn": ("head", "knn"), "fewshot": ("head", "fewshot"),
+            "multilabel": ("head", "multilabel", "optim"), "segment": ("seg", "optim")}
+CONFIG_FILES = {"sit": "sit_vits.py", "gmml": "gmml_vits.py",
+                "contrastive": "contrastive_vits.py",
+                **{e: f"{e}.py" for e in TRANSFER_EXPERIMENTS}}
+
+
+def _experiment_sections(config) -> str | None:
+  experiment = config.get("experiment")
+  missing = [s for s in SECTIONS.get(experiment, ()) if s not in config]
+  if missing:
+    return (f"config.experiment={experiment!r} needs config.{missing[0]}, which this config "
+            f"does not have: start from configs/{CONFIG_FILES[experiment]} instead of setting "
+            "--config.experiment.")
+  if experiment == "multilabel":  # frozen: the linear probe's recipe, else fine-tuning's
+    frozen = bool(config.multilabel.get("frozen"))
+    needed = "linear" if frozen else "augment"
+    if needed not in config:
+      return (f"config.multilabel.frozen={frozen} needs config.{needed}, the recipe of that "
+              f"mode: use the config argument configs/multilabel.py:frozen={frozen} instead "
+              "of --config.multilabel.frozen.")
+  return None
+
+
+def _mesh_wildcards(config) -> str | None:
+  mesh = config.get("mesh") or {}
+  wild = [f"mesh.{a}" for a, size in mesh.items() if size == -1]
+  if len(wild) > 1:
+    return (f"{' and '.join(wild)} are {'both' if len(wild) == 2 else 'all'} -1 (all the "
+            "devices left), and at most one may be: set the others to a size (FSDP over every "
+            "device: mesh.data=1, mesh.fsdp=-1, as the config argument fsdp sets).")
+  return None
+
+
+def _architecture(config) -> str | None:
+  """What the ViT of model.variant cannot do: an image size off its patch grid, blocks past its
+  depth, a tensor-parallel split its heads or features cannot take. Transfer runs from a
+  checkpoint (config.init) take its architecture instead: nothing to check here."""
+  match = variants.PATTERN.fullmatch(str((config.get("model") or {}).get("variant", "")))
+  if not match or config.get("init"):
+    return None
+  variant = match.group(0)
+  width, depth, heads = variants.VARIANTS[match.group(1)]
+  patch = int(match.group(2))
+  of = f"the {depth} blocks of model.variant {variant!r}"
+  if config.get("init") is not None:
+    of += " (the random-init backbone: config.init is '')"
+  size = (config.get("data") or {}).get("image_size", patch)
+  if size % patch:
+    return (f"data.image_size {size} is not a multiple of the patch size {patch} of "
+            f"model.variant {variant!r}: set --config.data.image_size to a multiple of "
+            f"{patch}, e.g. {max(patch, size // patch * patch)}.")
+  for key in ("model.recons_blocks", "seg.blocks"):
+    section, name = key.split(".")
+    blocks = (config.get(section) or {}).get(name) or ()
+    if any(not 1 <= b <= depth for b in blocks):
+      return (f"config.{key}={tuple(blocks)} names blocks outside 1..{depth}, {of}: set "
+              f"--config.{key} within them.")
+  last = (config.get("head") or {}).get("last_blocks", 1)
+  if last > depth:
+    return (f"config.head.last_blocks={last} is more than {of}: set --config.head.last_blocks "
+            f"to at most {depth}.")
+  mesh, rules = config.get("mesh") or {}, dict(config.get("logical_axis_rules") or ())
+  for logical, (n, what) in {"heads": (heads, "attention heads"),
+                             "mlp": (4 * width, "MLP features"), "embed": (width, "features"),
+                             "kv": (width // heads, "features per head")}.items():
+    axes = rules.get(logical) or ()
+    axes = (axes,) if isinstance(axes, str) else tuple(a for a in axes if a)
+    sizes = [mesh.get(a, 1) for a in axes]
+    ways = math.prod(sizes)
+    if ways > 0 and n % ways:  # a -1 (all the devices left): the device count decides
+      split = " x ".join(f"mesh.{a}={s}" for a, s in zip(axes, sizes))
+      divisors = ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+      by_argument = " (the config argument model=N sets mesh.model)" if "model" in axes else ""
+      return (f"model.variant {variant!r} has {n} {what}, which {split} cannot split evenly "
+              f"(config.logical_axis_rules puts {logical!r} there): set "
+              f"{' x '.join(f'mesh.{a}' for a in axes)} to a divisor of {n} "
+              f"({divisors}){by_argument}.")
+  return None
+
+
+def _attention_dtype(config) -> str | None:
+  model = config.get("model") or {}
+  if model.get("attention") == "cudnn" and model.get("dtype") not in ("bfloat16", "float16"):
+    return (f"model.attention='cudnn' (cuDNN's fused attention) needs model.dtype bfloat16 or "
+            f"float16, not {model.get('dtype')!r}: set --config.model.dtype=bfloat16, or "
+            "--config.model.attention='' (XLA's).")
+  return None
+
+
+def _init_exists(config) -> str | None:
+  init = config.get("init") or ""
+  if init and "://" not in init and not os.path.exists(init):
+    return (f"config.init={init!r} does not exist: set --config.init to a pretraining workdir, "
+            "a checkpoint step directory or a backbone export ('' for random init).")
+  return None
+
+
 # Rules across keys: each returns the one-line message of a mistake, or None.
 CHECKS: list[Callable[[ml_collections.ConfigDict], str | None]] = [
-    _length_of_run, _decoded_size, _donor_group, _unset_rate]
+    _length_of_run, _decoded_size, _donor_group, _unset_rate, _experiment_sections,
+    _mesh_wildcards, _architecture, _attention_dtype, _init_exists]
 
 
 def flatten(config) -> dict[str, Any]:

@@ -42,6 +42,30 @@ CASES = [
     ("checkpoint_every_0", [SIT, "--config.checkpoint_every=0"], ["checkpoint_every=0"]),
     ("knn_temperature_0", [KNN, "--config.knn.temperature=0"], ["knn.temperature=0", "> 0"]),
     ("value_type", [SIT, "--config.log_every=abc"], ["config.log_every=abc"]),
+    # Mistakes the run itself found only after reading the dataset and writing the workdir.
+    ("heads_not_split_by_model", ["--config=configs/sit_vits.py:runlocal,model=2"],
+     ["model.variant 'Mu/4' has 3 attention heads", "mesh.model=2", "divisor of 3 (1, 3)",
+      "model=N"]),
+    ("recons_blocks_past_depth", [SIT, "--config.model.recons_blocks=(6,8,10,12)"],
+     ["config.model.recons_blocks=(6, 8, 10, 12)", "outside 1..4", "'Mu/4'"]),
+    ("two_mesh_axes_minus_1", [SIT, "--config.mesh.fsdp=-1"],
+     ["mesh.data and mesh.fsdp are both -1", "mesh.data=1"]),
+    ("experiment_of_another_config", [SIT, "--config.experiment=finetune"],
+     ["config.experiment='finetune' needs config.head", "configs/finetune.py"]),
+    ("multilabel_frozen_by_key", ["--config=configs/multilabel.py:runlocal",
+                                  "--config.multilabel.frozen=True"],
+     ["config.multilabel.frozen=True needs config.linear", "multilabel.py:frozen=True"]),
+    ("init_missing", [KNN, "--config.init=TMP/no_such_run"],
+     ["config.init=", "no_such_run' does not exist", "--config.init"]),
+    ("last_blocks_past_depth", ["--config=configs/linear.py:runlocal",
+                                "--config.head.last_blocks=5"],
+     ["config.head.last_blocks=5", "the 4 blocks of model.variant 'Mu/4'", "at most 4"]),
+    ("image_size_off_the_patch_grid", [KNN, "--config.data.image_size=18"],
+     ["data.image_size 18", "patch size 4", "e.g. 16"]),
+    # Silently accepted before: model=0 ran data-parallel, dataset= was ignored by runlocal.
+    ("model_argument_0", ["--config=configs/sit_vitb.py:model=0"], ["model=0", ">= 1"]),
+    ("runlocal_and_dataset", ["--config=configs/finetune.py:runlocal,dataset=cifar10"],
+     ["runlocal and dataset=cifar10", "embedded digits", "drop one"]),
     ("unknown_flag", [SIT, "--workdr=/tmp/x"], ["workdr", "workdir"]),
     ("no_config", [], ["--config"]),
     ("no_workdir", [SIT, "NO_WORKDIR"], ["--workdir"]),
@@ -146,6 +170,10 @@ def test_a_full_disk_outside_a_save_is_one_line(tmp_path):
     ("finetune.py:runlocal", {"optim.layer_decay": 0.0}, "config.optim.layer_decay=0.0 is"),
     ("finetune.py:runlocal", {"augment.label_smoothing": 1.0}, "config.augment.label_smoothing="),
     ("multilabel.py:runlocal,frozen=true", {"linear.l2": ()}, "config.linear.l2=() is"),
+    ("segment.py:runlocal", {"seg.blocks": (4, 5)}, "config.seg.blocks=(4, 5) names blocks"),
+    ("sit_vitb.py:model=4", {"mesh.model": 8}, "model.variant 'B/16' has 12 attention heads"),
+    ("knn.py:runlocal", {"experiment": "fewshot"}, "config.experiment='fewshot' needs"),
+    ("sit_vits.py:runlocal", {"model.attention": "cudnn"}, "model.attention='cudnn' (cuDNN"),
 ])
 def test_values_of_each_experiment(spec, overrides, expected):
   config = config_check.load(os.path.join(REPO, "configs", spec))
@@ -164,6 +192,14 @@ def test_values_of_each_experiment(spec, overrides, expected):
 def test_config_arguments(argument, expected):
   with pytest.raises(config_check.ConfigError, match=expected):
     config_check.load(os.path.join(REPO, "configs", f"multilabel.py:{argument}"))
+
+
+def test_a_checkpoint_brings_its_own_architecture(tmp_path):
+  """With config.init the backbone is the checkpoint's: config.model.variant limits nothing."""
+  config = config_check.load(os.path.join(REPO, "configs", "linear.py:runlocal"))
+  config.update_from_flattened_dict({"init": str(tmp_path), "head.last_blocks": 12,
+                                     "data.image_size": 224})
+  config_check.check(config)
 
 
 def _config(**values):

@@ -18,14 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# width, depth, heads of the standard variants.
-VARIANTS = {
-    "Mu": (96, 4, 3),  # a micro ViT for tests and `runlocal`, not from the paper.
-    "Ti": (192, 12, 3),
-    "S": (384, 12, 6),
-    "B": (768, 12, 12),
-    "L": (1024, 24, 16),
-}
+from sit_jax.models.variants import PATTERN as VARIANT_PATTERN, VARIANTS
+
 
 # Settings that travel with a backbone's parameters to every user of them (a checkpoint brings
 # them; the image size and the runtime settings are the user's).
@@ -51,7 +45,7 @@ trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
 
 def parse_variant(variant: str) -> dict:
   """'S/16' -> dict(width=384, depth=12, num_heads=6, patch_size=16)."""
-  match = re.fullmatch(r"(Mu|Ti|S|B|L)/([1-9]\d*)", variant)
+  match = VARIANT_PATTERN.fullmatch(variant)
   if not match:
     raise ValueError(f"Unknown ViT variant {variant!r}: expected one of "
                      f"{sorted(VARIANTS)} followed by '/<patch size>', e.g. 'S/16'.")
