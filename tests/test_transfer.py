@@ -436,3 +436,12 @@ def test_transfer_splits_are_held_out_before_any_work(tmp_path):
   c.data.test_split = "train[80%:]"
   train, test = common.dataset_infos(c)
   assert (train.num_examples, test.num_examples, train.classes) == (6, 2, ("a", "b"))
+
+
+def test_blocks_past_a_loaded_backbones_depth_name_their_key():
+  """A checkpoint brings its own depth, so config_check cannot see these: the line names the key."""
+  module = vit.backbone_from_config({"variant": "Mu/4", "image_size": 16})
+  with pytest.raises(ValueError, match=r"^head.last_blocks=5 must be within 1..4"):
+    common.make_feature_fn(module, "cls", last_blocks=5)
+  with pytest.raises(ValueError, match=r"^seg.blocks=\(2, 5\) names blocks outside 1..4"):
+    common.make_patch_fn(module, blocks=(2, 5))

@@ -134,7 +134,8 @@ def make_feature_fn(module: vit.VisionTransformer, features: str = "cls", last_b
   (DINO's linear evaluation); the mean patch token is always the last block's.
   """
   if last_blocks < 1 or last_blocks > module.depth:
-    raise ValueError(f"last_blocks={last_blocks} must be within 1..{module.depth}.")
+    raise ValueError(f"head.last_blocks={last_blocks} must be within 1..{module.depth}, the "
+                     "blocks of this backbone.")
   if last_blocks > 1 and features == "mean":
     raise ValueError("last_blocks > 1 concatenates CLS tokens: use features 'cls' or 'cls+mean'.")
 
@@ -157,6 +158,9 @@ def make_patch_fn(module: vit.VisionTransformer, blocks=(), cls: bool = False):
   """fn(params, images) -> (B, h, w, D') float32 patch tokens on the patch grid: the given
   blocks' (1-based; () = the last block's) concatenated, for dense heads; with `cls` the last
   block's CLS token is appended to every patch (DINOv2's linear depth probe)."""
+  if any(not 1 <= b <= module.depth for b in blocks):
+    raise ValueError(f"seg.blocks={tuple(blocks)} names blocks outside 1..{module.depth}, the "
+                     "blocks of this backbone: set --config.seg.blocks within them.")
 
   def fn(params, images):
     out, per_block = block_outputs(module, params, images, tuple(blocks) or (module.depth,))
