@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Recommended XLA / NCCL settings for sit_jax on NVIDIA GPUs. Source it before starting Python:
 #
 #   source launch/gpu_xla_flags.sh && python -m sit_jax.main --config=... --workdir=...
