@@ -423,6 +423,16 @@ def _attention_dtype(config) -> str | None:
   return None
 
 
+def _validation_split(config) -> str | None:
+  # Without it the run failed after extracting every train feature (hours on ImageNet).
+  chooses = {"knn": "k", "fewshot": "l2"}.get(config.get("experiment"))
+  if chooses and not (config.get("data") or {}).get("val_split", "unset"):
+    return (f"data.val_split is empty: {config.experiment} chooses {chooses} on it; set a "
+            "held-out slice, e.g. --config.data.val_split='train[98%:]' with "
+            "--config.data.train_split='train[:98%]'.")
+  return None
+
+
 def _init_exists(config) -> str | None:
   init = config.get("init") or ""
   if init and "://" not in init and not os.path.exists(init):
@@ -434,7 +444,7 @@ def _init_exists(config) -> str | None:
 # Rules across keys: each returns the one-line message of a mistake, or None.
 CHECKS: list[Callable[[ml_collections.ConfigDict], str | None]] = [
     _length_of_run, _decoded_size, _donor_group, _unset_rate, _experiment_sections,
-    _mesh_wildcards, _architecture, _attention_dtype, _init_exists]
+    _mesh_wildcards, _architecture, _attention_dtype, _validation_split, _init_exists]
 
 
 def flatten(config) -> dict[str, Any]:

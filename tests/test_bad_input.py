@@ -173,6 +173,8 @@ def test_a_full_disk_outside_a_save_is_one_line(tmp_path):
     ("segment.py:runlocal", {"seg.blocks": (4, 5)}, "config.seg.blocks=(4, 5) names blocks"),
     ("sit_vitb.py:model=4", {"mesh.model": 8}, "model.variant 'B/16' has 12 attention heads"),
     ("knn.py:runlocal", {"experiment": "fewshot"}, "config.experiment='fewshot' needs"),
+    ("knn.py:runlocal", {"data.val_split": ""}, "data.val_split is empty: knn chooses k"),
+    ("fewshot.py:runlocal", {"data.val_split": ""}, "data.val_split is empty: fewshot chooses"),
     ("sit_vits.py:runlocal", {"model.attention": "cudnn"}, "model.attention='cudnn' (cuDNN"),
 ])
 def test_values_of_each_experiment(spec, overrides, expected):

@@ -108,12 +108,12 @@ def run(config, workdir: str) -> dict:
     size = d.image_size
     backbone = common.load_backbone(config, image_size=size, drop_path_rate=0.0)
     params = common.place_backbone(backbone, exp.mesh, config.sharding_rules, config.seed)
-    fn = common.uint8_features(common.make_feature_fn(backbone.module, config.head.features,
-                                                      config.head.last_blocks))
+    fn = common.make_feature_fn(backbone.module, config.head.features, config.head.last_blocks)
     features = f"{config.head.features} of the last {config.head.last_blocks} block(s)"
     identity = feature_cache.checkpoint_identity(backbone, config.seed)
-    train, val, test = (feature_cache.split_features(config, exp.workdir, identity, fn, params,
-                                                     exp.mesh, split, features, size)
+    train, val, test = (feature_cache.split_features(config, exp.workdir, identity,
+                                                     common.uint8_features(fn), params, exp.mesh,
+                                                     split, features, size)
                         for split in (d.train_split, d.val_split, d.test_split))
     logging.info("few-shot: %d train, %d validation, %d test features of dimension %d",
                  len(train[0]), len(val[0]), len(test[0]), train[0].shape[1])
