@@ -147,7 +147,7 @@ def compile_train_step(config, devices, compiler_options: dict | None = None):
   init = functools.partial(pretrain.init_state, config, model, tx)
   abstract = jax.eval_shape(init, jax.ShapeDtypeStruct((2,), jnp.uint32))
   state_shardings = sharding.tree_shardings(abstract, mesh, config.sharding_rules)
-  state = pretrain.abstract_with_shardings(abstract, state_shardings)
+  state = sharding.abstract_with_shardings(abstract, state_shardings)
 
   batch_size, size = config.data.global_batch_size, config.data.image_size
   batch_sharding = sharding.batch_sharding(mesh)

@@ -242,11 +242,6 @@ def checkpoint_metadata(config) -> dict:
   return {"model": vit.architecture(model_config(config)), "experiment": config.experiment}
 
 
-def abstract_with_shardings(abstract, shardings):
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract, shardings)
-
-
 def state_layout(config, model, tx, mesh, rng):
   """(abstract, shardings, init) of the train state on `mesh`: its ShapeDtypeStructs carrying
   their shardings (config.sharding_rules), to restore onto; the shardings, for the step; and
@@ -254,7 +249,7 @@ def state_layout(config, model, tx, mesh, rng):
   init = functools.partial(init_state, config, model, tx)
   abstract = jax.eval_shape(init, rng)
   shardings = sharding.tree_shardings(abstract, mesh, config.sharding_rules)
-  return (abstract_with_shardings(abstract, shardings), shardings,
+  return (sharding.abstract_with_shardings(abstract, shardings), shardings,
           lambda: jax.jit(init, out_shardings=shardings)(rng))
 
 

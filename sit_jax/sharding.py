@@ -162,6 +162,13 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> A
   return shardings
 
 
+def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs of `abstract`'s leaves carrying `shardings` (a tree like it): what a
+  checkpoint is restored onto."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
 def global_batch(host_batch: dict, mesh: Mesh) -> dict:
   """Host-local numpy batch -> global jax.Arrays split over the batch axes of the mesh."""
   sharding = batch_sharding(mesh)

@@ -163,7 +163,7 @@ def test_checkpoint_from_8_devices_restores_onto_4(tmp_path):
   assert ckpt.save(5, state8, metadata=pretrain.checkpoint_metadata(config))
   mesh4 = sharding.make_mesh({"data": 2, "fsdp": 2}, jax.devices()[:4])
   abstract, shardings4, _ = tiny_layout(config, mesh4)
-  restored, _ = ckpt.restore(pretrain.abstract_with_shardings(abstract, shardings4),
+  restored, _ = ckpt.restore(sharding.abstract_with_shardings(abstract, shardings4),
                              expected_metadata=pretrain.checkpoint_metadata(config))
   kernel = restored.params["backbone"]["blocks_0"]["mlp"]["fc1"]["kernel"]
   assert kernel.sharding.mesh.devices.size == 4 and "fsdp" in tuple(kernel.sharding.spec)
@@ -172,7 +172,7 @@ def test_checkpoint_from_8_devices_restores_onto_4(tmp_path):
   other = common.shrink_for_runlocal(common.pretrain_config())
   other.model.variant = "Mu/8"
   with pytest.raises(checkpoint.CheckpointError, match="variant"):
-    ckpt.restore(pretrain.abstract_with_shardings(abstract, shardings4),
+    ckpt.restore(sharding.abstract_with_shardings(abstract, shardings4),
                  expected_metadata=pretrain.checkpoint_metadata(other))
 
 

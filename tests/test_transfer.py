@@ -303,6 +303,32 @@ def test_finetune_starts_from_checkpoint_and_moves(mesh, exported_backbone):
   assert "blocks_0/attn/qkv/kernel" in changed and len(changed) > len(loaded) // 2
 
 
+def test_finetune_state_is_created_only_when_not_resuming(tmp_path, monkeypatch):
+  # A resumed run restores onto `abstract` and never calls init: a fresh state built before
+  # the loop would stay on the device beside the restored one for the whole run.
+  from sit_jax import trainer
+
+  class Stop(Exception):
+    pass
+
+  def live_bytes():
+    return sum(x.nbytes for x in jax.live_arrays() if not x.is_deleted())
+
+  def fake_train(exp, *, init, abstract, **kwargs):
+    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
+    assert live_bytes() - before < state_bytes / 2
+    state = init()
+    assert jax.tree.map(lambda x: (x.shape, x.dtype, x.sharding), state) == \
+        jax.tree.map(lambda x: (x.shape, x.dtype, x.sharding), abstract)
+    raise Stop
+
+  monkeypatch.setattr(trainer, "train", fake_train)
+  c = finetune_config.get_config("runlocal")
+  before = live_bytes()
+  with pytest.raises(Stop):
+    finetune.run(c, str(tmp_path))
+
+
 def test_load_backbone_from_pretraining_workdir(tmp_path, exported_backbone):
   _, params = exported_backbone
   state = {"step": np.int32(7), "params": {"backbone": params, "recon_head": {"w": np.ones(3)}}}

@@ -45,13 +45,22 @@ def init_state(model, tx, image_size: int, rng, backbone_params=None) -> supervi
                                opt_state=tx.init(params), rng=state_rng)
 
 
-def create_state(model, tx, image_size: int, mesh, rules, rng, backbone_params=None):
-  """(state, shardings): the state created already sharded by `rules`, with the loaded
-  backbone (host numpy) in place of the random one."""
+def state_layout(model, tx, image_size: int, mesh, rules, rng, backbone_params=None):
+  """(abstract, shardings, create): the state's ShapeDtypeStructs carrying their shardings
+  (by `rules`), and create() -> the state built already sharded, with the loaded backbone
+  (host numpy) in place of the random one. A resumed run restores onto `abstract` and never
+  calls create(): a fresh state beside the restored one would double the device memory."""
   init = functools.partial(init_state, model, tx, image_size)
   abstract = jax.eval_shape(init, rng, backbone_params)
   shardings = sharding.tree_shardings(abstract, mesh, rules)
-  return jax.jit(init, out_shardings=shardings)(rng, backbone_params), shardings
+  create = lambda: jax.jit(init, out_shardings=shardings)(rng, backbone_params)
+  return sharding.abstract_with_shardings(abstract, shardings), shardings, create
+
+
+def create_state(model, tx, image_size: int, mesh, rules, rng, backbone_params=None):
+  """(state, shardings): `state_layout`'s state, created."""
+  _, shardings, create = state_layout(model, tx, image_size, mesh, rules, rng, backbone_params)
+  return create(), shardings
 
 
 def prepare_images(config, key, images_uint8):
@@ -120,8 +129,8 @@ def run(config, workdir: str, *, multilabel: bool = False) -> dict:
     abstract_params = jax.eval_shape(
         lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))["params"])
     tx = supervised.make_optimizer(config, lr, abstract_params, backbone.module.depth)
-    state, shardings = create_state(model, tx, size, mesh, config.sharding_rules,
-                                    jax.random.PRNGKey(config.seed), backbone.params)
+    abstract, shardings, create = state_layout(model, tx, size, mesh, config.sharding_rules,
+                                               jax.random.PRNGKey(config.seed), backbone.params)
     logging.info("%s: %d classes, %d train examples, %d steps (%d per epoch); init %s",
                  train_info.name, num_classes, train_info.num_examples, total_steps,
                  steps_per_epoch, backbone.init or "random")
@@ -146,7 +155,7 @@ def run(config, workdir: str, *, multilabel: bool = False) -> dict:
     # Train. -----------------------------------------------------------------------------------
     exp.writer(total_steps, config.data.global_batch_size)
     outcome = trainer.train(
-        exp, init=lambda: state, abstract=supervised.abstract_of(state), step_fn=step_fn,
+        exp, init=create, abstract=abstract, step_fn=step_fn,
         batches=lambda start_step: common.train_batches(config, start_step, size),
         place=common.train_placer(config, mesh, size), total_steps=total_steps,
         metadata=common.checkpoint_metadata(config, backbone, num_classes),

@@ -94,8 +94,7 @@ def make_optimizer(config, lr, params=None, depth: int = 0) -> optax.GradientTra
 
 def abstract_of(tree):
   """ShapeDtypeStructs carrying the shardings of a placed tree (to restore onto)."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                      tree)
+  return sharding.abstract_with_shardings(tree, jax.tree.map(lambda x: x.sharding, tree))
 
 
 def evaluation_hook(config, evaluate: Callable, total_steps: int) -> "trainer.Hook":
