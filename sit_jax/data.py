@@ -539,7 +539,12 @@ def check_held_out(train: DatasetInfo, held_out: DatasetInfo, train_key: str, he
     raise DataError(f"{held_out_key} ({held_out.name}) holds {shared} of the {train.num_examples} "
                     f"images of {train_key} ({train.name}): make them disjoint slices, e.g. "
                     f"'train[:90%]' and 'train[90%:]'.")
-  if train.classes and held_out.classes and held_out.classes != train.classes:
+  if train.classes and not held_out.classes:  # its images would all have label -1
+    raise DataError(f"{held_out.name} ({held_out_key}) has no class folders, {train.name} "
+                    f"({train_key}) has {len(train.classes)}: put its images in the same "
+                    f"class folders ({', '.join(train.classes[:5])}"
+                    f"{', ...' if len(train.classes) > 5 else ''}).")
+  if train.classes and held_out.classes != train.classes:
     missing = sorted(set(train.classes) - set(held_out.classes))
     extra = sorted(set(held_out.classes) - set(train.classes))
     raise DataError(

@@ -213,8 +213,28 @@ def _loop(exp, ckpt, outcome: Outcome, step_fn, batches, place, hooks, writer, m
       fetched.append({k: float(v) for k, v in jax.device_get(pending[i]).items()})
       _check_finite(step - len(pending) + i + 1, fetched[-1])
 
+  def save():
+    fetch(len(pending))
+    if not bool(_all_finite(state)):
+      raise _NonFinite(f"the parameters are not finite at step {step}")
+    ckpt.save(step, state, metadata=metadata)
+
+  def preempted():
+    outcome.stopped = "preempted"
+    saved = ckpt is not None and ckpt.latest_step() == step  # none at step 0
+    logging.warning("Stopped at step %d by a signal%s; start the same command to resume.",
+                    step, f", saved in {ckpt.step_path(step)}" if saved else "")
+
   while step < total:
-    batch = place(next(batches))
+    try:
+      batch = place(next(batches))
+    except Exception as e:  # pylint: disable=broad-except
+      if not _ended_by_signal(e, "Reading the next batch"):
+        raise
+      if ckpt is not None and step > outcome.start_step and ckpt.latest_step() != step:
+        save()
+      preempted()
+      break
     state, step_metrics = step_fn(state, batch)
     outcome.state = state  # the donated input is gone: keep the live state reachable.
     step += 1
@@ -225,12 +245,19 @@ def _loop(exp, ckpt, outcome: Outcome, step_fn, batches, place, hooks, writer, m
       fetch(len(pending))  # the first step includes compilation: time the rest.
       writer.start_timing(step)
 
-    evaluated = {}
+    evaluated, cut = {}, False
     for hook in hooks:
       if (hook.every > 0 and step % hook.every == 0) or step == total:
         jax.block_until_ready(state)  # steps in flight are training time, not the hook's.
+        fetch(len(pending))  # free now: a non-finite step stops before a hook evaluates it.
         hook_start = time.perf_counter()
-        evaluated.update(hook.fn(step, state, batch) or {})
+        try:
+          evaluated.update(hook.fn(step, state, batch) or {})
+        except Exception as e:  # pylint: disable=broad-except
+          if not _ended_by_signal(e, "An evaluation"):
+            raise
+          cut = True  # the signal is seen below: the step is saved and the run stops.
+          break
         if writer is not None:
           writer.exclude_time(time.perf_counter() - hook_start)
     outcome.evaluated.update(evaluated)
@@ -253,15 +280,21 @@ def _loop(exp, ckpt, outcome: Outcome, step_fn, batches, place, hooks, writer, m
       stop = ckpt.reached_preemption(step)
       ckpt.raise_failed_save()  # an asynchronous save that failed (disk full) stops the run.
       if ckpt.should_save(step):
-        fetch(len(pending))
-        if not bool(_all_finite(state)):
-          raise _NonFinite(f"the parameters are not finite at step {step}")
-        ckpt.save(step, state, metadata=metadata)
-    if stop:
-      outcome.stopped = "preempted"
-      logging.warning("Stopped at step %d by a signal%s; start the same command to resume.",
-                      step, "" if ckpt is None else f", saved in {ckpt.step_path(step)}")
+        save()
+    if stop and (step < total or cut):  # after the last step's hooks the run is complete.
+      preempted()
       break
+
+
+def _ended_by_signal(error: Exception, what: str) -> bool:
+  """Whether `error` is a stop signal's doing: a SIGTERM sent to the whole process group (a
+  scheduler's preemption, `timeout`) also ends the input's worker processes (data.workers), and
+  the next batch, or an evaluation's, fails. The loop then saves and stops as for the signal."""
+  if not checkpoint.signalled():
+    return False
+  logging.warning("%s failed after a stop signal (%s: %s); saving the step and stopping.", what,
+                  type(error).__name__, " ".join(str(error).split())[:300])
+  return True
 
 
 def _results_of_earlier_runs(workdir: str, outcome: Outcome, set_aside: Sequence[int]):

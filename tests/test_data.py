@@ -289,6 +289,13 @@ def test_held_out_splits_share_no_image_and_the_classes(tmp_path):
                         "data.test_split")
   # Different folders never share an image; the same folder's disjoint slices do not either.
   data.check_held_out(info("train[:50%]", source), info("train[50%:]", source), "a", "b")
+  # A val/ of images without class folders: every label would be -1, every score 0.
+  os.makedirs(root / "val")
+  _write(root / "val" / "0.png", (10, 10, 10), (12, 12), "PNG")
+  with pytest.raises(data.DataError, match=r"split/val \(data.val_split\) has no class folders, "
+                     r".* has 3: put its images in the same class folders \(ant, bee, cow"):
+    data.check_held_out(info("train", source), info("val", source), "data.train_split",
+                        "data.val_split")
 
 
 def test_folder_listing_reads_each_directory_once_and_names_what_it_leaves(tmp_path, caplog):

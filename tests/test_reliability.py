@@ -58,9 +58,11 @@ def sgd_step(state, batch):
           {"loss": loss, "grad_norm": jnp.linalg.norm(grad)})
 
 
-def train(workdir, total_steps, *, nan_at=None, hooks=(), step_fn=sgd_step, **overrides):
+def train(workdir, total_steps, *, nan_at=None, hooks=(), step_fn=sgd_step, batches=None,
+          **overrides):
   """One run of the tiny model in `workdir`: (outcome, the Experiment's results.json or the
   error it raised)."""
+  batches = batches or (lambda start: (batch_of(s, nan_at) for s in itertools.count(start)))
   config = tiny_config(**overrides)
   with experiment.Experiment(config, workdir, batch_sizes=(BATCH,)) as exp:
     replicated = sharding.replicated(exp.mesh)
@@ -72,7 +74,7 @@ def train(workdir, total_steps, *, nan_at=None, hooks=(), step_fn=sgd_step, **ov
     exp.writer(total_steps, BATCH)
     outcome = trainer.train(
         exp, init=lambda: fresh, abstract=abstract, step_fn=jitted, total_steps=total_steps,
-        batches=lambda start: (batch_of(s, nan_at) for s in itertools.count(start)),
+        batches=batches,
         metadata={"model": {"dim": DIM}}, hooks=hooks)
     results = {**outcome.results(), "w": np.asarray(outcome.state.params["w"])}
     try:
@@ -138,6 +140,15 @@ def test_nan_loss_stops_at_its_step_and_saves_nothing_non_finite(tmp_path):
   results = strict_json(tmp_path / "results.json")  # no bare NaN
   assert results["error"] == message and results["checkpoint"].endswith("/6")
   assert not os.path.exists(tmp_path / "checkpoints" / "8")
+
+
+def test_hooks_never_evaluate_a_non_finite_step(tmp_path):
+  calls = []
+  probe = trainer.Hook(1, lambda step, state, batch: calls.append(step) or {"probe": step})
+  outcome, error = train(tmp_path, 10, nan_at=3, hooks=[probe], log_every=5)
+  assert "at step 3" in str(error) and calls == [1, 2]
+  assert [r["step"] for r in metric_rows(tmp_path)] == [1, 2]
+  assert outcome.evaluated == {"probe": 2}
 
 
 def test_non_finite_parameters_with_a_finite_loss_are_never_saved(tmp_path):
@@ -274,12 +285,16 @@ def test_resumed_steps_do_not_repeat_metric_rows(tmp_path):
 # -- Signals --------------------------------------------------------------------------------
 
 
+def send(sig):
+  os.kill(os.getpid(), sig)
+  time.sleep(0.05)  # Python runs the handler at the next bytecode boundary.
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_saves_the_current_step_and_resumes_exactly(tmp_path, sig):
   def signal_at_3(step, state, batch):
     if step == 3:
-      os.kill(os.getpid(), sig)
-      time.sleep(0.05)  # Python runs the handler at the next bytecode boundary.
+      send(sig)
 
   # What the process had (the default, or SIG_IGN for SIGINT in a shell's background job) comes back.
   handler_before = signal.getsignal(sig)
@@ -289,6 +304,41 @@ def test_signal_saves_the_current_step_and_resumes_exactly(tmp_path, sig):
   assert signal.getsignal(sig) == handler_before
   _, results = train(tmp_path, 10)
   np.testing.assert_allclose(results["w"], reference_weights(10), rtol=1e-5)
+
+
+@pytest.mark.parametrize("where", ["batches", "hook"])
+def test_input_workers_ended_by_the_signal_save_the_current_step(tmp_path, where):
+  """A SIGTERM to the process group (a scheduler, `timeout`) also ends grain's worker processes
+  (data.workers): the next batch, or an evaluation's, fails instead of coming."""
+  def dead_workers():
+    send(signal.SIGTERM)
+    raise RuntimeError("Worker process was terminated unexpectedly with exit code -15.")
+
+  def batches(start):
+    for s in itertools.count(start):
+      if where == "batches" and s == 3:
+        dead_workers()
+      yield batch_of(s)
+
+  def evaluation(step, state, batch):
+    if where == "hook" and step == 3:
+      dead_workers()
+
+  outcome, results = train(tmp_path, 10, batches=batches, hooks=[trainer.Hook(1, evaluation)])
+  assert outcome.stopped == "preempted" and outcome.step == 3 and results["preempted"]
+  assert steps_on_disk(tmp_path) == [2, 3]
+  _, results = train(tmp_path, 10)
+  np.testing.assert_allclose(results["w"], reference_weights(10), rtol=1e-5)
+
+
+def test_a_signal_at_the_last_step_leaves_a_complete_run(tmp_path):
+  def signal_at_4(step, state, batch):
+    if step == 4:
+      send(signal.SIGTERM)
+
+  outcome, results = train(tmp_path, 4, hooks=[trainer.Hook(1, signal_at_4)])
+  assert outcome.complete and not outcome.stopped and not results["preempted"]
+  assert steps_on_disk(tmp_path) == [2, 4]
 
 
 # -- Resume settings ------------------------------------------------------------------------
