@@ -97,23 +97,10 @@ def test_fewshot_run_and_its_cached_rerun(tmp_path, exported):
   assert cached["baselines"] == fresh["baselines"]
   with open(workdir / "results.json") as f:
     assert json.load(f)["fewshot"] == fresh["fewshot"]
-
-
-def test_random_init_row_is_the_run_at_random_init(tmp_path, exported):
-  """The baseline row of a checkpoint's run is the same protocol on the same random weights
-  (config.seed) as a run with init='': its features see the images normalised once, as the
-  backbone's do (not twice, which changes every feature of a backbone without
-  standardize_input)."""
-  def config(init):
-    c = fewshot_config.get_config("runlocal")
-    c.init, c.feature_cache = str(init), "off"
-    c.model.standardize_input = False  # the exported checkpoint's setting
-    c.fewshot.shots, c.fewshot.seeds = (5,), 1
-    return c
-
-  with_checkpoint = fewshot.run(config(exported), str(tmp_path / "pretrained"))
-  at_random_init = config("")
-  at_random_init.baselines = False
-  row = fewshot.run(at_random_init, str(tmp_path / "random"))["fewshot"]["5shot"]
-  assert with_checkpoint["baselines"]["random_init"]["5shot"] == pytest.approx(
-      {m: row[m] for m in ("test_mean", "test_std")})
+  # The random-init row is the run at init='' (same seed, the checkpoint's architecture): its
+  # images normalised once, as the backbone's are (twice changed every feature of a backbone
+  # without standardize_input: 5-shot 0.157 against 0.449).
+  c.init, c.baselines, c.model.standardize_input = "", False, False
+  at_random_init = fewshot.run(c, str(tmp_path / "random"))["fewshot"]
+  for shots, row in fresh["baselines"]["random_init"].items():
+    assert row == pytest.approx({m: at_random_init[shots][m] for m in ("test_mean", "test_std")})
