@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
-import math
 import os
 import re
 from typing import Any, Callable, Sequence
@@ -380,11 +379,10 @@ def _architecture(config) -> str | None:
   of = f"the {depth} blocks of model.variant {variant!r}"
   if config.get("init") is not None:
     of += " (the random-init backbone: config.init is '')"
-  size = (config.get("data") or {}).get("image_size", patch)
-  if size % patch:
-    return (f"data.image_size {size} is not a multiple of the patch size {patch} of "
-            f"model.variant {variant!r}: set --config.data.image_size to a multiple of "
-            f"{patch}, e.g. {max(patch, size // patch * patch)}.")
+  try:
+    variants.check_image_size((config.get("data") or {}).get("image_size", patch), patch)
+  except ValueError as e:
+    return f"data.image_size, model.variant {variant!r}: {e}"
   for key in ("model.recons_blocks", "seg.blocks"):
     section, name = key.split(".")
     blocks = (config.get(section) or {}).get(name) or ()
@@ -396,22 +394,16 @@ def _architecture(config) -> str | None:
     return (f"config.head.last_blocks={last} is more than {of}: set --config.head.last_blocks "
             f"to at most {depth}.")
   mesh, rules = config.get("mesh") or {}, dict(config.get("logical_axis_rules") or ())
-  for logical, (n, what) in {"heads": (heads, "attention heads"),
-                             "mlp": (4 * width, "MLP features"), "embed": (width, "features"),
-                             "kv": (width // heads, "features per head")}.items():
+  dims, splits = variants.parallel_dims(width, heads), {}
+  for logical in dims:
     axes = rules.get(logical) or ()
     axes = (axes,) if isinstance(axes, str) else tuple(a for a in axes if a)
-    sizes = [mesh.get(a, 1) for a in axes]
-    ways = math.prod(sizes)
-    if ways > 0 and n % ways:  # a -1 (all the devices left): the device count decides
-      split = " x ".join(f"mesh.{a}={s}" for a, s in zip(axes, sizes))
-      divisors = ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
-      by_argument = " (the config argument model=N sets mesh.model)" if "model" in axes else ""
-      return (f"model.variant {variant!r} has {n} {what}, which {split} cannot split evenly "
-              f"(config.logical_axis_rules puts {logical!r} there): set "
-              f"{' x '.join(f'mesh.{a}' for a in axes)} to a divisor of {n} "
-              f"({divisors}){by_argument}.")
-  return None
+    if all(mesh.get(a, 1) > 0 for a in axes):  # a -1 (all the devices left): they decide
+      splits[logical] = {a: mesh.get(a, 1) for a in axes}
+  message = variants.uneven_split(f"model.variant {variant!r}", dims, splits)
+  if message and any("model" in axes for axes in splits.values()):
+    message += " (The config argument model=N sets mesh.model.)"
+  return message
 
 
 def _attention_dtype(config) -> str | None:

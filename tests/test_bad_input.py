@@ -44,7 +44,7 @@ CASES = [
     ("value_type", [SIT, "--config.log_every=abc"], ["config.log_every=abc"]),
     # Mistakes the run itself found only after reading the dataset and writing the workdir.
     ("heads_not_split_by_model", ["--config=configs/sit_vits.py:runlocal,model=2"],
-     ["model.variant 'Mu/4' has 3 attention heads", "mesh.model=2", "divisor of 3 (1, 3)",
+     ["model.variant 'Mu/4' has 3 attention heads", "mesh model=2", "divides 3 (1, 3)",
       "model=N"]),
     ("recons_blocks_past_depth", [SIT, "--config.model.recons_blocks=(6,8,10,12)"],
      ["config.model.recons_blocks=(6, 8, 10, 12)", "outside 1..4", "'Mu/4'"]),
@@ -61,7 +61,7 @@ CASES = [
                                 "--config.head.last_blocks=5"],
      ["config.head.last_blocks=5", "the 4 blocks of model.variant 'Mu/4'", "at most 4"]),
     ("image_size_off_the_patch_grid", [KNN, "--config.data.image_size=18"],
-     ["data.image_size 18", "patch size 4", "e.g. 16"]),
+     ["data.image_size", "Image size 18", "patch size 4", "e.g. 16"]),
     # Silently accepted before: model=0 ran data-parallel, dataset= was ignored by runlocal.
     ("model_argument_0", ["--config=configs/sit_vitb.py:model=0"], ["model=0", ">= 1"]),
     ("runlocal_and_dataset", ["--config=configs/finetune.py:runlocal,dataset=cifar10"],

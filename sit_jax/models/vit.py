@@ -9,7 +9,6 @@ the config's logical_axis_rules map them to mesh axes (sit_jax/sharding.py).
 """
 from __future__ import annotations
 
-import math
 import re
 from typing import Any, Sequence
 
@@ -18,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sit_jax.models.variants import PATTERN as VARIANT_PATTERN, VARIANTS
+from sit_jax.models import variants
+from sit_jax.models.variants import PATTERN as VARIANT_PATTERN, VARIANTS, check_image_size
 
 
 # Settings that travel with a backbone's parameters to every user of them (a checkpoint brings
@@ -64,31 +64,19 @@ TOKENS = ("batch", "length", "embed")  # the residual stream.
 
 
 def check_tensor_parallel(name: str, dims: dict[str, tuple[int, str]]):
-  """Raises, naming the model, the split and the sizes that would work, if the mesh and logical
-  axis rules in context (sharding.jit) split one of `dims` ({logical axis: (size, what)})
-  unevenly. Outside such a context there is nothing to check."""
+  """Raises if the mesh and logical axis rules in context (sharding.jit) split one of `dims`
+  ({logical axis: (size, what)}) unevenly. Outside such a context there is nothing to check."""
   mesh, rules = jax.sharding.get_abstract_mesh(), nn.get_logical_axis_rules()
   if mesh.empty or not rules:
     return
-  for logical, (size, what) in dims.items():
+  splits = {}
+  for logical in dims:
     axes = nn.logical_to_mesh_axes((logical,), rules)[0]
     axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    ways = math.prod(mesh.shape[a] for a in axes)
-    if size % ways:
-      valid = [d for d in range(1, size + 1) if size % d == 0]
-      raise ValueError(
-          f"{name} has {size} {what}, which the mesh cannot split {ways} ways (logical axis "
-          f"{logical!r} -> mesh {' x '.join(f'{a}={mesh.shape[a]}' for a in axes)}): use a "
-          f"product of those mesh axes that divides {size} ({', '.join(map(str, valid))}), or "
-          f"map {logical!r} to None in config.logical_axis_rules.")
-
-
-def check_image_size(image_size: int, patch_size: int):
-  if image_size <= 0 or image_size % patch_size:
-    raise ValueError(
-        f"Image size {image_size} is not divisible by the patch size {patch_size}: "
-        f"choose an image size that is a multiple of {patch_size} "
-        f"(e.g. {max(patch_size, image_size // patch_size * patch_size)}).")
+    splits[logical] = {a: mesh.shape[a] for a in axes}
+  message = variants.uneven_split(name, dims, splits)
+  if message:
+    raise ValueError(message)
 
 
 def resize_pos_embed(pos_embed: jax.Array, new_grid: tuple[int, int],
@@ -315,10 +303,7 @@ class VisionTransformer(nn.Module):
                          f"this {self.depth}-deep ViT: set --config.model.recons_blocks within them.")
     check_tensor_parallel(
         variant_name(self.width, self.depth, self.num_heads, self.patch_size),
-        {"heads": (self.num_heads, "attention heads"),
-         "mlp": (int(self.width * self.mlp_ratio), "MLP features"),
-         "embed": (self.width, "features"),
-         "kv": (self.width // self.num_heads, "features per head")})
+        variants.parallel_dims(self.width, self.num_heads, self.mlp_ratio))
 
     if self.standardize_input:
       images = standardize_per_image(images)
