@@ -46,6 +46,24 @@ def _draw_block(key, height: int, width: int, align: int = 1, max_block_frac: fl
   return top, left, h, w
 
 
+def coverage_ceiling(height: int, width: int, align: int = 1,
+                     max_block_frac: float = 0.3) -> float:
+  """The largest fraction of a height x width image that any number of blocks can cover.
+
+  Corners avoid the last grid cell (the authors' rule, `_draw_block`), so a row or column is
+  covered only up to the last corner plus the longest side. Below 1 where the longest side is a
+  single cell: 16 px images with align 4 reach at most (12 / 16)^2 = 0.5625.
+  """
+  _check_align(height, width, align)
+
+  def reach(side):
+    last_corner = (max(side // align - 1, 1) - 1) * align
+    longest = round((max(int(max_block_frac * side), align + 1) - 1) / align) * align
+    return min(side, last_corner + longest) / side
+
+  return reach(height) * reach(width)
+
+
 def block_mask_with_count(key, height: int, width: int, ratio, *, align: int = 1,
                           max_block_frac: float = 0.3, max_blocks: int = 256):
   """Like `block_mask`, also returns the number of blocks drawn (int32 scalar)."""

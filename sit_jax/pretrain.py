@@ -263,6 +263,27 @@ def validate(config):
   sit_model.sit_from_config(model_config(config), config.experiment)
 
 
+def warn_if_ratio_out_of_reach(config) -> str | None:
+  """The warning logged (and returned) when GMML blocks cannot cover the asked area: each such
+  image draws `max_blocks` blocks and stops at the ceiling (`gmml.coverage_ceiling`)."""
+  if not uses_corruption(config):
+    return None
+  g, size = config.gmml, config.data.image_size
+  ceiling = gmml.coverage_ceiling(size, size, g.align)
+  fills_of = {"ratio": {"noise", "zeros"}, "replace_ratio": {"replace"}}
+  asked = {key: g[key] for key, fills in fills_of.items()
+           if fills & set(g.fills) and g[key] > ceiling}
+  if not asked:
+    return None
+  message = (f"{', '.join(f'gmml.{k}={v}' for k, v in asked.items())}: GMML blocks cover at most "
+             f"{ceiling:.4f} of a {size} px image with gmml.align={g.align} (corners avoid the "
+             f"last {g.align} px row and column, as in the authors' code), so images asking for "
+             f"more draw the block cap and stop there. A smaller gmml.align or larger images reach "
+             f"it.")
+  logging.warning(message)
+  return message
+
+
 def warn_if_donors_cross_devices(config, mesh) -> str | None:
   """The warning logged (and returned) when GMML's donor groups span devices: correct, but each
   step then copies images between devices."""
@@ -325,6 +346,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     logging.info("%s: %d examples, %d steps per epoch, %d steps; mesh %s", info.name,
                  info.num_examples, steps_per_epoch, total_steps, dict(mesh.shape))
     warn_if_donors_cross_devices(config, mesh)
+    warn_if_ratio_out_of_reach(config)
 
     def batches(start_step):
       return data.pretrain_iterator(

@@ -151,6 +151,40 @@ def test_blocks_per_image_match_the_authors_function(align, ref_blocks):
   np.testing.assert_allclose(np.asarray(masks, np.float64).mean(), ref_cover, atol=0.005)
 
 
+@pytest.mark.parametrize("size,align,ceiling", [
+    (16, 4, (12 / 16) ** 2),   # 1-cell blocks, corners 0..8: rows 0..11.
+    (20, 4, (16 / 20) ** 2),   # longest side 5 px rounds to 4.
+    (24, 8, (16 / 24) ** 2),
+    (16, 2, 1.0), (32, 4, 1.0)])
+def test_coverage_ceiling_is_what_any_number_of_blocks_reaches(size, align, ceiling):
+  assert gmml.coverage_ceiling(size, size, align) == pytest.approx(ceiling)
+  # 256 blocks asked to cover everything: the union saturates at the ceiling, never beyond.
+  masks, counts = _masks_and_counts(jax.random.PRNGKey(16), 1.0, size=size, n=32, align=align)
+  cover = np.asarray(masks, np.float64).mean(axis=(1, 2))
+  assert cover.max() == pytest.approx(ceiling)
+  if ceiling < 1:  # targets U(0.5, 1) above the ceiling draw all 256 blocks and stop there.
+    capped = np.asarray(counts) == 256
+    assert capped.any()
+    np.testing.assert_allclose(cover[capped], ceiling)
+
+
+def test_a_ratio_out_of_reach_is_named():
+  import ml_collections
+  from sit_jax import pretrain
+  config = ml_collections.ConfigDict({
+      "experiment": "sit", "data": {"image_size": 16},
+      "gmml": {"ratio": 0.75, "replace_ratio": 0.3, "fills": ("noise", "replace"), "align": 4}})
+  message = pretrain.warn_if_ratio_out_of_reach(config)
+  assert "gmml.ratio=0.75: GMML blocks cover at most 0.5625 of a 16 px image" in message
+  assert "replace_ratio" not in message
+  config.gmml.fills = ("replace",)
+  assert pretrain.warn_if_ratio_out_of_reach(config) is None
+  config.gmml.replace_ratio = 0.6
+  assert "gmml.replace_ratio=0.6:" in pretrain.warn_if_ratio_out_of_reach(config)
+  config.gmml.align = 1
+  assert pretrain.warn_if_ratio_out_of_reach(config) is None
+
+
 def test_block_mask_is_bool_and_ratio_zero_is_empty():
   mask = gmml.block_mask(jax.random.PRNGKey(0), 16, 24, 0.0)
   chex.assert_shape(mask, (16, 24))
