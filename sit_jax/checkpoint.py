@@ -463,19 +463,10 @@ def _read_metadata(step_dir: epath.Path) -> dict:
 
 
 def _check_metadata(step_dir, expected: dict, actual: dict):
-  """Raises CheckpointError if `actual` differs from `expected` on one of its keys. The
-  'settings' entry ({dotted config key: value}) gets one sentence per setting; other entries
-  (model, experiment) list the differing fields."""
-  settings = [f"{key} was {actual['settings'][key]!r} when the checkpoint was written and is "
-              f"{value!r} now" for key, value in expected.get("settings", {}).items()
-              if key in actual.get("settings", {}) and actual["settings"][key] != value]
-  if settings:
-    first = next(iter(k for k, v in expected["settings"].items()
-                      if actual.get("settings", {}).get(k, v) != v))
-    raise CheckpointError(
-        f"Cannot resume {step_dir}: " + "; ".join(settings) + ". A resumed run must keep it "
-        f"(it changes the trained state or the data order): set {first} back to resume, or "
-        "pass another --workdir to start afresh.")
+  """Raises CheckpointError if `actual` differs from `expected` on one of its keys. Other
+  entries (model, experiment) come first, listing the differing fields: another experiment's
+  checkpoint differs in its settings too, and setting those back would not resume it. Then the
+  'settings' entry ({dotted config key: value}), one sentence per setting."""
   diffs = []
   for key, value in expected.items():
     if key == "settings":
@@ -488,6 +479,16 @@ def _check_metadata(step_dir, expected: dict, actual: dict):
     raise CheckpointError(
         f"Checkpoint {step_dir} was written with a different configuration than requested; "
         "differing fields: " + "; ".join(diffs) + ". Use a matching config or another workdir.")
+  settings = [f"{key} was {actual['settings'][key]!r} when the checkpoint was written and is "
+              f"{value!r} now" for key, value in expected.get("settings", {}).items()
+              if key in actual.get("settings", {}) and actual["settings"][key] != value]
+  if settings:
+    first = next(iter(k for k, v in expected["settings"].items()
+                      if actual.get("settings", {}).get(k, v) != v))
+    raise CheckpointError(
+        f"Cannot resume {step_dir}: " + "; ".join(settings) + ". A resumed run must keep it "
+        f"(it changes the trained state or the data order): set {first} back to resume, or "
+        "pass another --workdir to start afresh.")
 
 
 # ----------------------------------------------------------------------------

@@ -205,7 +205,8 @@ def test_cross_mesh_restore_8_to_4_devices(tmp_path):
 def test_metadata_mismatch_is_checked_before_arrays(tmp_path):
   d = tmp_path / "ck"
   with Checkpointer(d, every=1, async_save=False) as ck:
-    ck.save(1, make_state(1), metadata={"model": MODEL, "experiment": "a"})
+    ck.save(1, make_state(1), metadata={"model": MODEL, "experiment": "a",
+                                        "settings": {"optim.clip_norm": 3.0}})
   # With broken array files, only a check done before reading arrays can
   # produce the config error below.
   _corrupt_arrays(d / "1")
@@ -216,6 +217,14 @@ def test_metadata_mismatch_is_checked_before_arrays(tmp_path):
   msg = str(e.value)
   assert "model.width" in msg and "32" in msg and "64" in msg
   assert "depth" not in msg and "experiment" not in msg
+  # Another experiment's checkpoint differs in its settings too: the experiment is named, never
+  # a setting whose value, set back, still would not resume it (finetune in a pretraining dir).
+  with Checkpointer(d, every=1) as ck:
+    with pytest.raises(CheckpointError) as e:
+      ck.restore(abstract(make_state()), expected_metadata={
+          "model": MODEL, "experiment": "b", "settings": {"optim.clip_norm": 0.0}})
+  assert "experiment: checkpoint='a', expected='b'" in str(e.value)
+  assert "clip_norm" not in str(e.value)
 
 
 def test_structure_mismatch_names_leaves(tmp_path):
