@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime
 import errno
+import json
 import logging as std_logging
 import os
 import socket
@@ -183,6 +184,7 @@ class Experiment:
     ensure_writable(self.workdir)
     self._lock_workdir()
     try:
+      self._check_same_experiment()
       self._open_log()
       if remote and self.is_main:
         logging.info("Workdir %s is remote: no lock is held, so make sure no other run "
@@ -216,6 +218,16 @@ class Experiment:
                            "pass another --workdir.")
     if busy is not None:
       raise busy
+
+  def _check_same_experiment(self):
+    """Refuses a workdir whose config.json is another experiment's: the run would replace its
+    results.json and add its rows to its metrics.jsonl."""
+    text = metrics.read_text(os.path.join(self.workdir, "config.json"))
+    earlier = json.loads(text).get("experiment") if text else None
+    if earlier and self.config.get("experiment") and earlier != self.config.experiment:
+      raise RunError(f"Workdir {self.workdir} holds a {earlier!r} run (its config.json), not "
+                     f"{self.config.experiment!r}: running here would replace its results.json "
+                     "and mix its metrics.jsonl; pass another --workdir.")
 
   def _open_log(self):
     if not self.is_main:

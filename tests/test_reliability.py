@@ -36,7 +36,7 @@ class State:
 
 def tiny_config(**overrides):
   c = ml_collections.ConfigDict(dict(
-      seed=0, log_every=1, checkpoint_every=2, keep_checkpoints=2,
+      experiment="tiny", seed=0, log_every=1, checkpoint_every=2, keep_checkpoints=2,
       mesh=dict(data=-1, fsdp=1, model=1), data=dict(global_batch_size=BATCH),
       optim=dict(clip_norm=0.0)))
   c.update_from_flattened_dict(overrides)
@@ -227,6 +227,18 @@ def test_a_resumed_run_drops_the_results_of_the_process_before(tmp_path):
     train(tmp_path, 10, hooks=[trainer.Hook(1, crash)])
   assert steps_on_disk(tmp_path) == [6, 8]
   assert not os.path.exists(tmp_path / "results.json")
+
+
+def test_another_experiment_in_the_workdir_is_refused_before_writing(tmp_path):
+  """A transfer run pointed at its pretraining workdir (no checkpoints of its own to check:
+  an L-BFGS probe) replaced the pretraining's results.json and added to its metrics.jsonl."""
+  train(tmp_path, 4)
+  kept = {name: (tmp_path / name).read_bytes()
+          for name in ("results.json", "metrics.jsonl", "config.json", "log.txt")}
+  with pytest.raises(experiment.RunError, match=r"holds a 'tiny' run \(its config.json\), not "
+                     "'linear'.*pass another --workdir"):
+    train(tmp_path, 4, experiment="linear")
+  assert {name: (tmp_path / name).read_bytes() for name in kept} == kept
 
 
 def test_a_checkpoint_past_total_steps_is_one_line(tmp_path):
