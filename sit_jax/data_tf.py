@@ -6,6 +6,9 @@ resized by data.py's PIL code inside tf.numpy_function (PIL releases the GIL, so
 parallel map runs them on several cores). The module doc of data.py describes the order and
 how resuming works.
 """
+import functools
+import operator
+
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -45,7 +48,7 @@ def _size(builder, split, name):
     n = builder.info.splits[split].num_examples
   except (KeyError, ValueError, TypeError, AssertionError):
     n = 0
-  if n <= 0:  # not in the metadata (e.g. a sub-split object, or tfds.testing.mock_data)
+  if n <= 0:  # not in the metadata (e.g. tfds.testing.mock_data)
     n = int(_read(builder, split, name).cardinality())
     if n < 0:
       raise data.DataError(f"cannot tell the size of TFDS split {name}:{split}")
@@ -53,37 +56,27 @@ def _size(builder, split, name):
 
 
 def host_data(builder, name, split, p, P, num_classes, multilabel):
-  n = _size(builder, split, name)
-  host_split, n_local, n_max = split, n, n
+  """Host p's share: tfds.even_splits of each '+' part of the split, which gives each part's
+  remainder to the first hosts, so host 0's share is the largest (more than ceil(n / P) when
+  several parts have a remainder) and a host's share can be empty (a part smaller than P)."""
+  parts = split.split("+")
+  sizes = [_size(builder, part, name) for part in parts]
+  share_size = lambda q: sum(m // P + (q < m % P) for m in sizes)
+  host_split = split
   if P > 1:
-    def share(q):  # host q's part of each '+' part of the split
-      parts = [tfds.even_splits(part, P)[q] for part in split.split("+")]
-      joined = parts[0]
-      for part in parts[1:]:
-        joined = joined + part
-      return joined
-    host_split = share(p)
-    n_local = _size(builder, host_split, name)
-    # even_splits gives each part's remainder to the first hosts: host 0's share is the largest
-    # (more than ceil(n / P) when several parts have a remainder).
-    n_max = _size(builder, share(0), name)
-  info = data.DatasetInfo(n, num_classes, f"tfds:{name}/{split}", multilabel=multilabel)
-  return data._HostData(info, n_local, n_max, builder=builder, host_split=host_split)
-
-
-def _label_input(builder):
-  """(feature key, example -> the tensor data._tfds_labels needs)."""
-  features = builder.info.features
-  key = "label" if "label" in features else "labels" if "labels" in features else None
-  return key, (lambda ex: ex[key]) if key else (lambda ex: tf.constant(-1))
+    host_split = functools.reduce(operator.add, [tfds.even_splits(part, P)[p] for part in parts])
+  info = data.DatasetInfo(sum(sizes), num_classes, f"tfds:{name}/{split}", multilabel=multilabel)
+  return data._HostData(info, share_size(p), share_size(0), builder=builder,
+                        host_split=host_split)
 
 
 def _numpy_elements(ds, builder, fn, specs):
   """Maps (position, example) to fn(encoded, position) -> arrays of `specs` ((shape, numpy
   dtype) each) in parallel with PIL, drops the elements fn could not decode, keeps the
   position."""
-  key, label_input = _label_input(builder)
   label_of, num_classes, multilabel = data._tfds_labels(builder)
+  features = builder.info.features
+  key = "label" if "label" in features else "labels" if "labels" in features else None
   label_shape = (num_classes,) if multilabel else ()
   outs = [tf.bool] + [tf.as_dtype(dtype) for _, dtype in specs] + [tf.int32]
 
@@ -97,8 +90,8 @@ def _numpy_elements(ds, builder, fn, specs):
     return (True, *arrays, np.asarray(label, np.int32).reshape(label_shape))
 
   def element(pos, ex):
-    ok, *arrays, label = tf.numpy_function(run, [ex["image"], label_input(ex), pos], outs,
-                                           stateful=False)
+    label = ex[key] if key else tf.constant(-1)
+    ok, *arrays, label = tf.numpy_function(run, [ex["image"], label, pos], outs, stateful=False)
     for a, (shape, _) in zip(arrays, specs):
       a.set_shape(shape)
     label.set_shape(label_shape)
@@ -152,10 +145,12 @@ def train_batches(d, *, b, start_step, seed, process_index, shuffle_buffer, view
 def eval_batches(d, *, b, size, view):
   """Padded batches in record order; unreadable records and padding have mask False."""
   label_shape = (d.info.num_classes,) if d.info.multilabel else ()
-  ds = _read(d.builder, d.host_split, d.info.name).enumerate()
-  ds = _numpy_elements(ds, d.builder, lambda encoded, pos: (view(encoded),),
-                       [((size, size, 3), np.uint8)])
-  pending = iter(_options(ds.prefetch(_AUTOTUNE)).as_numpy_iterator())
+  pending = iter(())  # a host whose share is empty (tfds cannot read it) yields padding only
+  if d.n_local:
+    ds = _read(d.builder, d.host_split, d.info.name).enumerate()
+    ds = _numpy_elements(ds, d.builder, lambda encoded, pos: (view(encoded),),
+                         [((size, size, 3), np.uint8)])
+    pending = iter(_options(ds.prefetch(_AUTOTUNE)).as_numpy_iterator())
   nxt = next(pending, None)
   for k in range(-(-d.n_max_local // b)):
     out = dict(image=np.zeros((b, size, size, 3), np.uint8),
