@@ -150,8 +150,9 @@ def train(exp, *, init: Callable[[], Any], abstract, step_fn: Callable,
   with checkpoint.stop_signals(), (ckpt or _NoCheckpoints()):
     state = None
     if ckpt is not None and ckpt.latest_step() is not None:
-      state, _ = ckpt.restore(abstract, expected_metadata=metadata, fallback=True)
+      state, saved = ckpt.restore(abstract, expected_metadata=metadata, fallback=True)
       logging.info("Resumed from step %d of %s", int(state.step), ckpt.directory)
+      _warn_if_length_changed(int(state.step), saved.get("total_steps"), total_steps)
     if state is None:
       state = init()
     start_step = int(jax.device_get(state.step))
@@ -168,7 +169,8 @@ def train(exp, *, init: Callable[[], Any], abstract, step_fn: Callable,
           metrics.drop_rows_after(os.path.join(exp.workdir, "metrics.jsonl"), start_step)
     start = time.perf_counter()
     try:
-      _loop(exp, ckpt, outcome, step_fn, batches(start_step), place, hooks, writer, metadata)
+      _loop(exp, ckpt, outcome, step_fn, batches(start_step), place, hooks, writer,
+            {**metadata, "total_steps": total_steps})  # saved, never required to match
     except _NonFinite as e:
       outcome.stopped = "non-finite"
       kept = ckpt.latest_step() if ckpt is not None else None
@@ -191,6 +193,18 @@ def train(exp, *, init: Callable[[], Any], abstract, step_fn: Callable,
       if writer is not None and not _logged(exp, outcome.step, evaluated):
         writer.write_scalars(outcome.step, evaluated, timed=False)
   return outcome
+
+
+def _warn_if_length_changed(step: int, saved_total: int | None, total_steps: int):
+  """A run's schedules (learning rate, weight decay, the teacher's momentum) are functions of
+  its length: resumed with another total_steps (or total_epochs), they do not continue but
+  jump to the new length's values at the next step."""
+  if saved_total is not None and saved_total != total_steps and step < total_steps:
+    logging.warning(
+        "Step %d was saved by a run of %d steps and resumes as a run of %d: the schedules "
+        "(learning rate, weight decay, momentum) are set by the run's length, so from step %d "
+        "on they are those of a %d-step run, not a continuation of the %d-step one.",
+        step, saved_total, total_steps, step + 1, total_steps, saved_total)
 
 
 def _logged(exp, step: int, scalars: dict) -> bool:

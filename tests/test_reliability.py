@@ -241,12 +241,18 @@ def test_another_experiment_in_the_workdir_is_refused_before_writing(tmp_path):
   assert {name: (tmp_path / name).read_bytes() for name in kept} == kept
 
 
-def test_a_checkpoint_past_total_steps_is_one_line(tmp_path):
+def test_another_total_steps_on_resume(tmp_path, caplog):
+  """Below the checkpoint's step: one line. Above it: the run goes on, and the user is told that
+  the schedules, functions of the run's length, jump at the next step."""
   train(tmp_path, 4)
   with pytest.raises(ValueError, match=r"at step 4, past total_steps=2: set total_steps to 4 or "
                      "more"):
     train(tmp_path, 2)
   assert steps_on_disk(tmp_path) == [2, 4]
+  _, results = train(tmp_path, 6)
+  assert ("Step 4 was saved by a run of 4 steps and resumes as a run of 6" in caplog.text
+          and "from step 5 on they are those of a 6-step run" in caplog.text)
+  np.testing.assert_allclose(results["w"], reference_weights(6), rtol=1e-5)
 
 
 # -- Killed ---------------------------------------------------------------------------------
