@@ -406,6 +406,16 @@ def _architecture(config) -> str | None:
   return message
 
 
+def _mean_of_blocks(config) -> str | None:
+  head = config.get("head") or {}
+  last = head.get("last_blocks", 1)
+  if head.get("features") == "mean" and last > 1:
+    return (f"config.head.features='mean' with head.last_blocks={last}: several blocks "
+            "concatenate their CLS tokens; set --config.head.features=cls (or cls+mean) or "
+            "--config.head.last_blocks=1.")
+  return None
+
+
 def _attention_dtype(config) -> str | None:
   model = config.get("model") or {}
   if model.get("attention") == "cudnn" and model.get("dtype") not in ("bfloat16", "float16"):
@@ -436,7 +446,8 @@ def _init_exists(config) -> str | None:
 # Rules across keys: each returns the one-line message of a mistake, or None.
 CHECKS: list[Callable[[ml_collections.ConfigDict], str | None]] = [
     _length_of_run, _decoded_size, _donor_group, _unset_rate, _experiment_sections,
-    _mesh_wildcards, _architecture, _attention_dtype, _validation_split, _init_exists]
+    _mesh_wildcards, _architecture, _mean_of_blocks, _attention_dtype, _validation_split,
+    _init_exists]
 
 
 def flatten(config) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import tensorflow_datasets as tfds
 from configs import common as config_common
 from configs import finetune as finetune_config
 from configs import transfer_common
-from sit_jax import checkpoint, data, sharding
+from sit_jax import checkpoint, config_check, data, sharding
 from sit_jax.models import vit
 from sit_jax.transfer import common, deit_augment, finetune, knn, linear, supervised
 
@@ -339,6 +339,9 @@ def test_load_backbone_from_pretraining_workdir(tmp_path, exported_backbone):
   backbone = common.load_backbone(c, image_size=32)
   got = leaves(backbone.params)
   assert all(np.array_equal(got[k], v) for k, v in leaves(params).items())
+  # The checkpoint's patch (4) decides which sizes fit; config_check cannot see it.
+  with pytest.raises(ValueError, match=r"^data.image_size=18 does not fit the Mu/4 backbone of "):
+    common.load_backbone(c, image_size=18)
 
 
 def test_layer_decay_factors_and_updates():
@@ -471,3 +474,12 @@ def test_blocks_past_a_loaded_backbones_depth_name_their_key():
     common.make_feature_fn(module, "cls", last_blocks=5)
   with pytest.raises(ValueError, match=r"^seg.blocks=\(2, 5\) names blocks outside 1..4"):
     common.make_patch_fn(module, blocks=(2, 5))
+  with pytest.raises(ValueError, match=r"^head.features='mean' with head.last_blocks=2: .*"
+                     r"--config.head.last_blocks=1"):
+    common.make_feature_fn(module, "mean", last_blocks=2)
+  # That one is the config's alone: the command line says it before any work.
+  config = config_check.load("configs/linear.py:runlocal")  # head.last_blocks 4
+  config.head.features = "mean"
+  with pytest.raises(config_check.ConfigError, match=r"^config.head.features='mean' with "
+                     r"head.last_blocks=4: .* --config.head.last_blocks=1.$"):
+    config_check.check(config)

@@ -63,6 +63,11 @@ def load_backbone(config, *, image_size: int, drop_path_rate: float | None = Non
     logging.warning("config.model.variant=%s ignored: the checkpoint is a %s.",
                     model["variant"], ckpt_config["variant"])
   model_config = {**vit.parameter_settings(ckpt_config), "image_size": image_size, **runtime}
+  try:  # config_check cannot see a checkpoint's patch: the line names the key here.
+    vit.check_image_size(image_size, vit.parse_variant(ckpt_config["variant"])["patch_size"])
+  except ValueError as e:
+    raise ValueError(f"data.image_size={image_size} does not fit the {ckpt_config['variant']} "
+                     f"backbone of {config.init}: {e}") from None
   module = vit.backbone_from_config(model_config)
   params = jax.tree.map(np.asarray, loaded["backbone"])
   grid = image_size // module.patch_size
@@ -137,7 +142,9 @@ def make_feature_fn(module: vit.VisionTransformer, features: str = "cls", last_b
     raise ValueError(f"head.last_blocks={last_blocks} must be within 1..{module.depth}, the "
                      "blocks of this backbone.")
   if last_blocks > 1 and features == "mean":
-    raise ValueError("last_blocks > 1 concatenates CLS tokens: use features 'cls' or 'cls+mean'.")
+    raise ValueError(f"head.features='mean' with head.last_blocks={last_blocks}: several blocks "
+                     "concatenate their CLS tokens; set --config.head.features=cls (or cls+mean) "
+                     "or --config.head.last_blocks=1.")
 
   def fn(params, images, *, train=False, rng=None):
     rngs = {"dropout": rng} if rng is not None else {}
