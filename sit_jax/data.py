@@ -13,10 +13,10 @@ Sources (`source` argument):
   "folder:/path"  an image folder (files ending in IMAGE_EXTENSIONS; the others are named in one
       warning). Sub-directories of the root are classes (sorted by name -> label index, searched
       recursively); without sub-directories every image has label -1.
-      If `<path>/<split>` is a directory it is used instead of the root (ImageNet-style
-      train/ and val/ folders). Without one, "train" (or no split) is the whole folder and any
-      other split name is an error: a "test" split never silently reads the training images;
-      carve held-out splits from "train" with slices instead. The val/test splits of a
+      If `<path>/<split>` is a directory (in any case: Train/) it is used instead of the root
+      (ImageNet-style train/ and val/ folders). Without one, "train" (or no split) is the
+      whole folder and any other split name is an error: a "test" split never silently reads
+      the training images; carve held-out splits from "train" with slices instead. The val/test splits of a
       transfer run must have the train split's class folders (`DatasetInfo.classes`).
   "embedded:digits"  scikit-learn's bundled 8x8 digits (1797 images, labels 0-9), upsampled
       bicubically to 32x32 RGB; split "train" (1500) / "test" (297) / "all" after a fixed shuffle.
@@ -372,20 +372,23 @@ SPLIT_FOLDERS = ("train", "val", "validation", "test")
 def folder_split(path: str, split: Optional[str]) -> tuple[str, Optional[str]]:
   """(the directory a split of the image folder `path` reads, the split's slice or None).
 
-  `<path>/<split>` when it is a folder. Otherwise 'train' (or no split) is the whole folder,
-  unless the folder has split folders, and any other split is an error: read as the whole
-  folder, a 'test' split would score the training images. A split folder that holds images but
-  no class folders, beside folders that are not split names, is a class that shares a split's
-  name (classes bicycle, bus, car, train): an error too."""
+  `<path>/<split>` when it is a folder (in any case: Train/ and Val/ are splits too, not two
+  classes). Otherwise 'train' (or no split) is the whole folder, unless the folder has split
+  folders, and any other split is an error: read as the whole folder, a 'test' split would
+  score the training images. A split folder that holds images but no class folders, beside
+  folders that are not split names, is a class that shares a split's name (classes bicycle,
+  bus, car, train): an error too."""
   root = os.path.expanduser(path)
   base, part = split_slice(split)
   subdirs = sorted(e for e in os.listdir(root)
                    if not e.startswith(".") and os.path.isdir(os.path.join(root, e))) \
       if os.path.isdir(root) else []
   split_dirs = [d for d in subdirs if d in SPLIT_FOLDERS]
+  if base and base not in subdirs:
+    base = next((d for d in subdirs if d.lower() == base.lower()), base)
   if base and base in subdirs:
     chosen = os.path.join(root, base)
-    others = [d for d in subdirs if d not in SPLIT_FOLDERS]
+    others = [d for d in subdirs if d.lower() not in SPLIT_FOLDERS]
     if others and not any(os.path.isdir(os.path.join(chosen, e)) for e in os.listdir(chosen)):
       raise DataError(f"folder:{root}: is {base}/ the {base!r} split or a class beside "
                       f"{', '.join(others[:5])}? It holds images but no class folders. Rename "

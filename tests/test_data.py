@@ -264,9 +264,21 @@ def test_a_folder_split_is_its_folder_or_a_slice_of_train(tmp_path):
     with pytest.raises(data.SplitNotFound, match="its split folders are train, val"):
       data.dataset_info(layout, split)
 
+  # Split folders in another case are the splits, not two classes 'Train' and 'Val' that
+  # would put the validation images into pretraining.
+  cased = tmp_path / "cased"
+  _class_folders(cased / "Train", ("a", "b"))
+  _class_folders(cased / "Val", ("a", "b"), images_each=1)
+  assert data.dataset_info(f"folder:{cased}", "train") == data.DatasetInfo(
+      4, 2, f"folder:{cased / 'Train'}", classes=("a", "b"))
+  assert data.dataset_info(f"folder:{cased}", "val[:50%]").num_examples == 1
+
   # A class that shares a split's name is not taken for the split.
   vehicles = f"folder:{_class_folders(tmp_path / 'vehicles', ('bicycle', 'bus', 'train'))}"
   with pytest.raises(data.DataError, match="train/ the 'train' split or a class beside bicycle"):
+    data.dataset_info(vehicles, "train")
+  vehicles = f"folder:{_class_folders(tmp_path / 'Vehicles', ('Bicycle', 'Bus', 'Train'))}"
+  with pytest.raises(data.DataError, match="Train/ the 'Train' split or a class beside Bicycle"):
     data.dataset_info(vehicles, "train")
 
 
