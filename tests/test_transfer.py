@@ -329,16 +329,22 @@ def test_finetune_state_is_created_only_when_not_resuming(tmp_path, monkeypatch)
     finetune.run(c, str(tmp_path))
 
 
-def test_load_backbone_from_pretraining_workdir(tmp_path, exported_backbone):
+def test_load_backbone_from_pretraining_workdir(tmp_path, exported_backbone, caplog):
   _, params = exported_backbone
   state = {"step": np.int32(7), "params": {"backbone": params, "recon_head": {"w": np.ones(3)}}}
   with checkpoint.Checkpointer(tmp_path / "checkpoints", every=7, async_save=False) as ckpt:
     assert ckpt.save(7, state, metadata={"model": {"variant": "Mu/4", "image_size": 32}})
   c = finetune_config.get_config("runlocal")
   c.init = str(tmp_path)
+  c.model.variant = "S/16"
+  assert c.model.standardize_input  # runlocal's random init; this checkpoint was saved without
   backbone = common.load_backbone(c, image_size=32)
   got = leaves(backbone.params)
   assert all(np.array_equal(got[k], v) for k, v in leaves(params).items())
+  assert not backbone.module.standardize_input
+  ignored = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
+  assert [m.split(":")[0] for m in ignored] == ["config.model.standardize_input=True ignored",
+                                                "config.model.variant=S/16 ignored"]
   # The checkpoint's patch (4) decides which sizes fit; config_check cannot see it.
   with pytest.raises(ValueError, match=r"^data.image_size=18 does not fit the Mu/4 backbone of "):
     common.load_backbone(c, image_size=18)

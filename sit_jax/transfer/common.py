@@ -59,9 +59,12 @@ def load_backbone(config, *, image_size: int, drop_path_rate: float | None = Non
   if "backbone" not in loaded:
     raise checkpoint.CheckpointError(f"{config.init} holds no 'backbone' parameters "
                                      f"(found {sorted(loaded)}).")
-  if model.get("variant") and model["variant"] != ckpt_config["variant"]:
-    logging.warning("config.model.variant=%s ignored: the checkpoint is a %s.",
-                    model["variant"], ckpt_config["variant"])
+  # What the parameters mean is saved with them (standardize_input: False before it existed).
+  saved = {"standardize_input": False, **vit.parameter_settings(ckpt_config)}
+  for key, value in saved.items():
+    if model.get(key, "") not in ("", value):
+      logging.warning("config.model.%s=%s ignored: the backbone of %s has %s, saved with its "
+                      "parameters.", key, model[key], config.init, value)
   model_config = {**vit.parameter_settings(ckpt_config), "image_size": image_size, **runtime}
   try:  # config_check cannot see a checkpoint's patch: the line names the key here.
     vit.check_image_size(image_size, vit.parse_variant(ckpt_config["variant"])["patch_size"])
