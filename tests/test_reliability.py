@@ -229,6 +229,15 @@ def test_a_resumed_run_drops_the_results_of_the_process_before(tmp_path):
   assert not os.path.exists(tmp_path / "results.json")
 
 
+def test_an_evaluation_run_again_keeps_one_row_per_step(tmp_path):
+  """Runs with no checkpoint to resume (k-NN, few-shot, a linear probe) start metrics.jsonl
+  afresh, as results.json: the rows of the earlier run were kept, each step twice."""
+  for top1 in (0.5, 0.75):
+    with experiment.Experiment(tiny_config(), tmp_path, batch_sizes=(BATCH,)) as exp:
+      exp.writer(0, BATCH).write_scalars(0, {"test/top1": top1}, timed=False)
+  assert [(r["step"], r["test/top1"]) for r in metric_rows(tmp_path)] == [(0, 0.75)]
+
+
 def test_another_experiment_in_the_workdir_is_refused_before_writing(tmp_path):
   """A transfer run pointed at its pretraining workdir (no checkpoints of its own to check:
   an L-BFGS probe) replaced the pretraining's results.json and added to its metrics.jsonl."""
