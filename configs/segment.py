@@ -42,6 +42,7 @@ def get_config(arg=None):
   dataset = "digit_canvas" if arg.runlocal else arg.dataset
   r = tc.dataset_row(RECIPES, dataset)
   c = tc.transfer_config("segment", dataset)
+  del c.head  # the tokens are seg.*'s
   c.data.image_size = r["image_size"]
   c.data.global_batch_size = r["batch"]
   c.data.num_classes = r["classes"]   # a folder source: the number of classes of its masks.

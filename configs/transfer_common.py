@@ -124,7 +124,6 @@ def transfer_config(experiment: str, dataset: str) -> ml_collections.ConfigDict:
 
   c.head = ml_collections.ConfigDict()
   c.head.features = "cls"       # 'cls', 'mean' or 'cls+mean' (concat CLS and mean patch token).
-  c.head.last_blocks = 1        # linear/knn: concat the CLS of the last k blocks.
 
   c.total_epochs = 100.0
   c.total_steps = 0             # > 0 overrides total_epochs.

@@ -489,3 +489,12 @@ def test_blocks_past_a_loaded_backbones_depth_name_their_key():
   with pytest.raises(config_check.ConfigError, match=r"^config.head.features='mean' with "
                      r"head.last_blocks=4: .* --config.head.last_blocks=1.$"):
     config_check.check(config)
+  # Keys a protocol does not read are not in its config, so setting one is an error, not a
+  # silent no-op: fine-tuning's head reads the last block, segmentation its seg.* tokens.
+  for spec, key in (("finetune.py:runlocal", "head.last_blocks"),
+                    ("multilabel.py:runlocal", "head.last_blocks"),
+                    ("segment.py:runlocal", "head.features")):
+    with pytest.raises(config_check.ConfigError, match=rf"^Unknown config key {key}"):
+      config_check.check_key(config_check.load(f"configs/{spec}"), key)
+  config_check.check_key(config_check.load("configs/multilabel.py:runlocal,frozen=True"),
+                         "head.last_blocks")
