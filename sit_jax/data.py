@@ -16,8 +16,9 @@ Sources (`source` argument):
       If `<path>/<split>` is a directory (in any case: Train/) it is used instead of the root
       (ImageNet-style train/ and val/ folders). Without one, "train" (or no split) is the
       whole folder and any other split name is an error: a "test" split never silently reads
-      the training images; carve held-out splits from "train" with slices instead. The val/test splits of a
-      transfer run must have the train split's class folders (`DatasetInfo.classes`).
+      the training images; carve held-out splits from "train" with slices instead. The
+      val/test splits of a transfer run must have the train split's class folders
+      (`DatasetInfo.classes`).
   "embedded:digits"  scikit-learn's bundled 8x8 digits (1797 images, labels 0-9), upsampled
       bicubically to 32x32 RGB; split "train" (1500) / "test" (297) / "all" after a fixed shuffle.
   Folder and embedded splits take a TFDS-style slice, "train[:1200]", "train[80%:]": the
@@ -115,7 +116,8 @@ class DatasetInfo:
   classes: tuple[str, ...] = ()  # a folder's class names, label i = classes[i]; else ()
   root: str = dataclasses.field(default="", compare=False)  # what a folder split reads
   indices: Optional[np.ndarray] = dataclasses.field(default=None, repr=False, compare=False)
-  # the examples of `root` (a sorted file list) or of an embedded split that the slice keeps
+  # the examples of `root` (a sorted file list), of an embedded or of a TFDS dataset (ids over
+  # all its splits) that the split keeps
 
 
 # ============================================================================================
@@ -472,6 +474,23 @@ def _tfds_labels(builder):
   return lambda ex: np.int32(-1), 0, False
 
 
+def _tfds_examples(builder, split) -> Optional[np.ndarray]:
+  """The examples of a TFDS split (slices and '+' parts) as ids over all of the dataset's
+  splits, so that shared_examples sees overlapping slices ('train[:98%]', 'train[90%:]'); None
+  where the metadata has no sizes (tfds.testing.mock_data)."""
+  import tensorflow_datasets as tfds
+  splits = builder.info.splits
+  try:
+    sizes = {name: splits[name].num_examples for name in splits.keys()}
+    offsets = dict(zip(sizes, np.cumsum([0, *sizes.values()])))
+    parts = tfds.core.ReadInstruction.from_spec(split).to_absolute(splits)
+  except (KeyError, ValueError, TypeError, AssertionError):
+    return None
+  return np.unique(np.concatenate(
+      [offsets[a.splitname] + np.arange(a.from_ or 0, sizes[a.splitname] if a.to is None else a.to)
+       for a in parts]))
+
+
 class _TfdsLoader:
   """Host-local random access to a TFDS array_record split; images stay encoded."""
 
@@ -509,7 +528,8 @@ def _tfds(name, split, data_dir, p, P, engine):
   if not n:
     raise DataError(f"TFDS split {name}:{split} is empty")
   n_local, n_max = _strided_share(n, p, P)
-  info = DatasetInfo(n, num_classes, f"tfds:{name}/{split}", multilabel=multilabel)
+  info = DatasetInfo(n, num_classes, f"tfds:{name}/{split}", multilabel=multilabel,
+                     root=f"tfds:{name}", indices=_tfds_examples(builder, split))
   return _HostData(info, n_local, n_max, load=_TfdsLoader(source, label_of, p, P))
 
 
@@ -527,8 +547,8 @@ def _host_data(source, split, data_dir, p, P, engine="grain"):
 
 
 def shared_examples(a: DatasetInfo, b: DatasetInfo) -> int:
-  """How many examples two splits of one image folder or embedded dataset have in common (0
-  for TFDS splits: their slices are TFDS's)."""
+  """How many examples two splits of one dataset have in common (0 where a TFDS dataset's
+  metadata has no split sizes)."""
   if not a.root or a.root != b.root or a.indices is None or b.indices is None:
     return 0
   return len(np.intersect1d(a.indices, b.indices))

@@ -65,7 +65,8 @@ def host_data(builder, name, split, p, P, num_classes, multilabel):
   host_split = split
   if P > 1:
     host_split = functools.reduce(operator.add, [tfds.even_splits(part, P)[p] for part in parts])
-  info = data.DatasetInfo(sum(sizes), num_classes, f"tfds:{name}/{split}", multilabel=multilabel)
+  info = data.DatasetInfo(sum(sizes), num_classes, f"tfds:{name}/{split}", multilabel=multilabel,
+                          root=f"tfds:{name}", indices=data._tfds_examples(builder, split))
   return data._HostData(info, share_size(p), share_size(0), builder=builder,
                         host_split=host_split)
 

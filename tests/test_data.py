@@ -663,3 +663,18 @@ def test_tfrecord_converted_to_array_record_holds_the_same_examples(tmp_path):
 
   tf_examples, grain_examples = read("tf", "tfrecord"), read("grain", "ar")
   assert sorted(tf_examples) == sorted(grain_examples) == [(i, i % 3) for i in range(21)]
+
+
+def test_real_tfds_held_out_slices_share_no_example(tiny_tfds):
+  """A validation slice that overlaps the training slice (train[:90%] is examples 0-18,
+  train[85%:] 18-20) is caught for TFDS as for folders; other splits never overlap."""
+  engine, data_dir = tiny_tfds
+  info = lambda split: data.dataset_info("tfds:sit_jax_tiny_images", split, data_dir=data_dir,
+                                         engine=engine)
+  with pytest.raises(data.DataError, match=r"val \(tfds:sit_jax_tiny_images/train\[85%:\]\+test"
+                     r"\) holds 1 of the 19 images of train"):
+    data.check_held_out(info("train[:90%]"), info("train[85%:]+test"), "train", "val")
+  data.check_held_out(info("train[:90%]"), info("train[90%:]+test[:1]"), "train", "val")
+  data.check_held_out(info("train"), info("test"), "train", "test")
+  with pytest.raises(data.DataError, match="holds 4 of the 25"):
+    data.check_held_out(info("train+test"), info("test"), "train", "test")
