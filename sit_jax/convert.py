@@ -6,7 +6,7 @@
     python -m sit_jax.convert to-timm --input /tmp/sit_local --output /tmp/sit_local.safetensors
 
 to-jax reads .pth/.pt (torch.load, weights only) or .safetensors. It unwraps training
-checkpoints ('teacher'/'student' as in DINO/SiT/GMML, 'model', 'state_dict', ...), strips the
+checkpoints ('teacher'/'student' as in DINO and SiT, GMML's 'SiT_model', 'model', ...), strips the
 'module.' / 'backbone.' prefixes, drops classification and SSL heads (head.*, head_*,
 pre_logits.*) with a warning, and infers the architecture from the shapes: width from cls_token,
 depth from the number of blocks, patch size from patch_embed.proj.weight, image size from the
@@ -31,9 +31,10 @@ from absl import logging
 from sit_jax.models import vit
 
 TIMM_NAMES = {"Ti": "vit_tiny", "S": "vit_small", "B": "vit_base", "L": "vit_large"}
-# Wrappers of a state dict inside training checkpoints, tried in this order.
+# Wrappers of a state dict inside training checkpoints, tried in this order ('SiT_model': the
+# GMML authors' main.py).
 WRAPPERS = ("model", "state_dict", "model_state", "model_state_dict", "module", "net", "network",
-            "params")
+            "params", "SiT_model")
 HEAD_PREFIXES = ("head.", "head_", "pre_logits.")
 STRIP_PREFIXES = ("module.", "_orig_mod.", "backbone.")
 

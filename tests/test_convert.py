@@ -164,3 +164,18 @@ def test_a_truncated_file_is_one_line(reference, tmp_path):
   with pytest.raises(convert.ConversionError, match="cut.safetensors is not a readable "
                      r".safetensors file .*truncated\?"):
     convert.load_file(str(truncated))
+
+
+def test_the_gmml_authors_checkpoint_layout(reference):
+  """GMML's main.py saves {'SiT_model': DDP(backbone + head_recons).state_dict(), 'optimizer',
+  'epoch', 'args', 'fp16_scaler'}: its backbone is found, the reconstruction head dropped."""
+  state = load_file(str(reference / "timm.safetensors"))
+  model = {f"module.backbone.{k}": v for k, v in state.items()}
+  model["module.head_recons.convTrans.weight"] = np.zeros((384, 3, 16, 16), np.float32)
+  saved = {"SiT_model": model, "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]},
+           "epoch": 3, "fp16_scaler": {"scale": 1.0}}
+  found, where = convert.find_state_dict(saved)
+  backbone, dropped = convert.backbone_state(found)
+  assert where == "SiT_model" and dropped == ["head_recons.convTrans.weight"]
+  jax.tree.map(np.testing.assert_array_equal, convert.torch_to_params(backbone)[0],
+               convert.torch_to_params(state)[0])
