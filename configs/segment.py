@@ -43,6 +43,7 @@ def get_config(arg=None):
   r = tc.dataset_row(RECIPES, dataset)
   c = tc.transfer_config("segment", dataset)
   del c.head  # the tokens are seg.*'s
+  del c.data.engine, c.data.workers  # segment_data reads on threads of its own
   c.data.image_size = r["image_size"]
   c.data.global_batch_size = r["batch"]
   c.data.num_classes = r["classes"]   # a folder source: the number of classes of its masks.

@@ -110,6 +110,8 @@ def transfer_config(experiment: str, dataset: str) -> ml_collections.ConfigDict:
   # 'device' sends the decoded image (sit_jax/resample.py), as pretraining does.
   c.data.resize_on = "host"
   c.data.decoded_size = 0
+  c.data.engine = "grain"       # 'grain'; 'tf' for TFDS TFRecord (pip install 'sit_jax[tf]').
+  c.data.workers = 0            # grain worker processes; 0: threads of this process only.
   c.data.global_batch_size = 256
   c.eval_batch_size = 256
 

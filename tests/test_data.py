@@ -131,6 +131,12 @@ def test_engine_options_from_a_config():
   options = data.engine_options(ml_collections.ConfigDict(dict(engine="grain", workers=2)))
   assert options == dict(engine="grain", workers=2)
   assert data.dataset_info(DIGITS, "test", **options).num_examples == 297
+  # Transfer runs read TFDS TFRecord and use worker processes too (--config.data.engine=tf was
+  # 'Unknown config key'); segmentation reads on its own threads and has neither key.
+  from configs import fewshot, finetune, knn, linear, multilabel, segment
+  for config in (fewshot, finetune, knn, linear, multilabel):
+    assert {"engine", "workers"} <= set(config.get_config("runlocal").data), config.__name__
+  assert not {"engine", "workers"} & set(segment.get_config("runlocal").data)
 
 
 # ----- TFDS (mocked) ------------------------------------------------------------------------
