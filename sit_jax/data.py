@@ -351,6 +351,11 @@ def _list_folder(root):
     labels = [-1] * len(paths)
   if left_out:
     _warn_left_out(root, tuple(sorted(left_out.items())))
+  beside = sum(_is_image(e) for e in entries if e not in classes) if classes else 0
+  if not paths and beside:  # e.g. a flat folder with a __MACOSX/ or @eaDir/ sub-folder
+    raise DataError(f"folder:{root}: its sub-folders ({', '.join(classes[:5])}) are read as "
+                    f"classes and hold no images; the {beside} images beside them belong to no "
+                    f"class. Move the images into class folders, or the sub-folders out.")
   if not paths:
     raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in folder {root!r}")
   return paths, np.asarray(labels, np.int32), classes

@@ -403,6 +403,14 @@ def test_argument_and_folder_errors(tmp_path):
   os.makedirs(tmp_path / "empty" / "cls")
   with pytest.raises(data.DataError, match="no images"):
     data.dataset_info(f"folder:{tmp_path / 'empty'}", None)
+  # A flat folder beside an unzipped archive's __MACOSX/ (of hidden files only): not 'no images'.
+  os.makedirs(tmp_path / "unzipped" / "__MACOSX")
+  (tmp_path / "unzipped" / "__MACOSX" / "._0.png").write_bytes(b"resource fork")
+  for i in range(2):
+    _write(tmp_path / "unzipped" / f"{i}.png", (0, 0, 0), (8, 8), "PNG")
+  with pytest.raises(data.DataError, match=r"sub-folders \(__MACOSX\) are read as classes and "
+                     r"hold no images; the 2 images beside them belong to no class"):
+    data.dataset_info(f"folder:{tmp_path / 'unzipped'}", None)
   with pytest.raises(data.DataError, match="divisible"):
     data.pretrain_iterator(DIGITS, "train", global_batch_size=6, image_size=8, seed=0,
                            process_index=0, process_count=4)
