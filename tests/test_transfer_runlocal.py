@@ -57,6 +57,10 @@ def test_runlocal(tmp_path, exported_backbone, experiment, with_init):
     assert [r["step"] for r in rows if any(k.startswith("val/") for k in r)] == [10, 20, 30]
     assert [r["step"] for r in rows if any(k.startswith("test/") for k in r)] == [30]
   if experiment in ("knn", "linear"):
+    # The results line and results.json name the features the protocol read (runlocal's probe:
+    # the CLS tokens of the last 4 blocks).
+    blocks = {"knn": 1, "linear": 4}[experiment]
+    assert results["features"] == f"cls of the last {blocks} block(s)"
     assert (tmp_path / "tsne.png").read_bytes()[:4] == b"\x89PNG"
     # runlocal adds the baseline rows.
     assert set(results["baselines"]) == {"raw_pixels", "random_init"}

@@ -202,6 +202,11 @@ def make_pixel_patch_fn(patch_size: int, whole_image: bool = False):
   return fn
 
 
+def features_name(config) -> str:
+  """The frozen features of config.head as results name them: 'cls of the last 4 block(s)'."""
+  return f"{config.head.features} of the last {config.head.last_blocks} block(s)"
+
+
 def feature_dim(module: vit.VisionTransformer, features: str, last_blocks: int = 1) -> int:
   return module.width * (last_blocks + (features == "cls+mean")) if features != "mean" \
       else module.width

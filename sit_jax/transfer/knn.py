@@ -129,7 +129,7 @@ def run(config, workdir: str) -> dict:
     backbone = common.load_backbone(config, image_size=size, drop_path_rate=0.0)
     params = common.place_backbone(backbone, mesh, config.sharding_rules, config.seed)
     fn = common.make_feature_fn(backbone.module, config.head.features, config.head.last_blocks)
-    features = f"{config.head.features} of the last {config.head.last_blocks} block(s)"
+    features = common.features_name(config)
     identity = feature_cache.checkpoint_identity(backbone, config.seed)
     bank, val, test = (feature_cache.split_features(config, exp.workdir, identity,
                                                     common.uint8_features(fn), params, mesh,

@@ -428,7 +428,7 @@ def run(config, workdir: str, *, multilabel: bool = False) -> dict:
 
     results = common.results_dict(
         config, backbone, train_info, test_info, len(test_labels), scores, frozen=True,
-        features=config.head.features, last_blocks=config.head.last_blocks,
+        features=common.features_name(config), last_blocks=config.head.last_blocks,
         cached_features=bool(lin.cache_features), solver=solver, steps=steps,
         total_steps=steps if solver == "lbfgs" else total_steps,
         final_train_metrics=train_metrics, **extra,
