@@ -73,6 +73,8 @@ def _short(err: BaseException, limit: int = 300) -> str:
   """One line: TensorStore appends a multi-line JSON spec to a message that already names every
   file of the chain; an operating-system error is its errno's text."""
   msg = str(err)
+  if " See full TensorStore details" in msg and err.__cause__ is not None:
+    return _short(err.__cause__, limit)  # the cause names the file and what is wrong with it
   code = re.search(r"os_error_code='?(\d+)", msg)
   if isinstance(err, OSError) and err.strerror:
     return err.strerror
@@ -380,7 +382,8 @@ class Checkpointer:
       if errors:
         self._set_aside([bad for bad, _ in errors])
       return restored
-    hint = "" if fallback else " Pass fallback=True to try older steps."
+    hint = (" Move it away (kept for a post-mortem) or pass another --workdir to start afresh."
+            if fallback else " Pass fallback=True to try older steps.")
     raise CheckpointError(
         f"Checkpoint in {self.directory} is corrupt or unreadable: "
         + "; ".join(f"step {s}: {e}" for s, e in errors) + "." + hint)

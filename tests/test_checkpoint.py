@@ -159,13 +159,21 @@ def test_corrupt_latest_step_error_and_fallback(tmp_path):
     ck.save(2, make_state(2), metadata={"model": MODEL})
   _corrupt_arrays(d / "2")
   with Checkpointer(d, every=1) as ck:
-    with pytest.raises(CheckpointError, match=r"corrupt.*step 2.*fallback=True"):
+    with pytest.raises(CheckpointError, match=r"corrupt.*step 2.*fallback=True") as e:
       ck.restore(abstract(make_state()))
+    # The file and what is wrong with it, not TensorStore's spec of the array.
+    assert "2/state" in str(e.value) and "TensorStore" not in str(e.value)
     restored, _ = ck.restore(abstract(make_state()), fallback=True)
     assert int(restored["step"]) == 1
     assert_tree_equal(restored, make_state(1))
     # The unreadable step is set aside, so that training writes step 2 again.
     assert ck.set_aside == [2] and ck.all_steps() == [1] and ck.should_save(2)
+  assert sorted(os.listdir(d)) == ["1", "2.corrupt"]
+  _corrupt_arrays(d / "1")  # none readable: one line saying what to do, nothing moved
+  with Checkpointer(d, every=1) as ck:
+    with pytest.raises(CheckpointError, match=r"step 1: .*1/state.* Move it away .* another "
+                       "--workdir to start afresh"):
+      ck.restore(abstract(make_state()), fallback=True)
   assert sorted(os.listdir(d)) == ["1", "2.corrupt"]
 
 
