@@ -440,6 +440,10 @@ def _init_exists(config) -> str | None:
   if init and "://" not in init and not os.path.exists(init):
     return (f"config.init={init!r} does not exist: set --config.init to a pretraining workdir, "
             "a checkpoint step directory or a backbone export ('' for random init).")
+  if init and "://" not in init and os.path.isfile(init):
+    return (f"config.init={init!r} is a file; PyTorch and safetensors weights are converted "
+            f"first: python -m sit_jax.convert to-jax --input {init} --output DIR, then "
+            "--config.init=DIR.")
   return None
 
 

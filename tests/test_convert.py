@@ -179,3 +179,12 @@ def test_the_gmml_authors_checkpoint_layout(reference):
   assert where == "SiT_model" and dropped == ["head_recons.convTrans.weight"]
   jax.tree.map(np.testing.assert_array_equal, convert.torch_to_params(backbone)[0],
                convert.torch_to_params(state)[0])
+
+
+def test_weights_given_as_config_init_are_told_to_convert(reference):
+  from sit_jax import config_check
+  config = config_check.load("configs/knn.py:runlocal")
+  config.init = str(reference / "timm.safetensors")
+  with pytest.raises(config_check.ConfigError, match=r"is a file; PyTorch and safetensors weights "
+                     r"are converted first: python -m sit_jax.convert to-jax --input .*"):
+    config_check.check(config)
