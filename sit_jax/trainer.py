@@ -196,14 +196,15 @@ def train(exp, *, init: Callable[[], Any], abstract, step_fn: Callable,
 
 
 def _warn_if_length_changed(step: int, saved_total: int | None, total_steps: int):
-  """A run's schedules (learning rate, weight decay, the teacher's momentum) are functions of
-  its length: resumed with another total_steps (or total_epochs), they do not continue but
+  """A run's schedules (learning rate; in pretraining weight decay and the teacher's momentum)
+  are functions of its length: resumed with another total_steps (or total_epochs), they do not continue but
   jump to the new length's values at the next step."""
   if saved_total is not None and saved_total != total_steps and step < total_steps:
     logging.warning(
-        "Step %d was saved by a run of %d steps and resumes as a run of %d: the schedules "
-        "(learning rate, weight decay, momentum) are set by the run's length, so from step %d "
-        "on they are those of a %d-step run, not a continuation of the %d-step one.",
+        "Step %d was saved by a run of %d steps and resumes as a run of %d: the schedules (the "
+        "learning rate's; in pretraining also weight decay's and momentum's) are set by the "
+        "run's length, so from step %d on they are those of a %d-step run, not a continuation "
+        "of the %d-step one.",
         step, saved_total, total_steps, step + 1, total_steps, saved_total)
 
 
