@@ -160,7 +160,9 @@ def find_state_dict(obj: Any, use: str = "teacher") -> tuple[dict[str, Any], str
       return tensors, "/".join(where) or "top level"
     if "teacher" in obj or "student" in obj:
       if use not in obj:
-        raise ConversionError(f"The checkpoint has no {use!r} entry (keys: {_list(obj)}).")
+        other = "student" if use == "teacher" else "teacher"
+        raise ConversionError(f"The checkpoint has no {use!r} entry (keys: {_list(obj)}): pass "
+                              f"--use={other} to convert the {other}.")
       key = use
     else:
       key = next((k for k in WRAPPERS if isinstance(obj.get(k), Mapping)), None)

@@ -179,6 +179,10 @@ def test_the_gmml_authors_checkpoint_layout(reference):
   assert where == "SiT_model" and dropped == ["head_recons.convTrans.weight"]
   jax.tree.map(np.testing.assert_array_equal, convert.torch_to_params(backbone)[0],
                convert.torch_to_params(state)[0])
+  # A self-distillation checkpoint that kept one network: the line says how to take it.
+  with pytest.raises(convert.ConversionError, match=r"no 'teacher' entry \(keys: student\): "
+                     r"pass --use=student to convert the student.$"):
+    convert.find_state_dict({"student": model})
 
 
 def test_weights_given_as_config_init_are_told_to_convert(reference):
