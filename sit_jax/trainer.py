@@ -79,7 +79,7 @@ class Outcome:
   step: int                 # the last step done
   start_step: int           # the step this process resumed from (0: a fresh run)
   total_steps: int
-  metrics: dict             # the means at the last log step of this process
+  metrics: dict             # the means at the last log step (a finished run: the last one's)
   evaluated: dict           # the last scalars of each hook
   checkpoint: str | None    # the latest committed checkpoint step directory
   seconds: float            # wall time of this process's steps
@@ -148,7 +148,7 @@ def train(exp, *, init: Callable[[], Any], abstract, step_fn: Callable,
                                    keep=config.keep_checkpoints, every=config.checkpoint_every,
                                    last_step=total_steps)
   with checkpoint.stop_signals(), (ckpt or _NoCheckpoints()):
-    state = None
+    state, saved = None, {}
     if ckpt is not None and ckpt.latest_step() is not None:
       state, saved = ckpt.restore(abstract, expected_metadata=metadata, fallback=True)
       logging.info("Resumed from step %d of %s", int(state.step), ckpt.directory)
@@ -160,7 +160,10 @@ def train(exp, *, init: Callable[[], Any], abstract, step_fn: Callable,
       raise ValueError(f"The checkpoint in {ckpt.directory} is at step {start_step}, past "
                        f"total_steps={total_steps}: set total_steps to {start_step} or more to "
                        "go on, or pass another --workdir.")
-    outcome = Outcome(state, start_step, start_step, total_steps, {}, {}, None, 0.0)
+    # A finished run started again trains no step to average: its final means come with the
+    # checkpoint (the process that finished may have ended before writing results.json).
+    outcome = Outcome(state, start_step, start_step, total_steps,
+                      saved.get("metrics", {}) if start_step == total_steps else {}, {}, None, 0.0)
     if ckpt is not None:
       exp.write_config()  # the settings passed the checkpoint's checks
       if exp.is_main:
@@ -232,7 +235,7 @@ def _loop(exp, ckpt, outcome: Outcome, step_fn, batches, place, hooks, writer, m
     fetch(len(pending))
     if not bool(_all_finite(state)):
       raise _NonFinite(f"the parameters are not finite at step {step}")
-    ckpt.save(step, state, metadata=metadata)
+    ckpt.save(step, state, metadata={**metadata, "metrics": outcome.metrics})
 
   def preempted():
     outcome.stopped = "preempted"
@@ -316,7 +319,8 @@ def _results_of_earlier_runs(workdir: str, outcome: Outcome, set_aside: Sequence
   """results.json of an earlier process of this workdir. A run that goes on removes it: it
   describes a state the run moves past, and may name a checkpoint that the run's saves rotate
   out (or that was just set aside as corrupt); the run writes a new one at its end. A finished
-  run started again keeps its final metrics (this process trains no step to average)."""
+  run started again keeps its final metrics (from results.json where its checkpoint, written
+  before checkpoints kept them, has none)."""
   path = os.path.join(workdir, "results.json")
   text = metrics.read_text(path)
   if text is None:
@@ -324,7 +328,7 @@ def _results_of_earlier_runs(workdir: str, outcome: Outcome, set_aside: Sequence
   earlier = json.loads(text)
   if (outcome.step == outcome.total_steps and earlier.get("step") == outcome.step
       and not set_aside):
-    outcome.metrics = earlier.get("final_metrics") or {}
+    outcome.metrics = outcome.metrics or earlier.get("final_metrics") or {}
     logging.info("The run is complete at step %d; its final metrics are kept from %s.",
                  outcome.step, path)
     return

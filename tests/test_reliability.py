@@ -211,6 +211,10 @@ def test_a_finished_run_started_again_keeps_its_results(tmp_path):
   assert again["steps_this_run"] == 0 and outcome.evaluated == {"eval/w0": 1.0}
   assert results_json(tmp_path)["final_metrics"] == first["final_metrics"] != {}
   assert metric_rows(tmp_path) == rows
+  # The process that finished ended before results.json (killed while exporting the backbone).
+  os.remove(tmp_path / "results.json")
+  train(tmp_path, 4, hooks=[evaluate])
+  assert results_json(tmp_path)["final_metrics"] == first["final_metrics"]
 
 
 def test_a_resumed_run_drops_the_results_of_the_process_before(tmp_path):
