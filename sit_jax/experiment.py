@@ -163,6 +163,17 @@ class _RemoteLogFile(_QuietErrors, std_logging.StreamHandler):
       super().close()
 
 
+def _flat(tree: dict, prefix: str = "") -> dict:
+  """{'optim': {'base_lr': 1}} -> {'optim.base_lr': 1}."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flat(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
 class Experiment:
   """The workdir, lock, log file, config.json, mesh and writer of one run (see the module doc).
 
@@ -256,6 +267,17 @@ class Experiment:
   def _has_checkpoints(self) -> bool:
     checkpoints = epath.Path(os.path.join(self.workdir, "checkpoints"))
     return checkpoints.is_dir() and any(checkpoints.iterdir())
+
+  def changed_settings(self) -> list[str]:
+    """'key old -> new' for each setting of the config that differs from DIR/config.json's
+    (the config of the run that wrote the checkpoints); [] without a config.json."""
+    text = metrics.read_text(os.path.join(self.workdir, "config.json"))
+    if not text:
+      return []
+    earlier = _flat(json.loads(text))
+    now = _flat(json.loads(metrics.to_json(self.config.to_dict())))
+    return [f"{key} {earlier.get(key, 'unset')} -> {now.get(key, 'unset')}"
+            for key in sorted(set(earlier) | set(now)) if earlier.get(key) != now.get(key)]
 
   def write_config(self) -> str:
     """DIR/config.json: the config of this run. A run that resumes writes it only after the

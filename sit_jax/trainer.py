@@ -152,7 +152,6 @@ def train(exp, *, init: Callable[[], Any], abstract, step_fn: Callable,
     if ckpt is not None and ckpt.latest_step() is not None:
       state, saved = ckpt.restore(abstract, expected_metadata=metadata, fallback=True)
       logging.info("Resumed from step %d of %s", int(state.step), ckpt.directory)
-      _warn_if_length_changed(int(state.step), saved.get("total_steps"), total_steps)
     if state is None:
       state = init()
     start_step = int(jax.device_get(state.step))
@@ -165,6 +164,8 @@ def train(exp, *, init: Callable[[], Any], abstract, step_fn: Callable,
     outcome = Outcome(state, start_step, start_step, total_steps,
                       saved.get("metrics", {}) if start_step == total_steps else {}, {}, None, 0.0)
     if ckpt is not None:
+      if 0 < start_step < total_steps and exp.is_main:
+        _warn_of_changed_settings(exp, start_step)
       exp.write_config()  # the settings passed the checkpoint's checks
       if exp.is_main:
         _results_of_earlier_runs(exp.workdir, outcome, ckpt.set_aside)
@@ -172,8 +173,7 @@ def train(exp, *, init: Callable[[], Any], abstract, step_fn: Callable,
           metrics.drop_rows_after(os.path.join(exp.workdir, "metrics.jsonl"), start_step)
     start = time.perf_counter()
     try:
-      _loop(exp, ckpt, outcome, step_fn, batches(start_step), place, hooks, writer,
-            {**metadata, "total_steps": total_steps})  # saved, never required to match
+      _loop(exp, ckpt, outcome, step_fn, batches(start_step), place, hooks, writer, metadata)
     except _NonFinite as e:
       outcome.stopped = "non-finite"
       kept = ckpt.latest_step() if ckpt is not None else None
@@ -198,17 +198,21 @@ def train(exp, *, init: Callable[[], Any], abstract, step_fn: Callable,
   return outcome
 
 
-def _warn_if_length_changed(step: int, saved_total: int | None, total_steps: int):
-  """A run's schedules (learning rate; in pretraining weight decay and the teacher's momentum)
-  are functions of its length: resumed with another total_steps (or total_epochs), they do not continue but
-  jump to the new length's values at the next step."""
-  if saved_total is not None and saved_total != total_steps and step < total_steps:
-    logging.warning(
-        "Step %d was saved by a run of %d steps and resumes as a run of %d: the schedules (the "
-        "learning rate's; in pretraining also weight decay's and momentum's) are set by the "
-        "run's length, so from step %d on they are those of a %d-step run, not a continuation "
-        "of the %d-step one.",
-        step, saved_total, total_steps, step + 1, total_steps, saved_total)
+def _warn_of_changed_settings(exp, step: int):
+  """A resumed run may change settings (README, "What is guaranteed"); it says which, as
+  config.json is about to describe the new ones only. The schedules are functions of the run's
+  length: with another one they jump at the next step rather than continue."""
+  changed = exp.changed_settings()
+  if not changed:
+    return
+  length = any(c.split()[0] in ("total_steps", "total_epochs") for c in changed)
+  logging.warning(
+      "Step %d resumes with settings changed since %s was written: %s. They apply from step %d "
+      "on%s; log.txt keeps each run's config.", step, os.path.join(exp.workdir, "config.json"),
+      ", ".join(changed), step + 1,
+      " (the schedules of the learning rate and, in pretraining, weight decay and momentum "
+      "are set by the run's length: they jump there to the new length's values, not continue)"
+      if length else "")
 
 
 def _logged(exp, step: int, scalars: dict) -> bool:

@@ -36,7 +36,7 @@ class State:
 
 def tiny_config(**overrides):
   c = ml_collections.ConfigDict(dict(
-      experiment="tiny", seed=0, log_every=1, checkpoint_every=2, keep_checkpoints=2,
+      experiment="tiny", seed=0, total_steps=0, log_every=1, checkpoint_every=2, keep_checkpoints=2,
       mesh=dict(data=-1, fsdp=1, model=1), data=dict(global_batch_size=BATCH),
       optim=dict(clip_norm=0.0)))
   c.update_from_flattened_dict(overrides)
@@ -63,7 +63,7 @@ def train(workdir, total_steps, *, nan_at=None, hooks=(), step_fn=sgd_step, batc
   """One run of the tiny model in `workdir`: (outcome, the Experiment's results.json or the
   error it raised)."""
   batches = batches or (lambda start: (batch_of(s, nan_at) for s in itertools.count(start)))
-  config = tiny_config(**overrides)
+  config = tiny_config(total_steps=total_steps, **overrides)
   with experiment.Experiment(config, workdir, batch_sizes=(BATCH,)) as exp:
     replicated = sharding.replicated(exp.mesh)
     fresh = State(step=jnp.zeros((), jnp.int32), params={"w": jnp.zeros((DIM,), jnp.float32)})
@@ -262,9 +262,10 @@ def test_another_total_steps_on_resume(tmp_path, caplog):
                      "more"):
     train(tmp_path, 2)
   assert steps_on_disk(tmp_path) == [2, 4]
-  _, results = train(tmp_path, 6)
-  assert ("Step 4 was saved by a run of 4 steps and resumes as a run of 6" in caplog.text
-          and "from step 5 on they are those of a 6-step run" in caplog.text)
+  _, results = train(tmp_path, 6, log_every=2)
+  assert ("Step 4 resumes with settings changed since" in caplog.text
+          and "log_every 1 -> 2, total_steps 4 -> 6. They apply from step 5 on (the "
+          "schedules" in caplog.text)
   np.testing.assert_allclose(results["w"], reference_weights(6), rtol=1e-5)
 
 
