@@ -8,8 +8,9 @@
 
 `Experiment` owns, in this order:
   * the workdir: created, probed for writing (one clear error otherwise) and locked against a
-    second run (`WorkdirLock`; a multi-process job takes it on process 0 only). A remote
-    workdir (gs://bucket/run) is written through etils.epath and cannot be locked;
+    second run (`WorkdirLock`; a multi-process job takes it on process 0 only), and refused
+    when its config.json is another experiment's. A remote workdir (gs://bucket/run) is
+    written through etils.epath and cannot be locked;
   * the log file DIR/log.txt (process 0): every log line of the run, starting with the full
     config, which the console does not show;
   * DIR/config.json (a resuming run's after its checkpoint accepted the settings: trainer.py);

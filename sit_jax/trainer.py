@@ -333,8 +333,7 @@ def _results_of_earlier_runs(workdir: str, outcome: Outcome, set_aside: Sequence
   if (outcome.step == outcome.total_steps and earlier.get("step") == outcome.step
       and not set_aside):
     outcome.metrics = outcome.metrics or earlier.get("final_metrics") or {}
-    logging.info("The run is complete at step %d; its final metrics are kept from %s.",
-                 outcome.step, path)
+    logging.info("The run is complete at step %d; its final metrics are kept.", outcome.step)
     return
   epath.Path(path).unlink()
   if set_aside:
