@@ -437,10 +437,12 @@ def _validation_split(config) -> str | None:
 
 def _init_exists(config) -> str | None:
   init = config.get("init") or ""
-  if init and "://" not in init and not os.path.exists(init):
+  if not init or "://" in init:
+    return None
+  if not os.path.exists(init):
     return (f"config.init={init!r} does not exist: set --config.init to a pretraining workdir, "
             "a checkpoint step directory or a backbone export ('' for random init).")
-  if init and "://" not in init and os.path.isfile(init):
+  if os.path.isfile(init):
     return (f"config.init={init!r} is a file; PyTorch and safetensors weights are converted "
             f"first: python -m sit_jax.convert to-jax --input {init} --output DIR, then "
             "--config.init=DIR.")
