@@ -614,6 +614,20 @@ def _load_export(p: epath.Path):
   return params, model_config
 
 
+def _warn_if_unfinished(workdir: epath.Path, step: int):
+  """A workdir's latest checkpoint is the end of its run only where results.json names it and
+  the run was not stopped early: a run still going, preempted or extended has none."""
+  try:
+    results = json.loads((workdir / "results.json").read_text())
+  except Exception:  # pylint: disable=broad-except
+    results = {}
+  named = os.path.basename(str(results.get("checkpoint") or ""))
+  if named != str(step) or results.get("preempted"):
+    log.warning("Loading step %d, the latest checkpoint of %s, whose run has not finished (its "
+                "results.json does not name that step as the end of the run): a backbone from "
+                "mid-training.", step, workdir)
+
+
 def load_backbone(path) -> tuple[Any, dict]:
   """Loads `(params, model_config)` as host numpy arrays.
 
@@ -645,6 +659,7 @@ def load_backbone(path) -> tuple[Any, dict]:
     except (OSError, ValueError):
       steps = []
     if steps:
+      _warn_if_unfinished(p, max(steps))
       return _load_from_step_dir(d / str(max(steps)))
   if (p / EXPORT_DIR).is_dir():
     return _load_export(p / EXPORT_DIR)

@@ -1,4 +1,5 @@
 import glob
+import json
 import os
 import shutil
 import signal
@@ -262,14 +263,22 @@ def test_export_and_load_backbone_round_trip(tmp_path):
   assert ckpt_lib.load_backbone(path)[1]["width"] == 33
 
 
-def test_load_backbone_from_workdir_and_step_dir(tmp_path):
+def test_load_backbone_from_workdir_and_step_dir(tmp_path, caplog):
   workdir = tmp_path / "run"
   with Checkpointer(workdir / "checkpoints", every=1) as ck:
     ck.save(1, make_state(1), metadata={"model": MODEL})
     ck.save(2, make_state(2), metadata={"model": MODEL})
-  params, cfg = ckpt_lib.load_backbone(workdir)
+  with caplog.at_level("WARNING"):
+    params, cfg = ckpt_lib.load_backbone(workdir)  # no results.json: the run has not finished
   assert cfg == MODEL
   assert_tree_equal(params, {"backbone": make_state(2)["params"]["backbone"]})
+  assert f"Loading step 2, the latest checkpoint of {workdir}, whose run has not finished" in \
+      caplog.text
+  caplog.clear()
+  (workdir / "results.json").write_text(json.dumps(
+      {"checkpoint": str(workdir / "checkpoints" / "2"), "preempted": False}))
+  ckpt_lib.load_backbone(workdir)
+  assert "has not finished" not in caplog.text
   params1, _ = ckpt_lib.load_backbone(workdir / "checkpoints" / "1")
   assert_tree_equal(params1, {"backbone": make_state(1)["params"]["backbone"]})
 
