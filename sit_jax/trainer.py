@@ -193,7 +193,7 @@ def train(exp, *, init: Callable[[], Any], abstract, step_fn: Callable,
     if hook.final and finished_earlier:
       evaluated = hook.fn(outcome.step, outcome.state, None) or {}
       outcome.evaluated.update(evaluated)
-      if writer is not None and not _logged(exp, outcome.step, evaluated):
+      if writer is not None and not logged(exp, outcome.step, evaluated):
         writer.write_scalars(outcome.step, evaluated, timed=False)
   return outcome
 
@@ -215,7 +215,7 @@ def _warn_of_changed_settings(exp, step: int):
       if length else "")
 
 
-def _logged(exp, step: int, scalars: dict) -> bool:
+def logged(exp, step: int, scalars: dict) -> bool:
   """Whether metrics.jsonl has a row of `step` with every key of `scalars` (a finished run
   started again evaluates again, and keeps one row per step)."""
   text = metrics.read_text(os.path.join(exp.workdir, "metrics.jsonl")) if exp.workdir else None

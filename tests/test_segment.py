@@ -326,6 +326,11 @@ def test_frozen_pretrained_backbone_beats_random_init(tmp_path, pretrained):
   assert [r["step"] for r in rows if "val/mIoU" in r] == [75, 150]
   assert [r["step"] for r in rows if "test/mIoU" in r] == [150]
   assert os.listdir(tmp_path / "pretrained" / "images") == ["segmentation_0000150.png"]
+  # Started again, the finished run scores test again and keeps one row per step.
+  assert segment.run(small_config(pretrained), str(tmp_path / "pretrained"))["mIoU"] == \
+      trained["mIoU"]
+  with open(tmp_path / "pretrained" / "metrics.jsonl") as f:
+    assert [json.loads(line) for line in f] == rows
 
 
 def test_tfds_label_maps(monkeypatch):

@@ -301,9 +301,9 @@ def run(config, workdir: str) -> dict:
       chosen = best_head([outcome.evaluated[k] for k in per_head("val/mIoU")])
       head_params = jax.tree.map(lambda x: x[chosen:chosen + 1], outcome.state.params)
       (scores,), shown = evaluate(test, head_params, seg.pictures)
-      writer.write_scalars(outcome.step, {"test/mIoU": scores["mIoU"],
-                                          "test/pixel_accuracy": scores["pixel_accuracy"]},
-                           timed=False)
+      test_scalars = {"test/mIoU": scores["mIoU"], "test/pixel_accuracy": scores["pixel_accuracy"]}
+      if not trainer.logged(exp, outcome.step, test_scalars):  # a finished run started again.
+        writer.write_scalars(outcome.step, test_scalars, timed=False)
       if shown is not None:
         images, predictions, labels = shown
         writer.write_images(outcome.step, "segmentation",
