@@ -6,8 +6,8 @@
   python -m sit_jax.main --config=configs/multilabel.py:runlocal --workdir=/tmp/ml
 
 VOC2007 from TFDS 'voc/2007': the image's object labels as a multi-hot target, trained on
-train, with its validation split held out to choose on, evaluated on test. runlocal uses embedded:digits_multilabel (the digit, odd,
->= 5). mAP: mean over classes of sklearn-style AP (voc07=True: the 11-point VOC07 AP).
+train, with its validation split held out to choose on, evaluated on test. runlocal uses
+embedded:digits_multilabel (the digit, odd, >= 5). mAP: mean over classes of sklearn-style AP (voc07=True: the 11-point VOC07 AP).
 Fine-tuning keeps RandAugment but no Mixup/CutMix, label smoothing or erasing (they would
 erase or blend away the labels of small objects). Results: DIR/results.json (mAP).
 """
