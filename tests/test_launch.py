@@ -1,0 +1,88 @@
+"""launch/slurm_gpu.sbatch and launch/tpu_vm.sh, run with stand-ins for SLURM's and gcloud's
+commands (each logs what it was given): what reaches `python -m sit_jax.main` on the workers."""
+import os
+import shutil
+import subprocess
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+
+
+def _stand_ins(tmp_path, scripts: dict) -> dict:
+  """An environment whose PATH finds `scripts` (name -> bash body) first."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  for name, body in scripts.items():
+    (bin_dir / name).write_text("#!/usr/bin/env bash\n" + body)
+    (bin_dir / name).chmod(0o755)
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "XLA_"))}
+  env["PATH"] = f"{bin_dir}:{env['PATH']}"
+  return env
+
+
+def _sbatch(tmp_path, cwd):
+  env = _stand_ins(tmp_path, {
+      "scontrol": "echo node001; echo node002\n",
+      "srun": 'printf "ARG %s\\n" "$@"; echo "XLA_FLAGS=$XLA_FLAGS"; '
+              'echo "COORDINATOR=$JAX_COORDINATOR_ADDRESS"\n'})
+  env.update(SLURM_JOB_NODELIST="node[001-002]", SLURM_JOB_ID="123456", SLURM_NNODES="2",
+             SLURM_NTASKS_PER_NODE="8", SLURM_CPUS_PER_TASK="12")
+  return subprocess.run(
+      ["bash", os.path.join(REPO, "launch", "slurm_gpu.sbatch"), "configs/sit_vits.py",
+       str(tmp_path / "run"), "--config.total_steps=10"],
+      cwd=cwd, env=env, capture_output=True, text=True, check=True)
+
+
+def test_slurm_job_runs_main_on_every_task_with_the_gpu_flags(tmp_path):
+  out = _sbatch(tmp_path, REPO)
+  args = [line[4:] for line in out.stdout.splitlines() if line.startswith("ARG ")]
+  assert args == ["--kill-on-bad-exit=1", "--cpus-per-task=12", "python", "-m", "sit_jax.main",
+                  "--config=configs/sit_vits.py", f"--workdir={tmp_path / 'run'}",
+                  "--config.total_steps=10"]
+  assert "--xla_gpu_enable_latency_hiding_scheduler=true" in out.stdout
+  assert "COORDINATOR=node001:23456" in out.stdout  # 20000 + job id % 20000
+  assert out.stderr == ""
+
+
+def test_slurm_job_submitted_elsewhere_says_the_gpu_flags_are_missing(tmp_path):
+  """sbatch runs a copy of the script in the submission directory: launch/gpu_xla_flags.sh is
+  found only from the repository root, and a job without it must say so, not run silently
+  slower."""
+  out = _sbatch(tmp_path, str(tmp_path))
+  assert "XLA_FLAGS=\n" in out.stdout
+  assert "no launch/gpu_xla_flags.sh" in out.stderr and "repository root" in out.stderr
+
+
+def test_tpu_vm_starts_the_same_command_on_every_worker(tmp_path):
+  """The command that gcloud ssh hands each worker's shell, run by bash in a stand-in home:
+  main gets every flag intact (a quote included) and its exit status lands in ~/sit_jax.rc."""
+  commands = tmp_path / "commands"
+  env = _stand_ins(tmp_path, {"gcloud": f"""
+for a in "$@"; do case "$a" in --command=*) printf '%s\\0' "${{a#--command=}}" >> {commands};; esac; done
+"""})
+  out = subprocess.run(
+      ["bash", os.path.join(REPO, "launch", "tpu_vm.sh"), "--name", "sit-s16", "--zone",
+       "us-central2-b", "--accelerator", "v4-32", "--config", "configs/sit_vits.py:fsdp",
+       "--workdir", "gs://bucket/run", "--", "--config.data.data_dir=gs://b/it's here"],
+      env=env, capture_output=True, text=True, check=True)
+  assert "Done." in out.stdout and "Deleting TPU sit-s16" in out.stderr
+  start = next(c for c in commands.read_text().split("\0") if "nohup" in c)
+  home = tmp_path / "home"
+  (home / "sit_jax").mkdir(parents=True)
+  (home / "sit_venv" / "bin").mkdir(parents=True)
+  python = home / "sit_venv" / "bin" / "python"
+  python.write_text('#!/usr/bin/env bash\nprintf "ARG %s\\n" "$@"; exit 3\n')
+  python.chmod(0o755)
+  subprocess.run(["bash", "-c", start], env={**env, "HOME": str(home)}, check=True,
+                 capture_output=True)
+  for _ in range(100):  # the run is detached: wait for its exit status
+    if (home / "sit_jax.rc").exists() and (home / "sit_jax.rc").read_text().strip():
+      break
+    subprocess.run(["sleep", "0.05"])
+  assert (home / "sit_jax.rc").read_text().strip() == "3"
+  assert (home / "sit_jax.log").read_text().splitlines() == [
+      "ARG -m", "ARG sit_jax.main", "ARG --config=configs/sit_vits.py:fsdp",
+      "ARG --workdir=gs://bucket/run", "ARG --config.data.data_dir=gs://b/it's here"]
