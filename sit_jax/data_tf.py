@@ -174,10 +174,16 @@ def convert_to_array_record(src: str, dst: str):
   import os
   import shutil
   from array_record.python import array_record_module
+  names = os.listdir(src) if os.path.isdir(src) else []
+  if "dataset_info.json" not in names or not any(".tfrecord-" in n for n in names):
+    raise data.DataError(
+        f"{src} is not a TFDS dataset version directory prepared as TFRecord (dataset_info.json "
+        "and *.tfrecord-* files): give the version folder, e.g. "
+        "~/tensorflow_datasets/imagenet2012/5.1.0")
   if os.path.exists(dst):
     raise data.DataError(f"{dst} exists: choose a new directory")
   os.makedirs(dst)
-  for name in sorted(os.listdir(src)):
+  for name in sorted(names):
     path = os.path.join(src, name)
     if ".tfrecord-" in name:
       out = os.path.join(dst, name.replace(".tfrecord-", ".array_record-"))
@@ -200,4 +206,7 @@ if __name__ == "__main__":
   if len(sys.argv) != 3:
     sys.exit("usage: python -m sit_jax.data_tf SRC_VERSION_DIR DST_VERSION_DIR  (TFRecord -> "
              "array_record)")
-  convert_to_array_record(sys.argv[1], sys.argv[2])
+  try:
+    convert_to_array_record(sys.argv[1], sys.argv[2])
+  except data.DataError as e:
+    sys.exit(f"sit_jax.data_tf: error: {e}")

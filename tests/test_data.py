@@ -660,13 +660,27 @@ def test_unreadable_files_are_skipped_in_worker_processes_too(class_folder):
   assert workers.num_skipped == in_process.num_skipped >= 1
 
 
-def test_tfrecord_converted_to_array_record_holds_the_same_examples(tmp_path):
+@pytest.mark.filterwarnings("ignore:'sit_jax.data_tf' found in sys.modules:RuntimeWarning")
+def test_tfrecord_converted_to_array_record_holds_the_same_examples(tmp_path, monkeypatch):
   """data_tf.convert_to_array_record: what the 'tf' engine reads of a TFRecord dataset, the
-  'grain' engine reads of its copy."""
+  'grain' engine reads of its copy. The dataset's folder instead of its version folder, or a
+  typo, is one line (`python -m sit_jax.data_tf`), and leaves no DST to block the corrected
+  command (it wrote an empty copy, or created DST before failing)."""
   pytest.importorskip("tensorflow")
+  import runpy
+  import sys
   from sit_jax import data_tf
   _PREPARE(tfds.builder("sit_jax_tiny_images", data_dir=str(tmp_path / "tfrecord")))
-  data_tf.convert_to_array_record(str(tmp_path / "tfrecord" / "sit_jax_tiny_images" / "1.0.0"),
+  version_dir = tmp_path / "tfrecord" / "sit_jax_tiny_images" / "1.0.0"
+  wrong_dst = tmp_path / "ar_wrong"
+  for wrong in (version_dir.parent, tmp_path / "no_such_dir"):
+    with pytest.raises(data.DataError, match="not a TFDS dataset version directory"):
+      data_tf.convert_to_array_record(str(wrong), str(wrong_dst))
+    assert not wrong_dst.exists()
+  monkeypatch.setattr(sys, "argv", ["data_tf", str(version_dir.parent), str(wrong_dst)])
+  with pytest.raises(SystemExit, match="^sit_jax.data_tf: error: .* is not a TFDS dataset"):
+    runpy.run_module("sit_jax.data_tf", run_name="__main__")
+  data_tf.convert_to_array_record(str(version_dir),
                                   str(tmp_path / "ar" / "sit_jax_tiny_images" / "1.0.0"))
 
   def read(engine, root):
