@@ -378,6 +378,7 @@ def main(argv=None) -> int:
   b.add_argument("--input", required=True,
                  help="a backbone export, a checkpoint step directory or a pretraining workdir")
   b.add_argument("--output", required=True, help=".safetensors, .pth or .pt file")
+  b.add_argument("--overwrite", action="store_true", help="replace an existing file")
   args = parser.parse_args(argv)
   logging.set_verbosity(logging.WARNING)  # orbax is chatty at INFO.
   from sit_jax import checkpoint
@@ -391,6 +392,8 @@ def main(argv=None) -> int:
       print(f"Wrote a {config['variant']} backbone at {config['image_size']}px to {args.output}; "
             f"use it with --config.init={args.output}")
     else:
+      if not args.overwrite and os.path.exists(args.output):
+        raise ConversionError(f"{args.output} exists; pass --overwrite to replace it.")
       to_timm(args.input, args.output)
   except (ConversionError, FileNotFoundError, checkpoint.CheckpointError) as e:
     print(f"sit_jax.convert: error: {e}", file=sys.stderr)

@@ -116,6 +116,13 @@ def test_round_trip_is_exact_and_timm_loads_it(reference, converted, tmp_path):
     np.testing.assert_array_equal(state[k], v, err_msg=k)
   proc = run_python("-c", TIMM_LOADS, out)
   assert proc.returncode == 0 and "loaded" in proc.stdout, proc.stderr[-3000:]
+  # The command never replaces a file it did not just write, as to-jax an export.
+  with open(out, "rb") as f:
+    written = f.read()
+  assert convert.main(["to-timm", f"--input={converted}", f"--output={out}"]) == 1
+  assert convert.main(["to-timm", f"--input={converted}", f"--output={out}", "--overwrite"]) == 0
+  with open(out, "rb") as f:
+    assert f.read() == written
   again, again_config = convert.torch_to_params(state)
   assert again_config["variant"] == config["variant"]
   jax.tree.map(np.testing.assert_array_equal, again, params["backbone"])
