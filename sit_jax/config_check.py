@@ -322,6 +322,15 @@ def _donor_group(config) -> str | None:
   return None
 
 
+def _engine_source(config) -> str | None:
+  data = config.get("data") or {}
+  kind = str(data.get("source", "")).partition(":")[0]
+  if data.get("engine", "grain") != "grain" and kind in ("folder", "embedded"):
+    return (f"data.engine={data.engine!r} reads TFDS datasets only, and data.source is "
+            f"{data.source!r}: set --config.data.engine=grain (the default) for {kind} sources.")
+  return None
+
+
 def _unset_rate(config) -> str | None:
   if "optim" in config and config.optim.get("base_lr", 1) is None and "seg" not in config:
     return "optim.base_lr is unset: set --config.optim.base_lr to a positive number."
@@ -451,7 +460,8 @@ def _init_exists(config) -> str | None:
 
 # Rules across keys: each returns the one-line message of a mistake, or None.
 CHECKS: list[Callable[[ml_collections.ConfigDict], str | None]] = [
-    _length_of_run, _decoded_size, _donor_group, _unset_rate, _experiment_sections,
+    _length_of_run, _decoded_size, _donor_group, _engine_source, _unset_rate,
+    _experiment_sections,
     _mesh_wildcards, _architecture, _mean_of_blocks, _attention_dtype, _validation_split,
     _init_exists]
 

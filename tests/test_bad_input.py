@@ -176,6 +176,7 @@ def test_a_full_disk_outside_a_save_is_one_line(tmp_path):
     ("knn.py:runlocal", {"data.val_split": ""}, "data.val_split is empty: knn chooses k"),
     ("fewshot.py:runlocal", {"data.val_split": ""}, "data.val_split is empty: fewshot chooses"),
     ("sit_vits.py:runlocal", {"model.attention": "cudnn"}, "model.attention='cudnn' (cuDNN"),
+    ("sit_vits.py:runlocal", {"data.engine": "tf"}, "data.engine='tf' reads TFDS datasets only"),
 ])
 def test_values_of_each_experiment(spec, overrides, expected):
   config = config_check.load(os.path.join(REPO, "configs", spec))
