@@ -3,6 +3,7 @@ commands (each logs what it was given): what reaches `python -m sit_jax.main` on
 import os
 import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -78,10 +79,10 @@ for a in "$@"; do case "$a" in --command=*) printf '%s\\0' "${{a#--command=}}" >
   python.chmod(0o755)
   subprocess.run(["bash", "-c", start], env={**env, "HOME": str(home)}, check=True,
                  capture_output=True)
-  for _ in range(100):  # the run is detached: wait for its exit status
+  for _ in range(400):  # the run is detached: wait for its exit status
     if (home / "sit_jax.rc").exists() and (home / "sit_jax.rc").read_text().strip():
       break
-    subprocess.run(["sleep", "0.05"])
+    time.sleep(0.05)
   assert (home / "sit_jax.rc").read_text().strip() == "3"
   assert (home / "sit_jax.log").read_text().splitlines() == [
       "ARG -m", "ARG sit_jax.main", "ARG --config=configs/sit_vits.py:fsdp",
