@@ -20,6 +20,7 @@ the command prints that call. .safetensors needs only `safetensors`; .pth/.pt ne
 from __future__ import annotations
 
 import argparse
+import logging as std_logging
 import os
 import re
 import sys
@@ -380,8 +381,10 @@ def main(argv=None) -> int:
   b.add_argument("--output", required=True, help=".safetensors, .pth or .pt file")
   b.add_argument("--overwrite", action="store_true", help="replace an existing file")
   args = parser.parse_args(argv)
-  logging.set_verbosity(logging.WARNING)  # orbax is chatty at INFO.
   from sit_jax import checkpoint
+  absl_logger = logging.get_absl_logger()
+  level = absl_logger.level
+  absl_logger.setLevel(std_logging.WARNING)  # orbax is chatty at INFO.
   try:
     if args.command == "to-jax":
       if not args.overwrite and os.path.exists(os.path.join(args.output, checkpoint.EXPORT_CONFIG)):
@@ -398,6 +401,8 @@ def main(argv=None) -> int:
   except (ConversionError, FileNotFoundError, checkpoint.CheckpointError) as e:
     print(f"sit_jax.convert: error: {e}", file=sys.stderr)
     return 1
+  finally:  # main() called from Python leaves the caller's logging as it was.
+    absl_logger.setLevel(level)
   return 0
 
 

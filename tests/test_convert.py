@@ -5,6 +5,7 @@ XLA, an XLA:CPU computation later in the same pytest worker aborted now and then
 """
 import importlib.util
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -119,8 +120,10 @@ def test_round_trip_is_exact_and_timm_loads_it(reference, converted, tmp_path):
   # The command never replaces a file it did not just write, as to-jax an export.
   with open(out, "rb") as f:
     written = f.read()
+  absl_level = logging.getLogger("absl").level
   assert convert.main(["to-timm", f"--input={converted}", f"--output={out}"]) == 1
   assert convert.main(["to-timm", f"--input={converted}", f"--output={out}", "--overwrite"]) == 0
+  assert logging.getLogger("absl").level == absl_level  # called from Python: logging as it was.
   with open(out, "rb") as f:
     assert f.read() == written
   again, again_config = convert.torch_to_params(state)
