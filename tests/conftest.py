@@ -8,10 +8,8 @@ import tempfile
 # XLA:CPU aborts the process after 40 s by default (its rendezvous and collective timeouts).
 # Tests compile many small programs and run few steps of each: LLVM's optimisation of the
 # generated CPU code is most of their compile time and buys little (the suite on 2 cores:
-# 11.5-12.6 minutes before, 10.3-11.1 after). XLA:CPU's older elemental emitters compile the
-# fusions faster than its fusion emitters (runlocal's train step 6.3 -> 4.5 s); both flags are
-# those of jaxlib 0.10, which the registry gives Python 3.11.
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+# 11.5-12.6 minutes before, 10.3-11.1 after).
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 
 
 def xla_flags(num_devices: int) -> str:
@@ -37,6 +35,9 @@ if "SIT_JAX_TEST_CACHE" not in os.environ:
   _cache = tempfile.mkdtemp(prefix="sit_jax_test_xla_cache_")
   atexit.register(shutil.rmtree, _cache, ignore_errors=True)
   os.environ["SIT_JAX_TEST_CACHE"] = os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+# Every program, also those compiled in under a second (jax's default threshold): tests and
+# children compile many such programs again.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402  (after XLA_FLAGS)
 
