@@ -35,9 +35,6 @@ if "SIT_JAX_TEST_CACHE" not in os.environ:
   _cache = tempfile.mkdtemp(prefix="sit_jax_test_xla_cache_")
   atexit.register(shutil.rmtree, _cache, ignore_errors=True)
   os.environ["SIT_JAX_TEST_CACHE"] = os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
-# Every program, also those compiled in under a second (jax's default threshold): tests and
-# children compile many such programs again.
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402  (after XLA_FLAGS)
 
