@@ -26,7 +26,8 @@ def _stand_ins(tmp_path, scripts: dict) -> dict:
 
 def _sbatch(tmp_path, cwd):
   env = _stand_ins(tmp_path, {
-      "scontrol": "echo node001; echo node002\n",
+      # A pause between the names: a reader that stops after the first one breaks the pipe.
+      "scontrol": "echo node001; sleep 0.2; echo node002\n",
       "srun": 'printf "ARG %s\\n" "$@"; echo "XLA_FLAGS=$XLA_FLAGS"; '
               'echo "COORDINATOR=$JAX_COORDINATOR_ADDRESS"\n'})
   env.update(SLURM_JOB_NODELIST="node[001-002]", SLURM_JOB_ID="123456", SLURM_NNODES="2",
