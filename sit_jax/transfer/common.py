@@ -60,12 +60,12 @@ def load_backbone(config, *, image_size: int, drop_path_rate: float | None = Non
     raise checkpoint.CheckpointError(f"{config.init} holds no 'backbone' parameters "
                                      f"(found {sorted(loaded)}).")
   # What the parameters mean is saved with them (standardize_input: False before it existed).
-  saved = {"standardize_input": False, **vit.parameter_settings(ckpt_config)}
-  for key, value in saved.items():
+  saved = vit.parameter_settings(ckpt_config)
+  for key, value in {"standardize_input": False, **saved}.items():
     if model.get(key, "") not in ("", value):
       logging.warning("config.model.%s=%s ignored: the backbone of %s has %s, saved with its "
                       "parameters.", key, model[key], config.init, value)
-  model_config = {**vit.parameter_settings(ckpt_config), "image_size": image_size, **runtime}
+  model_config = {**saved, "image_size": image_size, **runtime}
   try:  # config_check cannot see a checkpoint's patch: the line names the key here.
     vit.check_image_size(image_size, vit.parse_variant(ckpt_config["variant"])["patch_size"])
   except ValueError as e:
