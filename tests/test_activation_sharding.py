@@ -12,17 +12,21 @@ import pytest
 
 from configs import common
 from sit_jax import aot, pretrain, sharding
-from test_pretrain_step import INVARIANCE_OVERRIDES, run_steps, single_device_run, tiny_config
+from test_pretrain_step import tiny_config
 
 FAST = {"xla_backend_optimization_level": 0}  # buffer assignment (the memory) comes before.
 BATCH = 48  # two views: 96 images of 17 tokens (16 patches + CLS), 3 heads, width 96.
+DONOR_GROUP = BATCH // 8  # each view's images on one device of 8.
 
 
 def compile_step(mesh_shape, rules, logical_axis_rules=sharding.LOGICAL_AXIS_RULES, batch=BATCH,
                  **overrides):
   """(memory figures, HLO text) of the step compiled for these devices. Several tests inspect the
   same program, so each is compiled once: overrides equal to tiny_config's values are dropped
-  from the key."""
+  from the key. At BATCH, 'replace' takes its donors from groups within each device's images
+  (as the recipes' `gmml.donor_group` does) unless overridden."""
+  if batch == BATCH:
+    overrides = {"gmml.donor_group": DONOR_GROUP, **overrides}
   defaults = tiny_config("sit")
   changed = {k: v for k, v in overrides.items()
              if functools.reduce(getattr, k.split("."), defaults) != v}
@@ -120,7 +124,7 @@ def test_replace_donors_stay_on_their_device(mesh_shape, rules):
   device."""
   _, whole_view = compile_step(mesh_shape, rules, **{"gmml.donor_group": 0})
   assert image_gathers(whole_view)
-  _, grouped = compile_step(mesh_shape, rules, **{"gmml.donor_group": BATCH // 8})
+  _, grouped = compile_step(mesh_shape, rules)  # groups of DONOR_GROUP
   assert not image_gathers(grouped)
 
 
@@ -131,7 +135,7 @@ def test_both_views_of_an_image_stay_on_its_device(mesh_shape, rules):
   device holding an image's crops computes on both of its views. With view 1 stacked over view 2
   the first devices computed on view 1 of every image and the others on view 2: three
   all-to-alls of the images per step (f32[1024,224,224,3] across the slice at B/16 batch 1024)."""
-  _, hlo = compile_step(mesh_shape, rules, **{"gmml.donor_group": BATCH // 8})
+  _, hlo = compile_step(mesh_shape, rules)
   assert "all-to-all" not in hlo
   assert "collective-permute" not in hlo
 
@@ -152,26 +156,6 @@ def test_donor_groups_across_devices_are_named():
                                                                           jax.devices()[:1])) is None
   config.gmml.donor_group = 2
   assert pretrain.warn_if_donors_cross_devices(config, sharding.make_mesh({"data": 8})) is None
-
-
-def test_tensor_parallel_step_equals_single_device_step():
-  # FSDP x TP: the data x TP layout is compiled above; one run of the mix keeps the suite short.
-  # With the `model=N` recipe's qkv per head (vit.QkvProjection), against the single device's
-  # nn.Dense: the same parameters, the same numbers.
-  mesh_shape = {"fsdp": 2, "model": 3}
-  config = tiny_config("sit", **INVARIANCE_OVERRIDES)
-  config.sharding_rules = common.TENSOR_PARALLEL
-  config.model.qkv_per_head = True
-  devices = jax.devices()[:int(np.prod(list(mesh_shape.values())))]
-  state, metrics = run_steps(config, sharding.make_mesh(mesh_shape, devices))
-  qkv = state.params["backbone"]["blocks_0"]["attn"]["qkv"]["kernel"]
-  assert qkv.sharding.spec[1] == "model"
-  ref_state, ref_metrics = single_device_run("sit")
-  for got, want in zip(metrics, ref_metrics):
-    np.testing.assert_allclose(got["loss"], want["loss"], rtol=2e-5)
-  for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(jax.device_get(state.params)),
-                               jax.tree.leaves(ref_state.params)):
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=5e-5, err_msg=jax.tree_util.keystr(path))
 
 
 def test_heads_that_do_not_divide_the_model_axis_are_one_clear_error():

@@ -62,9 +62,17 @@ def run_steps(config, mesh, num_steps=2, total_steps=100, edit_state=None, host_
 INVARIANCE_OVERRIDES = {"optim.eps": 1e-4, "optim.base_lr": 0.02, "gmml.donor_group": 4}
 
 
+def invariance_config(experiment):
+  """tiny_config with INVARIANCE_OVERRIDES. GMML's runs also drop paths (runlocal does not), so
+  that drop path's per-image keys are checked under sharding; SiT's do not, so that the scanned
+  blocks (which draw their keys differently) compare with SiT's run."""
+  drop_path = {"model.drop_path_rate": 0.1} if experiment == "gmml" else {}
+  return tiny_config(experiment, **INVARIANCE_OVERRIDES, **drop_path)
+
+
 @functools.lru_cache(maxsize=None)
 def single_device_run(experiment):
-  config = tiny_config(experiment, **INVARIANCE_OVERRIDES)
+  config = invariance_config(experiment)
   mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
   state, metrics = run_steps(config, mesh)
   return jax.device_get(state), metrics
@@ -74,7 +82,7 @@ def single_device_run(experiment):
 def sharded_run(experiment, mesh_shape, rules):
   """Two steps of the invariance config on 8 devices: (host states before and after each step,
   metrics of each step). Shared by the tests below that look at the same run."""
-  config = tiny_config(experiment, **INVARIANCE_OVERRIDES)
+  config = invariance_config(experiment)
   config.sharding_rules = getattr(common, rules)
   states = []
   _, metrics = run_steps(config, sharding.make_mesh(dict(mesh_shape)), host_states=states)
@@ -100,6 +108,26 @@ def test_sharded_step_equals_single_device_step(experiment, mesh_shape, rules):
     np.testing.assert_allclose(leaf, want, rtol=1e-4, atol=5e-5,  # updates are ~2.5e-3.
                                err_msg=jax.tree_util.keystr(path))
   assert int(state.step) == 2
+
+
+def test_tensor_parallel_step_equals_single_device_step():
+  # FSDP x TP: the data x TP layout is compiled in test_activation_sharding.py; one run of the
+  # mix keeps the suite short. With the `model=N` recipe's qkv per head (vit.QkvProjection),
+  # against the single device's nn.Dense: the same parameters, the same numbers.
+  mesh_shape = {"fsdp": 2, "model": 3}
+  config = invariance_config("sit")
+  config.sharding_rules = common.TENSOR_PARALLEL
+  config.model.qkv_per_head = True
+  devices = jax.devices()[:int(np.prod(list(mesh_shape.values())))]
+  state, metrics = run_steps(config, sharding.make_mesh(mesh_shape, devices))
+  qkv = state.params["backbone"]["blocks_0"]["attn"]["qkv"]["kernel"]
+  assert qkv.sharding.spec[1] == "model"
+  ref_state, ref_metrics = single_device_run("sit")
+  for got, want in zip(metrics, ref_metrics):
+    np.testing.assert_allclose(got["loss"], want["loss"], rtol=2e-5)
+  for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(jax.device_get(state.params)),
+                               jax.tree.leaves(ref_state.params)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=5e-5, err_msg=jax.tree_util.keystr(path))
 
 
 def test_fsdp_rules_really_shard_the_large_kernels():
@@ -191,19 +219,17 @@ def test_gmml_learns_to_reconstruct_a_fixed_batch():
 
 
 def test_scan_layers_step_equals_unrolled_step():
-  # No drop path: the scanned blocks draw their dropout keys differently.
-  overrides = {**INVARIANCE_OVERRIDES, "model.drop_path_rate": 0.0}
-  mesh = sharding.make_mesh({"data": 4, "fsdp": 2})
-  config = tiny_config("sit", **overrides)
+  # The unrolled run: SiT's FSDP run of the sharding test above (no drop path).
+  mesh_shape = (("data", 4), ("fsdp", 2))
+  states, want = sharded_run("sit", mesh_shape, "FSDP")
+  config = invariance_config("sit")
   config.sharding_rules = common.FSDP
-  states = []
-  unrolled, want = run_steps(config, mesh, host_states=states)
+  config.model.scan_layers = True
   # The scanned run starts from the unrolled run's initial parameters, stacked.
   initial = states[0]
   stack = lambda tree: {**tree, "backbone": vit.stack_blocks(tree["backbone"])}
-  config.model.scan_layers = True
-  scanned, got = run_steps(config, mesh, edit_state=lambda state: state.replace(
-      params=stack(initial.params), teacher=stack(initial.teacher)))
+  scanned, got = run_steps(config, sharding.make_mesh(dict(mesh_shape)), edit_state=lambda state:
+                           state.replace(params=stack(initial.params), teacher=stack(initial.teacher)))
   for g, w in zip(got, want):
     np.testing.assert_allclose(g["loss"], w["loss"], rtol=2e-5)
   stacked = scanned.params["backbone"]["blocks"]["block"]["attn"]["qkv"]["kernel"]
@@ -211,7 +237,7 @@ def test_scan_layers_step_equals_unrolled_step():
   assert "fsdp" in tuple(stacked.sharding.spec)
   params = jax.device_get(scanned.params)
   params["backbone"] = vit.unstack_blocks(params["backbone"])
-  chex.assert_trees_all_close(params, jax.device_get(unrolled.params), rtol=1e-4, atol=5e-5)
+  chex.assert_trees_all_close(params, states[-1].params, rtol=1e-4, atol=5e-5)
   # Resuming a run with the other layout is refused, naming the setting.
   meta = [pretrain.checkpoint_metadata(tiny_config("sit", **{"model.scan_layers": s}))
           for s in (False, True)]
