@@ -197,6 +197,7 @@ class Experiment:
     self._lock_workdir()
     try:
       self._check_same_experiment()
+      self._check_checkpoints_kept()
       self._open_log()
       if remote and self.is_main:
         logging.info("Workdir %s is remote: no lock is held, so make sure no other run "
@@ -240,6 +241,23 @@ class Experiment:
       raise RunError(f"Workdir {self.workdir} holds a {earlier!r} run (its config.json), not "
                      f"{self.config.experiment!r}: running here would replace its results.json "
                      "and mix its metrics.jsonl; pass another --workdir.")
+
+  def _check_checkpoints_kept(self):
+    """Refuses a workdir whose results.json names a checkpoint that is no longer there (the
+    checkpoints deleted to save space, say): a run here would start again from step 0 and
+    replace what the finished run left."""
+    if self._has_checkpoints():
+      return
+    text = metrics.read_text(os.path.join(self.workdir, "results.json"))
+    named = json.loads(text).get("checkpoint") if text else None
+    if named:
+      backbone = (" and backbone/" if epath.Path(os.path.join(self.workdir, "backbone")).exists()
+                  else "")
+      raise RunError(
+          f"Workdir {self.workdir} holds a finished run whose checkpoint ({named}, named in its "
+          f"results.json) is gone: a run here would train again from step 0 and replace its "
+          f"results.json, metrics.jsonl{backbone}. Pass another --workdir, or delete "
+          "results.json there to train again in it.")
 
   def _open_log(self):
     if not self.is_main:

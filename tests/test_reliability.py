@@ -9,6 +9,8 @@ import glob
 import itertools
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -252,6 +254,26 @@ def test_another_experiment_in_the_workdir_is_refused_before_writing(tmp_path):
                      "'linear'.*pass another --workdir"):
     train(tmp_path, 4, experiment="linear")
   assert {name: (tmp_path / name).read_bytes() for name in kept} == kept
+
+
+def test_a_finished_run_whose_checkpoints_are_gone_is_refused_before_writing(tmp_path):
+  """Checkpoints deleted to save space: the same command again trained from step 0, wiped
+  metrics.jsonl at once and replaced results.json (and a pretraining's backbone/) at the end."""
+  train(tmp_path, 4)
+  shutil.rmtree(tmp_path / "checkpoints")
+  kept = {name: (tmp_path / name).read_bytes()
+          for name in ("results.json", "metrics.jsonl", "config.json", "log.txt")}
+  checkpoint_path = os.path.join(tmp_path, "checkpoints", "4")
+  with pytest.raises(experiment.RunError, match=re.escape(
+      f"holds a finished run whose checkpoint ({checkpoint_path}, named in its results.json) is "
+      "gone") + r".*Pass another --workdir, or delete results.json"):
+    train(tmp_path, 4)
+  assert {name: (tmp_path / name).read_bytes() for name in kept} == kept
+  # A run that stopped before its first checkpoint names none, and starts again as asked.
+  _, error = train(tmp_path / "nan", 4, nan_at=1)
+  assert isinstance(error, experiment.RunError) and not steps_on_disk(tmp_path / "nan")
+  _, results = train(tmp_path / "nan", 4)
+  assert results["step"] == 4
 
 
 def test_another_total_steps_on_resume(tmp_path, caplog):
