@@ -31,7 +31,7 @@ Options:
   --ref REF            branch or tag of --repo (default: main)
   --spot               create a Spot TPU (cheaper, preemptible)
   --existing           use an existing TPU VM called NAME (do not create it)
-  --keep               do not delete the TPU at the end (or on Ctrl-C)
+  --keep               do not delete the TPU at the end (or on Ctrl-C: the run goes on)
   --detach             start the run and return; the TPU is kept (follow the log with
                        gcloud compute tpus tpu-vm ssh NAME --zone ZONE --worker=0
                        --command 'tail -f ~/sit_jax.log')
@@ -90,8 +90,24 @@ REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 on_all() { "${GCLOUD[@]}" ssh "$NAME" "${WHERE[@]}" --worker=all --command="$1"; }
 
+# Run on every worker when the launcher is stopped (Ctrl-C) while the run goes on and the TPU is
+# to be deleted: SIGTERM to main, which saves the current step (as on a preemption; JAX makes
+# every host save the same one), then wait up to 10 minutes for its exit status.
+STOP_RUN='pid=$(cat ~/sit_jax.pid 2>/dev/null) && kill -TERM "$pid" 2>/dev/null || exit 0
+for _ in $(seq 120); do [ -s ~/sit_jax.rc ] && exit 0; sleep 5; done
+echo "$(hostname): sit_jax.main still running 10 minutes after SIGTERM" >&2; exit 1'
+RUNNING=0  # the run was started on the workers and has not ended
+
 cleanup() {
   local status=$?
+  if ((RUNNING && !KEEP)); then
+    echo "Stopping the run on every worker before deleting $NAME; it saves the current step" \
+         "(Ctrl-C again to delete at once) ..." >&2
+    trap 'echo "Not waiting for the save." >&2' INT
+    on_all "$STOP_RUN" && echo "The run saved its step and ended; start the same command" \
+        "again to resume it." >&2 || echo "Could not confirm the save on every worker: the run" \
+        "resumes from the latest checkpoint in $WORKDIR." >&2
+  fi
   if ((KEEP)); then
     echo "TPU $NAME kept; delete it with: ${GCLOUD[*]} delete $NAME ${WHERE[*]} --quiet" >&2
   else
@@ -140,9 +156,12 @@ on_all "curl -LsSf https://astral.sh/uv/install.sh | sh \
 cmd=(../sit_venv/bin/python -m sit_jax.main --config="$CONFIG" --workdir="$WORKDIR"
      ${MAIN_FLAGS[@]+"${MAIN_FLAGS[@]}"})
 printf -v quoted '%q ' "${cmd[@]}"
-# The detached shell's script, quoted as one word (a flag value may hold any character, ').
-printf -v detached '%q' "$quoted > ~/sit_jax.log 2>&1; echo \$? > ~/sit_jax.rc"
-on_all "cd ~/sit_jax && rm -f ~/sit_jax.rc && \
+# The detached shell's script, quoted as one word (a flag value may hold any character, '):
+# main's pid in ~/sit_jax.pid (for STOP_RUN), its exit status in ~/sit_jax.rc.
+printf -v detached '%q' "$quoted > ~/sit_jax.log 2>&1 & echo \$! > ~/sit_jax.pid; wait \$!; \
+echo \$? > ~/sit_jax.rc"
+RUNNING=1
+on_all "cd ~/sit_jax && rm -f ~/sit_jax.rc ~/sit_jax.pid && \
   (nohup bash -c $detached > /dev/null 2>&1 &) && \
   sleep 1 && echo \"worker \$(hostname): started\""
 echo "Started on all workers: ${cmd[*]}"
@@ -155,6 +174,7 @@ fi
 "${GCLOUD[@]}" ssh "$NAME" "${WHERE[@]}" --worker=0 --command="tail -n +1 -F ~/sit_jax.log \
   2>/dev/null & tail_pid=\$!; while [ ! -f ~/sit_jax.rc ]; do sleep 10; done; sleep 2; \
   kill \$tail_pid; exit \$(cat ~/sit_jax.rc)" && rc=0 || rc=$?
+RUNNING=0
 if ((rc)); then
   echo "The run failed (exit status $rc); the last lines of every worker's log:" >&2
   on_all "echo \"== \$(hostname)\"; tail -n 20 ~/sit_jax.log" || true

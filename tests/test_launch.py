@@ -2,6 +2,7 @@
 commands (each logs what it was given): what reaches `python -m sit_jax.main` on the workers."""
 import os
 import shutil
+import signal
 import subprocess
 import time
 
@@ -88,3 +89,52 @@ for a in "$@"; do case "$a" in --command=*) printf '%s\\0' "${{a#--command=}}" >
   assert (home / "sit_jax.log").read_text().splitlines() == [
       "ARG -m", "ARG sit_jax.main", "ARG --config=configs/sit_vits.py:fsdp",
       "ARG --workdir=gs://bucket/run", "ARG --config.data.data_dir=gs://b/it's here"]
+
+
+def test_tpu_vm_ctrl_c_lets_the_run_save_before_deleting_the_tpu(tmp_path):
+  """Ctrl-C while the launcher streams the log: the TPU was deleted under a run that had not
+  saved its last steps. Now each worker's main gets SIGTERM (which saves the current step) and
+  the launcher waits for its exit status, then deletes. gcloud ssh runs the start and stop
+  commands in a stand-in home, where `python` is a run that saves on SIGTERM."""
+  home, calls = tmp_path / "home", tmp_path / "calls"
+  (home / "sit_jax").mkdir(parents=True)
+  (home / "sit_venv" / "bin").mkdir(parents=True)
+  python = home / "sit_venv" / "bin" / "python"
+  python.write_text('#!/usr/bin/env bash\ntrap \'echo step > "$HOME/saved"; exit 0\' TERM\n'
+                    'echo $$ > "$HOME/python.pid"; echo running\nwhile :; do sleep 0.1; done\n')
+  python.chmod(0o755)
+  env = _stand_ins(tmp_path, {"gcloud": f"""
+for a in "$@"; do case "$a" in --command=*) cmd="${{a#--command=}}";; esac; done
+case "$cmd" in
+  *nohup*) echo start >> {calls}; HOME={home} exec bash -c "$cmd" ;;
+  *"kill -TERM"*) echo stop >> {calls}; HOME={home} exec bash -c "$cmd" ;;
+  *"tail -n +1 -F"*) echo stream >> {calls}; exec sleep 60 ;;  # the log streams until Ctrl-C
+  *) echo "$4" >> {calls} ;;
+esac
+"""})
+  launcher = subprocess.Popen(
+      ["bash", os.path.join(REPO, "launch", "tpu_vm.sh"), "--name", "sit-s16", "--zone",
+       "us-central2-b", "--accelerator", "v4-32", "--config", "configs/sit_vits.py",
+       "--workdir", "gs://bucket/run"],
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      start_new_session=True)  # its own process group, as a terminal's foreground job
+  try:
+    for _ in range(600):
+      if calls.exists() and "stream" in calls.read_text():
+        break
+      time.sleep(0.05)
+    assert (home / "sit_jax.log").read_text() == "running\n"
+    os.killpg(launcher.pid, signal.SIGINT)  # what Ctrl-C in the terminal sends
+    _, stderr = launcher.communicate(timeout=120)
+  finally:
+    if (home / "python.pid").exists():  # a failed test leaves no run behind
+      subprocess.run(["kill", "-KILL", (home / "python.pid").read_text().strip()],
+                     capture_output=True)
+    if launcher.poll() is None:
+      os.killpg(launcher.pid, signal.SIGKILL)
+  assert launcher.returncode == 130
+  assert (home / "saved").read_text() == "step\n" and (home / "sit_jax.rc").read_text() == "0\n"
+  assert "The run saved its step and ended" in stderr, stderr
+  # create, copy, install, start, stream; stopped and saved before the delete.
+  assert calls.read_text().split() == ["create", "scp", "ssh", "ssh", "start", "stream",
+                                       "stop", "delete"]
