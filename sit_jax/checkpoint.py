@@ -640,15 +640,28 @@ def load_backbone(path) -> tuple[Any, dict]:
   `metadata['model']`, matching what `export_backbone` is given.
   """
   p = _path(path)
+  found = locate_backbone(p)
+  if not (found / STATE_ITEM).is_dir():
+    return _load_export(found)
+  if found != p:  # the latest step of a workdir
+    _warn_if_unfinished(p, int(found.name))
+  return _load_from_step_dir(found)
+
+
+def locate_backbone(path) -> epath.Path:
+  """The directory `load_backbone(path)` reads, found without reading any array (a transfer run
+  checks its `config.init` before writing to its workdir): a backbone export or a committed
+  step directory. Raises CheckpointError naming what was searched."""
+  p = _path(path)
   if not p.exists():
     raise CheckpointError(f"load_backbone: {p} does not exist.")
   if (p / EXPORT_CONFIG).exists() or (p / EXPORT_PARAMS).is_dir():
-    return _load_export(p)
+    return p
   if (p / STATE_ITEM).is_dir():
     if not ocp.path.step.is_checkpoint_finalized(p):
       raise CheckpointError(f"{p} is an incomplete (uncommitted) checkpoint; use a committed "
                             "step.")
-    return _load_from_step_dir(p)
+    return p
 
   searched = []
   for sub in CHECKPOINT_SUBDIRS:
@@ -659,10 +672,9 @@ def load_backbone(path) -> tuple[Any, dict]:
     except (OSError, ValueError):
       steps = []
     if steps:
-      _warn_if_unfinished(p, max(steps))
-      return _load_from_step_dir(d / str(max(steps)))
+      return d / str(max(steps))
   if (p / EXPORT_DIR).is_dir():
-    return _load_export(p / EXPORT_DIR)
+    return p / EXPORT_DIR
   raise CheckpointError(
       f"Nothing loadable at {p}: expected a backbone export ({EXPORT_CONFIG} + "
       f"{EXPORT_PARAMS}/), a checkpoint step directory ({STATE_ITEM}/), or a pretraining "

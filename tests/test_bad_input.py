@@ -57,6 +57,8 @@ CASES = [
      ["config.multilabel.frozen=True needs config.linear", "multilabel.py:frozen=True"]),
     ("init_missing", [KNN, "--config.init=TMP/no_such_run"],
      ["config.init=", "no_such_run' does not exist", "--config.init"]),
+    ("init_nothing_loadable", [KNN, "--config.init=TMP/empty_run"],
+     ["Nothing loadable at", "empty_run: expected a backbone export", "searched"]),
     ("last_blocks_past_depth", ["--config=configs/linear.py:runlocal",
                                 "--config.head.last_blocks=5"],
      ["config.head.last_blocks=5", "the 4 blocks of model.variant 'Mu/4'", "at most 4"]),
@@ -89,6 +91,7 @@ def results(tmp_path_factory):
   """Every case at once (each is a fresh interpreter that stops before any jax work)."""
   tmp = tmp_path_factory.mktemp("bad_input")
   (tmp / "broken.py").write_text("def get_config(arg=None):\n  c = {}\n  return c[\n")
+  (tmp / "empty_run").mkdir()  # a workdir whose run wrote nothing yet
   env = {k: v for k, v in os.environ.items() if k != "SIT_JAX_TRACEBACK"}
   running = {}
   for name, args, _ in CASES:

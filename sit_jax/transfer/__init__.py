@@ -30,7 +30,10 @@ EXPERIMENTS = ("finetune", "linear", "knn", "multilabel", "segment", "fewshot")
 
 
 def run(config, workdir: str) -> dict:
+  from sit_jax import checkpoint
   from sit_jax.transfer import fewshot, finetune, knn, linear, segment
+  if config.get("init"):  # found before the workdir is written
+    checkpoint.locate_backbone(config.init)
   experiment = config.experiment
   if experiment == "finetune":
     return finetune.run(config, workdir)
