@@ -72,6 +72,7 @@ import math
 import os
 import re
 import signal
+import unicodedata
 from typing import Callable, Iterator, Optional, Sequence
 
 from absl import logging
@@ -329,29 +330,37 @@ def _warn_left_out(root, left_out: tuple):
                   ", ".join(f"{ext} {n}" for ext, n in left_out), " ".join(IMAGE_EXTENSIONS))
 
 
+def _composed(name: str) -> str:
+  return unicodedata.normalize("NFC", name)
+
+
 def _list_folder(root):
-  """(paths, labels, class names); classes are the root's sub-directories sorted by name."""
+  """(paths, labels, class names); classes are the root's sub-directories sorted by name
+  (in Unicode NFC form)."""
   if not os.path.isdir(root):
     raise DataNotFoundError(f"image folder {root!r} does not exist")
   entries = sorted(e for e in os.listdir(root) if not e.startswith("."))
-  classes = [e for e in entries if os.path.isdir(os.path.join(root, e))]
+  # Class names in one Unicode form (a Mac writes them decomposed, most systems composed), so
+  # that the same classes get the same labels whatever made each folder.
+  folders = sorted((e for e in entries if os.path.isdir(os.path.join(root, e))), key=_composed)
+  classes = [_composed(e) for e in folders]
   left_out = collections.Counter()
   if classes:
     paths, labels = [], []
-    for label, name in enumerate(classes):
-      files = _list_images(os.path.join(root, name), left_out, seen={_inode(root)})
+    for label, folder in enumerate(folders):
+      files = _list_images(os.path.join(root, folder), left_out, seen={_inode(root)})
       paths += files
       labels += [label] * len(files)
     # Files beside the class folders belong to no class.
     left_out.update(f"{_extension(e)} (beside the class folders)" for e in entries
-                    if e not in classes)
+                    if e not in folders)
   else:
     paths = [os.path.join(root, e) for e in entries if _is_image(e)]
     left_out.update(_extension(e) for e in entries if not _is_image(e))
     labels = [-1] * len(paths)
   if left_out:
     _warn_left_out(root, tuple(sorted(left_out.items())))
-  beside = sum(_is_image(e) for e in entries if e not in classes) if classes else 0
+  beside = sum(_is_image(e) for e in entries if e not in folders) if classes else 0
   if not paths and beside:  # e.g. a flat folder with a __MACOSX/ or @eaDir/ sub-folder
     raise DataError(f"folder:{root}: its sub-folders ({', '.join(classes[:5])}) are read as "
                     f"classes and hold no images; the {beside} images beside them belong to no "

@@ -307,6 +307,16 @@ def test_held_out_splits_share_no_image_and_the_classes(tmp_path):
                         "data.test_split")
   # Different folders never share an image; the same folder's disjoint slices do not either.
   data.check_held_out(info("train[:50%]", source), info("train[50%:]", source), "a", "b")
+  # Class names copied from a Mac come decomposed (NFD: 'e' + combining accent), the same
+  # names typed elsewhere composed (NFC): the same classes, in the same (NFC) order.
+  composed, decomposed = "\u00e9clair", "e\u0301clair"
+  _class_folders(tmp_path / "mac" / "train", (decomposed, "fig"))
+  _class_folders(tmp_path / "mac" / "test", (composed, "fig"))
+  mac = f"folder:{tmp_path / 'mac'}"
+  data.check_held_out(info("train", mac), info("test", mac), "train", "test")
+  assert info("train", mac).classes == info("test", mac).classes == ("fig", composed)
+  paths, labels, _ = data._list_folder(str(tmp_path / "mac" / "train"))
+  assert [label for path, label in zip(paths, labels) if decomposed in path] == [1, 1]
   # A val/ of images without class folders: every label would be -1, every score 0.
   os.makedirs(root / "val")
   _write(root / "val" / "0.png", (10, 10, 10), (12, 12), "PNG")
