@@ -383,13 +383,14 @@ class _FileLoader:
 
 
 SPLIT_FOLDERS = ("train", "val", "validation", "test")
+SPLIT_ALIASES = {"validation": ("val",), "val": ("validation",)}
 
 
 def folder_split(path: str, split: Optional[str]) -> tuple[str, Optional[str]]:
   """(the directory a split of the image folder `path` reads, the split's slice or None).
 
   `<path>/<split>` when it is a folder (in any case: Train/ and Val/ are splits too, not two
-  classes). Otherwise 'train' (or no split) is the whole folder, unless the folder has split
+  classes; 'validation' reads val/ where there is no validation/, and 'val' validation/). Otherwise 'train' (or no split) is the whole folder, unless the folder has split
   folders, and any other split is an error: read as the whole folder, a 'test' split would
   score the training images. A split folder that holds images but no class folders, beside
   folders that are not split names, is a class that shares a split's name (classes bicycle,
@@ -401,7 +402,11 @@ def folder_split(path: str, split: Optional[str]) -> tuple[str, Optional[str]]:
       if os.path.isdir(root) else []
   split_dirs = [d for d in subdirs if d in SPLIT_FOLDERS]
   if base and base not in subdirs:
-    base = next((d for d in subdirs if d.lower() == base.lower()), base)
+    # In any case, and 'validation' (TFDS's name, the configs' default) as val/ (ImageNet's
+    # folders) or the other way round.
+    names = {base.lower(), *SPLIT_ALIASES.get(base.lower(), ())}
+    base = next((d for d in subdirs if d.lower() == base.lower()),
+                next((d for d in subdirs if d.lower() in names), base))
   if base and base in subdirs:
     chosen = os.path.join(root, base)
     others = [d for d in subdirs if d.lower() not in SPLIT_FOLDERS]

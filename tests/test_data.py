@@ -266,9 +266,13 @@ def test_a_folder_split_is_its_folder_or_a_slice_of_train(tmp_path):
   assert data.dataset_info(layout, "train").num_examples == 4
   assert data.dataset_info(layout, "val").name == f"folder:{split_root / 'val'}"
   assert data.dataset_info(layout, "val").classes == ("a", "b")
-  for split in ("validation", "test", "train[:1]+val"):
+  for split in ("test", "train[:1]+val"):
     with pytest.raises(data.SplitNotFound, match="its split folders are train, val"):
       data.dataset_info(layout, split)
+  # TFDS's 'validation' (the configs' held-out split, the k-NN monitor's default) is val/; it
+  # held out train[90%:] from the bank instead.
+  assert data.dataset_info(layout, "validation").name == f"folder:{split_root / 'val'}"
+  assert data.dataset_info(layout, "validation[:1]").num_examples == 1
 
   # Split folders in another case are the splits, not two classes 'Train' and 'Val' that
   # would put the validation images into pretraining.
