@@ -145,3 +145,19 @@ def test_tsne_plot_of_equal_features(tmp_path):
   assert result.returncode == 0, result.stderr[-2000:]
   with Image.open(path) as im:
     assert im.format == "PNG"
+
+
+def test_pictures_gather_only_the_grids_images():
+  """The picture hook's output is replicated onto every device: the whole batch there was 36
+  bytes a pixel per image on each device (7 GiB at 224 px and batch 4,096), for a grid of 8."""
+  import jax
+  from configs import sit_vits
+  from sit_jax import pretrain
+  config = sit_vits.get_config("runlocal")
+  model = pretrain.build_model(config)
+  tx = pretrain.build_optimizer(config, pretrain.build_schedules(config, 10, 10))
+  state = jax.eval_shape(lambda: pretrain.init_state(config, model, tx, jax.random.PRNGKey(0)))
+  size = config.data.image_size
+  batch = {view: jax.ShapeDtypeStruct((64, size, size, 3), np.uint8) for view in ("view1", "view2")}
+  pictures = jax.eval_shape(pretrain.make_reconstruct(config, model), state, batch)
+  assert [p.shape for p in pictures] == [(8, size, size, 3)] * 3
