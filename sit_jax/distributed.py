@@ -7,10 +7,17 @@ Which processes form the job, in order of precedence:
      an Open MPI 5 job, which it misses, through mpi4py or with JAX_COORDINATOR_ADDRESS.
 A lone process (none of the above, or a job of size 1) does not start jax.distributed at all.
 On CPU the cross-process collectives go through gloo.
+
+A process that fails ends at once (`leave`), so that the job ends instead of hanging: at a normal
+exit jax.distributed's shutdown waits at a barrier (5 minutes) for the other processes, which
+meanwhile wait for the failed one in their next collective. Its error goes to the coordination
+service's key-value store, and a process ended by that failure (its collective finds the peer
+gone) names it (`first_error`) instead of its own broken collective.
 """
 from __future__ import annotations
 
 import os
+import sys
 from typing import Mapping
 
 import jax
@@ -141,3 +148,43 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
   return True
+
+
+_ERRORS = "sit_jax/errors/"  # key-value directory: process index -> its error
+
+
+def _client():
+  from jax._src import distributed as jax_distributed
+  return jax_distributed.global_state.client
+
+
+def joined() -> bool:
+  """Whether this process started jax.distributed (is one of a multi-process job)."""
+  return _client() is not None
+
+
+def first_error(message: str) -> str:
+  """The line to print for `message`, this process's error: recorded for the other processes;
+  if one recorded its own before (its exit is what broke this process's collectives), the line
+  names that process and its error first."""
+  client = _client()
+  try:
+    reported = sorted(client.key_value_dir_get(_ERRORS))
+    client.key_value_set(f"{_ERRORS}{jax.process_index()}", message)
+  except Exception:  # pylint: disable=broad-except  (the coordinator, in process 0, is gone)
+    return message
+  earlier = [(key[len(_ERRORS):], text) for key, text in reported if text != message]
+  if not earlier:
+    return message
+  process, text = earlier[0]
+  return (f"process {process} of {jax.process_count()} failed: {text} (this process then: "
+          f"{message})")
+
+
+def leave(code: int):
+  """Ends this process of a multi-process job with exit status `code` at once, without
+  jax.distributed's shutdown barrier (see the module doc)."""
+  logging.flush()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)  # pylint: disable=protected-access

@@ -21,6 +21,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import logging as std_logging  # noqa: E402
 import sys  # noqa: E402
+import traceback  # noqa: E402
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -84,8 +85,23 @@ def exit_with(error: BaseException):
   """Ends the program with one line on stderr; SIT_JAX_TRACEBACK=1 raises `error` instead."""
   if os.environ.get("SIT_JAX_TRACEBACK"):
     raise error
-  print(f"sit_jax: error: {' '.join(str(error).split())}", file=sys.stderr)
-  sys.exit(1)
+  end(1, " ".join(str(error).split()))
+
+
+def end(code: int, error: str = ""):
+  """Exits with `code`, printing `error` first (one line). A process of a multi-process job ends
+  at once, and its line names the process whose error ended the job (distributed.py)."""
+  job = _job()
+  if error:
+    print(f"sit_jax: error: {job.first_error(error) if job else error}", file=sys.stderr)
+  (job.leave if job else sys.exit)(code)
+
+
+def _job():
+  """sit_jax.distributed where this process is one of a multi-process job, else None. Imported
+  once main starts a job: a mistake on the command line does not import jax."""
+  distributed = sys.modules.get("sit_jax.distributed")
+  return distributed if distributed is not None and distributed.joined() else None
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -122,13 +138,16 @@ def main(argv):
       raise
     print("sit_jax: interrupted (Ctrl-C); nothing was lost: start the same command to go on.",
           file=sys.stderr)
-    sys.exit(130)
+    end(130)
   except Exception as e:
     if isinstance(e, config_check.ConfigError) or isinstance(e, user_errors()):
       exit_with(e)
     if isinstance(e, OSError) and e.errno in STORAGE_ERRNOS:
       exit_with(OSError(f"{e}. Free space (or fix the storage) and start the same command: "
                         "the checkpoints saved so far are kept, and it resumes from the latest."))
+    if _job():  # a bug: its traceback, then the job ends (distributed.py).
+      traceback.print_exc()
+      end(1, f"{type(e).__name__}: {e}".splitlines()[0])
     raise
 
 

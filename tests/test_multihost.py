@@ -1,0 +1,31 @@
+"""A multi-process job whose processes do not all succeed (jax.distributed over 127.0.0.1, gloo)."""
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from test_multiprocess import REPO, _env, _free_port, _wait
+
+
+def test_an_error_in_one_process_ends_the_job(tmp_path):
+  """Process 1 cannot read its data: it ends with its one line at once instead of waiting at
+  jax.distributed's shutdown barrier, and process 0, whose next collective then fails, ends too
+  and names process 1's error (both used to wait for each other until killed)."""
+  if getattr(jax.config, "jax_cpu_collectives_implementation", None) is None:
+    pytest.skip("this jax has no CPU cross-process collectives")
+  port = _free_port()
+  sources = ["embedded:digits", f"folder:{tmp_path / 'not_mounted'}"]
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "sit_jax.main", "--config=configs/sit_vits.py:runlocal",
+       f"--workdir={tmp_path / 'run'}", f"--config.data.source={source}",
+       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+      cwd=REPO, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i, source in enumerate(sources)]
+  outputs = _wait(procs, timeout=90)
+  assert [p.returncode for p in procs] == [1, 1], [err[-2000:] for _, err in outputs]
+  missing = f"image folder '{tmp_path / 'not_mounted'}' does not exist"
+  last_lines = [err.strip().splitlines()[-1] for _, err in outputs]
+  assert last_lines[1] == f"sit_jax: error: {missing}"
+  assert last_lines[0].startswith(f"sit_jax: error: process 1 of 2 failed: {missing} (this "
+                                  "process then: ")
