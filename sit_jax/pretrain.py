@@ -385,7 +385,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                     data.view_keys(2)))
 
     results = {"experiment": config.experiment, "dataset": info.name, **outcome.results(),
-               **({"knn_monitor": {**outcome.evaluated, "bank": monitor.eval_splits(config)}}
+               **({"knn_monitor": {**outcome.evaluated, "bank": [  # the splits it read
+                   knn_monitor.source, knn_monitor.bank_split, knn_monitor.test_split]}}
                   if outcome.evaluated else {})}
     if outcome.complete and config.export_backbone:
       # Exports always use the per-block layout (blocks_i) that transfer and convert read.

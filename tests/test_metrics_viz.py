@@ -161,3 +161,24 @@ def test_pictures_gather_only_the_grids_images():
   batch = {view: jax.ShapeDtypeStruct((64, size, size, 3), np.uint8) for view in ("view1", "view2")}
   pictures = jax.eval_shape(pretrain.make_reconstruct(config, model), state, batch)
   assert [p.shape for p in pictures] == [(8, size, size, 3)] * 3
+
+
+def test_results_name_the_splits_the_knn_monitor_read(tmp_path, monkeypatch):
+  """A folder without a test split: the monitor holds out train[90%:] of the bank, and
+  results.json said its figures came from the 'train' bank and a 'test' split that is not there."""
+  from configs import sit_vits
+  from sit_jax import pretrain, trainer
+  for c in range(2):
+    os.makedirs(tmp_path / "images" / f"c{c}")
+    for i in range(10):
+      Image.fromarray(np.full((8, 8, 3), 20 * i + c, np.uint8)).save(
+          tmp_path / "images" / f"c{c}" / f"{i}.png")
+  config = sit_vits.get_config("runlocal")
+  config.data.source = f"folder:{tmp_path / 'images'}"
+  config.total_steps, config.eval_every, config.export_backbone = 1, 1, False
+
+  def monitor_only(exp, *, total_steps, hooks, **kwargs):  # the loop's outcome, without a step
+    return trainer.Outcome(None, total_steps, 0, total_steps, {}, {"knn/student": 0.5}, None, 0.0)
+  monkeypatch.setattr(trainer, "train", monitor_only)
+  results = pretrain.train_and_evaluate(config, str(tmp_path / "run"))
+  assert results["knn_monitor"]["bank"] == [config.data.source, "train[:90%]", "train[90%:]"]
