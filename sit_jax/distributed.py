@@ -16,6 +16,7 @@ gone) names it (`first_error`) instead of its own broken collective.
 """
 from __future__ import annotations
 
+import collections
 import os
 import sys
 from typing import Mapping
@@ -144,10 +145,22 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     # A TPU VM whose metadata does not describe a slice (e.g. Colab): a single host.
     logging.warning("jax.distributed not started (%s); running as a single process.", e)
     return False
+  check_devices_per_process(jax.devices())
   logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
   return True
+
+
+def check_devices_per_process(devices):
+  """Every process must hold the same number of `devices` (the job's): the batch is split evenly
+  over the processes, and each host's share evenly over its devices."""
+  counts = collections.Counter(d.process_index for d in devices)
+  if len(set(counts.values())) > 1:
+    raise ValueError(
+        f"The processes of the job have different numbers of devices (process: devices "
+        f"{dict(sorted(counts.items()))}); each needs the same number: check the devices every "
+        "task is given (CUDA_VISIBLE_DEVICES, --gpus-per-task).")
 
 
 _ERRORS = "sit_jax/errors/"  # key-value directory: process index -> its error

@@ -1,9 +1,12 @@
 """A multi-process job whose processes do not all succeed (jax.distributed over 127.0.0.1, gloo)."""
 import subprocess
 import sys
+import types
 
 import jax
 import pytest
+
+from sit_jax import distributed
 
 from test_multiprocess import REPO, _env, _free_port, _wait
 
@@ -29,3 +32,13 @@ def test_an_error_in_one_process_ends_the_job(tmp_path):
   assert last_lines[1] == f"sit_jax: error: {missing}"
   assert last_lines[0].startswith(f"sit_jax: error: process 1 of 2 failed: {missing} (this "
                                   "process then: ")
+
+
+def test_processes_with_different_device_counts_are_refused():
+  """A task given fewer GPUs than the others used to fail in the first collective with numpy's
+  'cannot reshape array of size 6 into shape (2,4)'."""
+  devices = [types.SimpleNamespace(process_index=p) for p in (0, 0, 0, 0, 1, 1)]
+  with pytest.raises(ValueError, match=r"different numbers of devices \(process: devices "
+                                       r"\{0: 4, 1: 2\}\)"):
+    distributed.check_devices_per_process(devices)
+  distributed.check_devices_per_process(devices[:2] + devices[4:])  # 2 and 2: fine
