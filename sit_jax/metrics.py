@@ -15,6 +15,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -46,6 +47,16 @@ def _fmt_value(name: str, v: float) -> str:
   if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
     return f"{v:.3e}"
   return f"{v:.4f}"
+
+
+# Characters tensorboardX refuses in a tag: it replaces each with "_" and logs a line per tag at
+# every write (16 for a k-NN run's "knn/val/k=10/top1" and the like). Done here, quietly.
+_NOT_IN_TENSORBOARD_TAGS = re.compile(r"[^-/\w.]")
+
+
+def _tensorboard_tag(name: str) -> str:
+  """The TensorBoard tag of metric `name`: the name, "_" for each character tags cannot hold."""
+  return _NOT_IN_TENSORBOARD_TAGS.sub("_", name).lstrip("/")
 
 
 def json_default(o):
@@ -382,7 +393,7 @@ class MetricWriter:
     self._jsonl.flush()
     if self._tb is not None:
       for k, v in values.items():
-        self._tb.add_scalar(k, v, global_step=step)
+        self._tb.add_scalar(_tensorboard_tag(k), v, global_step=step)
 
     parts = [f"step {step}/{self.total_steps}"] if self.total_steps else []  # 0: not a loop
     parts += [f"{k} {_fmt_value(k, v)}" for k, v in values.items()]
@@ -420,7 +431,7 @@ class MetricWriter:
     atomic_write(path, lambda f: Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
                  .save(f, format="PNG"))
     if self._tb is not None:
-      self._tb.add_image(name, img, global_step=int(step), dataformats="HWC")
+      self._tb.add_image(_tensorboard_tag(name), img, global_step=int(step), dataformats="HWC")
     return path
 
   # -- json ------------------------------------------------------------------

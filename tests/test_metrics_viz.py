@@ -1,4 +1,5 @@
 import glob
+import io
 import json
 import os
 import re
@@ -68,18 +69,41 @@ def test_non_main_process_writes_nothing(tmp_path, capsys):
   assert capsys.readouterr().out == ""
 
 
-def test_images_and_tensorboard(tmp_path):
+def tensorboard_events(directory):
+  """{(tag, step): float, or the decoded image} of the event files in `directory`."""
+  from tensorboardX.proto import event_pb2
+  found = {}
+  for path in glob.glob(os.path.join(directory, "events.out.tfevents.*")):
+    data, i = open(path, "rb").read(), 0
+    while i < len(data):  # TFRecords: length (8 bytes), its CRC (4), the record, its CRC (4)
+      length = int.from_bytes(data[i:i + 8], "little")
+      event = event_pb2.Event.FromString(data[i + 12:i + 12 + length])
+      i += 16 + length
+      for v in event.summary.value:
+        found[v.tag, event.step] = (np.asarray(Image.open(io.BytesIO(v.image.encoded_image_string)))
+                                    if v.HasField("image") else v.simple_value)
+  return found
+
+
+def test_images_and_tensorboard(tmp_path, caplog):
   w = MetricWriter(tmp_path, total_steps=10, global_batch_size=8,
                    enable_tensorboard=True, is_main_process=True)
   img = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
   path = w.write_images(5, "recon", img)
-  w.write_scalars(5, {"loss": 1.0})
+  with caplog.at_level("INFO"):
+    w.write_scalars(5, {"loss": 1.0, "knn/val/k=10/top1": 0.25})  # knn.py's names
   w.close()
   assert path == str(tmp_path / "images" / "recon_0000005.png")
   with Image.open(path) as im:
     assert im.format == "PNG" and im.size == (30, 20) and im.mode == "RGB"
     np.testing.assert_array_equal(np.asarray(im), img)
-  assert glob.glob(str(tmp_path / "tb" / "events.out.tfevents.*"))
+  # TensorBoard holds what metrics.jsonl and the PNG do; a tag cannot hold "=", and its
+  # replacement is no line on the console.
+  events = tensorboard_events(tmp_path / "tb")
+  assert events.keys() == {("recon", 5), ("loss", 5), ("knn/val/k_10/top1", 5)}
+  np.testing.assert_array_equal(events["recon", 5], img)
+  assert (events["loss", 5], events["knn/val/k_10/top1", 5]) == (1.0, 0.25)
+  assert not [r for r in caplog.records if "illegal" in r.getMessage()]
   with pytest.raises(TypeError):
     MetricWriter(tmp_path, total_steps=1, global_batch_size=1,
                  enable_tensorboard=False).write_images(0, "f", img / 255.0)
