@@ -29,8 +29,10 @@ import logging as std_logging
 import os
 import socket
 import tempfile
+import time
 from typing import Sequence
 import uuid
+import zlib
 
 from absl import logging
 from etils import epath
@@ -89,6 +91,7 @@ class WorkdirLock:
   def __init__(self, directory: str):
     self.path = os.path.join(directory, LOCK_FILE)
     self._fd = None
+    self.holder = ""
 
   def acquire(self):
     import fcntl
@@ -103,14 +106,42 @@ class WorkdirLock:
       raise WorkdirBusy(f"Workdir {os.path.dirname(self.path)} is in use by {holder}: wait "
                         "for that run to end, stop it, or pass another --workdir.") from None
     started = datetime.datetime.now().isoformat(timespec="seconds")
+    self.holder = f"pid {os.getpid()} on {socket.gethostname()} since {started}\n"
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {started}\n".encode(), 0)
+    os.pwrite(fd, self.holder.encode(), 0)
+    os.fsync(fd)  # for the job's other hosts (check_shared)
     self._fd = fd
+
+  def check_shared(self, holder_mark: int, wait_seconds: float = 60.0):
+    """On the other processes of a job: the lock file must be the one process 0 wrote
+    (`holder_mark`: lock_mark of its holder line), else each host writes its part of every
+    checkpoint into a workdir of its own and no host has a whole one. A shared filesystem may
+    show the new file late: it is looked for during `wait_seconds`."""
+    deadline = time.monotonic() + wait_seconds
+    while True:
+      try:
+        with open(self.path) as f:
+          if lock_mark(f.read()) == holder_mark:
+            return
+      except FileNotFoundError:
+        pass
+      if time.monotonic() >= deadline:
+        raise RunError(
+            f"Workdir {os.path.dirname(self.path)} is not shared by the processes of this job: "
+            f"process {jax.process_index()} does not see the {LOCK_FILE} that process 0 wrote "
+            "there. Each process writes its part of every checkpoint into the workdir: use a "
+            "path that all hosts mount (a shared filesystem) or gs://.")
+      time.sleep(1)
 
   def release(self):
     if self._fd is not None:
       os.close(self._fd)  # closing the descriptor releases the lock; the file stays.
       self._fd = None
+
+
+def lock_mark(holder: str) -> int:
+  """A lock file's holder line as a number the job's processes can broadcast."""
+  return zlib.crc32(holder.encode()) & 0x7FFFFFFF
 
 
 def _from_orbax(record) -> bool:
@@ -225,10 +256,15 @@ class Experiment:
         busy = e
     if jax.process_count() > 1:  # the other processes of the job stop with process 0.
       from jax.experimental import multihost_utils
-      if multihost_utils.broadcast_one_to_all(np.int32(busy is not None)) and busy is None:
+      mark = lock_mark(self._lock.holder) if self.is_main and busy is None else 0
+      taken, mark = multihost_utils.broadcast_one_to_all(
+          (np.int32(busy is not None), np.int32(mark)))
+      if taken and busy is None:
         busy = WorkdirBusy(f"Workdir {self.workdir} is in use by another run (process 0 of "
                            "this job could not lock it): wait for that run to end, stop it, or "
                            "pass another --workdir.")
+      if not taken and not self.is_main:
+        self._lock.check_shared(int(mark))
     if busy is not None:
       raise busy
 

@@ -6,7 +6,7 @@ import types
 import jax
 import pytest
 
-from sit_jax import distributed
+from sit_jax import distributed, experiment
 
 from test_multiprocess import REPO, _env, _free_port, _wait
 
@@ -42,3 +42,22 @@ def test_processes_with_different_device_counts_are_refused():
                                        r"\{0: 4, 1: 2\}\)"):
     distributed.check_devices_per_process(devices)
   distributed.check_devices_per_process(devices[:2] + devices[4:])  # 2 and 2: fine
+
+
+def test_a_workdir_the_hosts_do_not_share_is_refused(tmp_path):
+  """Each host used to write its part of every checkpoint into a workdir of its own: the run
+  failed only at its first save, and process 0's committed checkpoint lacked process 1's part."""
+  shared, own = tmp_path / "shared", tmp_path / "own"
+  shared.mkdir()
+  own.mkdir()
+  (own / experiment.LOCK_FILE).write_text("pid 1 on other-host since 2026-01-01T00:00:00\n")
+  lock = experiment.WorkdirLock(str(shared))
+  lock.acquire()
+  try:
+    mark = experiment.lock_mark(lock.holder)
+    experiment.WorkdirLock(str(shared)).check_shared(mark, wait_seconds=0)
+    for workdir in (own, tmp_path / "empty"):  # an earlier run's lock file, or none
+      with pytest.raises(experiment.RunError, match=f"Workdir {workdir} is not shared"):
+        experiment.WorkdirLock(str(workdir)).check_shared(mark, wait_seconds=0)
+  finally:
+    lock.release()
