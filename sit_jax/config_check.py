@@ -263,7 +263,7 @@ RULES: dict[str, Rule] = {
     # Transfer (configs/transfer_common.py and each transfer config).
     "head.features": FEATURES,
     "head.last_blocks": COUNT,
-    "tsne_points": integer(0),
+    "tsne_points": either(one_of(0), integer(3)),  # t-SNE of fewer points cannot run
     "baselines": BOOL,
     "feature_cache": TEXT,
     "knn.k": either(COUNT, numbers(COUNT, min_len=1)),

@@ -66,8 +66,8 @@ def tsne_plot(features, labels, path, title: str = "", max_points: int = 2000,
   if len(features) != len(labels):
     raise ValueError(f"{len(features)} features but {len(labels)} labels")
   n = len(features)
-  if n < 3:
-    raise ValueError(f"tsne_plot needs at least 3 points, got {n}")
+  if min(n, max_points) < 3:
+    raise ValueError(f"tsne_plot needs at least 3 points, got {n} with max_points={max_points}")
   rng = np.random.default_rng(seed)
   if n > max_points:
     idx = np.sort(rng.choice(n, size=max_points, replace=False))

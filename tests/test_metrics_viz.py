@@ -158,6 +158,26 @@ def test_tsne_plot_small(tmp_path):
     assert im.format == "PNG" and im.size[0] > 100
 
 
+def test_tsne_of_fewer_than_3_points_is_refused(tmp_path):
+  """t-SNE cannot run on 2 points (sklearn: perplexity must be less than n_samples) and drew 1
+  point captioned "(all features equal)": tsne_points 1 or 2 is a config error before any work
+  (a linear probe drew it before writing results.json, which the error then lost)."""
+  from sit_jax import config_check
+  config = config_check.load(os.path.join(os.path.dirname(__file__), "..", "configs",
+                                          "linear.py:runlocal"))
+  for points in (0, 3):
+    config.tsne_points = points
+    config_check.check(config)
+  for points in (1, 2):
+    config.tsne_points = points
+    with pytest.raises(config_check.ConfigError, match=f"config.tsne_points={points} is invalid"):
+      config_check.check(config)
+    with pytest.raises(ValueError, match="at least 3 points"):
+      tsne_plot(np.arange(40.0).reshape(10, 4), np.arange(10) % 2, tmp_path / "t.png",
+                max_points=points)
+  assert not (tmp_path / "t.png").exists()
+
+
 def test_tsne_plot_of_equal_features(tmp_path):
   """A collapsed backbone's features are one point: sklearn's t-SNE crashed the process on
   them (a segfault, before a linear probe wrote results.json), so run it in a child."""
