@@ -186,6 +186,22 @@ def check_batch_size(global_batch_size: int, mesh: Mesh):
   if global_batch_size % jax.process_count():
     raise ValueError(f"Global batch size {global_batch_size} is not divisible by the "
                      f"{jax.process_count()} processes.")
+  if jax.process_count() > 1:  # (not for --aot_topology: one process compiles for all hosts)
+    check_batch_rows_per_process(mesh.devices)
+
+
+def check_batch_rows_per_process(devices: np.ndarray):
+  """Every process reads batch rows of its own, so none may share a batch shard with another:
+  a `model` axis across processes would have each of them put its own rows where the step
+  takes one replica (training went on, on different data per process). `devices`: the mesh's,
+  shaped (data, fsdp, model)."""
+  processes = np.vectorize(lambda d: d.process_index)(devices).reshape(-1, devices.shape[-1])
+  if any(len(set(shard)) > 1 for shard in processes):
+    raise ValueError(
+        f"Mesh {dict(zip(AXES, devices.shape))}: the model axis spans processes, which each "
+        f"read their own batch rows: make mesh.model at most the "
+        f"{devices.size // len(np.unique(processes))} devices of a process (and data x fsdp a "
+        "multiple of the number of processes).")
 
 
 # XLA options named for one backend: config.compiler_options applies them only there, so a

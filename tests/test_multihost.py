@@ -4,9 +4,10 @@ import sys
 import types
 
 import jax
+import numpy as np
 import pytest
 
-from sit_jax import distributed, experiment
+from sit_jax import distributed, experiment, sharding
 
 from test_multiprocess import REPO, _env, _free_port, _wait
 
@@ -61,3 +62,20 @@ def test_a_workdir_the_hosts_do_not_share_is_refused(tmp_path):
         experiment.WorkdirLock(str(workdir)).check_shared(mark, wait_seconds=0)
   finally:
     lock.release()
+
+
+def test_a_model_axis_across_processes_is_refused():
+  """Each process reads rows of its own; with mesh.model spanning processes those rows filled
+  one shared replica of the batch, and the step trained on different data in each process."""
+  def mesh_devices(processes, shape):
+    devices = np.empty(len(processes), object)
+    devices[:] = [types.SimpleNamespace(process_index=p) for p in processes]
+    return devices.reshape(shape)
+
+  with pytest.raises(ValueError, match=r"Mesh \{'data': 1, 'fsdp': 1, 'model': 3\}: the model "
+                                       r"axis spans processes.* at most the 1 devices"):
+    sharding.check_batch_rows_per_process(mesh_devices([0, 1, 2], (1, 1, 3)))
+  with pytest.raises(ValueError, match="at most the 2 devices"):  # model 4 over 2 + 2
+    sharding.check_batch_rows_per_process(mesh_devices([0, 0, 1, 1], (1, 1, 4)))
+  # model 2 inside each of 2 processes, data x fsdp 2 x 2: each batch shard in one process.
+  sharding.check_batch_rows_per_process(mesh_devices([0, 0, 0, 0, 1, 1, 1, 1], (2, 2, 2)))
