@@ -158,7 +158,7 @@ def test_tsne_plot_small(tmp_path):
     assert im.format == "PNG" and im.size[0] > 100
 
 
-def test_tsne_of_fewer_than_3_points_is_refused(tmp_path):
+def test_tsne_of_fewer_than_3_points_is_refused(tmp_path, monkeypatch):
   """t-SNE cannot run on 2 points (sklearn: perplexity must be less than n_samples) and drew 1
   point captioned "(all features equal)": tsne_points 1 or 2 is a config error before any work
   (a linear probe drew it before writing results.json, which the error then lost)."""
@@ -176,6 +176,18 @@ def test_tsne_of_fewer_than_3_points_is_refused(tmp_path):
       tsne_plot(np.arange(40.0).reshape(10, 4), np.arange(10) % 2, tmp_path / "t.png",
                 max_points=points)
   assert not (tmp_path / "t.png").exists()
+  # Whatever else fails in the picture, the run keeps its figures: k-NN and the linear probe
+  # draw it before results.json, which they then write.
+  from sit_jax import viz
+  from sit_jax.transfer import common
+  def broken(*args, **kwargs):
+    raise MemoryError("no room for the plot")
+  monkeypatch.setattr(viz, "tsne_plot", broken)
+  warnings = []
+  monkeypatch.setattr(common.logging, "warning", lambda *args: warnings.append(args))
+  config.tsne_points = 3
+  assert common.tsne(config, str(tmp_path), np.zeros((5, 4)), np.arange(5), "title") is None
+  assert warnings == [("t-SNE picture not drawn: %s", "no room for the plot")]
 
 
 def test_tsne_plot_of_equal_features(tmp_path):

@@ -425,7 +425,8 @@ def results_table(results: dict, protocol: str, figures: dict) -> dict:
 
 
 def tsne(config, workdir, features, labels, title: str):
-  """DIR/tsne.png of (up to config.tsne_points) test features; skipped on non-main hosts."""
+  """DIR/tsne.png of (up to config.tsne_points) test features, or None: skipped on non-main
+  hosts, and a picture that fails is a warning (the run's figures are what matters)."""
   if not config.tsne_points or jax.process_index() != 0 or len(features) < 3:
     return None
   import sklearn.manifold  # noqa: F401  (loaded first: the limit only reaches loaded libraries)
@@ -433,9 +434,13 @@ def tsne(config, workdir, features, labels, title: str):
   from sit_jax import viz
   # One thread: sklearn's OpenMP t-SNE spin-waits when its threads share busy cores (measured
   # 20x slower on a loaded 2-core host); single-threaded, 2000 points take seconds.
-  with threadpoolctl.threadpool_limits(limits=1):
-    return viz.tsne_plot(features, labels, os.path.join(workdir, "tsne.png"), title=title,
-                         max_points=config.tsne_points, seed=config.seed)
+  try:
+    with threadpoolctl.threadpool_limits(limits=1):
+      return viz.tsne_plot(features, labels, os.path.join(workdir, "tsne.png"), title=title,
+                           max_points=config.tsne_points, seed=config.seed)
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning("t-SNE picture not drawn: %s", " ".join(str(e).split()))
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

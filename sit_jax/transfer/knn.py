@@ -175,7 +175,7 @@ def run(config, workdir: str) -> dict:
         results, f"weighted k-NN, T {config.knn.temperature}, k chosen on validation",
         {"k": best, "val top1": on_val[best]["top1"], "test top1": accuracy["top1"],
          **{f"test top1 k={k}": on_test[k]["top1"] for k in ks if k != best}})
-    exp.finish(results, also=["tsne.png"] if config.tsne_points else [])
-    common.tsne(config, exp.workdir, *test,
-                f"k-NN {results['dataset']} ({results['init']}): top-1 {accuracy['top1']:.3f}")
+    tsne = common.tsne(config, exp.workdir, *test, f"k-NN {results['dataset']} "
+                       f"({results['init']}): top-1 {accuracy['top1']:.3f}")
+    exp.finish(results, also=[tsne] if tsne else [])
   return results
