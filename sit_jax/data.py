@@ -124,6 +124,16 @@ class DatasetInfo:
 # ============================================================================================
 # Sources
 # ============================================================================================
+@dataclasses.dataclass(frozen=True)
+class _Strided:
+  """Position in the split of host p's i-th example when host p reads examples p, p + P, ..."""
+  p: int
+  P: int
+
+  def __call__(self, i: int) -> int:
+    return self.p + i * self.P
+
+
 @dataclasses.dataclass
 class _HostData:
   """One host's share of a split, ready for a pipeline."""
@@ -135,6 +145,9 @@ class _HostData:
   # tf engine: the builder and this host's split.
   builder: object = None
   host_split: object = None
+  # local index -> the example's position in the split (one process: the same), so that what
+  # the hosts evaluate can be put back in the split's order whatever the number of processes.
+  position: Callable[[int], int] = _Strided(0, 1)
 
 
 def _parse_source(source: str, split: Optional[str]):
@@ -187,7 +200,9 @@ def _check_engine(engine):
 
 
 def _strided_share(n, process_index, process_count):
-  return len(range(process_index, n, process_count)), -(-n // process_count)
+  """(examples of this host, of the largest share, their positions in the split)."""
+  return (len(range(process_index, n, process_count)), -(-n // process_count),
+          _Strided(process_index, process_count))
 
 
 # ----- slices of folder and embedded splits -------------------------------------------------
@@ -280,11 +295,12 @@ def _embedded(name, split, p, P):
   keep = slice_indices(len(labels), part, split)
   images, labels = images[keep], labels[keep]
   n = len(labels)
-  n_local, n_max = _strided_share(n, p, P)
+  n_local, n_max, position = _strided_share(n, p, P)
   info = DatasetInfo(n, labels.shape[-1] if labels.ndim > 1 else 10,
                      f"embedded:{name}/{split}", multilabel=labels.ndim > 1,
                      root=f"embedded:{name}", indices=indices[keep])
-  return _HostData(info, n_local, n_max, load=_ArrayLoader(images[p::P], labels[p::P]))
+  return _HostData(info, n_local, n_max, load=_ArrayLoader(images[p::P], labels[p::P]),
+                   position=position)
 
 
 # ----- image folder -------------------------------------------------------------------------
@@ -431,11 +447,12 @@ def _folder(path, split, p, P):
   paths, labels, classes = _list_folder(root)
   keep = slice_indices(len(paths), part, split)
   paths, labels = [paths[i] for i in keep], labels[keep]
-  n_local, n_max = _strided_share(len(paths), p, P)
+  n_local, n_max, position = _strided_share(len(paths), p, P)
   info = DatasetInfo(len(paths), len(classes),
                      f"folder:{root}" + (f"[{part}]" if part is not None else ""),
                      classes=tuple(classes), root=root, indices=keep)
-  return _HostData(info, n_local, n_max, load=_FileLoader(paths[p::P], labels[p::P]))
+  return _HostData(info, n_local, n_max, load=_FileLoader(paths[p::P], labels[p::P]),
+                   position=position)
 
 
 # ----- TFDS ---------------------------------------------------------------------------------
@@ -546,10 +563,11 @@ def _tfds(name, split, data_dir, p, P, engine):
   n = len(source)
   if not n:
     raise DataError(f"TFDS split {name}:{split} is empty")
-  n_local, n_max = _strided_share(n, p, P)
+  n_local, n_max, position = _strided_share(n, p, P)
   info = DatasetInfo(n, num_classes, f"tfds:{name}/{split}", multilabel=multilabel,
                      root=f"tfds:{name}", indices=_tfds_examples(builder, split))
-  return _HostData(info, n_local, n_max, load=_TfdsLoader(source, label_of, p, P))
+  return _HostData(info, n_local, n_max, load=_TfdsLoader(source, label_of, p, P),
+                   position=position)
 
 
 def _host_data(source, split, data_dir, p, P, engine="grain"):
@@ -880,7 +898,7 @@ class _EvalBatch:
     info, b = self.data.info, self.b
     out = dict(image=np.zeros((b, self.size, self.size, 3), np.uint8),
                label=np.full((b, info.num_classes) if info.multilabel else (b,), -1, np.int32),
-               mask=np.zeros((b,), bool))
+               mask=np.zeros((b,), bool), index=np.full((b,), -1, np.int32))
     skipped = 0
     for slot, i in enumerate(range(k * b, min((k + 1) * b, self.data.n_local))):
       try:
@@ -891,6 +909,7 @@ class _EvalBatch:
         continue
       out["label"][slot] = label
       out["mask"][slot] = True
+      out["index"][slot] = self.data.position(i)
     return dict(out, _skipped=skipped)
 
 
@@ -1077,8 +1096,9 @@ def eval_iterator(source: str, split: Optional[str], *, global_batch_size: int,
                   interpolation: str = "bicubic_antialias", engine: str = "grain",
                   workers: int = 0, threads: int = 0) -> EvalIterator:
   """One pass over this host's share, in order: dict(image=uint8 (b, S, S, 3), label=int32 (b,),
-  mask=bool (b,)). Every host yields ceil(largest share / b) batches; padding and unreadable
-  files have mask False (and label -1). resize_mode: "center_crop" (central 87.5% square,
+  mask=bool (b,), index=int32 (b,): the position in the split). Every host yields
+  ceil(largest share / b) batches; padding and unreadable files have mask False (and label and
+  index -1). resize_mode: "center_crop" (central 87.5% square,
   resized to S) or "resize" (the whole image squashed to S x S)."""
   b, p, P = _check_layout(global_batch_size, image_size, process_index, process_count)
   if resize_mode not in ("center_crop", "resize"):

@@ -6,6 +6,7 @@ resized by data.py's PIL code inside tf.numpy_function (PIL releases the GIL, so
 parallel map runs them on several cores). The module doc of data.py describes the order and
 how resuming works.
 """
+import dataclasses
 import functools
 import operator
 
@@ -68,7 +69,25 @@ def host_data(builder, name, split, p, P, num_classes, multilabel):
   info = data.DatasetInfo(sum(sizes), num_classes, f"tfds:{name}/{split}", multilabel=multilabel,
                           root=f"tfds:{name}", indices=data._tfds_examples(builder, split))
   return data._HostData(info, share_size(p), share_size(0), builder=builder,
-                        host_split=host_split)
+                        host_split=host_split, position=_EvenSplits(tuple(sizes), p, P))
+
+
+@dataclasses.dataclass(frozen=True)
+class _EvenSplits:
+  """Position in the split of host p's j-th example when it reads tfds.even_splits(part, P)[p]
+  of each part in turn: a contiguous chunk of each, the first m % P hosts one example more."""
+  sizes: tuple
+  p: int
+  P: int
+
+  def __call__(self, j: int) -> int:
+    offset = 0
+    for m in self.sizes:
+      chunk = m // self.P + (self.p < m % self.P)
+      if j < chunk:
+        return offset + self.p * (m // self.P) + min(self.p, m % self.P) + j
+      j, offset = j - chunk, offset + m
+    raise IndexError(j)
 
 
 def _numpy_elements(ds, builder, fn, specs):
@@ -155,11 +174,12 @@ def eval_batches(d, *, b, size, view):
   nxt = next(pending, None)
   for k in range(-(-d.n_max_local // b)):
     out = dict(image=np.zeros((b, size, size, 3), np.uint8),
-               label=np.full((b, *label_shape), -1, np.int32), mask=np.zeros((b,), bool))
+               label=np.full((b, *label_shape), -1, np.int32), mask=np.zeros((b,), bool),
+               index=np.full((b,), -1, np.int32))
     while nxt is not None and nxt["_pos"] < (k + 1) * b:
       slot = nxt["_pos"] - k * b
       out["image"][slot], out["label"][slot] = nxt["arrays"][0], nxt["label"]
-      out["mask"][slot] = True
+      out["mask"][slot], out["index"][slot] = True, d.position(int(nxt["_pos"]))
       nxt = next(pending, None)
     expected = max(0, min((k + 1) * b, d.n_local) - k * b)
     yield dict(out, _skipped=expected - int(out["mask"].sum()))

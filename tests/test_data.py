@@ -109,7 +109,9 @@ def test_eval_pads_and_covers_each_example_once():
     for b in batches:
       seen_images.append(b["image"][b["mask"]])
       seen_labels.append(b["label"][b["mask"]])
-      assert (b["label"][~b["mask"]] == -1).all()
+      assert (b["label"][~b["mask"]] == -1).all() and (b["index"][~b["mask"]] == -1).all()
+    np.testing.assert_array_equal(np.concatenate([b["index"][b["mask"]] for b in batches]),
+                                  np.arange(p, len(labels), 2))  # positions in the split
   seen_images, seen_labels = np.concatenate(seen_images), np.concatenate(seen_labels)
   # Host 0 holds examples 0, 2, 4, ...; host 1 holds 1, 3, 5, ...
   order = np.concatenate([np.arange(0, len(labels), 2), np.arange(1, len(labels), 2)])
@@ -566,14 +568,19 @@ def test_real_tfds_joined_split_gives_every_host_the_same_eval_batches(tiny_tfds
   whole = ids(read(0, 1))
   assert len(whole) == 6
   for count, host0_batches in ((2, 2), (5, 1)):  # host 0 holds 4 (2 hosts) or 2 (5) of 6
-    seen, lengths = [], set()
+    seen, lengths, positions = [], set(), []
     for p in range(count):
       ev = read(p, count)
       batches = list(ev)
       lengths.add((len(ev), len(batches)))
       seen += ids(batches)
+      positions += [i for b in batches for i in b["index"][b["mask"]]]
     assert lengths == {(host0_batches, host0_batches)}
     assert sorted(seen) == sorted(whole)
+    # Each example's position in the split: put in that order, the hosts' examples are one
+    # process's (features extracted on any number of processes come out in the same order).
+    assert [seen[i] for i in np.argsort(positions)] == whole
+    assert sorted(positions) == list(range(6))
   assert "AutoGraph could not transform" not in caplog.text  # tf: one per read
 
 

@@ -156,3 +156,19 @@ def test_a_remote_cache_is_read_and_written_through_epath(tmp_path, monkeypatch,
   assert len(counted_extraction) == 1
   assert [p.suffix for p in (bucket / "fc").iterdir()] == [".npz"]
   assert not os.path.exists(tmp_path / "gs:")
+
+
+def test_features_come_in_the_split_order_the_batches_name():
+  """Two hosts' batches interleave the split (host 0: 0, 2, 4; host 1: 1, 3, 5 in each global
+  batch): the features come out in the split's order, as one process extracts them, so that
+  few-shot draws and the probe's held-out rows are the same examples on any number of hosts."""
+  mesh = sharding.make_mesh({"data": 8})
+  positions = np.array([0, 2, 4, 6, 1, 3, 5, -1])  # the global batch as two hosts give it
+  images = np.zeros((8, 2, 2, 3), np.uint8)
+  images[:, 0, 0, 0] = np.maximum(positions, 0) * 10
+  batch = {"image": images, "label": np.maximum(positions, 0) % 3, "index": positions,
+           "mask": positions >= 0}
+  features, labels = common.extract_features(
+      lambda params, x: x[:, 0, 0, 0].astype(jnp.float32), None, [batch], mesh)
+  np.testing.assert_array_equal(features, np.arange(7) * 10.0)
+  np.testing.assert_array_equal(labels, np.arange(7) % 3)

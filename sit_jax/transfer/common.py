@@ -217,26 +217,34 @@ def _jitted_extractor(fn, mesh):
   # Cached so that repeated evaluations with the same fn compile once.
   @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
   def run(params, batch):
-    return fn(params, batch["image"]), batch["label"], batch["mask"]
+    return fn(params, batch["image"]), batch["label"], batch["mask"], batch.get("index")
   return run
 
 
 def extract_features(fn: Callable, params, batches: Iterable[dict], mesh,
                      progress: Callable[[int, int], None] | None = None):
   """Runs the jitted fn(params, uint8 images) over an eval iterator; returns (outputs, labels)
-  as host numpy arrays of the valid (mask True) examples, all hosts' examples on every host."""
+  as host numpy arrays of the valid (mask True) examples, all hosts' examples on every host, in
+  the split's order where the batches say it (`index`): the same rows whatever the number of
+  processes, for what picks rows by position (few-shot draws, the probe's held-out rows)."""
   run = _jitted_extractor(fn, mesh)
-  outputs, labels = [], []
+  outputs, labels, positions = [], [], []
   total = len(batches) if hasattr(batches, "__len__") else 0
   for i, batch in enumerate(batches):
-    out, label, mask = jax.device_get(run(params, sharding.global_batch(batch, mesh)))
+    out, label, mask, index = jax.device_get(run(params, sharding.global_batch(batch, mesh)))
     outputs.append(out[mask])
     labels.append(label[mask])
+    if index is not None:
+      positions.append(index[mask])
     if progress is not None:
       progress(i + 1, total)
   if not outputs:
     raise ValueError("The evaluation split is empty.")
-  return np.concatenate(outputs), np.concatenate(labels)
+  outputs, labels = np.concatenate(outputs), np.concatenate(labels)
+  if positions:
+    order = np.argsort(np.concatenate(positions), kind="stable")
+    outputs, labels = outputs[order], labels[order]
+  return outputs, labels
 
 
 # ---------------------------------------------------------------------------------------------

@@ -78,7 +78,8 @@ def split_features(config, workdir: str, identity: str, fn, params, mesh, split:
   directory = cache_dir(config, workdir)
   key = {"checkpoint": identity, "source": config.data.source, "split": split,
          "data_dir": config.data.data_dir, "features": features, "image_size": image_size,
-         "resize_mode": config.data.resize_mode, "interpolation": config.data.interpolation}
+         "resize_mode": config.data.resize_mode, "interpolation": config.data.interpolation,
+         "rows": "split order"}  # older caches of several processes hold another order
   name = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=12).hexdigest()
   path = os.path.join(directory, f"{name}.npz") if directory else None
   cached = _read(path, key) if path else None
