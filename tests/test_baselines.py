@@ -117,7 +117,9 @@ def test_folder_source_is_named_after_the_folder(tmp_path, monkeypatch):
     Image.fromarray(images[i]).save(folder / f"{i}.png")
   titles = []
   from sit_jax import viz
-  monkeypatch.setattr(viz, "tsne_plot", lambda *args, title, **kw: titles.append(title))
+  names = []
+  monkeypatch.setattr(viz, "tsne_plot", lambda *args, title, class_names, **kw: (
+      titles.append(title) or names.append(class_names)))
   c = small_config(knn_config, **{"data.source": f"folder:{root}", "data.train_split": "train[:60]",
                                   "data.val_split": "train[60:70]",
                                   "data.test_split": "train[70:]", "baselines": False,
@@ -125,3 +127,5 @@ def test_folder_source_is_named_after_the_folder(tmp_path, monkeypatch):
   results = knn.run(c, str(tmp_path / "run"))
   assert results["dataset"] == "handwritten" and results["num_examples"] == 20
   assert titles and "handwritten" in titles[0] and "digits" not in titles[0]
+  # The legend names the folder's classes (it said 0, 1, ... for folder names as for digits).
+  assert names == [("class_0", "class_1", "class_2")]

@@ -432,9 +432,10 @@ def results_table(results: dict, protocol: str, figures: dict) -> dict:
   return results
 
 
-def tsne(config, workdir, features, labels, title: str):
+def tsne(config, workdir, features, labels, title: str, class_names=()):
   """DIR/tsne.png of (up to config.tsne_points) test features, or None: skipped on non-main
-  hosts, and a picture that fails is a warning (the run's figures are what matters)."""
+  hosts, and a picture that fails is a warning (the run's figures are what matters). The legend
+  names the classes where `class_names` (a folder's) are given, else their labels."""
   if not config.tsne_points or jax.process_index() != 0 or len(features) < 3:
     return None
   import sklearn.manifold  # noqa: F401  (loaded first: the limit only reaches loaded libraries)
@@ -445,7 +446,8 @@ def tsne(config, workdir, features, labels, title: str):
   try:
     with threadpoolctl.threadpool_limits(limits=1):
       return viz.tsne_plot(features, labels, os.path.join(workdir, "tsne.png"), title=title,
-                           max_points=config.tsne_points, seed=config.seed)
+                           max_points=config.tsne_points, seed=config.seed,
+                           class_names=class_names or None)
   except Exception as e:  # pylint: disable=broad-except
     logging.warning("t-SNE picture not drawn: %s", " ".join(str(e).split()))
     return None

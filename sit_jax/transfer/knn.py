@@ -176,6 +176,7 @@ def run(config, workdir: str) -> dict:
         {"k": best, "val top1": on_val[best]["top1"], "test top1": accuracy["top1"],
          **{f"test top1 k={k}": on_test[k]["top1"] for k in ks if k != best}})
     tsne = common.tsne(config, exp.workdir, *test, f"k-NN {results['dataset']} "
-                       f"({results['init']}): top-1 {accuracy['top1']:.3f}")
+                       f"({results['init']}): top-1 {accuracy['top1']:.3f}",
+                       class_names=train_info.classes)
     exp.finish(results, also=[tsne] if tsne else [])
   return results
