@@ -61,15 +61,15 @@ def host_data(builder, name, split, p, P, num_classes, multilabel):
   remainder to the first hosts, so host 0's share is the largest (more than ceil(n / P) when
   several parts have a remainder) and a host's share can be empty (a part smaller than P)."""
   parts = split.split("+")
-  sizes = [_size(builder, part, name) for part in parts]
-  share_size = lambda q: sum(m // P + (q < m % P) for m in sizes)
+  sizes = tuple(_size(builder, part, name) for part in parts)
+  share, largest = _EvenSplits(sizes, p, P), _EvenSplits(sizes, 0, P)
   host_split = split
   if P > 1:
     host_split = functools.reduce(operator.add, [tfds.even_splits(part, P)[p] for part in parts])
   info = data.DatasetInfo(sum(sizes), num_classes, f"tfds:{name}/{split}", multilabel=multilabel,
                           root=f"tfds:{name}", indices=data._tfds_examples(builder, split))
-  return data._HostData(info, share_size(p), share_size(0), builder=builder,
-                        host_split=host_split, position=_EvenSplits(tuple(sizes), p, P))
+  return data._HostData(info, sum(share.chunks()), sum(largest.chunks()), builder=builder,
+                        host_split=host_split, position=share)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,10 +80,13 @@ class _EvenSplits:
   p: int
   P: int
 
+  def chunks(self) -> list[int]:
+    """Host p's number of examples of each part."""
+    return [m // self.P + (self.p < m % self.P) for m in self.sizes]
+
   def __call__(self, j: int) -> int:
     offset = 0
-    for m in self.sizes:
-      chunk = m // self.P + (self.p < m % self.P)
+    for m, chunk in zip(self.sizes, self.chunks()):
       if j < chunk:
         return offset + self.p * (m // self.P) + min(self.p, m % self.P) + j
       j, offset = j - chunk, offset + m
