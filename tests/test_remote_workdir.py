@@ -3,6 +3,7 @@ directory. A local directory stands in for the bucket gs://b."""
 import json
 import os
 import pathlib
+import signal
 import time
 
 from etils.epath import gpath, register
@@ -150,31 +151,42 @@ def test_tsne_plot_to_bucket(bucket):
   assert (bucket / "run" / "tsne.png").read_bytes().startswith(b"\x89PNG")
 
 
-def test_pretraining_run_and_resume(bucket, caplog):
+def test_pretraining_run_and_resume(bucket, caplog, monkeypatch):
   """python -m sit_jax.main --config=configs/sit_vits.py:runlocal --workdir=gs://b/run, in
-  process: 2 steps, then resumed to 3. Checkpoints and the backbone export go through orbax,
-  which reads the same gs:// mapping."""
+  process: SIGTERM after step 2 of 3, then resumed to 3 (the same run: its programs come from
+  the compilation cache). Checkpoints and the backbone export go through orbax, which reads the
+  same gs:// mapping."""
   from configs import sit_vits
   from sit_jax import pretrain
   caplog.set_level("INFO")
   config = sit_vits.get_config("runlocal")
-  config.total_steps, config.eval_every, config.log_every = 2, 0, 1
-  first = pretrain.train_and_evaluate(config, "gs://b/run")
+  config.total_steps, config.eval_every, config.log_every = 3, 0, 1
+  write_scalars = metrics.MetricWriter.write_scalars
+
+  def preempt_after_step_2(writer, step, scalars, **kwargs):
+    write_scalars(writer, step, scalars, **kwargs)
+    if step == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(0.05)  # Python runs the handler at the next bytecode boundary.
+
+  with monkeypatch.context() as patch:
+    patch.setattr(metrics.MetricWriter, "write_scalars", preempt_after_step_2)
+    first = pretrain.train_and_evaluate(config, "gs://b/run")
   run = bucket / "run"
-  assert first["step"] == 2 and (run / "checkpoints" / "2").is_dir()
-  assert (run / "backbone" / "model_config.json").exists()
+  assert first["step"] == 2 and first["preempted"] and (run / "checkpoints" / "2").is_dir()
+  assert not (run / "backbone").exists()  # exported when the run completes.
   # Rows past the checkpoint, as a run killed after its last save leaves them: the resumed run
   # drops them and writes its own.
   with open(run / "metrics.jsonl", "a") as f:
     f.write(json.dumps({"step": 3, "loss": -1.0}) + "\n")
-  config.total_steps = 3
   second = pretrain.train_and_evaluate(config, "gs://b/run")
-  assert second["step"] == 3 and second["steps_this_run"] == 1
+  assert second["step"] == 3 and second["steps_this_run"] == 1 and not second["preempted"]
+  assert (run / "backbone" / "model_config.json").exists()
   rows = _rows(run / "metrics.jsonl")
   assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["loss"] > 0
   assert json.loads((run / "results.json").read_text())["step"] == 3
   log = (run / "log.txt").read_text()
   assert log.count("Config:\n") == 2 and "Resumed from step 2" in log
-  assert sorted(p.name for p in (run / "images").iterdir()) == [
-      "reconstruction_0000002.png", "reconstruction_0000003.png"]
+  # The picture of the last step (a preempted run draws none at the step it saves).
+  assert [p.name for p in (run / "images").iterdir()] == ["reconstruction_0000003.png"]
   assert len(list((run / "tb").glob("events.out.tfevents.*"))) == 2
