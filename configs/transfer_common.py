@@ -93,6 +93,9 @@ def transfer_config(experiment: str, dataset: str) -> ml_collections.ConfigDict:
   c.experiment = experiment
   c.dataset = dataset
   c.init = ""                   # pretrained backbone path; '' = random init.
+  # 'teacher': the momentum teacher of a SiT or contrastive run's checkpoint (what DINO's
+  # evaluations read; the monitor prints it as knn/teacher) instead of the student.
+  c.init_weights = "student"
   c.seed = 0
 
   c.data = ml_collections.ConfigDict()

@@ -566,7 +566,7 @@ def _step_metadata(step_dir: epath.Path) -> dict:
     raise CheckpointError(f"Checkpoint {step_dir}: {e}") from e
 
 
-def _load_from_step_dir(step_dir: epath.Path):
+def _load_from_step_dir(step_dir: epath.Path, weights: str = "student"):
   state_dir = step_dir / STATE_ITEM
   metadata = _step_metadata(step_dir)
   model_config = metadata.get("model") if isinstance(metadata, dict) else None
@@ -575,16 +575,18 @@ def _load_from_step_dir(step_dir: epath.Path):
         f"Checkpoint {step_dir} has no 'model' dict in its metadata "
         f"(keys: {sorted(metadata) if isinstance(metadata, dict) else metadata!r}).")
 
+  entry = "params" if weights == "student" else "teacher"
+
   def select(tree):
-    if not isinstance(tree, dict) or "params" not in tree:
+    if not isinstance(tree, dict) or entry not in tree:
       keys = sorted(tree) if isinstance(tree, dict) else type(tree).__name__
       raise CheckpointError(
-          f"Train state in {state_dir} has no 'params' entry (top-level keys: {keys}).")
-    if not isinstance(tree["params"], dict) or "backbone" not in tree["params"]:
+          f"Train state in {state_dir} has no '{entry}' entry (top-level keys: {keys}).")
+    if not isinstance(tree[entry], dict) or "backbone" not in tree[entry]:
       raise CheckpointError(
-          f"Train state in {state_dir} has no params['backbone'] "
-          f"(params keys: {sorted(tree['params'])}).")
-    return {"params": {"backbone": tree["params"]["backbone"]}}
+          f"Train state in {state_dir} has no {entry}['backbone'] "
+          f"({entry} keys: {sorted(tree[entry])}).")
+    return {entry: {"backbone": tree[entry]["backbone"]}}
 
   try:
     restored = _restore_numpy(state_dir, select)
@@ -596,7 +598,7 @@ def _load_from_step_dir(step_dir: epath.Path):
   # A scan_layers run stacks its blocks; readers of backbones always get blocks_0..blocks_{d-1}.
   if model_config.get("scan_layers"):
     model_config = {**model_config, "scan_layers": False}
-  return {"backbone": vit.unstack_blocks(restored["params"]["backbone"])}, model_config
+  return {"backbone": vit.unstack_blocks(restored[entry]["backbone"])}, model_config
 
 
 def _load_export(p: epath.Path):
@@ -628,7 +630,10 @@ def _warn_if_unfinished(workdir: epath.Path, step: int):
                 "mid-training.", step, workdir)
 
 
-def load_backbone(path) -> tuple[Any, dict]:
+BACKBONE_WEIGHTS = ("student", "teacher")
+
+
+def load_backbone(path, weights: str = "student") -> tuple[Any, dict]:
   """Loads `(params, model_config)` as host numpy arrays.
 
   `path` may be
@@ -636,22 +641,41 @@ def load_backbone(path) -> tuple[Any, dict]:
     * a checkpoint step directory (`<step>/state` and orbax's step metadata), or
     * a pretraining workdir: the latest committed step of the workdir itself or of its
       checkpoints/ (or ckpt/) sub-directory, else its backbone/ export.
-  For checkpoints the result is `{'backbone': state['params']['backbone']}` and
+  For checkpoints the result is `{'backbone': state['params']['backbone']}` (with
+  weights='teacher': `state['teacher']['backbone']`, the momentum teacher's) and
   `metadata['model']`, matching what `export_backbone` is given.
   """
   p = _path(path)
-  found = locate_backbone(p)
+  found = locate_backbone(p, weights)
   if not (found / STATE_ITEM).is_dir():
     return _load_export(found)
   if found != p:  # the latest step of a workdir
     _warn_if_unfinished(p, int(found.name))
-  return _load_from_step_dir(found)
+  return _load_from_step_dir(found, weights)
 
 
-def locate_backbone(path) -> epath.Path:
-  """The directory `load_backbone(path)` reads, found without reading any array (a transfer run
-  checks its `config.init` before writing to its workdir): a backbone export or a committed
-  step directory. Raises CheckpointError naming what was searched."""
+def locate_backbone(path, weights: str = "student") -> epath.Path:
+  """The directory `load_backbone(path, weights)` reads, found without reading any array (a
+  transfer run checks its `config.init` before writing to its workdir): a backbone export or a
+  committed step directory. Raises CheckpointError naming what was searched, or why it holds no
+  teacher."""
+  found = _locate(path)
+  if weights not in BACKBONE_WEIGHTS:
+    raise ValueError(f"weights={weights!r}: one of {BACKBONE_WEIGHTS}.")
+  if weights == "teacher":
+    if not (found / STATE_ITEM).is_dir():
+      raise CheckpointError(
+          f"{found} is a backbone export, which holds the student only: the teacher is in the "
+          "pretraining run's checkpoints (set config.init to its workdir or a step directory), "
+          "or use init_weights='student'.")
+    experiment = _step_metadata(found).get("experiment")
+    if experiment not in (None, "sit", "contrastive"):
+      raise CheckpointError(f"{found} is a checkpoint of a {experiment} run, which has no "
+                            "teacher: use init_weights='student'.")
+  return found
+
+
+def _locate(path) -> epath.Path:
   p = _path(path)
   if not p.exists():
     raise CheckpointError(f"load_backbone: {p} does not exist.")

@@ -157,6 +157,7 @@ RULES: dict[str, Rule] = {
     "experiment": one_of(*PRETRAIN_EXPERIMENTS, *TRANSFER_EXPERIMENTS),
     "seed": integer(0),
     "init": TEXT,
+    "init_weights": one_of("student", "teacher"),
     "dataset": NAME,
     # data.* (sit_jax/data.py)
     "data.source": NAME,
@@ -446,6 +447,10 @@ def _validation_split(config) -> str | None:
 
 def _init_exists(config) -> str | None:
   init = config.get("init") or ""
+  if not init and config.get("init_weights") == "teacher":
+    return ("config.init_weights='teacher' needs a pretrained checkpoint: config.init is '' "
+            "(random init), which has no teacher; set --config.init to a SiT or contrastive "
+            "pretraining workdir.")
   if not init or "://" in init:
     return None
   if not os.path.exists(init):

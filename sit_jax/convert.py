@@ -343,10 +343,11 @@ def save_state_dict(state: Mapping[str, np.ndarray], path: str):
     raise ConversionError(f"Unknown output format {path!r}: use .safetensors, .pth or .pt.")
 
 
-def to_timm(input_path: str, output_path: str) -> dict:
-  """Writes the backbone of a sit_jax export/checkpoint/workdir as a timm state dict."""
+def to_timm(input_path: str, output_path: str, use: str = "student") -> dict:
+  """Writes the backbone of a sit_jax export/checkpoint/workdir as a timm state dict: a
+  checkpoint's student, or with use='teacher' its momentum teacher."""
   from sit_jax import checkpoint
-  loaded, config = checkpoint.load_backbone(input_path)
+  loaded, config = checkpoint.load_backbone(input_path, use)
   if "backbone" not in loaded:
     raise ConversionError(f"{input_path} holds no 'backbone' parameters ({_list(loaded)}).")
   state = params_to_timm(loaded["backbone"])
@@ -379,6 +380,9 @@ def main(argv=None) -> int:
   b.add_argument("--input", required=True,
                  help="a backbone export, a checkpoint step directory or a pretraining workdir")
   b.add_argument("--output", required=True, help=".safetensors, .pth or .pt file")
+  b.add_argument("--use", choices=("student", "teacher"), default="student",
+                 help="which network of a checkpoint (default: the student, as the transfer "
+                      "configs' init_weights; an export holds the student only)")
   b.add_argument("--overwrite", action="store_true", help="replace an existing file")
   args = parser.parse_args(argv)
   from sit_jax import checkpoint
@@ -397,7 +401,7 @@ def main(argv=None) -> int:
     else:
       if not args.overwrite and os.path.exists(args.output):
         raise ConversionError(f"{args.output} exists; pass --overwrite to replace it.")
-      to_timm(args.input, args.output)
+      to_timm(args.input, args.output, use=args.use)
   except (ConversionError, FileNotFoundError, checkpoint.CheckpointError) as e:
     print(f"sit_jax.convert: error: {e}", file=sys.stderr)
     return 1

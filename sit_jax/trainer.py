@@ -46,8 +46,9 @@ def ordered(scalars: dict) -> dict:
 
 
 # Settings a resumed run must keep, saved with each checkpoint: they change the data order, the
-# random numbers, or the structure of the optimiser state (clip_norm on/off adds a transform).
-RESUME_SETTINGS = ("data.global_batch_size", "seed", "optim.clip_norm")
+# random numbers, or the structure of the optimiser state (clip_norm on/off adds a transform);
+# a transfer run's init_weights says which backbone its state started from.
+RESUME_SETTINGS = ("data.global_batch_size", "seed", "optim.clip_norm", "init_weights")
 
 
 def resume_settings(config) -> dict:

@@ -59,6 +59,10 @@ CASES = [
      ["config.init=", "no_such_run' does not exist", "--config.init"]),
     ("init_nothing_loadable", [KNN, "--config.init=TMP/empty_run"],
      ["Nothing loadable at", "empty_run: expected a backbone export", "searched"]),
+    ("teacher_of_random_init", [KNN, "--config.init_weights=teacher"],
+     ["config.init_weights='teacher'", "config.init is '' (random init)", "--config.init"]),
+    ("teacher_of_an_export", [KNN, "--config.init=TMP/export", "--config.init_weights=teacher"],
+     ["export is a backbone export, which holds the student only", "init_weights='student'"]),
     ("last_blocks_past_depth", ["--config=configs/linear.py:runlocal",
                                 "--config.head.last_blocks=5"],
      ["config.head.last_blocks=5", "the 4 blocks of model.variant 'Mu/4'", "at most 4"]),
@@ -92,6 +96,8 @@ def results(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("bad_input")
   (tmp / "broken.py").write_text("def get_config(arg=None):\n  c = {}\n  return c[\n")
   (tmp / "empty_run").mkdir()  # a workdir whose run wrote nothing yet
+  (tmp / "export" / "params").mkdir(parents=True)  # what locate_backbone takes for an export
+  (tmp / "export" / "model_config.json").write_text("{}")
   env = {k: v for k, v in os.environ.items() if k != "SIT_JAX_TRACEBACK"}
   running = {}
   for name, args, _ in CASES:

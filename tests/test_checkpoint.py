@@ -297,6 +297,38 @@ def test_load_backbone_from_workdir_and_step_dir(tmp_path, caplog):
     ckpt_lib.load_backbone(tmp_path / "missing")
 
 
+def test_teacher_backbone_from_checkpoints_only(tmp_path):
+  """weights='teacher' reads the momentum teacher's backbone of a SiT or contrastive checkpoint;
+  a backbone export (the student only) and a GMML checkpoint (no teacher) are refused before any
+  array is read."""
+  def with_teacher(step):
+    state = make_state(step)
+    return {**state, "teacher": {"backbone": jax.tree.map(lambda x: -x, state["params"]["backbone"]),
+                                 "head": {"w": jnp.zeros((6, 3), jnp.float32)}}}
+
+  with Checkpointer(tmp_path / "sit" / "checkpoints", every=1) as ck:
+    ck.save(1, with_teacher(1), metadata={"model": MODEL, "experiment": "sit"})
+    ck.save(2, with_teacher(2), metadata={"model": MODEL, "experiment": "sit"})
+  teacher, cfg = ckpt_lib.load_backbone(tmp_path / "sit", weights="teacher")
+  assert cfg == MODEL
+  assert_tree_equal(teacher, {"backbone": with_teacher(2)["teacher"]["backbone"]})
+  assert_tree_equal(ckpt_lib.load_backbone(tmp_path / "sit" / "checkpoints" / "1", "teacher")[0],
+                    {"backbone": with_teacher(1)["teacher"]["backbone"]})
+  assert_tree_equal(ckpt_lib.load_backbone(tmp_path / "sit")[0],  # the student by default
+                    {"backbone": make_state(2)["params"]["backbone"]})
+
+  export = ckpt_lib.export_backbone(tmp_path / "export", teacher, MODEL)
+  with pytest.raises(CheckpointError, match=r"export, which holds the student only.*"
+                     r"init_weights='student'"):
+    ckpt_lib.locate_backbone(export, "teacher")
+  with Checkpointer(tmp_path / "gmml" / "checkpoints", every=1) as ck:
+    ck.save(1, make_state(1), metadata={"model": MODEL, "experiment": "gmml"})
+  with pytest.raises(CheckpointError, match=r"a gmml run, which has no teacher"):
+    ckpt_lib.load_backbone(tmp_path / "gmml", "teacher")
+  with pytest.raises(ValueError, match=r"weights='ema'"):
+    ckpt_lib.load_backbone(tmp_path / "sit", "ema")
+
+
 def test_unwritable_directory(tmp_path):
   blocker = tmp_path / "a_file"
   blocker.write_text("x")

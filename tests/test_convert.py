@@ -133,6 +133,20 @@ def test_round_trip_is_exact_and_timm_loads_it(reference, converted, tmp_path):
   assert all(leaves)
 
 
+def test_to_timm_writes_a_checkpoint_s_student_or_teacher(exported_backbone, tmp_path):
+  _, student = exported_backbone
+  teacher = jax.tree.map(lambda x: 2 * x, student)
+  with checkpoint.Checkpointer(tmp_path / "run" / "checkpoints", every=1) as ck:
+    ck.save(1, {"params": {"backbone": student}, "teacher": {"backbone": teacher}},
+            metadata={"model": {"variant": "Mu/4", "image_size": 32}, "experiment": "sit"})
+  for use, want in (("student", student), ("teacher", teacher)):
+    out = str(tmp_path / f"{use}.safetensors")
+    flags = [f"--use={use}"] if use == "teacher" else []  # the student by default
+    assert convert.main(["to-timm", f"--input={tmp_path / 'run'}", f"--output={out}", *flags]) == 0
+    got, _ = convert.torch_to_params(load_file(out))
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
 def test_unknown_and_missing_keys_are_listed(reference):
   state = load_file(str(reference / "timm.safetensors"))
   state["dist_token"] = np.zeros((1, 1, 384), np.float32)

@@ -40,7 +40,7 @@ def tiny_config(**overrides):
   c = ml_collections.ConfigDict(dict(
       experiment="tiny", seed=0, total_steps=0, log_every=1, checkpoint_every=2, keep_checkpoints=2,
       mesh=dict(data=-1, fsdp=1, model=1), data=dict(global_batch_size=BATCH),
-      optim=dict(clip_norm=0.0)))
+      optim=dict(clip_norm=0.0), init_weights="student"))  # init_weights: as a transfer run
   c.update_from_flattened_dict(overrides)
   return c
 
@@ -399,7 +399,7 @@ def test_a_signal_at_the_last_step_leaves_a_complete_run(tmp_path):
 
 
 @pytest.mark.parametrize("key, value", [("seed", 1), ("data.global_batch_size", 16),
-                                        ("optim.clip_norm", 1.0)])
+                                        ("optim.clip_norm", 1.0), ("init_weights", "teacher")])
 def test_resume_with_another_setting_names_it(tmp_path, key, value):
   train(tmp_path, 4)
   config_json = (tmp_path / "config.json").read_text()

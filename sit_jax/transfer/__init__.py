@@ -33,7 +33,7 @@ def run(config, workdir: str) -> dict:
   from sit_jax import checkpoint
   from sit_jax.transfer import fewshot, finetune, knn, linear, segment
   if config.get("init"):  # found before the workdir is written
-    checkpoint.locate_backbone(config.init)
+    checkpoint.locate_backbone(config.init, config.get("init_weights", "student"))
   experiment = config.experiment
   if experiment == "finetune":
     return finetune.run(config, workdir)

@@ -32,6 +32,7 @@ class Backbone:
   model_config: dict    # what built `module`
   init: str             # config.init ('' for random init)
   pretrained_image_size: int | None = None
+  weights: str = "student"  # config.init_weights: the checkpoint's student or teacher
 
 
 def _to_dict(c) -> dict:
@@ -55,7 +56,8 @@ def load_backbone(config, *, image_size: int, drop_path_rate: float | None = Non
     return Backbone(vit.backbone_from_config(model_config), None, model_config, "")
 
   from sit_jax import checkpoint  # orbax: only when a checkpoint is read.
-  loaded, ckpt_config = checkpoint.load_backbone(config.init)
+  weights = config.get("init_weights", "student")
+  loaded, ckpt_config = checkpoint.load_backbone(config.init, weights)
   if "backbone" not in loaded:
     raise checkpoint.CheckpointError(f"{config.init} holds no 'backbone' parameters "
                                      f"(found {sorted(loaded)}).")
@@ -77,7 +79,7 @@ def load_backbone(config, *, image_size: int, drop_path_rate: float | None = Non
   params["pos_embed"] = np.asarray(vit.resize_pos_embed(params["pos_embed"], (grid, grid)))
   check_params(module, params, config.init)
   return Backbone(module, params, model_config, str(config.init),
-                  pretrained_image_size=ckpt_config.get("image_size"))
+                  pretrained_image_size=ckpt_config.get("image_size"), weights=weights)
 
 
 def check_params(module, params, where: str):
@@ -410,6 +412,7 @@ def results_dict(config, backbone: Backbone, train_info, test_info, num_evaluate
   return {"experiment": config.experiment, "dataset": dataset_name(config) or test_info.name,
           "source": config.data.source, "train_split": config.data.train_split,
           "test_split": config.data.test_split, "init": backbone.init or "random",
+          **({"init_weights": backbone.weights} if backbone.init else {}),
           "model": backbone.model_config, "image_size": backbone.module.image_size,
           "pretrained_image_size": backbone.pretrained_image_size,
           "num_train_examples": train_info.num_examples, "num_examples": int(num_evaluated),
