@@ -213,9 +213,9 @@ class Experiment:
   and `metric_writer` once `writer()` was called.
   """
 
-  def __init__(self, config, workdir: str, *, batch_sizes: Sequence[int] | None = None):
-    """batch_sizes: each must divide over the mesh; default the config's data.global_batch_size
-    and eval_batch_size (where it has them)."""
+  def __init__(self, config, workdir: str, *, batch_sizes: dict[str, int] | None = None):
+    """batch_sizes: {config key: batch size}, each of which must divide over the mesh; default
+    the config's data.global_batch_size and eval_batch_size (where it has them)."""
     self.config = config
     remote = metrics.is_remote(workdir)
     self.workdir = os.fspath(workdir).rstrip("/") if remote else os.path.abspath(workdir)
@@ -237,10 +237,14 @@ class Experiment:
         self.write_config()
       self.mesh = sharding.make_mesh(config.mesh)
       if batch_sizes is None:
-        batch_sizes = [size for size in (config.get("data", {}).get("global_batch_size"),
-                                         config.get("eval_batch_size")) if size]
-      for size in batch_sizes:
-        sharding.check_batch_size(size, self.mesh)
+        batch_sizes = {"data.global_batch_size": config.get("data", {}).get("global_batch_size"),
+                       "eval_batch_size": config.get("eval_batch_size")}
+      for key, size in batch_sizes.items():
+        if size:
+          try:
+            sharding.check_batch_size(size, self.mesh)
+          except ValueError as error:
+            raise ValueError(f"{key}: {error}") from None
     except BaseException:
       self.close()
       raise

@@ -56,18 +56,15 @@ class KnnMonitor:
   def from_config(cls, config, mesh, model_config: dict) -> "KnnMonitor | None":
     """The monitor, or None when it is off (eval_every = 0) or the data has no labels.
 
-    Checks everything before training starts: a bad split or batch is one clear error then,
-    not after the first `eval_every` steps.
+    Checks the splits before training starts: a bad one is one clear error then, not after the
+    first `eval_every` steps (eval.batch_size is checked with the training batch, by
+    pretrain.train_and_evaluate's Experiment).
     """
-    from sit_jax import data, sharding
+    from sit_jax import data
     e = config.eval
     if config.eval_every <= 0:
       return None
     source, bank_split, test_split = eval_splits(config)
-    try:
-      sharding.check_batch_size(e.batch_size, mesh)
-    except ValueError as error:  # it names no key, and is not data.global_batch_size.
-      raise ValueError(f"eval.batch_size: {error}") from None
     if e.k < 1 or e.temperature <= 0:
       raise ValueError(f"eval.k={e.k} and eval.temperature={e.temperature} must be positive.")
     data_dir = config.data.data_dir or None

@@ -336,7 +336,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   validate(config)
   compiler_options = sharding.compiler_options(config.compiler_options, jax.default_backend())
   sharding.check_compiler_options(compiler_options)
-  with experiment.Experiment(config, workdir) as exp:
+  batch_sizes = {"data.global_batch_size": config.data.global_batch_size,
+                 # The k-NN monitor's batches, checked with the training batch before any work.
+                 **({"eval.batch_size": config.eval.batch_size} if config.eval_every > 0 else {})}
+  with experiment.Experiment(config, workdir, batch_sizes=batch_sizes) as exp:
     # Input. -----------------------------------------------------------------------------------
     mesh = exp.mesh
     data_dir = config.data.data_dir or None

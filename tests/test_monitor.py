@@ -101,8 +101,12 @@ def test_monitor_is_off_without_labels_and_never_scores_the_bank_against_itself(
   assert monitor.KnnMonitor.from_config(c, mesh, pretrain.model_config(c)) is None
 
 
-def test_an_eval_batch_the_mesh_cannot_split_names_eval_batch_size():
+def test_an_eval_batch_the_mesh_cannot_split_names_eval_batch_size(tmp_path, monkeypatch):
   c = short_run_config()
   c.eval.batch_size = 12  # data.global_batch_size stays 64, which 8 devices split.
+  # Refused with the training batch, before the data is opened or the step compiled.
+  def no_data(*args, **kwargs):
+    raise AssertionError("the data was opened before the batch sizes were checked")
+  monkeypatch.setattr(data, "dataset_info", no_data)
   with pytest.raises(ValueError, match=r"^eval.batch_size: Global batch size 12 is not divisible"):
-    monitor.KnnMonitor.from_config(c, sharding.make_mesh(c.mesh), pretrain.model_config(c))
+    pretrain.train_and_evaluate(c, str(tmp_path))

@@ -102,7 +102,7 @@ def run(config, workdir: str) -> dict:
 
   start = time.perf_counter()
   d, f = config.data, config.fewshot
-  with experiment.Experiment(config, workdir, batch_sizes=(config.eval_batch_size,)) as exp:
+  with experiment.Experiment(config, workdir, batch_sizes={"eval_batch_size": config.eval_batch_size}) as exp:
     train_info, test_info = common.dataset_infos(config)
     common.check_multilabel(train_info, False)
     size = d.image_size

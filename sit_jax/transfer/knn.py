@@ -121,7 +121,7 @@ def run(config, workdir: str) -> dict:
   start = time.perf_counter()
   d = config.data
   ks = tuple(int(k) for k in np.atleast_1d(config.knn.k))
-  with experiment.Experiment(config, workdir, batch_sizes=(config.eval_batch_size,)) as exp:
+  with experiment.Experiment(config, workdir, batch_sizes={"eval_batch_size": config.eval_batch_size}) as exp:
     mesh = exp.mesh
     train_info, test_info = common.dataset_infos(config)
     common.check_multilabel(train_info, False)

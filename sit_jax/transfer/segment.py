@@ -219,7 +219,8 @@ def run(config, workdir: str) -> dict:
     raise ValueError(f"seg.features must be 'backbone' or 'raw_pixels', not {seg.features!r}.")
   config = with_head_rate(config)
   with experiment.Experiment(config, workdir,
-                             batch_sizes=(d.global_batch_size, config.eval_batch_size)) as exp:
+                             batch_sizes={"data.global_batch_size": d.global_batch_size,
+                                          "eval_batch_size": config.eval_batch_size}) as exp:
     mesh = exp.mesh
     open_split = functools.partial(segment_data.open_split, d.source,
                                    data_dir=d.data_dir or None, num_classes=d.num_classes)
