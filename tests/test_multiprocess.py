@@ -120,6 +120,10 @@ def test_two_processes_match_one_process(runs):
     # normalised steps (see below): 6e-5 apart at step 4 with the PIL pipeline's pictures.
     np.testing.assert_allclose(got[step]["grad_norm"], want[step]["grad_norm"], rtol=2e-4,
                                err_msg=f"grad_norm at step {step}")
+  # The k-NN monitor's final evaluation (bank and held-out features gathered from both
+  # processes): the same neighbours, so the same top-1 (up to a float tie).
+  for key in ("knn/student", "knn/teacher"):
+    assert abs(got[4][key] - want[4][key]) <= 1 / 297 + 1e-9, (key, got[4][key], want[4][key])
   # Both processes took part: the job had 8 devices in 2 processes.
   assert "process 1 of 2, 4 local / 8 global devices" in outputs[1][1]
   # Only process 0 prints the progress lines.
