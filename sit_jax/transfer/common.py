@@ -34,6 +34,13 @@ class Backbone:
   pretrained_image_size: int | None = None
   weights: str = "student"  # config.init_weights: the checkpoint's student or teacher
 
+  @property
+  def name(self) -> str:
+    """How logs name it: 'random init', the path, or the path and '(teacher)'."""
+    if not self.init:
+      return "random init"
+    return self.init + (" (teacher)" if self.weights == "teacher" else "")
+
 
 def _to_dict(c) -> dict:
   return c.to_dict() if isinstance(c, ml_collections.ConfigDict) else dict(c)
@@ -429,7 +436,9 @@ def results_table(results: dict, protocol: str, figures: dict) -> dict:
   features | each figure."""
   results = {**results, "protocol": protocol, "figures": figures}
   cells = [f"{results['experiment']} ({protocol})", str(results.get("dataset", "")),
-           f"checkpoint {results.get('init', '')}", f"features {results.get('features', '')}"]
+           f"checkpoint {results.get('init', '')}"
+           + (" (teacher)" if results.get("init_weights") == "teacher" else ""),
+           f"features {results.get('features', '')}"]
   cells += [f"{name} {_figure(value)}" for name, value in figures.items()]
   logging.info("results | %s", " | ".join(cells))
   return results
@@ -497,10 +506,10 @@ def split_features(config, fn, params, mesh, image_size: int, what: str = ""):
   return (*train, *test)
 
 
-def log_baselines(what: str, dataset: str, init: str, scores: dict, baselines: dict):
+def log_baselines(what: str, dataset: str, backbone: Backbone, scores: dict, baselines: dict):
   """One line with the evaluated backbone and the baseline rows side by side."""
   metric = "mAP" if "mAP" in scores else "top1"
-  rows = [f"this backbone ({init or 'random init'}) {scores[metric]:.3f}"]
+  rows = [f"this backbone ({backbone.name}) {scores[metric]:.3f}"]
   rows += [f"{name.replace('_', ' ')} {row[metric]:.3f}" for name, row in baselines.items()]
   logging.info("%s %s on %s: %s", what, metric, dataset, " | ".join(rows))
 

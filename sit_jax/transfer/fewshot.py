@@ -136,7 +136,7 @@ def run(config, workdir: str) -> dict:
                       for name, by_shots in baselines.items() for k, v in by_shots.items()})
       for k in rows:
         logging.info("few-shot %s test accuracy: this backbone (%s) %.3f | %s", k,
-                     backbone.init or "random init", rows[k]["test_mean"],
+                     backbone.name, rows[k]["test_mean"],
                      " | ".join(f"{n.replace('_', ' ')} {b[k]['test_mean']:.3f}"
                                 for n, b in baselines.items()))
       extra["baselines"] = {name: {k: {m: v[m] for m in ("test_mean", "test_std")}

@@ -162,7 +162,7 @@ def run(config, workdir: str) -> dict:
         baselines["random_init"] = {**accuracy, "dim": int(bank[0].shape[1])}
       writer.write_scalars(0, {f"baselines/{name}/{k}": v for name, row in baselines.items()
                                for k, v in row.items() if k != "dim"}, timed=False)
-      common.log_baselines(f"k-NN (k {best})", common.dataset_name(config), backbone.init,
+      common.log_baselines(f"k-NN (k {best})", common.dataset_name(config), backbone,
                            accuracy, baselines)
       extra["baselines"] = baselines
 

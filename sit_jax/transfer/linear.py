@@ -422,7 +422,7 @@ def run(config, workdir: str, *, multilabel: bool = False) -> dict:
       rows = {k: v for k, v in baselines.items() if isinstance(v, dict)}
       writer.write_scalars(steps, {f"baselines/{name}/{k}": v for name, row in rows.items()
                                    for k, v in row.items() if k not in ("dim", "l2")})
-      common.log_baselines("linear probe", common.dataset_name(config), backbone.init, scores,
+      common.log_baselines("linear probe", common.dataset_name(config), backbone, scores,
                            rows)
       extra["baselines"] = baselines
 
