@@ -1,5 +1,10 @@
 """Transfer: k-NN, linear probe, fine-tuning, layer-wise lr decay, mAP (the runlocal runs are
 test_transfer_runlocal.py's)."""
+import json
+import os
+import signal
+import time
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -9,8 +14,9 @@ import tensorflow_datasets as tfds
 
 from configs import common as config_common
 from configs import finetune as finetune_config
+from configs import segment as segment_config
 from configs import transfer_common
-from sit_jax import checkpoint, config_check, data, sharding
+from sit_jax import checkpoint, config_check, data, metrics, sharding, transfer
 from sit_jax.models import vit
 from sit_jax.transfer import common, deit_augment, finetune, knn, linear, supervised
 
@@ -498,3 +504,103 @@ def test_blocks_past_a_loaded_backbones_depth_name_their_key():
       config_check.check_key(config_check.load(f"configs/{spec}"), key)
   config_check.check_key(config_check.load("configs/multilabel.py:runlocal,frozen=True"),
                          "head.last_blocks")
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume after a preemption (in process: SIGTERM after a step's progress line, then the same
+# config again, its programs from the compilation cache).
+# ---------------------------------------------------------------------------------------------
+
+
+def run_stopped_after(step, config, workdir, monkeypatch):
+  """transfer.run(config, workdir), with a SIGTERM once `step`'s progress line is written."""
+  write_scalars = metrics.MetricWriter.write_scalars
+
+  def preempt(writer, at, scalars, **kwargs):
+    write_scalars(writer, at, scalars, **kwargs)
+    if at == step and "loss" in scalars:
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(0.05)  # Python runs the handler at the next bytecode boundary.
+
+  with monkeypatch.context() as patch:
+    patch.setattr(metrics.MetricWriter, "write_scalars", preempt)
+    return transfer.run(config, str(workdir))
+
+
+def rows(workdir):
+  """metrics.jsonl without its timings."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [{k: v for k, v in json.loads(line).items() if k not in ("img_per_sec", "eta")}
+            for line in f]
+
+
+def test_finetune_resumed_after_sigterm_equals_the_uninterrupted_run(tmp_path, exported_backbone,
+                                                                     monkeypatch):
+  """Mixup/CutMix, random erasing, label smoothing and drop path draw from the step's key, the
+  lr follows warmup-cosine with layer decay, and the data order goes on mid-epoch: stopped after
+  step 5 of 6 and started again, every step's loss and the final figures are bit-identical.
+  (RandAugment draws from the same key; it is left off for its compile time.)"""
+  c = finetune_config.get_config("runlocal")
+  c.init = exported_backbone[0]
+  c.total_steps, c.log_every, c.checkpoint_every, c.eval_every = 6, 1, 4, 3
+  # 2 steps an epoch: step 5 starts the third epoch, step 6 (after the resume) goes on in it.
+  c.data.train_split, c.data.val_split = "train[:40]", "train[40:56]"
+  c.data.test_split = "test[:16]"
+  c.data.global_batch_size = c.eval_batch_size = 16
+  c.augment = transfer_common.deit_augment_config(randaugment=False)  # runlocal's is off
+  c.model.drop_path_rate, c.optim.layer_decay, c.optim.warmup_epochs = 0.1, 0.75, 0.0
+
+  full = transfer.run(c, str(tmp_path / "full"))
+  stopped = run_stopped_after(5, c, tmp_path / "stopped", monkeypatch)
+  assert stopped["preempted"] and not stopped["complete"] and stopped["steps"] == 5
+  # Its figures are the validation of step 3, the last one it did; no test split.
+  step_3 = rows(tmp_path / "full")[2]
+  assert stopped["figures"] == {k: step_3[k] for k in ("val/top1", "val/top5")}
+  assert "top1" not in stopped
+  assert os.listdir(tmp_path / "stopped" / "checkpoints") == ["5"]  # keep_checkpoints=1
+  resumed = transfer.run(c, str(tmp_path / "stopped"))
+
+  assert rows(tmp_path / "stopped") == rows(tmp_path / "full")
+  losses = [r["loss"] for r in rows(tmp_path / "full")]
+  assert len(set(losses)) == 6 and np.isfinite(losses).all()
+  assert [r["step"] for r in rows(tmp_path / "full") if "val/top1" in r] == [3, 6]
+  assert not resumed["preempted"] and resumed["complete"] and resumed["steps_this_run"] == 1
+  differ = {k for k in full if full[k] != resumed[k]}
+  assert differ == {"checkpoint", "steps_this_run", "seconds_this_run"}
+  with open(tmp_path / "stopped" / "results.json") as f:
+    assert json.load(f) == resumed
+
+
+def test_a_frozen_backbone_whose_pretraining_moved_on_is_refused(tmp_path, exported_backbone,
+                                                                 monkeypatch):
+  """A segmentation head (as a linear probe's) is saved without the backbone it was trained
+  on: each start reads config.init again. A pretraining workdir that saved a step since would
+  silently put other features under the head; the resume is refused naming both steps."""
+  _, params = exported_backbone
+  pretraining = tmp_path / "pretraining"
+
+  def pretrain_until(step, scale):
+    state = {"step": np.int32(step),
+             "params": {"backbone": jax.tree.map(lambda x: x * scale, params)}}
+    with checkpoint.Checkpointer(pretraining / "checkpoints", every=1, keep=2,
+                                 async_save=False) as ckpt:
+      assert ckpt.save(step, state, metadata={"model": {"variant": "Mu/4", "image_size": 32}})
+
+  pretrain_until(1, 1.0)
+  c = segment_config.get_config("runlocal")
+  c.init = str(pretraining)
+  c.total_steps, c.log_every, c.eval_every, c.seg.lr_scales = 2, 1, 0, (1.0,)
+  first = run_stopped_after(1, c, tmp_path / "seg", monkeypatch)
+  assert first["preempted"] and first["step"] == 1
+
+  pretrain_until(2, 0.5)
+  with pytest.raises(checkpoint.CheckpointError) as e:
+    transfer.run(c, str(tmp_path / "seg"))
+  message = str(e.value)
+  assert "\n" not in message
+  assert (f"init: checkpoint='{pretraining}/checkpoints/1', "
+          f"expected='{pretraining}/checkpoints/2'") in message
+  # What it says to do resumes: the step directory is what the workdir resolved to.
+  c.init = str(pretraining / "checkpoints" / "1")
+  backbone = common.load_backbone(c, image_size=c.data.image_size)
+  assert supervised.frozen_checkpoint_metadata(c, backbone, 11)["init"] == c.init

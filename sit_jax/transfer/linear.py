@@ -394,7 +394,7 @@ def run(config, workdir: str, *, multilabel: bool = False) -> dict:
           step_fn=lambda s, b: probe(s, params, b),
           batches=lambda start_step: common.train_batches(config, start_step, size),
           place=common.train_placer(config, mesh, size), total_steps=total_steps,
-          metadata=common.checkpoint_metadata(config, backbone, num_classes),
+          metadata=supervised.frozen_checkpoint_metadata(config, backbone, num_classes),
           hooks=[supervised.evaluation_hook(config, evaluate, total_steps)])
       train_metrics, scores, steps = (outcome.metrics, supervised.test_scores(outcome.evaluated),
                                       outcome.step)

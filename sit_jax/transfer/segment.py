@@ -287,7 +287,7 @@ def run(config, workdir: str) -> dict:
                                         image_size=size, seed=config.seed, start_step=start_step)
 
     writer = exp.writer(total_steps, d.global_batch_size)
-    metadata = {**common.checkpoint_metadata(config, backbone, num_classes),
+    metadata = {**supervised.frozen_checkpoint_metadata(config, backbone, num_classes),
                 "blocks": list(blocks), "cls": bool(seg.cls), "head": seg.head,
                 "features": seg.features, "lr_scales": list(scales)}
     outcome = trainer.train(

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from sit_jax import optim, sharding
+from sit_jax.transfer import common
 
 if TYPE_CHECKING:
   from sit_jax import trainer
@@ -90,6 +91,18 @@ def make_optimizer(config, lr, params=None, depth: int = 0) -> optax.GradientTra
       raise ValueError("Layer-wise lr decay needs the parameter tree.")
     tx = optax.chain(tx, scale_by_tree(lr_decay_tree(params, depth, o.layer_decay)))
   return tx
+
+
+def frozen_checkpoint_metadata(config, backbone: common.Backbone, num_classes: int) -> dict:
+  """What a resumed run on a frozen backbone (linear probe, segmentation) must match. Its
+  checkpoints hold the head only: each start reads the backbone from config.init again, so
+  `init` is the directory that resolves to (a pretraining workdir: its latest step), and a
+  pretraining that has saved a step since is refused rather than swapped in under the head."""
+  from sit_jax import checkpoint
+  metadata = common.checkpoint_metadata(config, backbone, num_classes)
+  if backbone.init:
+    metadata["init"] = str(checkpoint.locate_backbone(backbone.init, backbone.weights))
+  return metadata
 
 
 def abstract_of(tree):
