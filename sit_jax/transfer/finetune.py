@@ -131,9 +131,9 @@ def run(config, workdir: str, *, multilabel: bool = False) -> dict:
     tx = supervised.make_optimizer(config, lr, abstract_params, backbone.module.depth)
     abstract, shardings, create = state_layout(model, tx, size, mesh, config.sharding_rules,
                                                jax.random.PRNGKey(config.seed), backbone.params)
-    logging.info("%s: %d classes, %d train examples, %d steps (%d per epoch); init %s",
+    logging.info("%s: %d classes, %d train examples, %d steps (%d per epoch); backbone %s",
                  train_info.name, num_classes, train_info.num_examples, total_steps,
-                 steps_per_epoch, backbone.init or "random")
+                 steps_per_epoch, backbone.name)
     step_fn = sharding.jit(make_finetune_step(config, model, tx, num_classes,
                                               multilabel=multilabel, lr=lr),
                            mesh, config.logical_axis_rules,

@@ -315,9 +315,9 @@ def run(config, workdir: str, *, multilabel: bool = False) -> dict:
     head = make_head(num_classes)
     # Progress lines count steps only for the SGD solvers: L-BFGS logs one line when it is done.
     writer = exp.writer(0 if solver == "lbfgs" else total_steps, config.data.global_batch_size)
-    logging.info("%s: %d classes, %d train examples, %d-d features, solver %s%s; init %s",
+    logging.info("%s: %d classes, %d train examples, %d-d features, solver %s%s; backbone %s",
                  train_info.name, num_classes, train_info.num_examples, dim, solver,
-                 "" if solver == "lbfgs" else f", {total_steps} steps", backbone.init or "random")
+                 "" if solver == "lbfgs" else f", {total_steps} steps", backbone.name)
 
     def lbfgs_probe(train_feats, train_labels, test_feats, test_labels):
       return probe_cached(

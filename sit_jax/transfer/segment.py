@@ -263,9 +263,9 @@ def run(config, workdir: str) -> dict:
                       out_shardings=replicated, donate_argnums=(0,))
     predict = make_predict(patch_fn, head, size)
     logging.info("segment %s: %d classes, %d train / %d validation / %d test images at %d px, "
-                 "%s, %s head, %d steps, lr x %s; init %s", train.name, num_classes,
+                 "%s, %s head, %d steps, lr x %s; backbone %s", train.name, num_classes,
                  train.num_examples, val.num_examples, test.num_examples, size, features,
-                 seg.head, total_steps, scales, backbone.init or "random")
+                 seg.head, total_steps, scales, backbone.name)
 
     def evaluate(data, head_params, pictures=0):
       batches = segment_data.EvalBatches(data, global_batch_size=config.eval_batch_size,
