@@ -65,6 +65,28 @@ def test_pixel_cross_entropy_leaves_ignored_pixels_out():
   assert float(segment.pixel_cross_entropy(logits, labels)) == pytest.approx(want, rel=1e-6)
 
 
+def test_picture_legend_names_the_classes_shown():
+  images = np.zeros((2, 16, 16, 3), np.uint8)
+  predictions = np.zeros((2, 16, 16), np.int32)
+  predictions[0, :4] = 3
+  labels = predictions.copy()
+  labels[1, :2] = segment_data.IGNORE
+  grid = segment.picture_grid(images, predictions, labels, 5, ("bg", "a", "b", "c", "d"))
+  colours = segment.palette(5)
+  side = 96  # 16 px cells zoomed to at least 96
+  assert grid.shape == (2 * side + 2, 3 * side + 4 + 120, 3)
+  np.testing.assert_array_equal(grid[0, side + 2], colours[3])  # a predicted pixel of class 3
+  # Swatches, in class order: class 0, class 3, then 'not scored' (IGNORE's white).
+  swatch = lambda i: grid[i * segment.LEGEND_ROW + 6, 3 * side + 4 + 8]
+  for i, colour in enumerate([colours[0], colours[3], colours[5]]):
+    np.testing.assert_array_equal(swatch(i), colour)
+  assert (grid[3 * segment.LEGEND_ROW:, 3 * side + 4:] == 255).all()  # nothing more listed
+  # More classes than rows: the last row counts the rest (no swatch).
+  many = segment.legend([((1, 2, 3), str(c)) for c in range(30)], height=5 * segment.LEGEND_ROW)
+  np.testing.assert_array_equal(many[3 * segment.LEGEND_ROW + 6, 8], (1, 2, 3))
+  assert (many[4 * segment.LEGEND_ROW + 2:4 * segment.LEGEND_ROW + 12, 4:14] == 255).all()
+
+
 def test_heads_on_the_token_grid():
   tokens = jnp.ones((2, 4, 4, 6))
   for hidden, names in ((0, {"classifier"}), (8, {"conv", "classifier"})):

@@ -181,8 +181,13 @@ def palette(num_classes: int) -> np.ndarray:
   return np.concatenate([colours, np.full((1, 3), 255, np.uint8)])
 
 
-def picture_grid(images, predictions, labels, num_classes: int, min_side: int = 96):
-  """uint8 rows of image | prediction | ground truth (IGNORE white), 2 px white separators."""
+LEGEND_ROW = 14  # px per legend entry
+
+
+def picture_grid(images, predictions, labels, num_classes: int, class_names=(),
+                 min_side: int = 96):
+  """uint8 rows of image | prediction | ground truth (IGNORE white), 2 px white separators, and
+  a legend on the right: the colour and name of each class the rows show."""
   colours = palette(num_classes)
   paint = lambda m: colours[np.where(np.asarray(m) == segment_data.IGNORE, num_classes,
                                      np.clip(np.asarray(m), 0, num_classes - 1))]
@@ -196,7 +201,33 @@ def picture_grid(images, predictions, labels, num_classes: int, min_side: int = 
     for c, cell in enumerate(row):
       big = np.repeat(np.repeat(cell, zoom, axis=0), zoom, axis=1)
       grid[r * (side + s):r * (side + s) + side, c * (side + s):c * (side + s) + side] = big
-  return grid
+  shown = np.unique(np.concatenate([np.ravel(predictions), np.ravel(labels)]))
+  names = list(class_names) or [str(c) for c in range(num_classes)]
+  entries = [(colours[c], names[c]) for c in shown if c < num_classes]
+  if np.any(shown == segment_data.IGNORE):
+    entries.append((colours[num_classes], "not scored"))
+  return np.concatenate([grid, legend(entries, grid.shape[0])], axis=1)
+
+
+def legend(entries, height: int, width: int = 120) -> np.ndarray:
+  """A white (height, width, 3) uint8 panel: a framed colour swatch and a name per entry, as many
+  as fit, the last row saying how many more there are."""
+  from PIL import Image, ImageDraw, ImageFont
+  panel = Image.new("RGB", (width, height), "white")
+  draw = ImageDraw.Draw(panel)
+  try:  # Pillow's own scalable font (FreeType); its bitmap font drops the spaces of a name.
+    font = ImageFont.load_default(size=11)
+  except (TypeError, ImportError, OSError):
+    font = ImageFont.load_default()
+  rows = max(1, height // LEGEND_ROW)
+  if len(entries) > rows:
+    entries = entries[:rows - 1] + [(None, f"+{len(entries) - rows + 1} more")]
+  for i, (colour, name) in enumerate(entries):
+    top = i * LEGEND_ROW + 2
+    if colour is not None:
+      draw.rectangle([4, top, 13, top + 9], fill=tuple(int(v) for v in colour), outline="gray")
+    draw.text((18, top - 1), name, fill="black", font=font)
+  return np.asarray(panel)
 
 
 def with_head_rate(config):
@@ -308,7 +339,8 @@ def run(config, workdir: str) -> dict:
       if shown is not None:
         images, predictions, labels = shown
         writer.write_images(outcome.step, "segmentation",
-                            picture_grid(images, predictions[0], labels, num_classes))
+                            picture_grid(images, predictions[0], labels, num_classes,
+                                         train.class_names))
       names = train.class_names or tuple(map(str, range(num_classes)))
       results.update(num_examples=test.num_examples, mIoU=scores["mIoU"],
                      pixel_accuracy=scores["pixel_accuracy"], iou=dict(zip(names, scores["iou"])),
