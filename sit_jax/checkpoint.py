@@ -52,6 +52,10 @@ class CheckpointError(RuntimeError):
   """A checkpoint could not be written, found, matched or read."""
 
 
+class StructureMismatch(CheckpointError):
+  """The checkpoint's state has other leaves or shapes than the state requested."""
+
+
 # ----------------------------------------------------------------------------
 # Small helpers.
 
@@ -449,7 +453,7 @@ class Checkpointer:
     if shape_diffs:
       more = f" (+{len(shape_diffs) - 10} more)" if len(shape_diffs) > 10 else ""
       parts.append("shape mismatch: " + "; ".join(shape_diffs[:10]) + more)
-    raise CheckpointError(
+    raise StructureMismatch(
         f"Checkpoint {self.directory / str(step)} does not match the requested state "
         f"(different model or optimizer config?): " + ". ".join(parts) + ".")
 

@@ -151,7 +151,16 @@ def train(exp, *, init: Callable[[], Any], abstract, step_fn: Callable,
   with checkpoint.stop_signals(), (ckpt or _NoCheckpoints()):
     state, saved = None, {}
     if ckpt is not None and ckpt.latest_step() is not None:
-      state, saved = ckpt.restore(abstract, expected_metadata=metadata, fallback=True)
+      try:
+        state, saved = ckpt.restore(abstract, expected_metadata=metadata, fallback=True)
+      except checkpoint.StructureMismatch as e:
+        changed = exp.changed_settings()  # the optimiser's or head's settings, say
+        if not changed:
+          raise
+        raise checkpoint.StructureMismatch(
+            f"{e} Settings changed since {os.path.join(exp.workdir, 'config.json')} was "
+            f"written: {', '.join(changed)}; set back the one that shapes the state to resume, "
+            "or pass another --workdir.") from None
       logging.info("Resumed from step %d of %s", int(state.step), ckpt.directory)
     if state is None:
       state = init()

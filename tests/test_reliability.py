@@ -415,6 +415,22 @@ def test_resume_with_another_setting_names_it(tmp_path, key, value):
   assert (tmp_path / "config.json").stat().st_mtime_ns != written
 
 
+def test_a_state_that_no_longer_matches_names_the_settings_changed(tmp_path):
+  """Settings that change the state's structure (an optimiser's or head's, say) are refused by the
+  structure check, which lists leaves and shapes: the line also names what the config changed."""
+  train(tmp_path, 4)
+  config = tiny_config(total_steps=8, log_every=2)
+  with experiment.Experiment(config, tmp_path, batch_sizes={"data.global_batch_size": BATCH}) as exp:
+    wider = State(step=jnp.zeros((), jnp.int32), params={"w": jnp.zeros((DIM + 1,), jnp.float32)})
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), wider)
+    with pytest.raises(checkpoint.StructureMismatch,
+                       match=r"does not match the requested state .* Settings changed since "
+                             r"\S+config.json was written: log_every 1 -> 2, total_steps 4 -> 8; "
+                             r"set back the one that shapes the state"):
+      trainer.train(exp, init=lambda: wider, abstract=abstract, step_fn=None, total_steps=8,
+                    batches=None, metadata={"model": {"dim": DIM}})
+
+
 # -- Busy workdir ---------------------------------------------------------------------------
 
 
