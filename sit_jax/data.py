@@ -406,9 +406,10 @@ def folder_split(path: str, split: Optional[str]) -> tuple[str, Optional[str]]:
   """(the directory a split of the image folder `path` reads, the split's slice or None).
 
   `<path>/<split>` when it is a folder (in any case: Train/ and Val/ are splits too, not two
-  classes; 'validation' reads val/ where there is no validation/, and 'val' validation/). Otherwise 'train' (or no split) is the whole folder, unless the folder has split
-  folders, and any other split is an error: read as the whole folder, a 'test' split would
-  score the training images. A split folder that holds images but no class folders, beside
+  classes; 'validation' reads val/ where there is no validation/, and 'val' validation/).
+  Otherwise 'train' (or no split) is the whole folder, unless the folder has split folders,
+  and any other split is an error: read as the whole folder, a 'test' split would score the
+  training images. A split folder that holds images but no class folders, beside
   folders that are not split names, is a class that shares a split's name (classes bicycle,
   bus, car, train): an error too."""
   root = os.path.expanduser(path)

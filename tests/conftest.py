@@ -76,4 +76,5 @@ SLOWEST_FILES = ("test_pretrain_step.py", "test_activation_sharding.py", "test_p
 
 def pytest_collection_modifyitems(items):
   rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: tests keep their order.
+  # A stable sort: the tests of a file keep their order.
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -303,7 +303,8 @@ def test_teacher_backbone_from_checkpoints_only(tmp_path):
   array is read."""
   def with_teacher(step):
     state = make_state(step)
-    return {**state, "teacher": {"backbone": jax.tree.map(lambda x: -x, state["params"]["backbone"]),
+    teacher = jax.tree.map(lambda x: -x, state["params"]["backbone"])
+    return {**state, "teacher": {"backbone": teacher,
                                  "head": {"w": jnp.zeros((6, 3), jnp.float32)}}}
 
   with Checkpointer(tmp_path / "sit" / "checkpoints", every=1) as ck:

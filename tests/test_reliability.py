@@ -28,6 +28,7 @@ import conftest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIM, BATCH, LR = 4, 8, 0.1
+BATCH_SIZES = {"data.global_batch_size": BATCH}  # what the Experiment checks against the mesh
 
 
 @flax.struct.dataclass
@@ -66,7 +67,7 @@ def train(workdir, total_steps, *, nan_at=None, hooks=(), step_fn=sgd_step, batc
   error it raised)."""
   batches = batches or (lambda start: (batch_of(s, nan_at) for s in itertools.count(start)))
   config = tiny_config(total_steps=total_steps, **overrides)
-  with experiment.Experiment(config, workdir, batch_sizes={"data.global_batch_size": BATCH}) as exp:
+  with experiment.Experiment(config, workdir, batch_sizes=BATCH_SIZES) as exp:
     replicated = sharding.replicated(exp.mesh)
     fresh = State(step=jnp.zeros((), jnp.int32), params={"w": jnp.zeros((DIM,), jnp.float32)})
     fresh = jax.device_put(fresh, replicated)
@@ -239,7 +240,7 @@ def test_an_evaluation_run_again_keeps_one_row_per_step(tmp_path):
   """Runs with no checkpoint to resume (k-NN, few-shot, a linear probe) start metrics.jsonl
   afresh, as results.json: the rows of the earlier run were kept, each step twice."""
   for top1 in (0.5, 0.75):
-    with experiment.Experiment(tiny_config(), tmp_path, batch_sizes={"data.global_batch_size": BATCH}) as exp:
+    with experiment.Experiment(tiny_config(), tmp_path, batch_sizes=BATCH_SIZES) as exp:
       exp.writer(0, BATCH).write_scalars(0, {"test/top1": top1}, timed=False)
   assert [(r["step"], r["test/top1"]) for r in metric_rows(tmp_path)] == [(0, 0.75)]
 
@@ -420,7 +421,7 @@ def test_a_state_that_no_longer_matches_names_the_settings_changed(tmp_path):
   structure check, which lists leaves and shapes: the line also names what the config changed."""
   train(tmp_path, 4)
   config = tiny_config(total_steps=8, log_every=2)
-  with experiment.Experiment(config, tmp_path, batch_sizes={"data.global_batch_size": BATCH}) as exp:
+  with experiment.Experiment(config, tmp_path, batch_sizes=BATCH_SIZES) as exp:
     wider = State(step=jnp.zeros((), jnp.int32), params={"w": jnp.zeros((DIM + 1,), jnp.float32)})
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), wider)
     with pytest.raises(checkpoint.StructureMismatch,

@@ -36,10 +36,15 @@ class Backbone:
 
   @property
   def name(self) -> str:
-    """How logs name it: 'random init', the path, or the path and '(teacher)'."""
-    if not self.init:
-      return "random init"
-    return self.init + (" (teacher)" if self.weights == "teacher" else "")
+    """How logs and pictures name it: 'random init', the path, or the path and '(teacher)'."""
+    return backbone_name(self.init, self.weights)
+
+
+def backbone_name(init: str, weights: str = "student") -> str:
+  """'random init', config.init, or config.init and '(teacher)'."""
+  if not init or init == "random":  # results.json's init of a random backbone
+    return "random init"
+  return init + (" (teacher)" if weights == "teacher" else "")
 
 
 def _to_dict(c) -> dict:
@@ -436,8 +441,7 @@ def results_table(results: dict, protocol: str, figures: dict) -> dict:
   features | each figure."""
   results = {**results, "protocol": protocol, "figures": figures}
   cells = [f"{results['experiment']} ({protocol})", str(results.get("dataset", "")),
-           f"checkpoint {results.get('init', '')}"
-           + (" (teacher)" if results.get("init_weights") == "teacher" else ""),
+           f"checkpoint {backbone_name(results.get('init', ''), results.get('init_weights'))}",
            f"features {results.get('features', '')}"]
   cells += [f"{name} {_figure(value)}" for name, value in figures.items()]
   logging.info("results | %s", " | ".join(cells))

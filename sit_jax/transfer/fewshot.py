@@ -102,7 +102,8 @@ def run(config, workdir: str) -> dict:
 
   start = time.perf_counter()
   d, f = config.data, config.fewshot
-  with experiment.Experiment(config, workdir, batch_sizes={"eval_batch_size": config.eval_batch_size}) as exp:
+  batch_sizes = {"eval_batch_size": config.eval_batch_size}
+  with experiment.Experiment(config, workdir, batch_sizes=batch_sizes) as exp:
     train_info, test_info = common.dataset_infos(config)
     common.check_multilabel(train_info, False)
     size = d.image_size

@@ -121,7 +121,8 @@ def run(config, workdir: str) -> dict:
   start = time.perf_counter()
   d = config.data
   ks = tuple(int(k) for k in np.atleast_1d(config.knn.k))
-  with experiment.Experiment(config, workdir, batch_sizes={"eval_batch_size": config.eval_batch_size}) as exp:
+  batch_sizes = {"eval_batch_size": config.eval_batch_size}
+  with experiment.Experiment(config, workdir, batch_sizes=batch_sizes) as exp:
     mesh = exp.mesh
     train_info, test_info = common.dataset_infos(config)
     common.check_multilabel(train_info, False)
@@ -176,7 +177,7 @@ def run(config, workdir: str) -> dict:
         {"k": best, "val top1": on_val[best]["top1"], "test top1": accuracy["top1"],
          **{f"test top1 k={k}": on_test[k]["top1"] for k in ks if k != best}})
     tsne = common.tsne(config, exp.workdir, *test, f"k-NN {results['dataset']} "
-                       f"({results['init']}): top-1 {accuracy['top1']:.3f}",
+                       f"({backbone.name}): top-1 {accuracy['top1']:.3f}",
                        class_names=train_info.classes)
     exp.finish(results, also=[tsne] if tsne else [])
   return results

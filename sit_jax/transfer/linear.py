@@ -439,7 +439,7 @@ def run(config, workdir: str, *, multilabel: bool = False) -> dict:
     tsne = None
     if not multilabel and not results.get("error"):
       tsne = common.tsne(config, exp.workdir, test_feats, test_labels,
-                         f"{results['dataset']} ({results['init']}): linear top-1 "
+                         f"{results['dataset']} ({backbone.name}): linear top-1 "
                          f"{scores.get('top1', float('nan')):.3f}", class_names=train_info.classes)
     exp.finish(results, also=[tsne] if tsne else [])
   return results
