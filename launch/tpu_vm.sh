@@ -171,9 +171,36 @@ if ((DETACH)); then
 fi
 
 # 4. Worker 0's log until the run ends, then its exit status. ----------------------------------
-"${GCLOUD[@]}" ssh "$NAME" "${WHERE[@]}" --worker=0 --command="tail -n +1 -F ~/sit_jax.log \
-  2>/dev/null & tail_pid=\$!; while [ ! -f ~/sit_jax.rc ]; do sleep 10; done; sleep 2; \
-  kill \$tail_pid; exit \$(cat ~/sit_jax.rc)" && rc=0 || rc=$?
+on_worker0() { "${GCLOUD[@]}" ssh "$NAME" "${WHERE[@]}" --worker=0 --command="$1"; }
+# ssh's own failures end it with 255 too (a dropped connection, a laptop that slept, a preempted
+# TPU): the run has ended only when worker 0 holds its exit status, else the launcher reconnects.
+log_lines="+1"  # the whole log; after a reconnection its last lines
+while :; do
+  on_worker0 "tail -n $log_lines -F ~/sit_jax.log 2>/dev/null & tail_pid=\$!; \
+    while [ ! -f ~/sit_jax.rc ]; do sleep 10; done; sleep 2; kill \$tail_pid; \
+    exit \$(cat ~/sit_jax.rc)" && rc=0 || rc=$?
+  ((rc == 255)) || break
+  if status="$(on_worker0 'cat ~/sit_jax.rc 2>/dev/null; true')"; then
+    [[ "$status" =~ ^[0-9]+$ ]] && { rc="$status"; break; }
+  else
+    state="$("${GCLOUD[@]}" describe "$NAME" "${WHERE[@]}" --format='value(state)')" || state=""
+    if [[ -z "$state" ]]; then
+      RUNNING=0 KEEP=1
+      echo "Lost the connection to worker 0 and cannot reach TPU $NAME: the run may go on" \
+           "(its log: ${GCLOUD[*]} ssh $NAME ${WHERE[*]} --worker=0 --command='tail -f" \
+           "~/sit_jax.log')." >&2
+      exit 255
+    elif [[ "$state" != READY ]]; then
+      RUNNING=0
+      echo "TPU $NAME is $state: the run ended with it. Start the same command to resume" \
+           "from the latest checkpoint in $WORKDIR." >&2
+      exit 255
+    fi
+    sleep 30
+  fi
+  echo "Lost the connection to worker 0; the run goes on. Reconnecting ..." >&2
+  log_lines=20
+done
 RUNNING=0
 if ((rc)); then
   echo "The run failed (exit status $rc); the last lines of every worker's log:" >&2

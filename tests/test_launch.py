@@ -138,3 +138,37 @@ esac
   # create, copy, install, start, stream; stopped and saved before the delete.
   assert calls.read_text().split() == ["create", "scp", "ssh", "ssh", "start", "stream",
                                        "stop", "delete"]
+
+
+@pytest.mark.parametrize("tpu", ["READY", "PREEMPTED"])
+def test_tpu_vm_reconnects_when_the_log_stream_drops(tmp_path, tpu):
+  """ssh ends with 255 on its own failures too: the launcher took a dropped connection for the
+  run's failure and deleted the TPU under the run, losing its steps since the last checkpoint.
+  Now it reconnects while worker 0 answers without an exit status (the run goes on); a TPU
+  that is gone (preempted) ends the launch with one line, and is deleted for the rerun."""
+  calls = tmp_path / "calls"
+  env = _stand_ins(tmp_path, {"gcloud": f"""
+for a in "$@"; do case "$a" in --command=*) cmd="${{a#--command=}}";; esac; done
+case "$4 ${{cmd:-}}" in
+  "ssh "*"tail -n"*) echo stream >> {calls}
+     [ "$(grep -c stream {calls})" = 1 ] && exit 255  # the connection drops
+     echo "step 3/3"; exit 0 ;;
+  "ssh "*"cat ~/sit_jax.rc"*) echo status >> {calls}; [ {tpu} = READY ] || exit 255 ;;
+  "describe "*) echo describe >> {calls}; echo {tpu} ;;
+  *) echo "$4" >> {calls} ;;
+esac
+"""})
+  out = subprocess.run(
+      ["bash", os.path.join(REPO, "launch", "tpu_vm.sh"), "--name", "sit-s16", "--zone",
+       "us-central2-b", "--accelerator", "v4-32", "--config", "configs/sit_vits.py",
+       "--workdir", "gs://bucket/run"], env=env, capture_output=True, text=True)
+  started = ["create", "scp", "ssh", "ssh", "ssh", "stream", "status"]
+  if tpu == "READY":
+    assert out.returncode == 0, out.stderr
+    assert "Reconnecting" in out.stderr and "step 3/3\nDone." in out.stdout
+    assert calls.read_text().split() == [*started, "stream", "delete"]
+  else:
+    assert out.returncode == 255
+    assert ("TPU sit-s16 is PREEMPTED: the run ended with it. Start the same command to resume "
+            "from the latest checkpoint in gs://bucket/run.") in out.stderr
+    assert calls.read_text().split() == [*started, "describe", "delete"]
