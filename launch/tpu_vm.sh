@@ -44,17 +44,20 @@ die() { echo "tpu_vm.sh: $*" >&2; echo "Run launch/tpu_vm.sh --help for the usag
 NAME="" ZONE="" ACCEL="" CONFIG="" WORKDIR="" PROJECT="" VERSION="" REPO="" REF="main"
 SPOT=0 EXISTING=0 KEEP=0 DETACH=0
 MAIN_FLAGS=()
+# The value of option $1 is $2: present, and not the next option.
+need_value() { (($# >= 2)) && [[ -n "$2" && "$2" != -* ]] || die "$1 needs a value"; }
 while (($#)); do
+  [[ "$1" == --?*=* ]] && set -- "${1%%=*}" "${1#*=}" "${@:2}"  # --option=value
   case "$1" in
-    --name) NAME="${2:?}"; shift 2 ;;
-    --zone) ZONE="${2:?}"; shift 2 ;;
-    --accelerator|--accelerator-type) ACCEL="${2:?}"; shift 2 ;;
-    --config) CONFIG="${2:?}"; shift 2 ;;
-    --workdir) WORKDIR="${2:?}"; shift 2 ;;
-    --project) PROJECT="${2:?}"; shift 2 ;;
-    --version) VERSION="${2:?}"; shift 2 ;;
-    --repo) REPO="${2:?}"; shift 2 ;;
-    --ref) REF="${2:?}"; shift 2 ;;
+    --name) need_value "$@"; NAME="$2"; shift 2 ;;
+    --zone) need_value "$@"; ZONE="$2"; shift 2 ;;
+    --accelerator|--accelerator-type) need_value "$@"; ACCEL="$2"; shift 2 ;;
+    --config) need_value "$@"; CONFIG="$2"; shift 2 ;;
+    --workdir) need_value "$@"; WORKDIR="$2"; shift 2 ;;
+    --project) need_value "$@"; PROJECT="$2"; shift 2 ;;
+    --version) need_value "$@"; VERSION="$2"; shift 2 ;;
+    --repo) need_value "$@"; REPO="$2"; shift 2 ;;
+    --ref) need_value "$@"; REF="$2"; shift 2 ;;
     --spot) SPOT=1; shift ;;
     --existing) EXISTING=1; shift ;;
     --keep) KEEP=1; shift ;;
@@ -71,6 +74,13 @@ done
 [[ -n "$CONFIG" ]] || die "--config is required"
 [[ -n "$WORKDIR" ]] || die "--workdir is required"
 [[ "$WORKDIR" == gs://* ]] || die "--workdir must be a gs:// path (every worker writes to it), got '$WORKDIR'"
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# The workers get this checkout's sit_jax/ and configs/ (or --repo's): a mistyped or uncopied
+# config would fail only after the TPU was created and set up.
+config_file="${CONFIG%%:*}"
+[[ -n "$REPO" || ( "${config_file#./}" == configs/* && -f "$REPO_ROOT/$config_file" ) ]] || \
+  die "--config must name a file in $REPO_ROOT/configs/ (the configs copied to the workers)," \
+      "got '$config_file'"
 command -v gcloud >/dev/null || die "gcloud is not installed (https://cloud.google.com/sdk/docs/install)"
 
 if [[ -z "$VERSION" ]]; then
@@ -86,7 +96,6 @@ fi
 GCLOUD=(gcloud compute tpus tpu-vm)
 WHERE=(--zone="$ZONE")
 [[ -n "$PROJECT" ]] && WHERE+=(--project="$PROJECT")
-REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 on_all() { "${GCLOUD[@]}" ssh "$NAME" "${WHERE[@]}" --worker=all --command="$1"; }
 

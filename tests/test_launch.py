@@ -172,3 +172,22 @@ esac
     assert ("TPU sit-s16 is PREEMPTED: the run ended with it. Start the same command to resume "
             "from the latest checkpoint in gs://bucket/run.") in out.stderr
     assert calls.read_text().split() == [*started, "describe", "delete"]
+
+
+@pytest.mark.parametrize("args, error", [
+    # A mistyped config, or one the copy to the workers leaves behind, used to fail only after
+    # the TPU was created and set up.
+    (["--config", "configs/sit_vit.py"], "--config must name a file in"),
+    (["--config", "my_configs/sit.py:fsdp"], "--config must name a file in"),
+    (["--config"], "--config needs a value"),  # was bash's '2: parameter null or not set'
+    (["--config", "--workdir", "gs://bucket/run"], "--config needs a value"),
+])
+def test_tpu_vm_refuses_bad_arguments_before_creating_the_tpu(tmp_path, args, error):
+  calls = tmp_path / "calls"
+  env = _stand_ins(tmp_path, {"gcloud": f'echo "$4" >> {calls}\n'})
+  out = subprocess.run(
+      ["bash", os.path.join(REPO, "launch", "tpu_vm.sh"), "--name=sit-s16", "--zone",
+       "us-central2-b", "--accelerator", "v4-8", "--workdir", "gs://bucket/run", *args],
+      env=env, capture_output=True, text=True)
+  assert out.returncode == 2 and out.stderr.startswith(f"tpu_vm.sh: {error}"), out.stderr
+  assert not calls.exists()
