@@ -133,6 +133,12 @@ def rows_to_views(rows, num_views: int = 2):
   return jnp.swapaxes(rows.reshape(-1, num_views, *rows.shape[1:]), 0, 1)
 
 
+def step_keys(rng, step):
+  """(augmentation, mask, dropout) keys of the step from `step`: its views and GMML mask are
+  drawn with them, and its pictures draw the same ones again."""
+  return jax.random.split(jax.random.fold_in(rng, step), 3)
+
+
 def corrupt_views(config, key, clean):
   if not uses_corruption(config):
     return clean, jnp.zeros(clean.shape[:-1], jnp.float32)
@@ -150,8 +156,7 @@ def make_train_step(config, model, tx, schedules: Schedules):
   with_recon = config.experiment in ("gmml", "sit")
 
   def train_step(state: TrainState, batch):
-    key = jax.random.fold_in(state.rng, state.step)
-    aug_key, mask_key, drop_key = jax.random.split(key, 3)
+    aug_key, mask_key, drop_key = step_keys(state.rng, state.step)
     clean = prepare_views(config, aug_key, batch)
     corrupted, mask = corrupt_views(config, mask_key, clean)
 
@@ -213,21 +218,22 @@ def jit_train_step(train_step, state_shardings, mesh,
 
 def make_reconstruct(config, model, num_images: int = 8):
   """(state, batch) -> (clean, corrupted, reconstruction) of view 1 of the batch's first
-  `num_images` images with ImageNet's normalisation, for pictures. Only those are gathered
-  onto every device: the whole batch's three pictures are 36 bytes a pixel on each (7 GiB at
-  224 px and batch 4,096), enough to end a large run at its first picture."""
+  `num_images` images with ImageNet's normalisation, for pictures: `state` is the one after the
+  step that read `batch`, and the views and mask are the ones that step's loss read. Only those
+  are gathered onto every device: the whole batch's three pictures are 36 bytes a pixel on each
+  (7 GiB at 224 px and batch 4,096), enough to end a large run at its first picture."""
 
   def reconstruct(state, batch):
-    key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 7)
-    clean = prepare_views(config, key, batch)
-    corrupted, _ = corrupt_views(config, jax.random.fold_in(key, 1), clean)
+    aug_key, mask_key, _ = step_keys(state.rng, state.step - 1)
+    clean = prepare_views(config, aug_key, batch)
+    corrupted, _ = corrupt_views(config, mask_key, clean)
     corrupted = corrupted[0]
     out, _ = model.apply({"params": state.params}, corrupted, train=False, proj=False,
                          mutable=["batch_stats"])
     pictures = clean[0], corrupted, out.get("recon", corrupted)
     if config.model.get("standardize_input"):
       # Each image back in its own colours: the network's are each image standardised.
-      mean, std = vit.per_image_moments(normalised_views(config, key, batch)[0])
+      mean, std = vit.per_image_moments(normalised_views(config, aug_key, batch)[0])
       pictures = tuple(x * std + mean for x in pictures)
     return tuple(x[:num_images] for x in pictures)
 

@@ -238,3 +238,48 @@ def test_results_name_the_splits_the_knn_monitor_read(tmp_path, monkeypatch):
   monkeypatch.setattr(trainer, "train", monitor_only)
   results = pretrain.train_and_evaluate(config, str(tmp_path / "run"))
   assert results["knn_monitor"]["bank"] == [config.data.source, "train[:90%]", "train[90%:]"]
+
+
+
+
+def test_pictures_show_the_views_the_network_read():
+  """The picture hook gets the state after a step and the batch that step read: its clean and
+  corrupted columns are view 1 as that step's teacher and student read it, with that step's
+  mask. They were drawn with other keys: other augmentations, and a mask that matched the
+  loss's on 57% of the pixels."""
+  import jax
+  from configs import sit_vits
+  from sit_jax import pretrain
+  from sit_jax.models import vit
+
+  class Passthrough:
+    """A stand-in network: keeps what it reads and reconstructs it as it is."""
+    def __init__(self):
+      self.read = {}
+
+    def apply(self, variables, images, train, **kwargs):
+      del variables, kwargs
+      jax.debug.callback(lambda x: self.read.setdefault(train, np.asarray(x)), images)
+      return {"recon": images, "proj": images.reshape(len(images), -1)}, {}
+
+  config = sit_vits.get_config("runlocal")
+  assert config.model.standardize_input and config.gmml.fills == ("zeros",)
+  schedules = pretrain.build_schedules(config, 10, 10)
+  tx = pretrain.build_optimizer(config, schedules)
+  network = Passthrough()
+  state = pretrain.TrainState(step=jnp.int32(3), params={}, teacher={}, opt_state=tx.init({}),
+                              rng=jax.random.PRNGKey(1))
+  size = config.data.image_size
+  batch = {v: np.random.default_rng(0).integers(0, 256, (8, size, size, 3), dtype=np.uint8)
+           for v in ("view1", "view2")}
+  after, _ = jax.jit(pretrain.make_train_step(config, network, tx, schedules))(state, batch)
+  jax.effects_barrier()
+  read = {"teacher": network.read[False][0::2], "student": network.read[True][0::2]}  # view 1
+  clean, corrupted, _ = map(np.asarray, jax.jit(pretrain.make_reconstruct(config, network))(
+      after, batch))
+  # The columns are in the views' ImageNet normalisation; the network reads them standardised.
+  mean, std = vit.per_image_moments(clean)
+  np.testing.assert_allclose((clean - mean) / std, read["teacher"], atol=1e-4)
+  np.testing.assert_allclose((corrupted - mean) / std, read["student"], atol=1e-4)
+  masked = (read["student"] != read["teacher"]).any(-1)
+  assert 0.1 < masked.mean() < 0.5  # gmml.ratio 0.3 of each image filled with zeros

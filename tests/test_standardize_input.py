@@ -102,8 +102,8 @@ def test_pictures_show_each_image_in_its_own_colours():
            for name in ("view1", "view2")}
   clean, corrupted, recon = map(np.asarray,
                                 jax.jit(pretrain.make_reconstruct(config, model))(state, batch))
-  key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 7)
-  want = np.asarray(pretrain.normalised_views(config, key, batch))[0]
+  aug_key = pretrain.step_keys(state.rng, state.step - 1)[0]  # the step before the state
+  want = np.asarray(pretrain.normalised_views(config, aug_key, batch))[0]
   np.testing.assert_allclose(clean, want, atol=1e-4)
   chex.assert_equal_shape([clean, corrupted, recon])
   # Uncorrupted pixels of the corrupted view are the clean view's, in the same colours.
