@@ -12,6 +12,12 @@ validation split, then the test split is scored: mean and standard deviation ove
 Train, validation and test features are extracted once and cached in DIR/feature_cache (or
 config.feature_cache) for later runs on the same checkpoint.
 Results: DIR/results.json ('fewshot': per shot count test mean/std, chosen l2, validation).
+
+Where it departs from big_vision's fewshot_lsr.py: the features are l2-normalised (big_vision
+standardises each dimension with the drawn shots' mean and std and adds a bias feature of 100);
+l2 is chosen on validation (big_vision fixes it, 2^10 in its configs); each shot count draws
+its own examples (big_vision takes the first n of one permutation per class and seed); 5 draws
+(big_vision's default 3). Its figures are therefore not big_vision's.
 """
 from configs import common, transfer_common as tc
 

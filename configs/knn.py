@@ -8,9 +8,18 @@ The train, validation and test splits go through the frozen backbone once (evalu
 and are cached in DIR/feature_cache (config.feature_cache: a shared path, or 'off'), so a later
 run on the same checkpoint and splits reuses them; the train features form a bank split over
 the devices. Every k of knn.k comes from one neighbour search; k is chosen on the validation
-split and the test split is scored at it (results.json 'by_k' has every k on both). With baselines=True (on for runlocal) the same k-NN also runs on
-the raw pixels (the flattened normalised eval images) and on the backbone at random init
-(results.json 'baselines'). Results: DIR/results.json (top1, top5), DIR/tsne.png.
+split and the test split is scored at it (results.json 'by_k' has every k on both). With
+baselines=True (on for runlocal) the same k-NN also runs on the raw pixels (the flattened
+normalised eval images) and on the backbone at random init (results.json 'baselines').
+Results: DIR/results.json (top1, top5), DIR/tsne.png.
+
+As DINO's eval_knn.py: the CLS token after the final norm, l2-normalised; the evaluation view
+of every split (the train bank unaugmented): the central 87.5% square, bicubic, i.e. Resize(256)
++ CenterCrop(224); weights exp(similarity / T). Where it departs: k is chosen on validation
+(DINO reports k = 20: results.json by_k['20']); on ImageNet the bank is train[:99%] (1% held out
+to choose k); the student is read unless --config.init_weights=teacher (DINO reads the
+teacher); features are computed in model.dtype, bfloat16 (DINO: float32,
+--config.model.dtype=float32).
 """
 from configs import common, transfer_common as tc
 

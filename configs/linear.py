@@ -14,6 +14,16 @@ Without caching every step crops and flips on the host and runs the frozen backb
 SGD protocol). With baselines=True (on for runlocal) the same probe also runs on the raw
 pixels and on the backbone at random init: results.json 'baselines'.
 Results: DIR/results.json (top1, top5), DIR/tsne.png.
+
+The ImageNet row is DINO's eval_linear.py (CLS of the last 4 blocks, each through the final
+norm, for ViT-S; SGD momentum 0.9, lr scaled by batch / 256, no weight decay, cosine, 100
+epochs; RandomResizedCrop + flip; centre-crop evaluation) except: the features are standardised
+with fixed statistics (linear.normalize_features; DINO feeds them raw) and base_lr 0.02 is for
+standardised features (DINO's default is 0.001, which it advises tuning per checkpoint): DINO's
+own settings are --config.linear.normalize_features=False --config.optim.base_lr=0.001. The
+cosine runs per step to optim.min_lr, crops are bicubic (DINO: bilinear), and the final epoch
+is scored (DINO logs the best test accuracy over epochs). For ViT-B DINO reads one block and
+the mean patch token: linear.py:last_blocks=1 --config.head.features=cls+mean.
 """
 from configs import common, transfer_common as tc
 

@@ -27,6 +27,11 @@ from configs import common, transfer_common as tc
 # last block; 40k iterations at batch 16 for ADE20K at 512 px); only digit_canvas was tuned
 # here, on its validation split, where the linear head wants a rate 64x the light head's
 # (benchmarks/learning.md, "Dense features"): seg.lr_scales brackets each rate.
+# Where it departs from DINOv2's (mmsegmentation) protocol, so that its mIoU is not DINOv2's:
+# the whole image is squashed to image_size and scored there (DINOv2: short side 512, sliding
+# 512 px windows, scored at the original resolution); training crops are random resized crops
+# of that square with flips, no photometric distortion; the head has no BatchNorm on the tokens;
+# cosine decay after warmup (DINOv2: 1,500 warmup iterations, then linear decay to 0).
 RECIPES = {
     "oxford_iiit_pet": dict(image_size=224, steps=5000, batch=32,
                             base_lr=dict(linear=8e-3, mlp=8e-3), classes=3),
