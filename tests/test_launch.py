@@ -25,7 +25,7 @@ def _stand_ins(tmp_path, scripts: dict) -> dict:
   return env
 
 
-def _sbatch(tmp_path, cwd):
+def _sbatch(tmp_path, cwd, workdir=None, check=True):
   env = _stand_ins(tmp_path, {
       # A pause between the names: a reader that stops after the first one breaks the pipe.
       "scontrol": "echo node001; sleep 0.2; echo node002\n",
@@ -35,8 +35,8 @@ def _sbatch(tmp_path, cwd):
              SLURM_NTASKS_PER_NODE="8", SLURM_CPUS_PER_TASK="12")
   return subprocess.run(
       ["bash", os.path.join(REPO, "launch", "slurm_gpu.sbatch"), "configs/sit_vits.py",
-       str(tmp_path / "run"), "--config.total_steps=10"],
-      cwd=cwd, env=env, capture_output=True, text=True, check=True)
+       workdir or str(tmp_path / "run"), "--config.total_steps=10"],
+      cwd=cwd, env=env, capture_output=True, text=True, check=check)
 
 
 def test_slurm_job_runs_main_on_every_task_with_the_gpu_flags(tmp_path):
@@ -57,6 +57,22 @@ def test_slurm_job_submitted_elsewhere_says_the_gpu_flags_are_missing(tmp_path):
   out = _sbatch(tmp_path, str(tmp_path))
   assert "XLA_FLAGS=\n" in out.stdout
   assert "no launch/gpu_xla_flags.sh" in out.stderr and "repository root" in out.stderr
+
+
+def test_slurm_job_with_a_gs_workdir_makes_no_local_folder(tmp_path):
+  """`mkdir -p gs://bucket/run` made the folders gs:/bucket/run in the submission directory."""
+  out = _sbatch(tmp_path, str(tmp_path), workdir="gs://bucket/run")
+  assert "ARG --workdir=gs://bucket/run" in out.stdout
+  assert not (tmp_path / "gs:").exists()
+
+
+def test_slurm_script_outside_a_job_says_how_to_submit_it(tmp_path):
+  env = _stand_ins(tmp_path, {})
+  out = subprocess.run(["bash", os.path.join(REPO, "launch", "slurm_gpu.sbatch"),
+                        "configs/sit_vits.py", str(tmp_path / "run")],
+                       env=env, capture_output=True, text=True)
+  assert out.returncode == 2 and out.stderr == (
+      "slurm_gpu.sbatch: not in a SLURM job: submit it with sbatch (or run it inside salloc).\n")
 
 
 def test_tpu_vm_starts_the_same_command_on_every_worker(tmp_path):
