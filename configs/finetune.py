@@ -20,8 +20,9 @@ from configs import common, transfer_common as tc
 # pretraining, not tuned on each dataset: epochs, global batch, base lr (per 256), layer decay.
 # base_lr is per 256 images, DeiT's and the SiT authors' 5e-4 per 512: 2.5e-4 here, the small
 # datasets' rate. The ImageNet row is BEiT/MAE's fine-tuning after pretraining (5e-4 per 256,
-# twice DeiT's rate, with layer decay 0.75, for 100 epochs), not DeiT's 300 epochs from scratch
-# without layer decay. Neither DeiT's repeated augmentation nor its model EMA is implemented
+# twice DeiT's rate, for 100 epochs), not DeiT's 300 epochs from scratch; every row has BEiT's
+# layer decay, which DeiT and the SiT authors do not use (--config.optim.layer_decay=1 turns it
+# off). Neither DeiT's repeated augmentation nor its model EMA is implemented
 # (DeiT and the SiT authors score the model itself, not the EMA); warmup starts at 0 (DeiT
 # 1e-6) and the cosine ends at optim.min_lr 1e-6 (DeiT 1e-5, then 10 cool-down epochs). The
 # final model is scored; DeiT and the SiT authors print the best test accuracy over epochs.
