@@ -154,9 +154,10 @@ fi
 # The TPU images run Ubuntu 22.04, whose python3 is 3.10; sit_jax and jax need 3.11 or newer,
 # so each worker gets a Python 3.12 virtual environment from uv. jax[tpu] and sit_jax in one
 # install, so that jax and libtpu come at the versions sit_jax admits; [gcs] reads and writes
-# the gs:// workdir.
+# the gs:// workdir. --allow-existing: on a TPU set up before (--existing), uv refuses to make
+# the environment again.
 on_all "curl -LsSf https://astral.sh/uv/install.sh | sh \
-        && ~/.local/bin/uv venv --quiet --python 3.12 --seed ~/sit_venv \
+        && ~/.local/bin/uv venv --quiet --python 3.12 --seed --allow-existing ~/sit_venv \
         && ~/.local/bin/uv pip install --quiet --python ~/sit_venv/bin/python \
              -e \"\$HOME/sit_jax[gcs]\" 'jax[tpu]>=0.10.2,<0.12'"
 

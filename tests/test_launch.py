@@ -76,8 +76,9 @@ def test_slurm_script_outside_a_job_says_how_to_submit_it(tmp_path):
 
 
 def test_tpu_vm_starts_the_same_command_on_every_worker(tmp_path):
-  """The command that gcloud ssh hands each worker's shell, run by bash in a stand-in home:
-  main gets every flag intact (a quote included) and its exit status lands in ~/sit_jax.rc."""
+  """The commands that gcloud ssh hands each worker's shell, run by bash in a stand-in home:
+  main gets every flag intact (a quote included) and its exit status lands in ~/sit_jax.rc;
+  the set-up runs again on a worker set up before."""
   commands = tmp_path / "commands"
   env = _stand_ins(tmp_path, {"gcloud": f"""
 for a in "$@"; do case "$a" in --command=*) printf '%s\\0' "${{a#--command=}}" >> {commands};; esac; done
@@ -105,6 +106,27 @@ for a in "$@"; do case "$a" in --command=*) printf '%s\\0' "${{a#--command=}}" >
   assert (home / "sit_jax.log").read_text().splitlines() == [
       "ARG -m", "ARG sit_jax.main", "ARG --config=configs/sit_vits.py:fsdp",
       "ARG --workdir=gs://bucket/run", "ARG --config.data.data_dir=gs://b/it's here"]
+
+  # The set-up, twice on the same worker (a second launch with --existing): uv (0.8 on) refuses
+  # to make a virtual environment where one exists unless told to keep or clear it.
+  install = next(c for c in commands.read_text().split("\0") if "uv venv" in c)
+  uv = home / ".local" / "bin" / "uv"
+  uv.parent.mkdir(parents=True)
+  uv.write_text("""#!/usr/bin/env bash
+if [ "$1" = venv ]; then
+  venv="${@: -1}"
+  if [ -d "$venv" ] && [[ " $* " != *" --allow-existing "* && " $* " != *" --clear "* ]]; then
+    echo "error: A virtual environment already exists at: $venv" >&2; exit 2
+  fi
+  mkdir -p "$venv"
+fi
+""")
+  uv.chmod(0o755)
+  curl = tmp_path / "bin" / "curl"
+  curl.write_text("#!/usr/bin/env bash\n")  # an install script that installs nothing
+  curl.chmod(0o755)
+  for _ in range(2):
+    subprocess.run(["bash", "-c", install], env={**env, "HOME": str(home)}, check=True)
 
 
 def test_tpu_vm_ctrl_c_lets_the_run_save_before_deleting_the_tpu(tmp_path):
