@@ -135,6 +135,9 @@ else
   create=("${GCLOUD[@]}" create "$NAME" "${WHERE[@]}" --accelerator-type="$ACCEL"
           --version="$VERSION")
   ((SPOT)) && create+=(--spot)
+  # Stopping gcloud stops its wait, not the creation.
+  trap 'echo "Stopped while TPU $NAME was being created; if it comes up, delete it with:" \
+    "${GCLOUD[*]} delete $NAME ${WHERE[*]} --quiet" >&2; exit 130' INT TERM
   "${create[@]}"
 fi
 trap cleanup EXIT

@@ -229,3 +229,31 @@ def test_tpu_vm_refuses_bad_arguments_before_creating_the_tpu(tmp_path, args, er
       env=env, capture_output=True, text=True)
   assert out.returncode == 2 and out.stderr.startswith(f"tpu_vm.sh: {error}"), out.stderr
   assert not calls.exists()
+
+
+def test_tpu_vm_ctrl_c_while_creating_says_how_to_delete_the_tpu(tmp_path):
+  """Ctrl-C stops gcloud's wait for the creation, not the creation: the launcher ended without a
+  word, and a TPU that came up later was billed until found."""
+  calls = tmp_path / "calls"
+  env = _stand_ins(tmp_path, {"gcloud": f'echo "$4" >> {calls}; [ "$4" = create ] && sleep 10\n'})
+  launcher = subprocess.Popen(
+      ["bash", os.path.join(REPO, "launch", "tpu_vm.sh"), "--name", "sit-s16", "--zone",
+       "us-central2-b", "--accelerator", "v4-32", "--config", "configs/sit_vits.py",
+       "--workdir", "gs://bucket/run"],
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      start_new_session=True)  # its own process group, as a terminal's foreground job
+  try:
+    for _ in range(200):
+      if calls.exists():
+        break
+      time.sleep(0.05)
+    os.killpg(launcher.pid, signal.SIGINT)
+    _, stderr = launcher.communicate(timeout=30)
+  finally:
+    if launcher.poll() is None:
+      os.killpg(launcher.pid, signal.SIGKILL)
+  assert launcher.returncode == 130
+  assert stderr.endswith("Stopped while TPU sit-s16 was being created; if it comes up, delete it "
+                         "with: gcloud compute tpus tpu-vm delete sit-s16 "
+                         "--zone=us-central2-b --quiet\n"), stderr
+  assert calls.read_text().split() == ["create"]
