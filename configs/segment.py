@@ -11,8 +11,9 @@ of seg.hidden channels, GELU, 1x1) -> bilinear upsampling -> per-pixel cross-ent
 ignored. Images and label maps are cropped and flipped together on device. With several
 seg.lr_scales one head per rate trains side by side on the same frozen tokens and validation
 picks the head the test split scores (--config.seg.lr_scales='(0.25,1,4)'). Datasets:
-oxford_iiit_pet (trimaps: pet, background, border), scene_parse150 (ADE20K, 150 classes; the
-TFDS validation split is the test split), a folder (--config.data.source=folder:/path
+oxford_iiit_pet (trimaps: pet, background, border), scene_parse150 (ADE20K as TFDS holds it:
+the 100 object categories of its instance masks, stuff ignored, so not the 150-class benchmark;
+TFDS's test split is ADE's validation set), a folder (--config.data.source=folder:/path
 --config.data.num_classes=N; PATH[/SPLIT]/images/X.jpg + PATH[/SPLIT]/masks/X.png), and
 embedded:digit_canvas (offline, runlocal). TFDS datasets must be built with
 --file_format=array_record (random access). Results: DIR/results.json (mIoU, pixel accuracy,
@@ -36,7 +37,7 @@ RECIPES = {
     "oxford_iiit_pet": dict(image_size=224, steps=5000, batch=32,
                             base_lr=dict(linear=8e-3, mlp=8e-3), classes=3),
     "scene_parse150": dict(image_size=512, steps=40_000, batch=16,
-                           base_lr=dict(linear=1.6e-2, mlp=1.6e-2), classes=150),
+                           base_lr=dict(linear=1.6e-2, mlp=1.6e-2), classes=100),
     "digit_canvas": dict(image_size=32, steps=600, batch=64,
                          base_lr=dict(linear=4.096, mlp=6.4e-2), classes=11),
 }

@@ -356,20 +356,45 @@ def test_frozen_pretrained_backbone_beats_random_init(tmp_path, pretrained):
 
 
 def test_tfds_label_maps(monkeypatch):
-  """Pets trimaps 1/2/3 -> 0/1/2; ADE20K 0 ("other") -> IGNORE, k -> k - 1 (read through a
-  stand-in for tfds.data_source: no dataset is prepared here)."""
+  """Pets trimaps 1/2/3 -> 0/1/2; TFDS's ADE20K masks (the instance task's 100 categories in the
+  red channel) 0 -> IGNORE, k -> k - 1 (read through a stand-in for tfds.data_source: no
+  dataset is prepared here)."""
   import tensorflow_datasets as tfds
   image = np.zeros((2, 3, 3), np.uint8)
   examples = {
       "oxford_iiit_pet": [{"image": image, "segmentation_mask": np.array(
           [[[1], [2], [3]], [[3], [2], [1]]], np.uint8)}],
       "scene_parse150": [{"image": image, "annotation": np.stack(
-          [np.array([[0, 1, 150], [2, 0, 7]], np.uint8)] * 3, axis=-1)}],
+          [np.array([[0, 1, 100], [4, 0, 150]], np.uint8)] * 3, axis=-1)}],
   }
   monkeypatch.setattr(tfds, "data_source", lambda name, **kw: examples[name])
   pets = segment_data.open_split("tfds:oxford_iiit_pet", "train[:90%]")
   assert pets.num_classes == 3 and pets.class_names == ("pet", "background", "border")
   np.testing.assert_array_equal(pets.load(0)[1], [[0, 1, 2], [2, 1, 0]])
-  ade = segment_data.open_split("tfds:scene_parse150", "validation")
-  assert ade.num_classes == 150
-  np.testing.assert_array_equal(ade.load(0)[1], [[IGNORE, 0, 149], [1, IGNORE, 6]])
+  ade = segment_data.open_split("tfds:scene_parse150", "test")
+  assert ade.num_classes == 100  # 4 is 'person' there, not ADE-150's 'floor' (index 3)
+  np.testing.assert_array_equal(ade.load(0)[1], [[IGNORE, 0, 99], [3, IGNORE, IGNORE]])
+
+  def no_such_split(name, split, **kw):
+    raise ValueError(f"Unknown split {split!r}. Should be one of ['train', 'test'].")
+  monkeypatch.setattr(tfds, "data_source", no_such_split)
+  with pytest.raises(segment_data.SegmentationDataError, match="has no split 'validation'"):
+    segment_data.open_split("tfds:scene_parse150", "validation")  # not: "prepare it with"
+
+
+@pytest.mark.parametrize("dataset", ["oxford_iiit_pet", "scene_parse150"])
+def test_tfds_rows_name_splits_their_builder_makes(dataset, tmp_path):
+  """The config's splits are among those the TFDS builder's own code generates (its downloads
+  stubbed: nothing is fetched). scene_parse150 has 'train' and 'test' only."""
+  import re
+  import tensorflow_datasets as tfds
+
+  class NoDownloads:
+    def download_and_extract(self, urls):
+      return {k: str(tmp_path) for k in urls}
+
+  config = segment_config.get_config(f"dataset={dataset}")
+  builder = tfds.builder(config.data.source.removeprefix("tfds:"), data_dir=str(tmp_path))
+  made = {str(g.name) for g in builder._split_generators(NoDownloads())}
+  for key in ("train_split", "val_split", "test_split"):
+    assert re.match(r"\w+", config.data[key]).group() in made, (key, config.data[key], made)

@@ -2,7 +2,12 @@
 
 Sources (random access, so a batch is a pure function of (seed, process, step)):
   tfds:oxford_iiit_pet   trimaps: 0 pet, 1 background, 2 border (TFDS values 1, 2, 3).
-  tfds:scene_parse150    ADE20K, 150 classes; its label 0 ("other") is ignored.
+  tfds:scene_parse150    ADE20K as TFDS holds it: the Places 2017 instance-task masks, whose red
+                         channel is one of 100 object categories (1..100 -> 0..99, the lines
+                         of the task's instanceInfo100_train.txt); stuff (wall, sky, ...) and
+                         unlabelled pixels are 0, ignored. Not the 150-class scene-parsing
+                         benchmark: for that, a folder of ADEChallengeData2016 with each
+                         annotation minus 1 (0 -> 255). TFDS's 'test' split is ADE's validation.
   folder:/path           /path[/SPLIT]/images/NAME.{jpg,png,...} with /path[/SPLIT]/masks/NAME.png
                          (class index per pixel, IGNORE = 255 not scored); data.num_classes.
                          Without a SPLIT folder 'train' is the whole folder, and other
@@ -199,7 +204,8 @@ def _folder(path, split, num_classes):
 _TFDS = {
     "oxford_iiit_pet": (3, ("pet", "background", "border"),
                         lambda ex: ex["segmentation_mask"][..., 0].astype(np.int32) - 1),
-    "scene_parse150": (150, (),
+    # The instance masks' categories, not the 150 scene-parsing classes (module docstring).
+    "scene_parse150": (100, (),
                        lambda ex: ex["annotation"][..., 0].astype(np.int32) - 1),
 }
 
@@ -211,7 +217,9 @@ def _tfds(name, split, data_dir):
   import tensorflow_datasets as tfds
   try:
     source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-  except Exception as e:  # not prepared, or prepared as tfrecord
+  except Exception as e:  # no such split, not prepared, or prepared as tfrecord
+    if "Unknown split" in str(e):
+      raise SegmentationDataError(f"tfds:{name} has no split {split!r}: {e}") from e
     raise SegmentationDataError(
         f"tfds:{name} split {split!r} cannot be read by random access ({e}); prepare it with "
         f"`tfds build {name} --file_format=array_record --data_dir=...`.") from e
