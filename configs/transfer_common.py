@@ -122,7 +122,7 @@ def transfer_config(experiment: str, dataset: str) -> ml_collections.ConfigDict:
   c.model.variant = "S/16"      # random init only; a checkpoint brings its own.
   c.model.standardize_input = False  # the same.
   c.model.drop_path_rate = 0.0
-  c.model.dtype = "bfloat16"
+  c.model.dtype = "bfloat16"     # frozen features too; DINO's evaluations compute in float32.
   c.model.attention = ""
   c.model.remat = False
   c.model.recompute_gelu = False  # GELU recomputed in the backward pass (vit.Mlp): CPU.
