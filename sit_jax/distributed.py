@@ -6,6 +6,8 @@ Which processes form the job, in order of precedence:
   3. what JAX detects by itself: an OpenMPI job (mpirun), a SLURM step (srun), a Cloud TPU VM;
      an Open MPI 5 job, which it misses, through mpi4py or with JAX_COORDINATOR_ADDRESS.
 A lone process (none of the above, or a job of size 1) does not start jax.distributed at all.
+A process other than 0 with an explicit coordinator address waits for that port to open and, if
+it does not within JAX's 5 minutes, ends with one line naming the address.
 On CPU the cross-process collectives go through gloo.
 
 A process that fails ends at once (`leave`), so that the job ends instead of hanging: at a normal
@@ -17,8 +19,11 @@ gone) names it (`first_error`) instead of its own broken collective.
 from __future__ import annotations
 
 import collections
+import itertools
 import os
+import socket
 import sys
+import time
 from typing import Mapping
 
 import jax
@@ -136,6 +141,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   kwargs = resolve(coordinator_address, num_processes, process_id, os.environ, on_tpu_vm)
   if kwargs is None:
     return False
+  if kwargs.get("process_id") and "coordinator_address" in kwargs:
+    wait_for_coordinator(kwargs["coordinator_address"])
   _use_gloo_on_cpu()
   try:
     jax.distributed.initialize(**kwargs)
@@ -150,6 +157,35 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
   return True
+
+
+# As long as jax.distributed.initialize waits for the coordinator (its initialization_timeout).
+COORDINATOR_WAIT_SECONDS = 300
+
+
+def wait_for_coordinator(address: str, seconds: float | None = None):
+  """Waits until process 0's coordination service at `address` (HOST:PORT) takes connections.
+  JAX's own wait ends, after as long, in an abort with a C++ stack that blames another process
+  having died."""
+  seconds = COORDINATOR_WAIT_SECONDS if seconds is None else seconds
+  host, _, port = address.rpartition(":")
+  if not host or not port.isdigit():
+    raise ValueError(f"The coordinator address must be HOST:PORT, got {address!r}.")
+  deadline = time.monotonic() + seconds
+  for attempt in itertools.count():
+    try:
+      socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+      return
+    except OSError:
+      if attempt == 0:
+        logging.info("Waiting up to %.0f s for the coordinator at %s (process 0).", seconds,
+                     address)
+      if time.monotonic() >= deadline:
+        raise ValueError(
+            f"No coordinator at {address} after {seconds:.0f} s: process 0 of the job serves it "
+            "there. Start process 0 with the same address, or check the host and port, and "
+            "that this host can reach it on that port.") from None
+      time.sleep(1)
 
 
 def check_devices_per_process(devices):

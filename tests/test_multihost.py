@@ -1,4 +1,5 @@
 """A multi-process job whose processes do not all succeed (jax.distributed over 127.0.0.1, gloo)."""
+import socket
 import subprocess
 import sys
 import types
@@ -33,6 +34,24 @@ def test_an_error_in_one_process_ends_the_job(tmp_path):
   assert last_lines[1] == f"sit_jax: error: {missing}"
   assert last_lines[0].startswith(f"sit_jax: error: process 1 of 2 failed: {missing} (this "
                                   "process then: ")
+
+
+def test_a_process_without_its_coordinator_ends_with_one_line(monkeypatch):
+  """Process 1 whose coordinator is not there (process 0 not started, a wrong host or port, a
+  firewall) waited 5 minutes in jax.distributed.initialize, then aborted with a C++ stack that
+  blamed another process having died. It now waits as long for the port, then ends with one
+  line naming the address."""
+  monkeypatch.setattr(distributed, "COORDINATOR_WAIT_SECONDS", 0.2)
+  monkeypatch.setattr(jax.distributed, "initialize",
+                      lambda **kwargs: pytest.fail("jax waits 5 minutes, then aborts"))
+  port = _free_port()
+  with pytest.raises(ValueError, match=rf"^No coordinator at 127.0.0.1:{port} after 0 s: "
+                                       "process 0 of the job serves it there"):
+    distributed.initialize(f"127.0.0.1:{port}", 2, 1)
+  with pytest.raises(ValueError, match="must be HOST:PORT, got 'node001'"):
+    distributed.initialize("node001", 2, 1)
+  with socket.create_server(("127.0.0.1", 0)) as coordinator:
+    distributed.wait_for_coordinator(f"127.0.0.1:{coordinator.getsockname()[1]}")
 
 
 def test_processes_with_different_device_counts_are_refused():
