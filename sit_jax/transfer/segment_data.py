@@ -6,8 +6,9 @@ Sources (random access, so a batch is a pure function of (seed, process, step)):
                          channel is one of 100 object categories (1..100 -> 0..99, the lines
                          of the task's instanceInfo100_train.txt); stuff (wall, sky, ...) and
                          unlabelled pixels are 0, ignored. Not the 150-class scene-parsing
-                         benchmark: for that, a folder of ADEChallengeData2016 with each
-                         annotation minus 1 (0 -> 255). TFDS's 'test' split is ADE's validation.
+                         benchmark: for that, ADEChallengeData2016 as a folder source
+                         (SPLIT/images, SPLIT/masks holding each annotation minus 1, 0 -> 255;
+                         data.num_classes=150). TFDS's 'test' split is ADE's validation.
   folder:/path           /path[/SPLIT]/images/NAME.{jpg,png,...} with /path[/SPLIT]/masks/NAME.png
                          (class index per pixel, IGNORE = 255 not scored); data.num_classes.
                          Without a SPLIT folder 'train' is the whole folder, and other
