@@ -23,7 +23,9 @@ standardised features (DINO's default is 0.001, which it advises tuning per chec
 own settings are --config.linear.normalize_features=False --config.optim.base_lr=0.001. The
 cosine runs per step to optim.min_lr, crops are bicubic (DINO: bilinear), and the final epoch
 is scored (DINO logs the best test accuracy over epochs). For ViT-B DINO reads one block and
-the mean patch token: linear.py:last_blocks=1 --config.head.features=cls+mean.
+the mean patch token: linear.py:last_blocks=1 --config.head.features=cls+mean. The SiT authors'
+code (--SiT_LinearEvaluation 1) trains its heads on the frozen backbone with the fine-tuning
+recipe instead (AdamW, Mixup/CutMix, RandAugment, hundreds of epochs): another protocol.
 """
 from configs import common, transfer_common as tc
 
