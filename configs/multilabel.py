@@ -7,9 +7,14 @@
 
 VOC2007 from TFDS 'voc/2007': the image's object labels as a multi-hot target, trained on
 train, with its validation split held out to choose on, evaluated on test. runlocal uses
-embedded:digits_multilabel (the digit, odd, >= 5). mAP: mean over classes of sklearn-style AP (voc07=True: the 11-point VOC07 AP).
-Fine-tuning keeps RandAugment but no Mixup/CutMix, label smoothing or erasing (they would
-erase or blend away the labels of small objects). Results: DIR/results.json (mAP).
+embedded:digits_multilabel (the digit, odd, >= 5). mAP: mean over classes of sklearn-style AP
+(voc07=True: the 11-point VOC07 AP). Fine-tuning keeps RandAugment but no Mixup/CutMix, label
+smoothing or erasing (they would erase or blend away the labels of small objects). Results:
+DIR/results.json (mAP).
+
+Not the VOC devkit's protocol: published VOC07 figures train on trainval (here train, with
+validation held out), and the devkit leaves an image whose objects of a class are all marked
+difficult out of that class's AP, where TFDS 'labels' (read here) counts them as positives.
 """
 from configs import common, transfer_common as tc
 
