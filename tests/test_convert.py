@@ -56,6 +56,10 @@ MAKE_REFERENCE = textwrap.dedent(f"""
       cls = model.forward_features(torch.from_numpy(images.transpose(0, 3, 1, 2)))[:, 0]
     np.save(os.path.join(out, "images.npy"), images)
     np.save(os.path.join(out, "cls.npy"), cls.numpy())
+    from timm.layers import resample_abs_pos_embed
+    for side in (24, 8):  # the 14 x 14 grid up (384 px) and down (128 px)
+      resized = resample_abs_pos_embed(model.pos_embed.detach(), [side, side])
+      np.save(os.path.join(out, f"pos_embed_{{side}}.npy"), resized.numpy())
     """)
 
 # Loads argv[1] into a fresh timm ViT-S/16 with strict=True.
@@ -105,6 +109,16 @@ def test_same_cls_features_as_timm(reference, converted):
   got = jax.jit(lambda p, x: module.apply({"params": p}, x)["cls"])(params["backbone"],
                                                                        jnp.asarray(images))
   np.testing.assert_allclose(np.asarray(got), np.load(reference / "cls.npy"), atol=1e-4, rtol=0)
+
+
+def test_pos_embed_resize_is_timms(reference, converted):
+  """A backbone run at another resolution resizes its position embedding as timm does
+  (resample_abs_pos_embed: bicubic, antialiased when shrinking)."""
+  params, _ = checkpoint.load_backbone(converted)
+  for side in (24, 8):
+    np.testing.assert_allclose(
+        np.asarray(vit.resize_pos_embed(jnp.asarray(params["backbone"]["pos_embed"]), (side, side))),
+        np.load(reference / f"pos_embed_{side}.npy"), atol=1e-5, rtol=0)
 
 
 def test_round_trip_is_exact_and_timm_loads_it(reference, converted, tmp_path):

@@ -83,6 +83,8 @@ def resize_pos_embed(pos_embed: jax.Array, new_grid: tuple[int, int],
                      num_prefix_tokens: int = 1) -> jax.Array:
   """Bicubically resizes a (1, prefix + h*w, D) position embedding to a new patch grid.
 
+  As timm's resample_abs_pos_embed: Keys' cubic (a = -0.5), antialiased when shrinking.
+
   The prefix (CLS) embedding is kept as is. A square old grid is assumed, as in every ViT checkpoint.
   """
   prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
