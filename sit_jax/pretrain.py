@@ -134,8 +134,8 @@ def rows_to_views(rows, num_views: int = 2):
 
 
 def step_keys(rng, step):
-  """(augmentation, mask, dropout) keys of the step from `step`: its views and GMML mask are
-  drawn with them, and its pictures draw the same ones again."""
+  """(augmentation, mask, dropout) keys of the step taken at state.step == `step`: the step
+  draws its views and GMML mask with them, and the pictures of that step draw the same again."""
   return jax.random.split(jax.random.fold_in(rng, step), 3)
 
 
