@@ -145,9 +145,10 @@ class _HostData:
   # tf engine: the builder and this host's split.
   builder: object = None
   host_split: object = None
-  # local index -> the example's position in the split (one process: the same), so that what
-  # the hosts evaluate can be put back in the split's order whatever the number of processes.
-  position: Callable[[int], int] = _Strided(0, 1)
+  # local index (tf engine: the record's tfds_id) -> the example's position in the split, so
+  # that what the hosts evaluate can be put back in the split's order whatever the number of
+  # processes.
+  position: Callable = _Strided(0, 1)
 
 
 def _parse_source(source: str, split: Optional[str]):

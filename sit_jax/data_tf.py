@@ -9,6 +9,7 @@ how resuming works.
 import dataclasses
 import functools
 import operator
+import os
 
 import numpy as np
 import tensorflow as tf
@@ -30,12 +31,14 @@ _hide_accelerators_from_tf()
 _AUTOTUNE = tf.data.AUTOTUNE
 
 
-def _read(builder, split, name):
-  """The split's records in a fixed order, images still encoded."""
+def _read(builder, split, name, with_ids=False):
+  """The split's records in a fixed order, images still encoded; `with_ids`: each with its
+  'tfds_id' (shard file and place in it). The order interleaves blocks of 16 records of 16
+  shards at a time: not the split's order once a shard holds more than 16 records."""
   try:
     return builder.as_dataset(
         split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()},
-        read_config=tfds.ReadConfig(interleave_cycle_length=16))
+        read_config=tfds.ReadConfig(interleave_cycle_length=16, add_tfds_id=with_ids))
   except AssertionError:  # tfds' "could not find data": never generated
     if not builder.is_prepared():
       raise data._not_prepared(builder, name, engine="tf") from None
@@ -62,35 +65,38 @@ def host_data(builder, name, split, p, P, num_classes, multilabel):
   several parts have a remainder) and a host's share can be empty (a part smaller than P)."""
   parts = split.split("+")
   sizes = tuple(_size(builder, part, name) for part in parts)
-  share, largest = _EvenSplits(sizes, p, P), _EvenSplits(sizes, 0, P)
+  share = lambda host: sum(m // P + (host < m % P) for m in sizes)
   host_split = split
   if P > 1:
     host_split = functools.reduce(operator.add, [tfds.even_splits(part, P)[p] for part in parts])
   info = data.DatasetInfo(sum(sizes), num_classes, f"tfds:{name}/{split}", multilabel=multilabel,
                           root=f"tfds:{name}", indices=data._tfds_examples(builder, split))
-  return data._HostData(info, sum(share.chunks()), sum(largest.chunks()), builder=builder,
-                        host_split=host_split, position=share)
+  return data._HostData(info, share(p), share(0), builder=builder, host_split=host_split,
+                        position=_RecordPositions(builder, split))
 
 
 @dataclasses.dataclass(frozen=True)
-class _EvenSplits:
-  """Position in the split of host p's j-th example when it reads tfds.even_splits(part, P)[p]
-  of each part in turn: a contiguous chunk of each, the first m % P hosts one example more."""
-  sizes: tuple
-  p: int
-  P: int
+class _RecordPositions:
+  """A record's tfds_id -> its position in the split: its parts in turn, each in shard order,
+  as the grain engine's data source numbers them, whatever order tf.data reads them in."""
+  builder: object
+  split: str
 
-  def chunks(self) -> list[int]:
-    """Host p's number of examples of each part."""
-    return [m // self.P + (self.p < m % self.P) for m in self.sizes]
+  @functools.cached_property
+  def _shards(self) -> dict:
+    """Shard file name -> [(first record read, records read, position of the first)]."""
+    shards, offset = {}, 0
+    for f in self.builder.info.splits[self.split].file_instructions:
+      shards.setdefault(os.path.basename(f.filename), []).append((f.skip, f.take, offset))
+      offset += f.take
+    return shards
 
-  def __call__(self, j: int) -> int:
-    offset = 0
-    for m, chunk in zip(self.sizes, self.chunks()):
-      if j < chunk:
-        return offset + self.p * (m // self.P) + min(self.p, m % self.P) + j
-      j, offset = j - chunk, offset + m
-    raise IndexError(j)
+  def __call__(self, tfds_id: bytes) -> int:
+    shard, _, record = tfds_id.decode().rpartition("__")
+    for skip, take, offset in self._shards[shard]:
+      if skip <= int(record) < skip + take:
+        return offset + int(record) - skip
+    raise KeyError(tfds_id)
 
 
 def _numpy_elements(ds, builder, fn, specs):
@@ -118,7 +124,8 @@ def _numpy_elements(ds, builder, fn, specs):
     for a, (shape, _) in zip(arrays, specs):
       a.set_shape(shape)
     label.set_shape(label_shape)
-    return dict(ok=ok, arrays=tuple(arrays), label=label, _pos=pos)
+    return dict(ok=ok, arrays=tuple(arrays), label=label, _pos=pos,
+                **({"_id": ex["tfds_id"]} if "tfds_id" in ex else {}))
 
   return ds.map(element, num_parallel_calls=_AUTOTUNE, deterministic=True).filter(
       lambda ex: ex["ok"])
@@ -170,7 +177,7 @@ def eval_batches(d, *, b, size, view):
   label_shape = (d.info.num_classes,) if d.info.multilabel else ()
   pending = iter(())  # a host whose share is empty (tfds cannot read it) yields padding only
   if d.n_local:
-    ds = _read(d.builder, d.host_split, d.info.name).enumerate()
+    ds = _read(d.builder, d.host_split, d.info.name, with_ids=True).enumerate()
     ds = _numpy_elements(ds, d.builder, lambda encoded, pos: (view(encoded),),
                          [((size, size, 3), np.uint8)])
     pending = iter(_options(ds.prefetch(_AUTOTUNE)).as_numpy_iterator())
@@ -182,7 +189,7 @@ def eval_batches(d, *, b, size, view):
     while nxt is not None and nxt["_pos"] < (k + 1) * b:
       slot = nxt["_pos"] - k * b
       out["image"][slot], out["label"][slot] = nxt["arrays"][0], nxt["label"]
-      out["mask"][slot], out["index"][slot] = True, d.position(int(nxt["_pos"]))
+      out["mask"][slot], out["index"][slot] = True, d.position(nxt["_id"])
       nxt = next(pending, None)
     expected = max(0, min((k + 1) * b, d.n_local) - k * b)
     yield dict(out, _skipped=expected - int(out["mask"].sum()))

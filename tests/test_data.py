@@ -584,6 +584,47 @@ def test_real_tfds_joined_split_gives_every_host_the_same_eval_batches(tiny_tfds
   assert "AutoGraph could not transform" not in caplog.text  # tf: one per read
 
 
+class SitJaxShardedImages(tfds.core.GeneratorBasedBuilder):
+  """40 + 4 examples in shards of 20 and 2: more records in a shard than the 16 of a block
+  of tf.data's interleave. Example i is a constant image of value 5*i."""
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(4, 4, 3)),
+        "label": tfds.features.ClassLabel(num_classes=2)}))
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples(range(40)),
+            "test": self._generate_examples(range(40, 44))}
+
+  def _generate_examples(self, indices):
+    for i in indices:
+      yield i, {"image": np.full((4, 4, 3), 5 * i, np.uint8), "label": i % 2}
+
+
+def test_tf_engine_eval_index_is_the_split_order_whatever_the_shards_and_hosts(tmp_path):
+  """tf.data reads 16 records of each of 16 shards in turn: `index` must still be the place in
+  the split (what grain numbers; features are sorted by it, few-shot draws pick by it), the
+  same on 1 and 3 hosts, not the order of reading."""
+  pytest.importorskip("tensorflow")
+  builder = tfds.builder("sit_jax_sharded_images", data_dir=str(tmp_path))
+  _PREPARE(builder, download_config=tfds.download.DownloadConfig(num_shards=2))
+  split = "train[5%:]+test"
+  in_order = builder.as_dataset(split=split, shuffle_files=False,
+                                read_config=tfds.ReadConfig(interleave_cycle_length=1))
+  want = [int(ex["image"][0, 0, 0]) // 5 for ex in in_order.as_numpy_iterator()]
+  assert len(want) == 42 and want != sorted(want)  # the writer shuffles
+  for count in (1, 3):
+    got = {}
+    for p in range(count):
+      for b in data.eval_iterator("tfds:sit_jax_sharded_images", split, process_index=p,
+                                  process_count=count, global_batch_size=8 * count, image_size=4,
+                                  data_dir=str(tmp_path), engine="tf"):
+        got.update(zip(b["index"][b["mask"]], np.array(b["image"][b["mask"], 0, 0, 0]) // 5))
+    assert [got[i] for i in range(42)] == want, count
+
+
 def test_engine_and_format_mismatch_says_what_to_do(tiny_tfds):
   engine, data_dir = tiny_tfds
   if engine == "tf":
