@@ -14,7 +14,8 @@ A process that fails ends at once (`leave`), so that the job ends instead of han
 exit jax.distributed's shutdown waits at a barrier (5 minutes) for the other processes, which
 meanwhile wait for the failed one in their next collective. Its error goes to the coordination
 service's key-value store, and a process ended by that failure (its collective finds the peer
-gone) names it (`first_error`) instead of its own broken collective.
+gone) names it (`first_error`) instead of its own broken collective. Every process must run the
+same config (`check_same_config`).
 """
 from __future__ import annotations
 
@@ -199,6 +200,33 @@ def check_devices_per_process(devices):
         "task is given (CUDA_VISIBLE_DEVICES, --gpus-per-task).")
 
 
+def check_same_config(config):
+  """Every process must run the same config: one started with other settings (another
+  total_steps, say) trained its devices' replica with them (another learning-rate schedule)
+  without a word, until the processes' collectives no longer matched and the job hung."""
+  import json
+
+  import numpy as np
+  from jax.experimental import multihost_utils
+
+  from sit_jax import config_check, metrics
+  text = metrics.to_json(config.to_dict(), sort_keys=True).encode()
+  lengths = multihost_utils.process_allgather(np.int32(len(text)))
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:len(text)] = np.frombuffer(text, np.uint8)
+  texts = [row[:n].tobytes() for row, n in
+           zip(multihost_utils.process_allgather(padded), lengths)]
+  other = next((p for p, t in enumerate(texts) if t != texts[0]), None)
+  if other is None:
+    return
+  first, theirs = (config_check.flatten(json.loads(texts[p])) for p in (0, other))
+  changed = [f"{key} {first.get(key, 'unset')} vs {theirs.get(key, 'unset')}"
+             for key in sorted(set(first) | set(theirs)) if first.get(key) != theirs.get(key)]
+  raise ValueError(f"Process {other} of {len(texts)} was started with other settings than "
+                   f"process 0 ({'; '.join(changed)}): start every process with the same "
+                   "command.")
+
+
 _ERRORS = "sit_jax/errors/"  # key-value directory: process index -> its error
 
 
@@ -230,10 +258,31 @@ def first_error(message: str) -> str:
           f"{message})")
 
 
+_LEFT = "sit_jax/left/"  # key-value directory: the processes other than 0 that are leaving
+# How long process 0 waits for the others to leave too (see `leave`).
+LEAVE_WAIT_SECONDS = 10
+
+
 def leave(code: int):
   """Ends this process of a multi-process job with exit status `code` at once, without
-  jax.distributed's shutdown barrier (see the module doc)."""
+  jax.distributed's shutdown barrier (see the module doc).
+
+  Process 0 serves the coordination service, and its exit aborts every process still connected
+  (SIGABRT and a C++ stack, before that process prints its own line): where all processes fail
+  together (a check every process makes alike), it waits for the others to leave first, up to
+  LEAVE_WAIT_SECONDS (which a failure of process 0 alone adds to the job's end)."""
   logging.flush()
   sys.stdout.flush()
   sys.stderr.flush()
+  client = _client()
+  try:
+    if jax.process_index() != 0:
+      client.key_value_set(f"{_LEFT}{jax.process_index()}", "")
+    else:
+      deadline = time.monotonic() + LEAVE_WAIT_SECONDS
+      while (len(client.key_value_dir_get(_LEFT)) < jax.process_count() - 1
+             and time.monotonic() < deadline):
+        time.sleep(0.05)
+  except Exception:  # pylint: disable=broad-except  (the coordinator, in process 0, is gone)
+    pass
   os._exit(code)  # pylint: disable=protected-access

@@ -129,7 +129,9 @@ def main(argv):
       aot.run(FLAGS.config, FLAGS.aot_topology)
     else:
       from sit_jax import distributed
-      distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+      if distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                                FLAGS.process_id):
+        distributed.check_same_config(FLAGS.config)
       run(FLAGS.config, FLAGS.workdir)
   except KeyboardInterrupt:
     # Inside the training loop Ctrl-C saves and stops (trainer.py); elsewhere (reading data,

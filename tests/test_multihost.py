@@ -6,6 +6,7 @@ import types
 
 import jax
 import numpy as np
+import PIL.Image
 import pytest
 
 from sit_jax import distributed, experiment, sharding
@@ -13,27 +14,52 @@ from sit_jax import distributed, experiment, sharding
 from test_multiprocess import REPO, _env, _free_port, _wait
 
 
-def test_an_error_in_one_process_ends_the_job(tmp_path):
-  """Process 1 cannot read its data: it ends with its one line at once instead of waiting at
-  jax.distributed's shutdown barrier, and process 0, whose next collective then fails, ends too
-  and names process 1's error (both used to wait for each other until killed)."""
+def _two_processes(tmp_path, flags, cwds=(REPO, REPO)):
+  """Processes 0 and 1 of a job, each started in its directory with `flags` and its own
+  (index -> list); their exit statuses and last lines on stderr."""
   if getattr(jax.config, "jax_cpu_collectives_implementation", None) is None:
     pytest.skip("this jax has no CPU cross-process collectives")
   port = _free_port()
-  sources = ["embedded:digits", f"folder:{tmp_path / 'not_mounted'}"]
   procs = [subprocess.Popen(
       [sys.executable, "-m", "sit_jax.main", "--config=configs/sit_vits.py:runlocal",
-       f"--workdir={tmp_path / 'run'}", f"--config.data.source={source}",
+       f"--workdir={tmp_path / 'run'}", *flags[i],
        f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-      cwd=REPO, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for i, source in enumerate(sources)]
+      cwd=cwds[i], env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
   outputs = _wait(procs, timeout=90)
-  assert [p.returncode for p in procs] == [1, 1], [err[-2000:] for _, err in outputs]
-  missing = f"image folder '{tmp_path / 'not_mounted'}' does not exist"
-  last_lines = [err.strip().splitlines()[-1] for _, err in outputs]
+  codes = [p.returncode for p in procs]
+  assert codes == [1, 1], [err[-2000:] for _, err in outputs]
+  return [err.strip().splitlines()[-1] for _, err in outputs]
+
+
+def test_an_error_in_one_process_ends_the_job(tmp_path):
+  """Process 1 cannot read its data (the folder is not mounted on its host): it ends with its
+  one line at once instead of waiting at jax.distributed's shutdown barrier, and process 0,
+  whose next collective then fails, ends too and names process 1's error (both used to wait
+  for each other until killed)."""
+  hosts = [tmp_path / "host0", tmp_path / "host1"]
+  (hosts[0] / "images").mkdir(parents=True)
+  hosts[1].mkdir()
+  pixels = np.random.default_rng(0).integers(0, 256, (64, 16, 16, 3), np.uint8)
+  for i, image in enumerate(pixels):
+    PIL.Image.fromarray(image).save(hosts[0] / "images" / f"{i}.png")
+  same = ["--config.data.source=folder:images"]
+  last_lines = _two_processes(tmp_path, [same, same], cwds=hosts)
+  missing = "image folder 'images' does not exist"
   assert last_lines[1] == f"sit_jax: error: {missing}"
   assert last_lines[0].startswith(f"sit_jax: error: process 1 of 2 failed: {missing} (this "
                                   "process then: ")
+
+
+def test_processes_started_with_other_settings_are_refused(tmp_path):
+  """Process 1 started with another total_steps trained its replica on another learning-rate
+  schedule without a word, until the processes' collectives no longer matched (process 1
+  saving its last step while process 0 trained on) and the job hung until killed."""
+  last_lines = _two_processes(tmp_path, [["--config.total_steps=6"],
+                                         ["--config.total_steps=4"]])
+  assert last_lines == ["sit_jax: error: Process 1 of 2 was started with other settings than "
+                        "process 0 (total_steps 6 vs 4): start every process with the same "
+                        "command."] * 2
 
 
 def test_a_process_without_its_coordinator_ends_with_one_line(monkeypatch):
