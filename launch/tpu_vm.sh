@@ -34,7 +34,8 @@ Options:
   --keep               do not delete the TPU at the end (or on Ctrl-C: the run goes on)
   --detach             start the run and return; the TPU is kept (follow the log with
                        gcloud compute tpus tpu-vm ssh NAME --zone ZONE --worker=0
-                       --command 'tail -f ~/sit_jax.log')
+                       --command 'tail -f ~/sit_jax.log'; stop the run, which saves its
+                       step, with ... --worker=all --command 'kill -TERM $(cat ~/sit_jax.pid)')
   -h, --help           this message
 EOF
 }
@@ -98,6 +99,7 @@ WHERE=(--zone="$ZONE")
 [[ -n "$PROJECT" ]] && WHERE+=(--project="$PROJECT")
 
 on_all() { "${GCLOUD[@]}" ssh "$NAME" "${WHERE[@]}" --worker=all --command="$1"; }
+on_worker0() { "${GCLOUD[@]}" ssh "$NAME" "${WHERE[@]}" --worker=0 --command="$1"; }
 
 # Run on every worker when the launcher is stopped (Ctrl-C) while the run goes on and the TPU is
 # to be deleted: SIGTERM to main, which saves the current step (as on a preemption; JAX makes
@@ -144,6 +146,18 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # 2. sit_jax on every worker. -------------------------------------------------------------------
+# A run started there before (--detach) may go on: a second one would replace its code, log and
+# pid file, then fail on the busy TPU.
+if ((EXISTING)); then
+  on_worker0 'pid=$(cat ~/sit_jax.pid 2>/dev/null) && [ ! -s ~/sit_jax.rc ] \
+    && kill -0 "$pid" 2>/dev/null && exit 3 || exit 0' && status=0 || status=$?
+  if ((status == 3)); then
+    echo "A run is going on on TPU $NAME: follow it with ${GCLOUD[*]} ssh $NAME ${WHERE[*]}" \
+         "--worker=0 --command='tail -f ~/sit_jax.log', or stop it (it saves its step) with" \
+         "... --worker=all --command='kill -TERM \$(cat ~/sit_jax.pid)', then launch again." >&2
+    exit 1
+  fi
+fi
 if [[ -n "$REPO" ]]; then
   on_all "rm -rf ~/sit_jax && git clone --depth=1 --branch='$REF' '$REPO' ~/sit_jax"
 else
@@ -184,7 +198,6 @@ if ((DETACH)); then
 fi
 
 # 4. Worker 0's log until the run ends, then its exit status. ----------------------------------
-on_worker0() { "${GCLOUD[@]}" ssh "$NAME" "${WHERE[@]}" --worker=0 --command="$1"; }
 # ssh's own failures end it with 255 too (a dropped connection, a laptop that slept, a preempted
 # TPU): the run has ended only when worker 0 holds its exit status, else the launcher reconnects.
 log_lines="+1"  # the whole log; after a reconnection its last lines

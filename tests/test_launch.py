@@ -257,3 +257,31 @@ def test_tpu_vm_ctrl_c_while_creating_says_how_to_delete_the_tpu(tmp_path):
                          "with: gcloud compute tpus tpu-vm delete sit-s16 "
                          "--zone=us-central2-b --quiet\n"), stderr
   assert calls.read_text().split() == ["create"]
+
+
+def test_tpu_vm_existing_refuses_to_start_over_a_going_run(tmp_path):
+  """--existing on a TPU whose run (started with --detach) goes on started a second run beside
+  it: its set-up replaced the first run's code, its log and pid file replaced the first's (which
+  could then no longer be stopped with a save), and it failed on the busy TPU."""
+  home, calls = tmp_path / "home", tmp_path / "calls"
+  home.mkdir()
+  (home / "sit_jax.pid").write_text(f"{os.getpid()}\n")  # a live process: the run
+  env = _stand_ins(tmp_path, {"gcloud": f"""
+for a in "$@"; do case "$a" in --command=*) cmd="${{a#--command=}}";; esac; done
+case "${{cmd:-}}" in
+  *"kill -0"*) echo check >> {calls}; HOME={home} exec bash -c "$cmd" ;;
+  *) echo "$4" >> {calls} ;;
+esac
+"""})
+  launch = ["bash", os.path.join(REPO, "launch", "tpu_vm.sh"), "--name", "sit-s16", "--zone",
+            "us-central2-b", "--accelerator", "v4-32", "--config", "configs/sit_vits.py",
+            "--workdir", "gs://bucket/run", "--existing"]
+  out = subprocess.run(launch, env=env, capture_output=True, text=True)
+  assert out.returncode == 1 and out.stderr.startswith("A run is going on on TPU sit-s16: "), (
+      out.stderr)
+  assert calls.read_text().split() == ["check"]
+  (home / "sit_jax.rc").write_text("0\n")  # that run ended: a new one starts
+  calls.unlink()
+  out = subprocess.run(launch, env=env, capture_output=True, text=True)
+  assert out.returncode == 0 and "Done." in out.stdout, out.stderr
+  assert calls.read_text().split()[:2] == ["check", "scp"]
