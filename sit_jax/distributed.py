@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import json
 import os
 import socket
 import sys
@@ -28,6 +29,7 @@ import time
 from typing import Mapping
 
 import jax
+import numpy as np
 from absl import logging
 
 
@@ -204,9 +206,6 @@ def check_same_config(config):
   """Every process must run the same config: one started with other settings (another
   total_steps, say) trained its devices' replica with them (another learning-rate schedule)
   without a word, until the processes' collectives no longer matched and the job hung."""
-  import json
-
-  import numpy as np
   from jax.experimental import multihost_utils
 
   from sit_jax import config_check, metrics
