@@ -585,22 +585,28 @@ def _host_data(source, split, data_dir, p, P, engine="grain"):
   return _tfds(name, split, data_dir, p, P, engine)
 
 
-def shared_examples(a: DatasetInfo, b: DatasetInfo) -> int:
+def shared_examples(a, b) -> int:
   """How many examples two splits of one dataset have in common (0 where a TFDS dataset's
-  metadata has no split sizes)."""
+  metadata has no split sizes). a, b: DatasetInfo, or anything with its `root` and `indices`
+  (segment_data.SegmentationData)."""
   if not a.root or a.root != b.root or a.indices is None or b.indices is None:
     return 0
   return len(np.intersect1d(a.indices, b.indices))
 
 
-def check_held_out(train: DatasetInfo, held_out: DatasetInfo, train_key: str, held_out_key: str):
-  """A held-out split must share no example with the training split, and a folder split must
-  have the training split's class folders, so that label i names the same class in both."""
+def check_disjoint(train, held_out, train_key: str, held_out_key: str):
+  """A held-out split must share no example with the training split (`shared_examples`)."""
   shared = shared_examples(train, held_out)
   if shared:
     raise DataError(f"{held_out_key} ({held_out.name}) holds {shared} of the {train.num_examples} "
                     f"images of {train_key} ({train.name}): make them disjoint slices, e.g. "
                     f"'train[:90%]' and 'train[90%:]'.")
+
+
+def check_held_out(train: DatasetInfo, held_out: DatasetInfo, train_key: str, held_out_key: str):
+  """A held-out split must share no example with the training split, and a folder split must
+  have the training split's class folders, so that label i names the same class in both."""
+  check_disjoint(train, held_out, train_key, held_out_key)
   if train.classes and not held_out.classes:  # its images would all have label -1
     raise DataError(f"{held_out.name} ({held_out_key}) has no class folders, {train.name} "
                     f"({train_key}) has {len(train.classes)}: put its images in the same "

@@ -3,6 +3,7 @@ corrupt files and error messages. Nothing here downloads: embedded digits, image
 tmp_path, and tfds.testing.mock_data."""
 import collections
 import io
+import itertools
 import os
 import re
 
@@ -768,3 +769,21 @@ def test_real_tfds_held_out_slices_share_no_example(tiny_tfds):
   data.check_held_out(info("train"), info("test"), "train", "test")
   with pytest.raises(data.DataError, match="holds 4 of the 25"):
     data.check_held_out(info("train+test"), info("test"), "train", "test")
+
+
+def test_segmentation_held_out_splits_share_no_example(tmp_path):
+  """A segmentation run's validation and test splits are held out from its train split as a
+  classification run's are: overlapping slices are refused before any work, the runlocal
+  splits pass."""
+  from configs import segment as segment_config
+  from sit_jax.transfer import segment, segment_data
+  config = segment_config.get_config("runlocal")
+  config.init, config.total_steps = "", 1
+  config.data.val_split = "train[70%:]"  # 150 of train[:80%]'s 1200 canvases
+  with pytest.raises(data.DataError, match=r"data.val_split \(embedded:digit_canvas/train"
+                     r"\[70%:\]\) holds 150 of the 1200 images of data.train_split"):
+    segment.run(config, str(tmp_path))
+  splits = [segment_data.open_split("embedded:digit_canvas", s)
+            for s in ("train[:80%]", "train[80%:]", "test")]
+  for a, b in itertools.combinations(splits, 2):
+    data.check_disjoint(a, b, a.name, b.name)

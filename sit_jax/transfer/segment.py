@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sit_jax import optim, sharding
+from sit_jax import data, optim, sharding
 from sit_jax.transfer import common, segment_data, supervised
 
 
@@ -256,6 +256,9 @@ def run(config, workdir: str) -> dict:
     open_split = functools.partial(segment_data.open_split, d.source,
                                    data_dir=d.data_dir or None, num_classes=d.num_classes)
     train, val, test = (open_split(s) for s in (d.train_split, d.val_split, d.test_split))
+    data.check_disjoint(train, val, "data.train_split", "data.val_split")
+    data.check_disjoint(train, test, "data.train_split", "data.test_split")
+    data.check_disjoint(val, test, "data.val_split", "data.test_split")
     num_classes = train.num_classes
 
     backbone = common.load_backbone(config, image_size=size, drop_path_rate=0.0)

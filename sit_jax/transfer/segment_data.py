@@ -57,6 +57,10 @@ class SegmentationData:
   num_examples: int
   load: Callable[[int], tuple[np.ndarray, np.ndarray]]  # i -> (uint8 (H, W, 3), uint8 (H, W))
   class_names: tuple[str, ...] = ()
+  # As data.DatasetInfo's: what the split reads and which of its examples, so that
+  # data.check_disjoint sees slices that overlap.
+  root: str = ""
+  indices: np.ndarray | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,11 +162,13 @@ def _embedded(name, split):
   if name not in datasets:
     raise SegmentationDataError(f"Unknown embedded segmentation dataset {name!r}; available: "
                                 f"{sorted(datasets)}.")
-  images, labels = datasets[name](split.partition("[")[0])
+  base = split.partition("[")[0]
+  images, labels = datasets[name](base)
   _, keep = _slice(split, len(labels))
   return SegmentationData(f"embedded:{name}/{split}", 11, len(keep),
                           lambda i: (images[keep[i]], labels[keep[i]]),
-                          ("background",) + tuple(str(d) for d in range(10)))
+                          ("background",) + tuple(str(d) for d in range(10)),
+                          root=f"embedded:{name}/{base}", indices=keep)
 
 
 def _folder(path, split, num_classes):
@@ -198,7 +204,8 @@ def _folder(path, split, num_classes):
           f"data.num_classes, or map the value to {IGNORE}.")
     return image, labels
 
-  return SegmentationData(f"folder:{path}/{split}", num_classes, len(keep), load)
+  return SegmentationData(f"folder:{path}/{split}", num_classes, len(keep), load, root=root,
+                          indices=keep)
 
 
 # TFDS datasets: number of classes, class names, and the label map of an example.
@@ -232,7 +239,9 @@ def _tfds(name, split, data_dir):
     return (np.asarray(ex["image"], np.uint8),
             np.where((labels < 0) | (labels >= num_classes), IGNORE, labels).astype(np.uint8))
 
-  return SegmentationData(f"tfds:{name}/{split}", num_classes, len(source), load, names)
+  return SegmentationData(f"tfds:{name}/{split}", num_classes, len(source), load, names,
+                          root=f"tfds:{name}", indices=data._tfds_examples(
+                              tfds.builder(name, data_dir=data_dir), split))
 
 
 def open_split(source: str, split: str, data_dir: str | None = None,
