@@ -145,9 +145,9 @@ class _HostData:
   # tf engine: the builder and this host's split.
   builder: object = None
   host_split: object = None
-  # local index (tf engine: the record's tfds_id) -> the example's position in the split, so
-  # that what the hosts evaluate can be put back in the split's order whatever the number of
-  # processes.
+  # local index (tf engine: the record's tfds_id, place read) -> the example's position in the
+  # split, so that what the hosts evaluate can be put back in the split's order whatever the
+  # number of processes.
   position: Callable = _Strided(0, 1)
 
 

@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import operator
 import os
+from typing import Optional
 
 import numpy as np
 import tensorflow as tf
@@ -83,15 +84,24 @@ class _RecordPositions:
   split: str
 
   @functools.cached_property
-  def _shards(self) -> dict:
-    """Shard file name -> [(first record read, records read, position of the first)]."""
+  def _shards(self) -> Optional[dict]:
+    """Shard file name -> [(first record read, records read, position of the first)]; None
+    where the metadata has no split sizes (tfds.testing.mock_data)."""
+    try:
+      instructions = self.builder.info.splits[self.split].file_instructions
+    except (KeyError, ValueError, TypeError, AssertionError):
+      return None
     shards, offset = {}, 0
-    for f in self.builder.info.splits[self.split].file_instructions:
+    for f in instructions:
       shards.setdefault(os.path.basename(f.filename), []).append((f.skip, f.take, offset))
       offset += f.take
     return shards
 
-  def __call__(self, tfds_id: bytes) -> int:
+  def __call__(self, tfds_id: bytes, read: int) -> int:
+    """`read`: the record's place in this host's reading order, the position where the
+    metadata cannot tell it (exact on one process)."""
+    if self._shards is None:
+      return read
     shard, _, record = tfds_id.decode().rpartition("__")
     for skip, take, offset in self._shards[shard]:
       if skip <= int(record) < skip + take:
@@ -189,7 +199,7 @@ def eval_batches(d, *, b, size, view):
     while nxt is not None and nxt["_pos"] < (k + 1) * b:
       slot = nxt["_pos"] - k * b
       out["image"][slot], out["label"][slot] = nxt["arrays"][0], nxt["label"]
-      out["mask"][slot], out["index"][slot] = True, d.position(nxt["_id"])
+      out["mask"][slot], out["index"][slot] = True, d.position(nxt["_id"], int(nxt["_pos"]))
       nxt = next(pending, None)
     expected = max(0, min((k + 1) * b, d.n_local) - k * b)
     yield dict(out, _skipped=expected - int(out["mask"].sum()))

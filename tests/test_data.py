@@ -624,6 +624,10 @@ def test_tf_engine_eval_index_is_the_split_order_whatever_the_shards_and_hosts(t
                                   data_dir=str(tmp_path), engine="tf"):
         got.update(zip(b["index"][b["mask"]], np.array(b["image"][b["mask"], 0, 0, 0]) // 5))
     assert [got[i] for i in range(42)] == want, count
+  with tfds.testing.mock_data(num_examples=10):  # no shards in its metadata: the reading order
+    batches = data.eval_iterator("tfds:mnist", "train", global_batch_size=4, image_size=4,
+                                 process_index=0, process_count=1, engine="tf")
+    assert [i for b in batches for i in b["index"][b["mask"]]] == list(range(10))
 
 
 def test_engine_and_format_mismatch_says_what_to_do(tiny_tfds):
