@@ -336,7 +336,7 @@ def _list_images(directory, left_out: collections.Counter, seen: set):
         found.append(os.path.join(root, f))
       else:
         left_out[_extension(f)] += 1
-  return sorted(found)
+  return sorted(found, key=_name_order)
 
 
 @functools.lru_cache(maxsize=16)
@@ -351,12 +351,19 @@ def _composed(name: str) -> str:
   return unicodedata.normalize("NFC", name)
 
 
+def _name_order(name: str):
+  """Sort key of file names in one Unicode form (a Mac writes them decomposed, most systems
+  composed): a copied folder lists its files in the same order, so its slices ('train[:90%]')
+  and epochs hold the same images."""
+  return _composed(name), name
+
+
 def _list_folder(root):
   """(paths, labels, class names); classes are the root's sub-directories sorted by name
   (in Unicode NFC form)."""
   if not os.path.isdir(root):
     raise DataNotFoundError(f"image folder {root!r} does not exist")
-  entries = sorted(e for e in os.listdir(root) if not e.startswith("."))
+  entries = sorted((e for e in os.listdir(root) if not e.startswith(".")), key=_name_order)
   # Class names in one Unicode form (a Mac writes them decomposed, most systems composed), so
   # that the same classes get the same labels whatever made each folder.
   folders = sorted((e for e in entries if os.path.isdir(os.path.join(root, e))), key=_composed)

@@ -6,6 +6,7 @@ import io
 import itertools
 import os
 import re
+import unicodedata
 
 import chex
 import jax
@@ -324,6 +325,15 @@ def test_held_out_splits_share_no_image_and_the_classes(tmp_path):
   assert info("train", mac).classes == info("test", mac).classes == ("fig", composed)
   paths, labels, _ = data._list_folder(str(tmp_path / "mac" / "train"))
   assert [label for path, label in zip(paths, labels) if decomposed in path] == [1, 1]
+  # File names too: a copy lists its images in the same order, so a slice ('train[:90%]') and
+  # an epoch hold the same images as the original's.
+  for form in ("NFC", "NFD"):
+    os.makedirs(tmp_path / form)
+    for name in ("e", "f", "\u00e9t\u00e9"):
+      _write(tmp_path / form / f"{unicodedata.normalize(form, name)}.png", (0, 0, 0), (8, 8), "PNG")
+  listing = lambda form: [unicodedata.normalize("NFC", os.path.basename(path))
+                          for path in data._list_folder(str(tmp_path / form))[0]]
+  assert listing("NFD") == listing("NFC") == ["e.png", "f.png", "\u00e9t\u00e9.png"]
   # A val/ of images without class folders: every label would be -1, every score 0.
   os.makedirs(root / "val")
   _write(root / "val" / "0.png", (10, 10, 10), (12, 12), "PNG")
