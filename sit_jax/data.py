@@ -219,16 +219,21 @@ def split_slice(split):
 
 
 def _slice_bound(text, n, split):
+  """A bound as TFDS reads it: percentages rounded to the closest example, and beyond the
+  split (more than 100% or n examples, either sign) an error, not the whole split."""
   text = text.strip()
   if not text:
     return None
   try:
-    if text.endswith("%"):
-      return int(round(float(text[:-1]) * n / 100))
-    return int(text)
+    percent = text.endswith("%")
+    bound = float(text[:-1]) if percent else int(text)
   except ValueError:
     raise DataError(f"bad slice {split!r}: use integers or percentages, e.g. 'train[:1200]' or "
                     "'train[80%:]'") from None
+  if abs(bound) > (100 if percent else n):
+    raise DataError(f"bad slice {split!r}: {text} is beyond the split's "
+                    f"{'100%' if percent else f'{n} examples'}")
+  return int(round(bound * n / 100)) if percent else bound
 
 
 def slice_indices(n, part, split):

@@ -672,6 +672,12 @@ def test_bad_slices_name_the_split():
     data.dataset_info("embedded:digits", "train[a:b]")
   with pytest.raises(data.DataError, match="selects no examples"):
     data.dataset_info("embedded:digits", "train[5:5]")
+  # Beyond the split is an error, as in TFDS, not silently the whole split.
+  for split, beyond in (("train[:2000]", "2000 is beyond the split's 1500 examples"),
+                        ("train[-1501:]", "-1501 is beyond"), ("train[:150%]", "150% is beyond")):
+    with pytest.raises(data.DataError, match=re.escape(f"bad slice {split!r}: {beyond}")):
+      data.dataset_info("embedded:digits", split)
+  assert data.dataset_info("embedded:digits", "train[-10%:]").num_examples == 150
   with pytest.raises(data.DataError, match="valid|splits"):
     data.dataset_info("embedded:digits", "val[:10]")
 
