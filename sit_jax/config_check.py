@@ -435,6 +435,22 @@ def _attention_dtype(config) -> str | None:
   return None
 
 
+def _float16_training(config) -> str | None:
+  # No loss scaling: float16's smallest step is 2**-24 (6e-8). At ImageNet scale each pixel's
+  # reconstruction gradient (1 / the masked values: 3.1e-8 for SiT) becomes 6e-8 or 0, and a
+  # fine-tuning batch of 1,024 leaves every residual-stream gradient below float16's normal range.
+  experiment = config.get("experiment")
+  trains_backbone = (experiment in (*PRETRAIN_EXPERIMENTS, "finetune") or (
+      experiment == "multilabel" and not (config.get("multilabel") or {}).get("frozen")))
+  if (config.get("model") or {}).get("dtype") == "float16" and trains_backbone:
+    return (f"model.dtype='float16' cannot train ({experiment}): there is no loss scaling, so "
+            "gradients near float16's smallest step (6e-8) are rounded to it or to 0, at "
+            "ImageNet scale every one of the reconstruction loss's; set "
+            "--config.model.dtype=bfloat16 (or float32). float16 serves the evaluations of a "
+            "frozen backbone.")
+  return None
+
+
 def _validation_split(config) -> str | None:
   # Without it the run failed after extracting every train feature (hours on ImageNet).
   chooses = {"knn": "k", "fewshot": "l2"}.get(config.get("experiment"))
@@ -467,7 +483,8 @@ def _init_exists(config) -> str | None:
 CHECKS: list[Callable[[ml_collections.ConfigDict], str | None]] = [
     _length_of_run, _decoded_size, _donor_group, _engine_source, _unset_rate,
     _experiment_sections,
-    _mesh_wildcards, _architecture, _mean_of_blocks, _attention_dtype, _validation_split,
+    _mesh_wildcards, _architecture, _mean_of_blocks, _attention_dtype, _float16_training,
+    _validation_split,
     _init_exists]
 
 
