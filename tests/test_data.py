@@ -334,6 +334,18 @@ def test_held_out_splits_share_no_image_and_the_classes(tmp_path):
   listing = lambda form: [unicodedata.normalize("NFC", os.path.basename(path))
                           for path in data._list_folder(str(tmp_path / form))[0]]
   assert listing("NFD") == listing("NFC") == ["e.png", "f.png", "\u00e9t\u00e9.png"]
+  from sit_jax.transfer import segment_data  # its folders of image and mask pairs too
+  for form in ("NFC", "NFD"):
+    for sub in ("images", "masks"):
+      os.makedirs(tmp_path / "seg" / form / sub)
+    for i, name in enumerate(("e", "f", "\u00e9t\u00e9")):
+      name = unicodedata.normalize(form, name)
+      _write(tmp_path / "seg" / form / "images" / f"{name}.png", (0, 0, 0), (8, 8), "PNG")
+      Image.fromarray(np.full((8, 8), i, np.uint8)).save(tmp_path / "seg" / form / "masks" /
+                                                         f"{name}.png")
+  mask_order = lambda form: [int(pairs.load(i)[1][0, 0]) for pairs in [segment_data.open_split(
+      f"folder:{tmp_path / 'seg' / form}", "train", num_classes=3)] for i in range(3)]
+  assert mask_order("NFD") == mask_order("NFC") == [0, 1, 2]
   # A val/ of images without class folders: every label would be -1, every score 0.
   os.makedirs(root / "val")
   _write(root / "val" / "0.png", (10, 10, 10), (12, 12), "PNG")

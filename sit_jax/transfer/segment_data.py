@@ -181,10 +181,11 @@ def _folder(path, split, num_classes):
     raise SegmentationDataError(f"{root} needs images/ and masks/ sub-folders (NAME.jpg with "
                                 "NAME.png).")
   masks = {os.path.splitext(f)[0]: f for f in os.listdir(mask_dir)}
-  pairs = sorted((os.path.join(image_dir, f), os.path.join(mask_dir, masks[stem]))
-                 for f in os.listdir(image_dir)
-                 for stem in [os.path.splitext(f)[0]]
-                 if f.lower().endswith(IMAGE_EXTENSIONS) and stem in masks)
+  pairs = sorted(((os.path.join(image_dir, f), os.path.join(mask_dir, masks[stem]))
+                  for f in os.listdir(image_dir)
+                  for stem in [os.path.splitext(f)[0]]
+                  if f.lower().endswith(IMAGE_EXTENSIONS) and stem in masks),
+                 key=lambda pair: data._name_order(pair[0]))  # as data.py lists a folder
   if not pairs:
     raise SegmentationDataError(f"No image with a mask of the same name under {root}.")
   _, keep = _slice(split, len(pairs))
