@@ -79,7 +79,8 @@ def split_features(config, workdir: str, identity: str, fn, params, mesh, split:
   key = {"checkpoint": identity, "source": config.data.source, "split": split,
          "data_dir": config.data.data_dir, "features": features, "image_size": image_size,
          "resize_mode": config.data.resize_mode, "interpolation": config.data.interpolation,
-         "rows": "split order"}  # older caches of several processes hold another order
+         # Older caches hold another order: of several processes, or of the tf engine (2c5d15f).
+         "rows": "split order, also with data.engine=tf"}
   name = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=12).hexdigest()
   path = os.path.join(directory, f"{name}.npz") if directory else None
   cached = _read(path, key) if path else None
