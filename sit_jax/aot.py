@@ -28,7 +28,7 @@ import re
 import jax
 import jax.numpy as jnp
 
-from sit_jax import flops, pretrain, sharding
+from sit_jax import flops, optim, pretrain, sharding
 
 # HBM per JAX device (a chip; v4/v5p run both cores of a chip as one "megacore" device) that
 # XLA reports as available to a program, in GiB: libtpu 0.0.42's "exceeds available HBM" figure
@@ -137,9 +137,8 @@ def compile_train_step(config, devices, compiler_options: dict | None = None):
   mesh = sharding.make_mesh(config.mesh, devices=devices)
   sharding.check_batch_size(config.data.global_batch_size, mesh)
   # The schedules' lengths only change constants in the step, not its memory: no dataset needed.
-  num_examples = config.num_train_examples or config.data.global_batch_size
-  total_steps = config.total_steps or max(int(config.total_epochs), 1)
-  steps_per_epoch = max(num_examples // config.data.global_batch_size, 1)
+  total_steps, steps_per_epoch = optim.schedule_lengths(
+      config, config.num_train_examples or config.data.global_batch_size)
 
   model = pretrain.build_model(config)
   schedules = pretrain.build_schedules(config, total_steps, steps_per_epoch)
