@@ -444,8 +444,8 @@ def _float16_training(config) -> str | None:
       experiment == "multilabel" and not (config.get("multilabel") or {}).get("frozen")))
   if (config.get("model") or {}).get("dtype") == "float16" and trains_backbone:
     return (f"model.dtype='float16' cannot train ({experiment}): there is no loss scaling, so "
-            "gradients near float16's smallest step (6e-8) are rounded to it or to 0, at "
-            "ImageNet scale every one of the reconstruction loss's; set "
+            "gradients near float16's smallest step (6e-8) are rounded to it or to 0 (at "
+            "ImageNet scale every reconstruction gradient, most of fine-tuning's); set "
             "--config.model.dtype=bfloat16 (or float32). float16 serves the evaluations of a "
             "frozen backbone.")
   return None
