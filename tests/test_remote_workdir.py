@@ -4,6 +4,7 @@ import json
 import os
 import pathlib
 import signal
+import sys
 import time
 
 from etils.epath import gpath, register
@@ -20,8 +21,18 @@ def bucket(tmp_path, monkeypatch):
   root.mkdir()
   # epath.Path("gs://...") dispatches on its URI prefix: gs://b/x becomes the local ROOT/x, for
   # sit_jax and the libraries it calls alike (orbax).
-  monkeypatch.setitem(register._URI_PREFIXES_TO_CLS, "gs://",
-                      lambda path: gpath.PosixGPath(path.replace("gs://b", str(root), 1)))
+  local = lambda part: (str(root) + os.fspath(part)[len("gs://b"):]
+                        if os.fspath(part).startswith("gs://b") else part)
+
+  class Bucket(gpath.PosixGPath):
+    def __new__(cls, *parts):
+      return super().__new__(cls, *map(local, parts))
+
+    def __init__(self, *parts):  # Python 3.12's pathlib builds the path here, from the args again
+      if sys.version_info >= (3, 12):
+        super().__init__(*map(local, parts))
+
+  monkeypatch.setitem(register._URI_PREFIXES_TO_CLS, "gs://", Bucket)
   cwd = tmp_path / "cwd"
   cwd.mkdir()
   monkeypatch.chdir(cwd)
