@@ -9,8 +9,14 @@ import time
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+
+
+def tpu_vm(*args, config="configs/sit_vits.py") -> list[str]:
+  """launch/tpu_vm.sh for a v4-32 slice and a gs:// workdir, with `args` after them."""
+  return ["bash", os.path.join(REPO, "launch", "tpu_vm.sh"), "--name", "sit-s16", "--zone",
+          "us-central2-b", "--accelerator", "v4-32", "--config", config, "--workdir",
+          "gs://bucket/run", *args]
 
 
 def _stand_ins(tmp_path, scripts: dict) -> dict:
@@ -84,9 +90,7 @@ def test_tpu_vm_starts_the_same_command_on_every_worker(tmp_path):
 for a in "$@"; do case "$a" in --command=*) printf '%s\\0' "${{a#--command=}}" >> {commands};; esac; done
 """})
   out = subprocess.run(
-      ["bash", os.path.join(REPO, "launch", "tpu_vm.sh"), "--name", "sit-s16", "--zone",
-       "us-central2-b", "--accelerator", "v4-32", "--config", "configs/sit_vits.py:fsdp",
-       "--workdir", "gs://bucket/run", "--", "--config.data.data_dir=gs://b/it's here"],
+      tpu_vm("--", "--config.data.data_dir=gs://b/it's here", config="configs/sit_vits.py:fsdp"),
       env=env, capture_output=True, text=True, check=True)
   assert "Done." in out.stdout and "Deleting TPU sit-s16" in out.stderr
   start = next(c for c in commands.read_text().split("\0") if "nohup" in c)
@@ -151,10 +155,7 @@ case "$cmd" in
 esac
 """})
   launcher = subprocess.Popen(
-      ["bash", os.path.join(REPO, "launch", "tpu_vm.sh"), "--name", "sit-s16", "--zone",
-       "us-central2-b", "--accelerator", "v4-32", "--config", "configs/sit_vits.py",
-       "--workdir", "gs://bucket/run"],
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      tpu_vm(), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
       start_new_session=True)  # its own process group, as a terminal's foreground job
   try:
     for _ in range(600):
@@ -197,9 +198,7 @@ case "$4 ${{cmd:-}}" in
 esac
 """})
   out = subprocess.run(
-      ["bash", os.path.join(REPO, "launch", "tpu_vm.sh"), "--name", "sit-s16", "--zone",
-       "us-central2-b", "--accelerator", "v4-32", "--config", "configs/sit_vits.py",
-       "--workdir", "gs://bucket/run"], env=env, capture_output=True, text=True)
+      tpu_vm(), env=env, capture_output=True, text=True)
   started = ["create", "scp", "ssh", "ssh", "ssh", "stream", "status"]
   if tpu == "READY":
     assert out.returncode == 0, out.stderr
@@ -237,10 +236,7 @@ def test_tpu_vm_ctrl_c_while_creating_says_how_to_delete_the_tpu(tmp_path):
   calls = tmp_path / "calls"
   env = _stand_ins(tmp_path, {"gcloud": f'echo "$4" >> {calls}; [ "$4" = create ] && sleep 10\n'})
   launcher = subprocess.Popen(
-      ["bash", os.path.join(REPO, "launch", "tpu_vm.sh"), "--name", "sit-s16", "--zone",
-       "us-central2-b", "--accelerator", "v4-32", "--config", "configs/sit_vits.py",
-       "--workdir", "gs://bucket/run"],
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      tpu_vm(), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
       start_new_session=True)  # its own process group, as a terminal's foreground job
   try:
     for _ in range(200):
@@ -273,9 +269,7 @@ case "${{cmd:-}}" in
   *) echo "$4" >> {calls} ;;
 esac
 """})
-  launch = ["bash", os.path.join(REPO, "launch", "tpu_vm.sh"), "--name", "sit-s16", "--zone",
-            "us-central2-b", "--accelerator", "v4-32", "--config", "configs/sit_vits.py",
-            "--workdir", "gs://bucket/run", "--existing"]
+  launch = tpu_vm("--existing")
   out = subprocess.run(launch, env=env, capture_output=True, text=True)
   assert out.returncode == 1 and out.stderr.startswith("A run is going on on TPU sit-s16: "), (
       out.stderr)
