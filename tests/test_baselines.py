@@ -127,5 +127,6 @@ def test_folder_source_is_named_after_the_folder(tmp_path, monkeypatch):
   results = knn.run(c, str(tmp_path / "run"))
   assert results["dataset"] == "handwritten" and results["num_examples"] == 20
   assert titles and "handwritten" in titles[0] and "digits" not in titles[0]
+  assert titles[0].endswith("on train[70:]")  # the split whose features it shows
   # The legend names the folder's classes (it said 0, 1, ... for folder names as for digits).
   assert names == [("class_0", "class_1", "class_2")]

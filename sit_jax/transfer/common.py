@@ -449,7 +449,8 @@ def results_table(results: dict, protocol: str, figures: dict) -> dict:
 
 
 def tsne(config, workdir, features, labels, title: str, class_names=()):
-  """DIR/tsne.png of (up to config.tsne_points) test features, or None: skipped on non-main
+  """DIR/tsne.png of (up to config.tsne_points) test features, titled `title` and the test split
+  (the features it shows and the split its figures were scored on), or None: skipped on non-main
   hosts, and a picture that fails is a warning (the run's figures are what matters). The legend
   names the classes where `class_names` (a folder's) are given, else their labels."""
   if not config.tsne_points or jax.process_index() != 0 or len(features) < 3:
@@ -461,7 +462,8 @@ def tsne(config, workdir, features, labels, title: str, class_names=()):
   # 20x slower on a loaded 2-core host); single-threaded, 2000 points take seconds.
   try:
     with threadpoolctl.threadpool_limits(limits=1):
-      return viz.tsne_plot(features, labels, os.path.join(workdir, "tsne.png"), title=title,
+      return viz.tsne_plot(features, labels, os.path.join(workdir, "tsne.png"),
+                           title=f"{title} on {config.data.test_split}",
                            max_points=config.tsne_points, seed=config.seed,
                            class_names=class_names or None)
   except Exception as e:  # pylint: disable=broad-except
