@@ -95,6 +95,14 @@ def test_fewshot_run_and_its_cached_rerun(tmp_path, exported):
   for row in fresh["baselines"].values():
     assert set(row) == {"1shot", "5shot"} and 0.0 < row["5shot"]["test_mean"] <= 1.0
   assert cached["baselines"] == fresh["baselines"]
+  # A shot count that some class of train has fewer examples for: one line naming the classes
+  # (the 1,200 train digits hold 111-128 of each), before any fit.
+  c.fewshot.shots = (1, 5, 120)
+  with pytest.raises(ValueError, match=r"fewshot.shots=\(1, 5, 120\) draws 120 train examples "
+                     r"of every class, and embedded:digits/train\[:80%\] has fewer of \d of its "
+                     r"10 classes \(\d: 11\d.*--config.fewshot.shots='\(1, 5\)'"):
+    fewshot.run(c, str(workdir))
+  c.fewshot.shots = (1, 5)
   with open(workdir / "results.json") as f:
     assert json.load(f)["fewshot"] == fresh["fewshot"]
   # The random-init row is the run at init='' (same seed, the checkpoint's architecture): its

@@ -36,6 +36,23 @@ def sample_shots(labels, shots: int, seed: int, num_classes: int) -> np.ndarray:
   return np.sort(np.concatenate(chosen))
 
 
+def check_shots(labels, shots_list, info) -> None:
+  """Refuses a train split (`info`: its DatasetInfo) with fewer examples of a class than the
+  largest shot count: its row would fit fewer shots than it says, every seed the same ones."""
+  counts = np.bincount(labels, minlength=info.num_classes)
+  short = np.flatnonzero(counts < max(shots_list))
+  if short.size:
+    names = info.classes or tuple(map(str, range(info.num_classes)))
+    listed = ", ".join(f"{names[c]}: {counts[c]}" for c in short[:5])
+    fitting = tuple(s for s in shots_list if s <= counts.min())
+    fix = (f"keep the shot counts they allow (--config.fewshot.shots='{fitting}') or add images"
+           if fitting else "add images")
+    raise ValueError(
+        f"fewshot.shots={tuple(shots_list)} draws {max(shots_list)} train examples of every "
+        f"class, and {info.name} has fewer of {short.size} of its {info.num_classes} classes "
+        f"({listed}{', ...' if short.size > 5 else ''}): {fix}.")
+
+
 @functools.partial(jax.jit, static_argnames=("num_classes",))
 def ridge_solutions(x, labels, l2s, num_classes: int):
   """(W (L, D, C), b (L, C)): the ridge regression above for each of the L penalties."""
@@ -112,10 +129,12 @@ def run(config, workdir: str) -> dict:
     fn = common.make_feature_fn(backbone.module, config.head.features, config.head.last_blocks)
     features = common.features_name(config)
     identity = feature_cache.checkpoint_identity(backbone, config.seed)
-    train, val, test = (feature_cache.split_features(config, exp.workdir, identity,
-                                                     common.uint8_features(fn), params, exp.mesh,
-                                                     split, features, size)
-                        for split in (d.train_split, d.val_split, d.test_split))
+    split_features = functools.partial(feature_cache.split_features, config, exp.workdir,
+                                       identity, common.uint8_features(fn), params, exp.mesh,
+                                       features=features, image_size=size)
+    train = split_features(d.train_split)
+    check_shots(train[1], tuple(f.shots), train_info)
+    val, test = split_features(d.val_split), split_features(d.test_split)
     logging.info("few-shot: %d train, %d validation, %d test features of dimension %d",
                  len(train[0]), len(val[0]), len(test[0]), train[0].shape[1])
     rows = evaluate(*train, *val, *test, shots_list=tuple(f.shots), seeds=f.seeds, l2s=f.l2,
