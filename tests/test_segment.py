@@ -45,6 +45,7 @@ def test_miou_and_pixel_accuracy_on_hand_made_label_maps():
   assert scores["iou"] == pytest.approx([0.5, 0.6, 0.5, None], nan_ok=True)
   assert scores["mIoU"] == pytest.approx((0.5 + 0.6 + 0.5) / 3)
   assert scores["pixel_accuracy"] == pytest.approx(7 / 10)
+  assert scores["unlabelled"] == [3]
 
 
 def test_a_class_predicted_but_never_labelled_counts_zero_and_padding_is_left_out():
@@ -85,6 +86,18 @@ def test_picture_legend_names_the_classes_shown():
   many = segment.legend([((1, 2, 3), str(c)) for c in range(30)], height=5 * segment.LEGEND_ROW)
   np.testing.assert_array_equal(many[3 * segment.LEGEND_ROW + 6, 8], (1, 2, 3))
   assert (many[4 * segment.LEGEND_ROW + 2:4 * segment.LEGEND_ROW + 12, 4:14] == 255).all()
+
+
+def test_palette_is_pascal_vocs():
+  """The first colours of the VOC devkit's colour map (VOCdevkit/VOCcode/VOClabelcolormap.m),
+  all 255 colours distinct, and white, IGNORE's, for no class."""
+  voc = [(0, 0, 0), (128, 0, 0), (0, 128, 0), (128, 128, 0), (0, 0, 128), (128, 0, 128),
+         (0, 128, 128), (128, 128, 128), (64, 0, 0), (192, 0, 0), (64, 128, 0), (192, 128, 0),
+         (64, 0, 128), (192, 0, 128), (64, 128, 128), (192, 128, 128), (0, 64, 0), (128, 64, 0),
+         (0, 192, 0), (128, 192, 0), (0, 64, 128)]
+  np.testing.assert_array_equal(segment.palette(21), voc + [(255, 255, 255)])
+  colours = segment.palette(255)
+  assert len({tuple(c) for c in colours}) == 256 and tuple(colours[-1]) == (255, 255, 255)
 
 
 def test_heads_on_the_token_grid():
@@ -236,7 +249,7 @@ def test_digit_canvas_splits_share_no_digit():
   assert train <= bank and len(train) > 800  # of 1,200: each canvas draws 1-2 at random
 
 
-def test_folder_of_image_mask_pairs(tmp_path):
+def test_folder_of_image_mask_pairs(tmp_path, caplog):
   from PIL import Image
   from sit_jax import data as image_data
   for split, count in (("train", 3), ("test", 2)):
@@ -254,6 +267,9 @@ def test_folder_of_image_mask_pairs(tmp_path):
   assert sorted(np.unique(batches[0]["label"][:2]).tolist()) == [0, 1]
   with pytest.raises(segment_data.SegmentationDataError, match="num_classes"):
     segment_data.open_split(f"folder:{tmp_path}", "train")
+  # Class 256 would wrap to 0 in the one byte a label map holds per pixel.
+  with pytest.raises(segment_data.SegmentationDataError, match=r"num_classes=256: .* 1..255"):
+    segment_data.open_split(f"folder:{tmp_path}", "train", num_classes=256)
   # A mask value that is no class, and a colour mask: the file and the fix, not a NaN loss.
   Image.fromarray(np.full((10, 12), 7, np.uint8)).save(tmp_path / "test" / "masks" / "0.png")
   Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(tmp_path / "test" / "masks" / "1.png")
@@ -263,6 +279,22 @@ def test_folder_of_image_mask_pairs(tmp_path):
     data.load(0)
   with pytest.raises(segment_data.SegmentationDataError, match="1.png has 3 channels"):
     data.load(1)
+  # A mask a pixel off is squashed with its image; one of another shape (a turned image) and a
+  # JPEG mask (edges move to neighbouring classes) are refused; an image without a mask is left
+  # out, with a warning.
+  Image.fromarray(np.full((11, 12), 1, np.uint8)).save(tmp_path / "test" / "masks" / "0.png")
+  Image.fromarray(np.zeros((12, 10), np.uint8)).save(tmp_path / "test" / "masks" / "1.png")
+  Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(tmp_path / "test" / "images" / "2.jpg")
+  with caplog.at_level("WARNING"):
+    data = segment_data.open_split(f"folder:{tmp_path}", "test", num_classes=3)
+  assert data.num_examples == 2 and "1 of its 3 images have no mask" in caplog.text
+  assert data.load(0)[1].shape == (11, 12)
+  with pytest.raises(segment_data.SegmentationDataError,
+                     match=r"1.png is 10x12 px, its image .*1.jpg 12x10"):
+    data.load(1)
+  Image.fromarray(np.zeros((10, 12), np.uint8)).save(tmp_path / "test" / "masks" / "2.jpg")
+  with pytest.raises(segment_data.SegmentationDataError, match="1 of its masks are JPEG"):
+    segment_data.open_split(f"folder:{tmp_path}", "test", num_classes=3)
   # No val/ folder: the validation split is a slice of train, never the whole folder.
   with pytest.raises(image_data.SplitNotFound, match="its split folders are test, train"):
     segment_data.open_split(f"folder:{tmp_path}", "val", num_classes=3)

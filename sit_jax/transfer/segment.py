@@ -79,7 +79,8 @@ def confusion_matrix(predictions, labels, num_classes: int, valid=None,
 
 def segmentation_scores(confusion) -> dict:
   """Pixel accuracy, mIoU and per-class IoU of a (true, predicted) confusion matrix. A class
-  absent from both labels and predictions has no IoU and is left out of the mean (mmseg)."""
+  absent from both labels and predictions has no IoU and is left out of the mean (mmseg).
+  'unlabelled': the classes no pixel is labelled with."""
   confusion = np.asarray(confusion, np.float64)
   hits = np.diag(confusion)
   union = confusion.sum(0) + confusion.sum(1) - hits
@@ -88,7 +89,8 @@ def segmentation_scores(confusion) -> dict:
   total = confusion.sum()
   return {"mIoU": float(np.nanmean(iou)) if np.any(union > 0) else float("nan"),
           "pixel_accuracy": float(hits.sum() / total) if total else float("nan"),
-          "iou": [None if np.isnan(v) else float(v) for v in iou]}
+          "iou": [None if np.isnan(v) else float(v) for v in iou],
+          "unlabelled": np.flatnonzero(confusion.sum(1) == 0).tolist()}
 
 
 def make_train_step(patch_fn, head, tx, config, image_size: int, lr=None):
@@ -174,10 +176,15 @@ def best_head(val_mious) -> int:
 
 
 def palette(num_classes: int) -> np.ndarray:
-  """(num_classes + 1, 3) uint8 colours: class 0 black, the others distinct, IGNORE white."""
-  rng = np.random.default_rng(0)
-  colours = rng.integers(40, 256, (num_classes, 3)).astype(np.uint8)
-  colours[0] = 0
+  """(num_classes + 1, 3) uint8 colours: PASCAL VOC's colour map for the classes (class 0
+  black; the bits of the class id dealt to red, green, blue, lowest first, each channel's from
+  its top bit down, so that neighbouring ids differ in a top bit), then IGNORE's white, which
+  no id below 2^24 gets."""
+  ids = np.arange(num_classes)
+  colours = np.zeros((num_classes, 3), np.uint8)
+  for bit in range(8):
+    for channel in range(3):
+      colours[:, channel] |= (((ids >> (3 * bit + channel)) & 1) << (7 - bit)).astype(np.uint8)
   return np.concatenate([colours, np.full((1, 3), 255, np.uint8)])
 
 
@@ -345,6 +352,12 @@ def run(config, workdir: str) -> dict:
                             picture_grid(images, predictions[0], labels, num_classes,
                                          train.class_names))
       names = train.class_names or tuple(map(str, range(num_classes)))
+      if scores["unlabelled"]:  # masks of 0 and 255 score the background alone: mIoU 1.0
+        logging.warning(
+            "No pixel of %s is labelled %s (of classes 0..%d): the mIoU leaves such a class "
+            "out unless it is predicted. Masks that mark their objects %d leave them unscored: "
+            "save class indices.", test.name, ", ".join(names[c] for c in scores["unlabelled"]),
+            num_classes - 1, segment_data.IGNORE)
       results.update(num_examples=test.num_examples, mIoU=scores["mIoU"],
                      pixel_accuracy=scores["pixel_accuracy"], iou=dict(zip(names, scores["iou"])),
                      lr_scale=scales[chosen], lr_scales=list(scales),

@@ -10,7 +10,8 @@ Sources (random access, so a batch is a pure function of (seed, process, step)):
                          (SPLIT/images, SPLIT/masks holding each annotation minus 1, 0 -> 255;
                          data.num_classes=150). TFDS's 'test' split is ADE's validation.
   folder:/path           /path[/SPLIT]/images/NAME.{jpg,png,...} with /path[/SPLIT]/masks/NAME.png
-                         (class index per pixel, IGNORE = 255 not scored); data.num_classes.
+                         (class index per pixel, IGNORE = 255 not scored, the image's size;
+                         not JPEG); data.num_classes. Images without a mask are left out.
                          Without a SPLIT folder 'train' is the whole folder, and other
                          splits are slices of it (data.folder_split).
   embedded:digit_canvas  offline: 1-2 handwritten digits (scikit-learn's) pasted on a 32 px
@@ -33,6 +34,7 @@ import math
 import os
 from typing import Callable, Iterator, Sequence
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,6 +44,7 @@ from sit_jax import data
 from sit_jax.data import IMAGE_EXTENSIONS, rgb_or_grey
 
 IGNORE = 255
+LOSSY_EXTENSIONS = (".jpg", ".jpeg")  # refused as masks
 CANVAS = 32  # embedded:digit_canvas side in pixels
 _CANVAS_SPLITS = {"train": 1500, "test": 500}  # canvases per split
 
@@ -172,22 +175,32 @@ def _embedded(name, split):
 
 
 def _folder(path, split, num_classes):
-  if num_classes <= 0:
-    raise SegmentationDataError(f"folder:{path}: set data.num_classes (the mask values are "
-                                f"0..num_classes-1, {IGNORE} = not scored).")
+  if not 0 < num_classes <= IGNORE:
+    raise SegmentationDataError(f"folder:{path}: data.num_classes={num_classes}: set it to the "
+                                f"masks' number of classes, 1..{IGNORE} (their values are "
+                                f"0..num_classes-1 in one byte, {IGNORE} = not scored).")
   root, _ = data.folder_split(path, split)
   image_dir, mask_dir = os.path.join(root, "images"), os.path.join(root, "masks")
   if not os.path.isdir(image_dir) or not os.path.isdir(mask_dir):
     raise SegmentationDataError(f"{root} needs images/ and masks/ sub-folders (NAME.jpg with "
                                 "NAME.png).")
   masks = {os.path.splitext(f)[0]: f for f in os.listdir(mask_dir)}
+  images = [f for f in os.listdir(image_dir) if f.lower().endswith(IMAGE_EXTENSIONS)]
   pairs = sorted(((os.path.join(image_dir, f), os.path.join(mask_dir, masks[stem]))
-                  for f in os.listdir(image_dir)
-                  for stem in [os.path.splitext(f)[0]]
-                  if f.lower().endswith(IMAGE_EXTENSIONS) and stem in masks),
+                  for f in images
+                  for stem in [os.path.splitext(f)[0]] if stem in masks),
                  key=lambda pair: data._name_order(pair[0]))  # as data.py lists a folder
   if not pairs:
     raise SegmentationDataError(f"No image with a mask of the same name under {root}.")
+  lossy = [m for _, m in pairs if m.lower().endswith(LOSSY_EXTENSIONS)]
+  if lossy:  # JPEG moves class indices at every edge, mostly to other valid classes
+    raise SegmentationDataError(
+        f"{root}: {len(lossy)} of its masks are JPEG ({os.path.basename(lossy[0])}, ...), whose "
+        "lossy compression changes the class indices along every edge: save them as PNG.")
+  if len(pairs) < len(images):
+    unmasked = sorted(set(images) - {os.path.basename(i) for i, _ in pairs})
+    logging.warning("%s: %d of its %d images have no mask of the same name in masks/ (%s): "
+                    "left out.", root, len(unmasked), len(images), ", ".join(unmasked[:3]))
   _, keep = _slice(split, len(pairs))
 
   def load(i):
@@ -197,6 +210,14 @@ def _folder(path, split, num_classes):
     if labels.ndim != 2:
       raise SegmentationDataError(f"{mask_path} has {labels.shape[-1]} channels: save each mask "
                                   "as one channel of class indices (a grey or palette PNG).")
+    # Both are squashed to image_size: a pixel's difference shifts a label by less than one of
+    # the image's pixels; a mask of another shape (turned, cropped) would label other pixels.
+    if np.any(np.abs(np.subtract(labels.shape, image.shape[:2])) > 1):
+      (h, w), (mh, mw) = image.shape[:2], labels.shape
+      raise SegmentationDataError(
+          f"{mask_path} is {mw}x{mh} px, its image {image_path} {w}x{h}: a mask labels the "
+          "pixels of its image, so it must have the image's size (an image that its EXIF "
+          "orientation turns: save it turned, as its mask was drawn).")
     wrong = labels[(labels >= num_classes) & (labels != IGNORE)]
     if wrong.size:
       raise SegmentationDataError(
