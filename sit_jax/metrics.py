@@ -365,6 +365,20 @@ class MetricWriter:
       else:
         self._tb = tensorboardX.SummaryWriter(tb_dir)
 
+  def drop_after(self, step: int):
+    """Forgets what was written of the steps after `step`, which the run does again (a resume;
+    -1: a run started afresh): metrics.jsonl loses their rows, and TensorBoard their points (its
+    loader drops the points of steps from `step` + 1 on that came before a SessionLog START
+    event of that step; without it, each step done again would be a second point)."""
+    if not self.is_main:
+      return
+    drop_rows_after(os.path.join(self.workdir, "metrics.jsonl"), step)
+    if self._tb is not None:
+      from tensorboardX.proto import event_pb2
+      self._tb._get_file_writer().add_event(  # pylint: disable=protected-access
+          event_pb2.Event(session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)),
+          step=step + 1)
+
   # -- scalars ---------------------------------------------------------------
 
   def start_timing(self, step):
@@ -378,10 +392,12 @@ class MetricWriter:
       self._first = (self._first[0], self._first[1] + seconds)
       self._last = (self._last[0], self._last[1] + seconds)
 
-  def write_scalars(self, step, scalars: dict[str, Any], *, timed: bool = True):
+  def write_scalars(self, step, scalars: dict[str, Any], *, timed: bool = True,
+                    untimed_seconds_left: float = 0.0):
     """Appends to metrics.jsonl (NaN and inf as null) and TensorBoard and prints a progress
     line; `timed=False` for lines between training logs (evaluations), which neither show nor
-    reset img/s and ETA."""
+    reset img/s and ETA. The ETA is the steps left at the rate so far plus
+    `untimed_seconds_left` (the evaluations still to come, whose time exclude_time took out)."""
     if not self.is_main:
       return
     step = int(step)
@@ -405,7 +421,7 @@ class MetricWriter:
       parts.append(f"{img_s:.0f} img/s")
       steps_per_s = (step - self._first[0]) / (now - self._first[1])
       if steps_per_s > 0:
-        eta = max(self.total_steps - step, 0) / steps_per_s
+        eta = max(self.total_steps - step, 0) / steps_per_s + untimed_seconds_left
         parts.append(f"ETA {datetime.timedelta(seconds=round(eta))}")
     if self._first is None or step <= self._last[0]:
       self._first = (step, now)  # First call, or the step counter was reset.

@@ -5,10 +5,11 @@
 
 `train` does, in one place: resume from the latest readable checkpoint in DIR/checkpoints (or
 `init()` when there is none), the steps, the mean of each metric over the steps between log
-steps with one progress line each, hooks (pictures, the k-NN monitor, evaluations), saves
-(orbax decides: every `config.checkpoint_every` steps, the last step and a preemption step),
-stopping on SIGTERM or Ctrl-C after saving the current step, and stopping with one line at the
-first step whose metrics (or, at a save, parameters) are NaN or inf, which is never saved.
+steps (a schedule's value: the log step's) with one progress line each, hooks (pictures, the
+k-NN monitor, evaluations), saves (orbax decides: every `config.checkpoint_every` steps, the
+last step and a preemption step), stopping on SIGTERM or Ctrl-C after saving the current step,
+and stopping with one line at the first step whose metrics (or, at a save, parameters) are NaN
+or inf, which is never saved.
 
 The host waits for the metrics of step s - 1 once step s is queued: the device always has the
 next step to run, and the host is never more than one step ahead, so the step that went
@@ -35,6 +36,10 @@ from sit_jax import checkpoint, metrics, sharding
 
 # Progress lines and metrics.jsonl list these first, then the rest alphabetically.
 METRIC_ORDER = ("loss", "recon", "contrastive", "lr")
+# Set for each step by a schedule, not measured: a row shows its own step's value. The mean over
+# the steps since the previous row lags the schedule by half of log_every (in warmup, half the lr
+# the row's step used).
+SCHEDULED = ("lr", "weight_decay", "momentum")
 
 
 def metric_order(name: str):
@@ -68,7 +73,8 @@ class Hook:
   """fn(step, state, batch) -> scalars to log (or None), called after the steps that are a
   multiple of `every` (every <= 0: none) and after the last step. With `final`, it is also
   called once after the loop when the run is complete but the last step ran in an earlier
-  process (a resumed finished run), with batch None. Its time is left out of img/s and ETA."""
+  process (a resumed finished run), with batch None. Its time is left out of img/s; the ETA
+  adds the calls still to come, each as long as the latest one."""
   every: int
   fn: Callable[[int, Any, Any], dict | None]
   final: bool = False
@@ -180,7 +186,7 @@ def train(exp, *, init: Callable[[], Any], abstract, step_fn: Callable,
       if exp.is_main:
         _results_of_earlier_runs(exp.workdir, outcome, ckpt.set_aside)
         if writer is not None:
-          metrics.drop_rows_after(os.path.join(exp.workdir, "metrics.jsonl"), start_step)
+          writer.drop_after(start_step)
     start = time.perf_counter()
     try:
       _loop(exp, ckpt, outcome, step_fn, batches(start_step), place, hooks, writer, metadata)
@@ -237,6 +243,7 @@ def _loop(exp, ckpt, outcome: Outcome, step_fn, batches, place, hooks, writer, m
   config, total = exp.config, outcome.total_steps
   state, step = outcome.state, outcome.step
   pending, fetched = [], []  # device metrics of the steps since the last log; host values
+  hook_seconds = {}  # hook index -> seconds of its latest call
 
   def fetch(count: int):
     """Host values of the first `count` pending steps, each checked to be finite."""
@@ -278,7 +285,7 @@ def _loop(exp, ckpt, outcome: Outcome, step_fn, batches, place, hooks, writer, m
       writer.start_timing(step)
 
     evaluated, cut = {}, False
-    for hook in hooks:
+    for i, hook in enumerate(hooks):
       if (hook.every > 0 and step % hook.every == 0) or step == total:
         jax.block_until_ready(state)  # steps in flight are training time, not the hook's.
         fetch(len(pending))  # free now: a non-finite step stops before a hook evaluates it.
@@ -290,18 +297,23 @@ def _loop(exp, ckpt, outcome: Outcome, step_fn, batches, place, hooks, writer, m
             raise
           cut = True  # the signal is seen below: the step is saved and the run stops.
           break
+        hook_seconds[i] = time.perf_counter() - hook_start
         if writer is not None:
-          writer.exclude_time(time.perf_counter() - hook_start)
+          writer.exclude_time(hook_seconds[i])
     outcome.evaluated.update(evaluated)
 
     if step % config.log_every == 0 or step == total:
       fetch(len(pending))
-      means = {k: float(np.mean([f[k] for f in fetched])) for k in fetched[0]}
-      outcome.metrics = ordered(means)
+      outcome.metrics = ordered({
+          k: fetched[-1][k] if k in SCHEDULED else float(np.mean([f[k] for f in fetched]))
+          for k in fetched[0]})
       skipped = getattr(batches, "num_skipped", 0)
       if writer is not None:
+        hooks_left = sum(seconds * _calls_left(hooks[i], step, total)
+                         for i, seconds in hook_seconds.items())
         writer.write_scalars(step, {**outcome.metrics, **evaluated,
-                                    **({"skipped_images": skipped} if skipped else {})})
+                                    **({"skipped_images": skipped} if skipped else {})},
+                             untimed_seconds_left=hooks_left)
       pending, fetched = [], []
     elif evaluated and writer is not None:
       writer.write_scalars(step, evaluated, timed=False)
@@ -316,6 +328,15 @@ def _loop(exp, ckpt, outcome: Outcome, step_fn, batches, place, hooks, writer, m
     if stop and (step < total or cut):  # after the last step's hooks the run is complete.
       preempted()
       break
+
+
+def _calls_left(hook: Hook, step: int, total: int) -> int:
+  """How many more times the loop calls `hook` after `step`: at its multiples of `every` up to
+  `total`, and at `total` itself."""
+  if step >= total:
+    return 0
+  multiples = total // hook.every - step // hook.every if hook.every > 0 else 0
+  return multiples + (hook.every <= 0 or total % hook.every != 0)
 
 
 def _ended_by_signal(error: Exception, what: str) -> bool:

@@ -70,19 +70,47 @@ def test_non_main_process_writes_nothing(tmp_path, capsys):
 
 
 def tensorboard_events(directory):
-  """{(tag, step): float, or the decoded image} of the event files in `directory`."""
+  """{(tag, step): float, or the decoded image} of the event files in `directory`, read as
+  TensorBoard's loader reads them: the files in name order, and a SessionLog START event of step
+  s drops the points of steps s and later read before it. A step with two points is an error."""
   from tensorboardX.proto import event_pb2
   found = {}
-  for path in glob.glob(os.path.join(directory, "events.out.tfevents.*")):
+  for path in sorted(glob.glob(os.path.join(directory, "events.out.tfevents.*"))):
     data, i = open(path, "rb").read(), 0
     while i < len(data):  # TFRecords: length (8 bytes), its CRC (4), the record, its CRC (4)
       length = int.from_bytes(data[i:i + 8], "little")
       event = event_pb2.Event.FromString(data[i + 12:i + 12 + length])
       i += 16 + length
+      if event.session_log.status == event_pb2.SessionLog.START:
+        found = {key: v for key, v in found.items() if key[1] < event.step}
       for v in event.summary.value:
+        assert (v.tag, event.step) not in found, f"two points of {v.tag} at step {event.step}"
         found[v.tag, event.step] = (np.asarray(Image.open(io.BytesIO(v.image.encoded_image_string)))
                                     if v.HasField("image") else v.simple_value)
   return found
+
+
+def test_a_resumed_run_leaves_one_point_and_one_row_per_step(tmp_path):
+  """A run resumed from step 2 does steps 3 and 4 again: metrics.jsonl and TensorBoard keep the
+  earlier run's steps 1 and 2 and the resumed run's 3 and 4, once each."""
+  def run(loss_of_step, steps, resumed_from=None):
+    with MetricWriter(tmp_path, total_steps=4, global_batch_size=8,
+                      is_main_process=True) as w:
+      if resumed_from is not None:
+        w.drop_after(resumed_from)
+      for step in steps:
+        w.write_scalars(step, {"loss": loss_of_step(step)})
+    # Each writer names its file after the second it started: the resumed run's is later.
+    (events,) = set(glob.glob(str(tmp_path / "tb" / "*"))) - set(renamed)
+    renamed.append(str(tmp_path / "tb" / f"events.out.tfevents.{len(renamed)}"))
+    os.rename(events, renamed[-1])
+  renamed = []
+  run(float, (1, 2, 3, 4))
+  run(lambda step: step / 4, (3, 4), resumed_from=2)
+  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [(row["step"], row["loss"]) for row in rows] == [(1, 1), (2, 2), (3, 0.75), (4, 1)]
+  assert tensorboard_events(tmp_path / "tb") == {("loss", 1): 1, ("loss", 2): 2,
+                                                  ("loss", 3): 0.75, ("loss", 4): 1}
 
 
 def test_images_and_tensorboard(tmp_path, caplog):
@@ -284,3 +312,49 @@ def test_pictures_show_the_views_the_network_read():
   np.testing.assert_allclose((corrupted - mean) / std, read["student"], atol=1e-4)
   masked = (read["student"] != read["teacher"]).any(-1)
   assert 0.1 < masked.mean() < 0.5  # gmml.ratio 0.3
+
+
+def test_progress_lines_eta_counts_the_evaluations_to_come_and_lr_is_the_steps(tmp_path, capsys,
+                                                                                monkeypatch):
+  """On a clock where each step takes 1 s and each evaluation 5 s, every ETA is the time the run
+  then still takes (it had left out the evaluations: 0:00:06 at step 4, where 16 s were left), and
+  the lr of a row is the one its step used, while the losses are the means since the last row."""
+  import itertools
+  import types
+  from sit_jax import trainer
+  import test_reliability
+
+  clock = [0.0]
+  fake_time = types.SimpleNamespace(perf_counter=lambda: clock[0])
+  monkeypatch.setattr(trainer, "time", fake_time)
+  monkeypatch.setattr(metrics_lib, "time", fake_time)
+
+  def batches(start):
+    for step in itertools.count(start):
+      clock[0] += 1.0
+      yield test_reliability.batch_of(step)
+
+  def evaluate(step, state, batch):
+    clock[0] += 5.0
+    return {"eval": step}
+
+  def step_with_lr(state, batch):  # lr = 0.1 * the index of the step, as a schedule's
+    new_state, step_metrics = test_reliability.sgd_step(state, batch)
+    return new_state, {**step_metrics, "lr": 0.1 * state.step}
+
+  test_reliability.train(str(tmp_path), 10, step_fn=step_with_lr, batches=batches,
+                         hooks=[trainer.Hook(4, evaluate)], log_every=2, checkpoint_every=100)
+  lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("step ")]
+  etas = [int(re.search(r"ETA 0:00:(\d\d)", line).group(1)) for line in lines]
+  # What is left after steps 2, 4, 6, 8 and 10: 1 s for each step, 5 s for each evaluation to
+  # come (at steps 4, 8 and 10, the last). The first line has measured no evaluation yet.
+  left = [8 + 15, 6 + 10, 4 + 10, 2 + 5, 0]
+  assert etas == [8] + left[1:], lines
+  rows = test_reliability.metric_rows(str(tmp_path))
+  assert [row["lr"] for row in rows] == pytest.approx([0.1, 0.3, 0.5, 0.7, 0.9])
+  w, losses = np.zeros(test_reliability.DIM, np.float32), []
+  for step in range(10):
+    x = test_reliability.batch_of(step)["x"]
+    losses.append(np.mean((x @ w - 1.0) ** 2))
+    w = w - test_reliability.LR * (2 / test_reliability.BATCH) * x.T @ (x @ w - 1.0)
+  assert [row["loss"] for row in rows] == pytest.approx(np.mean(np.reshape(losses, (5, 2)), 1))
