@@ -315,12 +315,13 @@ class Experiment:
 
   def writer(self, total_steps: int, global_batch_size: int) -> metrics.MetricWriter:
     """The run's MetricWriter (metrics.jsonl, TensorBoard, pictures, progress lines). A run
-    with no checkpoint to resume (an evaluation run again, say) starts metrics.jsonl afresh,
-    as its results.json; a resumed run's trainer cuts the rows after the resumed step."""
-    if self.is_main and not self._has_checkpoints():
-      metrics.drop_rows_after(os.path.join(self.workdir, "metrics.jsonl"), -1)
+    with no checkpoint to resume (an evaluation run again, say) starts metrics.jsonl and the
+    TensorBoard series afresh, as its results.json; a resumed run's trainer cuts them after the
+    resumed step."""
     self.metric_writer = metrics.MetricWriter(self.workdir, total_steps=total_steps,
                                               global_batch_size=global_batch_size)
+    if self.is_main and not self._has_checkpoints():
+      self.metric_writer.drop_after(-1)
     return self.metric_writer
 
   def _has_checkpoints(self) -> bool:
