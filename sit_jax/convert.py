@@ -107,6 +107,10 @@ def load_file(path: str, *, unsafe_pickle: bool = False) -> Any:
   """The object stored in a .pth/.pt (torch.load on the CPU) or .safetensors file."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} does not exist.")
+  if os.path.isdir(path):
+    raise ConversionError(f"{path} is a directory, not a .pth/.pt/.safetensors file (a sit_jax "
+                          "workdir or backbone export needs no conversion: --config.init takes "
+                          "it as it is, and to-timm converts it for timm).")
   if path.endswith(".safetensors"):
     try:
       from safetensors.numpy import load_file as load_numpy
@@ -122,28 +126,34 @@ def load_file(path: str, *, unsafe_pickle: bool = False) -> Any:
     except SafetensorError as e:
       raise ConversionError(f"{path} is not a readable .safetensors file ({e}); is it "
                             "truncated?") from e
+  with open(path, "rb") as f:
+    start = f.read(32)
+  # torch.save writes a zip archive ('PK'), before torch 1.6 a pickle (protocol 2+: 0x80).
+  if not start.startswith((b"PK", b"\x80")):
+    found = f"it begins {start!r}" if start else "it is empty"
+    raise ConversionError(f"{path} is not a PyTorch file ({found}): a failed or cut-off "
+                          "download? Fetch it again.")
   try:
     import torch
   except ImportError as e:
     raise ConversionError(f"Reading {path} needs PyTorch (pip install torch), or convert "
                           "it to .safetensors first.") from e
-  if unsafe_pickle:
-    return torch.load(path, map_location="cpu", weights_only=False)
-  # DINO/SiT/GMML checkpoints store their argparse Namespace beside the weights.
-  with torch.serialization.safe_globals([argparse.Namespace]):
-    try:
+  try:
+    if unsafe_pickle:
+      return torch.load(path, map_location="cpu", weights_only=False)
+    # DINO/SiT/GMML checkpoints store their argparse Namespace beside the weights.
+    with torch.serialization.safe_globals([argparse.Namespace]):
       return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError or RuntimeError, by version.
-      if "weights_only" not in str(e) and "Unpickl" not in type(e).__name__:
-        if isinstance(e, RuntimeError) and ("PytorchStreamReader" in str(e)
-                                            or "zip archive" in str(e)):
-          raise ConversionError(f"{path} is not a readable PyTorch file "
-                                f"({str(e).splitlines()[0][:200]}); is it truncated?") from e
-        raise
+  except Exception as e:  # torch raises UnpicklingError, RuntimeError or EOFError, by damage.
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+    if refused:
       raise ConversionError(
-          f"{path} holds Python objects besides tensors, which torch.load(weights_only=True) "
-          f"refuses ({str(e).splitlines()[0][:200]}). If you trust the file, pass "
-          "--unsafe_pickle.") from e
+          f"{path} holds Python objects besides tensors ({refused.group(1)}), which "
+          "torch.load(weights_only=True) refuses. If you trust the file, pass --unsafe_pickle."
+      ) from e
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    raise ConversionError(f"{path} is not a readable PyTorch file ({reason}); is it truncated "
+                          "or corrupt? Fetch it again.") from e
 
 
 def find_state_dict(obj: Any, use: str = "teacher") -> tuple[dict[str, Any], str]:

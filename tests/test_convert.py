@@ -7,6 +7,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -202,6 +203,45 @@ def test_a_truncated_file_is_one_line(reference, tmp_path):
   with pytest.raises(convert.ConversionError, match="cut.safetensors is not a readable "
                      r".safetensors file .*truncated\?"):
     convert.load_file(str(truncated))
+  with pytest.raises(convert.ConversionError, match="is a directory, not a .pth/.pt/.safetensors"):
+    convert.load_file(str(tmp_path))  # e.g. a sit_jax export, which needs no conversion
+
+
+# Runs `convert.main` on each argument list of argv[1] (JSON) and prints (exit code, stderr) of
+# each as JSON: one child process for many PyTorch files.
+CONVERT_EACH = textwrap.dedent("""
+    import contextlib, io, json, sys
+    from sit_jax import convert
+    results = []
+    for args in json.loads(sys.argv[1]):
+      err = io.StringIO()
+      with contextlib.redirect_stderr(err):
+        results.append((convert.main(args), err.getvalue()))
+    print(json.dumps(results))
+    """)
+
+
+def test_a_damaged_or_foreign_pth_file_is_one_line(reference, tmp_path):
+  """A download that failed (an HTML page, an empty file) or was cut off is named as such, in one
+  line, with or without --unsafe_pickle; it was told to pass --unsafe_pickle, or a traceback."""
+  data = (reference / "dino_style.pth").read_bytes()
+  files = {"page.pth": b"<!DOCTYPE html><html><body>Not Found</body></html>", "empty.pth": b"",
+           "cut.pth": data[:len(data) // 2]}
+  for name, content in files.items():
+    (tmp_path / name).write_bytes(content)
+  runs = [["to-jax", f"--input={tmp_path / name}", f"--output={tmp_path / 'out'}", *unsafe]
+          for name in files for unsafe in ([], ["--unsafe_pickle"])]
+  proc = run_python("-c", CONVERT_EACH, json.dumps(runs))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads(proc.stdout.splitlines()[-1])
+  want = [r"page\.pth is not a PyTorch file \(it begins b'<!DOCTYPE html>.*\): a failed or "
+          r"cut-off download\? Fetch it again\.",
+          r"empty\.pth is not a PyTorch file \(it is empty\)",
+          r"cut\.pth is not a readable PyTorch file \(.*\); is it truncated or corrupt\?"]
+  for (code, stderr), pattern in zip(results, [p for p in want for _ in range(2)]):
+    assert code == 1 and stderr.count("\n") == 1, stderr
+    assert re.match("sit_jax.convert: error: .*" + pattern, stderr), stderr
+  assert not (tmp_path / "out").exists()
 
 
 def test_the_gmml_authors_checkpoint_layout(reference):
