@@ -270,31 +270,29 @@ def test_folder_of_image_mask_pairs(tmp_path, caplog):
   # Class 256 would wrap to 0 in the one byte a label map holds per pixel.
   with pytest.raises(segment_data.SegmentationDataError, match=r"num_classes=256: .* 1..255"):
     segment_data.open_split(f"folder:{tmp_path}", "train", num_classes=256)
-  # A mask value that is no class, and a colour mask: the file and the fix, not a NaN loss.
-  Image.fromarray(np.full((10, 12), 7, np.uint8)).save(tmp_path / "test" / "masks" / "0.png")
-  Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(tmp_path / "test" / "masks" / "1.png")
-  data = segment_data.open_split(f"folder:{tmp_path}", "test", num_classes=3)
-  with pytest.raises(segment_data.SegmentationDataError,
-                     match=r"0.png holds the value 7, not a class of data.num_classes=3"):
-    data.load(0)
-  with pytest.raises(segment_data.SegmentationDataError, match="1.png has 3 channels"):
-    data.load(1)
-  # A mask a pixel off is squashed with its image; one of another shape (a turned image) and a
-  # JPEG mask (edges move to neighbouring classes) are refused; an image without a mask is left
-  # out, with a warning.
-  Image.fromarray(np.full((11, 12), 1, np.uint8)).save(tmp_path / "test" / "masks" / "0.png")
-  Image.fromarray(np.zeros((12, 10), np.uint8)).save(tmp_path / "test" / "masks" / "1.png")
+  # Every mask is checked when the split opens, before any work: a value that is no class, a
+  # colour mask, one of another shape than its image (a turned image; a pixel off is squashed
+  # with it), a JPEG (edges move to neighbouring classes). The file and the fix, not a NaN loss.
+  masks = tmp_path / "test" / "masks"
+  bad = {"0.png": (np.full((10, 12), 7, np.uint8),
+                   r"0.png holds the value 7, not a class of data.num_classes=3"),
+         "1.png": (np.zeros((10, 12, 3), np.uint8), "1.png has 3 channels"),
+         "1.jpg": (np.zeros((10, 12), np.uint8), "1 of its masks are JPEG"),
+         "0.bmp": (np.zeros((12, 10), np.uint8), r"0.bmp is 10x12 px, its image .*0.jpg 12x10")}
+  for name, (mask, error) in bad.items():
+    os.rename(masks / f"{name[0]}.png", tmp_path / "kept.png")
+    Image.fromarray(mask).save(masks / name)
+    with pytest.raises(segment_data.SegmentationDataError, match=error):
+      segment_data.open_split(f"folder:{tmp_path}", "test", num_classes=3)
+    os.remove(masks / name)
+    os.rename(tmp_path / "kept.png", masks / f"{name[0]}.png")
+  Image.fromarray(np.full((11, 12), 1, np.uint8)).save(masks / "1.png")
+  # An image without a mask is left out, with a warning.
   Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(tmp_path / "test" / "images" / "2.jpg")
   with caplog.at_level("WARNING"):
     data = segment_data.open_split(f"folder:{tmp_path}", "test", num_classes=3)
   assert data.num_examples == 2 and "1 of its 3 images have no mask" in caplog.text
-  assert data.load(0)[1].shape == (11, 12)
-  with pytest.raises(segment_data.SegmentationDataError,
-                     match=r"1.png is 10x12 px, its image .*1.jpg 12x10"):
-    data.load(1)
-  Image.fromarray(np.zeros((10, 12), np.uint8)).save(tmp_path / "test" / "masks" / "2.jpg")
-  with pytest.raises(segment_data.SegmentationDataError, match="1 of its masks are JPEG"):
-    segment_data.open_split(f"folder:{tmp_path}", "test", num_classes=3)
+  assert data.load(1)[1].shape == (11, 12)
   # No val/ folder: the validation split is a slice of train, never the whole folder.
   with pytest.raises(image_data.SplitNotFound, match="its split folders are test, train"):
     segment_data.open_split(f"folder:{tmp_path}", "val", num_classes=3)

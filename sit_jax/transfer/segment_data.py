@@ -32,6 +32,7 @@ import dataclasses
 import functools
 import math
 import os
+import time
 from typing import Callable, Iterator, Sequence
 
 from absl import logging
@@ -203,17 +204,18 @@ def _folder(path, split, num_classes):
                     "left out.", root, len(unmasked), len(images), ", ".join(unmasked[:3]))
   _, keep = _slice(split, len(pairs))
 
-  def load(i):
+  def labels_of(i):
+    """Example i's label map, checked against data.num_classes and its image's size."""
     image_path, mask_path = pairs[keep[i]]
     with Image.open(image_path) as im, Image.open(mask_path) as m:
-      image, labels = np.asarray(rgb_or_grey(im).convert("RGB")), np.asarray(m)
+      (w, h), labels = im.size, np.asarray(m)
     if labels.ndim != 2:
       raise SegmentationDataError(f"{mask_path} has {labels.shape[-1]} channels: save each mask "
                                   "as one channel of class indices (a grey or palette PNG).")
     # Both are squashed to image_size: a pixel's difference shifts a label by less than one of
     # the image's pixels; a mask of another shape (turned, cropped) would label other pixels.
-    if np.any(np.abs(np.subtract(labels.shape, image.shape[:2])) > 1):
-      (h, w), (mh, mw) = image.shape[:2], labels.shape
+    if np.any(np.abs(np.subtract(labels.shape, (h, w))) > 1):
+      mh, mw = labels.shape
       raise SegmentationDataError(
           f"{mask_path} is {mw}x{mh} px, its image {image_path} {w}x{h}: a mask labels the "
           "pixels of its image, so it must have the image's size (an image that its EXIF "
@@ -224,7 +226,20 @@ def _folder(path, split, num_classes):
           f"{mask_path} holds the value {int(wrong.max())}, not a class of data.num_classes="
           f"{num_classes} (0..{num_classes - 1}) nor {IGNORE} (not scored): raise "
           f"data.num_classes, or map the value to {IGNORE}.")
-    return image, labels
+    return labels
+
+  def load(i):
+    with Image.open(pairs[keep[i]][0]) as im:
+      return np.asarray(rgb_or_grey(im).convert("RGB")), labels_of(i)
+
+  # Every mask is checked before any work: where first read, a bad one would stop training
+  # midway, or the test split's after training.
+  start = time.perf_counter()
+  with concurrent.futures.ThreadPoolExecutor(16) as pool:
+    for _ in pool.map(labels_of, range(len(keep))):
+      pass
+  logging.info("folder:%s/%s: %d masks checked in %.1f s", path, split, len(keep),
+               time.perf_counter() - start)
 
   return SegmentationData(f"folder:{path}/{split}", num_classes, len(keep), load, root=root,
                           indices=keep)
