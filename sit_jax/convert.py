@@ -11,7 +11,8 @@ checkpoints ('teacher'/'student' as in DINO and SiT, GMML's 'SiT_model', 'model'
 pre_logits.*) with a warning, and infers the architecture from the shapes: width from cls_token,
 depth from the number of blocks, patch size from patch_embed.proj.weight, image size from the
 position-embedding grid times the patch size, heads from --num_heads or the standard table.
-Anything else (a distillation token, layer scale, fc_norm, ...) is an error naming the keys.
+Anything else (tokens besides CLS: distillation, registers; layer scale, fc_norm, ...) is an
+error naming the keys.
 
 to-timm writes a state dict that `timm.models.vision_transformer.VisionTransformer(img_size=...,
 patch_size=..., embed_dim=..., depth=..., num_heads=..., num_classes=0)` loads with strict=True;
@@ -38,6 +39,11 @@ WRAPPERS = ("model", "state_dict", "model_state", "model_state_dict", "module", 
             "params", "SiT_model")
 HEAD_PREFIXES = ("head.", "head_", "pre_logits.")
 STRIP_PREFIXES = ("module.", "_orig_mod.", "backbone.")
+# Tokens besides CLS, which sit_jax's backbone does not have, by their names in their authors' code.
+EXTRA_TOKENS = {"dist_token": "DeiT's distillation token", "reg_token": "timm's register tokens",
+                "register_tokens": "DINOv2's register tokens",
+                "rot_token": "SiT v1's rotation token",
+                "contrastive_token": "SiT v1's contrastive token"}
 
 
 class ConversionError(ValueError):
@@ -204,6 +210,12 @@ def backbone_state(state: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], lis
   dropped += heads
   for k in heads:
     del state[k]
+  extra = [k for k in EXTRA_TOKENS if k in state]
+  if extra:
+    raise ConversionError(
+        f"The checkpoint has {', '.join(f'{k} ({EXTRA_TOKENS[k]})' for k in extra)}: tokens "
+        "besides CLS, which sit_jax's backbone (CLS and the patches) has no place for; such a "
+        "ViT cannot be converted.")
   if any(k.startswith("fc_norm.") for k in state):
     raise ConversionError(
         "The checkpoint has fc_norm.*: it is a global-average-pooling ViT whose final norm "
@@ -225,8 +237,9 @@ def infer_model_config(state: Mapping[str, np.ndarray], num_heads: int | None = 
   tokens = int(state["pos_embed"].shape[1]) - 1
   grid = int(round(np.sqrt(tokens)))
   if grid * grid != tokens:
-    raise ConversionError(f"pos_embed has {tokens} patch positions (+1 CLS), not a square grid "
-                          "(extra prefix tokens, e.g. a distillation token, are not supported).")
+    raise ConversionError(f"pos_embed has {tokens + 1} positions, not CLS + a square grid of "
+                          "patches as sit_jax's backbone: one without a CLS position (timm's "
+                          "no_embed_class) or for non-square images cannot be converted.")
   fc1 = state.get("blocks.0.mlp.fc1.weight")
   if fc1 is not None and fc1.shape[0] != 4 * width:
     raise ConversionError(f"MLP hidden size {fc1.shape[0]} is not 4 x width {width}; sit_jax "

@@ -164,13 +164,24 @@ def test_to_timm_writes_a_checkpoint_s_student_or_teacher(exported_backbone, tmp
 
 def test_unknown_and_missing_keys_are_listed(reference):
   state = load_file(str(reference / "timm.safetensors"))
-  state["dist_token"] = np.zeros((1, 1, 384), np.float32)
-  del state["blocks.3.attn.qkv.bias"]
-  listed = r"missing \(1\): blocks\.3\.attn\.qkv\.bias.*unexpected \(1\): dist_token"
+  damaged = {**state, "blocks.3.attn.proj.scale": np.ones(384, np.float32)}
+  del damaged["blocks.3.attn.qkv.bias"]
+  listed = (r"missing \(1\): blocks\.3\.attn\.qkv\.bias.*unexpected \(1\): "
+            r"blocks\.3\.attn\.proj\.scale")
   with pytest.raises(convert.ConversionError, match=listed):
-    convert.torch_to_params(state)
+    convert.torch_to_params(damaged)
   with pytest.raises(convert.ConversionError, match="fc_norm"):
     convert.backbone_state({**state, "fc_norm.weight": np.ones(384, np.float32)})
+  # Tokens besides CLS are named (the error was a non-square grid, or a missing cls_token).
+  token = np.zeros((1, 1, 384), np.float32)
+  deit = {**state, "dist_token": token, "pos_embed": np.zeros((1, 198, 384), np.float32)}
+  sit_v1 = {**state, "rot_token": token, "contrastive_token": token, "pos_embed": deit["pos_embed"]}
+  del sit_v1["cls_token"]
+  for found, named in ((deit, r"dist_token \(DeiT's distillation token\)"),
+                       (sit_v1, r"rot_token \(SiT v1's rotation token\), contrastive_token")):
+    with pytest.raises(convert.ConversionError, match=f"^The checkpoint has {named}.*: tokens "
+                       "besides CLS, .* cannot be converted.$"):
+      convert.backbone_state(found)
   with pytest.raises(convert.ConversionError, match="No sit_jax variant"):
     convert.torch_to_params(state, num_heads=5)
 
