@@ -9,6 +9,7 @@ For each of fewshot.shots examples per class and each of fewshot.seeds draws, a 
 ridge regression on the l2-normalised frozen features (one-hot targets in {-1, 1}, unpenalised
 bias) is fitted to the drawn train examples; its l2 (among fewshot.l2) is chosen on the
 validation split, then the test split is scored: mean and standard deviation over the seeds.
+A train split with fewer images of a class than the largest shot count is refused.
 Train, validation and test features are extracted once and cached in DIR/feature_cache (or
 config.feature_cache) for later runs on the same checkpoint.
 Results: DIR/results.json ('fewshot': per shot count test mean/std, chosen l2, validation).
@@ -26,6 +27,9 @@ RECIPES = tc.FEATURE_RECIPES  # the datasets with defaults (image size, batch)
 # 25 shots need ~25 images per class, not 1.27M features: ImageNet's shots come from the first
 # 10% of train; elsewhere from the whole train split.
 SHOT_POOLS = {"imagenet2012": "train[:10%]"}
+# Shot counts up to the fewest train images of a class (more are refused): flowers' train split
+# holds 10 of each.
+SHOTS = {"oxford_flowers102": (1, 5, 10)}
 
 
 def get_config(arg=None):
@@ -34,7 +38,7 @@ def get_config(arg=None):
   c = tc.frozen_features_config("fewshot", dataset)
   c.data.train_split = SHOT_POOLS.get(dataset, c.data.train_split)  # the shots are drawn here.
   c.fewshot = dict(
-      shots=(1, 5, 10, 25),
+      shots=SHOTS.get(dataset, (1, 5, 10, 25)),
       seeds=5,                                  # draws of the shots per shot count.
       l2=tuple(2.0 ** e for e in range(-16, 11, 2)),  # chosen per shot count on validation.
   )

@@ -49,6 +49,20 @@ def test_shots_per_class_are_distinct_and_reproducible():
   assert np.bincount(labels[fewshot.sample_shots(labels, 18, 0, 5)]).tolist() == [17] + [18] * 4
 
 
+# The fewest train images of a class in each recipe's shot pool, from the datasets' published
+# sizes: flowers' train split holds 10 of each class, ImageNet's smallest class 732 (of which
+# train[:10%] keeps about 73), pets' 93-100 per class (train[:90%]), the 1,200 digits 111.
+FEWEST_PER_CLASS = {"imagenet2012": 60, "cifar10": 4800, "cifar100": 450, "stl10": 420,
+                    "oxford_flowers102": 10, "oxford_iiit_pet": 75, "digits": 111}
+
+
+def test_each_recipes_shots_fit_its_train_split():
+  assert set(FEWEST_PER_CLASS) == set(fewshot_config.RECIPES)
+  for dataset, fewest in FEWEST_PER_CLASS.items():
+    c = fewshot_config.get_config("runlocal" if dataset == "digits" else f"dataset={dataset}")
+    assert max(c.fewshot.shots) <= fewest, (dataset, c.fewshot.shots)
+
+
 def test_l2_is_chosen_on_validation_and_test_scored_at_it():
   rng = np.random.default_rng(0)
   centres = rng.normal(size=(3, 8))
