@@ -366,6 +366,12 @@ def save_state_dict(state: Mapping[str, np.ndarray], path: str):
     raise ConversionError(f"Unknown output format {path!r}: use .safetensors, .pth or .pt.")
 
 
+# What a backbone with model.standardize_input does to its input (vit.standardize_per_image), for
+# timm: x, (N, 3, H, W), normalised by ImageNet's mean and std as sit_jax normalises it.
+TIMM_STANDARDIZE = ("x = (x - x.mean((2, 3), keepdim=True)) / "
+                    "x.std((2, 3), keepdim=True, unbiased=False).clamp_min(0.01)")
+
+
 def to_timm(input_path: str, output_path: str, use: str = "student") -> dict:
   """Writes the backbone of a sit_jax export/checkpoint/workdir as a timm state dict: a
   checkpoint's student, or with use='teacher' its momentum teacher."""
@@ -377,11 +383,12 @@ def to_timm(input_path: str, output_path: str, use: str = "student") -> dict:
   save_state_dict(state, output_path)
   print(f"Wrote {len(state)} tensors to {output_path}. Load them with\n"
         f"  model = {timm_constructor(config)}\n"
-        f"  model.load_state_dict(<the file>, strict=True)")
+        f"  model.load_state_dict(<the file>, strict=True)\n"
+        "and give it images x normalised by ImageNet's mean and std, as sit_jax does.")
   if config.get("standardize_input"):
-    print("This backbone was trained on images standardised one by one (model.standardize_input):"
-          " timm's model does not do it, so feed it each image's channels shifted and scaled to "
-          "mean 0, std 1 (sit_jax.models.vit.standardize_per_image).")
+    print("This backbone standardises each image first (model.standardize_input), which timm's "
+          "model does not: without this step before model(x) its features differ from "
+          f"sit_jax's.\n  {TIMM_STANDARDIZE}")
   return config
 
 

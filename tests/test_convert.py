@@ -162,6 +162,55 @@ def test_to_timm_writes_a_checkpoint_s_student_or_teacher(exported_backbone, tmp
     jax.tree.map(np.testing.assert_array_equal, got, want)
 
 
+# argv: a timm state dict, the to-timm lines that build the model and standardise its input,
+# uint8 images (.npy, NHWC) and where to save forward_features of them (.npz), without the
+# standardising line ('plain') and with it ('told').
+TIMM_FEATURES = textwrap.dedent("""
+    import sys
+    import numpy as np, timm, torch
+    from safetensors.torch import load_file
+    state, build, standardize, images, out = sys.argv[1:]
+    exec(build)
+    model.load_state_dict(load_file(state), strict=True)
+    x = torch.from_numpy(np.load(images)).permute(0, 3, 1, 2).float() / 255
+    x = (x - torch.tensor(timm.data.IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)) / torch.tensor(
+        timm.data.IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+      plain = model.eval().forward_features(x).numpy()
+      exec(standardize)
+      np.savez(out, plain=plain, told=model.forward_features(x).numpy())
+    """)
+
+
+def test_timm_gives_a_standardize_input_backbone_s_features_as_told(exported_backbone, tmp_path,
+                                                                    capsys):
+  """The same uint8 images give the same tokens in timm, through the lines to-timm prints, as in
+  sit_jax's transfer runs (ImageNet normalisation, then the backbone's own standardisation)."""
+  from sit_jax.transfer import common
+  _, params = exported_backbone
+  config = {"variant": "Mu/4", "image_size": 32, "standardize_input": True}
+  export = checkpoint.export_backbone(tmp_path / "export", {"backbone": params}, config)
+  out = str(tmp_path / "timm.safetensors")
+  assert convert.main(["to-timm", f"--input={export}", f"--output={out}"]) == 0
+  printed = capsys.readouterr().out.splitlines()
+  build = "import timm\n" + next(l for l in printed if "model = timm." in l).strip()
+  standardize = next(l for l in printed if l.strip().startswith("x = ")).strip()
+  images = np.random.RandomState(0).randint(0, 256, (4, 32, 32, 3)).astype(np.uint8)
+  images[3] = 100
+  images[3, :16] = 101  # one grey level apart: a std below the floor standardize_per_image sets
+  np.save(tmp_path / "images.npy", images)
+  module = vit.backbone_from_config(config)
+  out_jax = module.apply({"params": params}, common.to_input(jnp.asarray(images)))
+  want = np.concatenate([np.asarray(out_jax["cls"])[:, None], np.asarray(out_jax["patches"])], 1)
+  proc = run_python("-c", TIMM_FEATURES, out, build, standardize, str(tmp_path / "images.npy"),
+                    str(tmp_path / "tokens.npz"))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  got = np.load(tmp_path / "tokens.npz")
+  np.testing.assert_allclose(got["told"], want, atol=1e-4, rtol=0)
+  # The step matters: without it every image's tokens are others.
+  assert all(np.abs(got["plain"] - want)[i].max() > 0.1 for i in range(4))
+
+
 def test_unknown_and_missing_keys_are_listed(reference):
   state = load_file(str(reference / "timm.safetensors"))
   damaged = {**state, "blocks.3.attn.proj.scale": np.ones(384, np.float32)}
