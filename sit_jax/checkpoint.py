@@ -20,6 +20,7 @@ and `model_config.json`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -44,6 +45,10 @@ EXPORT_PARAMS = "params"
 EXPORT_CONFIG = "model_config.json"
 EXPORT_DIR = "backbone"  # of a pretraining workdir
 CORRUPT_SUFFIX = ".corrupt"
+# Model settings that sit_jax added after it had written checkpoints without them (scan_layers on
+# 2026-11-26, standardize_input on 2026-12-03): such a checkpoint was trained as the ViT's default
+# for the setting computes, and resumes with that value.
+ADDED_MODEL_SETTINGS = ("scan_layers", "standardize_input")
 # Sub-directories of a workdir that `load_backbone` searches for step dirs.
 CHECKPOINT_SUBDIRS = ("", "checkpoints", "ckpt", "checkpoint")
 
@@ -469,11 +474,21 @@ def _read_metadata(step_dir: epath.Path) -> dict:
     raise _Unreadable(f"cannot read its metadata: {_short(e)}") from e
 
 
+def _with_added_model_settings(metadata: dict) -> dict:
+  """`metadata` with the ADDED_MODEL_SETTINGS its 'model' lacks, at the ViT's defaults."""
+  model = metadata.get("model")
+  if not isinstance(model, dict):
+    return metadata
+  defaults = {f.name: f.default for f in dataclasses.fields(vit.VisionTransformer)}
+  return {**metadata, "model": {**{k: defaults[k] for k in ADDED_MODEL_SETTINGS}, **model}}
+
+
 def _check_metadata(step_dir, expected: dict, actual: dict):
   """Raises CheckpointError if `actual` differs from `expected` on one of its keys. Other
   entries (model, experiment) come first, listing the differing fields: another experiment's
   checkpoint differs in its settings too, and setting those back would not resume it. Then the
   'settings' entry ({dotted config key: value}), one sentence per setting."""
+  expected, actual = _with_added_model_settings(expected), _with_added_model_settings(actual)
   diffs = []
   for key, value in expected.items():
     if key == "settings":

@@ -236,6 +236,20 @@ def test_metadata_mismatch_is_checked_before_arrays(tmp_path):
   assert "clip_norm" not in str(e.value)
 
 
+def test_a_checkpoint_older_than_a_model_setting_resumes_at_its_default(tmp_path):
+  """sit_jax before 2026-12-03 saved no model.standardize_input (nor, before 2026-11-26,
+  scan_layers): its checkpoints were trained without them, as their default False computes."""
+  with Checkpointer(tmp_path / "ck", every=1, async_save=False) as ck:
+    ck.save(1, make_state(1), metadata={"model": MODEL})
+    now = dict(MODEL, scan_layers=False, standardize_input=False)
+    restored, _ = ck.restore(abstract(make_state()), expected_metadata={"model": now})
+    assert_tree_equal(restored, make_state(1))
+    with pytest.raises(CheckpointError) as e:
+      ck.restore(abstract(make_state()),
+                 expected_metadata={"model": dict(now, standardize_input=True)})
+  assert "model.standardize_input: checkpoint=False, expected=True" in str(e.value)
+
+
 def test_structure_mismatch_names_leaves(tmp_path):
   with Checkpointer(tmp_path / "ck", every=1, async_save=False) as ck:
     ck.save(1, make_state(1), metadata={"model": MODEL})
