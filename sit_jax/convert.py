@@ -325,10 +325,30 @@ def params_to_timm(params: Mapping) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------------------------------------
 
 
+def check_output_dir(output_dir: str, overwrite: bool):
+  """Raises unless to-jax may write an export to `output_dir`: a new or empty directory, or with
+  `overwrite` one that holds an export and nothing else."""
+  from etils import epath
+  from sit_jax import checkpoint
+  d = epath.Path(output_dir)
+  names = [p.name for p in d.iterdir()] if d.is_dir() else []
+  others = [n for n in names
+            if n != checkpoint.EXPORT_CONFIG and not n.startswith(checkpoint.EXPORT_PARAMS)]
+  if others:
+    raise ConversionError(
+        f"{output_dir} holds other files ({_list(others, 5)}): write the export to a new or empty "
+        "directory (in a workdir it would stand in for the run's checkpoints wherever "
+        "--config.init names the workdir).")
+  if names and not overwrite:
+    raise ConversionError(f"{output_dir} already holds a backbone export; pass --overwrite to "
+                          "replace it.")
+
+
 def to_jax(input_path: str, output_dir: str, *, num_heads: int | None = None,
            use: str = "teacher", overwrite: bool = False, unsafe_pickle: bool = False) -> dict:
   """Converts a PyTorch ViT checkpoint into a sit_jax backbone export; returns its model config."""
   from sit_jax import checkpoint
+  check_output_dir(output_dir, overwrite)
   obj = load_file(input_path, unsafe_pickle=unsafe_pickle)
   state, where = find_state_dict(obj, use)
   state, dropped = backbone_state(state)
@@ -421,9 +441,6 @@ def main(argv=None) -> int:
   absl_logger.setLevel(std_logging.WARNING)  # orbax is chatty at INFO.
   try:
     if args.command == "to-jax":
-      if not args.overwrite and os.path.exists(os.path.join(args.output, checkpoint.EXPORT_CONFIG)):
-        raise ConversionError(f"{args.output} already holds a backbone export; pass --overwrite "
-                              "to replace it.")
       config = to_jax(args.input, args.output, num_heads=args.num_heads, use=args.use,
                       overwrite=args.overwrite, unsafe_pickle=args.unsafe_pickle)
       print(f"Wrote a {config['variant']} backbone at {config['image_size']}px to {args.output}; "

@@ -245,6 +245,18 @@ def test_command_line_errors_name_the_problem(tmp_path):
   assert "encoder.weight" in proc.stderr
 
 
+def test_to_jax_writes_no_export_into_a_directory_of_other_files(reference, tmp_path):
+  """An export in a workdir would stand in for the run's checkpoints wherever --config.init
+  names the workdir: to-jax writes only to a new or empty directory or (--overwrite) an export."""
+  workdir = tmp_path / "run"
+  (workdir / "checkpoints").mkdir(parents=True)
+  (workdir / "config.json").write_text("{}")
+  with pytest.raises(convert.ConversionError, match=r"run holds other files \(checkpoints, "
+                     r"config\.json\): write the export to a new or empty directory"):
+    convert.to_jax(str(reference / "timm.safetensors"), str(workdir), overwrite=True)
+  assert sorted(os.listdir(workdir)) == ["checkpoints", "config.json"]
+
+
 def test_half_precision_safetensors_become_float32(reference, tmp_path):
   """Weights stored in float16 become float32 parameters, as from a .pth (whose tensors torch
   upcasts): fine-tuning must not keep half-precision master weights and Adam moments."""
