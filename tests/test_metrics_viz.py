@@ -316,9 +316,10 @@ def test_pictures_show_the_views_the_network_read():
 
 def test_progress_lines_eta_counts_the_evaluations_to_come_and_lr_is_the_steps(tmp_path, capsys,
                                                                                 monkeypatch):
-  """On a clock where each step takes 1 s and each evaluation 5 s, every ETA is the time the run
-  then still takes (it had left out the evaluations: 0:00:06 at step 4, where 16 s were left), and
-  the lr of a row is the one its step used, while the losses are the means since the last row."""
+  """On a clock where each step takes 1 s and each evaluation 5 s, every ETA from the first
+  evaluation on is the time the run then still takes (it had left out the evaluations to come:
+  0:00:06 at step 4, where 16 s were left), and the lr of a row is the one its step used (it was
+  the mean since the previous row: 0.05 at step 2, whose lr is 0.1), while the losses are means."""
   import itertools
   import types
   from sit_jax import trainer
