@@ -293,6 +293,16 @@ def test_folder_of_image_mask_pairs(tmp_path, caplog):
     data = segment_data.open_split(f"folder:{tmp_path}", "test", num_classes=3)
   assert data.num_examples == 2 and "1 of its 3 images have no mask" in caplog.text
   assert data.load(1)[1].shape == (11, 12)
+  # A file that cannot be decoded is named: a mask (or an image's header) when the split opens,
+  # an image where it is loaded (a traceback without the file's name before).
+  image = (tmp_path / "test" / "images" / "0.jpg").read_bytes()
+  (tmp_path / "test" / "images" / "0.jpg").write_bytes(image[:-100])
+  with pytest.raises(segment_data.SegmentationDataError, match=r"0.jpg cannot be read \("):
+    data.load(0)
+  (tmp_path / "test" / "images" / "0.jpg").write_bytes(image)
+  (tmp_path / "test" / "masks" / "1.png").write_bytes(b"not a png")
+  with pytest.raises(segment_data.SegmentationDataError, match=r"1.png cannot be read \("):
+    segment_data.open_split(f"folder:{tmp_path}", "test", num_classes=3)
   # No val/ folder: the validation split is a slice of train, never the whole folder.
   with pytest.raises(image_data.SplitNotFound, match="its split folders are test, train"):
     segment_data.open_split(f"folder:{tmp_path}", "val", num_classes=3)

@@ -175,6 +175,16 @@ def _embedded(name, split):
                           root=f"embedded:{name}/{base}", indices=keep)
 
 
+def _read(path, read):
+  """read(the image file at path, opened), or one line naming the file that cannot be read."""
+  try:
+    with Image.open(path) as im:
+      return read(im)
+  except data._PIL_ERRORS as e:
+    raise SegmentationDataError(f"{path} cannot be read ({e}): replace it, or remove its "
+                                "image and mask.") from e
+
+
 def _folder(path, split, num_classes):
   if not 0 < num_classes <= IGNORE:
     raise SegmentationDataError(f"folder:{path}: data.num_classes={num_classes}: set it to the "
@@ -207,8 +217,7 @@ def _folder(path, split, num_classes):
   def labels_of(i):
     """Example i's label map, checked against data.num_classes and its image's size."""
     image_path, mask_path = pairs[keep[i]]
-    with Image.open(image_path) as im, Image.open(mask_path) as m:
-      (w, h), labels = im.size, np.asarray(m)
+    (w, h), labels = _read(image_path, lambda im: im.size), _read(mask_path, np.asarray)
     if labels.ndim != 2:
       raise SegmentationDataError(f"{mask_path} has {labels.shape[-1]} channels: save each mask "
                                   "as one channel of class indices (a grey or palette PNG).")
@@ -229,8 +238,8 @@ def _folder(path, split, num_classes):
     return labels
 
   def load(i):
-    with Image.open(pairs[keep[i]][0]) as im:
-      return np.asarray(rgb_or_grey(im).convert("RGB")), labels_of(i)
+    return (_read(pairs[keep[i]][0], lambda im: np.asarray(rgb_or_grey(im).convert("RGB"))),
+            labels_of(i))
 
   # Every mask is checked before any work: where first read, a bad one would stop training
   # midway, or the test split's after training.
