@@ -396,6 +396,9 @@ def to_timm(input_path: str, output_path: str, use: str = "student") -> dict:
   """Writes the backbone of a sit_jax export/checkpoint/workdir as a timm state dict: a
   checkpoint's student, or with use='teacher' its momentum teacher."""
   from sit_jax import checkpoint
+  if os.path.isfile(input_path):
+    raise ConversionError(f"{input_path} is a file: to-timm reads a sit_jax workdir, checkpoint "
+                          "step or backbone export (to-jax converts PyTorch weights to one).")
   loaded, config = checkpoint.load_backbone(input_path, use)
   if "backbone" not in loaded:
     raise ConversionError(f"{input_path} holds no 'backbone' parameters ({_list(loaded)}).")

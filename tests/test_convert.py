@@ -268,7 +268,7 @@ def test_half_precision_safetensors_become_float32(reference, tmp_path):
                                 half["cls_token"].astype(np.float32).ravel())
 
 
-def test_a_truncated_file_is_one_line(reference, tmp_path):
+def test_a_truncated_file_or_the_wrong_kind_of_input_is_one_line(reference, tmp_path):
   data = (reference / "timm.safetensors").read_bytes()
   truncated = tmp_path / "cut.safetensors"
   truncated.write_bytes(data[:len(data) // 2])
@@ -277,6 +277,9 @@ def test_a_truncated_file_is_one_line(reference, tmp_path):
     convert.load_file(str(truncated))
   with pytest.raises(convert.ConversionError, match="is a directory, not a .pth/.pt/.safetensors"):
     convert.load_file(str(tmp_path))  # e.g. a sit_jax export, which needs no conversion
+  with pytest.raises(convert.ConversionError, match="cut.safetensors is a file: to-timm reads a "
+                     "sit_jax workdir, checkpoint step or backbone export"):
+    convert.to_timm(str(truncated), str(tmp_path / "out.safetensors"))
 
 
 # Runs `convert.main` on each argument list of argv[1] (JSON) and prints (exit code, stderr) of
