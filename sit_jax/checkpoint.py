@@ -93,6 +93,17 @@ def _short(err: BaseException, limit: int = 300) -> str:
   return msg if len(msg) <= limit else msg[:limit] + " ..."
 
 
+def _out_of_memory(err: BaseException) -> bool:
+  """Whether `err` or an error it wraps is the host's (MemoryError) or a device's lack of
+  memory."""
+  while err is not None:
+    if isinstance(err, MemoryError) or (isinstance(err, jax.errors.JaxRuntimeError)
+                                        and "RESOURCE_EXHAUSTED" in str(err)):
+      return True
+    err = err.__cause__ or err.__context__
+  return False
+
+
 def _flat_abstract(tree) -> dict[tuple[str, ...], Any]:
   from sit_jax import sharding
   leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
@@ -421,6 +432,11 @@ class Checkpointer:
       state = self._mngr.restore(step, args=ocp.args.Composite(**{
           STATE_ITEM: ocp.args.StandardRestore(abstract_state)}))[STATE_ITEM]
     except Exception as e:
+      if _out_of_memory(e):  # the step is fine: it must not be set aside as unreadable.
+        raise CheckpointError(
+            f"Restoring step {step} from {self.directory} ran out of memory ({_short(e)}); the "
+            "checkpoint is kept as it is. Resume where the train state fits: more devices or "
+            "hosts, or the fsdp rules (config argument fsdp) to shard it over them.") from e
       raise _Unreadable(_short(e)) from e
     return state, metadata
 

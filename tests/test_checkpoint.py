@@ -178,6 +178,33 @@ def test_corrupt_latest_step_error_and_fallback(tmp_path):
   assert sorted(os.listdir(d)) == ["1", "2.corrupt"]
 
 
+def test_a_restore_out_of_memory_sets_no_step_aside(tmp_path, monkeypatch):
+  """A machine too small for the state (an 8-device run resumed on 1) is not a corrupt
+  checkpoint: the good latest step stays, and the line says what to do instead."""
+  d = tmp_path / "ck"
+  with Checkpointer(d, every=1, async_save=False) as ck:
+    ck.save(1, make_state(1), metadata={"model": MODEL})
+    ck.save(2, make_state(2), metadata={"model": MODEL})
+  restore = ckpt_lib._Manager.restore
+
+  def out_of_memory_at_2(self, step, *args, **kwargs):
+    if step != 2:
+      return restore(self, step, *args, **kwargs)
+    try:  # what orbax raises when numpy cannot allocate an array it reads
+      raise MemoryError("Unable to allocate 381. MiB for an array with shape (100000000,)")
+    except MemoryError as e:
+      raise ValueError("Encountered error while reading array index: (). See full TensorStore "
+                       "details: ...") from e
+
+  monkeypatch.setattr(ckpt_lib._Manager, "restore", out_of_memory_at_2)
+  with Checkpointer(d, every=1) as ck:
+    with pytest.raises(CheckpointError, match=r"step 2 .* ran out of memory \(Unable to allocate "
+                       r"381. MiB.*kept as it is.*more devices") as e:
+      ck.restore(abstract(make_state()), fallback=True)
+    assert "corrupt" not in str(e.value) and ck.set_aside == []
+  assert sorted(os.listdir(d)) == ["1", "2"]
+
+
 def test_cross_mesh_restore_8_to_4_devices(tmp_path):
   assert len(jax.devices()) == 8
   mesh8 = Mesh(np.array(jax.devices()).reshape(8), ("data",))
