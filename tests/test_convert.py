@@ -235,16 +235,6 @@ def test_unknown_and_missing_keys_are_listed(reference):
     convert.torch_to_params(state, num_heads=5)
 
 
-def test_command_line_errors_name_the_problem(tmp_path):
-  path = str(tmp_path / "odd.safetensors")
-  save_file({"encoder.weight": np.zeros((2, 2), np.float32)}, path)
-  proc = run_python("-m", "sit_jax.convert", "to-jax", f"--input={path}",
-                    f"--output={tmp_path / 'out'}", timeout=120)
-  assert proc.returncode == 1
-  assert "sit_jax.convert: error: Missing 'cls_token'" in proc.stderr
-  assert "encoder.weight" in proc.stderr
-
-
 def test_to_jax_writes_no_export_into_a_directory_of_other_files(reference, tmp_path):
   """An export in a workdir would stand in for the run's checkpoints wherever --config.init
   names the workdir: to-jax writes only to a new or empty directory or (--overwrite) an export."""
@@ -296,26 +286,31 @@ CONVERT_EACH = textwrap.dedent("""
     """)
 
 
-def test_a_damaged_or_foreign_pth_file_is_one_line(reference, tmp_path):
-  """A download that failed (an HTML page, an empty file) or was cut off is named as such, in one
-  line, with or without --unsafe_pickle; it was told to pass --unsafe_pickle, or a traceback."""
+def test_command_line_errors_name_the_problem(reference, tmp_path):
+  """One line each, exit code 1: weights of no ViT name the keys found; a download that failed
+  (an HTML page, an empty file) or was cut off is named as such, with or without
+  --unsafe_pickle (it was told to pass --unsafe_pickle, or a traceback)."""
+  save_file({"encoder.weight": np.zeros((2, 2), np.float32)}, str(tmp_path / "odd.safetensors"))
   data = (reference / "dino_style.pth").read_bytes()
   files = {"page.pth": b"<!DOCTYPE html><html><body>Not Found</body></html>", "empty.pth": b"",
            "cut.pth": data[:len(data) // 2]}
   for name, content in files.items():
     (tmp_path / name).write_bytes(content)
   runs = [["to-jax", f"--input={tmp_path / name}", f"--output={tmp_path / 'out'}", *unsafe]
-          for name in files for unsafe in ([], ["--unsafe_pickle"])]
+          for name in ("odd.safetensors", *files) for unsafe in ([], ["--unsafe_pickle"])]
   proc = run_python("-c", CONVERT_EACH, json.dumps(runs))
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.loads(proc.stdout.splitlines()[-1])
-  want = [r"page\.pth is not a PyTorch file \(it begins b'<!DOCTYPE html>.*\): a failed or "
+  want = [r"Missing 'cls_token', .* the state dict has: encoder\.weight\.",
+          r"page\.pth is not a PyTorch file \(it begins b'<!DOCTYPE html>.*\): a failed or "
           r"cut-off download\? Fetch it again\.",
-          r"empty\.pth is not a PyTorch file \(it is empty\)",
-          r"cut\.pth is not a readable PyTorch file \(.*\); is it truncated or corrupt\?"]
+          r"empty\.pth is not a PyTorch file \(it is empty\): a failed or cut-off download\? "
+          r"Fetch it again\.",
+          r"cut\.pth is not a readable PyTorch file \(.*\); is it truncated or corrupt\? Fetch "
+          r"it again\."]
   for (code, stderr), pattern in zip(results, [p for p in want for _ in range(2)]):
     assert code == 1 and stderr.count("\n") == 1, stderr
-    assert re.match("sit_jax.convert: error: .*" + pattern, stderr), stderr
+    assert re.match(f"sit_jax.convert: error: .*{pattern}$", stderr), stderr
   assert not (tmp_path / "out").exists()
 
 
