@@ -3,9 +3,10 @@
 A cache entry is keyed on everything that decides the features: the checkpoint's identity (a
 hash of the backbone's parameter values, so a resumed pretraining run that moved on is a new
 checkpoint whatever its path; for a random init, the seed) with the backbone's model config (the
-architecture and how it computes: dtype, attention), the source, split and data_dir, the feature
-function's name, the image size, resize mode and interpolation. Entries are DIR/<hash>.npz
-holding the features, labels and the key itself. DIR may be remote (gs://, as a TPU run's
+architecture and how it computes: dtype, attention), the source, split and data_dir (for a
+folder, the files it holds and their classes), the feature function's name, the image size,
+resize mode and interpolation. Entries are DIR/<hash>.npz holding the features, labels and the
+key itself. DIR may be remote (gs://, as a TPU run's
 workdir): entries are read and written through etils.epath there.
 
 Extracting features is a collective over every process of a multi-host job, so a cache hit only
@@ -53,6 +54,20 @@ def cache_dir(config, workdir: str) -> str | None:
   return where or os.path.join(workdir, "feature_cache")
 
 
+def folder_listing(source: str, split: str) -> str | None:
+  """For a folder source, a hash of the split folder's files and their classes, so that images
+  added, removed or moved to another class make another entry (one replaced under its own name
+  does not); None for another source."""
+  kind, _, path = source.partition(":")
+  if kind != "folder":
+    return None
+  from sit_jax import data
+  root, _ = data.folder_split(path, split)
+  paths, labels, _ = data._list_folder(root)
+  listing = json.dumps([[os.path.relpath(p, root) for p in paths], labels.tolist()])
+  return hashlib.blake2b(listing.encode(), digest_size=16).hexdigest()
+
+
 def _read(path: str, key: dict):
   """(features, labels) of the entry at `path` when it exists and holds `key`, else None."""
   entry = epath.Path(path)
@@ -81,6 +96,9 @@ def split_features(config, workdir: str, identity: str, fn, params, mesh, split:
          "resize_mode": config.data.resize_mode, "interpolation": config.data.interpolation,
          # Older caches hold another order: of several processes, or of the tf engine (2c5d15f).
          "rows": "split order, also with data.engine=tf"}
+  files = folder_listing(config.data.source, split)
+  if files:  # only there: the entries of other sources keep their names
+    key["files"] = files
   name = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=12).hexdigest()
   path = os.path.join(directory, f"{name}.npz") if directory else None
   cached = _read(path, key) if path else None
