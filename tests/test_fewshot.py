@@ -1,6 +1,7 @@
 """Few-shot ridge regression: the closed form against numpy's least squares, the shot sampling,
 the l2 chosen on validation, and a run whose cached features give the fresh run's numbers."""
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -78,6 +79,32 @@ def test_l2_is_chosen_on_validation_and_test_scored_at_it():
   assert row["test_std"] == pytest.approx(np.std(row["test_per_seed"]))
   acc = fewshot.fewshot_accuracies(tx, ty, {"test": (sx, sy)}, 5, 3, (row["l2"],), 3)["test"]
   np.testing.assert_allclose(acc[:, 0], row["test_per_seed"])
+
+
+def test_a_folder_whose_files_changed_is_extracted_again(tmp_path, monkeypatch):
+  """The feature cache of a folder split follows its files: images added to a class that had too
+  few, or moved to another class, are not read from the entry of the folder as it was."""
+  from PIL import Image
+  from sit_jax.transfer import common, feature_cache
+  extracted = []
+  monkeypatch.setattr(common, "eval_batches", lambda *args: None)
+  monkeypatch.setattr(common, "extract_features",
+                      lambda *args: extracted.append(1) or (np.zeros((1, 2)), np.zeros(1)))
+  train = tmp_path / "data" / "train"
+  for c in ("a", "b"):
+    os.makedirs(train / c)
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(train / c / "0.png")
+  config = fewshot_config.get_config("runlocal")
+  config.data.source = f"folder:{tmp_path / 'data'}"
+  features = lambda: feature_cache.split_features(config, str(tmp_path), "params x", None, None,
+                                                  None, "train", "cls", 16)
+  features(), features()
+  assert len(extracted) == 1
+  Image.fromarray(np.zeros((4, 4), np.uint8)).save(train / "b" / "1.png")
+  features()
+  os.rename(train / "b" / "1.png", train / "a" / "1.png")
+  features(), features()
+  assert len(extracted) == 3
 
 
 @pytest.fixture(scope="module")
