@@ -447,7 +447,9 @@ def main(argv=None) -> int:
       config = to_jax(args.input, args.output, num_heads=args.num_heads, use=args.use,
                       overwrite=args.overwrite, unsafe_pickle=args.unsafe_pickle)
       print(f"Wrote a {config['variant']} backbone at {config['image_size']}px to {args.output}; "
-            f"use it with --config.init={args.output}")
+            f"use it with --config.init={args.output}\nsit_jax gives it images normalised by "
+            "ImageNet's mean and std, as DINO, DeiT, MAE and SiT trained theirs; weights trained "
+            "otherwise (timm's augreg ViTs: mean = std = 0.5) see other inputs than in training.")
     else:
       if not args.overwrite and os.path.exists(args.output):
         raise ConversionError(f"{args.output} exists; pass --overwrite to replace it.")
