@@ -32,7 +32,6 @@ from absl import logging
 
 from sit_jax.models import vit
 
-TIMM_NAMES = {"Ti": "vit_tiny", "S": "vit_small", "B": "vit_base", "L": "vit_large"}
 # Wrappers of a state dict inside training checkpoints, tried in this order ('SiT_model': the
 # GMML authors' main.py).
 WRAPPERS = ("model", "state_dict", "model_state", "model_state_dict", "module", "net", "network",
