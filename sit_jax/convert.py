@@ -357,8 +357,11 @@ def to_jax(input_path: str, output_dir: str, *, num_heads: int | None = None,
   params, config = torch_to_params(state, num_heads)
   config["converted_from"] = os.path.abspath(input_path)
   checkpoint.export_backbone(output_dir, {"backbone": params}, config, overwrite=overwrite)
-  logging.info("Converted %s (%s) into a %s backbone at %dpx: %s", input_path, where,
-               config["variant"], config["image_size"], output_dir)
+  print(f"Wrote the {config['variant']} backbone of {input_path} ({where}) at "
+        f"{config['image_size']}px to {output_dir}; use it with --config.init={output_dir}\n"
+        "sit_jax gives it images normalised by ImageNet's mean and std, as DINO, DeiT, MAE and "
+        "SiT trained theirs; weights trained otherwise (timm's augreg ViTs: mean = std = 0.5) see "
+        "other inputs than in training.")
   return config
 
 
@@ -443,12 +446,8 @@ def main(argv=None) -> int:
   absl_logger.setLevel(std_logging.WARNING)  # orbax is chatty at INFO.
   try:
     if args.command == "to-jax":
-      config = to_jax(args.input, args.output, num_heads=args.num_heads, use=args.use,
-                      overwrite=args.overwrite, unsafe_pickle=args.unsafe_pickle)
-      print(f"Wrote a {config['variant']} backbone at {config['image_size']}px to {args.output}; "
-            f"use it with --config.init={args.output}\nsit_jax gives it images normalised by "
-            "ImageNet's mean and std, as DINO, DeiT, MAE and SiT trained theirs; weights trained "
-            "otherwise (timm's augreg ViTs: mean = std = 0.5) see other inputs than in training.")
+      to_jax(args.input, args.output, num_heads=args.num_heads, use=args.use,
+             overwrite=args.overwrite, unsafe_pickle=args.unsafe_pickle)
     else:
       if not args.overwrite and os.path.exists(args.output):
         raise ConversionError(f"{args.output} exists; pass --overwrite to replace it.")

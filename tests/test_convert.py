@@ -94,6 +94,7 @@ def converted(reference, tmp_path_factory):
   proc = run_python("-m", "sit_jax.convert", "to-jax", f"--input={reference / 'dino_style.pth'}",
                     f"--output={export}")
   assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "S/16 backbone of" in proc.stdout and "dino_style.pth (teacher)" in proc.stdout
   assert "normalised by ImageNet's mean and std" in proc.stdout  # what timm's augreg ViTs are not
   return str(export)
 
