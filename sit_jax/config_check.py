@@ -453,7 +453,8 @@ def _float16_training(config) -> str | None:
 
 def _validation_split(config) -> str | None:
   # Without it the run failed after extracting every train feature (hours on ImageNet).
-  chooses = {"knn": "k", "fewshot": "l2"}.get(config.get("experiment"))
+  chooses = {"knn": "k", "fewshot": "l2", "segment": "the head's rate (seg.lr_scales)"}.get(
+      config.get("experiment"))
   if chooses and not (config.get("data") or {}).get("val_split", "unset"):
     return (f"data.val_split is empty: {config.experiment} chooses {chooses} on it; set a "
             "held-out slice, e.g. --config.data.val_split='train[98%:]' with "
