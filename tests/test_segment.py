@@ -172,6 +172,12 @@ def test_validation_picks_the_head_and_a_tie_the_first():
   assert segment.best_head([0.2, 0.4, 0.3]) == 1
   assert segment.best_head([0.4, 0.4]) == 0
   assert segment.best_head([float("nan"), 0.1]) == 1
+  # Without a validation split: the key, before any work (it was "folder:... has no / folder
+  # for split ''", naming no key).
+  c = segment_config.get_config("runlocal")
+  c.data.val_split = ""
+  with pytest.raises(config_check.ConfigError, match="data.val_split is empty: segment chooses"):
+    config_check.check(c)
 
 
 def test_raw_pixel_tokens_are_each_patch_and_the_whole_image():
