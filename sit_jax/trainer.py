@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator, Sequence
 from absl import logging
 from etils import epath
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
@@ -307,7 +308,7 @@ def _loop(exp, ckpt, outcome: Outcome, step_fn, batches, place, hooks, writer, m
       outcome.metrics = ordered({
           k: fetched[-1][k] if k in SCHEDULED else float(np.mean([f[k] for f in fetched]))
           for k in fetched[0]})
-      skipped = getattr(batches, "num_skipped", 0)
+      skipped = _images_skipped(batches)
       if writer is not None:
         hooks_left = sum(seconds * _calls_left(hooks[i], step, total)
                          for i, seconds in hook_seconds.items())
@@ -328,6 +329,13 @@ def _loop(exp, ckpt, outcome: Outcome, step_fn, batches, place, hooks, writer, m
     if stop and (step < total or cut):  # after the last step's hooks the run is complete.
       preempted()
       break
+
+
+def _images_skipped(batches) -> int:
+  """The unreadable images the input skipped since this run started (a resumed run counts from
+  its resume), summed over the processes: each one's iterator counts those of its own share, and
+  process 0 alone writes the rows."""
+  return int(np.sum(multihost_utils.process_allgather(getattr(batches, "num_skipped", 0))))
 
 
 def _calls_left(hook: Hook, step: int, total: int) -> int:

@@ -319,7 +319,9 @@ def test_progress_lines_eta_counts_the_evaluations_to_come_and_lr_is_the_steps(t
   """On a clock where each step takes 1 s and each evaluation 5 s, every ETA from the first
   evaluation on is the time the run then still takes (it had left out the evaluations to come:
   0:00:06 at step 4, where 16 s were left), and the lr of a row is the one its step used (it was
-  the mean since the previous row: 0.05 at step 2, whose lr is 0.1), while the losses are means."""
+  the mean since the previous row: 0.05 at step 2, whose lr is 0.1), while the losses are means.
+  The rows count the unreadable images skipped on every process (process 0 had written its own:
+  none, so no row said that the other process skipped 3)."""
   import itertools
   import types
   from sit_jax import trainer
@@ -330,10 +332,19 @@ def test_progress_lines_eta_counts_the_evaluations_to_come_and_lr_is_the_steps(t
   monkeypatch.setattr(trainer, "time", fake_time)
   monkeypatch.setattr(metrics_lib, "time", fake_time)
 
-  def batches(start):
-    for step in itertools.count(start):
+  class Batches:  # process 0's input, which met no unreadable image
+    num_skipped = 0
+
+    def __init__(self, start):
+      self.steps = itertools.count(start)
+
+    def __next__(self):
       clock[0] += 1.0
-      yield test_reliability.batch_of(step)
+      return test_reliability.batch_of(next(self.steps))
+
+  other_process_skipped = 3
+  monkeypatch.setattr(trainer.multihost_utils, "process_allgather",
+                      lambda count: np.array([count, other_process_skipped]))
 
   def evaluate(step, state, batch):
     clock[0] += 5.0
@@ -343,7 +354,7 @@ def test_progress_lines_eta_counts_the_evaluations_to_come_and_lr_is_the_steps(t
     new_state, step_metrics = test_reliability.sgd_step(state, batch)
     return new_state, {**step_metrics, "lr": 0.1 * state.step}
 
-  test_reliability.train(str(tmp_path), 10, step_fn=step_with_lr, batches=batches,
+  test_reliability.train(str(tmp_path), 10, step_fn=step_with_lr, batches=Batches,
                          hooks=[trainer.Hook(4, evaluate)], log_every=2, checkpoint_every=100)
   lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("step ")]
   etas = [int(re.search(r"ETA 0:00:(\d\d)", line).group(1)) for line in lines]
@@ -353,6 +364,7 @@ def test_progress_lines_eta_counts_the_evaluations_to_come_and_lr_is_the_steps(t
   assert etas == [8] + left[1:], lines
   rows = test_reliability.metric_rows(str(tmp_path))
   assert [row["lr"] for row in rows] == pytest.approx([0.1, 0.3, 0.5, 0.7, 0.9])
+  assert [row["skipped_images"] for row in rows] == [3] * 5
   w, losses = np.zeros(test_reliability.DIM, np.float32), []
   for step in range(10):
     x = test_reliability.batch_of(step)["x"]
