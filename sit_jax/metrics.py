@@ -373,7 +373,7 @@ class MetricWriter:
     if not self.is_main:
       return
     drop_rows_after(os.path.join(self.workdir, "metrics.jsonl"), step)
-    if self._tb is not None:
+    if self._tb is not None:  # SummaryWriter(purge_step=step + 1)'s event, once step is known
       from tensorboardX.proto import event_pb2
       self._tb._get_file_writer().add_event(  # pylint: disable=protected-access
           event_pb2.Event(session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)),
