@@ -21,6 +21,7 @@ the command prints that call. .safetensors needs only `safetensors`; .pth/.pt ne
 from __future__ import annotations
 
 import argparse
+import json
 import logging as std_logging
 import os
 import re
@@ -38,6 +39,9 @@ WRAPPERS = ("model", "state_dict", "model_state", "model_state_dict", "module", 
             "params", "SiT_model")
 HEAD_PREFIXES = ("head.", "head_", "pre_logits.")
 STRIP_PREFIXES = ("module.", "_orig_mod.", "backbone.")
+# Where to-timm keeps, in a .safetensors file's metadata (which timm ignores), the settings that
+# travel with the parameters (vit.PARAMETER_KEYS, as JSON), so that to-jax restores them.
+SETTINGS_METADATA = "sit_jax.model"
 # Tokens besides CLS, which sit_jax's backbone does not have, by their names in their authors' code.
 EXTRA_TOKENS = {"dist_token": "DeiT's distillation token", "reg_token": "timm's register tokens",
                 "register_tokens": "DINOv2's register tokens",
@@ -159,6 +163,15 @@ def load_file(path: str, *, unsafe_pickle: bool = False) -> Any:
     reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
     raise ConversionError(f"{path} is not a readable PyTorch file ({reason}); is it truncated "
                           "or corrupt? Fetch it again.") from e
+
+
+def saved_settings(path: str) -> dict:
+  """The settings to-timm kept in a .safetensors file ({} for other files)."""
+  if not path.endswith(".safetensors"):
+    return {}
+  from safetensors import safe_open
+  with safe_open(path, "numpy") as f:
+    return json.loads((f.metadata() or {}).get(SETTINGS_METADATA, "{}"))
 
 
 def find_state_dict(obj: Any, use: str = "teacher") -> tuple[dict[str, Any], str]:
@@ -355,6 +368,8 @@ def to_jax(input_path: str, output_dir: str, *, num_heads: int | None = None,
     logging.warning("Dropped %d parameters that are not the backbone (heads): %s", len(dropped),
                     _list(dropped, 12))
   params, config = torch_to_params(state, num_heads)
+  # The variant is the shapes'; standardize_input only a file of to-timm's can say.
+  config.update({k: v for k, v in saved_settings(input_path).items() if k != "variant"})
   config["converted_from"] = os.path.abspath(input_path)
   checkpoint.export_backbone(output_dir, {"backbone": params}, config, overwrite=overwrite)
   print(f"Wrote the {config['variant']} backbone of {input_path} ({where}) at "
@@ -372,11 +387,12 @@ def timm_constructor(config: Mapping) -> str:
           f"num_heads={arch['num_heads']}, num_classes=0)")
 
 
-def save_state_dict(state: Mapping[str, np.ndarray], path: str):
+def save_state_dict(state: Mapping[str, np.ndarray], path: str, settings: Mapping):
+  """Writes `state`; a .safetensors file keeps `settings` (vit.PARAMETER_KEYS) in its metadata."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   if path.endswith(".safetensors"):
     from safetensors.numpy import save_file
-    save_file(dict(state), path)
+    save_file(dict(state), path, metadata={SETTINGS_METADATA: json.dumps(dict(settings))})
   elif path.endswith((".pth", ".pt", ".bin")):
     try:
       import torch
@@ -405,7 +421,7 @@ def to_timm(input_path: str, output_path: str, use: str = "student") -> dict:
   if "backbone" not in loaded:
     raise ConversionError(f"{input_path} holds no 'backbone' parameters ({_list(loaded)}).")
   state = params_to_timm(loaded["backbone"])
-  save_state_dict(state, output_path)
+  save_state_dict(state, output_path, vit.parameter_settings(config))
   print(f"Wrote {len(state)} tensors to {output_path}. Load them with\n"
         f"  model = {timm_constructor(config)}\n"
         f"  model.load_state_dict(<the file>, strict=True)\n"

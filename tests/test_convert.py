@@ -211,6 +211,11 @@ def test_timm_gives_a_standardize_input_backbone_s_features_as_told(exported_bac
   np.testing.assert_allclose(got["told"], want, atol=1e-4, rtol=0)
   # The step matters: without it every image's tokens are others.
   assert all(np.abs(got["plain"] - want)[i].max() > 0.1 for i in range(4))
+  # The file keeps the setting for to-jax, so the way back is the backbone that was exported.
+  convert.to_jax(out, str(tmp_path / "back"))
+  back, back_config = checkpoint.load_backbone(tmp_path / "back")
+  assert back_config["standardize_input"] is True and back_config["variant"] == "Mu/4"
+  jax.tree.map(np.testing.assert_array_equal, back["backbone"], params)
 
 
 def test_unknown_and_missing_keys_are_listed(reference):
