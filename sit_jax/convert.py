@@ -12,11 +12,13 @@ pre_logits.*) with a warning, and infers the architecture from the shapes: width
 depth from the number of blocks, patch size from patch_embed.proj.weight, image size from the
 position-embedding grid times the patch size, heads from --num_heads or the standard table.
 Anything else (tokens besides CLS: distillation, registers; layer scale, fc_norm, ...) is an
-error naming the keys.
+error naming the keys. The export goes to a new or empty directory.
 
 to-timm writes a state dict that `timm.models.vision_transformer.VisionTransformer(img_size=...,
 patch_size=..., embed_dim=..., depth=..., num_heads=..., num_classes=0)` loads with strict=True;
-the command prints that call. .safetensors needs only `safetensors`; .pth/.pt need torch.
+the command prints that call, and for a model.standardize_input backbone the line that
+standardises timm's input as sit_jax does. A .safetensors file keeps that setting in its metadata,
+which to-jax restores. .safetensors needs only `safetensors`; .pth/.pt need torch.
 """
 from __future__ import annotations
 
