@@ -144,6 +144,10 @@ class _Unreadable(Exception):
   """Internal: the step exists but could not be read (fallback candidate)."""
 
 
+class _UnreadableStep(CheckpointError):
+  """Internal: load_backbone could not read a step directory's files."""
+
+
 # ----------------------------------------------------------------------------
 # Ctrl-C and SIGTERM.
 
@@ -598,7 +602,7 @@ def _step_metadata(step_dir: epath.Path) -> dict:
   try:
     return _read_metadata(step_dir)
   except _Unreadable as e:
-    raise CheckpointError(f"Checkpoint {step_dir}: {e}") from e
+    raise _UnreadableStep(f"Checkpoint {step_dir}: {e}") from e
 
 
 def _load_from_step_dir(step_dir: epath.Path, weights: str = "student"):
@@ -628,7 +632,7 @@ def _load_from_step_dir(step_dir: epath.Path, weights: str = "student"):
   except CheckpointError:
     raise
   except Exception as e:
-    raise CheckpointError(
+    raise _UnreadableStep(
         f"Checkpoint {step_dir} is corrupt or unreadable: {_short(e)}") from e
   # A scan_layers run stacks its blocks; readers of backbones always get blocks_0..blocks_{d-1}.
   if model_config.get("scan_layers"):
@@ -684,9 +688,19 @@ def load_backbone(path, weights: str = "student") -> tuple[Any, dict]:
   found = locate_backbone(p, weights)
   if not (found / STATE_ITEM).is_dir():
     return _load_export(found)
-  if found != p:  # the latest step of a workdir
-    _warn_if_unfinished(p, int(found.name))
-  return _load_from_step_dir(found, weights)
+  if found == p:
+    return _load_from_step_dir(found, weights)
+  step = int(found.name)  # the latest step of a workdir
+  _warn_if_unfinished(p, step)
+  try:
+    return _load_from_step_dir(found, weights)
+  except _UnreadableStep as e:
+    older = [s for s in _backbone_steps(found.parent) if s < step]
+    if not older:
+      raise
+    raise CheckpointError(
+        f"{e} (a copy of {p} that did not finish?). Copy that step again, or set config.init "
+        f"to {found.parent / str(older[-1])} to load the step before it.") from e
 
 
 def locate_backbone(path, weights: str = "student") -> epath.Path:
@@ -710,6 +724,15 @@ def locate_backbone(path, weights: str = "student") -> epath.Path:
   return found
 
 
+def _backbone_steps(directory: epath.Path) -> list[int]:
+  """The committed steps of `directory` that hold a train state, ascending."""
+  try:
+    return sorted(s for s in ocp.utils.checkpoint_steps(directory)
+                  if (directory / str(s) / STATE_ITEM).is_dir())
+  except (OSError, ValueError):
+    return []
+
+
 def _locate(path) -> epath.Path:
   p = _path(path)
   if not p.exists():
@@ -726,12 +749,9 @@ def _locate(path) -> epath.Path:
   for sub in CHECKPOINT_SUBDIRS:
     d = p / sub if sub else p
     searched.append(str(d))
-    try:
-      steps = [s for s in ocp.utils.checkpoint_steps(d) if (d / str(s) / STATE_ITEM).is_dir()]
-    except (OSError, ValueError):
-      steps = []
+    steps = _backbone_steps(d)
     if steps:
-      return d / str(max(steps))
+      return d / str(steps[-1])
   if (p / EXPORT_DIR).is_dir():
     return p / EXPORT_DIR
   raise CheckpointError(

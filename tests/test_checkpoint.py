@@ -322,6 +322,12 @@ def test_load_backbone_from_workdir_and_step_dir(tmp_path, caplog):
   assert "has not finished" not in caplog.text
   params1, _ = ckpt_lib.load_backbone(workdir / "checkpoints" / "1")
   assert_tree_equal(params1, {"backbone": make_state(1)["params"]["backbone"]})
+  # A copy that did not finish: the latest step lacks files. The line says which step to use.
+  shutil.copytree(workdir, tmp_path / "copy")
+  os.remove(tmp_path / "copy" / "checkpoints" / "2" / "state" / "manifest.ocdbt")
+  with pytest.raises(CheckpointError, match=r"checkpoints/2 is corrupt .* did not finish\?\). "
+                     r"Copy that step again, or set config.init to .*copy/checkpoints/1 to load"):
+    ckpt_lib.load_backbone(tmp_path / "copy")
 
   # A workdir whose checkpoints are gone loads its backbone/ export, or says what it lacks.
   shutil.rmtree(workdir / "checkpoints")
