@@ -699,8 +699,8 @@ def load_backbone(path, weights: str = "student") -> tuple[Any, dict]:
     if not older:
       raise
     raise CheckpointError(
-        f"{e} (a copy of {p} that did not finish?). Copy that step again, or set config.init "
-        f"to {found.parent / str(older[-1])} to load the step before it.") from e
+        f"{e} (a copy of {p} that did not finish?). Copy that step again, or pass the step "
+        f"before it, {found.parent / str(older[-1])} (config.init, or convert's --input).") from e
 
 
 def locate_backbone(path, weights: str = "student") -> epath.Path:
