@@ -282,6 +282,9 @@ class _ArrayLoader:
   def __call__(self, i):
     return self.images[i], self.labels[i]
 
+  def name(self, i):
+    return f"example {i}"
+
 
 def _embedded(name, split, p, P):
   if name not in ("digits", "digits_multilabel"):
@@ -408,7 +411,10 @@ class _FileLoader:
       with open(self.paths[i], "rb") as f:
         return f.read(), self.labels[i]
     except OSError as e:
-      raise UnreadableImage(f"{self.paths[i]}: {e}") from e
+      raise UnreadableImage(e.strerror or str(e)) from e
+
+  def name(self, i):
+    return self.paths[i]
 
 
 SPLIT_FOLDERS = ("train", "val", "validation", "test")
@@ -550,6 +556,9 @@ class _TfdsLoader:
   def __call__(self, i):
     ex = self.source[self.p + i * self.P]
     return ex["image"], self.label_of(ex)
+
+  def name(self, i):
+    return f"example {self.p + i * self.P}"
 
 
 def _tfds(name, split, data_dir, p, P, engine):
@@ -696,6 +705,8 @@ def _open(image) -> Image.Image:
     return Image.fromarray(image)
   try:
     return Image.open(io.BytesIO(image))
+  except Image.UnidentifiedImageError as e:  # its text names the BytesIO object only
+    raise UnreadableImage("cannot identify image file (not an image PIL can read)") from e
   except _PIL_ERRORS as e:
     raise UnreadableImage(str(e)) from e
 
@@ -889,21 +900,22 @@ class _TrainBatch:
     return int(_element_rng(self.seed, self.process_index, 2, k, slot).integers(n))
 
   def __call__(self, k):
-    examples, labels = [], []
+    examples, labels, unreadable = [], [], []
     slot = 0
     while len(labels) < self.b and slot < 2 * self.b + _MAX_SPARES:
       rng = _element_rng(self.seed, self.process_index, 1, k, slot)
+      i = self._example(k, slot)
       try:
-        image, label = self.data.load(self._example(k, slot))
+        image, label = self.data.load(i)
         examples.append(self.views(image, rng))
         labels.append(label)
-      except UnreadableImage:
-        pass  # counted: slot - b at the end
+      except UnreadableImage as e:
+        unreadable.append(f"{self.data.load.name(i)}: {e}")
       slot += 1
     if len(labels) < self.b:
-      return dict(_skipped=slot - len(labels), _short=True)
+      return dict(_skipped=len(unreadable), _unreadable=unreadable, _short=True)
     return dict(self.views.stack(examples), label=np.asarray(labels, np.int32),
-                _skipped=slot - self.b)
+                _skipped=len(unreadable), _unreadable=unreadable)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -919,18 +931,18 @@ class _EvalBatch:
     out = dict(image=np.zeros((b, self.size, self.size, 3), np.uint8),
                label=np.full((b, info.num_classes) if info.multilabel else (b,), -1, np.int32),
                mask=np.zeros((b,), bool), index=np.full((b,), -1, np.int32))
-    skipped = 0
+    unreadable = []
     for slot, i in enumerate(range(k * b, min((k + 1) * b, self.data.n_local))):
       try:
         image, label = self.data.load(i)
         out["image"][slot] = eval_view(image, self.size, self.resize_mode, self.interpolation)
-      except UnreadableImage:
-        skipped += 1
+      except UnreadableImage as e:
+        unreadable.append(f"{self.data.load.name(i)}: {e}")
         continue
       out["label"][slot] = label
       out["mask"][slot] = True
       out["index"][slot] = self.data.position(i)
-    return dict(out, _skipped=skipped)
+    return dict(out, _skipped=len(unreadable), _unreadable=unreadable)
 
 
 def default_threads(workers: int = 0):
@@ -996,7 +1008,9 @@ class HostIterator:
   def __iter__(self):
     return self
 
-  def _note_skipped(self, count):
+  def _note_skipped(self, count, unreadable):
+    for file_and_error in unreadable:
+      _warn_unreadable(self.info.name, file_and_error)
     if count:
       self.num_skipped += count
       logging.warning("%s: skipped %d unreadable image(s) (total %d)", self.info.name, count,
@@ -1004,12 +1018,21 @@ class HostIterator:
 
   def __next__(self) -> dict:
     batch = dict(next(self._batches))
-    self._note_skipped(int(batch.pop("_skipped", 0)))
+    unreadable = list(batch.pop("_unreadable", ()))
+    self._note_skipped(int(batch.pop("_skipped", 0)), unreadable)
     if batch.pop("_short", False):
       raise DataError(f"{self.info.name}: batch {self.step} has too few readable images "
-                      f"(more than {_MAX_SPARES + self.batch_size} unreadable candidates)")
+                      f"(more than {_MAX_SPARES + self.batch_size} unreadable candidates), "
+                      f"e.g. {unreadable[0]}")
     self.step += 1
     return batch
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_unreadable(source, file_and_error):
+  """Once per file: the count alone would not tell which file to fix or remove."""
+  logging.warning("%s: cannot read %s. Skipped wherever it comes up: fix or remove the file.",
+                  source, file_and_error)
 
 
 class EvalIterator(HostIterator):

@@ -217,11 +217,18 @@ def test_folder_pretrain_skips_corrupt_and_resumes(class_folder):
       source, "train", start_step=2, **kw), 3))
 
 
-def test_folder_eval_masks_corrupt(class_folder):
+def test_folder_eval_masks_corrupt_and_names_it(class_folder, monkeypatch):
+  warnings = []
+  monkeypatch.setattr(data.logging, "warning", lambda fmt, *args: warnings.append(fmt % args))
   it = data.eval_iterator(f"folder:{class_folder}", None, global_batch_size=4, image_size=8,
                           process_index=0, process_count=1)
   batches = list(it)
   assert len(batches) == 2 and it.num_skipped == 1
+  # The file and PIL's reason, once: a count alone does not say which file to fix.
+  broken = class_folder / "cat" / "broken.jpg"
+  assert [w for w in warnings if str(broken) in w] == [
+      f"folder:{class_folder}: cannot read {broken}: cannot identify image file (not an image "
+      "PIL can read). Skipped wherever it comes up: fix or remove the file."]
   mask = np.concatenate([b["mask"] for b in batches])
   labels = np.concatenate([b["label"] for b in batches])
   # Sorted: cat/a.png cat/b.JPG cat/broken.jpg cat/c.jpeg dog/...
@@ -415,7 +422,8 @@ def test_folder_of_only_corrupt_files_raises(tmp_path):
     (tmp_path / "bad" / f"{i}.jpg").write_bytes(b"garbage")
   it = data.pretrain_iterator(f"folder:{tmp_path / 'bad'}", None, global_batch_size=2,
                               image_size=8, seed=0, process_index=0, process_count=1)
-  with pytest.raises(data.DataError, match="too few readable"):
+  with pytest.raises(data.DataError, match=r"too few readable.*, e\.g\. .*/bad/\d\.jpg: cannot "
+                                           "identify image file"):
     next(it)
 
 
