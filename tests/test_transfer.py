@@ -2,6 +2,7 @@
 test_transfer_runlocal.py's)."""
 import json
 import os
+import shutil
 import signal
 import time
 
@@ -66,7 +67,7 @@ def test_checkpoint_metadata_leaves_out_runtime_settings():
   meta = common.checkpoint_metadata(ml_collections.ConfigDict({"experiment": "linear"}),
                                     backbone, 10)
   assert meta == {"model": {"variant": "Mu/4", "image_size": 32}, "experiment": "linear",
-                  "init": "/runs/sit", "num_classes": 10}
+                  "num_classes": 10}
 
 
 def test_topk_accuracy():
@@ -558,16 +559,19 @@ def test_finetune_resumed_after_sigterm_equals_the_uninterrupted_run(tmp_path, e
   assert stopped["figures"] == {k: step_3[k] for k in ("val/top1", "val/top5")}
   assert "top1" not in stopped
   assert os.listdir(tmp_path / "stopped" / "checkpoints") == ["5"]  # keep_checkpoints=1
-  resumed = transfer.run(c, str(tmp_path / "stopped"))
+  # Resumed on another machine: the workdir and the backbone it started from copied elsewhere.
+  shutil.copytree(tmp_path / "stopped", tmp_path / "moved" / "stopped")
+  c.init = str(shutil.copytree(exported_backbone[0], tmp_path / "moved" / "backbone"))
+  resumed = transfer.run(c, str(tmp_path / "moved" / "stopped"))
 
-  assert rows(tmp_path / "stopped") == rows(tmp_path / "full")
+  assert rows(tmp_path / "moved" / "stopped") == rows(tmp_path / "full")
   losses = [r["loss"] for r in rows(tmp_path / "full")]
   assert len(set(losses)) == 6 and np.isfinite(losses).all()
   assert [r["step"] for r in rows(tmp_path / "full") if "val/top1" in r] == [3, 6]
   assert not resumed["preempted"] and resumed["complete"] and resumed["steps_this_run"] == 1
   differ = {k for k in full if full[k] != resumed[k]}
-  assert differ == {"checkpoint", "steps_this_run", "seconds_this_run"}
-  with open(tmp_path / "stopped" / "results.json") as f:
+  assert differ == {"checkpoint", "init", "steps_this_run", "seconds_this_run"}
+  with open(tmp_path / "moved" / "stopped" / "results.json") as f:
     assert json.load(f) == resumed
 
 

@@ -99,10 +99,8 @@ def frozen_checkpoint_metadata(config, backbone: common.Backbone, num_classes: i
   `init` is the directory that resolves to (a pretraining workdir: its latest step), and a
   pretraining that has saved a step since is refused rather than swapped in under the head."""
   from sit_jax import checkpoint
-  metadata = common.checkpoint_metadata(config, backbone, num_classes)
-  if backbone.init:
-    metadata["init"] = str(checkpoint.locate_backbone(backbone.init, backbone.weights))
-  return metadata
+  init = backbone.init and str(checkpoint.locate_backbone(backbone.init, backbone.weights))
+  return {**common.checkpoint_metadata(config, backbone, num_classes), "init": init}
 
 
 def abstract_of(tree):
