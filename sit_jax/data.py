@@ -1032,7 +1032,7 @@ class HostIterator:
 def _warn_unreadable(source, file_and_error):
   """Once per file: the count alone would not tell which file to fix or remove."""
   logging.warning("%s: cannot read %s. Skipped wherever it comes up: fix or remove the file.",
-                  source, file_and_error)
+                  source, file_and_error.rstrip("."))
 
 
 class EvalIterator(HostIterator):
