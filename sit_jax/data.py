@@ -1105,12 +1105,21 @@ def pretrain_iterator(source: str, split: Optional[str], *, global_batch_size: i
   extent=int32 (b, 2), window=float32 (b, 2, 4), flip=bool (b, 2), label) with C =
   `decoded_size` (0: default_capacity); resample.render_views turns them on the accelerator into
   the views above (the same crops, pixels within one level)."""
-  return _train_iterator(
+  batches = _train_iterator(
       source, split, global_batch_size=global_batch_size, image_size=image_size,
       crop_scale=crop_scale, seed=seed, start_step=start_step, process_index=process_index,
       process_count=process_count, data_dir=data_dir, shuffle_buffer=shuffle_buffer,
       interpolation=interpolation, flip=flip, n_views=2, engine=engine, workers=workers,
       threads=threads, resize_on=resize_on, decoded_size=decoded_size)
+  n = batches.info.num_examples
+  if n < global_batch_size:
+    # InfoNCE's negatives are the batch's other images: copies of an image are among them.
+    logging.warning("%s has %d images, fewer than data.global_batch_size %d: every batch holds "
+                    "images more than once, and the contrastive loss pushes the copies of an "
+                    "image apart as negatives. Set --config.data.global_batch_size to at most "
+                    "%d (a multiple of the data-parallel devices).", batches.info.name, n,
+                    global_batch_size, n)
+  return batches
 
 
 def train_iterator(source: str, split: Optional[str], *, global_batch_size: int,

@@ -236,15 +236,25 @@ def test_folder_eval_masks_corrupt_and_names_it(class_folder, monkeypatch):
   np.testing.assert_array_equal(labels[mask], [0, 0, 0, 1, 1, 1])
 
 
-def test_folder_without_classes_and_split_subdir(tmp_path):
+def test_folder_without_classes_and_split_subdir(tmp_path, monkeypatch):
   flat = tmp_path / "flat"
   os.makedirs(flat)
   for i in range(3):
     _write(flat / f"{i}.png", (100, 100, 100), (20, 20), "PNG")
   assert data.dataset_info(f"folder:{flat}", None).num_classes == 0
-  b = next(data.pretrain_iterator(f"folder:{flat}", None, global_batch_size=2, image_size=8,
-                                  seed=0, process_index=0, process_count=1))
+  warnings = []
+  monkeypatch.setattr(data.logging, "warning", lambda fmt, *args: warnings.append(fmt % args))
+  kw = dict(image_size=8, seed=0, process_index=0, process_count=1)
+  b = next(data.pretrain_iterator(f"folder:{flat}", None, global_batch_size=2, **kw))
   np.testing.assert_array_equal(b["label"], [-1, -1])
+  assert not warnings
+  # A batch larger than the folder repeats images, and InfoNCE takes the copies for negatives.
+  data.pretrain_iterator(f"folder:{flat}", None, global_batch_size=4, **kw)
+  assert warnings == [
+      f"folder:{flat} has 3 images, fewer than data.global_batch_size 4: every batch holds "
+      "images more than once, and the contrastive loss pushes the copies of an image apart as "
+      "negatives. Set --config.data.global_batch_size to at most 3 (a multiple of the "
+      "data-parallel devices)."]
   os.makedirs(tmp_path / "split" / "train" / "x")
   _write(tmp_path / "split" / "train" / "x" / "0.png", (0, 0, 0), (20, 20), "PNG")
   assert data.dataset_info(f"folder:{tmp_path / 'split'}", "train") == data.DatasetInfo(
