@@ -2,6 +2,8 @@
 import json
 import os
 import re
+import sys
+import types
 
 import pytest
 import conftest
@@ -102,3 +104,25 @@ def test_metrics_cell_skips_evaluation_only_rows(tmp_path):
   exec(compile(cell, "<notebook cell>", "exec"),
        {"WORKDIR": str(tmp_path), "glob": __import__("glob"), "print": printed.append})
   assert [line.split()[1] for line in printed] == ["480", "600"]
+
+
+def test_on_drive_the_outputs_outlive_the_runtime(monkeypatch):
+  """With ON_DRIVE the first cell mounts Google Drive and puts WORKDIR there, so that after a
+  disconnect (which erases /content) running the cells again resumes the pretraining."""
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  cell = next(c for c in nb.cells if c.cell_type == "code")
+  mounted = []
+  colab = types.ModuleType("google.colab")
+  colab.drive = types.SimpleNamespace(mount=mounted.append)
+  monkeypatch.setitem(sys.modules, "google.colab", colab)
+  monkeypatch.setitem(sys.modules, "google", types.ModuleType("google"))
+  monkeypatch.setenv("SIT_NOTEBOOK_DRIVE", "1")
+  monkeypatch.delenv("SIT_NOTEBOOK_WORKDIR", raising=False)
+  monkeypatch.chdir(REPO)  # the cell finds this checkout, installed: no clone, no pip
+  namespace = {}
+  exec(compile(cell.source, "<notebook cell>", "exec"), namespace)
+  assert mounted == ["/content/drive"]
+  assert namespace["WORKDIR"] == "/content/drive/MyDrive/sit_local"
+  monkeypatch.delenv("SIT_NOTEBOOK_DRIVE")
+  exec(compile(cell.source, "<notebook cell>", "exec"), namespace)
+  assert mounted == ["/content/drive"] and namespace["WORKDIR"] == "/content/sit_local"
