@@ -70,9 +70,11 @@ class KnnMonitor:
     data_dir = config.data.data_dir or None
     options = engine_options(config)
     bank = data.dataset_info(source, bank_split, data_dir, **options)
-    if bank.num_classes <= 0 or bank.multilabel:
-      logging.warning("k-NN monitor off: %s has no class labels (set eval.source and "
-                      "eval.train_split to a labelled split to watch features learn).", bank.name)
+    if bank.num_classes < 2 or bank.multilabel:
+      # With one class (images in a single sub-folder) every image is classified right: 1.0.
+      logging.warning("k-NN monitor off: %s has %s (set eval.source and eval.train_split to a "
+                      "split of two classes or more to watch features learn).", bank.name,
+                      "one class" if bank.num_classes == 1 else "no class labels")
       return None
     try:
       test = data.dataset_info(source, test_split, data_dir, **options)

@@ -72,6 +72,13 @@ def test_monitor_is_off_without_labels_and_never_scores_the_bank_against_itself(
   mesh = sharding.make_mesh(c.mesh)
   c.eval.source, c.eval.train_split = f"folder:{tmp_path}", "train"  # not BANK's 256 of 4
   assert monitor.KnnMonitor.from_config(c, mesh, pretrain.model_config(c)) is None
+  # The images in one sub-folder: one class, where every image is classified right (1.0).
+  os.makedirs(tmp_path / "one" / "images")
+  for i in range(4):
+    Image.fromarray(np.full((8, 8, 3), 60 * i, np.uint8)).save(
+        tmp_path / "one" / "images" / f"{i}.png")
+  c.eval.source = f"folder:{tmp_path / 'one'}"
+  assert monitor.KnnMonitor.from_config(c, mesh, pretrain.model_config(c)) is None
 
   # A labelled folder without split sub-folders: a held-out slice, never the bank itself.
   for c_ in range(2):
