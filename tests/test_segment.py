@@ -88,16 +88,30 @@ def test_picture_legend_names_the_classes_shown():
   assert (many[4 * segment.LEGEND_ROW + 2:4 * segment.LEGEND_ROW + 12, 4:14] == 255).all()
 
 
-def test_palette_is_pascal_vocs():
-  """The first colours of the VOC devkit's colour map (VOCdevkit/VOCcode/VOClabelcolormap.m),
-  all 255 colours distinct, and white, IGNORE's, for no class."""
-  voc = [(0, 0, 0), (128, 0, 0), (0, 128, 0), (128, 128, 0), (0, 0, 128), (128, 0, 128),
-         (0, 128, 128), (128, 128, 128), (64, 0, 0), (192, 0, 0), (64, 128, 0), (192, 128, 0),
-         (64, 0, 128), (192, 0, 128), (64, 128, 128), (192, 128, 128), (0, 64, 0), (128, 64, 0),
-         (0, 192, 0), (128, 192, 0), (0, 64, 128)]
-  np.testing.assert_array_equal(segment.palette(21), voc + [(255, 255, 255)])
+def test_palette_tells_classes_apart():
+  """Class 0 black, 1-20 Tableau's 20 colours strong ones first (as matplotlib lists them), the
+  rest the VOC devkit's colour map (VOCdevkit/VOCcode/VOClabelcolormap.m, written here from its
+  bitget loop); all 255 colours distinct, and white (IGNORE's) for no class."""
+  tableau = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+             (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+             (174, 199, 232), (255, 187, 120), (152, 223, 138), (255, 152, 150),
+             (197, 176, 213), (196, 156, 148), (247, 182, 210), (199, 199, 199),
+             (219, 219, 141), (158, 218, 229)]
+
+  def voc(i):
+    r = g = b = 0
+    for j in range(8):
+      r |= ((i >> 0) & 1) << (7 - j)
+      g |= ((i >> 1) & 1) << (7 - j)
+      b |= ((i >> 2) & 1) << (7 - j)
+      i >>= 3
+    return r, g, b
+
   colours = segment.palette(255)
+  np.testing.assert_array_equal(colours[:21], [(0, 0, 0)] + tableau)
+  np.testing.assert_array_equal(colours[21:255], [voc(i) for i in range(21, 255)])
   assert len({tuple(c) for c in colours}) == 256 and tuple(colours[-1]) == (255, 255, 255)
+  np.testing.assert_array_equal(segment.palette(3), [(0, 0, 0)] + tableau[:2] + [(255,) * 3])
 
 
 def test_heads_on_the_token_grid():

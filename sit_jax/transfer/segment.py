@@ -176,15 +176,20 @@ def best_head(val_mious) -> int:
 
 
 def palette(num_classes: int) -> np.ndarray:
-  """(num_classes + 1, 3) uint8 colours: PASCAL VOC's colour map for the classes (class 0
-  black; the bits of the class id dealt to red, green, blue, lowest first, each channel's from
-  its top bit down, so that neighbouring ids differ in a top bit), then IGNORE's white, which
-  no id below 2^24 gets."""
+  """(num_classes + 1, 3) uint8 colours: class 0 black; classes 1-20 matplotlib's tab20, its ten
+  strong colours first, then their light pairs (a picture shows few classes, and PASCAL VOC's map
+  gives neighbouring ids close colours: its 2 and 10 are both green, its 8 near black); the rest
+  VOC's colour map (the bits of the class id dealt to red, green, blue, lowest first, each
+  channel's from its top bit down), then IGNORE's white, which no class gets."""
+  from matplotlib import colormaps
+  tab20 = np.round(np.asarray(colormaps["tab20"].colors) * 255).astype(np.uint8)
   ids = np.arange(num_classes)
   colours = np.zeros((num_classes, 3), np.uint8)
   for bit in range(8):
     for channel in range(3):
       colours[:, channel] |= (((ids >> (3 * bit + channel)) & 1) << (7 - bit)).astype(np.uint8)
+  strong_first = np.concatenate([tab20[0::2], tab20[1::2]])
+  colours[1:21] = strong_first[:max(num_classes - 1, 0)]
   return np.concatenate([colours, np.full((1, 3), 255, np.uint8)])
 
 
