@@ -179,10 +179,17 @@ def global_batch(host_batch: dict, mesh: Mesh) -> dict:
 def check_batch_size(global_batch_size: int, mesh: Mesh):
   size = data_parallel_size(mesh)
   if global_batch_size % size:
+    # A resume must keep its checkpoint's batch: on devices that do not divide it (a run moved
+    # from 8 devices to 6), a model axis can leave a data-parallel size that does.
+    devices = mesh.devices.size
+    keep = next((m for m in range(2, devices // 2 + 1) if devices % m == 0
+                 and global_batch_size % (devices // m) == 0), None)
+    keep = (f", or keep {global_batch_size} with a model axis: --config.mesh.model={keep} "
+            f"(data-parallel size {devices // keep})") if keep and mesh.shape["model"] == 1 else ""
     raise ValueError(
         f"Global batch size {global_batch_size} is not divisible by the data-parallel size {size} "
         f"(mesh data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']}): use a multiple of {size}, "
-        f"e.g. {max(size, global_batch_size // size * size)}.")
+        f"e.g. {max(size, global_batch_size // size * size)}{keep}.")
   if global_batch_size % jax.process_count():
     raise ValueError(f"Global batch size {global_batch_size} is not divisible by the "
                      f"{jax.process_count()} processes.")

@@ -158,6 +158,16 @@ def test_donor_groups_across_devices_are_named():
   assert pretrain.warn_if_donors_cross_devices(config, sharding.make_mesh({"data": 8})) is None
 
 
+def test_a_batch_the_devices_do_not_divide_names_a_mesh_that_keeps_it():
+  """A run of batch 32 resumed on 6 devices (it must keep its batch): mesh.model=3 leaves a
+  data-parallel size of 2, which divides 32; on 7 devices no model axis does."""
+  for devices, advice in ((6, "use a multiple of 6, e.g. 30, or keep 32 with a model axis: "
+                               "--config.mesh.model=3 (data-parallel size 2)."),
+                          (7, "use a multiple of 7, e.g. 28.")):
+    with pytest.raises(ValueError, match=re.escape(advice)):
+      sharding.check_batch_size(32, sharding.make_mesh({"data": -1}, jax.devices()[:devices]))
+
+
 def test_heads_that_do_not_divide_the_model_axis_are_one_clear_error():
   config = tiny_config("sit")
   config.mesh.update({"data": 4, "fsdp": 1, "model": 2})
