@@ -104,7 +104,7 @@ class SplitNotFound(DataError):
   """A folder has no sub-folder for the split asked for, and that split is not 'train'."""
 
 
-class UnreadableImage(Exception):
+class UnreadableImage(ValueError):
   """One image cannot be read or decoded: the pipelines skip it and count it."""
 
 
@@ -735,15 +735,23 @@ def rgb_or_grey(img: Image.Image) -> Image.Image:
   """A decoded image as 8-bit 'RGB' or 'L'. 16-bit, 32-bit integer and float grey images are
   scaled, where PIL's convert clips at 255 (a 16-bit PNG would come out white, a float image in
   [0, 1] black): 'I;16*' is 16-bit; 'I' (an older PIL's 16-bit PNG) is read as 16-bit unless
-  every value fits 8 bits; 'F' as [0, 1] unless a value exceeds 1, then as [0, 255]."""
+  every value fits 8 bits; 'F' as [0, 1] unless a value exceeds 1, then as [0, 255]. Values
+  beyond these ranges (a CT scan in Hounsfield units, an elevation map in metres) would be
+  clipped: UnreadableImage."""
   if img.mode in ("RGB", "L"):
     return img
   if not img.mode.startswith(("I", "F")):
     return img.convert("RGB")
   pixels = np.asarray(img, np.float64)
-  if img.mode.startswith("I;16") or (img.mode == "I" and pixels.max() > 255):
+  lo, hi = pixels.min(), pixels.max()
+  if not 0 <= lo <= hi <= (255 if img.mode == "F" else 65535):  # NaN fails too
+    raise UnreadableImage(
+        f"its pixel values span {lo:g}..{hi:g}, beyond the ranges read as grey levels "
+        f"({'[0, 1] or [0, 255] for float' if img.mode == 'F' else '[0, 65535] for integer'} "
+        "images): rescale them into one")
+  if img.mode.startswith("I;16") or (img.mode == "I" and hi > 255):
     pixels = pixels / 257.0
-  elif img.mode == "F" and pixels.max() <= 1.0:
+  elif img.mode == "F" and hi <= 1.0:
     pixels = pixels * 255.0
   return Image.fromarray(np.clip(np.round(pixels), 0, 255).astype(np.uint8))
 

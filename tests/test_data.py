@@ -400,6 +400,17 @@ def test_high_bit_depth_grey_images_are_scaled_not_clipped(pixels):
     np.testing.assert_array_equal(view[..., channel], GREY_RAMP)
 
 
+@pytest.mark.parametrize("pixels, span", [
+    (GREY_RAMP.astype(np.float32) * 12, "0..3060"),  # 'F': an elevation map in metres
+    (GREY_RAMP.astype(np.int32) * 16 - 1024, "-1024..3056"),  # 'I': a CT scan's Hounsfield units
+    (np.where(GREY_RAMP < 9, np.nan, GREY_RAMP / 255).astype(np.float32), "nan..nan")])
+def test_grey_images_beyond_the_read_ranges_are_unreadable_not_clipped(pixels, span):
+  """Clipped at 255 (or 0), 91% of the elevation map came out white: such an image is skipped
+  and named (the line says to rescale it), never read as another image."""
+  with pytest.raises(data.UnreadableImage, match=f"pixel values span {span}, beyond .*rescale"):
+    data.eval_view(pixels, 16, "resize", "bicubic_antialias")
+
+
 def test_folder_reads_tiff_and_names_the_files_it_leaves_out(tmp_path, monkeypatch):
   root = tmp_path / "images"
   os.makedirs(root / "a")
