@@ -158,6 +158,9 @@ def _parse_source(source: str, split: Optional[str]):
   if sep and kind in ("folder", "embedded"):
     return kind, rest, split
   rest = rest if (sep and kind == "tfds") else source
+  if rest.startswith(("/", "~", "./", "../")):  # tfds would fail to parse it as a builder name
+    raise DataError(f"source {source!r} is a path, not a TFDS name: an image folder is "
+                    f"'folder:{rest}'")
   name, _, split_in_source = rest.partition(":")
   if split_in_source and split and split_in_source != split:
     raise DataError(f"source {source!r} names split {split_in_source!r} but split={split!r}")

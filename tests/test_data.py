@@ -468,6 +468,9 @@ def test_argument_and_folder_errors(tmp_path):
   kw = dict(seed=0, process_index=0, process_count=1)
   with pytest.raises(FileNotFoundError, match="does not exist"):
     data.dataset_info(f"folder:{tmp_path / 'missing'}", None)
+  with pytest.raises(data.DataError, match=f"is a path, not a TFDS name: an image folder is "
+                                           f"'folder:{tmp_path}'"):
+    data.dataset_info(str(tmp_path), "train")  # 'folder:' left out
   os.makedirs(tmp_path / "empty" / "cls")
   with pytest.raises(data.DataError, match="no images"):
     data.dataset_info(f"folder:{tmp_path / 'empty'}", None)
