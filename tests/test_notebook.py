@@ -27,6 +27,11 @@ def test_notebook_is_valid_nbformat4():
   sources = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
   assert "pip" in sources and "configs/sit_vits.py:runlocal" in sources
   assert "configs/knn.py:runlocal" in sources and "results.json" in sources
+  # The TPU runtime's jax[tpu] install admits what setup.py admits: another range makes pip's
+  # resolution impossible on Colab (which no CPU test here would see).
+  setup = open(os.path.join(REPO, "setup.py")).read()
+  jax_range = re.search(r'"jax(>=[^"]+)"', setup).group(1)
+  assert f'"jax[tpu]{jax_range}"' in sources
 
 
 def _run_with_nbclient(nb):
