@@ -9,8 +9,9 @@ VOC2007 from TFDS 'voc/2007': the image's object labels as a multi-hot target, t
 train, with its validation split held out to choose on, evaluated on test. runlocal uses
 embedded:digits_multilabel (the digit, odd, >= 5). mAP: mean over classes of sklearn-style AP
 (voc07=True: the 11-point VOC07 AP). Fine-tuning keeps RandAugment but no Mixup/CutMix, label
-smoothing or erasing (they would erase or blend away the labels of small objects). Results:
-DIR/results.json (mAP).
+smoothing or erasing (they would erase or blend away the labels of small objects); set through
+augment.*, they apply to the multi-hot targets (smoothing as timm's BinaryCrossEntropy: 1 - s +
+s / C and s / C). Results: DIR/results.json (mAP).
 
 Not the VOC devkit's protocol: published VOC07 figures train on trainval (here train, with
 validation held out), and the devkit leaves an image whose objects of a class are all marked

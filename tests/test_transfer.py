@@ -147,6 +147,17 @@ def test_a_signal_while_a_head_trains_in_memory_is_not_a_result(mesh, monkeypatc
                     np.arange(64) % 3, 3, mesh, total_steps=150)
 
 
+def test_sgd_probe_batch_larger_than_the_train_split_is_refused_before_any_work(tmp_path,
+                                                                               monkeypatch):
+  from configs import linear as linear_config
+  c = linear_config.get_config("runlocal")
+  c.linear.solver, c.data.train_split, c.data.val_split = "sgd", "train[:24]", ""
+  monkeypatch.setattr(common, "load_backbone", lambda *a, **k: pytest.fail("backbone loaded"))
+  with pytest.raises(ValueError, match=r"data.global_batch_size=128 is more than the 24 training "
+                     r"examples.*--config.data.global_batch_size=24 or less"):
+    linear.run(c, str(tmp_path))
+
+
 def sklearn_digits_features():
   """scikit-learn's 8x8 digits as 64-d features: 1,500 to fit, 297 to score."""
   from sklearn.datasets import load_digits
@@ -397,6 +408,42 @@ def test_mixup_cutmix_targets_and_lam():
                                atol=1e-6)
   same, _, lam = mix(jax.random.PRNGKey(0), images, targets, prob=0.0)
   assert float(lam) == 1.0 and np.array_equal(same, images)
+
+
+def test_multilabel_finetune_step_honours_label_smoothing_and_mixup():
+  # The step's loss on multi-hot targets, against optax's sigmoid cross-entropy of the targets
+  # smoothed by hand (timm's BinaryCrossEntropy: 1 - s + s / C, s / C) and mixed by
+  # mixup_cutmix with the step's key. A linear model on the pixels keeps it fast.
+  import flax.linen as nn
+  import optax
+  from configs import multilabel as multilabel_config
+
+  class Linear(nn.Module):
+    @nn.compact
+    def __call__(self, images, *, train=False):
+      return nn.Dense(5, kernel_init=nn.initializers.normal(0.1))(images.reshape(len(images), -1))
+
+  c = multilabel_config.get_config("runlocal")
+  c.augment.randaugment = False
+  model, tx = Linear(), optax.sgd(0.1)
+  params = model.init(jax.random.PRNGKey(1), jnp.zeros((1, 8, 8, 3)))["params"]
+  state = supervised.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                opt_state=tx.init(params), rng=jax.random.PRNGKey(2))
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.integers(0, 256, (6, 8, 8, 3), np.uint8),
+           "label": (rng.random((6, 5)) < 0.4).astype(np.int32)}
+  images = common.to_input(batch["image"])  # no RandAugment, no erasing
+  k_mix = jax.random.split(jax.random.fold_in(state.rng, 0), 3)[1]
+  for smoothing, mixup in ((0.0, 0.0), (0.2, 0.0), (0.0, 0.8)):
+    c.augment.label_smoothing, c.augment.mixup_alpha = smoothing, mixup
+    _, metrics_ = finetune.make_finetune_step(c, model, tx, 5, multilabel=True)(state, batch)
+    targets = jnp.asarray(batch["label"] * (1 - smoothing) + smoothing / 5, jnp.float32)
+    mixed, targets, _ = deit_augment.mixup_cutmix(
+        k_mix, images, targets, mixup_alpha=mixup, cutmix_alpha=0.0,
+        prob=c.augment.mix_prob, switch_prob=c.augment.switch_prob)
+    want = optax.sigmoid_binary_cross_entropy(model.apply({"params": params}, mixed),
+                                              targets).mean()
+    np.testing.assert_allclose(float(metrics_["loss"]), float(want), rtol=1e-5)
 
 
 @pytest.mark.parametrize("flip", [False, True])

@@ -2,9 +2,9 @@
 sigmoid head and mAP, multi-label classification.
 
 One step = RandAugment -> normalise -> random erasing -> Mixup/CutMix on label-smoothed one-hot
-targets (all on device), forward with drop path, cross-entropy, AdamW whose update is scaled per
-layer (layer-wise lr decay). Each step is one jit over the mesh, its activations placed by
-config.logical_axis_rules (sharding.jit).
+(multi-label: multi-hot) targets (all on device), forward with drop path, cross-entropy, AdamW
+whose update is scaled per layer (layer-wise lr decay). Each step is one jit over the mesh, its
+activations placed by config.logical_axis_rules (sharding.jit).
 """
 from __future__ import annotations
 
@@ -87,13 +87,11 @@ def make_finetune_step(config, model, tx, num_classes: int, *, multilabel: bool 
     key = jax.random.fold_in(state.rng, state.step)
     k_aug, k_mix, k_drop = jax.random.split(key, 3)
     images = prepare_images(config, k_aug, batch["image"])
-    if multilabel:
-      targets = batch["label"].astype(jnp.float32)
-    else:
-      targets = supervised.soft_targets(batch["label"], num_classes, a.label_smoothing)
-      images, targets, _ = deit_augment.mixup_cutmix(
-          k_mix, images, targets, mixup_alpha=a.mixup_alpha, cutmix_alpha=a.cutmix_alpha,
-          prob=a.mix_prob, switch_prob=a.switch_prob)
+    targets = supervised.soft_targets(batch["label"], num_classes, a.label_smoothing,
+                                      multilabel=multilabel)
+    images, targets, _ = deit_augment.mixup_cutmix(
+        k_mix, images, targets, mixup_alpha=a.mixup_alpha, cutmix_alpha=a.cutmix_alpha,
+        prob=a.mix_prob, switch_prob=a.switch_prob)
 
     def loss(params):
       logits = model.apply({"params": params}, images, train=True, rngs={"dropout": k_drop})

@@ -50,7 +50,7 @@ def make_head_step(head, tx, num_classes: int, *, multilabel: bool = False, lr=N
   """step(state, features, labels) -> (state, metrics): one optimiser step of the head."""
 
   def step(state, features, labels):
-    targets = labels if multilabel else supervised.soft_targets(labels, num_classes)
+    targets = supervised.soft_targets(labels, num_classes, multilabel=multilabel)
 
     def loss(params):
       logits = head.apply({"params": params}, features)
@@ -88,8 +88,7 @@ def fit_head(config, head, tx, features, labels, num_classes: int, mesh, total_s
   from sit_jax import trainer
   batch_size = config.data.global_batch_size
   n = len(features)
-  if n < batch_size:
-    raise ValueError(f"{n} training examples is fewer than one batch of {batch_size}.")
+  check_batch_fits(config, n)
   init = lambda: jax.jit(functools.partial(init_head_state, head, tx, features.shape[1]),
                          out_shardings=sharding.replicated(mesh))(jax.random.PRNGKey(config.seed))
   head_step = jax.jit(make_head_step(head, tx, num_classes, multilabel=multilabel, lr=lr),
@@ -122,6 +121,17 @@ def fit_head(config, head, tx, features, labels, num_classes: int, mesh, total_s
         f"Stopped by a signal at step {outcome.step} of the head's {total_steps}: a head "
         "trained in memory is not saved; start the same command again to train it.")
   return outcome.state
+
+
+def check_batch_fits(config, num_examples: int):
+  """The SGD head's epochs are whole batches of the training features: refuses a batch larger
+  than all of them."""
+  batch_size = config.data.global_batch_size
+  if num_examples < batch_size:
+    raise ValueError(f"data.global_batch_size={batch_size} is more than the {num_examples} "
+                     "training examples, and linear.solver='sgd' trains on whole batches: set "
+                     f"--config.data.global_batch_size={num_examples} or less, or "
+                     "--config.linear.solver=lbfgs.")
 
 
 def feature_standardizer(features, eps: float = 1e-6):
@@ -299,15 +309,17 @@ def run(config, workdir: str, *, multilabel: bool = False) -> dict:
     common.check_multilabel(train_info, multilabel)
     num_classes = train_info.num_classes
     size = config.data.image_size
+    lin, voc07 = config.linear, config.get("voc07", False)
+    solver = lin.get("solver", "lbfgs") if lin.cache_features else "augmented"
+    if solver not in ("lbfgs", "sgd", "augmented"):
+      raise ValueError(f"linear.solver must be 'lbfgs' or 'sgd', not {solver!r}.")
+    if solver == "sgd":
+      check_batch_fits(config, train_info.num_examples)
     backbone = common.load_backbone(config, image_size=size, drop_path_rate=0.0)
     params = common.place_backbone(backbone, mesh, config.sharding_rules, config.seed)
     fn = common.make_feature_fn(backbone.module, config.head.features, config.head.last_blocks)
     features_of = common.uint8_features(fn)
     dim = common.feature_dim(backbone.module, config.head.features, config.head.last_blocks)
-    lin, voc07 = config.linear, config.get("voc07", False)
-    solver = lin.get("solver", "lbfgs") if lin.cache_features else "augmented"
-    if solver not in ("lbfgs", "sgd", "augmented"):
-      raise ValueError(f"linear.solver must be 'lbfgs' or 'sgd', not {solver!r}.")
 
     total_steps, steps_per_epoch = optim.schedule_lengths(config, train_info.num_examples)
     lr = supervised.lr_schedule(config, total_steps, steps_per_epoch)

@@ -29,9 +29,12 @@ class TrainState:
 # ---------------------------------------------------------------------------------------------
 
 
-def soft_targets(labels, num_classes: int, label_smoothing: float = 0.0):
-  """Integer labels -> one-hot with timm's smoothing (off = s / C, on = 1 - s + s / C)."""
-  return optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+def soft_targets(labels, num_classes: int, label_smoothing: float = 0.0, *,
+                 multilabel: bool = False):
+  """Integer labels -> one-hot (multi-hot labels as they are) with timm's smoothing: off =
+  s / C, on = 1 - s + s / C (for multi-hot targets, those of timm's BinaryCrossEntropy)."""
+  hot = labels.astype(jnp.float32) if multilabel else jax.nn.one_hot(labels, num_classes)
+  return optax.smooth_labels(hot, label_smoothing)
 
 
 def loss_fn(logits, targets, multilabel: bool):
