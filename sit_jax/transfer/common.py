@@ -296,15 +296,27 @@ def average_precision(scores, targets, *, voc07: bool = False) -> float:
 
 
 def mean_average_precision(scores, targets, *, voc07: bool = False) -> float:
-  """Mean over classes (with at least one positive) of the per-class average precision.
-  scores: (N, C) any monotone score (logits); targets: (N, C) multi-hot."""
+  """Mean over classes (with at least one positive) of the per-class average precision; the
+  classes left out are named in a warning. scores: (N, C) any monotone score (logits);
+  targets: (N, C) multi-hot."""
   scores, targets = np.asarray(scores), np.asarray(targets)
-  aps = [average_precision(scores[:, c], targets[:, c], voc07=voc07)
-         for c in range(scores.shape[1])]
-  aps = [a for a in aps if not np.isnan(a)]
-  if not aps:
+  aps = np.array([average_precision(scores[:, c], targets[:, c], voc07=voc07)
+                  for c in range(scores.shape[1])])
+  left_out = tuple(np.flatnonzero(np.isnan(aps)).tolist())
+  if len(left_out) == len(aps):
     raise ValueError("No class has a positive example: mAP is undefined.")
-  return float(np.mean(aps))
+  if left_out:
+    _warn_left_out_of_map(left_out, len(aps), len(scores))
+  return float(np.mean(aps[~np.isnan(aps)]))
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_left_out_of_map(classes: tuple, num_classes: int, num_examples: int):
+  """Once per set of classes and examples: every evaluation of a split would repeat it."""
+  logging.warning("mAP over %d of %d classes: class(es) %s have no positive among the %d "
+                  "examples scored, so no AP (sklearn's average_precision_score(average="
+                  "'macro') would count each as 0).", num_classes - len(classes), num_classes,
+                  ", ".join(map(str, classes)), num_examples)
 
 
 def score(logits, labels, multilabel: bool, voc07: bool = False) -> dict:
