@@ -81,13 +81,14 @@ def test_topk_accuracy():
 # ---------------------------------------------------------------------------------------------
 
 
-def test_map_hand_computed():
+def test_map_hand_computed(caplog):
   scores = np.array([[0.9, 0.1, 0.5], [0.8, 0.4, 0.5], [0.7, 0.35, 0.5], [0.6, 0.8, 0.5]])
   targets = np.array([[1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 0]])
   # Class 0: positives at ranks 1 and 3 -> (1/1 + 2/3) / 2. Class 1: ranks 2, 3 -> (1/2 + 2/3) / 2.
-  # Class 2 has no positive: left out of the mean.
+  # Class 2 has no positive: left out of the mean, and the log says so.
   assert common.mean_average_precision(scores, targets) == pytest.approx(
       ((1 + 2 / 3) / 2 + (1 / 2 + 2 / 3) / 2) / 2)
+  assert "mAP over 2 of 3 classes: class(es) 2 have no positive among the 4" in caplog.text
   # VOC07 11-point, class 0: recall 0.5 at precision 1 (r = 0..0.5), 1.0 at 2/3 (r = 0.6..1).
   assert common.average_precision(scores[:, 0], targets[:, 0], voc07=True) == pytest.approx(
       (6 * 1 + 5 * 2 / 3) / 11)
