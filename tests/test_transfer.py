@@ -206,6 +206,14 @@ def test_lbfgs_multilabel_matches_per_class_sklearn(mesh):
     assert np.mean(ours == sk.predict(b).astype(bool)) >= 0.99
 
 
+def test_lbfgs_stopped_by_max_iter_says_so(mesh, caplog):
+  rng = np.random.default_rng(0)
+  feats, labels = rng.normal(size=(64, 8)).astype(np.float32), np.arange(64) % 3
+  _, _, _, info = linear.probe_cached(feats, labels, feats, labels, 3, max_iter=2, mesh=mesh)
+  assert info["iterations"] == 2 and info["grad_norm"] > 1e-5
+  assert "L-BFGS stopped at linear.max_iter=2 with the gradient's norm" in caplog.text
+
+
 def test_l2_chosen_on_held_out_train_examples_only(mesh):
   from sklearn.linear_model import LogisticRegression
   train, train_labels, test, test_labels = sklearn_digits_features()

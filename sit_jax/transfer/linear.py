@@ -292,6 +292,11 @@ def probe_cached(train_feats, train_labels, test_feats, test_labels, num_classes
   else:
     best, init = candidates[0], None
   params, fit_info = fit(standardize(train_feats), train_labels, l2=best, init=init)
+  if fit_info["iterations"] >= max_iter and fit_info["grad_norm"] >= tol:
+    logging.warning("L-BFGS stopped at linear.max_iter=%d with the gradient's norm %.2g above "
+                    "linear.tol=%g (l2 %g): the head is not the converged logistic regression; "
+                    "raise --config.linear.max_iter or --config.linear.tol.", max_iter,
+                    fit_info["grad_norm"], tol, best)
   info.update(fit_info)
   scores = common.score(head_logits(params, standardize(test_feats)), test_labels, multilabel,
                         voc07)
