@@ -352,8 +352,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
     info = data.dataset_info(config.data.source, config.data.split, data_dir=data_dir,
                              **data.engine_options(config.data))
     data.check_interpolation(config.data.interpolation)
-    total_steps, steps_per_epoch = optim.schedule_lengths(
-        config, config.num_train_examples or info.num_examples)
+    if not config.num_train_examples:
+      # Recorded in config.json, so that a resume on a folder that has grown or shrunk since
+      # names the change: the epochs, and with them the schedules, have another length.
+      config.num_train_examples = info.num_examples
+    total_steps, steps_per_epoch = optim.schedule_lengths(config, config.num_train_examples)
     logging.info("%s: %d examples, %d steps per epoch, %d steps; mesh %s", info.name,
                  info.num_examples, steps_per_epoch, total_steps, dict(mesh.shape))
     warn_if_donors_cross_devices(config, mesh)

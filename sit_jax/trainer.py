@@ -222,7 +222,8 @@ def _warn_of_changed_settings(exp, step: int):
   changed = exp.changed_settings()
   if not changed:
     return
-  length = any(c.split()[0] in ("total_steps", "total_epochs") for c in changed)
+  length = any(c.split()[0] in ("total_steps", "total_epochs", "num_train_examples")
+               for c in changed)
   logging.warning(
       "Step %d resumes with settings changed since %s was written: %s. They apply from step %d "
       "on%s; log.txt keeps each run's config.", step, os.path.join(exp.workdir, "config.json"),

@@ -36,6 +36,9 @@ def test_online_knn_and_fewshot_equal_knn_py_and_fewshot_py_on_the_same_checkpoi
     assert {"loss", "knn/student", "knn/teacher", "fewshot/student/5shot"} <= set(row)
   online = results["knn_monitor"]
   assert online["knn/student"] == rows[6]["knn/student"]
+  # The count the epochs were set by: resumed on a folder that has grown, the run names it.
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["num_train_examples"] == 256
 
   k = knn_config.get_config("runlocal")
   k.init = workdir  # the latest checkpoint: step 6, the student's backbone.
