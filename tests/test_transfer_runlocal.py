@@ -56,6 +56,9 @@ def test_runlocal(tmp_path, exported_backbone, experiment, with_init):
       rows = [json.loads(line) for line in f]
     assert [r["step"] for r in rows if any(k.startswith("val/") for k in r)] == [10, 20, 30]
     assert [r["step"] for r in rows if any(k.startswith("test/") for k in r)] == [30]
+    # results.json names the split its val/ figures come from.
+    assert results["val_split"] == "train[80%:]" and any(k.startswith("val/")
+                                                         for k in results["figures"])
   if experiment in ("knn", "linear"):
     # The results line and results.json name the features the protocol read (runlocal's probe:
     # the CLS tokens of the last 4 blocks).

@@ -164,7 +164,7 @@ def run(config, workdir: str, *, multilabel: bool = False) -> dict:
         supervised.test_scores(outcome.evaluated), frozen=False, steps=outcome.step,
         total_steps=total_steps, final_train_metrics=outcome.metrics,
         seconds_this_run=outcome.seconds, complete=outcome.complete,
-        features=config.head.features,
+        features=config.head.features, val_split=config.data.get("val_split", ""),
         **{k: run_results[k] for k in ("checkpoint", "preempted", "steps_this_run", "error")
            if k in run_results})
     results = common.results_table(
