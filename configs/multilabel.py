@@ -6,9 +6,12 @@
   python -m sit_jax.main --config=configs/multilabel.py:runlocal --workdir=/tmp/ml
 
 VOC2007 from TFDS 'voc/2007': the image's object labels as a multi-hot target, trained on
-train, with its validation split held out to choose on, evaluated on test. runlocal uses
-embedded:digits_multilabel (the digit, odd, >= 5). mAP: mean over classes of sklearn-style AP
-(voc07=True: the 11-point VOC07 AP). Fine-tuning keeps RandAugment but no Mixup/CutMix, label
+train, with its validation split held out to choose on (fine-tuned: scored every eval_every;
+frozen: unused, the probe's l2 is chosen on linear.val_fraction of train, as configs/linear.py),
+evaluated on test. runlocal uses embedded:digits_multilabel (the digit, odd, >= 5). mAP: mean
+over classes with a positive of sklearn-style AP (voc07=True: the 11-point VOC07 AP). Your own
+data: a TFDS dataset whose 'labels' feature is a Sequence(ClassLabel), as voc/2007's (a folder
+gives one class per image). Fine-tuning keeps RandAugment but no Mixup/CutMix, label
 smoothing or erasing (they would erase or blend away the labels of small objects); set through
 augment.*, they apply to the multi-hot targets (smoothing as timm's BinaryCrossEntropy: 1 - s +
 s / C and s / C). Results: DIR/results.json (mAP).
