@@ -240,6 +240,25 @@ def test_l2_chosen_on_held_out_train_examples_only(mesh):
   assert scrambled["l2"] == info["l2"]
 
 
+def test_augmented_probe_statistics_sample_every_class(mesh, tmp_path):
+  # A folder's evaluation pass runs class by class: statistics of its first images would be
+  # those of class a alone. The training batches are a shuffled sample of both classes.
+  from configs import linear as linear_config
+  from PIL import Image
+  for name, value in (("a", 20), ("b", 220)):
+    (tmp_path / name).mkdir()
+    for i in range(8):
+      Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(tmp_path / name / f"{i}.png")
+  c = linear_config.get_config("runlocal")
+  c.data.source, c.data.train_split, c.data.image_size = f"folder:{tmp_path}", "train", 8
+  c.data.global_batch_size = c.linear.stats_examples = c.eval_batch_size = 8
+  standardize = linear.training_feature_standardizer(c, common.raw_pixel_features, None, mesh, 8,
+                                                     16)
+  a, b = (np.asarray(common.raw_pixel_features(None, np.full((1, 8, 8, 3), v, np.uint8)))
+          for v in (20, 220))
+  assert (standardize(a) < -0.1).all() and (standardize(b) > 0.1).all()
+
+
 def test_probe_step_leaves_backbone_bit_identical(mesh):
   module = vit.backbone_from_config({"variant": "Mu/4", "image_size": 16})
   backbone = common.Backbone(module, None, {}, "")

@@ -143,6 +143,23 @@ def feature_standardizer(features, eps: float = 1e-6):
   return lambda f: (f - mean) / std
 
 
+def training_feature_standardizer(config, features_of, params, mesh, image_size: int,
+                                  num_examples: int):
+  """The augmented probe's feature_standardizer: the statistics of the features the head trains
+  on, those of the first training batches (linear.stats_examples views, at most about one per
+  example of the split's `num_examples`), a shuffled sample of the split. (The evaluation pass
+  is in the split's order, class by class in a folder: the first 10,000 images of an ImageNet
+  folder are 8 classes.)"""
+  examples = min(config.linear.stats_examples, num_examples)
+  num = -(-examples // config.data.global_batch_size)
+  place = common.train_placer(config, mesh, image_size)
+  extract = jax.jit(features_of, out_shardings=sharding.replicated(mesh))
+  batches = itertools.islice(common.train_batches(config, 0, image_size), num)
+  logging.info("Feature statistics of %d training batches", num)
+  return feature_standardizer(np.concatenate(
+      [jax.device_get(extract(params, place(batch)["image"])) for batch in batches]))
+
+
 def head_logits(head_params, features):
   """The linear head on host features (numpy)."""
   params = jax.device_get(head_params)
@@ -384,11 +401,8 @@ def run(config, workdir: str, *, multilabel: bool = False) -> dict:
     else:
       standardize = lambda f: f
       if lin.normalize_features:
-        batches = common.eval_batches(config, config.data.train_split, size)
-        num = -(-lin.stats_examples // config.eval_batch_size)
-        sample, _ = common.extract_features(features_of, params, itertools.islice(batches, num),
-                                            mesh, common.log_progress("feature statistics"))
-        standardize = feature_standardizer(sample)
+        standardize = training_feature_standardizer(config, features_of, params, mesh, size,
+                                                    train_info.num_examples)
       head_state = jax.jit(functools.partial(init_head_state, head, tx, dim),
                            out_shardings=sharding.replicated(mesh))(jax.random.PRNGKey(config.seed))
       probe = jax.jit(make_probe_step(lambda p, x: standardize(fn(p, x)), head, tx, num_classes,
