@@ -13,8 +13,8 @@ over classes with a positive of sklearn-style AP (voc07=True: the 11-point VOC07
 data: a TFDS dataset whose 'labels' feature is a Sequence(ClassLabel), as voc/2007's (a folder
 gives one class per image). Fine-tuning keeps RandAugment but no Mixup/CutMix, label
 smoothing or erasing (they would erase or blend away the labels of small objects); set through
-augment.*, they apply to the multi-hot targets (smoothing as timm's BinaryCrossEntropy: 1 - s +
-s / C and s / C). Results: DIR/results.json (mAP).
+augment.*, they apply to the multi-hot targets (smoothing: 1 - s + s / C and s / C, the values
+timm's BinaryCrossEntropy gives one-hot targets). Results: DIR/results.json (mAP).
 
 Not the VOC devkit's protocol: published VOC07 figures train on trainval (here train, with
 validation held out), and the devkit leaves an image whose objects of a class are all marked

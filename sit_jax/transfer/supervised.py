@@ -32,7 +32,8 @@ class TrainState:
 def soft_targets(labels, num_classes: int, label_smoothing: float = 0.0, *,
                  multilabel: bool = False):
   """Integer labels -> one-hot (multi-hot labels as they are) with timm's smoothing: off =
-  s / C, on = 1 - s + s / C (for multi-hot targets, those of timm's BinaryCrossEntropy)."""
+  s / C, on = 1 - s + s / C (timm's BinaryCrossEntropy smooths one-hot targets so; multi-hot
+  ones get the same values here)."""
   hot = labels.astype(jnp.float32) if multilabel else jax.nn.one_hot(labels, num_classes)
   return optax.smooth_labels(hot, label_smoothing)
 
