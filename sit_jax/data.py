@@ -396,10 +396,11 @@ def _list_folder(root):
   if left_out:
     _warn_left_out(root, tuple(sorted(left_out.items())))
   beside = sum(_is_image(e) for e in entries if e not in folders) if classes else 0
-  if not paths and beside:  # e.g. a flat folder with a __MACOSX/ or @eaDir/ sub-folder
+  if beside > len(paths):  # e.g. a flat folder with a __MACOSX/, @eaDir/ or thumbs/ sub-folder
     raise DataError(f"folder:{root}: its sub-folders ({', '.join(classes[:5])}) are read as "
-                    f"classes and hold no images; the {beside} images beside them belong to no "
-                    f"class. Move the images into class folders, or the sub-folders out.")
+                    f"classes and hold {len(paths) or 'no'} image{'' if len(paths) == 1 else 's'}; "
+                    f"the {beside} images beside them belong to no class. Move the images into "
+                    "class folders, or the sub-folders out.")
   if not paths:
     raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in folder {root!r}")
   return paths, np.asarray(labels, np.int32), classes

@@ -482,6 +482,12 @@ def test_argument_and_folder_errors(tmp_path):
   with pytest.raises(data.DataError, match=r"sub-folders \(__MACOSX\) are read as classes and "
                      r"hold no images; the 2 images beside them belong to no class"):
     data.dataset_info(f"folder:{tmp_path / 'unzipped'}", None)
+  # ... or beside a sub-folder of fewer images (thumbnails): those would be the whole dataset.
+  os.makedirs(tmp_path / "unzipped" / "thumbs")
+  _write(tmp_path / "unzipped" / "thumbs" / "0.png", (0, 0, 0), (4, 4), "PNG")
+  with pytest.raises(data.DataError, match=r"sub-folders \(__MACOSX, thumbs\) are read as classes "
+                     r"and hold 1 image; the 2 images beside them belong to no class"):
+    data.dataset_info(f"folder:{tmp_path / 'unzipped'}", None)
   with pytest.raises(data.DataError, match="divisible"):
     data.pretrain_iterator(DIGITS, "train", global_batch_size=6, image_size=8, seed=0,
                            process_index=0, process_count=4)
