@@ -349,6 +349,23 @@ def test_finetune_starts_from_checkpoint_and_moves(mesh, exported_backbone):
   assert "blocks_0/attn/qkv/kernel" in changed and len(changed) > len(loaded) // 2
 
 
+def test_finetune_on_fewer_images_than_a_batch_says_so(tmp_path, monkeypatch, caplog):
+  class Stop(Exception):
+    pass
+
+  def stop(*args, **kwargs):
+    raise Stop
+
+  c = finetune_config.get_config("runlocal")
+  c.data.train_split, c.data.val_split = "train[:24]", ""
+  monkeypatch.setattr(common, "load_backbone", stop)  # the line comes before any work
+  with pytest.raises(Stop):
+    finetune.run(c, str(tmp_path))
+  assert ("embedded:digits/train[:24] has 24 images, fewer than data.global_batch_size 64: "
+          "every batch holds images more than once, and an epoch of the schedule "
+          "(total_epochs, optim.warmup_epochs) is one step, 2.7 passes") in caplog.text
+
+
 def test_finetune_state_is_created_only_when_not_resuming(tmp_path, monkeypatch):
   # A resumed run restores onto `abstract` and never calls init: a fresh state built before
   # the loop would stay on the device beside the restored one for the whole run.

@@ -116,6 +116,7 @@ def run(config, workdir: str, *, multilabel: bool = False) -> dict:
     mesh = exp.mesh
     train_info, test_info = common.dataset_infos(config)
     common.check_multilabel(train_info, multilabel)
+    supervised.warn_if_batch_exceeds_split(config, train_info)
     num_classes = train_info.num_classes
     total_steps, steps_per_epoch = optim.schedule_lengths(config, train_info.num_examples)
     size = config.data.image_size

@@ -337,6 +337,8 @@ def run(config, workdir: str, *, multilabel: bool = False) -> dict:
       raise ValueError(f"linear.solver must be 'lbfgs' or 'sgd', not {solver!r}.")
     if solver == "sgd":
       check_batch_fits(config, train_info.num_examples)
+    if solver == "augmented":
+      supervised.warn_if_batch_exceeds_split(config, train_info)
     backbone = common.load_backbone(config, image_size=size, drop_path_rate=0.0)
     params = common.place_backbone(backbone, mesh, config.sharding_rules, config.seed)
     fn = common.make_feature_fn(backbone.module, config.head.features, config.head.last_blocks)

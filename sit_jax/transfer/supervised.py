@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
 
+from absl import logging
 import flax
 import jax
 import jax.numpy as jnp
@@ -95,6 +96,19 @@ def make_optimizer(config, lr, params=None, depth: int = 0) -> optax.GradientTra
       raise ValueError("Layer-wise lr decay needs the parameter tree.")
     tx = optax.chain(tx, scale_by_tree(lr_decay_tree(params, depth, o.layer_decay)))
   return tx
+
+
+def warn_if_batch_exceeds_split(config, info):
+  """A train split smaller than one global batch still trains (each batch draws its images more
+  than once), but the schedule's epochs are then steps of several passes: the log says so."""
+  n, batch = info.num_examples, config.data.global_batch_size
+  if n < batch:
+    logging.warning("%s has %d images, fewer than data.global_batch_size %d: every batch holds "
+                    "images more than once, and an epoch of the schedule (total_epochs, "
+                    "optim.warmup_epochs) is one step, %.1f passes over them. Set "
+                    "--config.data.global_batch_size to at most %d (a multiple of the "
+                    "data-parallel devices) for epochs of one pass.", info.name, n, batch,
+                    batch / n, n)
 
 
 def frozen_checkpoint_metadata(config, backbone: common.Backbone, num_classes: int) -> dict:
