@@ -474,7 +474,8 @@ def _folder(path, split, p, P):
   n_local, n_max, position = _strided_share(len(paths), p, P)
   info = DatasetInfo(len(paths), len(classes),
                      f"folder:{root}" + (f"[{part}]" if part is not None else ""),
-                     classes=tuple(classes), root=root, indices=keep)
+                     # The folder's real path: 'folder:/x/' and a link to /x read the same images.
+                     classes=tuple(classes), root=os.path.realpath(root), indices=keep)
   return _HostData(info, n_local, n_max, load=_FileLoader(paths[p::P], labels[p::P]),
                    position=position)
 

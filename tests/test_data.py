@@ -332,6 +332,11 @@ def test_held_out_splits_share_no_image_and_the_classes(tmp_path):
                         "data.test_split")
   # Different folders never share an image; the same folder's disjoint slices do not either.
   data.check_held_out(info("train[:50%]", source), info("train[50%:]", source), "a", "b")
+  # The same folder spelt otherwise (a trailing '/', a link to it) reads the same images.
+  os.symlink(root, tmp_path / "link")
+  for other in (f"{source}/", f"folder:{tmp_path / 'link'}"):
+    with pytest.raises(data.DataError, match="holds 1 of the 3 images"):
+      data.check_held_out(info("train[:50%]", source), info("train[25%:]", other), "a", "b")
   # Class names copied from a Mac come decomposed (NFD: 'e' + combining accent), the same
   # names typed elsewhere composed (NFC): the same classes, in the same (NFC) order.
   composed, decomposed = "\u00e9clair", "e\u0301clair"

@@ -250,7 +250,8 @@ def _folder(path, split, num_classes):
   logging.info("folder:%s/%s: %d masks checked in %.1f s", path, split, len(keep),
                time.perf_counter() - start)
 
-  return SegmentationData(f"folder:{path}/{split}", num_classes, len(keep), load, root=root,
+  return SegmentationData(f"folder:{path}/{split}", num_classes, len(keep), load,
+                          root=os.path.realpath(root),
                           indices=keep)
 
 
