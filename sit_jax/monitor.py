@@ -47,6 +47,7 @@ class KnnMonitor:
     self.interpolation, self.data_dir = config.data.interpolation, config.data.data_dir or None
     self.k, self.temperature = e.k, e.temperature
     self.shots, self.seeds, self.l2 = tuple(e.fewshot_shots), e.fewshot_seeds, e.fewshot_l2
+    self.bank_info, self.shots_checked = bank_info, False
     self.features_of = common.uint8_features(common.make_feature_fn(module, e.features, 1))
     logging.info("k-NN monitor every %d steps: bank %s (%d), held out %s (%d), %s features",
                  config.eval_every, bank_info.name, bank_info.num_examples, test_info.name,
@@ -115,6 +116,12 @@ class KnnMonitor:
       scores = knn.knn_classify(bank, bank_labels, test, self.k, self.temperature,
                                 self.num_classes, mesh=self.mesh)
       results[f"knn/{name}"] = common.topk_accuracy(scores, test_labels, ks=(1,))["top1"]
+      if self.shots and not self.shots_checked:
+        self.shots_checked = True
+        try:  # a warning: the pretraining goes on, its few-shot rows mean fewer shots
+          fewshot.check_shots(bank_labels, self.shots, self.bank_info, "eval.fewshot_shots")
+        except ValueError as e:
+          logging.warning("Few-shot monitor: %s", e)
       for shots in self.shots:
         accuracy = fewshot.fewshot_accuracies(bank, bank_labels, {"test": (test, test_labels)},
                                               shots, self.seeds, (self.l2,), self.num_classes)

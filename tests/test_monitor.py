@@ -25,10 +25,16 @@ def short_run_config():
   return c
 
 
-def test_online_knn_and_fewshot_equal_knn_py_and_fewshot_py_on_the_same_checkpoint(tmp_path):
+def test_online_knn_and_fewshot_equal_knn_py_and_fewshot_py_on_the_same_checkpoint(tmp_path,
+                                                                                   caplog):
   c = short_run_config()
+  c.eval.fewshot_shots = (5, 30)  # the bank's 256 digits hold fewer than 30 of some classes
   workdir = str(tmp_path / "pretrain")
-  results = pretrain.train_and_evaluate(c, workdir)
+  with caplog.at_level("WARNING"):
+    results = pretrain.train_and_evaluate(c, workdir)
+  # Said once, and the run goes on: its 30-shot rows hold fewer shots of those classes.
+  assert caplog.text.count("Few-shot monitor: eval.fewshot_shots=(5, 30) draws 30 train "
+                           "examples of every class") == 1
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = {row["step"]: row for row in map(json.loads, f)}
   assert sorted(rows) == [3, 6]

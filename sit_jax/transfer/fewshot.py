@@ -36,19 +36,20 @@ def sample_shots(labels, shots: int, seed: int, num_classes: int) -> np.ndarray:
   return np.sort(np.concatenate(chosen))
 
 
-def check_shots(labels, shots_list, info) -> None:
+def check_shots(labels, shots_list, info, key: str = "fewshot.shots") -> None:
   """Refuses a train split (`info`: its DatasetInfo) with fewer examples of a class than the
-  largest shot count: its row would fit fewer shots than it says, every seed the same ones."""
+  largest shot count: its row would fit fewer shots than it says, every seed the same ones.
+  `key`: the setting that holds `shots_list`, for the line."""
   counts = np.bincount(labels, minlength=info.num_classes)
   short = np.flatnonzero(counts < max(shots_list))
   if short.size:
     names = info.classes or tuple(map(str, range(info.num_classes)))
     listed = ", ".join(f"{names[c]}: {counts[c]}" for c in short[:5])
     fitting = tuple(s for s in shots_list if s <= counts.min())
-    fix = (f"keep the shot counts they allow (--config.fewshot.shots='{fitting}') or add images"
+    fix = (f"keep the shot counts they allow (--config.{key}='{fitting}') or add images"
            if fitting else "add images")
     raise ValueError(
-        f"fewshot.shots={tuple(shots_list)} draws {max(shots_list)} train examples of every "
+        f"{key}={tuple(shots_list)} draws {max(shots_list)} train examples of every "
         f"class, and {info.name} has fewer of {short.size} of its {info.num_classes} classes "
         f"({listed}{', ...' if short.size > 5 else ''}): {fix}.")
 
