@@ -716,11 +716,11 @@ def locate_backbone(path, weights: str = "student") -> epath.Path:
       raise CheckpointError(
           f"{found} is a backbone export, which holds the student only: the teacher is in the "
           "pretraining run's checkpoints (set config.init to its workdir or a step directory), "
-          "or use init_weights='student'.")
+          "or use config.init_weights='student' (convert: --use=student).")
     experiment = _step_metadata(found).get("experiment")
     if experiment not in (None, "sit", "contrastive"):
       raise CheckpointError(f"{found} is a checkpoint of a {experiment} run, which has no "
-                            "teacher: use init_weights='student'.")
+                            "teacher: use config.init_weights='student' (convert: --use=student).")
   return found
 
 

@@ -370,7 +370,7 @@ def test_teacher_backbone_from_checkpoints_only(tmp_path):
 
   export = ckpt_lib.export_backbone(tmp_path / "export", teacher, MODEL)
   with pytest.raises(CheckpointError, match=r"export, which holds the student only.*"
-                     r"init_weights='student'"):
+                     r"init_weights='student' \(convert: --use=student\)"):
     ckpt_lib.locate_backbone(export, "teacher")
   with Checkpointer(tmp_path / "gmml" / "checkpoints", every=1) as ck:
     ck.save(1, make_state(1), metadata={"model": MODEL, "experiment": "gmml"})
