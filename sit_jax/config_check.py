@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.machinery
 import importlib.util
 import os
 import re
@@ -541,10 +542,15 @@ def load(spec: str) -> ml_collections.ConfigDict:
   path, colon, argument = spec.partition(":")
   if not os.path.isfile(path):
     raise ConfigError(f"Config file {path} not found{_nearest_files(path)}")
-  module_spec = importlib.util.spec_from_file_location("_sit_jax_config", path)
-  module = importlib.util.module_from_spec(module_spec)
+  if path.endswith(".json"):
+    raise ConfigError(f"Config file {path} is JSON: --config takes a Python config file "
+                      "(configs/NAME.py[:ARGUMENT], or a copy of one); a workdir's config.json "
+                      "is the record of its run, not a config file.")
+  # As config_flags loads it: a file of Python source whatever its name ends in.
+  loader = importlib.machinery.SourceFileLoader("_sit_jax_config", path)
+  module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
   try:
-    module_spec.loader.exec_module(module)
+    loader.exec_module(module)
   except SyntaxError as e:
     raise ConfigError(f"Syntax error in {path} line {e.lineno}: {e.msg}.") from e
   except Exception as e:  # an import error, or any mistake at the top of the config file

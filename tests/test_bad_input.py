@@ -295,3 +295,12 @@ def test_config_files_that_are_not_configs(tmp_path):
     config_check.load(str(tmp_path / "dict.py"))
   with pytest.raises(config_check.ConfigError, match="ModuleNotFoundError: No module named"):
     config_check.load(str(tmp_path / "imports.py"))
+  # A workdir's record of its run, given as the config: one line, not 'NoneType' has no 'loader'.
+  (tmp_path / "config.json").write_text('{"seed": 0}\n')
+  with pytest.raises(config_check.ConfigError, match="config.json is JSON: --config takes a"):
+    config_check.load(str(tmp_path / "config.json"))
+  # Python source under any name, as config_flags itself loads it.
+  (tmp_path / "my_exp").write_text("import ml_collections\n"
+                                   "def get_config(arg=None):\n"
+                                   "  return ml_collections.ConfigDict(dict(arg=arg))\n")
+  assert config_check.load(f"{tmp_path / 'my_exp'}:runlocal").arg == "runlocal"
