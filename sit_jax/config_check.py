@@ -324,6 +324,17 @@ def _donor_group(config) -> str | None:
   return None
 
 
+def _nothing_to_learn(config) -> str | None:
+  # GMML's loss is alpha x the reconstruction: at 0 every gradient is 0 and only weight decay
+  # moves the weights, for the whole run.
+  if config.get("experiment") == "gmml" and (config.get("loss") or {}).get("alpha", 1) == 0:
+    return ("loss.alpha=0 with config.experiment='gmml': the reconstruction, weighted by "
+            "alpha, is its only loss, so nothing would be learnt; set --config.loss.alpha to a "
+            "positive number (configs/gmml_vits.py: 1). The contrastive loss alone: "
+            "configs/contrastive_vits.py.")
+  return None
+
+
 def _engine_source(config) -> str | None:
   data = config.get("data") or {}
   kind = str(data.get("source", "")).partition(":")[0]
@@ -483,7 +494,7 @@ def _init_exists(config) -> str | None:
 
 # Rules across keys: each returns the one-line message of a mistake, or None.
 CHECKS: list[Callable[[ml_collections.ConfigDict], str | None]] = [
-    _length_of_run, _decoded_size, _donor_group, _engine_source, _unset_rate,
+    _length_of_run, _nothing_to_learn, _decoded_size, _donor_group, _engine_source, _unset_rate,
     _experiment_sections,
     _mesh_wildcards, _architecture, _mean_of_blocks, _attention_dtype, _float16_training,
     _validation_split,

@@ -186,6 +186,7 @@ def test_a_full_disk_outside_a_save_is_one_line(tmp_path):
     ("fewshot.py:runlocal", {"data.val_split": ""}, "data.val_split is empty: fewshot chooses"),
     ("sit_vits.py:runlocal", {"model.attention": "cudnn"}, "model.attention='cudnn' (cuDNN"),
     ("sit_vits.py:runlocal", {"data.engine": "tf"}, "data.engine='tf' reads TFDS datasets only"),
+    ("gmml_vits.py:runlocal", {"loss.alpha": 0.0}, "loss.alpha=0 with config.experiment='gmml'"),
 ])
 def test_values_of_each_experiment(spec, overrides, expected):
   config = config_check.load(os.path.join(REPO, "configs", spec))
