@@ -532,6 +532,12 @@ _CONFIG_FLAG = re.compile(r"^--?config(=|$)")
 _OVERRIDE_FLAG = re.compile(r"^--?(?:no)?config\.([^=]+)")
 
 
+# sit_jax's configs, installed beside it (setup.py). Not `import configs`: a project's own
+# `configs` package in the working directory comes first on sys.path and hides it.
+INSTALLED_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                 "configs")
+
+
 def resolve(path: str) -> str:
   """A config path as given if it exists, else 'configs/NAME' in the installed `configs`
   package: after a `pip install`, `--config=configs/sit_vits.py` works from any directory."""
@@ -543,9 +549,17 @@ def resolve(path: str) -> str:
 def _installed(path: str) -> str | None:
   """'configs/NAME' in the installed `configs` package, or None."""
   parts = os.path.normpath(path).split(os.sep)
-  spec = importlib.util.find_spec("configs") if parts[0] == "configs" else None
-  locations = spec and spec.submodule_search_locations
-  return os.path.join(list(locations)[0], *parts[1:]) if locations else None
+  return os.path.join(INSTALLED_CONFIGS, *parts[1:]) if parts[0] == "configs" else None
+
+
+def _hidden_configs() -> str:
+  """Why `from configs import common` failed where another `configs` package hides sit_jax's."""
+  spec = importlib.util.find_spec("configs")
+  found = spec and spec.submodule_search_locations and list(spec.submodule_search_locations)[0]
+  if not found or os.path.realpath(found) == os.path.realpath(INSTALLED_CONFIGS):
+    return ""
+  return (f"; `import configs` finds {found}, which hides sit_jax's configs "
+          f"({INSTALLED_CONFIGS}): run from a directory without a `configs` package.")
 
 
 def load(spec: str) -> ml_collections.ConfigDict:
@@ -565,7 +579,8 @@ def load(spec: str) -> ml_collections.ConfigDict:
   except SyntaxError as e:
     raise ConfigError(f"Syntax error in {path} line {e.lineno}: {e.msg}.") from e
   except Exception as e:  # an import error, or any mistake at the top of the config file
-    raise ConfigError(f"Config file {path}: {_one_line(e)}") from e
+    hidden = _hidden_configs() if isinstance(e, ImportError) else ""
+    raise ConfigError(f"Config file {path}: {_one_line(e)}{hidden}") from e
   if not callable(getattr(module, "get_config", None)):
     raise ConfigError(f"Config file {path} has no get_config() function.")
   try:

@@ -79,7 +79,10 @@ def _load_every_config(cwd, env=None, root="configs"):
 
 
 def test_configs_run_from_any_directory(tmp_path):
-  """The development install: `configs/NAME.py` and an absolute path both work elsewhere."""
+  """The development install: `configs/NAME.py` and an absolute path both work elsewhere, even
+  in a project with a `configs` package of its own (it hid sit_jax's: 'not found')."""
+  (tmp_path / "configs").mkdir()
+  (tmp_path / "configs" / "__init__.py").write_text("")
   paths = _load_every_config(tmp_path)
   assert paths == [os.path.join(REPO, "configs", f"{n}.py") for n in CONFIGS]
   _load_every_config(tmp_path, root=os.path.join(REPO, "configs"))
@@ -107,6 +110,20 @@ def test_configs_after_a_plain_install(tmp_path):
   env = {**os.environ, "PYTHONPATH": str(site)}
   paths = _load_every_config(elsewhere, env)
   assert paths == [os.path.join(str(site), "configs", f"{n}.py") for n in CONFIGS]
+  # A project's own `configs` package hides the installed one from `from configs import common`
+  # (the development install's finder, dropped here, still finds it): the line says so.
+  project = elsewhere / "project"
+  os.makedirs(project / "configs")
+  (project / "configs" / "__init__.py").write_text("")
+  code = ("import sys; sys.meta_path = [f for f in sys.meta_path if 'Editable' not in str(f)]\n"
+          "from sit_jax import config_check as c\n"
+          "try:\n  c.load(c.resolve('configs/sit_vits.py'))\n"
+          "except c.ConfigError as e:\n  print(e)\n")
+  returncode, stdout, stderr = _run(["-c", code], project, env)
+  assert returncode == 0, stderr
+  assert stdout.startswith(f"Config file {site}/configs/sit_vits.py: ImportError"), stdout
+  assert f"`import configs` finds {project}/configs, which hides sit_jax's configs " \
+         f"({site}/configs): run from a directory without a `configs` package." in stdout
 
 
 @pytest.mark.parametrize("name", ["sit_vits", "finetune", "linear", "segment"])
