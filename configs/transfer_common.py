@@ -38,6 +38,9 @@ DATASETS = {
                          resize_mode="center_crop"),
     "voc2007": dict(source="tfds:voc/2007", train_split="train", val_split="validation",
                     test_split="test", resize_mode="resize"),
+    # COCO's test split has no annotations: its validation split (5,000 images) is the test.
+    "coco2017": dict(source="tfds:coco/2017", train_split="train[:98%]",
+                     val_split="train[98%:]", test_split="validation", resize_mode="resize"),
     # ADE20K: TFDS's 'test' split is ADE's validation set (the challenge's test labels are not
     # public). Its masks are the 100 categories of the instance task (segment_data.py).
     "scene_parse150": dict(source="tfds:scene_parse150", train_split="train[:98%]",

@@ -516,23 +516,43 @@ def _not_prepared(builder, name, engine="grain"):
 
 
 def _tfds_labels(builder):
-  """(example -> int32 label, num_classes, multilabel). A 'label' ClassLabel gives class ids;
-  without one, a 'labels' Sequence(ClassLabel) (e.g. voc/2007) gives multi-hot vectors."""
+  """(value -> int32 label, num_classes, multilabel, path): `path` leads from an example to its
+  labels (() for none) and the function turns the value there into the label. A 'label'
+  ClassLabel gives class ids; without one, a 'labels' Sequence(ClassLabel) (e.g. voc/2007) or
+  the 'label' of an 'objects' sequence (coco/2017: each annotated object's class) gives
+  multi-hot vectors of the classes present."""
   import tensorflow_datasets as tfds
   features = builder.info.features
   if "label" in features:
-    return (lambda ex: np.int32(np.asarray(ex["label"])),
-            getattr(features["label"], "num_classes", 0) or 0, False)
-  inner = getattr(features["labels"], "feature", None) if "labels" in features else None
-  if isinstance(inner, tfds.features.ClassLabel):
-    c = inner.num_classes
+    return (lambda value: np.int32(np.asarray(value)),
+            getattr(features["label"], "num_classes", 0) or 0, False, ("label",))
 
-    def multi_hot(ex):
-      hot = np.zeros(c, np.int32)
-      hot[np.asarray(ex["labels"], np.int64)] = 1
-      return hot
-    return multi_hot, c, True
-  return lambda ex: np.int32(-1), 0, False
+  def element(path):  # the feature at `path` (a Sequence's: its element's), or None
+    feature = features
+    for key in path:
+      if key not in getattr(feature, "keys", tuple)():
+        return None
+      feature = getattr(feature[key], "feature", feature[key])
+    return feature
+
+  for path in (("labels",), ("objects", "label")):
+    feature = element(path)
+    if isinstance(feature, tfds.features.ClassLabel):
+      c = feature.num_classes
+
+      def multi_hot(value, c=c):
+        hot = np.zeros(c, np.int32)
+        hot[np.asarray(value, np.int64)] = 1
+        return hot
+      return multi_hot, c, True, path
+  return lambda value: np.int32(-1), 0, False, ()
+
+
+def labels_at(example, path):
+  """The value at `path` (of _tfds_labels) in an example: a dict, or a tf.data element."""
+  for key in path:
+    example = example[key]
+  return example
 
 
 def _tfds_examples(builder, split) -> Optional[np.ndarray]:
@@ -555,12 +575,13 @@ def _tfds_examples(builder, split) -> Optional[np.ndarray]:
 class _TfdsLoader:
   """Host-local random access to a TFDS array_record split; images stay encoded."""
 
-  def __init__(self, source, label_of, p, P):
-    self.source, self.label_of, self.p, self.P = source, label_of, p, P
+  def __init__(self, source, labels, p, P):
+    self.source, self.p, self.P = source, p, P
+    self.label_of, _, _, self.path = labels  # _tfds_labels(builder)
 
   def __call__(self, i):
     ex = self.source[self.p + i * self.P]
-    return ex["image"], self.label_of(ex)
+    return ex["image"], self.label_of(labels_at(ex, self.path))
 
   def name(self, i):
     return f"example {self.p + i * self.P}"
@@ -570,7 +591,8 @@ def _tfds(name, split, data_dir, p, P, engine):
   builder = _tfds_builder(name, data_dir)
   if "image" not in builder.info.features:
     raise DataError(f"TFDS dataset {name!r} has no 'image' feature")
-  label_of, num_classes, multilabel = _tfds_labels(builder)
+  labels = _tfds_labels(builder)
+  _, num_classes, multilabel, _ = labels
   if engine == "tf":
     from sit_jax import data_tf
     return data_tf.host_data(builder, name, split, p, P, num_classes, multilabel)
@@ -594,7 +616,7 @@ def _tfds(name, split, data_dir, p, P, engine):
   n_local, n_max, position = _strided_share(n, p, P)
   info = DatasetInfo(n, num_classes, f"tfds:{name}/{split}", multilabel=multilabel,
                      root=f"tfds:{name}", indices=_tfds_examples(builder, split))
-  return _HostData(info, n_local, n_max, load=_TfdsLoader(source, label_of, p, P),
+  return _HostData(info, n_local, n_max, load=_TfdsLoader(source, labels, p, P),
                    position=position)
 
 

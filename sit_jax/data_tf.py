@@ -113,14 +113,12 @@ def _numpy_elements(ds, builder, fn, specs):
   """Maps (position, example) to fn(encoded, position) -> arrays of `specs` ((shape, numpy
   dtype) each) in parallel with PIL, drops the elements fn could not decode, keeps the
   position."""
-  label_of, num_classes, multilabel = data._tfds_labels(builder)
-  features = builder.info.features
-  key = "label" if "label" in features else "labels" if "labels" in features else None
+  label_of, num_classes, multilabel, path = data._tfds_labels(builder)
   label_shape = (num_classes,) if multilabel else ()
   outs = [tf.bool] + [tf.as_dtype(dtype) for _, dtype in specs] + [tf.int32]
 
   def run(encoded, label, pos):
-    label = label_of({key: label}) if key else np.int32(-1)
+    label = label_of(label)
     try:
       arrays = fn(encoded, pos)
     except data.UnreadableImage:
@@ -129,7 +127,7 @@ def _numpy_elements(ds, builder, fn, specs):
     return (True, *arrays, np.asarray(label, np.int32).reshape(label_shape))
 
   def element(pos, ex):
-    label = ex[key] if key else tf.constant(-1)
+    label = data.labels_at(ex, path) if path else tf.constant(-1)
     ok, *arrays, label = tf.numpy_function(run, [ex["image"], label, pos], outs, stateful=False)
     for a, (shape, _) in zip(arrays, specs):
       a.set_shape(shape)

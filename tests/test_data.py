@@ -160,6 +160,23 @@ def mock_cifar10():
     yield
 
 
+def test_tfds_objects_labels_are_multi_hot():
+  """coco/2017 keeps each annotated object's class in objects/label (80 classes): an image's
+  multi-hot target holds the classes present, repeats once, none for an image without objects."""
+  objects = ([3, 3, 79], [], [0])
+  examples = [dict(image=_png(20 * i), objects=dict(label=np.array(o, np.int64),
+                                                    area=np.ones(len(o), np.int64)))
+              for i, o in enumerate(objects)]
+  with tfds.testing.mock_data(as_data_source_fn=lambda *args, **kwargs: examples):
+    info = data.dataset_info("tfds:coco/2017", "validation")
+    assert (info.num_classes, info.multilabel) == (80, True)
+    batch = next(data.eval_iterator("tfds:coco/2017", "validation", global_batch_size=4,
+                                    image_size=8, process_index=0, process_count=1))
+  want = np.zeros((3, 80), np.int32)
+  want[0, [3, 79]] = want[2, 0] = 1
+  np.testing.assert_array_equal(batch["label"][:3], want)
+
+
 def test_tfds_mock_pretrain_resume_and_eval(mock_cifar10):
   assert data.dataset_info("tfds:cifar10", "train") == data.DatasetInfo(
       10, 10, "tfds:cifar10/train")

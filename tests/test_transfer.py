@@ -542,10 +542,10 @@ def test_multilabel_labels():
     class info:
       features = {"labels": tfds.features.Sequence(tfds.features.ClassLabel(num_classes=4))}
 
-  label_of, num_classes, multilabel = data._tfds_labels(Builder)
-  assert (num_classes, multilabel) == (4, True)
-  np.testing.assert_array_equal(label_of({"labels": np.array([1, 3, 1])}), [0, 1, 0, 1])
-  np.testing.assert_array_equal(label_of({"labels": np.zeros([0], np.int64)}), [0, 0, 0, 0])
+  label_of, num_classes, multilabel, path = data._tfds_labels(Builder)
+  assert (num_classes, multilabel, path) == (4, True, ("labels",))
+  np.testing.assert_array_equal(label_of(np.array([1, 3, 1])), [0, 1, 0, 1])
+  np.testing.assert_array_equal(label_of(np.zeros([0], np.int64)), [0, 0, 0, 0])
 
 
 def test_transfer_splits_are_held_out_before_any_work(tmp_path):
