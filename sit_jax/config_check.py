@@ -14,8 +14,9 @@ type and range or choices), then runs the cross-key CHECKS. Experiments have dif
 (pretraining has `gmml.*`, the transfer configs `head.*`, `knn.*`, ...): a rule applies where
 its key exists, so one table serves them all. To validate a new key, add a row to RULES (the
 vocabulary: `integer`, `number`, `one_of`, `subset`, `interval`, `numbers`, BOOL, TEXT, ...);
-tests/test_configs.py checks that every key of every config in configs/ has one. Nothing here
-imports jax.
+tests/test_configs.py checks that every key of every config in configs/ has one.
+`unread_overrides` names the --config.KEY overrides that the experiment does not read (main.py
+warns). Nothing here imports jax.
 """
 from __future__ import annotations
 
@@ -523,6 +524,37 @@ def check(config: ml_collections.ConfigDict) -> None:
     message = cross_check(config)
     if message:
       raise ConfigError(message)
+
+
+def _unread(config) -> dict[str, str]:
+  """The settings of a pretraining config that its run does not read ('eval.': a section),
+  each with why not. Pretraining configs share one set of keys (configs/common.py)."""
+  experiment = config.get("experiment")
+  unread = {}
+  if experiment == "contrastive":
+    unread.update(dict.fromkeys(
+        ("loss.alpha", "loss.recon_all_pixels", "model.recons_blocks", "model.recon_hidden",
+         "model.recon_depth", "image_every"),
+        "config.experiment='contrastive' has no reconstruction"))
+    if not (config.get("gmml") or {}).get("enabled"):
+      unread["gmml."] = ("config.experiment='contrastive' trains on clean views "
+                         "(--config.gmml.enabled=True corrupts them)")
+  if experiment == "gmml":
+    unread.update(dict.fromkeys(
+        ("loss.temperature", "teacher.", "model.proj_hidden", "model.proj_dim"),
+        "config.experiment='gmml' has no contrastive loss or teacher"))
+  if experiment in PRETRAIN_EXPERIMENTS and not config.get("eval_every"):
+    unread["eval."] = "the k-NN monitor is off (eval_every=0)"
+  return unread
+
+
+def unread_overrides(config, overrides) -> list[str]:
+  """A warning for each --config.KEY of `overrides` that the run does not read: accepted, it
+  would be in config.json as though it had shaped the run."""
+  unread = _unread(config)
+  return [f"--config.{key}={value!r} has no effect: {why}."
+          for key, value in overrides.items() if key != "gmml.enabled"
+          for prefix, why in unread.items() if key == prefix or key.startswith(prefix)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -124,6 +124,9 @@ def main(argv):
     if not FLAGS.aot_topology and not FLAGS.workdir:
       raise config_check.ConfigError("--workdir is required (except with --aot_topology).")
     config_check.check(FLAGS.config)
+    for warning in config_check.unread_overrides(
+        FLAGS.config, config_flags.get_override_values(FLAGS["config"])):
+      logging.warning(warning)
     if FLAGS.aot_topology:
       from sit_jax import aot
       aot.run(FLAGS.config, FLAGS.aot_topology)

@@ -165,6 +165,41 @@ def test_a_full_disk_outside_a_save_is_one_line(tmp_path):
   assert f"{tmp_path}/metrics.jsonl" in lines[0] and "resumes from the latest" in lines[0]
 
 
+def test_settings_the_run_does_not_read_are_named(tmp_path):
+  """An override the experiment never reads ran silently and sat in config.json as though it
+  had shaped the run: a warning names each, before the run (stubbed here) starts."""
+  no_run = FULL_DISK.replace('raise OSError(errno.ENOSPC, "No space left on device", '
+                             'workdir + "/metrics.jsonl")', "pass")
+  result = subprocess.run(
+      [sys.executable, "-c", no_run, "--config=configs/contrastive_vits.py:runlocal",
+       f"--workdir={tmp_path}", "--config.gmml.ratio=0.9", "--config.teacher.momentum=0.9",
+       "--config.eval_every=0", "--config.eval.k=5", "--config.loss.alpha=2.0"],
+      cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S)
+  assert result.returncode == 0, result.stderr
+  assert [line.split("] ", 1)[1] for line in result.stderr.splitlines()
+          if "has no effect" in line] == [
+      "--config.gmml.ratio=0.9 has no effect: config.experiment='contrastive' trains on clean "
+      "views (--config.gmml.enabled=True corrupts them).",
+      "--config.eval.k=5 has no effect: the k-NN monitor is off (eval_every=0).",
+      "--config.loss.alpha=2.0 has no effect: config.experiment='contrastive' has no "
+      "reconstruction."]
+
+
+@pytest.mark.parametrize("spec,overrides,unread", [
+    ("gmml_vits.py:runlocal", {"teacher.momentum": 0.9, "gmml.ratio": 0.5, "eval.k": 5},
+     ["--config.teacher.momentum=0.9 has no effect: config.experiment='gmml' has no "
+      "contrastive loss or teacher."]),
+    ("contrastive_vits.py:runlocal", {"gmml.enabled": True, "gmml.ratio": 0.5}, []),
+    ("sit_vits.py", {"gmml.ratio": 0.5, "loss.alpha": 0.0, "eval.k": 5},
+     ["--config.eval.k=5 has no effect: the k-NN monitor is off (eval_every=0)."]),
+    ("knn.py:runlocal", {"knn.k": (5,)}, []),
+])
+def test_unread_overrides(spec, overrides, unread):
+  config = config_check.load(os.path.join(REPO, "configs", spec))
+  config.update_from_flattened_dict(overrides)
+  assert config_check.unread_overrides(config, overrides) == unread
+
+
 # ---------------------------------------------------------------------------------------------
 # The validator, in process.
 
