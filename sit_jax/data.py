@@ -358,6 +358,16 @@ def _warn_left_out(root, left_out: tuple):
                   ", ".join(f"{ext} {n}" for ext, n in left_out), " ".join(IMAGE_EXTENSIONS))
 
 
+@functools.lru_cache(maxsize=16)
+def _warn_empty_classes(root, empty: tuple, num_classes: int):
+  """Once per folder: class folders without an image keep their labels' places, but a split
+  trained on never sees those classes."""
+  logging.warning("folder:%s: %d of its %d class folders hold no image (%s%s): their labels "
+                  "have no example in this split (trained on, it never learns them; held out, "
+                  "no image is scored on them).", root, len(empty), num_classes,
+                  ", ".join(empty[:5]), ", ..." if len(empty) > 5 else "")
+
+
 def _composed(name: str) -> str:
   return unicodedata.normalize("NFC", name)
 
@@ -382,10 +392,15 @@ def _list_folder(root):
   left_out = collections.Counter()
   if classes:
     paths, labels = [], []
+    empty = []
     for label, folder in enumerate(folders):
       files = _list_images(os.path.join(root, folder), left_out, seen={_inode(root)})
       paths += files
       labels += [label] * len(files)
+      if not files:
+        empty.append(classes[label])
+    if empty and paths:
+      _warn_empty_classes(root, tuple(empty), len(classes))
     # Files beside the class folders belong to no class.
     left_out.update(f"{_extension(e)} (beside the class folders)" for e in entries
                     if e not in folders)

@@ -404,6 +404,11 @@ def test_folder_listing_reads_each_directory_once_and_names_what_it_leaves(tmp_p
     info = data.dataset_info(f"folder:{root}", "train")
   assert info.num_examples == 6 and info.classes == ("a", "b")
   assert ".png (beside the class folders) 1" in caplog.text
+  # An empty class folder keeps its label's place, and is named: its class has no example.
+  os.makedirs(tmp_path / "loop" / "c")
+  with caplog.at_level("WARNING"):
+    assert data.dataset_info(f"folder:{root}", "train").classes == ("a", "b", "c")
+  assert "1 of its 3 class folders hold no image (c)" in caplog.text
 
 
 GREY_RAMP = np.arange(256, dtype=np.int64).reshape(16, 16)  # every 8-bit value once
