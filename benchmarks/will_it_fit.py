@@ -90,12 +90,18 @@ def config_for(variant: str, batch: int, remat: bool, parallelism: str):
 
 def measure(out: str):
   from sit_jax import aot
+  todo = rows(FLAGS.generation)
+  if not todo:
+    raise SystemExit(
+        f"will_it_fit: no row matches --only={FLAGS.only!r} (variants "
+        f"{', '.join(m[0] for m in MODELS)}), --generation={FLAGS.generation!r} (v4, v5e) and "
+        f"--parallelism={FLAGS.parallelism!r} (S/16 has no model=4 rows).")
   done = set()
   if os.path.exists(out):  # a row is done for its key compiled with the same settings
     with open(out) as f:
       done = {(tuple(row["key"]), row.get("scan_layers"), row.get("compiler_options"))
               for row in map(json.loads, f)}
-  for key in rows(FLAGS.generation):
+  for key in todo:
     variant, batch, remat, parallelism, topology = key
     config = config_for(variant, batch, remat, parallelism)
     if (key, FLAGS.scan_layers, config.compiler_options) in done:
@@ -109,6 +115,8 @@ def measure(out: str):
     except aot.DoesNotFit as e:
       print(e, flush=True)
       row["does_not_fit"] = str(e)
+    except aot.TopologyUnavailable as e:  # no libtpu: every row would fail the same way
+      raise SystemExit(f"will_it_fit: {e}") from None
     with open(out, "a") as f:
       f.write(json.dumps(row) + "\n")
 
@@ -177,8 +185,8 @@ def scaling_markdown(path: str) -> str:
 def main(argv):
   del argv
   if FLAGS.parallelism and FLAGS.parallelism not in PARALLELISMS:
-    raise app.UsageError(f"--parallelism={FLAGS.parallelism!r}: use one of "
-                         f"{', '.join(PARALLELISMS)}.")
+    raise SystemExit(f"will_it_fit: --parallelism={FLAGS.parallelism!r}: use one of "
+                     f"{', '.join(PARALLELISMS)}.")
   if FLAGS.markdown:
     print((scaling_markdown if FLAGS.scaling else markdown)(FLAGS.markdown))
   else:
