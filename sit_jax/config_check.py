@@ -629,6 +629,12 @@ def check_command_line(argv: Sequence[str]) -> list[str]:
   """Checks --config and its --config.KEY overrides; returns argv with the config path resolved
   (see `resolve`). Raises ConfigError. Without --config it changes nothing: absl reports that."""
   argv = list(argv)
+  given = [i for i, arg in enumerate(argv) if _CONFIG_FLAG.match(arg)]
+  if len(given) > 1:  # absl would take the last, with the overrides checked against the first
+    files = [argv[i].partition("=")[2] if "=" in argv[i] else " ".join(argv[i + 1:i + 2])
+             for i in given]
+    raise ConfigError(f"--config is given {len(given)} times ({', '.join(files)}): give one "
+                      "config file; --config.KEY=VALUE changes its settings.")
   for i, arg in enumerate(argv):
     if _CONFIG_FLAG.match(arg):
       if "=" in arg:

@@ -72,6 +72,10 @@ CASES = [
     ("model_argument_0", ["--config=configs/sit_vitb.py:model=0"], ["model=0", ">= 1"]),
     ("runlocal_and_dataset", ["--config=configs/finetune.py:runlocal,dataset=cifar10"],
      ["runlocal and dataset=cifar10", "embedded digits", "drop one"]),
+    # absl took the last; the overrides were checked against the first ('knn' / a traceback).
+    ("config_given_twice", [KNN, "--config.knn.k=4", SIT],
+     ["--config is given 2 times (configs/knn.py:runlocal, configs/sit_vits.py:runlocal)",
+      "give one config file"]),
     ("unknown_flag", [SIT, "--workdr=/tmp/x"], ["workdr", "workdir"]),
     ("no_config", [], ["--config"]),
     ("no_workdir", [SIT, "NO_WORKDIR"], ["--workdir"]),
@@ -319,6 +323,8 @@ def test_command_line_forms(tmp_path):
     config_check.check_command_line(["prog", f"--config={path}", "--config.b=2"])
   with pytest.raises(config_check.ConfigError, match="noa"):  # --noconfig.X: booleans
     config_check.check_command_line(["prog", f"--config={path}", "--noconfig.noa"])
+  with pytest.raises(config_check.ConfigError, match=f"given 2 times \\({path}, {path}:x\\)"):
+    config_check.check_command_line(["prog", "--config", path, f"--config={path}:x"])
 
 
 def test_config_files_that_are_not_configs(tmp_path):
