@@ -539,6 +539,13 @@ def _unread(config) -> dict[str, str]:
     if not (config.get("gmml") or {}).get("enabled"):
       unread["gmml."] = ("config.experiment='contrastive' trains on clean views "
                          "(--config.gmml.enabled=True corrupts them)")
+  fills = tuple((config.get("gmml") or {}).get("fills") or ())
+  if "replace" not in fills:  # sit_jax/gmml.py: which of these each fill reads
+    unread.update(dict.fromkeys(("gmml.replace_ratio", "gmml.replace_prob", "gmml.donor_group"),
+                                f"gmml.fills={fills} has no 'replace'"))
+  elif len(fills) == 1:
+    unread.update(dict.fromkeys(("gmml.ratio", "gmml.replace_prob"),
+                                "gmml.fills=('replace',) corrupts by gmml.replace_ratio alone"))
   if experiment == "gmml":
     unread.update(dict.fromkeys(
         ("loss.temperature", "teacher.", "model.proj_hidden", "model.proj_dim"),
@@ -551,10 +558,12 @@ def _unread(config) -> dict[str, str]:
 def unread_overrides(config, overrides) -> list[str]:
   """A warning for each --config.KEY of `overrides` that the run does not read: accepted, it
   would be in config.json as though it had shaped the run."""
-  unread = _unread(config)
-  return [f"--config.{key}={value!r} has no effect: {why}."
-          for key, value in overrides.items() if key != "gmml.enabled"
-          for prefix, why in unread.items() if key == prefix or key.startswith(prefix)]
+  unread, warnings = _unread(config), []
+  for key, value in overrides.items():
+    why = [why for prefix, why in unread.items() if key == prefix or key.startswith(prefix)]
+    if why and key != "gmml.enabled":
+      warnings.append(f"--config.{key}={value!r} has no effect: {why[0]}.")
+  return warnings
 
 
 # ---------------------------------------------------------------------------------------------

@@ -194,6 +194,11 @@ def test_settings_the_run_does_not_read_are_named(tmp_path):
      ["--config.teacher.momentum=0.9 has no effect: config.experiment='gmml' has no "
       "contrastive loss or teacher."]),
     ("contrastive_vits.py:runlocal", {"gmml.enabled": True, "gmml.ratio": 0.5}, []),
+    ("sit_vits.py:runlocal", {"gmml.replace_ratio": 0.5, "gmml.ratio": 0.5},
+     ["--config.gmml.replace_ratio=0.5 has no effect: gmml.fills=('zeros',) has no 'replace'."]),
+    ("sit_vits.py", {"gmml.fills": ("replace",), "gmml.ratio": 0.6, "gmml.replace_ratio": 0.5},
+     ["--config.gmml.ratio=0.6 has no effect: gmml.fills=('replace',) corrupts by "
+      "gmml.replace_ratio alone."]),
     ("sit_vits.py", {"gmml.ratio": 0.5, "loss.alpha": 0.0, "eval.k": 5},
      ["--config.eval.k=5 has no effect: the k-NN monitor is off (eval_every=0)."]),
     ("knn.py:runlocal", {"knn.k": (5,)}, []),
