@@ -46,6 +46,8 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
       raise ValueError(f"Unknown config argument {key!r}"
                        f"{f' (did you mean {nearest[0]!r}?)' if nearest else ''}; valid "
                        f"arguments: {', '.join(sorted(values))}.")
+    if key in given:  # the last would win silently
+      raise ValueError(f"Config argument {key} is given twice: give it once.")
     values[key] = _parse_value(key, text if equals else None, values[key])
     given.add(key)
   if values["runlocal"] and "dataset" in given:

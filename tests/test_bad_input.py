@@ -245,6 +245,7 @@ def test_values_of_each_experiment(spec, overrides, expected):
     ("frozen=treu", "Config argument frozen=treu is not a boolean"),
     ("dataset", "Config argument dataset needs a value"),
     ("runlocal,bogus=1", "Unknown config argument 'bogus'"),
+    ("frozen=true,runlocal,frozen=false", "Config argument frozen is given twice"),
 ])
 def test_config_arguments(argument, expected):
   with pytest.raises(config_check.ConfigError, match=expected):
