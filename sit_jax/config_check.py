@@ -530,6 +530,8 @@ def _unread(config) -> dict[str, str]:
   """The settings of a pretraining config that its run does not read ('eval.': a section),
   each with why not. Pretraining configs share one set of keys (configs/common.py)."""
   experiment = config.get("experiment")
+  if experiment not in PRETRAIN_EXPERIMENTS:
+    return {}
   unread = {}
   if experiment == "contrastive":
     unread.update(dict.fromkeys(
@@ -550,7 +552,7 @@ def _unread(config) -> dict[str, str]:
     unread.update(dict.fromkeys(
         ("loss.temperature", "teacher.", "model.proj_hidden", "model.proj_dim"),
         "config.experiment='gmml' has no contrastive loss or teacher"))
-  if experiment in PRETRAIN_EXPERIMENTS and not config.get("eval_every"):
+  if not config.get("eval_every"):
     unread["eval."] = "the k-NN monitor is off (eval_every=0)"
   return unread
 
