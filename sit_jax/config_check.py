@@ -527,12 +527,15 @@ def check(config: ml_collections.ConfigDict) -> None:
 
 
 def _unread(config) -> dict[str, str]:
-  """The settings of a pretraining config that its run does not read ('eval.': a section),
-  each with why not. Pretraining configs share one set of keys (configs/common.py)."""
+  """The settings of a config that its run does not read ('eval.': a section), each with why
+  not. Pretraining configs share one set of keys (configs/common.py)."""
+  unread = {}
+  if config.get("total_steps", 0) > 0:  # sit_jax/optim.py:schedule_lengths
+    unread["total_epochs"] = (f"total_steps={config.total_steps} sets the run's length "
+                              "(--config.total_steps=0 runs total_epochs)")
   experiment = config.get("experiment")
   if experiment not in PRETRAIN_EXPERIMENTS:
-    return {}
-  unread = {}
+    return unread
   if experiment == "contrastive":
     unread.update(dict.fromkeys(
         ("loss.alpha", "loss.recon_all_pixels", "model.recons_blocks", "model.recon_hidden",

@@ -202,6 +202,17 @@ def test_settings_the_run_does_not_read_are_named(tmp_path):
     ("sit_vits.py", {"gmml.ratio": 0.5, "loss.alpha": 0.0, "eval.k": 5},
      ["--config.eval.k=5 has no effect: the k-NN monitor is off (eval_every=0)."]),
     ("knn.py:runlocal", {"knn.k": (5,)}, []),
+    # :runlocal fixes the length in steps: 50 epochs ran its 2,000 (1,000) steps, silently.
+    ("sit_vits.py:runlocal", {"total_epochs": 50.0},
+     ["--config.total_epochs=50.0 has no effect: total_steps=2000 sets the run's length "
+      "(--config.total_steps=0 runs total_epochs)."]),
+    ("finetune.py:runlocal", {"total_epochs": 5.0, "optim.warmup_epochs": 1.0},
+     ["--config.total_epochs=5.0 has no effect: total_steps=1000 sets the run's length "
+      "(--config.total_steps=0 runs total_epochs)."]),
+    ("sit_vits.py", {"total_steps": 20, "total_epochs": 1.0},
+     ["--config.total_epochs=1.0 has no effect: total_steps=20 sets the run's length "
+      "(--config.total_steps=0 runs total_epochs)."]),
+    ("sit_vits.py:runlocal", {"total_steps": 0, "total_epochs": 5.0}, []),
 ])
 def test_unread_overrides(spec, overrides, unread):
   config = config_check.load(os.path.join(REPO, "configs", spec))
