@@ -143,17 +143,20 @@ def test_traceback_on_request(tmp_path):
   assert "Traceback" in result.stderr and "ConfigError" in result.stderr
 
 
-FULL_DISK = """
+# sit_jax.main with the run replaced by BODY.
+STUB_RUN = """
 import errno, sys
 from absl import app
 from sit_jax import main
 
 def run(config, workdir):
-  raise OSError(errno.ENOSPC, "No space left on device", workdir + "/metrics.jsonl")
+  BODY
 
 main.run = run
 app.run(main.main, flags_parser=main.parse_flags, argv=sys.argv)
 """
+FULL_DISK = STUB_RUN.replace(
+    "BODY", 'raise OSError(errno.ENOSPC, "No space left on device", workdir + "/metrics.jsonl")')
 
 
 def test_a_full_disk_outside_a_save_is_one_line(tmp_path):
@@ -172,10 +175,8 @@ def test_a_full_disk_outside_a_save_is_one_line(tmp_path):
 def test_settings_the_run_does_not_read_are_named(tmp_path):
   """An override the experiment never reads ran silently and sat in config.json as though it
   had shaped the run: a warning names each, before the run (stubbed here) starts."""
-  no_run = FULL_DISK.replace('raise OSError(errno.ENOSPC, "No space left on device", '
-                             'workdir + "/metrics.jsonl")', "pass")
   result = subprocess.run(
-      [sys.executable, "-c", no_run, "--config=configs/contrastive_vits.py:runlocal",
+      [sys.executable, "-c", STUB_RUN.replace("BODY", "pass"), "--config=configs/contrastive_vits.py:runlocal",
        f"--workdir={tmp_path}", "--config.gmml.ratio=0.9", "--config.teacher.momentum=0.9",
        "--config.eval_every=0", "--config.eval.k=5", "--config.loss.alpha=2.0"],
       cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S)
