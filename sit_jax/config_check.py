@@ -95,7 +95,9 @@ def subset(*choices) -> Rule:
   """A non-empty tuple of distinct `choices`."""
   return Rule(lambda v: isinstance(v, (tuple, list)) and 0 < len(set(v)) == len(v) and
               set(v) <= set(choices),
-              f"a non-empty tuple of distinct values from {', '.join(map(repr, choices))}")
+              f"a non-empty tuple of distinct values from {', '.join(map(repr, choices))}, "
+              # 'zeros,noise' on the command line is one string: show the quoted form.
+              f"e.g. \"({', '.join(map(repr, choices[:2]))})\"")
 
 
 def interval(lo: float, hi: float | None = None, *, lo_open=False) -> Rule:

@@ -29,6 +29,9 @@ CASES = [
     ("dtype", [SIT, "--config.model.dtype=float16x"], ["model.dtype='float16x'", "'bfloat16'"]),
     ("gmml_ratio_above_1", [SIT, "--config.gmml.ratio=1.5"], ["gmml.ratio=1.5", "[0, 1]"]),
     ("gmml_ratio_negative", [SIT, "--config.gmml.ratio=-0.1"], ["gmml.ratio=-0.1", "[0, 1]"]),
+    # The natural spelling is one string, ('zeros,noise',): the line shows the quoted tuple.
+    ("fills_unquoted", [SIT, "--config.gmml.fills=zeros,noise"],
+     ["config.gmml.fills=('zeros,noise',) is invalid", "\"('noise', 'zeros')\""]),
     ("donor_group_not_a_divisor", [SIT, "--config.gmml.donor_group=48"],
      ["gmml.donor_group 48 does not divide data.global_batch_size 64", "0 for the whole view"]),
     ("compiler_options_format", [SIT, "--config.compiler_options=fast"],
