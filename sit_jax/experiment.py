@@ -27,7 +27,9 @@ import errno
 import json
 import logging as std_logging
 import os
+import shlex
 import socket
+import sys
 import tempfile
 import time
 from typing import Sequence
@@ -307,7 +309,8 @@ class Experiment:
     handler.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     handler.addFilter(_NotLibraryInfo())
     handler.setLevel(std_logging.INFO)
-    handler.stream.write(f"Config:\n{self.config}\n")
+    # The command beside the resolved config: how the run was asked for (overrides, arguments).
+    handler.stream.write(f"Command: {shlex.join(sys.argv)}\nConfig:\n{self.config}\n")
     handler.flush()
     std_logging.getLogger().addHandler(handler)
     self._log_handler = handler

@@ -54,6 +54,10 @@ def test_runlocal_writes_metrics_pictures_checkpoint_and_results(uninterrupted):
   assert f"Wrote results.json, metrics.jsonl, config.json, log.txt, checkpoints/40, backbone, " \
       f"images/ in {workdir}" in stderr
   assert "checkpoint_manager.py" not in stderr  # orbax's INFO lines do not bury the progress.
+  with open(os.path.join(workdir, "log.txt")) as f:  # the command beside the resolved config
+    assert f.readline().rstrip("\n").endswith(
+        "main.py --config=configs/sit_vits.py:runlocal --workdir=" + workdir + " "
+        + " ".join(RUN_FLAGS))
   assert sorted(losses(workdir)) == list(range(5, 41, 5))
   assert sorted(os.listdir(os.path.join(workdir, "images"))) == ["reconstruction_0000020.png",
                                                                  "reconstruction_0000040.png"]
