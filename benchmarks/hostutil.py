@@ -1,9 +1,43 @@
-"""Host helpers shared by the benchmarks: cores, CPU time, a folder of photo-like JPEGs, the
-accelerator's share of the input pipeline."""
+"""Host helpers shared by the benchmarks: sit_jax.main's checks of --config, cores, CPU time, a
+folder of photo-like JPEGs, the accelerator's share of the input pipeline."""
 import os
+import sys
 import time
 
 import numpy as np
+
+
+def _fail(error: BaseException):
+  raise SystemExit(f"{os.path.basename(sys.argv[0])}: error: {' '.join(str(error).split())}")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """app.run's flags parser for the benchmarks that take --config: as in sit_jax.main, the config
+  file and its --config.KEY names are checked first, so that a mistake is one line."""
+  from absl import flags
+  from sit_jax import config_check
+  try:
+    argv = flags.FLAGS.read_flags_from_files(argv, force_gnu=False)
+    return flags.FLAGS(config_check.check_command_line(argv))
+  except Exception as e:  # everything that fails here is the command line's fault
+    _fail(e)
+
+
+def checked_config():
+  """FLAGS.config after sit_jax.main's checks of its values (one line for a bad one, before any
+  work), with main's warning for each override the experiment does not read."""
+  from absl import flags, logging
+  from ml_collections import config_flags
+  from sit_jax import config_check
+  config = flags.FLAGS.config
+  try:
+    config_check.check(config)
+  except config_check.ConfigError as e:
+    _fail(e)
+  for warning in config_check.unread_overrides(
+      config, config_flags.get_override_values(flags.FLAGS["config"])):
+    logging.warning(warning)
+  return config
 
 
 def usable_cores():

@@ -50,7 +50,8 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)
 
 from absl import app, flags  # noqa: E402
-from hostutil import cpu_seconds, device_resize_cost, usable_cores, write_jpegs  # noqa: E402
+from hostutil import (checked_config, cpu_seconds, device_resize_cost, parse_flags,  # noqa: E402
+                      usable_cores, write_jpegs)
 from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -277,7 +278,7 @@ def main(argv):
     return
   from sit_jax import distributed
   distributed.initialize()
-  r = measure(FLAGS.config, batches=FLAGS.batches, warmup=FLAGS.warmup, repeats=FLAGS.repeats,
+  r = measure(checked_config(), batches=FLAGS.batches, warmup=FLAGS.warmup, repeats=FLAGS.repeats,
               place=FLAGS.place)
   print(f"{r['source']} @ {r['image_size']}px, {r['process_batch']} images per batch per process")
   print(f"  {r['images_per_s']:.1f} images/s per process ({r['views_per_s']:.1f} views/s), "
@@ -288,4 +289,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -22,7 +22,9 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from hostutil import checked_config, parse_flags  # noqa: E402
 from sit_jax import checkpoint, config_check, data, metrics, pretrain, sharding  # noqa: E402
 from sit_jax.models import vit  # noqa: E402
 from sit_jax.transfer import common, knn  # noqa: E402
@@ -77,7 +79,7 @@ def settings_changed(config_json: str, config) -> str:
 
 
 def main(_):
-  config = flags.FLAGS.config
+  config = checked_config()
   workdir = flags.FLAGS.workdir
   bank_split, test_split = SPLITS[flags.FLAGS.split]
   with config.unlocked():
@@ -132,4 +134,4 @@ def main(_):
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "workdir"])
   logging.set_verbosity(logging.WARNING)
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

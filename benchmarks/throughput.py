@@ -24,10 +24,12 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from absl import app, flags  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from hostutil import checked_config, parse_flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from sit_jax import flops as flops_lib  # noqa: E402
@@ -258,7 +260,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   from sit_jax import distributed
   distributed.initialize()
-  config = FLAGS.config
+  config = checked_config()
   result = measure(config, steps=FLAGS.steps, warmup=FLAGS.warmup, repeats=FLAGS.repeats,
                    e2e=FLAGS.e2e, peak_flops=FLAGS.peak_flops)
   if jax.process_index() == 0:
@@ -268,4 +270,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -41,6 +41,7 @@ sys.path.insert(0, HERE)
 
 from absl import app, flags  # noqa: E402
 from authors_input import AuthorsInput  # noqa: E402
+from hostutil import checked_config, parse_flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -221,6 +222,7 @@ def median(xs):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  config = checked_config()
   threads = FLAGS.threads or len(os.sched_getaffinity(0))
   # torch, torchvision and timm before jax: triton (pulled in by torchvision) segfaults when
   # its LLVM loads after jaxlib's.
@@ -233,7 +235,6 @@ def main(argv):
   from sit_jax import flops as flops_lib, sharding
 
   timm_name, variant = TIMM_MODELS[FLAGS.model]
-  config = FLAGS.config
   config.model.variant = variant
   config.data.image_size = FLAGS.image_size
   config.data.global_batch_size = FLAGS.batch
@@ -356,4 +357,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

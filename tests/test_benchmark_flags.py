@@ -1,0 +1,38 @@
+"""The benchmarks that take --config check it as `python -m sit_jax.main` does, before any work: a
+misspelt key or a bad value is one line (learning.py pretrained with teacher.momentum=1.5, which
+main refuses, and scored the result as a recipe)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def benchmark(script, *args):
+  return subprocess.run([sys.executable, f"benchmarks/{script}", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=120,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def one_line(proc):
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode != 0 and len(lines) == 1, proc.stderr[-2000:]
+  return lines[0]
+
+
+def test_learning_refuses_a_bad_value_before_pretraining(tmp_path):
+  workdir, results = tmp_path / "run", tmp_path / "results.jsonl"
+  line = one_line(benchmark("learning.py", "--config=configs/sit_vits.py:runlocal",
+                            f"--workdir={workdir}", f"--results={results}",
+                            "--config.teacher.momentum=1.5", "--config.total_steps=1"))
+  assert line.startswith("learning.py: error: config.teacher.momentum=1.5 is invalid")
+  assert not workdir.exists() and not results.exists()
+
+
+@pytest.mark.parametrize("script", ["throughput.py", "input_pipeline.py"])
+def test_a_misspelt_key_is_one_line(script):
+  line = one_line(benchmark(script, "--config=configs/sit_vits.py:runlocal",
+                            "--config.gmml.ratoi=0.3"))
+  assert "gmml.ratoi" in line and "did you mean gmml.ratio" in line
