@@ -40,8 +40,8 @@ from absl import app, flags  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("dry_run", False, "Tiny shapes on the CPU: checks the script, measures nothing.")
 flags.DEFINE_float("budget_s", 300.0, "Start no new case after this many seconds.")
-flags.DEFINE_integer("steps", 10, "Steps per timed window.")
-flags.DEFINE_integer("repeats", 3, "Timed windows per case; the median counts.")
+flags.DEFINE_integer("steps", 10, "Steps per timed window.", lower_bound=1)
+flags.DEFINE_integer("repeats", 3, "Timed windows per case; the median counts.", lower_bound=1)
 flags.DEFINE_string("out", None, "Also write the JSON here, rewritten after every case.")
 flags.DEFINE_float("hard_limit_s", 480.0, "Past this, save what was measured and exit (code 3).")
 

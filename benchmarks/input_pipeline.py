@@ -57,14 +57,15 @@ from ml_collections import config_flags  # noqa: E402
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", os.path.join(REPO, "configs", "sit_vits.py"),
                                 "Experiment config (configs/*.py[:args]).", lock_config=True)
-flags.DEFINE_integer("batches", 50, "Batches per timed window.")
-flags.DEFINE_integer("warmup", 10, "Batches read before timing.")
-flags.DEFINE_integer("repeats", 3, "Timed windows (rounds with --compare); the median counts.")
+flags.DEFINE_integer("batches", 50, "Batches per timed window.", lower_bound=1)
+flags.DEFINE_integer("warmup", 10, "Batches read before timing.", lower_bound=0)
+flags.DEFINE_integer("repeats", 3, "Timed windows (rounds with --compare); the median counts.",
+                     lower_bound=1)
 flags.DEFINE_bool("place", True, "Also place each batch on the mesh (sharding.global_batch).")
 flags.DEFINE_bool("compare", False, "Time this pipeline, the one of --baseline and the "
                   "authors' side by side on generated JPEGs (module doc).")
-flags.DEFINE_integer("images", 256, "--compare: JPEGs to generate.")
-flags.DEFINE_integer("batch", 64, "--compare: images per batch.")
+flags.DEFINE_integer("images", 256, "--compare: JPEGs to generate.", lower_bound=1)
+flags.DEFINE_integer("batch", 64, "--compare: images per batch.", lower_bound=1)
 flags.DEFINE_integer("workers", 0, "--compare: grain worker processes of grain_procs "
                      "(0: one per core).")
 flags.DEFINE_string("baseline", "a1d16da", "--compare: commit whose sit_jax/data.py is "

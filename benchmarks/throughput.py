@@ -247,9 +247,10 @@ FLAGS = flags.FLAGS
 def define_flags():
   config_flags.DEFINE_config_file("config", None, "Experiment config (configs/*.py[:args]).",
                                   lock_config=True)
-  flags.DEFINE_integer("steps", 10, "Steps per timed window.")
-  flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling (and before e2e timing).")
-  flags.DEFINE_integer("repeats", 3, "Timed windows; the median is reported.")
+  flags.DEFINE_integer("steps", 10, "Steps per timed window.", lower_bound=1)
+  flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling (and before e2e timing).",
+                       lower_bound=0)
+  flags.DEFINE_integer("repeats", 3, "Timed windows; the median is reported.", lower_bound=1)
   flags.DEFINE_bool("e2e", True, "Also time the step fed by the real input pipeline.")
   flags.DEFINE_float("peak_flops", None, "Peak FLOP/s per device for MFU (overrides the table).")
   flags.mark_flags_as_required(["config"])

@@ -53,13 +53,13 @@ config_flags.DEFINE_config_file("config", os.path.join(REPO, "configs", "sit_vit
                                 "sit_jax config for the JAX side; --model, --batch, "
                                 "--image_size override its model, batch and size.")
 flags.DEFINE_enum("model", "ti", list(TIMM_MODELS), "ViT size (patch 16) on both sides.")
-flags.DEFINE_integer("batch", 8, "Images per step (each gives two views).")
+flags.DEFINE_integer("batch", 8, "Images per step (each gives two views).", lower_bound=1)
 flags.DEFINE_integer("image_size", 224, "Crop size.")
 flags.DEFINE_integer("source_size", 256, "Side of the synthetic source images the torch "
                      "pipeline crops from (decoding is not timed on either side).")
-flags.DEFINE_integer("steps", 3, "Steps per timed window.")
-flags.DEFINE_integer("rounds", 3, "Rounds; each times one window per side.")
-flags.DEFINE_integer("warmup", 2, "Untimed steps per side first.")
+flags.DEFINE_integer("steps", 3, "Steps per timed window.", lower_bound=1)
+flags.DEFINE_integer("rounds", 3, "Rounds; each times one window per side.", lower_bound=1)
+flags.DEFINE_integer("warmup", 2, "Untimed steps per side first.", lower_bound=0)
 flags.DEFINE_bool("e2e", True, "Also time the sit_jax step fed by its real input pipeline.")
 flags.DEFINE_integer("threads", 0, "Threads for torch (0: every core this process may use).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype of both sides: "

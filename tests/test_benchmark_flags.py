@@ -36,3 +36,11 @@ def test_a_misspelt_key_is_one_line(script):
   line = one_line(benchmark(script, "--config=configs/sit_vits.py:runlocal",
                             "--config.gmml.ratoi=0.3"))
   assert "gmml.ratoi" in line and "did you mean gmml.ratio" in line
+
+
+@pytest.mark.parametrize("script, flag", [("throughput.py", "--steps=0"),
+                                          ("input_pipeline.py", "--repeats=0")])
+def test_an_empty_window_is_refused_in_one_line(script, flag):
+  """Zero steps or windows divided by zero (or took the median of nothing) after the compile."""
+  line = one_line(benchmark(script, "--config=configs/sit_vits.py:runlocal", flag))
+  assert flag.split("=")[0] in line and "positive" in line
