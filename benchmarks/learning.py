@@ -9,7 +9,8 @@ the k-NN bank and the logistic regression train on it, and train[1200:] is score
 is never read. --split=test: pretraining on train, bank train, scored on test (README figures).
 Scores: DINO's k-NN (k 20, T 0.07; transfer/knn.py) and scikit-learn's logistic regression on
 standardised features, for the CLS token, the mean patch token and both, of the student and the
-teacher. One JSON line per run is appended to --results.
+teacher. Prints the row in learning.md's columns (with --baselines, raw pixels and random init
+beneath), then the row as one JSON line, which is also appended to --results.
 """
 import json
 import os
@@ -70,6 +71,25 @@ def backbone_scores(module, params, images, mesh):
   return out
 
 
+def table(row: dict, image_size: int) -> str:
+  """learning.md's columns: the run's backbones, then the baselines the row has."""
+  def line(name, scored, teacher=None, contrastive=None):
+    knn = f"{scored['cls']['knn']:.3f}" + (f" / {teacher['cls']['knn']:.3f}" if teacher else "")
+    return (f"| {name} | {knn} | {scored['mean']['knn']:.3f} | {scored['cls']['logistic']:.3f} | "
+            f"{scored['last4:cls']['logistic']:.3f} | "
+            f"{'' if contrastive is None else f'{contrastive:.2f}'} |")
+  lines = ["| run | k-NN CLS student / teacher | k-NN mean patch | linear CLS | linear last-4 CLS "
+           "| contrastive at end |", "|---|---|---|---|---|---|",
+           line(row["name"], row["student"], row.get("teacher"),
+                (row["final_metrics"] or {}).get("contrastive"))]
+  if "raw_pixels" in row:
+    raw = row["raw_pixels"]
+    lines.append(f"| raw pixels, {image_size} px | {raw['knn']:.3f} | | {raw['logistic']:.3f} | | |")
+  if "random_init" in row:
+    lines.append(line("random init", row["random_init"]))
+  return "\n".join(lines)
+
+
 def settings_changed(config_json: str, config) -> str:
   """The keys whose values differ between a run's config.json and `config`, '' if none."""
   saved = config_check.flatten(json.load(open(config_json)))
@@ -127,8 +147,9 @@ def main(_):
     row["random_init"] = backbone_scores(module, random_params, images, mesh)
   with open(flags.FLAGS.results, "a") as f:
     f.write(json.dumps(row) + "\n")
-  summary = {k: row[k] for k in ("student", "teacher", "raw_pixels", "random_init") if k in row}
-  print(row["name"], f"{train_seconds:.0f}s", json.dumps(summary))
+  print(f"{row['name']}: pretraining {train_seconds:.0f} s, {flags.FLAGS.split} split")
+  print(table(row, size))
+  print(json.dumps(row))
 
 
 if __name__ == "__main__":

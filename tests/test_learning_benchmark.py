@@ -1,0 +1,36 @@
+"""benchmarks/learning.py prints its row in benchmarks/learning.md's columns, each cell from the
+score the column names (it printed a nested JSON dict, leaving the mapping to the reader)."""
+import importlib.util
+import os
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_learning():
+  spec = importlib.util.spec_from_file_location(
+      "learning_benchmark", os.path.join(REPO, "benchmarks", "learning.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def scored(base):
+  """Distinct figures per feature and probe: base + 0.01 x feature + 0.001 for logistic."""
+  features = ("cls", "mean", "cls+mean", "last4:cls", "last4:cls+mean")
+  return {name: {"knn": base + 0.01 * i, "logistic": base + 0.01 * i + 0.001}
+          for i, name in enumerate(features)}
+
+
+def test_the_table_has_learning_md_columns():
+  learning = load_learning()
+  row = {"name": "E", "final_metrics": {"contrastive": 1.7712}, "student": scored(0.5),
+         "teacher": scored(0.6), "raw_pixels": {"knn": 0.97, "logistic": 0.965},
+         "random_init": scored(0.3)}
+  header, _, run, raw, random = learning.table(row, 16).splitlines()
+  doc = open(os.path.join(REPO, "benchmarks", "learning.md")).read()
+  assert "| " + header.split("| ", 2)[2] in doc  # the columns after the run's name
+  cells = lambda line: [c.strip() for c in line.strip("|").split("|")]
+  # k-NN CLS student / teacher, k-NN mean patch, linear CLS, linear last-4 CLS, contrastive.
+  assert cells(run) == ["E", "0.500 / 0.600", "0.510", "0.501", "0.531", "1.77"]
+  assert cells(raw) == ["raw pixels, 16 px", "0.970", "", "0.965", "", ""]
+  assert cells(random) == ["random init", "0.300", "0.310", "0.301", "0.331", ""]
