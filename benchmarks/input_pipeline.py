@@ -70,8 +70,8 @@ flags.DEFINE_integer("workers", 0, "--compare: grain worker processes of grain_p
                      "(0: one per core).")
 flags.DEFINE_string("baseline", "a1d16da", "--compare: commit whose sit_jax/data.py is "
                     "`before` (the last tf.data pipeline).")
-flags.DEFINE_list("pipelines", ["grain", "grain_host", "grain_procs", "before", "authors"],
-                  "--compare: the pipelines to time.")
+PIPELINES = ("grain", "grain_host", "grain_procs", "before", "authors")
+flags.DEFINE_list("pipelines", list(PIPELINES), "--compare: the pipelines to time.")
 flags.DEFINE_string("window", None, "Internal (--compare): time one window of this pipeline "
                     "on --folder and print it as JSON.")
 flags.DEFINE_string("folder", None, "Internal (--compare): the JPEG folder.")
@@ -260,6 +260,10 @@ def main(argv):
                                  workers=FLAGS.workers, baseline=FLAGS.baseline)))
     return
   if FLAGS.compare:
+    unknown = [name for name in FLAGS.pipelines if name not in PIPELINES]
+    if unknown or not FLAGS.pipelines:
+      raise SystemExit(f"input_pipeline.py: error: --pipelines={','.join(FLAGS.pipelines)}: "
+                       f"name some of {', '.join(PIPELINES)}.")
     with tempfile.TemporaryDirectory() as folder:
       write_jpegs(folder, FLAGS.images)
       r = compare(folder=folder, pipelines=FLAGS.pipelines, batch=FLAGS.batch,

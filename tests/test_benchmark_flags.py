@@ -44,3 +44,9 @@ def test_an_empty_window_is_refused_in_one_line(script, flag):
   """Zero steps or windows divided by zero (or took the median of nothing) after the compile."""
   line = one_line(benchmark(script, "--config=configs/sit_vits.py:runlocal", flag))
   assert flag.split("=")[0] in line and "positive" in line
+
+
+def test_an_unknown_pipeline_to_compare_is_one_line(tmp_path):
+  """It was skipped after its first window, and the comparison exited 0 with an empty table."""
+  line = one_line(benchmark("input_pipeline.py", "--compare", "--pipelines=grian"))
+  assert "--pipelines=grian" in line and "grain_host" in line
