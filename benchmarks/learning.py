@@ -30,13 +30,6 @@ from sit_jax import checkpoint, config_check, data, metrics, pretrain, sharding 
 from sit_jax.models import vit  # noqa: E402
 from sit_jax.transfer import common, knn  # noqa: E402
 
-config_flags.DEFINE_config_file("config", None, "Pretraining config.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Pretraining workdir (reused when already complete).")
-flags.DEFINE_enum("split", "val", ["val", "test"], "val: train[:1200] -> train[1200:]; test.")
-flags.DEFINE_string("results", "/tmp/learning_results.jsonl", "JSON lines appended here.")
-flags.DEFINE_string("name", "", "Row name (default: the workdir's base name).")
-flags.DEFINE_bool("baselines", False, "Also score raw pixels and random init.")
-
 SPLITS = {"val": ("train[:1200]", "train[1200:]"), "test": ("train", "test")}
 # (features, last_blocks) of transfer/common.make_feature_fn; last 4: DINO's linear evaluation.
 FEATURES = (("cls", 1), ("mean", 1), ("cls+mean", 1), ("cls", 4), ("cls+mean", 4))
@@ -152,7 +145,17 @@ def main(_):
   print(json.dumps(row))
 
 
-if __name__ == "__main__":
+def define_flags():  # here, not on import: the tests load this module beside sit_jax.main's flags
+  config_flags.DEFINE_config_file("config", None, "Pretraining config.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Pretraining workdir (reused when already complete).")
+  flags.DEFINE_enum("split", "val", ["val", "test"], "val: train[:1200] -> train[1200:]; test.")
+  flags.DEFINE_string("results", "/tmp/learning_results.jsonl", "JSON lines appended here.")
+  flags.DEFINE_string("name", "", "Row name (default: the workdir's base name).")
+  flags.DEFINE_bool("baselines", False, "Also score raw pixels and random init.")
   flags.mark_flags_as_required(["config", "workdir"])
+
+
+if __name__ == "__main__":
+  define_flags()
   logging.set_verbosity(logging.WARNING)
   app.run(main, flags_parser=parse_flags)

@@ -3,6 +3,8 @@ score the column names (it printed a nested JSON dict, leaving the mapping to th
 import importlib.util
 import os
 
+from sit_jax import main  # noqa: F401  (its --config flag, as in a session of every test file)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
