@@ -49,6 +49,10 @@ TIMM_MODELS = {"ti": ("vit_tiny_patch16_224", "Ti/16"), "s": ("vit_small_patch16
                "b": ("vit_base_patch16_224", "B/16")}
 
 FLAGS = flags.FLAGS
+GOAL_RATIO = 0.5  # sit_jax step / PyTorch step
+# The goal is judged only on a quiet machine: another process on a core slows torch's spinning
+# OpenMP threads far more than XLA (benchmarks/README.md: ratio 0.30 at others_cpu 52%).
+QUIET_OTHERS_CPU = 0.05
 config_flags.DEFINE_config_file("config", os.path.join(REPO, "configs", "sit_vits.py"),
                                 "sit_jax config for the JAX side; --model, --batch, "
                                 "--image_size override its model, batch and size.")
@@ -310,6 +314,8 @@ def main(argv):
             f"{'n/a' if w.others is None else f'{w.others:.0%}'} of the CPUs)", flush=True)
 
   torch_s, jax_s = median(rows["torch"]), median(rows["jax"])
+  others_cpu = median(others)
+  quiet = others_cpu is not None and others_cpu <= QUIET_OTHERS_CPU
   flops_per_step = flops_lib.sit_step_flops(config)
   result = {
       "benchmark": "torch_reference",
@@ -329,12 +335,12 @@ def main(argv):
       "jax_step_ms_min": 1e3 * min(rows["jax"]),
       "ratio_min_jax_over_torch": min(rows["jax"]) / min(rows["torch"]),
       "ratio_jax_e2e_over_torch": median(rows["jax_e2e"]) / torch_s if rows["jax_e2e"] else None,
-      "goal_ratio": 0.5,
-      "goal_met": jax_s / torch_s <= 0.5,
+      "goal_ratio": GOAL_RATIO,
+      "goal_met": jax_s / torch_s <= GOAL_RATIO if quiet else None,
       "torch_cpu_ms": 1e3 * median(cpu["torch"]),
       "jax_cpu_ms": 1e3 * median(cpu["jax"]),
       "jax_e2e_cpu_ms": 1e3 * median(cpu["jax_e2e"]) if cpu["jax_e2e"] else None,
-      "others_cpu": median(others),
+      "others_cpu": others_cpu,
       "jax_compile_s": compile_s,
       "analytic_gflop_per_step": flops_per_step / 1e9,
       "torch_gflop_per_s": flops_per_step / torch_s / 1e9,
@@ -348,11 +354,12 @@ def main(argv):
   print(f"{'sit_jax':14s}{result['jax_step_ms']:10.0f}{result['jax_cpu_ms']:10.0f}")
   if rows["jax_e2e"]:
     print(f"{'sit_jax e2e':14s}{result['jax_e2e_step_ms']:10.0f}{result['jax_e2e_cpu_ms']:10.0f}")
+  verdict = ("met" if result["goal_met"] else "not met") if quiet else (
+      f"not judged, only when other processes use at most {QUIET_OTHERS_CPU:.0%} of the CPUs")
   print(f"ratio sit_jax / torch = {result['ratio_jax_over_torch']:.2f} of the medians, "
-        f"{result['ratio_min_jax_over_torch']:.2f} of the best windows (goal <= 0.5: "
-        f"{'met' if result['goal_met'] else 'not met'}); other processes used "
-        f"{'n/a' if result['others_cpu'] is None else format(result['others_cpu'], '.0%')} "
-        "of the CPUs")
+        f"{result['ratio_min_jax_over_torch']:.2f} of the best windows (goal <= {GOAL_RATIO}: "
+        f"{verdict}); other processes used "
+        f"{'n/a' if others_cpu is None else format(others_cpu, '.0%')} of the CPUs")
   print(json.dumps(result))
 
 
