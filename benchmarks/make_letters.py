@@ -68,8 +68,12 @@ def main(_):
   if os.path.isdir(flags.FLAGS.out) and os.listdir(flags.FLAGS.out):
     raise SystemExit(f"make_letters: {flags.FLAGS.out} is not empty: pass a new --out (another "
                      "draw's images left there would mix into this one's splits).")
+  counts = flags.FLAGS.per_class.split(",")
+  if len(counts) != 2 or not all(n.strip().isdigit() for n in counts):
+    raise SystemExit(f"make_letters: --per_class={flags.FLAGS.per_class}: give the images per "
+                     "class in train and in test, e.g. --per_class=60,20.")
+  counts = [int(n) for n in counts]
   rng = np.random.default_rng(flags.FLAGS.seed)
-  counts = [int(n) for n in flags.FLAGS.per_class.split(",")]
   for split, count in zip(("train", "test"), counts):
     for letter in map(chr, range(ord("A"), ord("Z") + 1)):
       folder = os.path.join(flags.FLAGS.out, split, letter)

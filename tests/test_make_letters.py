@@ -72,3 +72,15 @@ def test_an_output_folder_in_use_is_refused(tmp_path):
   proc = subprocess.run([sys.executable, "benchmarks/make_letters.py", f"--out={tmp_path / 'a'}"],
                         cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0 and "is not empty" in proc.stderr
+
+
+def test_per_class_needs_a_train_and_a_test_count(tmp_path):
+  """'60' wrote train/ only (learning.py --split=test then found no test/), '60,x' a traceback."""
+  for per_class in ("5", "5,x"):
+    proc = subprocess.run([sys.executable, "benchmarks/make_letters.py", f"--out={tmp_path / 'a'}",
+                           f"--per_class={per_class}"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines() == [
+        f"make_letters: --per_class={per_class}: give the images per class in train and in test, "
+        "e.g. --per_class=60,20."]
+    assert not (tmp_path / "a").exists()

