@@ -7,7 +7,11 @@ import time
 import numpy as np
 
 
-def _fail(error: BaseException):
+def fail(error: BaseException):
+  """Ends the benchmark with `error` in one line, as sit_jax.main does (SIT_JAX_TRACEBACK=1:
+  raises it)."""
+  if os.environ.get("SIT_JAX_TRACEBACK"):
+    raise error
   raise SystemExit(f"{os.path.basename(sys.argv[0])}: error: {' '.join(str(error).split())}")
 
 
@@ -20,7 +24,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     argv = flags.FLAGS.read_flags_from_files(argv, force_gnu=False)
     return flags.FLAGS(config_check.check_command_line(argv))
   except Exception as e:  # everything that fails here is the command line's fault
-    _fail(e)
+    fail(e)
 
 
 def checked_config():
@@ -33,7 +37,7 @@ def checked_config():
   try:
     config_check.check(config)
   except config_check.ConfigError as e:
-    _fail(e)
+    fail(e)
   for warning in config_check.unread_overrides(
       config, config_flags.get_override_values(flags.FLAGS["config"])):
     logging.warning(warning)

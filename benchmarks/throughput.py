@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from absl import app, flags  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from hostutil import checked_config, parse_flags  # noqa: E402
+from hostutil import checked_config, fail, parse_flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from sit_jax import flops as flops_lib  # noqa: E402
@@ -262,8 +262,11 @@ def main(argv):
   from sit_jax import distributed
   distributed.initialize()
   config = checked_config()
-  result = measure(config, steps=FLAGS.steps, warmup=FLAGS.warmup, repeats=FLAGS.repeats,
-                   e2e=FLAGS.e2e, peak_flops=FLAGS.peak_flops)
+  try:
+    result = measure(config, steps=FLAGS.steps, warmup=FLAGS.warmup, repeats=FLAGS.repeats,
+                     e2e=FLAGS.e2e, peak_flops=FLAGS.peak_flops)
+  except ValueError as e:  # as in sit_jax.main: the model's and mesh's refusals say what to set
+    fail(e)
   if jax.process_index() == 0:
     print(format_table(result))
     print(json.dumps(result))

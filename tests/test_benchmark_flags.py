@@ -50,3 +50,12 @@ def test_an_unknown_pipeline_to_compare_is_one_line(tmp_path):
   """It was skipped after its first window, and the comparison exited 0 with an empty table."""
   line = one_line(benchmark("input_pipeline.py", "--compare", "--pipelines=grian"))
   assert "--pipelines=grian" in line and "grain_host" in line
+
+
+def test_a_setting_the_model_refuses_is_one_line():
+  """README: `throughput.py ... --config.model.attention=cudnn` is for GPUs; on a CPU the model's
+  refusal came at the end of a traceback."""
+  line = one_line(benchmark("throughput.py", "--config=configs/sit_vits.py:runlocal",
+                            "--config.model.attention=cudnn", "--config.model.dtype=bfloat16",
+                            "--e2e=false"))
+  assert line.startswith("throughput.py: error: model.attention='cudnn'") and "GPU" in line
