@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from hostutil import checked_config, parse_flags  # noqa: E402
+from hostutil import checked_config, fail, parse_flags  # noqa: E402
 from sit_jax import checkpoint, config_check, data, metrics, pretrain, sharding  # noqa: E402
 from sit_jax.models import vit  # noqa: E402
 from sit_jax.transfer import common, knn  # noqa: E402
@@ -87,6 +87,10 @@ def settings_changed(config_json: str, config) -> str:
   """The keys whose values differ between a run's config.json and `config`, '' if none."""
   saved = config_check.flatten(json.load(open(config_json)))
   now = config_check.flatten(json.loads(metrics.to_json(config.to_dict())))
+  if not now.get("num_train_examples"):  # 0: pretraining counted the split, and saved the count
+    now["num_train_examples"] = data.dataset_info(
+        config.data.source, config.data.split, data_dir=config.data.data_dir or None,
+        **data.engine_options(config.data)).num_examples
   changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
   return ", ".join(f"{k}: {saved.get(k)!r} then, {now.get(k)!r} now" for k in changed[:6])
 
@@ -104,8 +108,8 @@ def main(_):
   if done:  # a finished pretraining is scored again only for the config (and split) it ran
     changed = settings_changed(os.path.join(workdir, "config.json"), config)
     if changed:
-      raise app.UsageError(f"{workdir} holds a finished run of another config ({changed}): pass "
-                           "another --workdir.")
+      fail(ValueError(f"{workdir} holds a finished run of another config ({changed}): pass "
+                      "another --workdir."))
   else:
     pretrain.train_and_evaluate(config, workdir)
   train_seconds = time.perf_counter() - start

@@ -36,3 +36,22 @@ def test_the_table_has_learning_md_columns():
   assert cells(run) == ["E", "0.500 / 0.600", "0.510", "0.501", "0.531", "1.77"]
   assert cells(raw) == ["raw pixels, 16 px", "0.970", "", "0.965", "", ""]
   assert cells(random) == ["random init", "0.300", "0.310", "0.301", "0.331", ""]
+
+
+def test_a_finished_run_is_scored_again_by_the_same_command(tmp_path):
+  """Pretraining saves the example count it read (num_train_examples, 0 in the config) in
+  config.json; the same command then read as another config, and a finished run could not be
+  scored again."""
+  import json
+  from configs import sit_vits
+  from sit_jax import metrics
+  learning = load_learning()
+  config = sit_vits.get_config("runlocal")
+  config.data.split = "train[:1200]"  # learning.py's --split=val
+  saved = json.loads(metrics.to_json(config.to_dict()))
+  path = tmp_path / "config.json"
+  path.write_text(json.dumps({**saved, "num_train_examples": 1200}))  # pretraining's record
+  assert learning.settings_changed(str(path), config) == ""
+  path.write_text(json.dumps({**saved, "num_train_examples": 1500}))  # the data changed since
+  assert learning.settings_changed(str(path), config) == \
+      "num_train_examples: 1500 then, 1200 now"
