@@ -1,7 +1,10 @@
 """The README's "will it fit" table: the SiT step compiled for TPU slices with --aot_topology.
 
-  pip install "jax[tpu]==$(python -c 'import jax; print(jax.__version__)')"   # README: libtpu
-  python benchmarks/will_it_fit.py --out=/tmp/will_it_fit.jsonl
+  # libtpu in a venv of its own (README, "Will it fit": in the tests' one every process probes
+  # for a TPU), seeing this environment's packages:
+  python -m venv --system-site-packages /tmp/tpuvenv
+  /tmp/tpuvenv/bin/pip install "jax[tpu]==$(python -c 'import jax; print(jax.__version__)')"
+  JAX_PLATFORMS=cpu /tmp/tpuvenv/bin/python benchmarks/will_it_fit.py --out=/tmp/will_it_fit.jsonl
   python benchmarks/will_it_fit.py --only=B/16 --generation=v5e --out=...   # some rows
 
   python benchmarks/will_it_fit.py --scaling --out=/tmp/scaling.jsonl   # memory vs chips
@@ -115,8 +118,12 @@ def measure(out: str):
     except aot.DoesNotFit as e:
       print(e, flush=True)
       row["does_not_fit"] = str(e)
-    except aot.TopologyUnavailable as e:  # no libtpu: every row would fail the same way
-      raise SystemExit(f"will_it_fit: {e}") from None
+    except aot.TopologyUnavailable:  # no libtpu: every row would fail the same way
+      import jax
+      raise SystemExit(
+          f"will_it_fit: compiling for {topology} needs libtpu (no TPU): install "
+          f"\"jax[tpu]=={jax.__version__}\" into a venv of its own, as this script's docstring "
+          "shows (README, \"Will it fit\"), or run on a TPU VM.") from None
     with open(out, "a") as f:
       f.write(json.dumps(row) + "\n")
 
