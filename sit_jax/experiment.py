@@ -309,8 +309,10 @@ class Experiment:
     handler.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     handler.addFilter(_NotLibraryInfo())
     handler.setLevel(std_logging.INFO)
-    # The command beside the resolved config: how the run was asked for (overrides, arguments).
-    handler.stream.write(f"Command: {shlex.join(sys.argv)}\nConfig:\n{self.config}\n")
+    # The command beside the resolved config: how the run was asked for (overrides, arguments);
+    # none where no script started the process (python -c, an interpreter).
+    command = f"Command: {shlex.join(sys.argv)}\n" if os.path.isfile(sys.argv[0]) else ""
+    handler.stream.write(f"{command}Config:\n{self.config}\n")
     handler.flush()
     std_logging.getLogger().addHandler(handler)
     self._log_handler = handler

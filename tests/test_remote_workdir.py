@@ -3,6 +3,7 @@ directory. A local directory stands in for the bucket gs://b."""
 import json
 import os
 import pathlib
+import re
 import signal
 import sys
 import time
@@ -72,7 +73,7 @@ def test_experiment_writes_into_the_bucket(bucket, caplog):
   assert (run / "images" / "recon_view1_0000002.png").stat().st_size > 0
   assert list((run / "tb").glob("events.out.tfevents.*"))
   log = (run / "log.txt").read_text()
-  assert log.startswith("Config:\n") and "no lock is held" in log
+  assert re.match(r"(Command: .*\n)?Config:\n", log) and "no lock is held" in log
   assert not (run / ".lock").exists() and not list(run.glob(".write_probe_*"))
   assert "Wrote results.json, metrics.jsonl, config.json, log.txt, checkpoints/2, tsne.png, " \
          "images/ in gs://b/run" in caplog.text
