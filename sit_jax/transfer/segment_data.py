@@ -251,8 +251,7 @@ def _folder(path, split, num_classes):
                time.perf_counter() - start)
 
   return SegmentationData(f"folder:{path}/{split}", num_classes, len(keep), load,
-                          root=os.path.realpath(root),
-                          indices=keep)
+                          root=os.path.realpath(root), indices=keep)
 
 
 # TFDS datasets: number of classes, class names, and the label map of an example.
