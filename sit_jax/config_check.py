@@ -537,7 +537,7 @@ def _unread(config) -> dict[str, str]:
                               "(--config.total_steps=0 runs total_epochs)")
   experiment = config.get("experiment")
   if experiment not in PRETRAIN_EXPERIMENTS:
-    return unread
+    return {**unread, **_unread_on_frozen_features(config)}
   if experiment == "contrastive":
     unread.update(dict.fromkeys(
         ("loss.alpha", "loss.recon_all_pixels", "model.recons_blocks", "model.recon_hidden",
@@ -559,6 +559,46 @@ def _unread(config) -> dict[str, str]:
         "config.experiment='gmml' has no contrastive loss or teacher"))
   if not config.get("eval_every"):
     unread["eval."] = "the k-NN monitor is off (eval_every=0)"
+  return unread
+
+
+def _unread_on_frozen_features(config) -> dict[str, str]:
+  """What the evaluations of a frozen backbone do not read (sit_jax/transfer/knn.py, fewshot.py,
+  linear.py): k-NN and few-shot train nothing; the cached probe fits its head on the evaluation
+  view's features, by L-BFGS on all of them at once or by SGD with config.optim; the augmented
+  probe trains by SGD with config.optim."""
+  experiment = config.get("experiment")
+  if experiment in ("knn", "fewshot"):
+    return {**dict.fromkeys(("total_epochs", "total_steps"),
+                            f"config.experiment={experiment!r} trains nothing"),
+            **dict.fromkeys(("data.crop_scale", "data.flip"),
+                            f"config.experiment={experiment!r} reads every split in its "
+                            "evaluation view (data.resize_mode), unaugmented"),
+            "data.global_batch_size": f"config.experiment={experiment!r} extracts features "
+                                      "in batches of eval_batch_size"}
+  frozen = (config.get("multilabel") or {}).get("frozen")
+  probe = config.get("linear") if experiment == "linear" or frozen else None
+  if probe is None:
+    return {}
+  if not probe.get("cache_features"):
+    why = ("linear.cache_features=False trains the head by SGD on augmented crops with "
+           "config.optim")
+    # The baselines rows fit the cached L-BFGS probe, which reads the rest.
+    return dict.fromkeys(("linear.solver",) if config.get("baselines") else (
+        "linear.solver", "linear.l2", "linear.val_fraction", "linear.max_iter", "linear.tol"),
+                         why)
+  unread = dict.fromkeys(("data.crop_scale", "data.flip", "linear.stats_examples"),
+                         "linear.cache_features=True fits the head on features of the "
+                         "evaluation view (data.resize_mode), unaugmented")
+  if probe.get("solver") == "lbfgs":
+    unread.update(dict.fromkeys(
+        ("optim.", "total_epochs", "total_steps", "data.global_batch_size"),
+        "linear.solver='lbfgs' fits the head on all the train features at once, to "
+        "convergence (linear.max_iter, linear.tol), its l2 chosen among linear.l2"))
+  else:
+    unread.update(dict.fromkeys(("linear.l2", "linear.val_fraction", "linear.max_iter",
+                                 "linear.tol"),
+                                "linear.solver='sgd' trains the head with config.optim"))
   return unread
 
 

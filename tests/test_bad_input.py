@@ -217,6 +217,18 @@ def test_settings_the_run_does_not_read_are_named(tmp_path):
      ["--config.total_epochs=1.0 has no effect: total_steps=20 sets the run's length "
       "(--config.total_steps=0 runs total_epochs)."]),
     ("sit_vits.py:runlocal", {"total_steps": 0, "total_epochs": 5.0}, []),
+    # The frozen evaluations: a probe's or k-NN's sweep of a setting it never reads scored the
+    # same every time, silently.
+    ("linear.py:dataset=cifar10", {"optim.base_lr": 0.01, "linear.l2": (1e-3,)},
+     ["--config.optim.base_lr=0.01 has no effect: linear.solver='lbfgs' fits the head on all "
+      "the train features at once, to convergence (linear.max_iter, linear.tol), its l2 chosen "
+      "among linear.l2."]),
+    ("linear.py", {"linear.l2": (1e-3,), "optim.base_lr": 0.01},
+     ["--config.linear.l2=(0.001,) has no effect: linear.cache_features=False trains the head "
+      "by SGD on augmented crops with config.optim."]),
+    ("knn.py", {"data.global_batch_size": 128, "eval_batch_size": 128},
+     ["--config.data.global_batch_size=128 has no effect: config.experiment='knn' extracts "
+      "features in batches of eval_batch_size."]),
 ])
 def test_unread_overrides(spec, overrides, unread):
   config = config_check.load(os.path.join(REPO, "configs", spec))
