@@ -642,10 +642,16 @@ def _host_data(source, split, data_dir, p, P, engine="grain"):
     raise DataError(f"data.engine {engine!r} reads TFDS datasets only; {kind} sources use the "
                     f"default engine 'grain'.")
   if kind == "embedded":
-    return _embedded(name, split, p, P)
-  if kind == "folder":
-    return _folder(name, split, p, P)
-  return _tfds(name, split, data_dir, p, P, engine)
+    data = _embedded(name, split, p, P)
+  elif kind == "folder":
+    data = _folder(name, split, p, P)
+  else:
+    data = _tfds(name, split, data_dir, p, P, engine)
+  from sit_jax import distributed
+  if distributed.joined():  # each host reads its own copy (a folder on its disk, say)
+    distributed.check_same_data(data.info.name, data.info.num_examples,
+                                data.info.classes or data.info.num_classes)
+  return data
 
 
 def shared_examples(a, b) -> int:

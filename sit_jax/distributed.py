@@ -15,7 +15,7 @@ exit jax.distributed's shutdown waits at a barrier (5 minutes) for the other pro
 meanwhile wait for the failed one in their next collective. Its error goes to the coordination
 service's key-value store, and a process ended by that failure (its collective finds the peer
 gone) names it (`first_error`) instead of its own broken collective. Every process must run the
-same config (`check_same_config`).
+same config (`check_same_config`) and find the same data (`check_same_data`).
 """
 from __future__ import annotations
 
@@ -202,19 +202,23 @@ def check_devices_per_process(devices):
         "task is given (CUDA_VISIBLE_DEVICES, --gpus-per-task).")
 
 
+def _every_process(text: str) -> list[str]:
+  """`text` of every process of the job, in process order (a collective: every process calls)."""
+  from jax.experimental import multihost_utils
+  encoded = text.encode()
+  lengths = multihost_utils.process_allgather(np.int32(len(encoded)))
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:len(encoded)] = np.frombuffer(encoded, np.uint8)
+  return [row[:n].tobytes().decode() for row, n in
+          zip(multihost_utils.process_allgather(padded), lengths)]
+
+
 def check_same_config(config):
   """Every process must run the same config: one started with other settings (another
   total_steps, say) trained its devices' replica with them (another learning-rate schedule)
   without a word, until the processes' collectives no longer matched and the job hung."""
-  from jax.experimental import multihost_utils
-
   from sit_jax import config_check, metrics
-  text = metrics.to_json(config.to_dict(), sort_keys=True).encode()
-  lengths = multihost_utils.process_allgather(np.int32(len(text)))
-  padded = np.zeros(int(lengths.max()), np.uint8)
-  padded[:len(text)] = np.frombuffer(text, np.uint8)
-  texts = [row[:n].tobytes() for row, n in
-           zip(multihost_utils.process_allgather(padded), lengths)]
+  texts = _every_process(metrics.to_json(config.to_dict(), sort_keys=True))
   other = next((p for p, t in enumerate(texts) if t != texts[0]), None)
   if other is None:
     return
@@ -224,6 +228,26 @@ def check_same_config(config):
   raise ValueError(f"Process {other} of {len(texts)} was started with other settings than "
                    f"process 0 ({'; '.join(changed)}): start every process with the same "
                    "command.")
+
+
+def check_same_data(name: str, num_examples: int, classes: int | tuple[str, ...]):
+  """Every process must find the same split `name`, of `num_examples` and `classes` (a count, or
+  a folder's class names): a host whose copy of a folder held other images derived the epoch,
+  and with it the learning-rate schedule, from its own count and trained its devices' replica
+  on it without a word. A collective: every process calls."""
+  texts = _every_process(json.dumps([num_examples, classes]))
+  other = next((p for p, t in enumerate(texts) if t != texts[0]), None)
+  if other is None:
+    return
+  found = []
+  for n, labels in (json.loads(texts[p]) for p in (other, 0)):
+    count = len(labels) if isinstance(labels, list) else labels
+    found.append(f"{n} examples" + (f" of {count} classes" if count else ""))
+  if found[0] == found[1]:
+    found = ["other class folders", "process 0's"]
+  raise ValueError(f"Process {other} of {len(texts)} finds other data in {name} than process 0 "
+                   f"({found[0]} vs {found[1]}): every host must read the same split (the same "
+                   "files, or a data_dir they share).")
 
 
 _ERRORS = "sit_jax/errors/"  # key-value directory: process index -> its error

@@ -1,4 +1,5 @@
 """A multi-process job whose processes do not all succeed (jax.distributed over 127.0.0.1, gloo)."""
+import json
 import socket
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from sit_jax import distributed, experiment, sharding
+from sit_jax import data, distributed, experiment, sharding
 
 from test_multiprocess import REPO, _env, _free_port, _wait
 
@@ -60,6 +61,28 @@ def test_processes_started_with_other_settings_are_refused(tmp_path):
   assert last_lines == ["sit_jax: error: Process 1 of 2 was started with other settings than "
                         "process 0 (total_steps 6 vs 4): start every process with the same "
                         "command."] * 2
+
+
+def test_hosts_that_find_other_data_are_refused(tmp_path, monkeypatch):
+  """Each host reads its own copy of a folder: a host whose copy held 150 of the 200 images
+  derived the epoch, and with it the learning-rate schedule (warmup 20 steps instead of 30),
+  from its own count, and trained its replica on it without a word. Process 1 here, its folder
+  beside what process 0 found (the collective's answer)."""
+  for i, name in enumerate(["cat/0.png", "cat/1.png", "dog/0.png"]):
+    (tmp_path / name).parent.mkdir(exist_ok=True)
+    PIL.Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / name)
+  source = f"folder:{tmp_path}"
+  monkeypatch.setattr(distributed, "joined", lambda: True)
+  for found_by_0, differs in [((4, ["cat", "dog"]), "3 examples of 2 classes vs 4 examples of 2"),
+                              ((3, ["cat", "cow"]), "other class folders vs process 0's")]:
+    monkeypatch.setattr(distributed, "_every_process",
+                        lambda text, found=found_by_0: [json.dumps(found), text])
+    with pytest.raises(ValueError, match=rf"^Process 1 of 2 finds other data in {source} than "
+                                         rf"process 0 \({differs}.*: every host must read the "
+                                         "same split"):
+      data.dataset_info(source, None)
+  monkeypatch.setattr(distributed, "_every_process", lambda text: [text, text])
+  assert data.dataset_info(source, None).num_examples == 3
 
 
 def test_a_process_without_its_coordinator_ends_with_one_line(monkeypatch):
