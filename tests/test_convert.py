@@ -23,7 +23,7 @@ if not all(importlib.util.find_spec(m) for m in ("torch", "timm", "safetensors")
 
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-from sit_jax import checkpoint, convert  # noqa: E402
+from sit_jax import checkpoint, convert, features  # noqa: E402
 from sit_jax.models import vit  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,6 +57,17 @@ MAKE_REFERENCE = textwrap.dedent(f"""
       cls = model.forward_features(torch.from_numpy(images.transpose(0, 3, 1, 2)))[:, 0]
     np.save(os.path.join(out, "images.npy"), images)
     np.save(os.path.join(out, "cls.npy"), cls.numpy())
+    # DINO's evaluation input (eval_knn.py, without the resize: the pixels are 224 px already).
+    from PIL import Image
+    from torchvision import transforms
+    pixels = np.random.RandomState(1).randint(0, 256, size=(2, 224, 224, 3), dtype=np.uint8)
+    dino_input = transforms.Compose([transforms.ToTensor(), transforms.Normalize(
+        (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    with torch.no_grad():
+      cls = model.forward_features(torch.stack([dino_input(Image.fromarray(x))
+                                                for x in pixels]))[:, 0]
+    np.save(os.path.join(out, "pixels.npy"), pixels)
+    np.save(os.path.join(out, "pixels_cls.npy"), cls.numpy())
     from timm.layers import resample_abs_pos_embed
     for side in (24, 8):  # the 14 x 14 grid up (384 px) and down (128 px)
       resized = resample_abs_pos_embed(model.pos_embed.detach(), [side, side])
@@ -112,6 +123,13 @@ def test_same_cls_features_as_timm(reference, converted):
   got = jax.jit(lambda p, x: module.apply({"params": p}, x)["cls"])(params["backbone"],
                                                                        jnp.asarray(images))
   np.testing.assert_allclose(np.asarray(got), np.load(reference / "cls.npy"), atol=1e-4, rtol=0)
+
+
+def test_features_of_uint8_images_are_timms_on_dinos_input(reference, converted):
+  """features.load: the ImageNet mean and std of DINO's evaluation input, then timm's CLS."""
+  extract = features.load(converted, image_size=224, resize_mode="resize", batch_size=8)
+  np.testing.assert_allclose(extract(np.load(reference / "pixels.npy")),
+                             np.load(reference / "pixels_cls.npy"), atol=1e-4, rtol=0)
 
 
 def test_pos_embed_resize_is_timms(reference, converted):
