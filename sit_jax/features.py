@@ -5,6 +5,10 @@ evaluations (k-NN, few-shot, the cached linear probe) compute them:
     extract = features.load("/tmp/sit_local", image_size=16, resize_mode="resize")
     feats = extract(images)  # uint8 (N, H, W, 3), or a list of uint8 (H, W, 3) -> float32 (N, D)
 
+A list may also hold image files' bytes (open(path, "rb").read()), decoded as a k-NN run on a
+folder of those files decodes them (a JPEG several times larger than the view at a reduced DCT
+scale: the same file as an array gives slightly other features).
+
 Each image goes through the evaluation view (data.eval_view: PIL, at `image_size`), ImageNet's
 mean and std, the backbone (its model.standardize_input, saved with the parameters, included)
 and the pooling of head.features, in one jitted function over this process's devices: the rows
@@ -45,7 +49,7 @@ class Extractor:
     if not images:
       return np.zeros((0, self.dim), np.float32)
     rows = self._rows(len(images))
-    batches = (self._batch(images[lo:lo + rows], rows) for lo in range(0, len(images), rows))
+    batches = (self._batch(images, lo, rows) for lo in range(0, len(images), rows))
     feats, _ = common.extract_features(self._fn, self._params, batches, self._mesh)
     return feats
 
@@ -55,12 +59,16 @@ class Extractor:
     per_device = -(-n // self._mesh.size)
     return min(self._batch_size, self._mesh.size * 2 ** (per_device - 1).bit_length())
 
-  def _batch(self, images: Sequence[np.ndarray], b: int) -> dict:
-    size = self.image_size
+  def _batch(self, images: Sequence, lo: int, b: int) -> dict:
+    """Batch `images[lo:lo + b]`, padded to b rows."""
+    size, chunk = self.image_size, images[lo:lo + b]
     batch = dict(image=np.zeros((b, size, size, 3), np.uint8), label=np.zeros((b,), np.int32),
-                 mask=np.arange(b) < len(images))
-    for slot, image in enumerate(images):
-      batch["image"][slot] = data.eval_view(image, size, self.resize_mode, self.interpolation)
+                 mask=np.arange(b) < len(chunk))
+    for slot, image in enumerate(chunk):
+      try:
+        batch["image"][slot] = data.eval_view(image, size, self.resize_mode, self.interpolation)
+      except data.UnreadableImage as e:
+        raise data.UnreadableImage(f"features: image {lo + slot} of the list: {e}") from None
     return batch
 
 
@@ -102,7 +110,8 @@ def load(init, *, image_size: int, weights: str = "student", resize_mode: str = 
 
 
 def _checked_images(images) -> list[np.ndarray]:
-  """`images` as a list of uint8 (H, W, 3) arrays, or a one-line error saying what to pass."""
+  """`images` as a list of uint8 (H, W, 3) arrays and image files' bytes, or a one-line error
+  saying what to pass."""
   if not isinstance(images, (list, tuple)):
     array = np.asarray(images)
     if array.ndim != 4 or array.shape[-1] != 3:
@@ -116,11 +125,14 @@ def _checked_images(images) -> list[np.ndarray]:
                        f"images, or a list of (H, W, 3) ones{hint}.")
     _check_dtype("images", array.dtype)
     return list(array)
-  images = [np.asarray(image) for image in images]
+  images = [image if isinstance(image, bytes) else np.asarray(image) for image in images]
   for i, image in enumerate(images):
+    if isinstance(image, bytes):
+      continue
     if image.ndim != 3 or image.shape[-1] != 3:
       raise ValueError(f"features: image {i} of the list has shape {image.shape}: pass (H, W, 3) "
-                       "RGB images (a grey one: np.repeat(image[..., None], 3, axis=-1)).")
+                       "RGB images (a grey one: np.repeat(image[..., None], 3, axis=-1)) or "
+                       "image files' bytes.")
     _check_dtype(f"image {i} of the list", image.dtype)
   return images
 

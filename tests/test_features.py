@@ -1,12 +1,14 @@
 """sit_jax.features: a backbone's features of your own images are the rows a k-NN run computes
 for the same images, whatever form the backbone comes in."""
 import importlib.util
+import io
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from configs import knn as knn_config
 from sit_jax import checkpoint, convert, data, features
@@ -95,6 +97,12 @@ def test_bad_input_is_one_line_naming_what_to_pass(knn_run):
     with pytest.raises(ValueError, match=hint):
       extract(bad)
   assert extract(images[:0]).shape == (0, 96)
+  # Image files' bytes are decoded as a folder's files are: a PNG gives its pixels' features.
+  png = io.BytesIO()
+  Image.fromarray(images[0]).save(png, format="PNG")
+  np.testing.assert_array_equal(extract([png.getvalue(), images[1]]), extract(images[:2]))
+  with pytest.raises(data.UnreadableImage, match=r"image 1 of the list: cannot identify"):
+    extract([png.getvalue(), b"not an image"])
   with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
     features.load(tmp / "nowhere", image_size=16)
   with pytest.raises(ValueError, match="resize_mode='crop'"):
