@@ -51,6 +51,10 @@ CORRUPT_SUFFIX = ".corrupt"
 ADDED_MODEL_SETTINGS = ("scan_layers", "standardize_input")
 # Sub-directories of a workdir that `load_backbone` searches for step dirs.
 CHECKPOINT_SUBDIRS = ("", "checkpoints", "ckpt", "checkpoint")
+# The metadata entry of a head trained on a frozen backbone: {"params_hash": of the backbone's
+# parameters (None: random init), "path": the directory they were read from}. A resume needs the
+# same parameters, read from anywhere; checkpoints written before 2026-12-06 name the path only.
+BACKBONE = "backbone"
 
 
 class CheckpointError(RuntimeError):
@@ -511,7 +515,7 @@ def _check_metadata(step_dir, expected: dict, actual: dict):
   expected, actual = _with_added_model_settings(expected), _with_added_model_settings(actual)
   diffs = []
   for key, value in expected.items():
-    if key == "settings":
+    if key in ("settings", BACKBONE):
       continue
     if key not in actual:
       diffs.append(f"{key}: missing in checkpoint")
@@ -531,6 +535,25 @@ def _check_metadata(step_dir, expected: dict, actual: dict):
         f"Cannot resume {step_dir}: " + "; ".join(settings) + ". A resumed run must keep it "
         f"(it changes the trained state or the data order): set {first} back to resume, or "
         "pass another --workdir to start afresh.")
+  if BACKBONE in expected:
+    _check_backbone(step_dir, expected[BACKBONE], actual)
+
+
+def _check_backbone(step_dir, expected: dict, actual: dict):
+  """Raises CheckpointError unless the frozen backbone about to be read is the one the saved
+  head was trained on: the same parameters (a checkpoint without their hash: the same path)."""
+  saved = actual.get(BACKBONE) or {"params_hash": None, "path": actual.get("init")}
+  if saved["params_hash"] is None and saved["path"]:  # written before the hash
+    same = saved["path"] == expected["path"]
+  else:
+    same = saved["params_hash"] == expected["params_hash"]
+  if not same:
+    name = lambda path: path or "the random-init backbone (config.init='')"
+    raise CheckpointError(
+        f"Cannot resume {step_dir}: its head was trained on the frozen backbone of "
+        f"{name(saved['path'])}, and {name(expected['path'])} holds other parameters. Set "
+        "--config.init to the backbone it was trained on (that directory, or a copy of it) to "
+        "resume, or pass another --workdir to start afresh.")
 
 
 # ----------------------------------------------------------------------------

@@ -277,6 +277,32 @@ def test_a_checkpoint_older_than_a_model_setting_resumes_at_its_default(tmp_path
   assert "model.standardize_input: checkpoint=False, expected=True" in str(e.value)
 
 
+def test_a_frozen_backbones_head_resumes_on_the_same_parameters_read_from_anywhere():
+  """The head of a linear probe or segmentation run resumes on the parameters it was trained
+  on, from any path (a moved pretraining); a checkpoint written before their hash on the
+  path it names."""
+  check = lambda saved, params_hash, path: ckpt_lib._check_metadata(
+      "/run/checkpoints/3", {ckpt_lib.BACKBONE: {"params_hash": params_hash, "path": path}},
+      saved)
+  trained = {ckpt_lib.BACKBONE: {"params_hash": "ab12", "path": "/pre/checkpoints/20"}}
+  check(trained, "ab12", "/elsewhere/pre/checkpoints/20")
+  random_init = {ckpt_lib.BACKBONE: {"params_hash": None, "path": ""}}
+  check(random_init, None, "")
+  legacy = {"init": "/pre/checkpoints/20"}
+  check(legacy, "ab12", "/pre/checkpoints/20")
+  for saved, params_hash, path in [(trained, "cd34", "/pre/checkpoints/40"),
+                                   (trained, None, ""),
+                                   (random_init, "ab12", "/pre/checkpoints/20"),
+                                   (legacy, "ab12", "/elsewhere/pre/checkpoints/20"),
+                                   (legacy, None, "")]:
+    with pytest.raises(CheckpointError, match="Set --config.init to the backbone it was "):
+      check(saved, params_hash, path)
+  with pytest.raises(CheckpointError) as e:
+    check(trained, "cd34", "/pre/checkpoints/40")
+  assert ("its head was trained on the frozen backbone of /pre/checkpoints/20, and "
+          "/pre/checkpoints/40 holds other parameters") in str(e.value)
+
+
 def test_structure_mismatch_names_leaves(tmp_path):
   with Checkpointer(tmp_path / "ck", every=1, async_save=False) as ck:
     ck.save(1, make_state(1), metadata={"model": MODEL})

@@ -667,11 +667,13 @@ def test_finetune_resumed_after_sigterm_equals_the_uninterrupted_run(tmp_path, e
     assert json.load(f) == resumed
 
 
-def test_a_frozen_backbone_whose_pretraining_moved_on_is_refused(tmp_path, exported_backbone,
-                                                                 monkeypatch):
+def test_a_frozen_backbone_resumes_moved_and_is_refused_when_its_pretraining_moved_on(
+    tmp_path, exported_backbone, monkeypatch):
   """A segmentation head (as a linear probe's) is saved without the backbone it was trained
   on: each start reads config.init again. A pretraining workdir that saved a step since would
-  silently put other features under the head; the resume is refused naming both steps."""
+  silently put other features under the head: the resume is refused naming both steps. The
+  same parameters read from anywhere else (the pretraining and the run copied to another disk)
+  resume."""
   _, params = exported_backbone
   pretraining = tmp_path / "pretraining"
 
@@ -694,9 +696,12 @@ def test_a_frozen_backbone_whose_pretraining_moved_on_is_refused(tmp_path, expor
     transfer.run(c, str(tmp_path / "seg"))
   message = str(e.value)
   assert "\n" not in message
-  assert (f"init: checkpoint='{pretraining}/checkpoints/1', "
-          f"expected='{pretraining}/checkpoints/2'") in message
-  # What it says to do resumes: the step directory is what the workdir resolved to.
-  c.init = str(pretraining / "checkpoints" / "1")
-  backbone = common.load_backbone(c, image_size=c.data.image_size)
-  assert supervised.frozen_checkpoint_metadata(c, backbone, 11)["init"] == c.init
+  assert (f"trained on the frozen backbone of {pretraining}/checkpoints/1, and "
+          f"{pretraining}/checkpoints/2 holds other parameters") in message
+  # What it says to do resumes, from copies of both workdirs elsewhere.
+  moved = tmp_path / "moved"
+  shutil.copytree(pretraining, moved / "pretraining")
+  shutil.copytree(tmp_path / "seg", moved / "seg")
+  c.init = str(moved / "pretraining" / "checkpoints" / "1")
+  resumed = transfer.run(c, str(moved / "seg"))
+  assert resumed["step"] == 2 and resumed["steps_this_run"] == 1 and "mIoU" in resumed

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import os
 from typing import Any, Callable, Iterable
 
@@ -33,6 +34,7 @@ class Backbone:
   init: str             # config.init ('' for random init)
   pretrained_image_size: int | None = None
   weights: str = "student"  # config.init_weights: the checkpoint's student or teacher
+  checkpoint_hash: str | None = None  # parameters_hash of the parameters as read; None: random
 
   @property
   def name(self) -> str:
@@ -87,11 +89,24 @@ def load_backbone(config, *, image_size: int, drop_path_rate: float | None = Non
                      f"backbone of {config.init}: {e}") from None
   module = vit.backbone_from_config(model_config)
   params = jax.tree.map(np.asarray, loaded["backbone"])
+  checkpoint_hash = parameters_hash(params)  # before the resize, whose floats the device sets
   grid = image_size // module.patch_size
   params["pos_embed"] = np.asarray(vit.resize_pos_embed(params["pos_embed"], (grid, grid)))
   check_params(module, params, config.init)
   return Backbone(module, params, model_config, str(config.init),
-                  pretrained_image_size=ckpt_config.get("image_size"), weights=weights)
+                  pretrained_image_size=ckpt_config.get("image_size"), weights=weights,
+                  checkpoint_hash=checkpoint_hash)
+
+
+def parameters_hash(params) -> str:
+  """A hash of a host parameter tree's leaf names, dtypes, shapes and values: which parameters
+  they are, wherever they were read from (a step directory, its export, a copy elsewhere)."""
+  digest = hashlib.blake2b(digest_size=16)
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    leaf = np.ascontiguousarray(leaf)
+    digest.update(f"{sharding.path_name(path)} {leaf.dtype} {leaf.shape}".encode())
+    digest.update(leaf.reshape(-1).view(np.uint8))  # the values' bytes, not a copy of them
+  return digest.hexdigest()
 
 
 def check_params(module, params, where: str):

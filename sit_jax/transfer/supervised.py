@@ -113,12 +113,14 @@ def warn_if_batch_exceeds_split(config, info):
 
 def frozen_checkpoint_metadata(config, backbone: common.Backbone, num_classes: int) -> dict:
   """What a resumed run on a frozen backbone (linear probe, segmentation) must match. Its
-  checkpoints hold the head only: each start reads the backbone from config.init again, so
-  `init` is the directory that resolves to (a pretraining workdir: its latest step), and a
-  pretraining that has saved a step since is refused rather than swapped in under the head."""
+  checkpoints hold the head only: each start reads the backbone from config.init again, and
+  the head resumes only on the same parameters (checkpoint.BACKBONE), wherever they are read
+  from now: a pretraining that has saved a step since is refused rather than swapped in under
+  the head, a moved or copied one resumes."""
   from sit_jax import checkpoint
-  init = backbone.init and str(checkpoint.locate_backbone(backbone.init, backbone.weights))
-  return {**common.checkpoint_metadata(config, backbone, num_classes), "init": init}
+  path = backbone.init and str(checkpoint.locate_backbone(backbone.init, backbone.weights))
+  return {**common.checkpoint_metadata(config, backbone, num_classes),
+          checkpoint.BACKBONE: {"params_hash": backbone.checkpoint_hash, "path": path}}
 
 
 def abstract_of(tree):
