@@ -26,7 +26,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
-from sit_jax import metrics, sharding
+from sit_jax import metrics
 from sit_jax.transfer import common
 
 
@@ -37,12 +37,7 @@ def checkpoint_identity(backbone: common.Backbone, seed: int) -> str:
   settings = json.dumps(backbone.model_config, sort_keys=True)
   if backbone.params is None:
     return f"random init {settings} seed {seed}"
-  digest = hashlib.blake2b(digest_size=16)
-  for path, leaf in jax.tree_util.tree_leaves_with_path(backbone.params):
-    leaf = np.ascontiguousarray(leaf)
-    digest.update(f"{sharding.path_name(path)} {leaf.dtype} {leaf.shape}".encode())
-    digest.update(leaf.tobytes())
-  return f"params {digest.hexdigest()} {settings}"
+  return f"params {common.parameters_hash(backbone.params)} {settings}"
 
 
 def cache_dir(config, workdir: str) -> str | None:
