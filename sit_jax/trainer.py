@@ -57,6 +57,10 @@ def ordered(scalars: dict) -> dict:
 RESUME_SETTINGS = ("data.global_batch_size", "seed", "optim.clip_norm", "init_weights")
 
 
+# The checkpoint metadata entry listing the hooks (indices) that a signal cut short at its step.
+UNFINISHED_HOOKS = "unfinished_hooks"
+
+
 def resume_settings(config) -> dict:
   """{dotted key: value} of the RESUME_SETTINGS the config has."""
   values = {}
@@ -73,9 +77,9 @@ def resume_settings(config) -> dict:
 class Hook:
   """fn(step, state, batch) -> scalars to log (or None), called after the steps that are a
   multiple of `every` (every <= 0: none) and after the last step. With `final`, it is also
-  called once after the loop when the run is complete but the last step ran in an earlier
-  process (a resumed finished run), with batch None. Its time is left out of img/s; the ETA
-  adds the calls still to come, each as long as the latest one."""
+  called with batch None at the step a run resumes from when that call did not happen there:
+  a resumed finished run, and a step saved by a signal that cut the call short. Its time is
+  left out of img/s; the ETA adds the calls still to come, each as long as the latest one."""
   every: int
   fn: Callable[[int, Any, Any], dict | None]
   final: bool = False
@@ -188,6 +192,9 @@ def train(exp, *, init: Callable[[], Any], abstract, step_fn: Callable,
         _results_of_earlier_runs(exp.workdir, outcome, ckpt.set_aside)
         if writer is not None:
           writer.drop_after(start_step)
+    if 0 < start_step < total_steps:
+      _call_again(exp, outcome, [hooks[i] for i in saved.get(UNFINISHED_HOOKS, [])
+                                 if i < len(hooks)], writer)
     start = time.perf_counter()
     try:
       _loop(exp, ckpt, outcome, step_fn, batches(start_step), place, hooks, writer, metadata)
@@ -205,14 +212,20 @@ def train(exp, *, init: Callable[[], Any], abstract, step_fn: Callable,
       ckpt.wait()  # a failed last save is reported here, with its step.
       latest = ckpt.latest_step()
       outcome.checkpoint = None if latest is None else ckpt.step_path(latest)
-  finished_earlier = outcome.complete and outcome.step == outcome.start_step
+  if outcome.complete and outcome.step == outcome.start_step:  # finished in an earlier process
+    _call_again(exp, outcome, hooks, writer)
+  return outcome
+
+
+def _call_again(exp, outcome: Outcome, hooks: Sequence[Hook], writer):
+  """Calls the `final` ones of `hooks` at the step the run resumed from, with batch None (that
+  step's batch is gone), and logs their scalars unless metrics.jsonl has them."""
   for hook in hooks:
-    if hook.final and finished_earlier:
+    if hook.final:
       evaluated = hook.fn(outcome.step, outcome.state, None) or {}
       outcome.evaluated.update(evaluated)
       if writer is not None and not logged(exp, outcome.step, evaluated):
         writer.write_scalars(outcome.step, evaluated, timed=False)
-  return outcome
 
 
 def _warn_of_changed_settings(exp, step: int):
@@ -254,11 +267,13 @@ def _loop(exp, ckpt, outcome: Outcome, step_fn, batches, place, hooks, writer, m
       fetched.append({k: float(v) for k, v in jax.device_get(pending[i]).items()})
       _check_finite(step - len(pending) + i + 1, fetched[-1])
 
-  def save():
+  def save(unfinished_hooks=()):
     fetch(len(pending))
     if not bool(_all_finite(state)):
       raise _NonFinite(f"the parameters are not finite at step {step}")
-    ckpt.save(step, state, metadata={**metadata, "metrics": outcome.metrics})
+    ckpt.save(step, state, metadata={**metadata, "metrics": outcome.metrics,
+                                     **({UNFINISHED_HOOKS: unfinished_hooks}
+                                        if unfinished_hooks else {})})
 
   def preempted():
     outcome.stopped = "preempted"
@@ -286,9 +301,9 @@ def _loop(exp, ckpt, outcome: Outcome, step_fn, batches, place, hooks, writer, m
       fetch(len(pending))  # the first step includes compilation: time the rest.
       writer.start_timing(step)
 
-    evaluated, cut = {}, False
+    evaluated, unfinished = {}, []
     for i, hook in enumerate(hooks):
-      if (hook.every > 0 and step % hook.every == 0) or step == total:
+      if _due(hook, step, total):
         jax.block_until_ready(state)  # steps in flight are training time, not the hook's.
         fetch(len(pending))  # free now: a non-finite step stops before a hook evaluates it.
         hook_start = time.perf_counter()
@@ -297,7 +312,8 @@ def _loop(exp, ckpt, outcome: Outcome, step_fn, batches, place, hooks, writer, m
         except Exception as e:  # pylint: disable=broad-except
           if not _ended_by_signal(e, "An evaluation"):
             raise
-          cut = True  # the signal is seen below: the step is saved and the run stops.
+          # The signal is seen below: the step is saved, naming these for the resumed run.
+          unfinished = [j for j in range(i, len(hooks)) if _due(hooks[j], step, total)]
           break
         hook_seconds[i] = time.perf_counter() - hook_start
         if writer is not None:
@@ -326,10 +342,14 @@ def _loop(exp, ckpt, outcome: Outcome, step_fn, batches, place, hooks, writer, m
       stop = ckpt.reached_preemption(step)
       ckpt.raise_failed_save()  # an asynchronous save that failed (disk full) stops the run.
       if ckpt.should_save(step):
-        save()
-    if stop and (step < total or cut):  # after the last step's hooks the run is complete.
+        save(unfinished)
+    if stop and (step < total or unfinished):  # after the last step's hooks the run is complete.
       preempted()
       break
+
+
+def _due(hook: Hook, step: int, total: int) -> bool:
+  return (hook.every > 0 and step % hook.every == 0) or step == total
 
 
 def _images_skipped(batches) -> int:

@@ -364,26 +364,42 @@ def test_signal_saves_the_current_step_and_resumes_exactly(tmp_path, sig):
 @pytest.mark.parametrize("where", ["batches", "hook"])
 def test_input_workers_ended_by_the_signal_save_the_current_step(tmp_path, where):
   """A SIGTERM to the process group (a scheduler, `timeout`) also ends grain's worker processes
-  (data.workers): the next batch, or an evaluation's, fails instead of coming."""
+  (data.workers): the next batch, or an evaluation's, fails instead of coming. The resumed run
+  does the evaluation the signal cut short, and none that was done."""
+  interrupted, calls = [True], []
+
   def dead_workers():
     send(signal.SIGTERM)
     raise RuntimeError("Worker process was terminated unexpectedly with exit code -15.")
 
   def batches(start):
     for s in itertools.count(start):
-      if where == "batches" and s == 3:
+      if where == "batches" and s == 3 and interrupted[0]:
         dead_workers()
       yield batch_of(s)
 
-  def evaluation(step, state, batch):
-    if where == "hook" and step == 3:
-      dead_workers()
+  def monitor(step, state, batch):  # done at step 3 before the evaluation is cut short
+    calls.append(("monitor", step))
+    return {"monitor": float(step)}
 
-  outcome, results = train(tmp_path, 10, batches=batches, hooks=[trainer.Hook(1, evaluation)])
+  def evaluation(step, state, batch):
+    calls.append(("evaluation", step))
+    if where == "hook" and step == 3 and interrupted[0]:
+      dead_workers()
+    return {"val": float(step)}
+
+  hooks = [trainer.Hook(1, monitor, final=True), trainer.Hook(1, evaluation, final=True)]
+  outcome, results = train(tmp_path, 10, batches=batches, hooks=hooks)
   assert outcome.stopped == "preempted" and outcome.step == 3 and results["preempted"]
   assert steps_on_disk(tmp_path) == [2, 3]
-  _, results = train(tmp_path, 10)
+  interrupted[0] = False
+  calls.clear()
+  _, results = train(tmp_path, 10, batches=batches, hooks=hooks)
   np.testing.assert_allclose(results["w"], reference_weights(10), rtol=1e-5)
+  redone = [("evaluation", 3)] if where == "hook" else []
+  assert calls[:len(redone) + 1] == redone + [("monitor", 4)]
+  for key in ("monitor", "val"):
+    assert [row["step"] for row in metric_rows(tmp_path) if key in row] == list(range(1, 11))
 
 
 def test_a_signal_at_the_last_step_leaves_a_complete_run(tmp_path):
