@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 
+from absl import logging
 import numpy as np
 
 from sit_jax import metrics
@@ -22,6 +23,17 @@ def _denormalise(x, mean, std) -> np.ndarray:
   scale = 1.0 if np.max(mean) > 1.0 else 255.0
   pixels = (x * std + mean) * scale
   return np.clip(np.round(pixels), 0, 255).astype(np.uint8)
+
+
+def draw_or_warn(what: str, draw):
+  """draw()'s result, or None and one warning naming `what` where drawing fails for any reason
+  (matplotlib or scikit-learn that will not import, a plot they cannot lay out): a run's figures
+  and checkpoints matter, its pictures are a view of them."""
+  try:
+    return draw()
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning("%s not drawn: %s", what, " ".join(str(e).split()))
+    return None
 
 
 def reconstruction_grid(original, corrupted, reconstructed, mean, std,

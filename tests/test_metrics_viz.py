@@ -205,17 +205,24 @@ def test_tsne_of_fewer_than_3_points_is_refused(tmp_path, monkeypatch):
                 max_points=points)
   assert not (tmp_path / "t.png").exists()
   # Whatever else fails in the picture, the run keeps its figures: k-NN and the linear probe
-  # draw it before results.json, which they then write.
+  # draw it before results.json, which they then write. A scikit-learn that will not import
+  # ended the run in its traceback: t-SNE's imports were outside the guard.
   from sit_jax import viz
   from sit_jax.transfer import common
   def broken(*args, **kwargs):
     raise MemoryError("no room for the plot")
-  monkeypatch.setattr(viz, "tsne_plot", broken)
   warnings = []
-  monkeypatch.setattr(common.logging, "warning", lambda *args: warnings.append(args))
+  monkeypatch.setattr(viz.logging, "warning", lambda msg, *args: warnings.append(msg % args))
   config.tsne_points = 3
-  assert common.tsne(config, str(tmp_path), np.zeros((5, 4)), np.arange(5), "title") is None
-  assert warnings == [("t-SNE picture not drawn: %s", "no room for the plot")]
+  with monkeypatch.context() as m:
+    m.setattr(viz, "tsne_plot", broken)
+    assert common.tsne(config, str(tmp_path), np.zeros((5, 4)), np.arange(5), "title") is None
+  with monkeypatch.context() as m:
+    m.setitem(sys.modules, "sklearn.manifold", None)  # import sklearn.manifold fails
+    assert common.tsne(config, str(tmp_path), np.zeros((5, 4)), np.arange(5), "title") is None
+  assert warnings[0] == "t-SNE picture not drawn: no room for the plot"
+  assert warnings[1].startswith("t-SNE picture not drawn: import of sklearn.manifold halted")
+  assert len(warnings) == 2 and not (tmp_path / "tsne.png").exists()
 
 
 def test_tsne_plot_of_equal_features(tmp_path):

@@ -382,11 +382,21 @@ def small_config(init):
   return c
 
 
-def test_frozen_pretrained_backbone_beats_random_init(tmp_path, pretrained):
+def test_frozen_pretrained_backbone_beats_random_init(tmp_path, pretrained, monkeypatch, caplog):
   trained = segment.run(small_config(pretrained), str(tmp_path / "pretrained"))
   two_rates = small_config("")
   two_rates.seg.lr_scales = (1.0, 4.0)
+  # A picture that cannot be drawn (here a matplotlib that will not import) is one warning: the
+  # run ended in its traceback, after training and scoring test, without results.json.
+  def broken_matplotlib(num_classes):
+    raise ImportError("no matplotlib here")
+  monkeypatch.setattr(segment, "palette", broken_matplotlib)
   random = segment.run(two_rates, str(tmp_path / "random"))
+  monkeypatch.undo()
+  assert "Segmentation picture not drawn: no matplotlib here" in caplog.text
+  with open(tmp_path / "random" / "results.json") as f:
+    assert json.load(f)["mIoU"] == random["mIoU"]
+  assert not os.path.exists(tmp_path / "random" / "images")
   assert trained["mIoU"] > random["mIoU"] + 0.3, (trained["mIoU"], random["mIoU"])
   assert trained["pixel_accuracy"] > random["pixel_accuracy"]
   # Two heads: validation's best is the one test scored, and it is named in the results.

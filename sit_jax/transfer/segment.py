@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sit_jax import data, optim, sharding
+from sit_jax import data, optim, sharding, viz
 from sit_jax.transfer import common, segment_data, supervised
 
 
@@ -353,9 +353,9 @@ def run(config, workdir: str) -> dict:
         writer.write_scalars(outcome.step, test_scalars, timed=False)
       if shown is not None:
         images, predictions, labels = shown
-        writer.write_images(outcome.step, "segmentation",
-                            picture_grid(images, predictions[0], labels, num_classes,
-                                         train.class_names))
+        viz.draw_or_warn("Segmentation picture", lambda: writer.write_images(
+            outcome.step, "segmentation",
+            picture_grid(images, predictions[0], labels, num_classes, train.class_names)))
       names = train.class_names or tuple(map(str, range(num_classes)))
       if scores["unlabelled"]:  # masks of 0 and 255 score the background alone: mIoU 1.0
         logging.warning(
