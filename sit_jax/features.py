@@ -34,10 +34,11 @@ RESIZE_MODES = ("center_crop", "resize")
 class Extractor:
   """extract(images) -> float32 (N, D) features; see `load`."""
 
-  def __init__(self, backbone: common.Backbone, fn, params, mesh, *, resize_mode: str,
+  def __init__(self, fn, params, mesh, *, model_config: dict, resize_mode: str,
                interpolation: str, batch_size: int):
-    self.backbone, self._fn, self._params, self._mesh = backbone, fn, params, mesh
-    self.image_size = backbone.module.image_size
+    self._fn, self._params, self._mesh = fn, params, mesh
+    self.model_config = model_config  # what built the backbone (its variant, image_size, dtype)
+    self.image_size = model_config["image_size"]
     self.resize_mode, self.interpolation = resize_mode, interpolation
     self._batch_size = -(-batch_size // mesh.size) * mesh.size  # a share for every device
     size = self.image_size
@@ -105,8 +106,8 @@ def load(init, *, image_size: int, weights: str = "student", resize_mode: str = 
   mesh = sharding.make_mesh(devices=jax.local_devices())  # each process its own images
   params = common.place_backbone(backbone, mesh, rules=())
   fn = common.uint8_features(common.make_feature_fn(backbone.module, features, last_blocks))
-  return Extractor(backbone, fn, params, mesh, resize_mode=resize_mode,
-                   interpolation=interpolation, batch_size=batch_size)
+  return Extractor(fn, params, mesh, model_config=backbone.model_config,
+                   resize_mode=resize_mode, interpolation=interpolation, batch_size=batch_size)
 
 
 def _checked_images(images) -> list[np.ndarray]:
