@@ -49,7 +49,10 @@ def get_config(arg=None):
   r = tc.dataset_row(RECIPES, dataset)
   c = tc.transfer_config("segment", dataset)
   del c.head  # the tokens are seg.*'s
-  del c.data.engine, c.data.workers  # segment_data reads on threads of its own
+  # segment_data reads on threads of its own and squashes each image and mask to image_size
+  # itself (bilinear, nearest): the other transfer configs' input keys would change nothing.
+  del c.data.engine, c.data.workers, c.data.resize_mode, c.data.interpolation, c.data.resize_on
+  del c.data.decoded_size
   c.data.image_size = r["image_size"]
   c.data.global_batch_size = r["batch"]
   c.data.num_classes = r["classes"]   # a folder source: the number of classes of its masks.

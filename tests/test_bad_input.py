@@ -268,6 +268,16 @@ def test_values_of_each_experiment(spec, overrides, expected):
   assert str(e.value).startswith(expected), str(e.value)
 
 
+def test_segmentation_refuses_the_input_keys_it_would_ignore():
+  """Segmentation squashes each image and mask itself: data.interpolation and the evaluation
+  view's keys of the other transfer configs are not its settings."""
+  spec = os.path.join(REPO, "configs", "segment.py")
+  for key in ("data.interpolation=bicubic", "data.resize_mode=center_crop",
+              "data.resize_on=device", "data.decoded_size=512"):
+    with pytest.raises(config_check.ConfigError, match="Unknown config key data"):
+      config_check.check_command_line(["prog", f"--config={spec}", f"--config.{key}"])
+
+
 @pytest.mark.parametrize("argument,expected", [
     ("frozen=treu", "Config argument frozen=treu is not a boolean"),
     ("dataset", "Config argument dataset needs a value"),
