@@ -171,20 +171,46 @@ def _on_signal(signum, frame):
   _SIGNALLED.set()
 
 
+def _to_preemption_notice():
+  """A multi-process job's SIGINT handler: the first Ctrl-C becomes the SIGTERM that JAX's
+  preemption service hears (and tells every process), the second stops at once. Ctrl-C used to
+  end its process alone, losing the steps since the last checkpoint, while the others waited
+  in their next collective."""
+  interrupted = threading.Event()
+
+  def handler(signum, frame):
+    del signum, frame
+    if interrupted.is_set():
+      raise KeyboardInterrupt
+    interrupted.set()
+    signal.raise_signal(signal.SIGTERM)
+
+  return handler
+
+
+def _preemption_service() -> bool:
+  from jax._src import distributed as jax_distributed
+  return jax_distributed.global_state.preemption_sync_manager is not None
+
+
 @contextlib.contextmanager
 def stop_signals():
   """Inside, SIGTERM and Ctrl-C (SIGINT) set `signalled()` instead of ending the process; the
   training loop saves the current step and stops (a second Ctrl-C stops at once).
 
-  Only on one process, from the main thread: a multi-process job leaves SIGTERM to JAX's
-  preemption service, whose sync point (`Checkpointer.reached_preemption`) makes every host
-  save the same step.
+  From the main thread only. A multi-process job leaves SIGTERM to JAX's preemption service,
+  whose sync point (`Checkpointer.reached_preemption`) makes every host save the same step,
+  and sends Ctrl-C there.
   """
-  if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
+  if threading.current_thread() is not threading.main_thread():
     yield
     return
-  _SIGNALLED.clear()
-  previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+  if jax.process_count() > 1:
+    handlers = {signal.SIGINT: _to_preemption_notice()} if _preemption_service() else {}
+  else:
+    _SIGNALLED.clear()
+    handlers = {signal.SIGTERM: _on_signal, signal.SIGINT: _on_signal}
+  previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
   try:
     yield
   finally:
@@ -543,12 +569,15 @@ def _check_backbone(step_dir, expected: dict, actual: dict):
   """Raises CheckpointError unless the frozen backbone about to be read is the one the saved
   head was trained on: the same parameters (a checkpoint without their hash: the same path)."""
   saved = actual.get(BACKBONE) or {"params_hash": None, "path": actual.get("init")}
+  name = lambda path: path or "the random-init backbone (config.init='')"
   if saved["params_hash"] is None and saved["path"]:  # written before the hash
-    same = saved["path"] == expected["path"]
-  else:
-    same = saved["params_hash"] == expected["params_hash"]
-  if not same:
-    name = lambda path: path or "the random-init backbone (config.init='')"
+    if saved["path"] != expected["path"]:
+      raise CheckpointError(
+          f"Cannot resume {step_dir}: its head was trained on the frozen backbone of "
+          f"{saved['path']}, and was saved before sit_jax recorded which parameters those are: "
+          f"it resumes with --config.init={saved['path']} only (not {name(expected['path'])}),"
+          " or pass another --workdir to start afresh.")
+  elif saved["params_hash"] != expected["params_hash"]:
     raise CheckpointError(
         f"Cannot resume {step_dir}: its head was trained on the frozen backbone of "
         f"{name(saved['path'])}, and {name(expected['path'])} holds other parameters. Set "

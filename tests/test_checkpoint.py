@@ -295,8 +295,10 @@ def test_a_frozen_backbones_head_resumes_on_the_same_parameters_read_from_anywhe
                                    (random_init, "ab12", "/pre/checkpoints/20"),
                                    (legacy, "ab12", "/elsewhere/pre/checkpoints/20"),
                                    (legacy, None, "")]:
-    with pytest.raises(CheckpointError, match="Set --config.init to the backbone it was "):
+    with pytest.raises(CheckpointError, match="--config.init"):
       check(saved, params_hash, path)
+  with pytest.raises(CheckpointError, match="resumes with --config.init=/pre/checkpoints/20 "):
+    check(legacy, "ab12", "/elsewhere/pre/checkpoints/20")
   with pytest.raises(CheckpointError) as e:
     check(trained, "cd34", "/pre/checkpoints/40")
   assert ("its head was trained on the frozen backbone of /pre/checkpoints/20, and "
