@@ -97,6 +97,10 @@ def load(init, *, image_size: int, weights: str = "student", resize_mode: str = 
   if not init:
     raise ValueError("features.load: init='' names no backbone: pass a pretraining workdir, a "
                      "checkpoint step directory or a backbone export.")
+  if os.path.isfile(init):
+    raise ValueError(f"features.load: {init} is a file; PyTorch and safetensors weights are "
+                     f"converted first: python -m sit_jax.convert to-jax --input {init} --output "
+                     "DIR, then features.load(DIR, ...).")
   if resize_mode not in RESIZE_MODES:
     raise ValueError(f"features.load: resize_mode={resize_mode!r}: one of {RESIZE_MODES}.")
   data.check_interpolation(interpolation)

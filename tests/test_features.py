@@ -105,5 +105,8 @@ def test_bad_input_is_one_line_naming_what_to_pass(knn_run):
     extract([png.getvalue(), b"not an image"])
   with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
     features.load(tmp / "nowhere", image_size=16)
+  (tmp / "dino.pth").write_bytes(b"")
+  with pytest.raises(ValueError, match=r"dino.pth is a file; .* python -m sit_jax.convert to-jax"):
+    features.load(tmp / "dino.pth", image_size=16)
   with pytest.raises(ValueError, match="resize_mode='crop'"):
     features.load(tmp / "export", image_size=16, resize_mode="crop")
