@@ -12,9 +12,10 @@ scale: the same file as an array gives slightly other features).
 Each image goes through the evaluation view (data.eval_view: PIL, at `image_size`), ImageNet's
 mean and std, the backbone (its model.standardize_input, saved with the parameters, included)
 and the pooling of head.features, in one jitted function over this process's devices: the rows
-that a k-NN run with the same settings computes (its feature cache; bit for bit at its
-eval_batch_size, to float rounding at another batch size). k-NN and few-shot l2-normalise them
-(transfer.knn.l2_normalize) before comparing them.
+that a k-NN run with the same settings computes (its feature cache): bit for bit where the
+batches are the same size (batch_size = its eval_batch_size, with at least that many images),
+to float rounding otherwise. k-NN and few-shot l2-normalise them (transfer.knn.l2_normalize)
+before comparing them.
 """
 from __future__ import annotations
 
