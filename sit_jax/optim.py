@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import optax
@@ -113,6 +114,18 @@ def layerwise_lr_scale(path_name: str, depth: int, decay: float) -> float:
   else:
     layer = depth + 1
   return decay ** (depth + 1 - layer)
+
+
+def warmup_steps(config, total_steps: int, steps_per_epoch: int) -> int:
+  """config.optim.warmup_epochs in steps; a warning where the warmup outlasts the run (a short
+  --config.total_steps at full size), whose lr then never reaches its peak or decays."""
+  o = config.optim
+  steps = int(o.warmup_epochs * steps_per_epoch)
+  if steps > total_steps:
+    logging.warning("optim.warmup_epochs=%s is %d steps, more than the run's %d: the lr ends at "
+                    "%.3g of its peak and never decays.", o.warmup_epochs, steps, total_steps,
+                    (total_steps - 1) / max(steps - 1, 1))
+  return steps
 
 
 def schedule_lengths(config, num_examples: int) -> tuple[int, int]:

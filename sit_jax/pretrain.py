@@ -67,13 +67,9 @@ def build_model(config) -> sit_model.SiT:
 
 def build_schedules(config, total_steps: int, steps_per_epoch: int) -> Schedules:
   o = config.optim
-  warmup_steps = int(o.warmup_epochs * steps_per_epoch)
-  if warmup_steps > total_steps:
-    logging.warning("optim.warmup_epochs=%s is %d steps, more than the run's %d: the lr ends at "
-                    "%.3g of its peak and never decays.", o.warmup_epochs, warmup_steps,
-                    total_steps, (total_steps - 1) / max(warmup_steps - 1, 1))
   lr = optim.warmup_cosine(optim.scaled_lr(o.base_lr, config.data.global_batch_size),
-                           o.min_lr, total_steps, warmup_steps)
+                           o.min_lr, total_steps,
+                           optim.warmup_steps(config, total_steps, steps_per_epoch))
   wd = optim.warmup_cosine(o.weight_decay, o.weight_decay_end, total_steps)
   momentum = optim.warmup_cosine(config.teacher.momentum, 1.0, total_steps)
   return Schedules(lr, wd, momentum)

@@ -122,6 +122,26 @@ def test_whole_schedule_equals_the_authors_cosine_scheduler(epochs, niter, warmu
     assert got[warmup_epochs * niter - 1] == pytest.approx(base, rel=1e-6)
 
 
+@pytest.mark.parametrize("spec", ["configs/sit_vits.py", "configs/finetune.py"])
+def test_a_warmup_longer_than_the_run_is_named(spec, caplog):
+  """A short --config.total_steps at full size (fine-tuning ImageNet: 5 warmup epochs of 1,238
+  steps) trains on a rising lr only: pretraining said so, fine-tuning did not."""
+  import logging
+  from sit_jax import config_check, pretrain
+  from sit_jax.transfer import supervised
+  config = config_check.load(spec)
+  total, per_epoch = 5000, 1238
+  with caplog.at_level(logging.WARNING):
+    lr = (pretrain.build_schedules(config, total, per_epoch).lr
+          if config.experiment == "sit" else supervised.lr_schedule(config, total, per_epoch))
+  warmup = int(config.optim.warmup_epochs * per_epoch)
+  reached = (total - 1) / (warmup - 1)  # np.linspace(0, peak, warmup) at the last step
+  assert f"is {warmup} steps, more than the run's {total}: the lr ends at {reached:.3g} of its " \
+         "peak" in caplog.text
+  peak = optim.scaled_lr(config.optim.base_lr, config.data.global_batch_size)
+  np.testing.assert_allclose(lr(total - 1), peak * reached, rtol=1e-5)
+
+
 @pytest.mark.parametrize("step", [0, 250, 500, 999])
 def test_weight_decay_and_momentum_schedules(step):
   wd = optim.warmup_cosine(0.04, 0.4, total_steps=1000)

@@ -72,7 +72,8 @@ def scale_by_tree(factors) -> optax.GradientTransformation:
 def lr_schedule(config, total_steps: int, steps_per_epoch: int):
   o = config.optim
   return optim.warmup_cosine(optim.scaled_lr(o.base_lr, config.data.global_batch_size),
-                             o.min_lr, total_steps, int(o.warmup_epochs * steps_per_epoch))
+                             o.min_lr, total_steps,
+                             optim.warmup_steps(config, total_steps, steps_per_epoch))
 
 
 def make_optimizer(config, lr, params=None, depth: int = 0) -> optax.GradientTransformation:
