@@ -707,6 +707,14 @@ def _load_export(p: epath.Path):
   return params, model_config
 
 
+def _run_workdir(steps_dir: epath.Path) -> epath.Path:
+  """The workdir of the run whose step directories are in `steps_dir`: the parent of its
+  checkpoints/ (ckpt/, checkpoint/) sub-directory, or the directory itself."""
+  if steps_dir.name in CHECKPOINT_SUBDIRS and not (steps_dir / "results.json").exists():
+    return steps_dir.parent
+  return steps_dir
+
+
 def _warn_if_unfinished(workdir: epath.Path, step: int):
   """A workdir's latest checkpoint is the end of its run only where results.json names it and
   the run was not stopped early: a run still going, preempted or extended has none."""
@@ -743,7 +751,7 @@ def load_backbone(path, weights: str = "student") -> tuple[Any, dict]:
   if found == p:
     return _load_from_step_dir(found, weights)
   step = int(found.name)  # the latest step of a workdir
-  _warn_if_unfinished(p, step)
+  _warn_if_unfinished(_run_workdir(found.parent), step)
   try:
     return _load_from_step_dir(found, weights)
   except _UnreadableStep as e:

@@ -350,6 +350,7 @@ def test_load_backbone_from_workdir_and_step_dir(tmp_path, caplog):
   (workdir / "results.json").write_text(json.dumps(
       {"checkpoint": str(workdir / "checkpoints" / "2"), "preempted": False}))
   ckpt_lib.load_backbone(workdir)
+  ckpt_lib.load_backbone(workdir / "checkpoints")  # its results.json is the workdir's
   assert "has not finished" not in caplog.text
   params1, _ = ckpt_lib.load_backbone(workdir / "checkpoints" / "1")
   assert_tree_equal(params1, {"backbone": make_state(1)["params"]["backbone"]})
