@@ -581,12 +581,11 @@ def _unread_on_frozen_features(config) -> dict[str, str]:
   if probe is None:
     return {}
   if not probe.get("cache_features"):
-    why = ("linear.cache_features=False trains the head by SGD on augmented crops with "
-           "config.optim")
     # The baselines rows fit the cached L-BFGS probe, which reads the rest.
-    return dict.fromkeys(("linear.solver",) if config.get("baselines") else (
-        "linear.solver", "linear.l2", "linear.val_fraction", "linear.max_iter", "linear.tol"),
-                         why)
+    keys = ("linear.solver",) + (() if config.get("baselines") else (
+        "linear.l2", "linear.val_fraction", "linear.max_iter", "linear.tol"))
+    return dict.fromkeys(keys, "linear.cache_features=False trains the head by SGD on "
+                               "augmented crops with config.optim")
   unread = dict.fromkeys(("data.crop_scale", "data.flip", "linear.stats_examples"),
                          "linear.cache_features=True fits the head on features of the "
                          "evaluation view (data.resize_mode), unaugmented")
