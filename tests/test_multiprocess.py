@@ -1,7 +1,9 @@
 """Two processes x 4 CPU devices (jax.distributed over 127.0.0.1, gloo collectives) train exactly
-like one process with 8 devices fed the same global batches."""
+like one process with 8 devices fed the same global batches, across a Ctrl-C in one of them and
+the resume."""
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -17,7 +19,7 @@ import conftest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "configs/sit_vits.py:runlocal"
 # The paper's fills: 'replace' takes its donors from the whole global view, across processes.
-RUN_FLAGS = ["--config.total_steps=4", "--config.log_every=2", "--config.checkpoint_every=4",
+RUN_FLAGS = ["--config.total_steps=4", "--config.log_every=1", "--config.checkpoint_every=4",
              "--config.image_every=1000", "--config.gmml.fills=('noise','replace')"]
 # Cluster variables of the machine running the tests must not leak into the children.
 _CLUSTER_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "TPU_", "MEGASCALE_", "JAX_COORDINATOR",
@@ -43,6 +45,26 @@ def two_hosts(*args, **kwargs):
     yield {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
 
 data.pretrain_iterator = two_hosts
+app.run(main.main, argv=sys.argv)
+"""
+
+# Ctrl-C in process 1's terminal during step 3, as its loop asks whether to stop after step 2.
+CTRL_C_IN_PROCESS_1 = """
+import os
+import signal
+import sys
+import jax
+from absl import app
+from sit_jax import checkpoint, main
+
+reached_preemption = checkpoint.Checkpointer.reached_preemption
+
+def ctrl_c_at_step_2(self, step):
+  if int(step) == 2 and jax.process_index() == 1:
+    os.kill(os.getpid(), signal.SIGINT)
+  return reached_preemption(self, step)
+
+checkpoint.Checkpointer.reached_preemption = ctrl_c_at_step_2
 app.run(main.main, argv=sys.argv)
 """
 
@@ -80,38 +102,57 @@ def _wait(procs, timeout):
   return outputs
 
 
+def _two_processes(program, workdir, common):
+  port = _free_port()
+  return [subprocess.Popen(
+      [sys.executable, *program, f"--workdir={workdir}", *common,
+       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+      cwd=REPO, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+
+
+def _check_exits(names, procs, outputs):
+  codes = [p.returncode for p in procs]
+  if codes[:2] != [0, 0]:
+    stderr = "\n".join(err for _, err in outputs[:2])
+    if any(marker in stderr for marker in _NO_GLOO):
+      pytest.skip("gloo CPU collectives are unavailable in this jaxlib: " + stderr[-500:])
+  for name, code, (_, err) in zip(names, codes, outputs):
+    assert code == 0, f"{name} failed:\n{err[-4000:]}"
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+  """The two-process job stopped by Ctrl-C in process 1, then resumed by the same command; the
+  one-process reference beside it. Returns their workdirs, the resumed processes' outputs and
+  the stopped processes' stderr."""
   if getattr(jax.config, "jax_cpu_collectives_implementation", None) is None:
     pytest.skip("this jax has no CPU cross-process collectives "
                 "(jax_cpu_collectives_implementation)")
   multi = str(tmp_path_factory.mktemp("two_processes"))
   single = str(tmp_path_factory.mktemp("one_process"))
-  port = _free_port()
   common = [f"--config={CONFIG}", *RUN_FLAGS]
-  workers = [subprocess.Popen(
-      [sys.executable, "-m", "sit_jax.main", f"--workdir={multi}", *common,
-       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-      cwd=REPO, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for i in range(2)]
   reference = subprocess.Popen(
       [sys.executable, "-c", REFERENCE, f"--workdir={single}", *common],
       cwd=REPO, env=_env(8), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  outputs = _wait(workers + [reference], timeout=480)
-  codes = [p.returncode for p in workers + [reference]]
-  if codes[:2] != [0, 0]:
-    stderr = "\n".join(err for _, err in outputs[:2])
-    if any(marker in stderr for marker in _NO_GLOO):
-      pytest.skip("gloo CPU collectives are unavailable in this jaxlib: " + stderr[-500:])
-  for name, code, (_, err) in zip(("process 0", "process 1", "reference"), codes, outputs):
-    assert code == 0, f"{name} failed:\n{err[-4000:]}"
-  return multi, single, outputs
+  try:
+    stopped = _two_processes(["-c", CTRL_C_IN_PROCESS_1], multi, common)
+    stopped_outputs = _wait(stopped, timeout=360)
+    _check_exits(("stopped process 0", "stopped process 1"), stopped, stopped_outputs)
+    resumed = _two_processes(["-m", "sit_jax.main"], multi, common)
+    outputs = _wait(resumed + [reference], timeout=360)
+  finally:
+    if reference.poll() is None:
+      reference.kill()
+      reference.communicate()
+  _check_exits(("process 0", "process 1", "reference"), resumed + [reference], outputs)
+  return multi, single, outputs, [err for _, err in stopped_outputs]
 
 
 def test_two_processes_match_one_process(runs):
-  multi, single, outputs = runs
+  multi, single, outputs, _ = runs
   got, want = _losses(multi), _losses(single)
-  assert sorted(got) == sorted(want) == [2, 4]
+  assert sorted(got) == sorted(want) == [1, 2, 3, 4]
   for step in want:
     for key in ("loss", "recon", "contrastive"):
       np.testing.assert_allclose(got[step][key], want[step][key], rtol=2e-5,
@@ -130,9 +171,21 @@ def test_two_processes_match_one_process(runs):
   assert "step 4/4" in outputs[0][0] and "step 4/4" not in outputs[1][0]
 
 
+def test_ctrl_c_in_one_process_saves_the_same_step_in_every_process(runs):
+  """Ctrl-C ended process 1 alone, losing the steps since the last checkpoint, and process 0
+  waited in its next collective until JAX's heartbeat aborted it a minute later. Now it is a
+  preemption notice: every process saves the same step and ends with exit status 0."""
+  multi, _, _, stopped_stderr = runs
+  steps = [re.findall(r"Stopped at step (\d+) by a signal, saved in (\S+);", err)
+           for err in stopped_stderr]
+  assert steps[0] == steps[1] and len(steps[0]) == 1, stopped_stderr
+  (step, path), = steps[0]
+  assert int(step) < 4 and path == os.path.join(multi, "checkpoints", step)
+  assert checkpoint.Checkpointer(os.path.join(multi, "checkpoints")).all_steps() == [int(step), 4]
+
+
 def test_two_processes_save_checkpoints_and_backbone(runs):
-  multi, single, _ = runs
-  assert checkpoint.Checkpointer(os.path.join(multi, "checkpoints")).all_steps() == [4]
+  multi, single, _, _ = runs
   results = json.load(open(os.path.join(multi, "results.json")))
   assert results["step"] == 4 and not results["preempted"]
   got, config = checkpoint.load_backbone(os.path.join(multi, "backbone"))
