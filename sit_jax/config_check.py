@@ -159,7 +159,8 @@ RESIZE_MODE = one_of("center_crop", "resize")
 
 RULES: dict[str, Rule] = {
     "experiment": one_of(*PRETRAIN_EXPERIMENTS, *TRANSFER_EXPERIMENTS),
-    "seed": integer(0),
+    # jax.random.PRNGKey keeps 32 bits: seed 2**32 would initialise and mask as seed 0 does.
+    "seed": integer(0, 2**32 - 1),
     "init": TEXT,
     "init_weights": one_of("student", "teacher"),
     "dataset": NAME,

@@ -25,6 +25,9 @@ CASES = [
     ("batch_size_0", [SIT, "--config.data.global_batch_size=0"],
      ["data.global_batch_size=0", "integer >= 1"]),
     ("log_every_0", [SIT, "--config.log_every=0"], ["log_every=0", "integer >= 1"]),
+    # PRNGKey keeps 32 bits: 2**32 drew seed 0's initialisation and masks on other batches.
+    ("seed_beyond_32_bits", [SIT, "--config.seed=4294967296"],
+     ["seed=4294967296", "[0, 4294967295]"]),
     ("image_every_0", [SIT, "--config.image_every=0"], ["image_every=0", "integer >= 1"]),
     ("dtype", [SIT, "--config.model.dtype=float16x"], ["model.dtype='float16x'", "'bfloat16'"]),
     ("gmml_ratio_above_1", [SIT, "--config.gmml.ratio=1.5"], ["gmml.ratio=1.5", "[0, 1]"]),
