@@ -328,6 +328,10 @@ class _TensorBoardMirror:
       shutil.rmtree(self.local_dir, ignore_errors=True)
 
 
+# write_images' file names: images/{name}_{step:07d}.png.
+_PICTURE_NAME = re.compile(r"[-\w.]+_(\d{7,})\.png")
+
+
 class MetricWriter:
   """Writes scalars/images/JSON under `workdir` from the main process only."""
 
@@ -367,12 +371,20 @@ class MetricWriter:
 
   def drop_after(self, step: int):
     """Forgets what was written of the steps after `step`, which the run does again (a resume;
-    -1: a run started afresh): metrics.jsonl loses their rows, and TensorBoard their points (its
-    loader drops the points of steps from `step` + 1 on that came before a SessionLog START
-    event of that step; without it, each step done again would be a second point)."""
+    -1: a run started afresh): metrics.jsonl loses their rows, images/ their pictures (a run
+    that draws at other steps would leave them beside its own), and TensorBoard their points
+    (its loader drops the points of steps from `step` + 1 on that came before a SessionLog
+    START event of that step; without it, each step done again would be a second point)."""
     if not self.is_main:
       return
     drop_rows_after(os.path.join(self.workdir, "metrics.jsonl"), step)
+    from etils import epath
+    images = epath.Path(os.path.join(self.workdir, "images"))
+    if images.is_dir():
+      for picture in images.iterdir():
+        drawn_at = _PICTURE_NAME.fullmatch(picture.name)
+        if drawn_at and int(drawn_at.group(1)) > step:
+          picture.unlink()
     if self._tb is not None:  # SummaryWriter(purge_step=step + 1)'s event, once step is known
       from tensorboardX.proto import event_pb2
       self._tb._get_file_writer().add_event(  # pylint: disable=protected-access

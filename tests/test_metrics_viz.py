@@ -92,25 +92,36 @@ def tensorboard_events(directory):
 
 def test_a_resumed_run_leaves_one_point_and_one_row_per_step(tmp_path):
   """A run resumed from step 2 does steps 3 and 4 again: metrics.jsonl and TensorBoard keep the
-  earlier run's steps 1 and 2 and the resumed run's 3 and 4, once each."""
-  def run(loss_of_step, steps, resumed_from=None):
+  earlier run's steps 1 and 2 and the resumed run's 3 and 4, once each. images/ keeps the
+  earlier run's pictures up to step 2 and the resumed run's, which draws at step 3: the earlier
+  run's picture of step 4 was left there, drawn by parameters the run no longer has."""
+  def run(loss_of_step, steps, resumed_from=None, pictures=()):
     with MetricWriter(tmp_path, total_steps=4, global_batch_size=8,
                       is_main_process=True) as w:
       if resumed_from is not None:
         w.drop_after(resumed_from)
       for step in steps:
         w.write_scalars(step, {"loss": loss_of_step(step)})
+        if step in pictures:
+          w.write_images(step, "reconstruction", np.full((2, 2, 3), step, np.uint8))
     # Each writer names its file after the second it started: the resumed run's is later.
     (events,) = set(glob.glob(str(tmp_path / "tb" / "*"))) - set(renamed)
     renamed.append(str(tmp_path / "tb" / f"events.out.tfevents.{len(renamed)}"))
     os.rename(events, renamed[-1])
   renamed = []
-  run(float, (1, 2, 3, 4))
-  run(lambda step: step / 4, (3, 4), resumed_from=2)
+  (tmp_path / "images").mkdir()
+  (tmp_path / "images" / "notes_0000009.txt").write_text("a file of the user's own")
+  run(float, (1, 2, 3, 4), pictures=(2, 4))
+  run(lambda step: step / 4, (3, 4), resumed_from=2, pictures=(3,))
   rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [(row["step"], row["loss"]) for row in rows] == [(1, 1), (2, 2), (3, 0.75), (4, 1)]
-  assert tensorboard_events(tmp_path / "tb") == {("loss", 1): 1, ("loss", 2): 2,
-                                                  ("loss", 3): 0.75, ("loss", 4): 1}
+  events = tensorboard_events(tmp_path / "tb")
+  assert {key: events.pop(key)[0, 0, 0] for key in [("reconstruction", 2),
+                                                    ("reconstruction", 3)]} == {
+      ("reconstruction", 2): 2, ("reconstruction", 3): 3}
+  assert events == {("loss", 1): 1, ("loss", 2): 2, ("loss", 3): 0.75, ("loss", 4): 1}
+  assert sorted(os.listdir(tmp_path / "images")) == [
+      "notes_0000009.txt", "reconstruction_0000002.png", "reconstruction_0000003.png"]
 
 
 def test_images_and_tensorboard(tmp_path, caplog):
