@@ -6,8 +6,9 @@ Which processes form the job, in order of precedence:
   3. what JAX detects by itself: an OpenMPI job (mpirun), a SLURM step (srun), a Cloud TPU VM;
      an Open MPI 5 job, which it misses, through mpi4py or with JAX_COORDINATOR_ADDRESS.
 A lone process (none of the above, or a job of size 1) does not start jax.distributed at all.
-A process other than 0 with an explicit coordinator address waits for that port to open and, if
-it does not within JAX's 5 minutes, ends with one line naming the address.
+A process other than 0 with a coordinator address (an explicit one, or slurm_gpu.sbatch's) waits
+for that port to open and, if it does not within JAX's 5 minutes, ends with one line naming the
+address.
 On CPU the cross-process collectives go through gloo.
 
 A process that fails ends at once (`leave`), so that the job ends instead of hanging: at a normal
@@ -42,21 +43,38 @@ def _int_or_none(value, name: str) -> int | None:
     raise ValueError(f"{name} must be an integer, got {value!r}.") from None
 
 
-def detected_job_size(environ: Mapping[str, str] = os.environ) -> int | None:
-  """Number of processes a SLURM step, OpenMPI job or TPU pod slice announces, else None."""
+def _openmpi_job(environ: Mapping[str, str]) -> bool:
+  return "OMPI_MCA_orte_hnp_uri" in environ or "OMPI_COMM_WORLD_SIZE" in environ
+
+
+def _slurm_step(environ: Mapping[str, str]) -> bool:
   # JAX's own SLURM detection needs all of these; SLURM_NTASKS alone is also set in a plain
   # `salloc` shell, where no srun step (and no peer process) exists.
+  return all(k in environ for k in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS",
+                                    "SLURM_PROCID", "SLURM_LOCALID"))
+
+
+def detected_job_size(environ: Mapping[str, str] = os.environ) -> int | None:
+  """Number of processes a SLURM step, OpenMPI job or TPU pod slice announces, else None."""
   # An OpenMPI job first, as JAX checks: mpirun inside an `srun --pty bash` step is MPI's job.
-  if "OMPI_MCA_orte_hnp_uri" in environ or "OMPI_COMM_WORLD_SIZE" in environ:
+  if _openmpi_job(environ):
     return _int_or_none(environ.get("OMPI_COMM_WORLD_SIZE"), "OMPI_COMM_WORLD_SIZE")
-  slurm = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
-  if all(k in environ for k in slurm):
+  if _slurm_step(environ):
     return _int_or_none(environ["SLURM_NTASKS"], "SLURM_NTASKS")
   hosts = environ.get("TPU_PROCESS_ADDRESSES") or environ.get("TPU_WORKER_HOSTNAMES")
   if hosts:
     return len([h for h in hosts.split(",") if h.strip()])
   if environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
     return 2  # multislice: several hosts by definition.
+  return None
+
+
+def detected_process_id(environ: Mapping[str, str] = os.environ) -> int | None:
+  """This process's rank in the OpenMPI job or SLURM step that announces one, else None."""
+  if _openmpi_job(environ):
+    return _int_or_none(environ.get("OMPI_COMM_WORLD_RANK"), "OMPI_COMM_WORLD_RANK")
+  if _slurm_step(environ):
+    return _int_or_none(environ["SLURM_PROCID"], "SLURM_PROCID")
   return None
 
 
@@ -144,7 +162,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   kwargs = resolve(coordinator_address, num_processes, process_id, os.environ, on_tpu_vm)
   if kwargs is None:
     return False
-  if kwargs.get("process_id") and "coordinator_address" in kwargs:
+  if ("coordinator_address" in kwargs
+      and kwargs.get("process_id", detected_process_id(os.environ))):
     wait_for_coordinator(kwargs["coordinator_address"])
   _use_gloo_on_cpu()
   try:

@@ -89,7 +89,7 @@ def test_a_process_without_its_coordinator_ends_with_one_line(monkeypatch):
   """Process 1 whose coordinator is not there (process 0 not started, a wrong host or port, a
   firewall) waited 5 minutes in jax.distributed.initialize, then aborted with a C++ stack that
   blamed another process having died. It now waits as long for the port, then ends with one
-  line naming the address."""
+  line naming the address; so does a SLURM task, whose rank JAX reads itself."""
   monkeypatch.setattr(distributed, "COORDINATOR_WAIT_SECONDS", 0)
   monkeypatch.setattr(jax.distributed, "initialize",
                       lambda **kwargs: pytest.fail("jax waits 5 minutes, then aborts"))
@@ -97,6 +97,13 @@ def test_a_process_without_its_coordinator_ends_with_one_line(monkeypatch):
   with pytest.raises(ValueError, match=rf"^No coordinator at 127.0.0.1:{port} after 0 s: "
                                        "process 0 of the job serves it there"):
     distributed.initialize(f"127.0.0.1:{port}", 2, 1)
+  # A task of launch/slurm_gpu.sbatch: the address from the script, the rank from SLURM.
+  for key, value in {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "16",
+                     "SLURM_PROCID": "9", "SLURM_LOCALID": "1",
+                     "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}"}.items():
+    monkeypatch.setenv(key, value)
+  with pytest.raises(ValueError, match=rf"^No coordinator at 127.0.0.1:{port} after 0 s"):
+    distributed.initialize()
   with pytest.raises(ValueError, match="must be HOST:PORT, got 'node001'"):
     distributed.initialize("node001", 2, 1)
   with socket.create_server(("127.0.0.1", 0)) as coordinator:
