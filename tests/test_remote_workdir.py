@@ -191,6 +191,8 @@ def test_pretraining_run_and_resume(bucket, caplog, monkeypatch):
   # drops them and writes its own.
   with open(run / "metrics.jsonl", "a") as f:
     f.write(json.dumps({"step": 3, "loss": -1.0}) + "\n")
+  (run / "images").mkdir(exist_ok=True)  # and its pictures, which the resumed run removes
+  (run / "images" / "reconstruction_0000004.png").write_bytes(b"")
   second = pretrain.train_and_evaluate(config, "gs://b/run")
   assert second["step"] == 3 and second["steps_this_run"] == 1 and not second["preempted"]
   assert (run / "backbone" / "model_config.json").exists()
