@@ -418,7 +418,7 @@ def check_multilabel(info, multilabel: bool):
 def checkpoint_metadata(config, backbone: Backbone, num_classes: int) -> dict:
   """What a resumed transfer run must match. Not config.init: a fine-tuned backbone is in the
   restored state, and the path may have moved (a run resumed on another machine); a frozen
-  backbone's runs add it (supervised.frozen_checkpoint_metadata)."""
+  backbone's runs add which parameters it holds (supervised.frozen_checkpoint_metadata)."""
   return {"model": vit.architecture(backbone.model_config), "experiment": config.experiment,
           "num_classes": num_classes}
 
