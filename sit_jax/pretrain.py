@@ -318,7 +318,8 @@ def picture_hook(config, model, mesh, writer):
     grid = np.repeat(np.repeat(grid, zoom, axis=0), zoom, axis=1)
     writer.write_images(step, "reconstruction", grid)
 
-  return pictures
+  return lambda step, state, batch: viz.draw_or_warn(
+      "Reconstruction picture", lambda: pictures(step, state, batch))
 
 
 def knn_hook(knn_monitor):

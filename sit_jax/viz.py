@@ -27,8 +27,8 @@ def _denormalise(x, mean, std) -> np.ndarray:
 
 def draw_or_warn(what: str, draw):
   """draw()'s result, or None and one warning naming `what` where drawing fails for any reason
-  (matplotlib or scikit-learn that will not import, a plot they cannot lay out): a run's figures
-  and checkpoints matter, its pictures are a view of them."""
+  (matplotlib or scikit-learn that will not import, a plot they cannot lay out, a store that
+  refuses the upload): a run's figures and checkpoints matter, its pictures are a view of them."""
   try:
     return draw()
   except Exception as e:  # pylint: disable=broad-except

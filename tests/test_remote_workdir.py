@@ -181,11 +181,22 @@ def test_pretraining_run_and_resume(bucket, caplog, monkeypatch):
       os.kill(os.getpid(), signal.SIGTERM)
       time.sleep(0.05)  # Python runs the handler at the next bytecode boundary.
 
+  # The first run draws a picture at each step, and the store refuses their uploads: each is
+  # one warning and the run goes on (it ended at step 1 in the storage client's traceback).
+  write_bytes = gpath.PosixGPath.write_bytes
+  def refuse_pictures(path, data):
+    if "/images/" in os.fspath(path):
+      raise RuntimeError("503 Service Unavailable")
+    return write_bytes(path, data)
+
   with monkeypatch.context() as patch:
     patch.setattr(metrics.MetricWriter, "write_scalars", preempt_after_step_2)
+    patch.setattr(gpath.PosixGPath, "write_bytes", refuse_pictures)
+    patch.setattr(config, "image_every", 1)
     first = pretrain.train_and_evaluate(config, "gs://b/run")
   run = bucket / "run"
   assert first["step"] == 2 and first["preempted"] and (run / "checkpoints" / "2").is_dir()
+  assert caplog.text.count("Reconstruction picture not drawn: 503 Service Unavailable") == 2
   assert not (run / "backbone").exists()  # exported when the run completes.
   # Rows past the checkpoint, as a run killed after its last save leaves them: the resumed run
   # drops them and writes its own.
