@@ -121,9 +121,12 @@ def test_replace_donors_stay_on_their_device(mesh_shape, rules):
   """GMML's 'replace' copies blocks from a donor image. Drawn from the whole view, the donors
   need every device's images (all-gathers of whole views: bf16[1024,224,224,3] at B/16 batch
   1024); drawn from groups that lie within one device's 6 images of each view, none leave the
-  device."""
-  _, whole_view = compile_step(mesh_shape, rules, **{"gmml.donor_group": 0})
-  assert image_gathers(whole_view)
+  device. The whole-view program, the control that such gathers are what image_gathers finds, is
+  compiled on FSDP's mesh only: both meshes split the images alike (the batch over all 8 devices,
+  sharding.BATCH_AXES), so their donor code is partitioned alike; one compile fewer."""
+  if "fsdp" in mesh_shape:
+    _, whole_view = compile_step(mesh_shape, rules, **{"gmml.donor_group": 0})
+    assert image_gathers(whole_view)
   _, grouped = compile_step(mesh_shape, rules)  # groups of DONOR_GROUP
   assert not image_gathers(grouped)
 
