@@ -11,8 +11,9 @@
     second run (`WorkdirLock`; a multi-process job takes it on process 0 only), and refused
     when its config.json is another experiment's. A remote workdir (gs://bucket/run) is
     written through etils.epath and cannot be locked;
-  * the log file DIR/log.txt (process 0): every log line of the run, starting with the full
-    config, which the console does not show;
+  * the log file DIR/log.txt (process 0): every log line of the run, starting with the command,
+    the full config, which the console does not show, and the code, packages and devices that
+    computed it (`environment`);
   * DIR/config.json (a resuming run's after its checkpoint accepted the settings: trainer.py);
   * the mesh (`config.mesh`), and the check that each batch size divides over it;
   * the MetricWriter (`writer()`), created once the run knows its length;
@@ -24,11 +25,13 @@ from __future__ import annotations
 
 import datetime
 import errno
+import importlib.metadata
 import json
 import logging as std_logging
 import os
 import shlex
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -45,6 +48,48 @@ from sit_jax import metrics, sharding
 
 LOCK_FILE = ".lock"
 LOG_FILE = "log.txt"
+# The packages whose versions can change a run's numbers: what computes, what reads and
+# decodes the data (Pillow's resampling, numpy's generators), what restores the checkpoints.
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "pillow", "grain",
+            "tensorflow-datasets", "tensorflow", "tensorflow-cpu")
+
+
+def _source_revision() -> str:
+  """The git commit of the sit_jax code that runs, and whether its tracked files differ from
+  it; '' unless sit_jax runs from a checkout of its own (an install in site-packages may lie
+  inside another project's repository)."""
+  source = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  # --no-optional-locks: status must not take the index lock of a checkout someone edits.
+  git = ["git", "--no-optional-locks", "-C", source]
+  try:
+    top, commit = subprocess.run([*git, "rev-parse", "--show-toplevel", "HEAD"],
+                                 capture_output=True, text=True, timeout=10,
+                                 check=True).stdout.split()
+    changed = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+  except (OSError, ValueError, subprocess.SubprocessError):
+    return ""
+  if not os.path.samefile(top, source):
+    return ""
+  return f"git {commit}{' with uncommitted changes' if changed.strip() else ''}"
+
+
+def environment() -> str:
+  """What besides the config decides a run's numbers, in one line for log.txt: the code's
+  version, the installed PACKAGES and the devices (results on other ones differ by rounding)."""
+  from sit_jax import __version__
+  revision = _source_revision()
+  packages = []
+  for name in PACKAGES:
+    try:
+      packages.append(f"{name} {importlib.metadata.version(name)}")
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  devices = jax.devices()
+  return (f"sit_jax {__version__}{f' ({revision})' if revision else ''}, python "
+          f"{sys.version.split()[0]}, {', '.join(packages)}; {len(devices)} "
+          f"{devices[0].platform} device(s) ({devices[0].device_kind}) in "
+          f"{jax.process_count()} process(es)")
 
 
 class RunError(RuntimeError):
@@ -312,7 +357,7 @@ class Experiment:
     # The command beside the resolved config: how the run was asked for (overrides, arguments);
     # none where no script started the process (python -c, an interpreter).
     command = f"Command: {shlex.join(sys.argv)}\n" if os.path.isfile(sys.argv[0]) else ""
-    handler.stream.write(f"{command}Config:\n{self.config}\n")
+    handler.stream.write(f"{command}Config:\n{self.config}\nEnvironment: {environment()}\n")
     handler.flush()
     std_logging.getLogger().addHandler(handler)
     self._log_handler = handler

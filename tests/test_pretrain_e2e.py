@@ -1,6 +1,7 @@
 """`python -m sit_jax.main` end to end: outputs, preemption and exact resume, cross-mesh restore, errors."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import time
 
 import jax
 import numpy as np
+import PIL
 import pytest
 
 from configs import common
@@ -58,6 +60,13 @@ def test_runlocal_writes_metrics_pictures_checkpoint_and_results(uninterrupted):
     assert f.readline().rstrip("\n").endswith(
         "main.py --config=configs/sit_vits.py:runlocal --workdir=" + workdir + " "
         + " ".join(RUN_FLAGS))
+    # ... and what else decides the numbers: the code's commit, the packages, the devices.
+    environment = next(line for line in f if line.startswith("Environment: "))
+  if os.path.isdir(os.path.join(REPO, ".git")):
+    assert re.match(r"Environment: sit_jax \S+ \(git [0-9a-f]{40}", environment), environment
+  for part in (f"jax {jax.__version__},", f"pillow {PIL.__version__},", "8 cpu device(s)",
+               "in 1 process(es)"):
+    assert part in environment, (part, environment)
   assert sorted(losses(workdir)) == list(range(5, 41, 5))
   assert sorted(os.listdir(os.path.join(workdir, "images"))) == ["reconstruction_0000020.png",
                                                                  "reconstruction_0000040.png"]
