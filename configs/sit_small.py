@@ -3,7 +3,9 @@
   --config=configs/sit_small.py:dataset=cifar10      (cifar10, cifar100, stl10, flowers, pets)
 
 Small data: alpha = 5 (reconstruction weighted up), long schedules, ViT-S/16 on 224 px
-(images are upscaled by the crop), global batch 256. STL-10 pretrains on train + unlabelled.
+(images are upscaled by the crop), global batch 256. STL-10 pretrains on train + unlabelled (105,000 images) for 1,000 epochs, not the paper's
+3,000 for small data: 410,000 steps, fewer than CIFAR's 585,000 (the authors' code has no
+STL-10 setting; 3,000 epochs there would be 1.23 million steps).
 """
 from configs import common
 
