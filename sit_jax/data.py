@@ -103,6 +103,10 @@ class DataNotFoundError(DataError, FileNotFoundError):
 class SplitNotFound(DataError):
   """A folder has no sub-folder for the split asked for, and that split is not 'train'."""
 
+  def __init__(self, message: str, split_folders: Sequence[str] = ()):
+    super().__init__(message)
+    self.split_folders = tuple(split_folders)  # the split folders the folder does have
+
 
 class UnreadableImage(ValueError):
   """One image cannot be read or decoded: the pipelines skip it and count it."""
@@ -474,7 +478,7 @@ def folder_split(path: str, split: Optional[str]) -> tuple[str, Optional[str]]:
     return root, part
   if split_dirs:
     raise SplitNotFound(f"folder:{root} has no {base}/ folder for split {split!r}; its split "
-                        f"folders are {', '.join(split_dirs)}.")
+                        f"folders are {', '.join(split_dirs)}.", split_dirs)
   raise SplitNotFound(
       f"folder:{root} has no {base}/ folder, and split {split!r} read as the whole folder would "
       f"hold the training images: carve it from the folder with slices of 'train' (e.g. "

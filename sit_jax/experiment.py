@@ -343,7 +343,7 @@ class Experiment:
       raise RunError(
           f"Workdir {self.workdir} holds a finished run whose checkpoint ({named}, named in its "
           f"results.json) is gone: a run here would train again from step 0 and replace its "
-          f"results.json, metrics.jsonl{backbone}. Pass another --workdir, or delete "
+          f"results.json, metrics.jsonl, its pictures{backbone}. Pass another --workdir, or delete "
           "results.json there to train again in it.")
 
   def _open_log(self):

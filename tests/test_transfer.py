@@ -571,6 +571,23 @@ def test_transfer_splits_are_held_out_before_any_work(tmp_path):
   train, test = common.dataset_infos(c)
   assert (train.num_examples, test.num_examples, train.classes) == (6, 2, ("a", "b"))
 
+  # A folder with train/ and test/ but no val/: the line proposes its own test/ folder, and a
+  # validation slice of train that keeps it, not three slices of train that would leave it out.
+  split_folder = tmp_path / "splits"
+  for split in ("train", "test"):
+    for name in ("a", "b"):
+      shutil.copytree(tmp_path / name, split_folder / split / name)
+  c = knn_config.get_config()  # test_split 'validation' (val/), as the paper's configs
+  c.data.source = f"folder:{split_folder}"
+  with pytest.raises(data.SplitNotFound, match=r"split folders are test, train\. "
+                     r"--config.data.test_split=test reads its test/ folder\.$"):
+    common.dataset_infos(c)
+  c.data.val_split, c.data.test_split = "val", "test"
+  with pytest.raises(data.SplitNotFound, match=r"data.val_split='val': .* "
+                     r"--config.data.train_split='train\[:85%\]' "
+                     r"--config.data.val_split='train\[85%:\]'\.$"):
+    common.dataset_infos(c)
+
 
 def test_blocks_past_a_loaded_backbones_depth_name_their_key():
   """A checkpoint brings its own depth, so config_check cannot see these: the line names the key."""

@@ -390,10 +390,16 @@ def dataset_infos(config):
     try:
       return data.dataset_info(config.data.source, split, data_dir(config), **options)
     except data.SplitNotFound as e:
-      raise data.SplitNotFound(
-          f"data.{key}={split!r}: {e} Three disjoint slices, for instance: "
-          "--config.data.train_split='train[:70%]' --config.data.val_split='train[70%:85%]' "
-          "--config.data.test_split='train[85%:]'.") from None
+      held_out = sorted((f for f in e.split_folders if f != "train"), key=lambda f: f != "test")
+      if key == "test_split" and held_out:  # the folder's own held-out split
+        fix = f"--config.data.test_split={held_out[0]} reads its {held_out[0]}/ folder."
+      elif key == "val_split" and "test" in e.split_folders:  # keep test/, carve val from train
+        fix = ("A validation slice of train, for instance: --config.data.train_split="
+               "'train[:85%]' --config.data.val_split='train[85%:]'.")
+      else:
+        fix = ("Three disjoint slices, for instance: --config.data.train_split='train[:70%]' "
+               "--config.data.val_split='train[70%:85%]' --config.data.test_split='train[85%:]'.")
+      raise data.SplitNotFound(f"data.{key}={split!r}: {e} {fix}") from None
 
   train, test = info("train_split"), info("test_split")
   if train.num_classes <= 0:
