@@ -65,7 +65,7 @@ def exported_backbone(tmp_path_factory):
 # slowest files go first and the quick ones fill in at the end, so that the workers finish
 # together: ordered by number of tests, one of 2 workers sat idle for the last 44 s of the suite.
 # By CPU seconds on 2 cores (pytest --durations=0); the files left out take under 10 s each.
-SLOWEST_FILES = ("test_pretrain_step.py", "test_activation_sharding.py", "test_pretrain_e2e.py",
+SLOWEST_FILES = ("test_pretrain_step.py", "test_pretrain_e2e.py", "test_activation_sharding.py",
                  "test_multiprocess.py", "test_transfer_runlocal.py", "test_segment.py",
                  "test_gmml.py", "test_no_tf.py", "test_device_check.py", "test_models.py",
                  "test_transfer.py", "test_notebook.py", "test_remote_workdir.py",
