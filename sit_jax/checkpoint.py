@@ -34,7 +34,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from sit_jax import metrics
+from sit_jax import distributed, metrics
 from sit_jax.models import vit
 
 log = logging.getLogger(__name__)
@@ -188,25 +188,20 @@ def _to_preemption_notice():
   return handler
 
 
-def _preemption_service() -> bool:
-  from jax._src import distributed as jax_distributed
-  return jax_distributed.global_state.preemption_sync_manager is not None
-
-
 @contextlib.contextmanager
 def stop_signals():
   """Inside, SIGTERM and Ctrl-C (SIGINT) set `signalled()` instead of ending the process; the
   training loop saves the current step and stops (a second Ctrl-C stops at once).
 
   From the main thread only. A multi-process job leaves SIGTERM to JAX's preemption service,
-  whose sync point (`Checkpointer.reached_preemption`) makes every host save the same step,
+  whose sync point (`reached_preemption`) makes every host stop at (and save) the same step,
   and sends Ctrl-C there.
   """
   if threading.current_thread() is not threading.main_thread():
     yield
     return
   if jax.process_count() > 1:
-    handlers = {signal.SIGINT: _to_preemption_notice()} if _preemption_service() else {}
+    handlers = {signal.SIGINT: _to_preemption_notice()} if distributed.preemption_service() else {}
   else:
     _SIGNALLED.clear()
     handlers = {signal.SIGTERM: _on_signal, signal.SIGINT: _on_signal}
@@ -218,14 +213,35 @@ def stop_signals():
       signal.signal(sig, handler)
 
 
+def reached_preemption(step: int) -> bool:
+  """Whether the training loop stops after `step` for a signal inside `stop_signals()` (every
+  process of a job must ask at every step, inside `steps_from`): on several processes, at JAX's
+  preemption sync point, the same step on every one."""
+  if jax.process_count() == 1:
+    return signalled()
+  return ocp.multihost.reached_preemption(step)
+
+
+@contextlib.contextmanager
+def steps_from(start_step: int):
+  """Around a training loop from `start_step`: on several processes, a SIGTERM inside stops the
+  loop at JAX's sync point; before or after, it ends the job (distributed.py). The sync point is
+  the step after the latest one the processes asked about: the loop asks about `start_step`
+  first, or a notice would wait for a step that a resumed loop has passed."""
+  if jax.process_count() == 1:
+    yield
+    return
+  reached_preemption(start_step)
+  with distributed.training_loop():
+    yield
+
+
 class _Manager(ocp.CheckpointManager):
   """orbax's manager, with `stop_signals()` as the preemption signal of a one-process job (orbax
   reads JAX's preemption sync point, which runs only under jax.distributed)."""
 
   def reached_preemption(self, step: int) -> bool:
-    if jax.process_count() == 1:
-      return _SIGNALLED.is_set()
-    return super().reached_preemption(step)
+    return reached_preemption(step)
 
 
 # ----------------------------------------------------------------------------

@@ -17,15 +17,22 @@ meanwhile wait for the failed one in their next collective. Its error goes to th
 service's key-value store, and a process ended by that failure (its collective finds the peer
 gone) names it (`first_error`) instead of its own broken collective. Every process must run the
 same config (`check_same_config`) and find the same data (`check_same_data`).
+
+JAX's preemption service takes SIGTERM from Python in every process and tells only its sync
+point, which training loops ask at every step (`training_loop`); elsewhere (a k-NN run, feature
+extraction) a SIGTERM to any process ends the job with one line (`watch_preemption_notice`).
 """
 from __future__ import annotations
 
+import atexit
 import collections
+import contextlib
 import itertools
 import json
 import os
 import socket
 import sys
+import threading
 import time
 from typing import Mapping
 
@@ -175,6 +182,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     logging.warning("jax.distributed not started (%s); running as a single process.", e)
     return False
   check_devices_per_process(jax.devices())
+  if preemption_service():
+    watch_preemption_notice()
   logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
@@ -272,9 +281,18 @@ def check_same_data(name: str, num_examples: int, classes: int | tuple[str, ...]
 _ERRORS = "sit_jax/errors/"  # key-value directory: process index -> its error
 
 
-def _client():
+def _state():
   from jax._src import distributed as jax_distributed
-  return jax_distributed.global_state.client
+  return jax_distributed.global_state
+
+
+def _client():
+  return _state().client
+
+
+def preemption_service() -> bool:
+  """Whether JAX's preemption service runs (in a multi-process job, unless disabled)."""
+  return _state().preemption_sync_manager is not None
 
 
 def joined() -> bool:
@@ -328,3 +346,61 @@ def leave(code: int):
   except Exception:  # pylint: disable=broad-except  (the coordinator, in process 0, is gone)
     pass
   os._exit(code)  # pylint: disable=protected-access
+
+
+# Where JAX's preemption service (XLA's PreemptionSyncManager) records that a process of the job
+# received SIGTERM, for every process to read.
+_PREEMPTION_NOTICE = "RECEIVED_PREEMPTION_NOTICE"
+_STOP = "sit_jax/stop"  # process 0's answer to the notice: "end", or "train" (see `training_loop`)
+_IN_TRAINING = threading.Event()
+_ENDING = threading.Event()  # the program ends: stop waiting for the notice.
+STOPPED = ("Stopped by a signal outside a training loop, where nothing is saved part-way: start "
+           "the same command again to go on (training resumes from its latest checkpoint).")
+
+
+@contextlib.contextmanager
+def training_loop():
+  """Inside, a SIGTERM is the training loop's: it stops at JAX's preemption sync point, the same
+  step on every process (checkpoint.reached_preemption), or trains its last step."""
+  _IN_TRAINING.set()
+  try:
+    yield
+  finally:
+    _IN_TRAINING.clear()
+
+
+def _wait_for(key: str) -> str | None:
+  """`key`'s value once a process sets it (looked up every second); None if the program ends
+  first."""
+  while not _ENDING.wait(1):
+    try:
+      return _client().key_value_try_get(key)
+    except Exception:  # pylint: disable=broad-except  (not set yet)
+      pass
+  return None
+
+
+def watch_preemption_notice():
+  """Starts `_end_at_preemption_notice` in a thread, ended before jax's own exit handler shuts
+  jax.distributed down: a thread still in its calls then aborts the process ("terminate called
+  after throwing an instance of ''")."""
+  watcher = threading.Thread(target=_end_at_preemption_notice, daemon=True)
+  watcher.start()
+  atexit.register(lambda: (_ENDING.set(), watcher.join()))
+
+
+def _end_at_preemption_notice():
+  """Ends this process with one line (exit status 1, as a head trained in memory does) once a
+  process of the job has received SIGTERM outside a training loop. Process 0 decides for every
+  process, which may be a step apart at a loop's start or end: the job ends together, or leaves
+  the notice to the loop together."""
+  if _wait_for(_PREEMPTION_NOTICE) is None:
+    return
+  if jax.process_index() == 0:
+    answer = "train" if _IN_TRAINING.is_set() else "end"
+    _client().key_value_set(_STOP, answer)
+  else:
+    answer = _wait_for(_STOP)
+  if answer == "end":
+    print(f"sit_jax: error: {STOPPED}", file=sys.stderr)
+    leave(1)

@@ -197,7 +197,8 @@ def train(exp, *, init: Callable[[], Any], abstract, step_fn: Callable,
                                  if i < len(hooks)], writer)
     start = time.perf_counter()
     try:
-      _loop(exp, ckpt, outcome, step_fn, batches(start_step), place, hooks, writer, metadata)
+      with checkpoint.steps_from(start_step):
+        _loop(exp, ckpt, outcome, step_fn, batches(start_step), place, hooks, writer, metadata)
     except _NonFinite as e:
       outcome.stopped = "non-finite"
       kept = ckpt.latest_step() if ckpt is not None else None
@@ -337,7 +338,7 @@ def _loop(exp, ckpt, outcome: Outcome, step_fn, batches, place, hooks, writer, m
       writer.write_scalars(step, evaluated, timed=False)
 
     if ckpt is None:
-      stop = checkpoint.signalled()
+      stop = checkpoint.reached_preemption(step)
     else:
       stop = ckpt.reached_preemption(step)
       ckpt.raise_failed_save()  # an asynchronous save that failed (disk full) stops the run.

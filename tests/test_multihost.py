@@ -1,8 +1,10 @@
 """A multi-process job whose processes do not all succeed (jax.distributed over 127.0.0.1, gloo)."""
+import contextlib
 import json
 import socket
 import subprocess
 import sys
+import threading
 import types
 
 import jax
@@ -13,6 +15,10 @@ import pytest
 from sit_jax import data, distributed, experiment, sharding
 
 from test_multiprocess import REPO, _env, _free_port, _wait
+
+STOPPED = ("sit_jax: error: Stopped by a signal outside a training loop, where nothing is saved "
+           "part-way: start the same command again to go on (training resumes from its latest "
+           "checkpoint).")
 
 
 def _two_processes(tmp_path, flags, cwds=(REPO, REPO)):
@@ -154,3 +160,58 @@ def test_a_model_axis_across_processes_is_refused():
     sharding.check_batch_rows_per_process(mesh_devices([0, 0, 1, 1], (1, 1, 4)))
   # model 2 inside each of 2 processes, data x fsdp 2 x 2: each batch shard in one process.
   sharding.check_batch_rows_per_process(mesh_devices([0, 0, 0, 0, 1, 1, 1, 1], (2, 2, 2)))
+
+
+# A process of a job (of 1: the notice and its exit are JAX's own), its SIGTERM watched as
+# distributed.initialize watches it.
+WATCHED = """
+import os, signal, sys, time, jax
+from sit_jax import distributed
+jax.distributed.initialize(sys.argv[1], 1, 0)
+distributed.watch_preemption_notice()
+if sys.argv[2] == "sigterm":
+  os.kill(os.getpid(), signal.SIGTERM)
+  time.sleep(60)
+"""
+
+
+def test_a_sigterm_outside_training_ends_the_job_with_one_line():
+  """JAX's preemption service takes SIGTERM from Python on several processes, and only the
+  training loops' sync point heard it: a two-process k-NN run sent SIGTERM went on to its end
+  (exit status 0, 40 s later). It now ends with one line, exit status 1, as a head trained in
+  memory does; a process that ends normally is not aborted by the watch."""
+  for how, code, last_line in [("sigterm", 1, STOPPED), ("exit", 0, "")]:
+    proc = subprocess.run([sys.executable, "-c", WATCHED, f"127.0.0.1:{_free_port()}", how],
+                          cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=50)
+    lines = [l for l in proc.stderr.splitlines() if not l.startswith(("I", "W"))]
+    assert (proc.returncode, lines[-1:]) == (code, [last_line] if last_line else []), proc.stderr
+
+
+class _Now(threading.Event):
+  def wait(self, timeout=None):
+    return False
+
+
+def test_process_0_decides_for_the_job_whether_a_notice_ends_it(monkeypatch, capsys):
+  """Processes a step apart at a training loop's start or end all end, or all leave the notice
+  to the loop (which stops at the sync point, or finishes its last step): one ending alone
+  would break the others' collectives."""
+  store = {distributed._PREEMPTION_NOTICE: "now"}
+  monkeypatch.setattr(distributed, "_client", lambda: types.SimpleNamespace(
+      key_value_try_get=store.__getitem__, key_value_set=store.__setitem__))
+  monkeypatch.setattr(distributed, "_ENDING", _Now())
+  left = []
+  monkeypatch.setattr(distributed, "leave", left.append)
+
+  def watch(process, training):
+    monkeypatch.setattr(jax, "process_index", lambda: process)
+    with distributed.training_loop() if training else contextlib.nullcontext():
+      distributed._end_at_preemption_notice()
+    return left.pop() if left else None
+
+  assert watch(0, training=True) is None and store[distributed._STOP] == "train"
+  assert watch(1, training=False) is None  # process 0's loop stops at the sync point
+  del store[distributed._STOP]
+  assert watch(0, training=False) == 1 and store[distributed._STOP] == "end"
+  assert watch(1, training=True) == 1
+  assert capsys.readouterr().err.splitlines() == [STOPPED] * 2

@@ -18,6 +18,7 @@ import time
 
 import flax
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -62,7 +63,7 @@ def sgd_step(state, batch):
 
 
 def train(workdir, total_steps, *, nan_at=None, hooks=(), step_fn=sgd_step, batches=None,
-          **overrides):
+          checkpoints=True, **overrides):
   """One run of the tiny model in `workdir`: (outcome, the Experiment's results.json or the
   error it raised)."""
   batches = batches or (lambda start: (batch_of(s, nan_at) for s in itertools.count(start)))
@@ -77,8 +78,7 @@ def train(workdir, total_steps, *, nan_at=None, hooks=(), step_fn=sgd_step, batc
     exp.writer(total_steps, BATCH)
     outcome = trainer.train(
         exp, init=lambda: fresh, abstract=abstract, step_fn=jitted, total_steps=total_steps,
-        batches=batches,
-        metadata={"model": {"dim": DIM}}, hooks=hooks)
+        batches=batches, metadata={"model": {"dim": DIM}}, hooks=hooks, checkpoints=checkpoints)
     results = {**outcome.results(), "w": np.asarray(outcome.state.params["w"])}
     try:
       exp.finish(results)
@@ -410,6 +410,52 @@ def test_a_signal_at_the_last_step_leaves_a_complete_run(tmp_path):
   outcome, results = train(tmp_path, 4, hooks=[trainer.Hook(1, signal_at_4)])
   assert outcome.complete and not outcome.stopped and not results["preempted"]
   assert steps_on_disk(tmp_path) == [2, 4]
+
+
+class _SyncPoint:
+  """JAX's preemption sync point in one process: a notice syncs at the step after the latest one
+  the processes asked about."""
+
+  def __init__(self):
+    self.latest, self.step = 0, None
+
+  def notice(self):
+    self.step = self.latest + 1
+
+  def __call__(self, step):
+    self.latest = step
+    return step == self.step
+
+
+class _TwoProcesses:
+  """jax, as checkpoint.py sees it in process 0 of a job of 2."""
+  process_count = staticmethod(lambda: 2)
+
+  def __getattr__(self, name):
+    return getattr(jax, name)
+
+
+@pytest.mark.parametrize("resumed", [False, True])
+def test_several_processes_stop_at_the_sync_point(tmp_path, monkeypatch, resumed):
+  """On several processes a SIGTERM reaches the loop through JAX's sync point only. A loop that
+  trains in memory (the SGD probe's head) never asked it and trained to its end; a resumed loop
+  first asked at its first step, so a notice while that step compiled synced at step 1, passed
+  already: it trained to its end too. Both stop at the step after the one they start from."""
+  if resumed:
+    train(tmp_path, 4)
+  sync = _SyncPoint()  # a new process's
+  monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", sync)
+  monkeypatch.setattr(checkpoint, "jax", _TwoProcesses())
+
+  def noticed_step(state, batch):
+    sync.notice()  # runs once: while the first step compiles
+    return sgd_step(state, batch)
+
+  outcome, _ = train(tmp_path, 10, step_fn=noticed_step, checkpoints=resumed)
+  start = 4 if resumed else 0
+  assert (outcome.stopped, outcome.step) == ("preempted", start + 1)
+  if resumed:
+    assert steps_on_disk(tmp_path)[-1] == start + 1
 
 
 # -- Resume settings ------------------------------------------------------------------------
