@@ -189,11 +189,14 @@ def test_pretraining_run_and_resume(bucket, caplog, monkeypatch):
       raise RuntimeError("503 Service Unavailable")
     return write_bytes(path, data)
 
+  image_every, config.image_every = config.image_every, 1
   with monkeypatch.context() as patch:
     patch.setattr(metrics.MetricWriter, "write_scalars", preempt_after_step_2)
     patch.setattr(gpath.PosixGPath, "write_bytes", refuse_pictures)
-    patch.setattr(config, "image_every", 1)
     first = pretrain.train_and_evaluate(config, "gs://b/run")
+  # Set back by hand: pytest 9.2's monkeypatch deletes a ConfigDict field it set (it looks for
+  # the old value in the instance's __dict__, where ConfigDict keeps no fields).
+  config.image_every = image_every
   run = bucket / "run"
   assert first["step"] == 2 and first["preempted"] and (run / "checkpoints" / "2").is_dir()
   assert caplog.text.count("Reconstruction picture not drawn: 503 Service Unavailable") == 2
