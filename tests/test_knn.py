@@ -85,7 +85,8 @@ def test_checkpoint_identity_follows_the_parameter_values():
   module = vit.backbone_from_config({"variant": "Mu/4", "image_size": 16})
   params = jax.tree.map(np.asarray, module.init(jax.random.PRNGKey(0),
                                                 jnp.zeros((1, 16, 16, 3)))["params"])
-  make = lambda p: common.Backbone(module, p, {"variant": "Mu/4", "image_size": 16}, "/x")
+  make = lambda p: common.Backbone(module, p, {"variant": "Mu/4", "image_size": 16}, "/x",
+                                   checkpoint_hash=common.parameters_hash(p))
   same = jax.tree.map(np.copy, params)
   moved = jax.tree.map(np.copy, params)
   moved["cls_token"] = moved["cls_token"] + 1e-6
@@ -97,7 +98,8 @@ def test_checkpoint_identity_follows_the_parameter_values():
           != feature_cache.checkpoint_identity(random, 1))
   # The same parameters computing in bfloat16 give other features than in float32.
   in_dtype = lambda dtype: feature_cache.checkpoint_identity(common.Backbone(
-      module, params, {"variant": "Mu/4", "image_size": 16, "dtype": dtype}, "/x"), 0)
+      module, params, {"variant": "Mu/4", "image_size": 16, "dtype": dtype}, "/x",
+      checkpoint_hash=common.parameters_hash(params)), 0)
   assert in_dtype("float32") != in_dtype("bfloat16")
 
 

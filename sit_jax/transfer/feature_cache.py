@@ -31,13 +31,14 @@ from sit_jax.transfer import common
 
 
 def checkpoint_identity(backbone: common.Backbone, seed: int) -> str:
-  """The backbone as it computes features: its parameter values (or, at random init, the seed)
-  and its model config, which holds the compute settings a run may change (`model.dtype`,
-  `model.attention`): features in bfloat16 are not the float32 ones."""
+  """The backbone as it computes features: its parameters as read (their hash, taken once by
+  common.load_backbone; or, at random init, the seed) and its model config, which holds the
+  image size the position embedding is resized to and the compute settings a run may change
+  (`model.dtype`, `model.attention`): features in bfloat16 are not the float32 ones."""
   settings = json.dumps(backbone.model_config, sort_keys=True)
   if backbone.params is None:
     return f"random init {settings} seed {seed}"
-  return f"params {common.parameters_hash(backbone.params)} {settings}"
+  return f"params {backbone.checkpoint_hash} {settings}"
 
 
 def cache_dir(config, workdir: str) -> str | None:
