@@ -224,8 +224,9 @@ def reached_preemption(step: int) -> bool:
 
 @contextlib.contextmanager
 def steps_from(start_step: int):
-  """Around a training loop from `start_step`: on several processes, a SIGTERM inside stops the
-  loop at JAX's sync point; before or after, it ends the job (distributed.py). The sync point is
+  """Around a training loop from `start_step` and the wait for its last save: on several
+  processes, a SIGTERM inside stops the loop at JAX's sync point (after the last step, the run
+  finishes); before or after, it ends the job (distributed.py). The sync point is
   the step after the latest one the processes asked about: the loop asks about `start_step`
   first, or a notice would wait for a step that a resumed loop has passed."""
   if jax.process_count() == 1:

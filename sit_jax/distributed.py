@@ -354,19 +354,39 @@ _PREEMPTION_NOTICE = "RECEIVED_PREEMPTION_NOTICE"
 _STOP = "sit_jax/stop"  # process 0's answer to the notice: "end", or "train" (see `training_loop`)
 _IN_TRAINING = threading.Event()
 _ENDING = threading.Event()  # the program ends: stop waiting for the notice.
+_ANSWERING = threading.Lock()  # process 0 answers once: from the watch, or at a loop's end.
 STOPPED = ("Stopped by a signal outside a training loop, where nothing is saved part-way: start "
            "the same command again to go on (training resumes from its latest checkpoint).")
 
 
 @contextlib.contextmanager
 def training_loop():
-  """Inside, a SIGTERM is the training loop's: it stops at JAX's preemption sync point, the same
-  step on every process (checkpoint.reached_preemption), or trains its last step."""
+  """Inside (a training loop, to its last save committed), a SIGTERM is the loop's: it stops at
+  JAX's preemption sync point, the same step on every process (checkpoint.reached_preemption),
+  or, after the loop's last step, the run finishes. A notice the watch has not read yet when the
+  loop ends (it looks every second) is the loop's too: answered then, it no longer ends a run
+  whose last step is saved, or the wait for that save, with exit status 1."""
   _IN_TRAINING.set()
   try:
     yield
   finally:
-    _IN_TRAINING.clear()
+    with _ANSWERING:
+      try:
+        if jax.process_index() == 0 and _client().key_value_try_get(_PREEMPTION_NOTICE):
+          _answer("train")
+      except Exception:  # pylint: disable=broad-except  (no notice)
+        pass
+      _IN_TRAINING.clear()
+
+
+def _answer(answer: str) -> str:
+  """Process 0's answer to the notice for every process: `answer`, unless it gave one already.
+  Called holding _ANSWERING."""
+  try:
+    return _client().key_value_try_get(_STOP)
+  except Exception:  # pylint: disable=broad-except  (not answered yet)
+    _client().key_value_set(_STOP, answer)
+    return answer
 
 
 def _wait_for(key: str) -> str | None:
@@ -397,8 +417,8 @@ def _end_at_preemption_notice():
   if _wait_for(_PREEMPTION_NOTICE) is None:
     return
   if jax.process_index() == 0:
-    answer = "train" if _IN_TRAINING.is_set() else "end"
-    _client().key_value_set(_STOP, answer)
+    with _ANSWERING:
+      answer = _answer("train" if _IN_TRAINING.is_set() else "end")
   else:
     answer = _wait_for(_STOP)
   if answer == "end":

@@ -196,23 +196,23 @@ def train(exp, *, init: Callable[[], Any], abstract, step_fn: Callable,
       _call_again(exp, outcome, [hooks[i] for i in saved.get(UNFINISHED_HOOKS, [])
                                  if i < len(hooks)], writer)
     start = time.perf_counter()
-    try:
-      with checkpoint.steps_from(start_step):
+    with checkpoint.steps_from(start_step):  # up to the last save committed
+      try:
         _loop(exp, ckpt, outcome, step_fn, batches(start_step), place, hooks, writer, metadata)
-    except _NonFinite as e:
-      outcome.stopped = "non-finite"
-      kept = ckpt.latest_step() if ckpt is not None else None
-      outcome.error = (
-          f"Training stopped: {e}. Nothing non-finite was saved"
-          + (f"; the last good checkpoint is step {kept}" if kept is not None else "")
-          + ". Lower optim.base_lr and start again"
-          + (f" (it resumes from step {kept}), or pass a new --workdir to start afresh."
-             if kept is not None else "."))
-    outcome.seconds = time.perf_counter() - start
-    if ckpt is not None:
-      ckpt.wait()  # a failed last save is reported here, with its step.
-      latest = ckpt.latest_step()
-      outcome.checkpoint = None if latest is None else ckpt.step_path(latest)
+      except _NonFinite as e:
+        outcome.stopped = "non-finite"
+        kept = ckpt.latest_step() if ckpt is not None else None
+        outcome.error = (
+            f"Training stopped: {e}. Nothing non-finite was saved"
+            + (f"; the last good checkpoint is step {kept}" if kept is not None else "")
+            + ". Lower optim.base_lr and start again"
+            + (f" (it resumes from step {kept}), or pass a new --workdir to start afresh."
+               if kept is not None else "."))
+      outcome.seconds = time.perf_counter() - start
+      if ckpt is not None:
+        ckpt.wait()  # a failed last save is reported here, with its step.
+        latest = ckpt.latest_step()
+        outcome.checkpoint = None if latest is None else ckpt.step_path(latest)
   if outcome.complete and outcome.step == outcome.start_step:  # finished in an earlier process
     _call_again(exp, outcome, hooks, writer)
   return outcome

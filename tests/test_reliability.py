@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import flax
 import jax
@@ -24,7 +25,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from sit_jax import checkpoint, experiment, sharding, trainer
+from sit_jax import checkpoint, distributed, experiment, sharding, trainer
 import conftest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -456,6 +457,39 @@ def test_several_processes_stop_at_the_sync_point(tmp_path, monkeypatch, resumed
   assert (outcome.stopped, outcome.step) == ("preempted", start + 1)
   if resumed:
     assert steps_on_disk(tmp_path)[-1] == start + 1
+
+
+class _Now:
+  """distributed._ENDING for a watch that looks once, at once."""
+  wait = staticmethod(lambda timeout=None: False)
+
+
+def test_a_notice_as_the_last_save_commits_lets_several_processes_finish(tmp_path, monkeypatch):
+  """On several processes the watch (distributed.py) reads JAX's notice once a second, and ended
+  the job (exit status 1) where process 0 was no longer in a training loop: a notice that came
+  after the last step's question, as its save was committed, ended a complete run before its
+  results.json (or killed that save). A notice before the last save is committed is the loop's:
+  the run finishes; one after it still ends the job."""
+  store = {}
+  monkeypatch.setattr(distributed, "_client", lambda: types.SimpleNamespace(
+      key_value_try_get=store.__getitem__, key_value_set=store.__setitem__))
+  monkeypatch.setattr(distributed, "_ENDING", _Now())
+  left = []
+  monkeypatch.setattr(distributed, "leave", left.append)
+  monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", lambda step: False)
+  monkeypatch.setattr(checkpoint, "jax", _TwoProcesses())
+  wait = checkpoint.Checkpointer.wait
+
+  def notice_during_the_last_wait(self):
+    if self.latest_step() == 4:
+      store[distributed._PREEMPTION_NOTICE] = "now"
+    return wait(self)
+
+  monkeypatch.setattr(checkpoint.Checkpointer, "wait", notice_during_the_last_wait)
+  outcome, results = train(tmp_path, 4)
+  distributed._end_at_preemption_notice()  # the watch looks after the loop
+  assert outcome.complete and not results["preempted"] and results_json(tmp_path)["step"] == 4
+  assert (store[distributed._STOP], left) == ("train", [])
 
 
 # -- Resume settings ------------------------------------------------------------------------
