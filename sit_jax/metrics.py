@@ -330,6 +330,8 @@ class _TensorBoardMirror:
 
 # write_images' file names: images/{name}_{step:07d}.png.
 _PICTURE_NAME = re.compile(r"[-\w.]+_(\d{7,})\.png")
+# The t-SNE of a transfer run's test features (transfer/common.tsne), drawn at the run's end.
+TSNE_PICTURE = "tsne.png"
 
 
 class MetricWriter:
@@ -351,6 +353,7 @@ class MetricWriter:
     # baseline so compilation time does not distort the estimate.
     self._first = None   # (step, time) at the first write_scalars call
     self._last = None    # (step, time) at the previous call
+    self._kept_step = -1  # drop_after's: the steps up to it were written by an earlier process
     if not self.is_main:
       return
     jsonl = os.path.join(self.workdir, "metrics.jsonl")
@@ -374,9 +377,13 @@ class MetricWriter:
     -1: a run started afresh): metrics.jsonl loses their rows, images/ their pictures (a run
     that draws at other steps would leave them beside its own), and TensorBoard their points
     (its loader drops the points of steps from `step` + 1 on that came before a SessionLog
-    START event of that step; without it, each step done again would be a second point)."""
+    START event of that step; without it, each step done again would be a second point).
+    A run that has its last step to do again loses its t-SNE too: a run that draws none (a
+    preempted one, tsne_points 0, a picture that fails) would leave the earlier one, whose
+    title names the earlier checkpoint and figure, beside its own results."""
     if not self.is_main:
       return
+    self._kept_step = step
     drop_rows_after(os.path.join(self.workdir, "metrics.jsonl"), step)
     from etils import epath
     images = epath.Path(os.path.join(self.workdir, "images"))
@@ -385,6 +392,9 @@ class MetricWriter:
         drawn_at = _PICTURE_NAME.fullmatch(picture.name)
         if drawn_at and int(drawn_at.group(1)) > step:
           picture.unlink()
+    tsne = epath.Path(os.path.join(self.workdir, TSNE_PICTURE))
+    if step < self.total_steps and tsne.exists():
+      tsne.unlink()
     if self._tb is not None:  # SummaryWriter(purge_step=step + 1)'s event, once step is known
       from tensorboardX.proto import event_pb2
       self._tb._get_file_writer().add_event(  # pylint: disable=protected-access
@@ -443,7 +453,9 @@ class MetricWriter:
   # -- images ----------------------------------------------------------------
 
   def write_images(self, step, name: str, image_uint8_hwc):
-    """Saves images/{name}_{step:07d}.png and a TensorBoard image."""
+    """Saves images/{name}_{step:07d}.png and a TensorBoard image. A picture of a step that an
+    earlier process wrote (up to drop_after's step: a finished run started again) is kept as
+    it is: drawing it again would add a second TensorBoard image of that step."""
     if not self.is_main:
       return None
     img = np.asarray(image_uint8_hwc)
@@ -456,6 +468,10 @@ class MetricWriter:
     from PIL import Image
     safe = name.replace("/", "_")
     path = os.path.join(self.workdir, "images", f"{safe}_{int(step):07d}.png")
+    if int(step) <= self._kept_step:
+      from etils import epath
+      if epath.Path(path).exists():  # local or remote
+        return path
     atomic_write(path, lambda f: Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
                  .save(f, format="PNG"))
     if self._tb is not None:

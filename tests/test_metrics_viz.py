@@ -124,6 +124,39 @@ def test_a_resumed_run_leaves_one_point_and_one_row_per_step(tmp_path):
       "notes_0000009.txt", "reconstruction_0000002.png", "reconstruction_0000003.png"]
 
 
+def test_a_run_started_again_keeps_one_picture_per_step_and_no_earlier_tsne(tmp_path):
+  """A finished segmentation run started again draws its test picture at its last step again:
+  the earlier process's is kept, and TensorBoard keeps one image of the step (it had two). A
+  run that does its last step again (a longer run, a k-NN or L-BFGS probe run again) drops the
+  earlier run's tsne.png, whose title names the earlier checkpoint and figure: a run that then
+  draws none (tsne_points 0, a preempted run, a picture that fails) left it beside its results."""
+  tsne = tmp_path / metrics_lib.TSNE_PICTURE
+  events_files = []
+
+  def run(total_steps, resumed_from, picture_value=None):
+    with MetricWriter(tmp_path, total_steps=total_steps, global_batch_size=8,
+                      is_main_process=True) as w:
+      w.drop_after(resumed_from)
+      if picture_value is not None:
+        w.write_images(4, "segmentation", np.full((2, 2, 3), picture_value, np.uint8))
+    (events,) = set(glob.glob(str(tmp_path / "tb" / "*"))) - set(events_files)
+    events_files.append(str(tmp_path / "tb" / f"events.out.tfevents.{len(events_files)}"))
+    os.rename(events, events_files[-1])
+
+  run(4, -1, picture_value=1)
+  tsne.write_bytes(b"the t-SNE of step 4")
+  run(4, 4, picture_value=2)  # finished, started again: the last step is not done again
+  assert tensorboard_events(tmp_path / "tb")["segmentation", 4][0, 0, 0] == 1
+  with Image.open(tmp_path / "images" / "segmentation_0000004.png") as im:
+    assert np.asarray(im)[0, 0, 0] == 1
+  assert tsne.read_bytes() == b"the t-SNE of step 4"
+  run(8, 4)  # resumed to a longer run
+  assert not tsne.exists()
+  tsne.write_bytes(b"a k-NN run's t-SNE")
+  run(0, -1)  # a k-NN run again (no steps, no checkpoints)
+  assert not tsne.exists()
+
+
 def test_images_and_tensorboard(tmp_path, caplog):
   w = MetricWriter(tmp_path, total_steps=10, global_batch_size=8,
                    enable_tensorboard=True, is_main_process=True)
