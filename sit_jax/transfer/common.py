@@ -490,7 +490,7 @@ def tsne(config, workdir, features, labels, title: str, class_names=()):
   names the classes where `class_names` (a folder's) are given, else their labels."""
   if not config.tsne_points or jax.process_index() != 0 or len(features) < 3:
     return None
-  from sit_jax import viz
+  from sit_jax import metrics, viz
 
   def draw():
     import sklearn.manifold  # noqa: F401  (loaded first: the limit only reaches loaded libraries)
@@ -498,7 +498,7 @@ def tsne(config, workdir, features, labels, title: str, class_names=()):
     # One thread: sklearn's OpenMP t-SNE spin-waits when its threads share busy cores (measured
     # 20x slower on a loaded 2-core host); single-threaded, 2000 points take seconds.
     with threadpoolctl.threadpool_limits(limits=1):
-      return viz.tsne_plot(features, labels, os.path.join(workdir, "tsne.png"),
+      return viz.tsne_plot(features, labels, os.path.join(workdir, metrics.TSNE_PICTURE),
                            title=f"{title} on {config.data.test_split}",
                            max_points=config.tsne_points, seed=config.seed,
                            class_names=class_names or None)
