@@ -1,7 +1,9 @@
 """launch/colab_tpu.ipynb is valid and runs top to bottom on the CPU (its TPU-only cell skipped)."""
+import builtins
 import json
 import os
 import re
+import symtable
 import sys
 import types
 
@@ -107,7 +109,8 @@ def test_metrics_cell_skips_evaluation_only_rows(tmp_path):
   (tmp_path / "pretrain" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
   printed = []
   exec(compile(cell, "<notebook cell>", "exec"),
-       {"WORKDIR": str(tmp_path), "glob": __import__("glob"), "print": printed.append})
+       {"WORKDIR": str(tmp_path), "glob": __import__("glob"), "json": json,
+        "print": printed.append})
   assert [line.split()[1] for line in printed] == ["480", "600"]
 
 
@@ -131,3 +134,35 @@ def test_on_drive_the_outputs_outlive_the_runtime(monkeypatch):
   monkeypatch.delenv("SIT_NOTEBOOK_DRIVE")
   exec(compile(cell.source, "<notebook cell>", "exec"), namespace)
   assert mounted == ["/content/drive"] and namespace["WORKDIR"] == "/content/sit_local"
+
+
+def _names_read(source: str) -> set[str]:
+  """The names a cell takes from the kernel's namespace: those its Python reads without defining
+  them (builtins aside), and the `{name}`s of its `!command` lines."""
+  lines = source.splitlines()
+  names = {n for line in lines if line.lstrip().startswith("!")
+           for n in re.findall(r"\{(\w+)\}", line)}
+  top = symtable.symtable("\n".join(l for l in lines if not l.lstrip().startswith("!")),
+                          "<notebook cell>", "exec")
+  defined = {s.get_name() for s in top.get_symbols() if s.is_assigned() or s.is_imported()}
+  tables = [top]
+  while tables:
+    table = tables.pop()
+    tables += table.get_children()
+    names |= {s.get_name() for s in table.get_symbols() if s.is_referenced()
+              and (table is top or s.is_global() or s.is_free())}
+  return names - defined - set(dir(builtins))
+
+
+def test_every_cell_needs_only_the_first_one(monkeypatch):
+  """After a new runtime the first cell, then any cell, must run: the results cell read `json`,
+  `Image` and `display` from the losses cell's imports (NameError: name 'json' is not defined
+  when the k-NN of a pretraining done before was run and shown without the losses)."""
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  setup, *cells = [c.source for c in nb.cells if c.cell_type == "code"]
+  monkeypatch.delenv("SIT_NOTEBOOK_DRIVE", raising=False)
+  monkeypatch.chdir(REPO)  # the cell finds this checkout, installed: no clone, no pip
+  namespace = {}
+  exec(compile(setup, "<notebook cell>", "exec"), namespace)
+  missing = {i: sorted(_names_read(cell) - set(namespace)) for i, cell in enumerate(cells, 2)}
+  assert {i: names for i, names in missing.items() if names} == {}
