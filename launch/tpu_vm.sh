@@ -82,6 +82,19 @@ config_file="${CONFIG%%:*}"
 [[ -n "$REPO" || ( "${config_file#./}" == configs/* && -f "$REPO_ROOT/$config_file" ) ]] || \
   die "--config must name a file in $REPO_ROOT/configs/ (the configs copied to the workers)," \
       "got '$config_file'"
+# The flags as main parses them (the config, each --config.KEY and its type), where this checkout
+# imports (sit_jax's requirements, no jax): on the workers a mistyped key ended the run only after
+# the TPU was created and set up.
+if [[ -z "$REPO" ]]; then
+  if (cd "$REPO_ROOT" && python3 -c 'import sit_jax.main') >/dev/null 2>&1; then
+    parse='import sys; from sit_jax import main; main.parse_flags(sys.argv)'
+    (cd "$REPO_ROOT" && python3 -c "$parse" --config="$CONFIG" --workdir="$WORKDIR" \
+        ${MAIN_FLAGS[@]+"${MAIN_FLAGS[@]}"}) || exit 2
+  else
+    echo "tpu_vm.sh: sit_jax does not import here (python3 -c 'import sit_jax.main' in" \
+         "$REPO_ROOT): its flags are checked on the TPU." >&2
+  fi
+fi
 command -v gcloud >/dev/null || die "gcloud is not installed (https://cloud.google.com/sdk/docs/install)"
 
 if [[ -z "$VERSION" ]]; then
