@@ -74,6 +74,23 @@ def test_topk_accuracy():
   scores = np.array([[0.1, 0.9, 0.0], [0.8, 0.05, 0.15], [0.2, 0.3, 0.5]])
   got = common.topk_accuracy(scores, np.array([1, 2, 0]), ks=(1, 2))
   assert got == {"top1": 1 / 3, "top2": 2 / 3}
+  # Of 3 classes every label is among the 5 best: no top5 to report.
+  assert set(common.topk_accuracy(scores, np.array([1, 2, 0]))) == {"top1"}
+
+
+def test_topk_ties_share_the_places_left_whatever_the_class_index():
+  """k-NN votes leave the classes no neighbour voted for tied at 0: which of them fill the top 5
+  must not depend on their index. One class voted for, the label among the 5 tied at 0 (or 9
+  tied at 0 of 10): 1 place of top2 among 5 is a hit with probability 1 / 5, 4 of top5 among 9
+  with probability 4 / 9, for the first class as for the last."""
+  votes = np.zeros((2, 6))
+  votes[:, 3] = 1.0
+  assert common.topk_accuracy(votes, np.array([0, 5]), ks=(1, 2)) == {"top1": 0.0, "top2": 0.2}
+  votes = np.zeros((2, 10))
+  votes[:, 7] = 2.0
+  got = common.topk_accuracy(votes, np.array([0, 9]))
+  assert got == {"top1": 0.0, "top5": pytest.approx(4 / 9)}
+  assert common.topk_accuracy(votes, np.array([7, 7])) == {"top1": 1.0, "top5": 1.0}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -282,11 +282,18 @@ def extract_features(fn: Callable, params, batches: Iterable[dict], mesh,
 
 
 def topk_accuracy(scores, labels, ks=(1, 5)) -> dict:
-  """{'top1': ..., 'top5': ...}: fraction of examples whose label is among the k best scores."""
+  """{'top1': ..., 'top5': ...}: fraction of examples whose label is among the k best scores.
+
+  Classes tied with the label's score share the places left (the expected hit of a random
+  order among them), so a tie, such as the classes no k-NN neighbour voted for, does not favour
+  the classes of low index. A k of at least the number of classes, which every example passes
+  (top5 of 5 classes or fewer), is left out."""
   scores, labels = np.asarray(scores), np.asarray(labels)
-  order = np.argsort(-scores, axis=1, kind="stable")
-  hits = order == labels[:, None]
-  return {f"top{k}": float(hits[:, :k].any(axis=1).mean()) for k in ks}
+  label_score = np.take_along_axis(scores, labels[:, None], axis=1)
+  above = (scores > label_score).sum(axis=1)
+  tied = (scores == label_score).sum(axis=1)  # the label's own class among them
+  return {f"top{k}": float(np.clip((k - above) / tied, 0.0, 1.0).mean()) for k in ks
+          if k == 1 or k < scores.shape[1]}
 
 
 def average_precision(scores, targets, *, voc07: bool = False) -> float:
