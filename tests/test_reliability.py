@@ -528,6 +528,27 @@ def test_a_state_that_no_longer_matches_names_the_settings_changed(tmp_path):
                     batches=None, metadata={"model": {"dim": DIM}})
 
 
+def test_a_refused_resume_of_the_augmented_probe_extracts_no_features(tmp_path, monkeypatch):
+  """The augmented linear probe computed its feature statistics (linear.stats_examples images
+  through the backbone) before trainer.train could refuse the resume; now at its first step."""
+  from configs import linear as linear_config
+  from sit_jax.transfer import common, linear
+
+  def refused(exp, **kwargs):
+    raise checkpoint.CheckpointError("Cannot resume: seed was 0 and is 1 now.")
+
+  extracted = []
+  monkeypatch.setattr(linear, "training_feature_standardizer",
+                      lambda *args: extracted.append(args))
+  monkeypatch.setattr(trainer, "train", refused)
+  monkeypatch.setattr(common, "place_backbone", lambda *args: None)  # not read: a compile less
+  c = linear_config.get_config("runlocal")
+  c.linear.cache_features, c.baselines = False, False
+  with pytest.raises(checkpoint.CheckpointError):
+    linear.run(c, str(tmp_path))
+  assert extracted == []
+
+
 # -- Busy workdir ---------------------------------------------------------------------------
 
 

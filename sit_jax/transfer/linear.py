@@ -401,18 +401,28 @@ def run(config, workdir: str, *, multilabel: bool = False) -> dict:
       test_feats = standardize(test_feats)
       writer.write_scalars(steps, {f"test/{k}": v for k, v in scores.items()})
     else:
-      standardize = lambda f: f
-      if lin.normalize_features:
-        standardize = training_feature_standardizer(config, features_of, params, mesh, size,
-                                                    train_info.num_examples)
+      # The statistics and the step that uses them, at the first step or evaluation: once
+      # trainer.train has accepted the checkpoint, so that a refused resume extracts nothing.
+      @functools.cache
+      def standardizer():
+        if not lin.normalize_features:
+          return lambda f: f
+        return training_feature_standardizer(config, features_of, params, mesh, size,
+                                             train_info.num_examples)
+
+      @functools.cache
+      def probe():
+        standardize = standardizer()
+        return jax.jit(make_probe_step(lambda p, x: standardize(fn(p, x)), head, tx, num_classes,
+                                       multilabel=multilabel, lr=lr),
+                       out_shardings=sharding.replicated(mesh), donate_argnums=(0,))
+
       head_state = jax.jit(functools.partial(init_head_state, head, tx, dim),
                            out_shardings=sharding.replicated(mesh))(jax.random.PRNGKey(config.seed))
-      probe = jax.jit(make_probe_step(lambda p, x: standardize(fn(p, x)), head, tx, num_classes,
-                                      multilabel=multilabel, lr=lr),
-                      out_shardings=sharding.replicated(mesh), donate_argnums=(0,))
       cache = {}
 
       def evaluate(state, split):
+        standardize = standardizer()
         if split == config.data.test_split:
           feats, labels = test_features()
           cache["test"] = standardize(feats), labels
@@ -424,7 +434,7 @@ def run(config, workdir: str, *, multilabel: bool = False) -> dict:
 
       outcome = trainer.train(
           exp, init=lambda: head_state, abstract=supervised.abstract_of(head_state),
-          step_fn=lambda s, b: probe(s, params, b),
+          step_fn=lambda s, b: probe()(s, params, b),
           batches=lambda start_step: common.train_batches(config, start_step, size),
           place=common.train_placer(config, mesh, size), total_steps=total_steps,
           metadata=supervised.frozen_checkpoint_metadata(config, backbone, num_classes),
