@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import io
 import json
+import logging as std_logging
 import math
 import os
 import re
@@ -339,13 +340,15 @@ class MetricWriter:
 
   def __init__(self, workdir, *, total_steps: int, global_batch_size: int,
                enable_tensorboard: bool = True, is_main_process: bool | None = None,
-               stream=None):
+               stream=None, log_file: std_logging.Handler | None = None):
+    """log_file: the handler of the workdir's log.txt, which gets each progress line too."""
     self.workdir = os.fspath(workdir)
     self.total_steps = int(total_steps)
     self.global_batch_size = int(global_batch_size)
     self.is_main = (jax.process_index() == 0 if is_main_process is None
                     else bool(is_main_process))
     self._stream = stream  # None: sys.stdout at print time (works with capsys)
+    self._log_file = log_file
     self._jsonl = None
     self._tb = None
     self._tb_mirror = None  # a remote workdir's TensorBoard copy
@@ -436,7 +439,7 @@ class MetricWriter:
     parts = [f"step {step}/{self.total_steps}"] if self.total_steps else []  # 0: not a loop
     parts += [f"{k} {_fmt_value(k, v)}" for k, v in values.items()]
     if not timed:
-      print(" | ".join(parts), file=self._stream or sys.stdout, flush=True)
+      self._print(" | ".join(parts))
       return
     if self._last is not None and step > self._last[0] and now > self._last[1]:
       img_s = (step - self._last[0]) * self.global_batch_size / (now - self._last[1])
@@ -448,7 +451,14 @@ class MetricWriter:
     if self._first is None or step <= self._last[0]:
       self._first = (step, now)  # First call, or the step counter was reset.
     self._last = (step, now)
-    print(" | ".join(parts), file=self._stream or sys.stdout, flush=True)
+    self._print(" | ".join(parts))
+
+  def _print(self, line: str):
+    """The progress line on the console, without a log prefix, and in log.txt with its time."""
+    print(line, file=self._stream or sys.stdout, flush=True)
+    if self._log_file is not None:
+      self._log_file.handle(std_logging.makeLogRecord(
+          {"msg": line, "levelno": std_logging.INFO, "levelname": "INFO"}))
 
   # -- images ----------------------------------------------------------------
 

@@ -372,7 +372,7 @@ def test_progress_lines_eta_counts_the_evaluations_to_come_and_lr_is_the_steps(t
   0:00:06 at step 4, where 16 s were left), and the lr of a row is the one its step used (it was
   the mean since the previous row: 0.05 at step 2, whose lr is 0.1), while the losses are means.
   The rows count the unreadable images skipped on every process (process 0 had written its own:
-  none, so no row said that the other process skipped 3)."""
+  none, so no row said that the other process skipped 3). log.txt has the lines too."""
   import itertools
   import types
   from sit_jax import trainer
@@ -413,6 +413,10 @@ def test_progress_lines_eta_counts_the_evaluations_to_come_and_lr_is_the_steps(t
   # come (at steps 4, 8 and 10, the last). The first line has measured no evaluation yet.
   left = [8 + 15, 6 + 10, 4 + 10, 2 + 5, 0]
   assert etas == [8] + left[1:], lines
+  # log.txt has the progress lines too, each after its time: its monitor's log lines point to
+  # them, and a run watched from its workdir (gs://) showed none.
+  logged = (tmp_path / "log.txt").read_text().splitlines()
+  assert [line.split(" INFO ", 1)[1] for line in logged if " INFO step " in line] == lines
   rows = test_reliability.metric_rows(str(tmp_path))
   assert [row["lr"] for row in rows] == pytest.approx([0.1, 0.3, 0.5, 0.7, 0.9])
   assert [row["skipped_images"] for row in rows] == [3] * 5
