@@ -369,7 +369,8 @@ class Experiment:
     TensorBoard series afresh, as its results.json; a resumed run's trainer cuts them after the
     resumed step."""
     self.metric_writer = metrics.MetricWriter(self.workdir, total_steps=total_steps,
-                                              global_batch_size=global_batch_size)
+                                              global_batch_size=global_batch_size,
+                                              log_file=self._log_handler)
     if self.is_main and not self._has_checkpoints():
       self.metric_writer.drop_after(-1)
     return self.metric_writer
