@@ -767,17 +767,27 @@ def load_backbone(path, weights: str = "student") -> tuple[Any, dict]:
     return _load_export(found)
   if found == p:
     return _load_from_step_dir(found, weights)
-  step = int(found.name)  # the latest step of a workdir
+  while True:  # the latest step of a workdir, whose run may still be saving
+    step = int(found.name)
+    try:
+      loaded = _load_from_step_dir(found, weights)
+      break
+    except _UnreadableStep as e:
+      steps = _backbone_steps(found.parent)
+      if steps and steps[-1] > step:  # a running pretraining's keep_checkpoints rotated it out
+        log.warning("Could not read step %d of %s (%s); its run has saved step %d since, and "
+                    "keeps only its latest checkpoints (keep_checkpoints): reading step %d.",
+                    step, found.parent, _short(e), steps[-1], steps[-1])
+        found = found.parent / str(steps[-1])
+        continue
+      older = [s for s in steps if s < step]
+      if not older:
+        raise
+      raise CheckpointError(
+          f"{e} (a copy of {p} that did not finish?). Copy that step again, or pass the step "
+          f"before it, {found.parent / str(older[-1])} (config.init, or convert's --input).") from e
   _warn_if_unfinished(_run_workdir(found.parent), step)
-  try:
-    return _load_from_step_dir(found, weights)
-  except _UnreadableStep as e:
-    older = [s for s in _backbone_steps(found.parent) if s < step]
-    if not older:
-      raise
-    raise CheckpointError(
-        f"{e} (a copy of {p} that did not finish?). Copy that step again, or pass the step "
-        f"before it, {found.parent / str(older[-1])} (config.init, or convert's --input).") from e
+  return loaded
 
 
 def locate_backbone(path, weights: str = "student") -> epath.Path:

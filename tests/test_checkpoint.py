@@ -376,6 +376,31 @@ def test_load_backbone_from_workdir_and_step_dir(tmp_path, caplog):
     ckpt_lib.load_backbone(tmp_path / "missing")
 
 
+def test_a_step_rotated_out_while_it_is_read_gives_way_to_the_newer_one(tmp_path, monkeypatch,
+                                                                         caplog):
+  """A probe of a pretraining still running chose its latest step, which the run's
+  keep_checkpoints deleted as it saved the next one, before the probe had read it: the probe
+  failed, calling the step corrupt. It reads the newer step instead, and says why."""
+  workdir = tmp_path / "run"
+  pretraining = Checkpointer(workdir / "checkpoints", every=1, keep=1, async_save=False)
+  pretraining.save(1, make_state(1), metadata={"model": MODEL})
+  read = ckpt_lib._load_from_step_dir
+
+  def saved_meanwhile(step_dir, weights):
+    if step_dir.name == "1":
+      pretraining.save(2, make_state(2), metadata={"model": MODEL})  # step 1 rotated out
+    return read(step_dir, weights)
+
+  monkeypatch.setattr(ckpt_lib, "_load_from_step_dir", saved_meanwhile)
+  with caplog.at_level("WARNING"):
+    params, _ = ckpt_lib.load_backbone(workdir)
+  assert_tree_equal(params, {"backbone": make_state(2)["params"]["backbone"]})
+  assert (f"Could not read step 1 of {workdir / 'checkpoints'} (" in caplog.text
+          and "its run has saved step 2 since, and keeps only its latest checkpoints "
+          "(keep_checkpoints): reading step 2." in caplog.text)
+  pretraining.close()
+
+
 def test_teacher_backbone_from_checkpoints_only(tmp_path):
   """weights='teacher' reads the momentum teacher's backbone of a SiT or contrastive checkpoint;
   a backbone export (the student only) and a GMML checkpoint (no teacher) are refused before any
