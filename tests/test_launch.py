@@ -31,12 +31,13 @@ def _stand_ins(tmp_path, scripts: dict) -> dict:
   return env
 
 
-def _sbatch(tmp_path, cwd, workdir=None, check=True):
+def _sbatch(tmp_path, cwd, workdir=None, check=True, srun=None):
+  """The job, with a stand-in srun that prints its arguments and environment (or runs `srun`)."""
   env = _stand_ins(tmp_path, {
       # A pause between the names: a reader that stops after the first one breaks the pipe.
       "scontrol": "echo node001; sleep 0.2; echo node002\n",
-      "srun": 'printf "ARG %s\\n" "$@"; echo "XLA_FLAGS=$XLA_FLAGS"; '
-              'echo "COORDINATOR=$JAX_COORDINATOR_ADDRESS"\n'})
+      "srun": srun or ('printf "ARG %s\\n" "$@"; echo "XLA_FLAGS=$XLA_FLAGS"; '
+                       'echo "COORDINATOR=$JAX_COORDINATOR_ADDRESS"\n')})
   env.update(SLURM_JOB_NODELIST="node[001-002]", SLURM_JOB_ID="123456", SLURM_NNODES="2",
              SLURM_NTASKS_PER_NODE="8", SLURM_CPUS_PER_TASK="12")
   return subprocess.run(
@@ -54,6 +55,17 @@ def test_slurm_job_runs_main_on_every_task_with_the_gpu_flags(tmp_path):
   assert "--xla_gpu_enable_latency_hiding_scheduler=true" in out.stdout
   assert "COORDINATOR=node001:23456" in out.stdout  # 20000 + job id % 20000
   assert out.stderr == ""
+
+
+def test_slurm_job_on_a_gpu_node_without_cuda_jax_ends_instead_of_training_on_cpus(tmp_path):
+  """Installed without jax[cuda13] (or with JAX_PLATFORMS=cpu in the submitting shell, as here),
+  every task fell back to the CPUs with one warning and trained there. The task is a GPU node as
+  JAX sees it (an NVIDIA GPU visible) with this machine's jax, which has no CUDA plugin."""
+  gpu_node = ("from jax._src import hardware_utils; hardware_utils.has_visible_nvidia_gpu = "
+              "lambda: True; import jax; print(jax.devices())")
+  out = _sbatch(tmp_path, REPO, check=False, srun=f'exec python -c "{gpu_node}"\n')
+  assert out.returncode == 1 and "CpuDevice" not in out.stdout
+  assert "RuntimeError: Unable to initialize backend 'cuda'" in out.stderr
 
 
 def test_slurm_job_submitted_elsewhere_says_the_gpu_flags_are_missing(tmp_path):
