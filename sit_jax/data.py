@@ -11,8 +11,9 @@ Sources (`source` argument):
   "tfds:NAME[/CONFIG][:SPLIT]" or a bare "NAME[/CONFIG]"  a TFDS dataset (`split` like "train",
       "train+unlabelled", "train[:90%]"; `data_dir` as in tfds). Never downloads.
   "folder:/path"  an image folder (files ending in IMAGE_EXTENSIONS; the others are named in one
-      warning). Sub-directories of the root are classes (sorted by name -> label index, searched
-      recursively); without sub-directories every image has label -1.
+      warning; hidden files and folders and TOOL_FOLDERS are not read). Sub-directories of the
+      root are classes (sorted by name -> label index, searched recursively); without
+      sub-directories every image has label -1.
       If `<path>/<split>` is a directory (in any case: Train/) it is used instead of the root
       (ImageNet-style train/ and val/ folders). Without one, "train" (or no split) is the
       whole folder and any other split name is an error: a "test" split never silently reads
@@ -328,6 +329,18 @@ def _extension(name):
   return os.path.splitext(name)[1].lower() or name
 
 
+# Folders that tools write beside the images, holding the tool's files, never the user's: a
+# Synology NAS's thumbnails (@eaDir/<photo>.jpg/SYNOFILE_THUMB_*.jpg, several per photo: read,
+# they would outnumber the photos) and a macOS zip's AppleDouble files (__MACOSX/). Like hidden
+# folders, they are neither classes nor read.
+TOOL_FOLDERS = ("@eaDir", "__MACOSX")
+
+
+def _is_listed(name):
+  """Whether a folder's entry is read at all: hidden entries and TOOL_FOLDERS are not."""
+  return not name.startswith(".") and name not in TOOL_FOLDERS
+
+
 def _inode(path):
   stat = os.stat(path)
   return stat.st_dev, stat.st_ino
@@ -343,7 +356,7 @@ def _list_images(directory, left_out: collections.Counter, seen: set):
       dirs[:] = []
       continue
     seen.add(_inode(root))
-    dirs[:] = [d for d in dirs if not d.startswith(".")]
+    dirs[:] = [d for d in dirs if _is_listed(d)]
     for f in files:
       if f.startswith("."):
         continue
@@ -388,7 +401,7 @@ def _list_folder(root):
   (in Unicode NFC form)."""
   if not os.path.isdir(root):
     raise DataNotFoundError(f"image folder {root!r} does not exist")
-  entries = sorted((e for e in os.listdir(root) if not e.startswith(".")), key=_name_order)
+  entries = sorted(filter(_is_listed, os.listdir(root)), key=_name_order)
   # Class names in one Unicode form (a Mac writes them decomposed, most systems composed), so
   # that the same classes get the same labels whatever made each folder.
   folders = sorted((e for e in entries if os.path.isdir(os.path.join(root, e))), key=_composed)
@@ -415,7 +428,7 @@ def _list_folder(root):
   if left_out:
     _warn_left_out(root, tuple(sorted(left_out.items())))
   beside = sum(_is_image(e) for e in entries if e not in folders) if classes else 0
-  if beside > len(paths):  # e.g. a flat folder with a __MACOSX/, @eaDir/ or thumbs/ sub-folder
+  if beside > len(paths):  # e.g. a flat folder with a thumbs/ sub-folder
     raise DataError(f"folder:{root}: its sub-folders ({', '.join(classes[:5])}) are read as "
                     f"classes and hold {len(paths) or 'no'} image{'' if len(paths) == 1 else 's'}; "
                     f"the {beside} images beside them belong to no class. Move the images into "
@@ -457,7 +470,7 @@ def folder_split(path: str, split: Optional[str]) -> tuple[str, Optional[str]]:
   root = os.path.expanduser(path)
   base, part = split_slice(split)
   subdirs = sorted(e for e in os.listdir(root)
-                   if not e.startswith(".") and os.path.isdir(os.path.join(root, e))) \
+                   if _is_listed(e) and os.path.isdir(os.path.join(root, e))) \
       if os.path.isdir(root) else []
   split_dirs = [d for d in subdirs if d in SPLIT_FOLDERS]
   if base and base not in subdirs:

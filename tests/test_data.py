@@ -328,6 +328,13 @@ def test_a_folder_split_is_its_folder_or_a_slice_of_train(tmp_path):
   vehicles = f"folder:{_class_folders(tmp_path / 'Vehicles', ('Bicycle', 'Bus', 'Train'))}"
   with pytest.raises(data.DataError, match="Train/ the 'Train' split or a class beside Bicycle"):
     data.dataset_info(vehicles, "train")
+  # A macOS zip's __MACOSX/ beside flat split folders is no class, nor is train/ taken for one.
+  unzipped = tmp_path / "unzipped"
+  for split in ("train", "val", "__MACOSX/train"):
+    os.makedirs(unzipped / split)
+  _write(unzipped / "train" / "0.png", (0, 0, 0), (8, 8), "PNG")
+  (unzipped / "__MACOSX" / "train" / "._0.png").write_bytes(b"resource fork")
+  assert data.dataset_info(f"folder:{unzipped}", "train").num_examples == 1
 
 
 def test_held_out_splits_share_no_image_and_the_classes(tmp_path):
@@ -409,6 +416,13 @@ def test_folder_listing_reads_each_directory_once_and_names_what_it_leaves(tmp_p
   with caplog.at_level("WARNING"):
     assert data.dataset_info(f"folder:{root}", "train").classes == ("a", "b", "c")
   assert "1 of its 3 class folders hold no image (c)" in caplog.text
+  # A Synology NAS's thumbnails, several per photo, in the classes and beside them: never read.
+  for place in (root, root / "a"):
+    os.makedirs(place / "@eaDir" / "0.png")
+    for size in ("S", "M", "XL"):
+      _write(place / "@eaDir" / "0.png" / f"SYNOFILE_THUMB_{size}.jpg", (0, 0, 0), (4, 4), "JPEG")
+  info = data.dataset_info(f"folder:{root}", "train")
+  assert (info.num_examples, info.classes) == (6, ("a", "b", "c"))
 
 
 GREY_RAMP = np.arange(256, dtype=np.int64).reshape(16, 16)  # every 8-bit value once
@@ -501,19 +515,18 @@ def test_argument_and_folder_errors(tmp_path):
   os.makedirs(tmp_path / "empty" / "cls")
   with pytest.raises(data.DataError, match="no images"):
     data.dataset_info(f"folder:{tmp_path / 'empty'}", None)
-  # A flat folder beside an unzipped archive's __MACOSX/ (of hidden files only): not 'no images'.
+  # A flat folder beside an unzipped archive's __MACOSX/ (AppleDouble files): a flat folder.
   os.makedirs(tmp_path / "unzipped" / "__MACOSX")
   (tmp_path / "unzipped" / "__MACOSX" / "._0.png").write_bytes(b"resource fork")
   for i in range(2):
     _write(tmp_path / "unzipped" / f"{i}.png", (0, 0, 0), (8, 8), "PNG")
-  with pytest.raises(data.DataError, match=r"sub-folders \(__MACOSX\) are read as classes and "
-                     r"hold no images; the 2 images beside them belong to no class"):
-    data.dataset_info(f"folder:{tmp_path / 'unzipped'}", None)
-  # ... or beside a sub-folder of fewer images (thumbnails): those would be the whole dataset.
+  assert data.dataset_info(f"folder:{tmp_path / 'unzipped'}", None) == data.DatasetInfo(
+      2, 0, f"folder:{tmp_path / 'unzipped'}")
+  # Beside a sub-folder of fewer images (thumbnails), which would be the whole dataset: an error.
   os.makedirs(tmp_path / "unzipped" / "thumbs")
   _write(tmp_path / "unzipped" / "thumbs" / "0.png", (0, 0, 0), (4, 4), "PNG")
-  with pytest.raises(data.DataError, match=r"sub-folders \(__MACOSX, thumbs\) are read as classes "
-                     r"and hold 1 image; the 2 images beside them belong to no class"):
+  with pytest.raises(data.DataError, match=r"sub-folders \(thumbs\) are read as classes and hold "
+                     r"1 image; the 2 images beside them belong to no class"):
     data.dataset_info(f"folder:{tmp_path / 'unzipped'}", None)
   with pytest.raises(data.DataError, match="divisible"):
     data.pretrain_iterator(DIGITS, "train", global_batch_size=6, image_size=8, seed=0,
