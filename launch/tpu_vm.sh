@@ -153,7 +153,19 @@ else
   # Stopping gcloud stops its wait, not the creation.
   trap 'echo "Stopped while TPU $NAME was being created; if it comes up, delete it with:" \
     "${GCLOUD[*]} delete $NAME ${WHERE[*]} --quiet" >&2; exit 130' INT TERM
-  "${create[@]}"
+  if ! "${create[@]}"; then
+    # A TPU of this name kept from a launch before (--keep, --detach, a lost connection): the
+    # same command again, as after a preemption, met gcloud's ALREADY_EXISTS alone.
+    state="$("${GCLOUD[@]}" describe "$NAME" "${WHERE[@]}" --format='value(state)' 2>/dev/null)" \
+      || state=""
+    if [[ "$state" == READY ]]; then
+      echo "tpu_vm.sh: TPU $NAME exists and is READY: add --existing to run on it." >&2
+    elif [[ -n "$state" ]]; then
+      echo "tpu_vm.sh: TPU $NAME exists and is $state: delete it with ${GCLOUD[*]} delete $NAME" \
+           "${WHERE[*]} --quiet, then launch again (the run resumes from $WORKDIR)." >&2
+    fi
+    exit 1
+  fi
 fi
 trap cleanup EXIT
 trap 'exit 130' INT TERM

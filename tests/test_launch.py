@@ -271,6 +271,29 @@ def test_tpu_vm_ctrl_c_while_creating_says_how_to_delete_the_tpu(tmp_path):
   assert calls.read_text().split() == ["create"]
 
 
+@pytest.mark.parametrize("state, advice", [
+    ("PREEMPTED", "delete it with gcloud compute tpus tpu-vm delete sit-s16 --zone=us-central2-b "
+                  "--quiet, then launch again (the run resumes from gs://bucket/run)."),
+    ("READY", "add --existing to run on it."),
+])
+def test_tpu_vm_says_what_to_do_with_a_tpu_of_the_same_name(tmp_path, state, advice):
+  """The same command again after a preemption, where the TPU was kept (--keep, --detach, a lost
+  connection), met gcloud's ALREADY_EXISTS alone, which says neither that the preempted TPU must
+  be deleted nor that a READY one takes --existing."""
+  calls = tmp_path / "calls"
+  env = _stand_ins(tmp_path, {"gcloud": f"""echo "$4" >> {calls}
+case "$4" in
+  create) echo "ERROR: (gcloud.compute.tpus.tpu-vm.create) ALREADY_EXISTS" >&2; exit 1 ;;
+  describe) echo {state} ;;
+esac
+"""})
+  out = subprocess.run(tpu_vm(), env=env, capture_output=True, text=True)
+  assert out.returncode == 1
+  assert out.stderr.endswith(f"tpu_vm.sh: TPU sit-s16 exists and is {state}: {advice}\n"), (
+      out.stderr)
+  assert calls.read_text().split() == ["create", "describe"]
+
+
 def test_tpu_vm_existing_refuses_to_start_over_a_going_run(tmp_path):
   """--existing on a TPU whose run (started with --detach) goes on started a second run beside
   it: its set-up replaced the first run's code, its log and pid file replaced the first's (which
