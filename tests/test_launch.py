@@ -1,6 +1,7 @@
 """launch/slurm_gpu.sbatch and launch/tpu_vm.sh, run with stand-ins for SLURM's and gcloud's
 commands (each logs what it was given): what reaches `python -m sit_jax.main` on the workers."""
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -126,6 +127,9 @@ for a in "$@"; do case "$a" in --command=*) printf '%s\\0' "${{a#--command=}}" >
   # The set-up, twice on the same worker (a second launch with --existing): uv (0.8 on) refuses
   # to make a virtual environment where one exists unless told to keep or clear it.
   install = next(c for c in commands.read_text().split("\0") if "uv venv" in c)
+  # jax[tpu] in the range setup.py admits: another makes the resolution impossible on the TPU.
+  jax_range = re.search(r'"jax(>=[^"]+)"', open(os.path.join(REPO, "setup.py")).read()).group(1)
+  assert f"'jax[tpu]{jax_range}'" in install
   uv = home / ".local" / "bin" / "uv"
   uv.parent.mkdir(parents=True)
   uv.write_text("""#!/usr/bin/env bash
