@@ -156,6 +156,11 @@ class _UnreadableStep(CheckpointError):
 # Ctrl-C and SIGTERM.
 
 _SIGNALLED = threading.Event()
+_INTERRUPTIBLE = threading.Event()  # inside `interruptible()`
+
+
+class Interrupted(Exception):
+  """A second SIGTERM cut short the work inside `interruptible()`."""
 
 
 def signalled() -> bool:
@@ -163,10 +168,26 @@ def signalled() -> bool:
   return _SIGNALLED.is_set()
 
 
+@contextlib.contextmanager
+def interruptible():
+  """Inside (an evaluation, the wait for the next batch: work that a resumed run does again), a
+  SIGTERM after the first raises Interrupted: the training loop saves the step and stops now
+  rather than after that work, which may outlast the scheduler's wait before its kill -9.
+  Elsewhere (a step, a save) the loop is at most a step from saving it."""
+  _INTERRUPTIBLE.set()
+  try:
+    yield
+  finally:
+    _INTERRUPTIBLE.clear()
+
+
 def _on_signal(signum, frame):
   del frame
-  if signum == signal.SIGINT and _SIGNALLED.is_set():
-    raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving.
+  if _SIGNALLED.is_set():
+    if signum == signal.SIGINT:
+      raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving.
+    if _INTERRUPTIBLE.is_set():
+      raise Interrupted("a second SIGTERM")
   # Only set a flag: the loop saves at a step boundary, never mid-update.
   _SIGNALLED.set()
 
@@ -191,7 +212,8 @@ def _to_preemption_notice():
 @contextlib.contextmanager
 def stop_signals():
   """Inside, SIGTERM and Ctrl-C (SIGINT) set `signalled()` instead of ending the process; the
-  training loop saves the current step and stops (a second Ctrl-C stops at once).
+  training loop saves the current step and stops (a second Ctrl-C stops at once; a second
+  SIGTERM cuts an evaluation short: `interruptible`).
 
   From the main thread only. A multi-process job leaves SIGTERM to JAX's preemption service,
   whose sync point (`reached_preemption`) makes every host stop at (and save) the same step,

@@ -284,7 +284,8 @@ def _loop(exp, ckpt, outcome: Outcome, step_fn, batches, place, hooks, writer, m
 
   while step < total:
     try:
-      batch = place(next(batches))
+      with checkpoint.interruptible():
+        batch = place(next(batches))
     except Exception as e:  # pylint: disable=broad-except
       if not _ended_by_signal(e, "Reading the next batch"):
         raise
@@ -309,7 +310,8 @@ def _loop(exp, ckpt, outcome: Outcome, step_fn, batches, place, hooks, writer, m
         fetch(len(pending))  # free now: a non-finite step stops before a hook evaluates it.
         hook_start = time.perf_counter()
         try:
-          evaluated.update(hook.fn(step, state, batch) or {})
+          with checkpoint.interruptible():
+            evaluated.update(hook.fn(step, state, batch) or {})
         except Exception as e:  # pylint: disable=broad-except
           if not _ended_by_signal(e, "An evaluation"):
             raise

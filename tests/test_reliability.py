@@ -362,15 +362,20 @@ def test_signal_saves_the_current_step_and_resumes_exactly(tmp_path, sig):
   np.testing.assert_allclose(results["w"], reference_weights(10), rtol=1e-5)
 
 
-@pytest.mark.parametrize("where", ["batches", "hook"])
+@pytest.mark.parametrize("where", ["batches", "hook", "second SIGTERM"])
 def test_input_workers_ended_by_the_signal_save_the_current_step(tmp_path, where):
   """A SIGTERM to the process group (a scheduler, `timeout`) also ends grain's worker processes
   (data.workers): the next batch, or an evaluation's, fails instead of coming. The resumed run
-  does the evaluation the signal cut short, and none that was done."""
+  does the evaluation the signal cut short, and none that was done. A second SIGTERM cuts an
+  evaluation short the same way (it was ignored: the loop saved the step only once the
+  evaluation, minutes on a large k-NN bank, was done, if the kill -9 had not come first)."""
   interrupted, calls = [True], []
 
   def dead_workers():
     send(signal.SIGTERM)
+    if where == "second SIGTERM":
+      send(signal.SIGTERM)
+      pytest.fail("the evaluation went on after a second SIGTERM")
     raise RuntimeError("Worker process was terminated unexpectedly with exit code -15.")
 
   def batches(start):
@@ -385,7 +390,7 @@ def test_input_workers_ended_by_the_signal_save_the_current_step(tmp_path, where
 
   def evaluation(step, state, batch):
     calls.append(("evaluation", step))
-    if where == "hook" and step == 3 and interrupted[0]:
+    if where != "batches" and step == 3 and interrupted[0]:
       dead_workers()
     return {"val": float(step)}
 
@@ -397,7 +402,7 @@ def test_input_workers_ended_by_the_signal_save_the_current_step(tmp_path, where
   calls.clear()
   _, results = train(tmp_path, 10, batches=batches, hooks=hooks)
   np.testing.assert_allclose(results["w"], reference_weights(10), rtol=1e-5)
-  redone = [("evaluation", 3)] if where == "hook" else []
+  redone = [("evaluation", 3)] if where != "batches" else []
   assert calls[:len(redone) + 1] == redone + [("monitor", 4)]
   for key in ("monitor", "val"):
     assert [row["step"] for row in metric_rows(tmp_path) if key in row] == list(range(1, 11))
