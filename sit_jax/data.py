@@ -1077,6 +1077,7 @@ class HostIterator:
     self.info = info
     self.step = start_step  # index of the next batch
     self.num_skipped = 0
+    self.first_unreadable = ""  # "file: reason" of the first unreadable image named
 
   def __iter__(self):
     return self
@@ -1084,6 +1085,7 @@ class HostIterator:
   def _note_skipped(self, count, unreadable):
     for file_and_error in unreadable:
       _warn_unreadable(self.info.name, file_and_error)
+    self.first_unreadable = self.first_unreadable or next(iter(unreadable), "")
     if count:
       self.num_skipped += count
       logging.warning("%s: skipped %d unreadable image(s) (total %d)", self.info.name, count,
@@ -1114,14 +1116,21 @@ class EvalIterator(HostIterator):
   def __init__(self, batches, batch_size, info, num_batches):
     super().__init__(batches, batch_size, info)
     self._num_batches = num_batches
+    self._num_read = 0
 
   def __len__(self):
     return self._num_batches
 
   def __next__(self):
     if self.step >= self._num_batches:
+      if self.num_skipped and not self._num_read:  # nothing to score or to bank
+        example = f", e.g. {self.first_unreadable}" if self.first_unreadable else ""
+        raise DataError(f"{self.info.name}: none of its {self.num_skipped} images could be "
+                        f"read{example}. Fix or replace them.")
       raise StopIteration
-    return super().__next__()
+    batch = super().__next__()
+    self._num_read += int(batch["mask"].sum())
+    return batch
 
 
 def _train_iterator(source, split, *, global_batch_size, image_size, crop_scale, seed,

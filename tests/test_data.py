@@ -487,6 +487,12 @@ def test_folder_of_only_corrupt_files_raises(tmp_path):
   with pytest.raises(data.DataError, match=r"too few readable.*, e\.g\. .*/bad/\d\.jpg: cannot "
                                            "identify image file"):
     next(it)
+  # A held-out split or k-NN bank of them is one line, not a crash on no features at all.
+  it = data.eval_iterator(f"folder:{tmp_path / 'bad'}", None, global_batch_size=2, image_size=8,
+                          process_index=0, process_count=1)
+  with pytest.raises(data.DataError, match=r"bad: none of its 3 images could be read, e\.g\. "
+                                           r".*/bad/0\.jpg: cannot identify image file"):
+    list(it)
 
 
 # ----- errors -------------------------------------------------------------------------------
