@@ -2,7 +2,7 @@
 
     # PyTorch -> a sit_jax backbone export, which every transfer config takes as --config.init
     python -m sit_jax.convert to-jax --input dino_deitsmall16_pretrain.pth --output /ckpt/dino_s16
-    # sit_jax (a pretraining workdir, checkpoint step or backbone export) -> timm state dict
+    # sit_jax (a pretraining or fine-tuning workdir, checkpoint step or backbone export) -> timm
     python -m sit_jax.convert to-timm --input /tmp/sit_local --output /tmp/sit_local.safetensors
 
 to-jax reads .pth/.pt (torch.load, weights only) or .safetensors. It unwraps training
@@ -14,11 +14,16 @@ position-embedding grid times the patch size, heads from --num_heads or the stan
 Anything else (tokens besides CLS: distillation, registers; layer scale, fc_norm, ...) is an
 error naming the keys. The export goes to a new or empty directory.
 
-to-timm writes a state dict that `timm.models.vision_transformer.VisionTransformer(img_size=...,
-patch_size=..., embed_dim=..., depth=..., num_heads=..., num_classes=0)` loads with strict=True;
-the command prints that call, and for a model.standardize_input backbone the line that
-standardises timm's input as sit_jax does. A .safetensors file keeps that setting in its metadata,
-which to-jax restores. .safetensors needs only `safetensors`; .pth/.pt need torch.
+to-timm writes a state dict that timm's `VisionTransformer` loads with strict=True, and prints the
+PyTorch lines that load it and compute what sit_jax computes: a backbone's CLS features, or the
+logits of a fine-tuned classifier (a configs/finetune.py or fine-tuning multilabel.py workdir):
+head.weight and head.bias, pooled as the run's head.features, 'cls' (timm's global_pool='token')
+or 'mean' (global_pool='avg', fc_norm=False); for 'cls+mean', which timm has no pooling for, a
+torch.nn.Linear on the concatenated tokens. For a model.standardize_input backbone the lines
+standardise timm's input as sit_jax does. A .safetensors file keeps that setting in its
+metadata, which to-jax restores (dropping the classifier). A frozen-backbone run (linear probe,
+k-NN, few-shot, segmentation) holds no backbone of its own: to-timm names its config.init.
+.safetensors needs only `safetensors`; .pth/.pt need torch.
 """
 from __future__ import annotations
 
@@ -382,13 +387,6 @@ def to_jax(input_path: str, output_dir: str, *, num_heads: int | None = None,
   return config
 
 
-def timm_constructor(config: Mapping) -> str:
-  arch = vit.parse_variant(config["variant"])
-  return (f"timm.models.vision_transformer.VisionTransformer(img_size={config['image_size']}, "
-          f"patch_size={arch['patch_size']}, embed_dim={arch['width']}, depth={arch['depth']}, "
-          f"num_heads={arch['num_heads']}, num_classes=0)")
-
-
 def save_state_dict(state: Mapping[str, np.ndarray], path: str, settings: Mapping):
   """Writes `state`; a .safetensors file keeps `settings` (vit.PARAMETER_KEYS) in its metadata."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -410,28 +408,126 @@ def save_state_dict(state: Mapping[str, np.ndarray], path: str, settings: Mappin
 # timm: x, (N, 3, H, W), normalised by ImageNet's mean and std as sit_jax normalises it.
 TIMM_STANDARDIZE = ("x = (x - x.mean((2, 3), keepdim=True)) / "
                     "x.std((2, 3), keepdim=True, unbiased=False).clamp_min(0.01)")
+# Transfer runs that evaluate config.init's backbone frozen, and hold none of their own (as does
+# a multilabel run with multilabel.frozen); and those that fine-tune it under a classifier,
+# params {'backbone': ..., 'head': {'fc': ...}} (finetune.Classifier).
+FROZEN_EXPERIMENTS = ("linear", "knn", "fewshot", "segment")
+CLASSIFIER_EXPERIMENTS = ("finetune", "multilabel")
+# timm's VisionTransformer arguments that pool the tokens as head.features does
+# (heads.pool_features: after the final norm), and what the printed lines call that pooling.
+TIMM_POOLING = {"cls": "global_pool='token'", "mean": "global_pool='avg', fc_norm=False"}
+POOLING_NAMES = {"cls": "the CLS token", "mean": "the mean patch token",
+                 "cls+mean": "CLS and the mean patch token concatenated"}
+
+
+def _run_config(workdir) -> dict:
+  """The config.json of the run in `workdir`, {} where there is none."""
+  from sit_jax import metrics
+  text = metrics.read_text(os.path.join(workdir, "config.json"))
+  return json.loads(text) if text else {}
+
+
+def check_not_a_frozen_run(path: str):
+  """Raises, naming its config.init, if `path` is the workdir of a frozen-backbone transfer run."""
+  run = _run_config(path)
+  experiment = run.get("experiment")
+  if not (experiment in FROZEN_EXPERIMENTS
+          or experiment == "multilabel" and (run.get("multilabel") or {}).get("frozen")):
+    return
+  init, teacher = run.get("init") or "", run.get("init_weights") == "teacher"
+  backbone = (f"convert that one: --input={init}{' --use=teacher' if teacher else ''}" if init
+              else "it was a random init (config.init=''), nothing trained to convert")
+  raise ConversionError(
+      f"{path} is the workdir of a {experiment} run, which evaluates the frozen backbone of its "
+      "config.init and saves no backbone of its own (nor a head timm computes: to-timm writes "
+      f"backbones and fine-tuned classifiers, configs/finetune.py); {backbone}.")
+
+
+def classifier_head(path: str, width: int) -> tuple[str, dict[str, np.ndarray]] | None:
+  """(head.features, timm's head.weight and head.bias) of the fine-tuning checkpoint that
+  `path` (a workdir or step directory) names; None for a pretraining checkpoint or an export."""
+  from sit_jax import checkpoint
+  step_dir = checkpoint.locate_backbone(path)
+  if (not (step_dir / checkpoint.STATE_ITEM).is_dir()
+      or checkpoint._step_metadata(step_dir).get("experiment") not in CLASSIFIER_EXPERIMENTS):
+    return None
+  fc = checkpoint._restore_numpy(
+      step_dir / checkpoint.STATE_ITEM,
+      lambda tree: {"params": {"head": tree["params"]["head"]}})["params"]["head"]["fc"]
+  kernel = np.asarray(fc["kernel"])
+  if kernel.shape[0] == 2 * width:
+    features = "cls+mean"
+  else:  # CLS or the mean patch token: the same shapes, which only the run's config tells apart.
+    run_dir = checkpoint._run_workdir(step_dir.parent)
+    features = (_run_config(run_dir).get("head") or {}).get("features")
+    if features not in TIMM_POOLING:
+      found = f"says head.features={features!r}" if features else "is missing"
+      raise ConversionError(
+          f"Cannot tell whether the classifier of {step_dir} is on the CLS token or on the mean "
+          f"patch token: the config.json of its run in {run_dir}, which says so (head.features), "
+          f"{found}. Convert the checkpoint inside the run's workdir.")
+  return features, {"head.weight": np.ascontiguousarray(kernel.T),
+                    "head.bias": np.asarray(fc["bias"])}
+
+
+def timm_code(config: Mapping, path: str, features: str | None, num_classes: int) -> list[str]:
+  """PyTorch lines that load the to-timm file `path` and compute, from images x, what sit_jax
+  computes: `logits` of a classifier on `features` (head.features), else the CLS `features`."""
+  arch = vit.parse_variant(config["variant"])
+  native = features in TIMM_POOLING
+  args = (f"img_size={config['image_size']}, patch_size={arch['patch_size']}, "
+          f"embed_dim={arch['width']}, depth={arch['depth']}, num_heads={arch['num_heads']}, "
+          f"num_classes={num_classes if native else 0}"
+          + (f", {TIMM_POOLING[features]}" if native else ""))
+  lines = ["import safetensors.torch, timm, torch",
+           f"state = safetensors.torch.load_file({path!r})" if path.endswith(".safetensors")
+           else f"state = torch.load({path!r})",
+           f"model = timm.models.vision_transformer.VisionTransformer({args}).eval()"]
+  if features == "cls+mean":
+    lines += [f"head = torch.nn.Linear({2 * arch['width']}, {num_classes})",
+              "head.load_state_dict({'weight': state.pop('head.weight'), "
+              "'bias': state.pop('head.bias')})"]
+  lines += ["model.load_state_dict(state, strict=True)",
+            "# x: images (N, 3, H, W) normalised by ImageNet's mean and std, as sit_jax does"]
+  if config.get("standardize_input"):
+    lines.append(f"{TIMM_STANDARDIZE}  # model.standardize_input, which timm's model lacks")
+  if features is None:
+    lines.append("features = model(x)  # CLS after the final norm: sit_jax's head.features=cls")
+  elif native:
+    lines.append("logits = model(x)")
+  else:
+    lines += ["tokens = model.forward_features(x)",
+              "logits = head(torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], 1))"]
+  return lines
 
 
 def to_timm(input_path: str, output_path: str, use: str = "student") -> dict:
-  """Writes the backbone of a sit_jax export/checkpoint/workdir as a timm state dict: a
-  checkpoint's student, or with use='teacher' its momentum teacher."""
+  """Writes the backbone of a sit_jax export/checkpoint/workdir as a timm state dict (a
+  checkpoint's student, or with use='teacher' its momentum teacher), with a fine-tuning
+  checkpoint's classifier head."""
   from sit_jax import checkpoint
   if os.path.isfile(input_path):
     raise ConversionError(f"{input_path} is a file: to-timm reads a sit_jax workdir, checkpoint "
                           "step or backbone export (to-jax converts PyTorch weights to one).")
+  check_not_a_frozen_run(input_path)
   loaded, config = checkpoint.load_backbone(input_path, use)
   if "backbone" not in loaded:
     raise ConversionError(f"{input_path} holds no 'backbone' parameters ({_list(loaded)}).")
   state = params_to_timm(loaded["backbone"])
+  width = vit.parse_variant(config["variant"])["width"]
+  head = classifier_head(input_path, width)
+  features, num_classes, wrote = None, 0, f"the {config['variant']} backbone"
+  if head:
+    features, head_state = head
+    state.update(head_state)
+    num_classes = len(head_state["head.bias"])
+    wrote += (f" and its fine-tuned classifier ({num_classes} classes) on "
+              f"{POOLING_NAMES[features]}" + ("" if features in TIMM_POOLING else
+                                              ", a pooling timm's VisionTransformer lacks"))
   save_state_dict(state, output_path, vit.parameter_settings(config))
-  print(f"Wrote {len(state)} tensors to {output_path}. Load them with\n"
-        f"  model = {timm_constructor(config)}\n"
-        f"  model.load_state_dict(<the file>, strict=True)\n"
-        "and give it images x normalised by ImageNet's mean and std, as sit_jax does.")
-  if config.get("standardize_input"):
-    print("This backbone standardises each image first (model.standardize_input), which timm's "
-          "model does not: without this step before model(x) its features differ from "
-          f"sit_jax's.\n  {TIMM_STANDARDIZE}")
+  print(f"Wrote {len(state)} tensors to {output_path}: {wrote}. In PyTorch:\n"
+        + "\n".join(f"  {line}" for line in timm_code(config, output_path, features,
+                                                      num_classes)))
   return config
 
 
@@ -449,9 +545,11 @@ def main(argv=None) -> int:
   a.add_argument("--overwrite", action="store_true", help="replace an existing export")
   a.add_argument("--unsafe_pickle", action="store_true",
                  help="torch.load(weights_only=False): only for files you trust")
-  b = sub.add_parser("to-timm", help="sit_jax backbone -> timm state dict")
+  b = sub.add_parser("to-timm",
+                     help="sit_jax backbone or fine-tuned classifier -> timm state dict")
   b.add_argument("--input", required=True,
-                 help="a backbone export, a checkpoint step directory or a pretraining workdir")
+                 help="a backbone export, a checkpoint step directory, or a pretraining or "
+                      "fine-tuning workdir")
   b.add_argument("--output", required=True, help=".safetensors, .pth or .pt file")
   b.add_argument("--use", choices=("student", "teacher"), default="student",
                  help="which network of a checkpoint (default: the student, as the transfer "

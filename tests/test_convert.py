@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -182,58 +183,110 @@ def test_to_timm_writes_a_checkpoint_s_student_or_teacher(exported_backbone, tmp
     jax.tree.map(np.testing.assert_array_equal, got, want)
 
 
-# argv: a timm state dict, the to-timm lines that build the model and standardise its input,
-# uint8 images (.npy, NHWC) and where to save forward_features of them (.npz), without the
-# standardising line ('plain') and with it ('told').
-TIMM_FEATURES = textwrap.dedent("""
-    import sys
+# argv: uint8 images (.npy, NHWC), where to save the results (.npz) and a JSON list of PyTorch
+# snippets that to-timm printed. Each runs on the images normalised by ImageNet's mean and std;
+# the .npz gets, for snippet i, out_i (its `logits`, else its `features`) and tokens_i
+# (forward_features of its input).
+TIMM_RUN = textwrap.dedent("""
+    import json, sys
     import numpy as np, timm, torch
-    from safetensors.torch import load_file
-    state, build, standardize, images, out = sys.argv[1:]
-    exec(build)
-    model.load_state_dict(load_file(state), strict=True)
-    x = torch.from_numpy(np.load(images)).permute(0, 3, 1, 2).float() / 255
-    x = (x - torch.tensor(timm.data.IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)) / torch.tensor(
-        timm.data.IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
-    with torch.no_grad():
-      plain = model.eval().forward_features(x).numpy()
-      exec(standardize)
-      np.savez(out, plain=plain, told=model.forward_features(x).numpy())
+    images, out, snippets = sys.argv[1:]
+    pixels = torch.from_numpy(np.load(images)).permute(0, 3, 1, 2).float() / 255
+    results = {}
+    for i, code in enumerate(json.loads(snippets)):
+      x = (pixels - torch.tensor(timm.data.IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)) / torch.tensor(
+          timm.data.IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
+      scope = {"x": x}
+      with torch.no_grad():
+        exec(code, scope)
+        results[f"out_{i}"] = scope.get("logits", scope.get("features")).numpy()
+        results[f"tokens_{i}"] = scope["model"].forward_features(scope["x"]).numpy()
+    np.savez(out, **results)
     """)
 
 
-def test_timm_gives_a_standardize_input_backbone_s_features_as_told(exported_backbone, tmp_path,
-                                                                    capsys):
-  """The same uint8 images give the same tokens in timm, through the lines to-timm prints, as in
-  sit_jax's transfer runs (ImageNet normalisation, then the backbone's own standardisation)."""
-  from sit_jax.transfer import common
+def printed_code(capsys) -> str:
+  """The PyTorch lines to-timm printed (indented by two spaces)."""
+  return "\n".join(l[2:] for l in capsys.readouterr().out.splitlines() if l.startswith("  "))
+
+
+def test_timm_computes_what_sit_jax_does_through_the_printed_lines(exported_backbone, tmp_path,
+                                                                   capsys, caplog):
+  """The same uint8 images give, through the lines to-timm prints, what sit_jax's transfer runs
+  compute (ImageNet normalisation, then the backbone's own standardisation): a backbone's tokens,
+  and the logits of a fine-tuning workdir's classifier on each head.features; to-jax of the
+  classifier's file gives back the fine-tuned backbone."""
+  from configs import finetune as finetune_config
+  from sit_jax import metrics
+  from sit_jax.transfer import common, finetune
   _, params = exported_backbone
   config = {"variant": "Mu/4", "image_size": 32, "standardize_input": True}
+  module = vit.backbone_from_config(config)
   export = checkpoint.export_backbone(tmp_path / "export", {"backbone": params}, config)
-  out = str(tmp_path / "timm.safetensors")
-  assert convert.main(["to-timm", f"--input={export}", f"--output={out}"]) == 0
-  printed = capsys.readouterr().out.splitlines()
-  build = "import timm\n" + next(l for l in printed if "model = timm." in l).strip()
-  standardize = next(l for l in printed if l.strip().startswith("x = ")).strip()
+  backbone_file = str(tmp_path / "backbone.safetensors")
+  assert convert.main(["to-timm", f"--input={export}", f"--output={backbone_file}"]) == 0
+  told = printed_code(capsys)
+  plain = "\n".join(l for l in told.splitlines() if "standardize_input" not in l)
+  assert plain != told
+  snippets, want = [told, plain], []
   images = np.random.RandomState(0).randint(0, 256, (4, 32, 32, 3)).astype(np.uint8)
   images[3] = 100
   images[3, :16] = 101  # one grey level apart: a std below the floor standardize_per_image sets
-  np.save(tmp_path / "images.npy", images)
-  module = vit.backbone_from_config(config)
   out_jax = module.apply({"params": params}, common.to_input(jnp.asarray(images)))
-  want = np.concatenate([np.asarray(out_jax["cls"])[:, None], np.asarray(out_jax["patches"])], 1)
-  proc = run_python("-c", TIMM_FEATURES, out, build, standardize, str(tmp_path / "images.npy"),
-                    str(tmp_path / "tokens.npz"))
+  tokens = np.concatenate([np.asarray(out_jax["cls"])[:, None], np.asarray(out_jax["patches"])], 1)
+  # Fine-tuning workdirs as finetune.run leaves them: the Classifier's params (its head, zero at
+  # init, drawn at random here) in a checkpoint, and the run's config.json.
+  classifiers = {}
+  for i, features in enumerate(("cls", "mean", "cls+mean")):
+    model = finetune.Classifier(module, 5, features)
+    tree = jax.tree.map(np.asarray, model.init(jax.random.PRNGKey(i), images[:1])["params"])
+    tree["head"]["fc"] = jax.tree.map(
+        lambda x: 0.2 * np.random.RandomState(i).normal(size=x.shape).astype(np.float32),
+        tree["head"]["fc"])
+    run = tmp_path / features
+    with checkpoint.Checkpointer(run / "checkpoints", every=1) as ck:
+      ck.save(3, {"step": np.int32(3), "params": tree},
+              metadata={"model": config, "experiment": "finetune", "num_classes": 5})
+    run_config = finetune_config.get_config("runlocal")
+    run_config.head.features = features
+    metrics.write_json(run / "config.json", run_config.to_dict())
+    out = str(tmp_path / f"{features}.safetensors")
+    assert convert.main(["to-timm", f"--input={run}", f"--output={out}"]) == 0
+    snippets.append(printed_code(capsys))
+    want.append(np.asarray(model.apply({"params": tree}, common.to_input(jnp.asarray(images)))))
+    classifiers[features] = out, tree
+  assert "global_pool='avg', fc_norm=False" in snippets[3]
+  np.save(tmp_path / "images.npy", images)
+  proc = run_python("-c", TIMM_RUN, str(tmp_path / "images.npy"), str(tmp_path / "got.npz"),
+                    json.dumps(snippets))
   assert proc.returncode == 0, proc.stderr[-3000:]
-  got = np.load(tmp_path / "tokens.npz")
-  np.testing.assert_allclose(got["told"], want, atol=1e-4, rtol=0)
-  # The step matters: without it every image's tokens are others.
-  assert all(np.abs(got["plain"] - want)[i].max() > 0.1 for i in range(4))
-  # The file keeps the setting for to-jax, so the way back is the backbone that was exported.
-  convert.to_jax(out, str(tmp_path / "back"))
-  back, back_config = checkpoint.load_backbone(tmp_path / "back")
-  assert back_config["standardize_input"] is True and back_config["variant"] == "Mu/4"
-  jax.tree.map(np.testing.assert_array_equal, back["backbone"], params)
+  got = np.load(tmp_path / "got.npz")
+  np.testing.assert_allclose(got["tokens_0"], tokens, atol=1e-4, rtol=0)
+  np.testing.assert_allclose(got["out_0"], tokens[:, 0], atol=1e-4, rtol=0)
+  # The standardising line matters: without it every image's tokens are others.
+  assert all(np.abs(got["tokens_1"] - tokens)[i].max() > 0.1 for i in range(4))
+  for i, logits in enumerate(want):
+    assert np.abs(logits).max() > 0.1  # a head that is not zero
+    np.testing.assert_allclose(got[f"out_{i + 2}"], logits, atol=1e-4, rtol=0)
+  # The files keep the setting for to-jax, which drops the classifier: the way back is the
+  # backbone that was exported, or fine-tuned.
+  for name, (path, backbone) in {"backbone": (backbone_file, params),
+                                 "classifier": (classifiers["mean"][0],
+                                                classifiers["mean"][1]["backbone"])}.items():
+    back = tmp_path / f"back_from_{name}"
+    convert.to_jax(path, str(back))
+    got_back, back_config = checkpoint.load_backbone(back)
+    assert back_config["standardize_input"] is True and back_config["variant"] == "Mu/4"
+    jax.tree.map(np.testing.assert_array_equal, got_back["backbone"], backbone)
+  assert "Dropped 2 parameters that are not the backbone (heads): head.bias, head.weight" in \
+      caplog.text
+  # A step directory copied out of its workdir: whether its classifier pools CLS or the mean
+  # patch token (the same shapes) is in the run's config.json only.
+  shutil.copytree(tmp_path / "mean" / "checkpoints" / "3", tmp_path / "copied" / "3")
+  with pytest.raises(convert.ConversionError, match=r"Cannot tell whether the classifier of .*"
+                     r"copied/3 is on the CLS token or on the mean patch token: the config.json "
+                     r"of its run in .*copied, which says so \(head.features\), is missing."):
+    convert.to_timm(str(tmp_path / "copied" / "3"), str(tmp_path / "copied.safetensors"))
 
 
 def test_unknown_and_missing_keys_are_listed(reference):
@@ -295,6 +348,19 @@ def test_a_truncated_file_or_the_wrong_kind_of_input_is_one_line(reference, tmp_
   with pytest.raises(convert.ConversionError, match="cut.safetensors is a file: to-timm reads a "
                      "sit_jax workdir, checkpoint step or backbone export"):
     convert.to_timm(str(truncated), str(tmp_path / "out.safetensors"))
+  # A linear probe's workdir holds neither a backbone of its own nor a head timm computes.
+  from configs import linear as linear_config
+  from sit_jax import metrics
+  probe = linear_config.get_config("runlocal")
+  for init, named in (("/ckpt/sit_vits", "convert that one: --input=/ckpt/sit_vits"),
+                      ("", r"it was a random init \(config.init=''\), nothing trained to convert")):
+    probe.init = init
+    metrics.write_json(tmp_path / "probe" / "config.json", probe.to_dict())
+    with pytest.raises(convert.ConversionError, match=r"probe is the workdir of a linear run, "
+                       r"which evaluates the frozen backbone of its config.init and saves no "
+                       rf"backbone of its own .*; {named}\.$"):
+      convert.to_timm(str(tmp_path / "probe"), str(tmp_path / "out.safetensors"))
+  assert not (tmp_path / "out.safetensors").exists()
 
 
 # Runs `convert.main` on each argument list of argv[1] (JSON) and prints (exit code, stderr) of
