@@ -280,8 +280,6 @@ class Experiment:
       if remote and self.is_main:
         logging.info("Workdir %s is remote: no lock is held, so make sure no other run "
                      "writes to it.", self.workdir)
-      if not self._has_checkpoints():  # else the trainer writes it once the resume is allowed
-        self.write_config()
       self.mesh = sharding.make_mesh(config.mesh)
       if batch_sizes is None:
         batch_sizes = {"data.global_batch_size": config.get("data", {}).get("global_batch_size"),
@@ -292,6 +290,9 @@ class Experiment:
             sharding.check_batch_size(size, self.mesh)
           except ValueError as error:
             raise ValueError(f"{key}: {error}") from None
+      # Once the settings passed: a refused run leaves the config.json of the results there.
+      if not self._has_checkpoints():  # else the trainer writes it once the resume is allowed
+        self.write_config()
     except BaseException:
       self.close()
       raise

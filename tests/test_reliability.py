@@ -258,6 +258,18 @@ def test_another_experiment_in_the_workdir_is_refused_before_writing(tmp_path):
   assert {name: (tmp_path / name).read_bytes() for name in kept} == kept
 
 
+def test_a_batch_size_refused_leaves_the_config_of_the_results(tmp_path):
+  """A run with no checkpoints (k-NN, the L-BFGS probe) started again with a batch size the mesh
+  refuses wrote its config.json first: the results of the run there were described by the
+  settings of one that never ran."""
+  train(tmp_path, 2, checkpoints=False)
+  kept = (tmp_path / "config.json").read_bytes()
+  with pytest.raises(ValueError, match="eval_batch_size: Global batch size 12 is not divisible"):
+    experiment.Experiment(tiny_config(total_steps=2, eval_batch_size=12), tmp_path,
+                          batch_sizes={"eval_batch_size": 12})
+  assert (tmp_path / "config.json").read_bytes() == kept
+
+
 def test_a_finished_run_whose_checkpoints_are_gone_is_refused_before_writing(tmp_path):
   """Checkpoints deleted to save space: the same command again trained from step 0, wiped
   metrics.jsonl at once and replaced results.json (and a pretraining's backbone/) at the end."""
