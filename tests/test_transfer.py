@@ -428,6 +428,16 @@ def test_load_backbone_from_pretraining_workdir(tmp_path, exported_backbone, cap
   # The checkpoint's patch (4) decides which sizes fit; config_check cannot see it.
   with pytest.raises(ValueError, match=r"^data.image_size=18 does not fit the Mu/4 backbone of "):
     common.load_backbone(c, image_size=18)
+  # results.json names the step the workdir's latest checkpoint was (a pretraining that goes on
+  # moves it) and the classes; an export has no step.
+  info = data.DatasetInfo(12, 3, "folder:/x/train", classes=("ant", "bee", "cat"))
+  results = common.results_dict(c, backbone, info, info, 4, {})
+  assert (results["init_checkpoint"], results["init_step"]) == (
+      str(tmp_path / "checkpoints" / "7"), 7)
+  assert (results["num_classes"], results["classes"]) == (3, ["ant", "bee", "cat"])
+  c.init = str(exported_backbone[0])
+  results = common.results_dict(c, common.load_backbone(c, image_size=32), info, info, 4, {})
+  assert (results["init_checkpoint"], results["init_step"]) == (str(exported_backbone[0]), None)
 
 
 def test_layer_decay_factors_and_updates():

@@ -35,6 +35,8 @@ class Backbone:
   pretrained_image_size: int | None = None
   weights: str = "student"  # config.init_weights: the checkpoint's student or teacher
   checkpoint_hash: str | None = None  # parameters_hash of the parameters as read; None: random
+  location: str | None = None  # the directory read (a step directory or an export); None: random
+  step: int | None = None      # the pretraining step of a step directory; None: an export
 
   @property
   def name(self) -> str:
@@ -72,6 +74,9 @@ def load_backbone(config, *, image_size: int, drop_path_rate: float | None = Non
   from sit_jax import checkpoint  # orbax: only when a checkpoint is read.
   weights = config.get("init_weights", "student")
   loaded, ckpt_config = checkpoint.load_backbone(config.init, weights)
+  # A workdir names its latest step, which a pretraining that goes on moves: results name it.
+  location = checkpoint.locate_backbone(config.init, weights)
+  is_step = (location / checkpoint.STATE_ITEM).is_dir() and location.name.isdigit()
   if "backbone" not in loaded:
     raise checkpoint.CheckpointError(f"{config.init} holds no 'backbone' parameters "
                                      f"(found {sorted(loaded)}).")
@@ -95,7 +100,8 @@ def load_backbone(config, *, image_size: int, drop_path_rate: float | None = Non
   check_params(module, params, config.init)
   return Backbone(module, params, model_config, str(config.init),
                   pretrained_image_size=ckpt_config.get("image_size"), weights=weights,
-                  checkpoint_hash=checkpoint_hash)
+                  checkpoint_hash=checkpoint_hash, location=str(location),
+                  step=int(location.name) if is_step else None)
 
 
 def parameters_hash(params) -> str:
@@ -463,12 +469,18 @@ def dataset_name(config) -> str:
 
 def results_dict(config, backbone: Backbone, train_info, test_info, num_evaluated: int,
                  scores: dict, **extra) -> dict:
+  """What results.json says of every transfer run: the data, the checkpoint (and its step), the
+  model; then `scores` and `extra`. train_info: data.DatasetInfo (or segmentation's data)."""
+  classes = getattr(train_info, "classes", None) or getattr(train_info, "class_names", ())
   return {"experiment": config.experiment, "dataset": dataset_name(config) or test_info.name,
           "source": config.data.source, "train_split": config.data.train_split,
           "test_split": config.data.test_split, "init": backbone.init or "random",
-          **({"init_weights": backbone.weights} if backbone.init else {}),
+          **({"init_weights": backbone.weights, "init_checkpoint": backbone.location,
+              "init_step": backbone.step} if backbone.init else {}),
           "model": backbone.model_config, "image_size": backbone.module.image_size,
           "pretrained_image_size": backbone.pretrained_image_size,
+          "num_classes": train_info.num_classes,
+          **({"classes": list(classes)} if classes else {}),
           "num_train_examples": train_info.num_examples, "num_examples": int(num_evaluated),
           **scores, **extra}
 
@@ -482,8 +494,10 @@ def results_table(results: dict, protocol: str, figures: dict) -> dict:
   added, for results.json, and logged as one line: experiment (protocol) | dataset | checkpoint |
   features | each figure."""
   results = {**results, "protocol": protocol, "figures": figures}
+  step = results.get("init_step")
   cells = [f"{results['experiment']} ({protocol})", str(results.get("dataset", "")),
-           f"checkpoint {backbone_name(results.get('init', ''), results.get('init_weights'))}",
+           f"checkpoint {backbone_name(results.get('init', ''), results.get('init_weights'))}"
+           + (f" step {step}" if step is not None else ""),
            f"features {results.get('features', '')}"]
   cells += [f"{name} {_figure(value)}" for name, value in figures.items()]
   logging.info("results | %s", " | ".join(cells))

@@ -119,9 +119,9 @@ def frozen_checkpoint_metadata(config, backbone: common.Backbone, num_classes: i
   from now: a pretraining that has saved a step since is refused rather than swapped in under
   the head, a moved or copied one resumes."""
   from sit_jax import checkpoint
-  path = backbone.init and str(checkpoint.locate_backbone(backbone.init, backbone.weights))
   return {**common.checkpoint_metadata(config, backbone, num_classes),
-          checkpoint.BACKBONE: {"params_hash": backbone.checkpoint_hash, "path": path}}
+          checkpoint.BACKBONE: {"params_hash": backbone.checkpoint_hash,
+                                "path": backbone.location or ""}}
 
 
 def abstract_of(tree):
