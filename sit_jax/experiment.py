@@ -14,7 +14,9 @@
   * the log file DIR/log.txt (process 0): every log line of the run, starting with the command,
     the full config, which the console does not show, and the code, packages and devices that
     computed it (`environment`);
-  * DIR/config.json (a resuming run's after its checkpoint accepted the settings: trainer.py);
+  * DIR/config.json: a run with checkpoints writes it once they accepted its settings
+    (trainer.py), one without with its results (`finish`), so that a run refused or failed on
+    the way leaves the config.json of the results there;
   * the mesh (`config.mesh`), and the check that each batch size divides over it;
   * the MetricWriter (`writer()`), created once the run knows its length;
   * results.json and the closing summary line (`finish`).
@@ -290,9 +292,6 @@ class Experiment:
             sharding.check_batch_size(size, self.mesh)
           except ValueError as error:
             raise ValueError(f"{key}: {error}") from None
-      # Once the settings passed: a refused run leaves the config.json of the results there.
-      if not self._has_checkpoints():  # else the trainer writes it once the resume is allowed
-        self.write_config()
     except BaseException:
       self.close()
       raise
@@ -411,6 +410,7 @@ class Experiment:
     `also` names further outputs (paths under the workdir, or absolute) for the line; the
     checkpoint and backbone paths in `results` are named without being listed.
     """
+    self.write_config()
     self.write_json("results.json", results)
     wrote = ["results.json", "metrics.jsonl", "config.json", LOG_FILE]
     wrote += [self._relative(results[key]) for key in ("checkpoint", "backbone")

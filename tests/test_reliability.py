@@ -258,16 +258,22 @@ def test_another_experiment_in_the_workdir_is_refused_before_writing(tmp_path):
   assert {name: (tmp_path / name).read_bytes() for name in kept} == kept
 
 
-def test_a_batch_size_refused_leaves_the_config_of_the_results(tmp_path):
+def test_a_run_refused_leaves_the_config_of_the_results(tmp_path):
   """A run with no checkpoints (k-NN, the L-BFGS probe) started again with a batch size the mesh
-  refuses wrote its config.json first: the results of the run there were described by the
-  settings of one that never ran."""
+  refuses, or data that are not there, wrote its config.json first: the results of the run
+  there were described by the settings of one that never ran."""
   train(tmp_path, 2, checkpoints=False)
   kept = (tmp_path / "config.json").read_bytes()
   with pytest.raises(ValueError, match="eval_batch_size: Global batch size 12 is not divisible"):
     experiment.Experiment(tiny_config(total_steps=2, eval_batch_size=12), tmp_path,
                           batch_sizes={"eval_batch_size": 12})
+  with pytest.raises(FileNotFoundError):
+    with experiment.Experiment(tiny_config(total_steps=2, seed=1), tmp_path,
+                               batch_sizes=BATCH_SIZES):
+      raise FileNotFoundError("image folder 'images' does not exist")  # read in the workdir
   assert (tmp_path / "config.json").read_bytes() == kept
+  train(tmp_path, 2, checkpoints=False, seed=1)
+  assert json.loads((tmp_path / "config.json").read_text())["seed"] == 1
 
 
 def test_a_finished_run_whose_checkpoints_are_gone_is_refused_before_writing(tmp_path):
