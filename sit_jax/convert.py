@@ -479,10 +479,10 @@ def timm_code(config: Mapping, path: str, features: str | None, num_classes: int
           f"embed_dim={arch['width']}, depth={arch['depth']}, num_heads={arch['num_heads']}, "
           f"num_classes={num_classes if native else 0}"
           + (f", {TIMM_POOLING[features]}" if native else ""))
-  lines = ["import safetensors.torch, timm, torch",
-           f"state = safetensors.torch.load_file({path!r})" if path.endswith(".safetensors")
-           else f"state = torch.load({path!r})",
-           f"model = timm.models.vision_transformer.VisionTransformer({args}).eval()"]
+  lines = (["import safetensors.torch, timm, torch",
+            f"state = safetensors.torch.load_file({path!r})"] if path.endswith(".safetensors")
+           else ["import timm, torch", f"state = torch.load({path!r})"])
+  lines.append(f"model = timm.models.vision_transformer.VisionTransformer({args}).eval()")
   if features == "cls+mean":
     lines += [f"head = torch.nn.Linear({2 * arch['width']}, {num_classes})",
               "head.load_state_dict({'weight': state.pop('head.weight'), "
