@@ -691,8 +691,14 @@ def check_disjoint(train, held_out, train_key: str, held_out_key: str):
 
 def check_held_out(train: DatasetInfo, held_out: DatasetInfo, train_key: str, held_out_key: str):
   """A held-out split must share no example with the training split, and a folder split must
-  have the training split's class folders, so that label i names the same class in both."""
+  have the training split's class folders, so that label i names the same class in both; the
+  training split needs two classes or more, with one every held-out image is scored right."""
   check_disjoint(train, held_out, train_key, held_out_key)
+  if train.num_classes == 1 and not train.multilabel:
+    inside = (f" If {train.classes[0]}/ holds the class folders, move them up a level: a "
+              "folder's classes are its sub-folders." if train.classes else "")
+    raise DataError(f"{train.name} ({train_key}) has one class, so every {held_out_key} image "
+                    f"would be scored right.{inside}")
   if train.classes and not held_out.classes:  # its images would all have label -1
     raise DataError(f"{held_out.name} ({held_out_key}) has no class folders, {train.name} "
                     f"({train_key}) has {len(train.classes)}: put its images in the same "

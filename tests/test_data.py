@@ -399,6 +399,13 @@ def test_held_out_splits_share_no_image_and_the_classes(tmp_path):
                      r".* has 3: put its images in the same class folders \(ant, bee, cow"):
     data.check_held_out(info("train", source), info("val", source), "data.train_split",
                         "data.val_split")
+  # The class folders one level down (an archive's own folder): one class, every score 1.0.
+  wrapped = f"folder:{_class_folders(tmp_path / 'wrapped' / 'animals', ('cat', 'dog')).parent}"
+  with pytest.raises(data.DataError, match=r"wrapped\[:50%\] \(data.train_split\) has one class, "
+                     r"so every data.test_split image would be scored right\. If animals/ holds "
+                     r"the class folders, move them up a level"):
+    data.check_held_out(info("train[:50%]", wrapped), info("train[50%:]", wrapped),
+                        "data.train_split", "data.test_split")
 
 
 def test_folder_listing_reads_each_directory_once_and_names_what_it_leaves(tmp_path, caplog):
