@@ -420,21 +420,24 @@ POOLING_NAMES = {"cls": "the CLS token", "mean": "the mean patch token",
                  "cls+mean": "CLS and the mean patch token concatenated"}
 
 
-def _run_config(workdir) -> dict:
-  """The config.json of the run in `workdir`, {} where there is none."""
+def _workdir_json(workdir, name: str = "config.json") -> dict:
+  """A run's config.json (or results.json) in `workdir`, {} where there is none."""
   from sit_jax import metrics
-  text = metrics.read_text(os.path.join(workdir, "config.json"))
+  text = metrics.read_text(os.path.join(workdir, name))
   return json.loads(text) if text else {}
 
 
 def check_not_a_frozen_run(path: str):
-  """Raises, naming its config.init, if `path` is the workdir of a frozen-backbone transfer run."""
-  run = _run_config(path)
+  """Raises, naming the backbone it evaluated, if `path` is the workdir of a frozen-backbone
+  transfer run."""
+  run = _workdir_json(path)
   experiment = run.get("experiment")
   if not (experiment in FROZEN_EXPERIMENTS
           or experiment == "multilabel" and (run.get("multilabel") or {}).get("frozen")):
     return
-  init, teacher = run.get("init") or "", run.get("init_weights") == "teacher"
+  # The step the run read (results.json), not config.init's latest, which a pretraining moves.
+  init = _workdir_json(path, "results.json").get("init_checkpoint") or run.get("init") or ""
+  teacher = run.get("init_weights") == "teacher"
   backbone = (f"convert that one: --input={init}{' --use=teacher' if teacher else ''}" if init
               else "it was a random init (config.init=''), nothing trained to convert")
   raise ConversionError(
@@ -459,7 +462,7 @@ def classifier_head(path: str, width: int) -> tuple[str, dict[str, np.ndarray]] 
     features = "cls+mean"
   else:  # CLS or the mean patch token: the same shapes, which only the run's config tells apart.
     run_dir = checkpoint._run_workdir(step_dir.parent)
-    features = (_run_config(run_dir).get("head") or {}).get("features")
+    features = (_workdir_json(run_dir).get("head") or {}).get("features")
     if features not in TIMM_POOLING:
       found = f"says head.features={features!r}" if features else "is missing"
       raise ConversionError(

@@ -352,10 +352,16 @@ def test_a_truncated_file_or_the_wrong_kind_of_input_is_one_line(reference, tmp_
   from configs import linear as linear_config
   from sit_jax import metrics
   probe = linear_config.get_config("runlocal")
-  for init, named in (("/ckpt/sit_vits", "convert that one: --input=/ckpt/sit_vits"),
-                      ("", r"it was a random init \(config.init=''\), nothing trained to convert")):
+  for init, read, named in (
+      ("/ckpt/sit_vits", None, "convert that one: --input=/ckpt/sit_vits"),
+      ("", None, r"it was a random init \(config.init=''\), nothing trained to convert"),
+      # The step it read (results.json), which the pretraining's latest may no longer be.
+      ("/ckpt/sit_vits", "/ckpt/sit_vits/checkpoints/800",
+       "convert that one: --input=/ckpt/sit_vits/checkpoints/800")):
     probe.init = init
     metrics.write_json(tmp_path / "probe" / "config.json", probe.to_dict())
+    if read:
+      metrics.write_json(tmp_path / "probe" / "results.json", {"init_checkpoint": read})
     with pytest.raises(convert.ConversionError, match=r"probe is the workdir of a linear run, "
                        r"which evaluates the frozen backbone of its config.init and saves no "
                        rf"backbone of its own .*; {named}\.$"):
