@@ -161,7 +161,12 @@ def train(exp, *, init: Callable[[], Any], abstract, step_fn: Callable,
                                    last_step=total_steps)
   with checkpoint.stop_signals(), (ckpt or _NoCheckpoints()):
     state, saved = None, {}
-    if ckpt is not None and ckpt.latest_step() is not None:
+    latest = ckpt.latest_step() if ckpt is not None else None
+    if latest is not None and latest > total_steps:  # said before the state is read
+      raise ValueError(f"The checkpoint in {ckpt.directory} is at step {latest}, past "
+                       f"total_steps={total_steps}: set total_steps to {latest} or more to go "
+                       "on, or pass another --workdir.")
+    if latest is not None:
       try:
         state, saved = ckpt.restore(abstract, expected_metadata=metadata, fallback=True)
       except checkpoint.StructureMismatch as e:
@@ -176,10 +181,6 @@ def train(exp, *, init: Callable[[], Any], abstract, step_fn: Callable,
     if state is None:
       state = init()
     start_step = int(jax.device_get(state.step))
-    if start_step > total_steps:
-      raise ValueError(f"The checkpoint in {ckpt.directory} is at step {start_step}, past "
-                       f"total_steps={total_steps}: set total_steps to {start_step} or more to "
-                       "go on, or pass another --workdir.")
     # A finished run started again trains no step to average: its final means come with the
     # checkpoint (the process that finished may have ended before writing results.json).
     outcome = Outcome(state, start_step, start_step, total_steps,

@@ -296,12 +296,14 @@ def test_a_finished_run_whose_checkpoints_are_gone_is_refused_before_writing(tmp
   assert results["step"] == 4
 
 
-def test_another_total_steps_on_resume(tmp_path, caplog):
-  """Below the checkpoint's step: one line. Above it: the run goes on, and the user is told that
-  the schedules, functions of the run's length, jump at the next step."""
+def test_another_total_steps_on_resume(tmp_path, caplog, monkeypatch):
+  """Below the checkpoint's step: one line, before the state is read. Above it: the run goes on,
+  and the user is told that the schedules, functions of the run's length, jump at the next
+  step."""
   train(tmp_path, 4)
-  with pytest.raises(ValueError, match=r"at step 4, past total_steps=2: set total_steps to 4 or "
-                     "more"):
+  with monkeypatch.context() as m, pytest.raises(
+      ValueError, match=r"at step 4, past total_steps=2: set total_steps to 4 or more"):
+    m.setattr(checkpoint.Checkpointer, "restore", lambda *args, **kwargs: pytest.fail("read"))
     train(tmp_path, 2)
   assert steps_on_disk(tmp_path) == [2, 4]
   _, results = train(tmp_path, 6, log_every=2)
