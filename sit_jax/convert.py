@@ -22,7 +22,7 @@ or 'mean' (global_pool='avg', fc_norm=False); for 'cls+mean', which timm has no 
 torch.nn.Linear on the concatenated tokens. For a model.standardize_input backbone the lines
 standardise timm's input as sit_jax does. A .safetensors file keeps that setting in its
 metadata, which to-jax restores (dropping the classifier). A frozen-backbone run (linear probe,
-k-NN, few-shot, segmentation) holds no backbone of its own: to-timm names its config.init.
+k-NN, few-shot, segmentation) holds no backbone of its own: to-timm names the one it read.
 .safetensors needs only `safetensors`; .pth/.pt need torch.
 """
 from __future__ import annotations
@@ -414,7 +414,7 @@ TIMM_STANDARDIZE = ("x = (x - x.mean((2, 3), keepdim=True)) / "
 FROZEN_EXPERIMENTS = ("linear", "knn", "fewshot", "segment")
 CLASSIFIER_EXPERIMENTS = ("finetune", "multilabel")
 # timm's VisionTransformer arguments that pool the tokens as head.features does
-# (heads.pool_features: after the final norm), and what the printed lines call that pooling.
+# (heads.pool_features: after the final norm), and how the command names each pooling.
 TIMM_POOLING = {"cls": "global_pool='token'", "mean": "global_pool='avg', fc_norm=False"}
 POOLING_NAMES = {"cls": "the CLS token", "mean": "the mean patch token",
                  "cls+mean": "CLS and the mean patch token concatenated"}
