@@ -50,8 +50,8 @@ def _fmt_value(name: str, v: float) -> str:
   return f"{v:.4f}"
 
 
-# Characters tensorboardX refuses in a tag: it replaces each with "_" and logs a line per tag at
-# every write (16 for a k-NN run's "knn/val/k=10/top1" and the like). Done here, quietly.
+# Characters TensorBoard refuses in a tag (tensorboardX's SummaryWriter replaced each with "_" and
+# logged a line per tag at every write: 16 for a k-NN run's "knn/val/k=10/top1" and the like).
 _NOT_IN_TENSORBOARD_TAGS = re.compile(r"[^-/\w.]")
 
 
@@ -366,14 +366,18 @@ class MetricWriter:
       os.makedirs(self.workdir, exist_ok=True)
       self._jsonl = open(jsonl, "a")
     if enable_tensorboard:
-      import tensorboardX  # TensorBoard event files without TensorFlow.
+      # TensorBoard event files without TensorFlow, each event on disk when written, as
+      # metrics.jsonl's rows: tensorboardX's SummaryWriter queues them for a thread that writes
+      # every 2 minutes, so a process killed outright (kill -9, the OOM killer) lost the points
+      # of its last minutes, those of the step its checkpoint kept (often the k-NN monitor's)
+      # included, which the resumed run does not write again.
+      from tensorboardX import event_file_writer
       tb_dir = os.path.join(self.workdir, "tb")
       if is_remote(tb_dir):
         self._tb_mirror = _TensorBoardMirror(tb_dir)
-        self._tb = tensorboardX.SummaryWriter(self._tb_mirror.local_dir,
-                                              flush_secs=REMOTE_FLUSH_SECONDS)
-      else:
-        self._tb = tensorboardX.SummaryWriter(tb_dir)
+        tb_dir = self._tb_mirror.local_dir
+      os.makedirs(tb_dir, exist_ok=True)
+      self._tb = event_file_writer.EventsWriter(os.path.join(tb_dir, "events"))
 
   def drop_after(self, step: int):
     """Forgets what was written of the steps after `step`, which the run does again (a resume;
@@ -398,11 +402,18 @@ class MetricWriter:
     tsne = epath.Path(os.path.join(self.workdir, TSNE_PICTURE))
     if step < self.total_steps and tsne.exists():
       tsne.unlink()
-    if self._tb is not None:  # SummaryWriter(purge_step=step + 1)'s event, once step is known
-      from tensorboardX.proto import event_pb2
-      self._tb._get_file_writer().add_event(  # pylint: disable=protected-access
-          event_pb2.Event(session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)),
-          step=step + 1)
+    from tensorboardX.proto import event_pb2
+    self._write_event(step + 1, session_log=event_pb2.SessionLog(
+        status=event_pb2.SessionLog.START))
+
+  def _write_event(self, step: int, **fields):
+    """One TensorBoard event (a summary, a session log) of `step`, flushed to the file."""
+    if self._tb is None:
+      return
+    from tensorboardX.proto import event_pb2
+    self._tb.write_event(event_pb2.Event(
+        wall_time=datetime.datetime.now().timestamp(), step=step, **fields))
+    self._tb.flush()
 
   # -- scalars ---------------------------------------------------------------
 
@@ -432,9 +443,10 @@ class MetricWriter:
     self._jsonl.write(json.dumps(_finite_or_none({"step": step, **values}), allow_nan=False)
                       + "\n")
     self._jsonl.flush()
-    if self._tb is not None:
-      for k, v in values.items():
-        self._tb.add_scalar(_tensorboard_tag(k), v, global_step=step)
+    from tensorboardX.proto import summary_pb2
+    self._write_event(step, summary=summary_pb2.Summary(value=[
+        summary_pb2.Summary.Value(tag=_tensorboard_tag(k), simple_value=v)
+        for k, v in values.items()]))
 
     parts = [f"step {step}/{self.total_steps}"] if self.total_steps else []  # 0: not a loop
     parts += [f"{k} {_fmt_value(k, v)}" for k, v in values.items()]
@@ -485,7 +497,9 @@ class MetricWriter:
     atomic_write(path, lambda f: Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
                  .save(f, format="PNG"))
     if self._tb is not None:
-      self._tb.add_image(_tensorboard_tag(name), img, global_step=int(step), dataformats="HWC")
+      from tensorboardX import summary
+      self._write_event(int(step), summary=summary.image(_tensorboard_tag(name), img,
+                                                         dataformats="HWC"))
     return path
 
   # -- json ------------------------------------------------------------------
@@ -506,10 +520,8 @@ class MetricWriter:
       self._jsonl.flush()
       if isinstance(self._jsonl, RemoteTextFile):
         self._jsonl.sync()
-    if self._tb is not None:
-      self._tb.flush()
-      if self._tb_mirror is not None:
-        self._tb_mirror.sync()
+    if self._tb_mirror is not None:  # each TensorBoard event is flushed when written
+      self._tb_mirror.sync()
 
   def close(self):
     try:
