@@ -9,8 +9,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ " $* " == *" --dry-run "* ]]; then
   export JAX_PLATFORMS=cpu
-  # Halves XLA:CPU compile time; a dry run measures nothing.
-  export XLA_FLAGS="--xla_backend_optimization_level=0 ${XLA_FLAGS:-}"
+  # A dry run measures nothing: compile fast. No LLVM optimisation halves XLA:CPU's compile
+  # time, and the older elemental emitters take a third off what is left.
+  export XLA_FLAGS="--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false ${XLA_FLAGS:-}"
 else
   # shellcheck source=../launch/gpu_xla_flags.sh
   source launch/gpu_xla_flags.sh
