@@ -86,6 +86,22 @@ def to_json(obj, **kwargs) -> str:
   return json.dumps(_finite_or_none(obj), allow_nan=False, **kwargs)
 
 
+_compiled = {"seconds": 0.0, "listening": False}
+
+
+def compile_seconds() -> float:
+  """The seconds this process has spent in XLA's compiler since its first call (jax.monitoring's
+  backend compile events; tracing and lowering, a small part, are not in them)."""
+  if not _compiled["listening"]:
+    def add(event: str, seconds: float, **kwargs):
+      del kwargs
+      if event == "/jax/core/compile/backend_compile_duration":
+        _compiled["seconds"] += seconds
+    jax.monitoring.register_event_duration_secs_listener(add)
+    _compiled["listening"] = True
+  return _compiled["seconds"]
+
+
 def _umask() -> int:
   mask = os.umask(0)
   os.umask(mask)

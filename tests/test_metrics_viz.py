@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -369,9 +370,10 @@ def test_pictures_show_the_views_the_network_read():
 
 def test_progress_lines_eta_counts_the_evaluations_to_come_and_lr_is_the_steps(tmp_path, capsys,
                                                                                 monkeypatch):
-  """On a clock where each step takes 1 s and each evaluation 5 s, every ETA from the first
-  evaluation on is the time the run then still takes (it had left out the evaluations to come:
-  0:00:06 at step 4, where 16 s were left), and the lr of a row is the one its step used (it was
+  """On a clock where each step takes 1 s and each evaluation 5 s (the first 30 s more, to
+  compile), every ETA from the first evaluation on is the time the run then still takes (it had
+  left out the evaluations to come: 0:00:06 at step 4, where 16 s were left; then counted each
+  with the first one's compilation: 0:01:16), and the lr of a row is the one its step used (it was
   the mean since the previous row: 0.05 at step 2, whose lr is 0.1), while the losses are means.
   The rows count the unreadable images skipped on every process (process 0 had written its own:
   none, so no row said that the other process skipped 3). log.txt has the lines too."""
@@ -400,6 +402,10 @@ def test_progress_lines_eta_counts_the_evaluations_to_come_and_lr_is_the_steps(t
                       lambda count: np.array([count, other_process_skipped]))
 
   def evaluate(step, state, batch):
+    if step == 4:  # the first call compiles for 30 s, which the later calls do not
+      clock[0] += 30.0
+      jax.monitoring.record_event_duration_secs("/jax/core/compile/backend_compile_duration",
+                                                30.0)
     clock[0] += 5.0
     return {"eval": step}
 
@@ -410,7 +416,8 @@ def test_progress_lines_eta_counts_the_evaluations_to_come_and_lr_is_the_steps(t
   test_reliability.train(str(tmp_path), 10, step_fn=step_with_lr, batches=Batches,
                          hooks=[trainer.Hook(4, evaluate)], log_every=2, checkpoint_every=100)
   lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("step ")]
-  etas = [int(re.search(r"ETA 0:00:(\d\d)", line).group(1)) for line in lines]
+  etas = [sum(int(x) * 60 ** i for i, x in enumerate(reversed(
+      re.search(r"ETA (\d+):(\d\d):(\d\d)", line).groups()))) for line in lines]
   # What is left after steps 2, 4, 6, 8 and 10: 1 s for each step, 5 s for each evaluation to
   # come (at steps 4, 8 and 10, the last). The first line has measured no evaluation yet.
   left = [8 + 15, 6 + 10, 4 + 10, 2 + 5, 0]
