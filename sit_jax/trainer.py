@@ -309,7 +309,7 @@ def _loop(exp, ckpt, outcome: Outcome, step_fn, batches, place, hooks, writer, m
       if _due(hook, step, total):
         jax.block_until_ready(state)  # steps in flight are training time, not the hook's.
         fetch(len(pending))  # free now: a non-finite step stops before a hook evaluates it.
-        hook_start = time.perf_counter()
+        hook_start, compiling = time.perf_counter(), metrics.compile_seconds()
         try:
           with checkpoint.interruptible():
             evaluated.update(hook.fn(step, state, batch) or {})
@@ -319,9 +319,13 @@ def _loop(exp, ckpt, outcome: Outcome, step_fn, batches, place, hooks, writer, m
           # The signal is seen below: the step is saved, naming these for the resumed run.
           unfinished = [j for j in range(i, len(hooks)) if _due(hooks[j], step, total)]
           break
-        hook_seconds[i] = time.perf_counter() - hook_start
+        seconds = time.perf_counter() - hook_start
         if writer is not None:
-          writer.exclude_time(hook_seconds[i])
+          writer.exclude_time(seconds)
+        # The ETA counts each call to come as long as this one without its compilation (a
+        # first call's), which later calls reuse: counted, it made the ETA longer by the first
+        # picture's compilation times each picture to come, until the second.
+        hook_seconds[i] = seconds - (metrics.compile_seconds() - compiling)
     outcome.evaluated.update(evaluated)
 
     if step % config.log_every == 0 or step == total:
