@@ -104,6 +104,23 @@ def _job():
   return distributed if distributed is not None and distributed.joined() else None
 
 
+def start_backend():
+  """Starts JAX's devices. A platform JAX cannot start is one line: JAX_PLATFORMS=cuda without
+  jax's CUDA plugin failed deep in a traceback (a bare AssertionError for a platform jax does not
+  know), with no GPU visible to the task or libtpu missing a RuntimeError at the first step."""
+  import jax
+  try:
+    jax.devices()
+  except (RuntimeError, AssertionError) as e:
+    platforms = os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms
+    reason = f" ({e})" if str(e) else (" (no backend of that name: jax's plugin for it is not "
+                                       "installed)")
+    raise config_check.ConfigError(
+        f"JAX cannot start JAX_PLATFORMS={platforms!r}{reason}. Install jax for the accelerator "
+        "(pip install 'jax[cuda13]' for NVIDIA GPUs, 'jax[tpu]' on TPU VMs), make sure this "
+        "process can see it, or unset JAX_PLATFORMS to run on what JAX finds.") from e
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """app.run's flags parser: checks the config file, its argument and the --config.KEY names
   first (config_check.check_command_line), so each mistake on the command line is one line."""
@@ -135,6 +152,7 @@ def main(argv):
       if distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                                 FLAGS.process_id):
         distributed.check_same_config(FLAGS.config)
+      start_backend()
       run(FLAGS.config, FLAGS.workdir)
   except KeyboardInterrupt:
     # Inside the training loop Ctrl-C saves and stops (trainer.py); elsewhere (reading data,

@@ -5,6 +5,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -67,6 +68,25 @@ def test_slurm_job_on_a_gpu_node_without_cuda_jax_ends_instead_of_training_on_cp
   out = _sbatch(tmp_path, REPO, check=False, srun=f'exec python -c "{gpu_node}"\n')
   assert out.returncode == 1 and "CpuDevice" not in out.stdout
   assert "RuntimeError: Unable to initialize backend 'cuda'" in out.stderr
+
+
+@pytest.mark.parametrize("gpu_visible", [True, False])
+def test_main_where_jax_cannot_start_cuda_says_so_in_one_line(tmp_path, gpu_visible):
+  """The job's JAX_PLATFORMS=cuda reaching sit_jax.main without jax's CUDA plugin: a GPU node as
+  above (jax raises RuntimeError), or a machine with no GPU (a bare AssertionError in jax)."""
+  see_gpu = ("from jax._src import hardware_utils; hardware_utils.has_visible_nvidia_gpu = "
+             "lambda: True; " if gpu_visible else "")
+  main = f"{see_gpu}import runpy; runpy.run_module('sit_jax.main', run_name='__main__')"
+  env = {k: v for k, v in os.environ.items() if not k.startswith("XLA_")}
+  env["JAX_PLATFORMS"] = "cuda"
+  out = subprocess.run([sys.executable, "-c", main, "--config=configs/sit_vits.py:runlocal",
+                        f"--workdir={tmp_path / 'run'}"], cwd=REPO, env=env,
+                       capture_output=True, text=True)
+  assert out.returncode == 1 and not (tmp_path / "run").exists()
+  assert out.stderr.count("\n") == 1, out.stderr
+  assert out.stderr.startswith("sit_jax: error: JAX cannot start JAX_PLATFORMS='cuda' (")
+  assert ("Unable to initialize backend 'cuda'" in out.stderr) == gpu_visible
+  assert "pip install 'jax[cuda13]'" in out.stderr
 
 
 def test_slurm_job_submitted_elsewhere_says_the_gpu_flags_are_missing(tmp_path):
