@@ -8,7 +8,7 @@ AdamW with layer-wise lr decay, drop path 0.1, RandAugment m9/mstd0.5 (timm's in
 but Equalize: deit_augment.py), random erasing 0.25, Mixup 0.8 / CutMix 1.0 (switch 0.5),
 label smoothing 0.1; the position embedding is resized when image_size differs from
 pretraining. Head: linear on CLS ('cls+mean' concatenates the mean patch token). Results:
-DIR/results.json (top1, top5).
+DIR/results.json (top1, top5 with more than 5 classes).
 
 runlocal is not the DeiT recipe: at 1,500 digits and a 2-minute budget its regularisation only
 slows learning, so it trains with mild crops and no flips, mixup, RandAugment or erasing, and

@@ -11,7 +11,7 @@ the devices. Every k of knn.k comes from one neighbour search; k is chosen on th
 split and the test split is scored at it (results.json 'by_k' has every k on both). With
 baselines=True (on for runlocal) the same k-NN also runs on the raw pixels (the flattened
 normalised eval images) and on the backbone at random init (results.json 'baselines').
-Results: DIR/results.json (top1, top5), DIR/tsne.png.
+Results: DIR/results.json (top1, top5 with more than 5 classes), DIR/tsne.png.
 
 As DINO's eval_knn.py: the CLS token after the final norm, l2-normalised; the evaluation view
 of every split (the train bank unaugmented): the central 87.5% square, bicubic, i.e. Resize(256)

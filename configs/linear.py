@@ -13,7 +13,7 @@ train features; linear.solver='sgd' trains it with config.optim on mini-batches 
 Without caching every step crops and flips on the host and runs the frozen backbone (DINO's
 SGD protocol). With baselines=True (on for runlocal) the same probe also runs on the raw
 pixels and on the backbone at random init: results.json 'baselines'.
-Results: DIR/results.json (top1, top5), DIR/tsne.png.
+Results: DIR/results.json (top1, top5 with more than 5 classes), DIR/tsne.png.
 
 The ImageNet row is DINO's eval_linear.py (CLS of the last 4 blocks, each through the final
 norm, for ViT-S; SGD momentum 0.9, lr scaled by batch / 256, no weight decay, cosine, 100
