@@ -502,6 +502,20 @@ def test_folder_of_only_corrupt_files_raises(tmp_path):
     list(it)
 
 
+def test_fixing_an_unreadable_file_makes_a_new_feature_cache_entry(tmp_path):
+  """Its warning asks to fix the file: the next k-NN or few-shot run must read it, not the
+  features cached while it was skipped."""
+  from sit_jax.transfer import feature_cache
+  root = _class_folders(tmp_path / "images", ("a", "b"))
+  (root / "a" / "broken.png").write_bytes(b"")
+  os.symlink(root / "missing.png", root / "b" / "dangling.png")
+  listing = lambda: feature_cache.folder_listing(f"folder:{root}", "train")
+  before = listing()
+  assert listing() == before
+  _write(root / "a" / "broken.png", (0, 0, 0), (12, 12), "PNG")
+  assert listing() != before
+
+
 # ----- errors -------------------------------------------------------------------------------
 def test_unknown_tfds_name():
   with pytest.raises(data.DataError, match="unknown TFDS dataset 'cifar_10_bogus'.*cifar10"):

@@ -51,16 +51,18 @@ def cache_dir(config, workdir: str) -> str | None:
 
 
 def folder_listing(source: str, split: str) -> str | None:
-  """For a folder source, a hash of the split folder's files and their classes, so that images
-  added, removed or moved to another class make another entry (one replaced under its own name
-  does not); None for another source."""
+  """For a folder source, a hash of the split folder's files, their sizes and their classes, so
+  that images added, removed, moved to another class or replaced by a file of another size (an
+  unreadable one fixed, as its warning asks) make another entry (one replaced by a file of the
+  same size does not); None for another source."""
   kind, _, path = source.partition(":")
   if kind != "folder":
     return None
   from sit_jax import data
   root, _ = data.folder_split(path, split)
   paths, labels, _ = data._list_folder(root)
-  listing = json.dumps([[os.path.relpath(p, root) for p in paths], labels.tolist()])
+  sizes = [os.path.getsize(p) if os.path.exists(p) else -1 for p in paths]  # -1: a broken link
+  listing = json.dumps([[os.path.relpath(p, root) for p in paths], labels.tolist(), sizes])
   return hashlib.blake2b(listing.encode(), digest_size=16).hexdigest()
 
 
