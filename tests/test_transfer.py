@@ -706,7 +706,7 @@ def test_finetune_resumed_after_sigterm_equals_the_uninterrupted_run(tmp_path, e
   assert [r["step"] for r in rows(tmp_path / "full") if "val/top1" in r] == [3, 6]
   assert not resumed["preempted"] and resumed["complete"] and resumed["steps_this_run"] == 1
   differ = {k for k in full if full[k] != resumed[k]}
-  assert differ == {"checkpoint", "init", "steps_this_run", "seconds_this_run"}
+  assert differ == {"checkpoint", "init", "init_checkpoint", "steps_this_run", "seconds_this_run"}
   with open(tmp_path / "moved" / "stopped" / "results.json") as f:
     assert json.load(f) == resumed
 
