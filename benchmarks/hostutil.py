@@ -44,6 +44,17 @@ def checked_config():
   return config
 
 
+def pretrain_iterator(config):
+  """The input pipeline pretraining builds from `config` (sit_jax/pretrain.py), from step 0."""
+  from sit_jax import data
+  d = config.data
+  return data.pretrain_iterator(
+      d.source, d.split, global_batch_size=d.global_batch_size, image_size=d.image_size,
+      crop_scale=tuple(d.crop_scale), seed=config.seed, data_dir=d.data_dir or None,
+      interpolation=d.interpolation, flip=d.flip, **data.engine_options(d),
+      **data.resize_options(d))
+
+
 def usable_cores():
   return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 

@@ -51,7 +51,7 @@ sys.path.insert(0, HERE)
 
 from absl import app, flags  # noqa: E402
 from hostutil import (checked_config, cpu_seconds, device_resize_cost, parse_flags,  # noqa: E402
-                      usable_cores, write_jpegs)
+                      pretrain_iterator, usable_cores, write_jpegs)
 from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -89,12 +89,7 @@ def measure(config, *, batches=50, warmup=10, repeats=3, place=True, log=print) 
   from sit_jax import data, resample, sharding
 
   per_process = config.data.global_batch_size // jax.process_count()
-  it = data.pretrain_iterator(
-      config.data.source, config.data.split, global_batch_size=config.data.global_batch_size,
-      image_size=config.data.image_size, crop_scale=tuple(config.data.crop_scale),
-      seed=config.seed, data_dir=config.data.data_dir or None,
-      interpolation=config.data.interpolation, **data.engine_options(config.data),
-      **data.resize_options(config.data))
+  it = pretrain_iterator(config)
   place_batch = None
   if place:
     place_batch = resample.batch_placer(sharding.make_mesh(config.mesh), config.data,
@@ -125,7 +120,8 @@ def measure(config, *, batches=50, warmup=10, repeats=3, place=True, log=print) 
   return {
       "benchmark": "input_pipeline",
       "source": config.data.source, "split": config.data.split,
-      "image_size": config.data.image_size, **data.engine_options(config.data),
+      "image_size": config.data.image_size, "flip": config.data.flip,
+      **data.engine_options(config.data),
       **data.resize_options(config.data),
       "global_batch": config.data.global_batch_size, "process_batch": per_process,
       "process_count": jax.process_count(),

@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from absl import app, flags  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from hostutil import checked_config, fail, parse_flags  # noqa: E402
+from hostutil import checked_config, fail, parse_flags, pretrain_iterator  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from sit_jax import flops as flops_lib  # noqa: E402
@@ -184,12 +184,7 @@ def measure(config, *, steps: int = 10, warmup: int = 2, repeats: int = 3, e2e: 
   if e2e:
     from sit_jax import data
     try:
-      it = data.pretrain_iterator(
-          config.data.source, config.data.split, global_batch_size=gb,
-          image_size=config.data.image_size, crop_scale=tuple(config.data.crop_scale),
-          seed=config.seed, data_dir=config.data.data_dir or None,
-          interpolation=config.data.interpolation, flip=config.data.flip,
-          **data.engine_options(config.data), **data.resize_options(config.data))
+      it = pretrain_iterator(config)
     except data.DataError as e:  # e.g. ImageNet not prepared here: keep the model figures.
       log(f"e2e skipped: {e}")
       result["e2e_error"] = str(e)

@@ -41,7 +41,7 @@ sys.path.insert(0, HERE)
 
 from absl import app, flags  # noqa: E402
 from authors_input import AuthorsInput  # noqa: E402
-from hostutil import checked_config, parse_flags  # noqa: E402
+from hostutil import checked_config, parse_flags, pretrain_iterator  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -226,6 +226,14 @@ def median(xs):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  timm_name, variant = TIMM_MODELS[FLAGS.model]
+  config = FLAGS.config  # the flags' model, batch and size first, so that the checks see them
+  config.model.variant = variant
+  config.data.image_size = FLAGS.image_size
+  config.data.global_batch_size = FLAGS.batch
+  config.model.dtype = FLAGS.dtype
+  if config.data.source.startswith("tfds:imagenet"):  # for --e2e without ImageNet here.
+    config.data.source = "embedded:digits"
   config = checked_config()
   threads = FLAGS.threads or len(os.sched_getaffinity(0))
   # torch, torchvision and timm before jax: triton (pulled in by torchvision) segfaults when
@@ -238,14 +246,6 @@ def main(argv):
   import throughput  # benchmarks/throughput.py
   from sit_jax import flops as flops_lib, sharding
 
-  timm_name, variant = TIMM_MODELS[FLAGS.model]
-  config.model.variant = variant
-  config.data.image_size = FLAGS.image_size
-  config.data.global_batch_size = FLAGS.batch
-  config.model.dtype = FLAGS.dtype
-  if config.data.source.startswith("tfds:imagenet"):  # for --e2e without ImageNet here.
-    config.data.source = "embedded:digits"
-
   print(f"threads: torch {torch.get_num_threads()}, JAX/XLA CPU {threads} (cores this process "
         f"may use); machine {os.cpu_count()} CPUs", flush=True)
 
@@ -257,12 +257,8 @@ def main(argv):
   print(f"JAX compile {compile_s:.1f} s (lower {lower_s:.1f} s)", flush=True)
   state, _ = throughput.run_window(compiled, state, lambda: batch, FLAGS.warmup)
   if FLAGS.e2e:
-    from sit_jax import data
-    it = data.pretrain_iterator(
-        config.data.source, config.data.split, global_batch_size=FLAGS.batch,
-        image_size=FLAGS.image_size, crop_scale=tuple(config.data.crop_scale), seed=0,
-        interpolation=config.data.interpolation, **data.resize_options(config.data))
-    from sit_jax import resample
+    from sit_jax import data, resample
+    it = pretrain_iterator(config)
     place = resample.batch_placer(mesh, config.data, FLAGS.image_size, data.view_keys(2))
     next_real = lambda: place(next(it))
     state, _ = throughput.run_window(compiled, state, next_real, 1)

@@ -59,3 +59,30 @@ def test_a_setting_the_model_refuses_is_one_line():
                             "--config.model.attention=cudnn", "--config.model.dtype=bfloat16",
                             "--e2e=false"))
   assert line.startswith("throughput.py: error: model.attention='cudnn'") and "GPU" in line
+
+
+def test_torch_reference_checks_its_own_flags_in_one_line():
+  """--image_size and --model override the config after its checks: a size the patch does not
+  divide failed in a traceback once JAX built the model (after torch had loaded)."""
+  line = one_line(benchmark("torch_reference.py", "--image_size=100"))
+  assert line.startswith("torch_reference.py: error: data.image_size") and "multiple of 16" in line
+
+
+def test_the_benchmarks_read_the_pipeline_pretraining_reads():
+  """input_pipeline.py and torch_reference.py built it without data.flip: the runlocal recipe's
+  unflipped views were timed flipped."""
+  import numpy as np
+  from configs import sit_vits
+  from sit_jax import data
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  import hostutil
+  config = sit_vits.get_config("runlocal")
+  config.data.resize_on = "host"  # the views themselves, not the device's crop windows
+  assert config.data.flip is False
+  kw = dict(global_batch_size=64, image_size=16, crop_scale=(0.8, 1.0), seed=0)
+  unflipped = next(data.pretrain_iterator("embedded:digits", "train", flip=False, **kw))
+  flipped = next(data.pretrain_iterator("embedded:digits", "train", flip=True, **kw))
+  batch = next(hostutil.pretrain_iterator(config))
+  for view in ("view1", "view2"):
+    assert np.array_equal(batch[view], unflipped[view])
+    assert not np.array_equal(batch[view], flipped[view])
