@@ -382,11 +382,9 @@ class MetricWriter:
       os.makedirs(self.workdir, exist_ok=True)
       self._jsonl = open(jsonl, "a")
     if enable_tensorboard:
-      # TensorBoard event files without TensorFlow, each event on disk when written, as
-      # metrics.jsonl's rows: tensorboardX's SummaryWriter queues them for a thread that writes
-      # every 2 minutes, so a process killed outright (kill -9, the OOM killer) lost the points
-      # of its last minutes, those of the step its checkpoint kept (often the k-NN monitor's)
-      # included, which the resumed run does not write again.
+      # Each event on disk when written, as metrics.jsonl's rows: tensorboardX's SummaryWriter
+      # writes from a thread every 2 minutes, so a process killed outright (kill -9) lost the
+      # points of steps its checkpoint kept, which the resumed run does not write again.
       from tensorboardX import event_file_writer
       tb_dir = os.path.join(self.workdir, "tb")
       if is_remote(tb_dir):
