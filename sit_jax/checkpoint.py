@@ -772,7 +772,13 @@ BACKBONE_WEIGHTS = ("student", "teacher")
 
 
 def load_backbone(path, weights: str = "student") -> tuple[Any, dict]:
-  """Loads `(params, model_config)` as host numpy arrays.
+  """`(params, model_config)` of `read_backbone`."""
+  return read_backbone(path, weights)[:2]
+
+
+def read_backbone(path, weights: str = "student") -> tuple[Any, dict, str]:
+  """Loads `(params, model_config)` as host numpy arrays, and the directory they were read from
+  (a workdir's latest step when it was read: a run still saving moves it).
 
   `path` may be
     * an `export_backbone` directory: returns the exported params tree as is;
@@ -786,9 +792,9 @@ def load_backbone(path, weights: str = "student") -> tuple[Any, dict]:
   p = _path(path)
   found = locate_backbone(p, weights)
   if not (found / STATE_ITEM).is_dir():
-    return _load_export(found)
+    return (*_load_export(found), str(found))
   if found == p:
-    return _load_from_step_dir(found, weights)
+    return (*_load_from_step_dir(found, weights), str(found))
   while True:  # the latest step of a workdir, whose run may still be saving
     step = int(found.name)
     try:
@@ -809,7 +815,7 @@ def load_backbone(path, weights: str = "student") -> tuple[Any, dict]:
           f"{e} (a copy of {p} that did not finish?). Copy that step again, or pass the step "
           f"before it, {found.parent / str(older[-1])} (config.init, or convert's --input).") from e
   _warn_if_unfinished(_run_workdir(found.parent), step)
-  return loaded
+  return (*loaded, str(found))
 
 
 def locate_backbone(path, weights: str = "student") -> epath.Path:

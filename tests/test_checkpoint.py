@@ -376,28 +376,33 @@ def test_load_backbone_from_workdir_and_step_dir(tmp_path, caplog):
     ckpt_lib.load_backbone(tmp_path / "missing")
 
 
+@pytest.mark.parametrize("keep", [1, 2])
 def test_a_step_rotated_out_while_it_is_read_gives_way_to_the_newer_one(tmp_path, monkeypatch,
-                                                                         caplog):
+                                                                         caplog, keep):
   """A probe of a pretraining still running chose its latest step, which the run's
   keep_checkpoints deleted as it saved the next one, before the probe had read it: the probe
-  failed, calling the step corrupt. It reads the newer step instead, and says why."""
+  failed, calling the step corrupt. It reads the newer step instead, and says why. Whichever
+  step it read, read_backbone names that one (located again afterwards, the newer one was
+  named beside the older one's parameters)."""
   workdir = tmp_path / "run"
-  pretraining = Checkpointer(workdir / "checkpoints", every=1, keep=1, async_save=False)
+  pretraining = Checkpointer(workdir / "checkpoints", every=1, keep=keep, async_save=False)
   pretraining.save(1, make_state(1), metadata={"model": MODEL})
   read = ckpt_lib._load_from_step_dir
 
   def saved_meanwhile(step_dir, weights):
     if step_dir.name == "1":
-      pretraining.save(2, make_state(2), metadata={"model": MODEL})  # step 1 rotated out
+      pretraining.save(2, make_state(2), metadata={"model": MODEL})  # keep 1: step 1 goes
     return read(step_dir, weights)
 
   monkeypatch.setattr(ckpt_lib, "_load_from_step_dir", saved_meanwhile)
   with caplog.at_level("WARNING"):
-    params, _ = ckpt_lib.load_backbone(workdir)
-  assert_tree_equal(params, {"backbone": make_state(2)["params"]["backbone"]})
-  assert (f"Could not read step 1 of {workdir / 'checkpoints'} (" in caplog.text
-          and "its run has saved step 2 since, and keeps only its latest checkpoints "
-          "(keep_checkpoints): reading step 2." in caplog.text)
+    params, _, read_from = ckpt_lib.read_backbone(workdir)
+  step = 2 if keep == 1 else 1
+  assert_tree_equal(params, {"backbone": make_state(step)["params"]["backbone"]})
+  assert read_from == str(workdir / "checkpoints" / str(step))
+  assert ((f"Could not read step 1 of {workdir / 'checkpoints'} (" in caplog.text
+           and "its run has saved step 2 since, and keeps only its latest checkpoints "
+           "(keep_checkpoints): reading step 2." in caplog.text) == (keep == 1))
   pretraining.close()
 
 
