@@ -91,6 +91,9 @@ def test_topk_ties_share_the_places_left_whatever_the_class_index():
   got = common.topk_accuracy(votes, np.array([0, 9]))
   assert got == {"top1": 0.0, "top5": pytest.approx(4 / 9)}
   assert common.topk_accuracy(votes, np.array([7, 7])) == {"top1": 1.0, "top5": 1.0}
+  # A diverged head's NaN scores are misses, not ties.
+  assert common.topk_accuracy(np.full((2, 10), np.nan), np.array([0, 9])) == {"top1": 0.0,
+                                                                              "top5": 0.0}
 
 
 # ---------------------------------------------------------------------------------------------

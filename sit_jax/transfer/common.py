@@ -297,9 +297,9 @@ def topk_accuracy(scores, labels, ks=(1, 5)) -> dict:
   scores, labels = np.asarray(scores), np.asarray(labels)
   label_score = np.take_along_axis(scores, labels[:, None], axis=1)
   above = (scores > label_score).sum(axis=1)
-  tied = (scores == label_score).sum(axis=1)  # the label's own class among them
-  return {f"top{k}": float(np.clip((k - above) / tied, 0.0, 1.0).mean()) for k in ks
-          if k == 1 or k < scores.shape[1]}
+  tied = (scores == label_score).sum(axis=1)  # the label's own class among them; 0: NaN, a miss
+  share = lambda k: np.where(tied > 0, np.clip((k - above) / np.maximum(tied, 1), 0.0, 1.0), 0.0)
+  return {f"top{k}": float(share(k).mean()) for k in ks if k == 1 or k < scores.shape[1]}
 
 
 def average_precision(scores, targets, *, voc07: bool = False) -> float:
