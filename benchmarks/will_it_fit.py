@@ -142,6 +142,9 @@ def per_chip(row) -> tuple[str, str]:
 
 
 def read_rows(path: str) -> list[dict]:
+  if not os.path.isfile(path):
+    raise SystemExit(f"will_it_fit: --markdown={path}: no such file; rows are what --out wrote "
+                     "(the README's: benchmarks/will_it_fit*.jsonl).")
   with open(path) as f:
     rows = [json.loads(line) for line in f]
   return list({(tuple(r["key"]), r.get("scan_layers")): r for r in rows}.values())  # last wins
@@ -178,7 +181,13 @@ def chips(topology: str) -> int:
 
 def scaling_markdown(path: str) -> str:
   """Parallelisms down, chip counts across: memory per chip (share of HBM)."""
-  table = {(r["key"][3], r["key"][4]): r for r in read_rows(path)}
+  rows = read_rows(path)
+  models = sorted({tuple(r["key"][:3]) for r in rows})
+  if len(models) > 1:  # keyed by parallelism and slice alone, their cells would overwrite
+    raise SystemExit(f"will_it_fit: {path} holds rows of {len(models)} models "
+                     "(variant, batch, remat): --scaling --markdown reads the rows of one (what --scaling wrote, e.g. "
+                     "benchmarks/will_it_fit_scaling.jsonl).")
+  table = {(r["key"][3], r["key"][4]): r for r in rows}
   slices = sorted({topology for _, topology in table}, key=chips)
   lines = ["| parallelism | " + " | ".join(f"{chips(t)} chips ({t})" for t in slices) + " |",
            "|---|" + "---|" * len(slices)]

@@ -48,3 +48,14 @@ def test_without_libtpu_one_line_and_no_row(tmp_path):
   assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
   assert "needs libtpu" in proc.stderr and "Traceback" not in proc.stderr
   assert not out.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--markdown=benchmarks/no_such_rows.jsonl",), "no such file"),
+    (("--scaling", "--markdown=benchmarks/will_it_fit.jsonl"), "rows of 6 models")])
+def test_a_table_that_cannot_be_printed_is_one_line(args, message):
+  """A missing file was a traceback; the main table's rows read as --scaling printed a table of
+  whichever model's row came last in each cell."""
+  proc = will_it_fit(*args)
+  assert proc.returncode != 0 and not proc.stdout
+  assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and message in proc.stderr
