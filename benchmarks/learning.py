@@ -102,6 +102,13 @@ def main(_):
   with config.unlocked():
     config.data.split = bank_split
     config.eval.train_split, config.eval.test_split = bank_split, test_split
+  try:  # both splits before pretraining: the scored one is read only after it
+    for split in (bank_split, test_split):
+      data.dataset_info(config.data.source, split, data_dir=config.data.data_dir or None,
+                        **data.engine_options(config.data))
+  except data.DataError as e:
+    fail(ValueError(f"--split={flags.FLAGS.split} reads {bank_split} and {test_split} of "
+                    f"{config.data.source}: {e}"))
   start = time.perf_counter()
   results_path = os.path.join(workdir, "results.json")
   done = os.path.exists(results_path) and not json.load(open(results_path)).get("preempted")

@@ -86,3 +86,20 @@ def test_the_benchmarks_read_the_pipeline_pretraining_reads():
   for view in ("view1", "view2"):
     assert np.array_equal(batch[view], unflipped[view])
     assert not np.array_equal(batch[view], flipped[view])
+
+
+def test_learning_reads_both_splits_before_pretraining(tmp_path):
+  """An image folder without test/ pretrained for minutes, then failed in a traceback reading the
+  split it scores."""
+  import numpy as np
+  from PIL import Image
+  for label in ("a", "b"):
+    (tmp_path / "images" / "train" / label).mkdir(parents=True)
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "images" / "train" / label / "0.png")
+  workdir = tmp_path / "run"
+  line = one_line(benchmark("learning.py", "--config=configs/sit_vits.py:runlocal",
+                            f"--workdir={workdir}", f"--results={tmp_path / 'results.jsonl'}",
+                            "--split=test", f"--config.data.source=folder:{tmp_path / 'images'}",
+                            "--config.total_steps=1"))
+  assert line.startswith("learning.py: error: --split=test reads train and test of folder:")
+  assert "no test/ folder" in line and not workdir.exists()
