@@ -6,6 +6,16 @@
 #   bash benchmarks/install_footprint.sh a1d16da HEAD
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if (( $# == 0 )); then
+  echo "install_footprint.sh: name the commits to measure, e.g. a1d16da HEAD (needs PyPI)" >&2
+  exit 2
+fi
+for commit in "$@"; do
+  git rev-parse --verify --quiet "$commit^{commit}" >/dev/null || {
+    echo "install_footprint.sh: $commit is not a commit of this repository" >&2; exit 2; }
+done
+work=
+trap 'rm -rf "$work"' EXIT  # a failed install (no network) leaves no venv behind
 for commit in "$@"; do
   work=$(mktemp -d)
   git archive "$commit" | tar -x -C "$work"

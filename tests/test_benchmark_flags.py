@@ -103,3 +103,14 @@ def test_learning_reads_both_splits_before_pretraining(tmp_path):
                             "--config.total_steps=1"))
   assert line.startswith("learning.py: error: --split=test reads train and test of folder:")
   assert "no test/ folder" in line and not workdir.exists()
+
+
+@pytest.mark.parametrize("commits, message", [((), "name the commits"),
+                                              (("HEAD", "nosuch"), "nosuch is not a commit")])
+def test_install_footprint_refuses_bad_commits_before_installing(commits, message):
+  """No commit measured nothing and exited 0; a misspelt one failed after minutes of installing
+  the commits before it."""
+  proc = subprocess.run(["bash", "benchmarks/install_footprint.sh", *commits], cwd=REPO,
+                        capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 2 and not proc.stdout
+  assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and message in proc.stderr
