@@ -155,12 +155,13 @@ def main(argv):
       start_backend()
       run(FLAGS.config, FLAGS.workdir)
   except KeyboardInterrupt:
-    # Inside the training loop Ctrl-C saves and stops (trainer.py); elsewhere (reading data,
+    # Inside the training loop the first Ctrl-C saves and stops (trainer.py) and a second one
+    # lands here, losing the steps since the last checkpoint; elsewhere (reading data,
     # extracting features) there is nothing to save.
     if os.environ.get("SIT_JAX_TRACEBACK"):
       raise
-    print("sit_jax: interrupted (Ctrl-C); nothing was lost: start the same command to go on.",
-          file=sys.stderr)
+    print("sit_jax: interrupted (Ctrl-C); start the same command to go on (training resumes "
+          "from its latest checkpoint).", file=sys.stderr)
     end(130)
   except Exception as e:
     if isinstance(e, config_check.ConfigError) or isinstance(e, user_errors()):
