@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterable
 
 from absl import logging
 import einops
+from etils import epath
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -73,10 +74,10 @@ def load_backbone(config, *, image_size: int, drop_path_rate: float | None = Non
 
   from sit_jax import checkpoint  # orbax: only when a checkpoint is read.
   weights = config.get("init_weights", "student")
-  loaded, ckpt_config = checkpoint.load_backbone(config.init, weights)
   # A workdir names its latest step, which a pretraining that goes on moves: results name it.
-  location = checkpoint.locate_backbone(config.init, weights)
-  is_step = (location / checkpoint.STATE_ITEM).is_dir() and location.name.isdigit()
+  loaded, ckpt_config, location = checkpoint.read_backbone(config.init, weights)
+  read = epath.Path(location)
+  is_step = (read / checkpoint.STATE_ITEM).is_dir() and read.name.isdigit()  # else an export
   if "backbone" not in loaded:
     raise checkpoint.CheckpointError(f"{config.init} holds no 'backbone' parameters "
                                      f"(found {sorted(loaded)}).")
@@ -100,8 +101,8 @@ def load_backbone(config, *, image_size: int, drop_path_rate: float | None = Non
   check_params(module, params, config.init)
   return Backbone(module, params, model_config, str(config.init),
                   pretrained_image_size=ckpt_config.get("image_size"), weights=weights,
-                  checkpoint_hash=checkpoint_hash, location=str(location),
-                  step=int(location.name) if is_step else None)
+                  checkpoint_hash=checkpoint_hash, location=location,
+                  step=int(read.name) if is_step else None)
 
 
 def parameters_hash(params) -> str:
