@@ -366,7 +366,7 @@ class MetricWriter:
     self._stream = stream  # None: sys.stdout at print time (works with capsys)
     self._log_file = log_file
     self._jsonl = None
-    self._tb = None
+    self._tb = None  # the event file under tb/, on the main process with enable_tensorboard
     self._tb_mirror = None  # a remote workdir's TensorBoard copy
     # Timing state for img/s and ETA; the first logged step only sets the
     # baseline so compilation time does not distort the estimate.
@@ -392,6 +392,10 @@ class MetricWriter:
         tb_dir = self._tb_mirror.local_dir
       os.makedirs(tb_dir, exist_ok=True)
       self._tb = event_file_writer.EventsWriter(os.path.join(tb_dir, "events"))
+
+  @property
+  def writes_tensorboard(self) -> bool:
+    return self._tb is not None
 
   def drop_after(self, step: int):
     """Forgets what was written of the steps after `step`, which the run does again (a resume;
