@@ -418,6 +418,8 @@ class Experiment:
     wrote += [self._relative(p) for p in also]
     if epath.Path(os.path.join(self.workdir, "images")).is_dir():  # local or remote
       wrote.append("images/")
+    if self.metric_writer is not None and self.metric_writer.writes_tensorboard:
+      wrote.append("tb/")  # a remote one may not be uploaded yet: the writer says
     logging.info("Wrote %s in %s", ", ".join(wrote), self.workdir)
     if results.get("error"):
       raise RunError(results["error"])

@@ -54,7 +54,7 @@ def test_runlocal_writes_metrics_pictures_checkpoint_and_results(uninterrupted):
   first_line = next(line for line in stdout.splitlines() if line.startswith("step "))
   assert "img/s" in first_line and "ETA" in first_line
   assert f"Wrote results.json, metrics.jsonl, config.json, log.txt, checkpoints/40, backbone, " \
-      f"images/ in {workdir}" in stderr
+      f"images/, tb/ in {workdir}" in stderr
   assert "checkpoint_manager.py" not in stderr  # orbax's INFO lines do not bury the progress.
   with open(os.path.join(workdir, "log.txt")) as f:  # the command beside the resolved config
     assert f.readline().rstrip("\n").endswith(

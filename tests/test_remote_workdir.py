@@ -76,7 +76,7 @@ def test_experiment_writes_into_the_bucket(bucket, caplog):
   assert re.match(r"(Command: .*\n)?Config:\n", log) and "no lock is held" in log
   assert not (run / ".lock").exists() and not list(run.glob(".write_probe_*"))
   assert "Wrote results.json, metrics.jsonl, config.json, log.txt, checkpoints/2, tsne.png, " \
-         "images/ in gs://b/run" in caplog.text
+         "images/, tb/ in gs://b/run" in caplog.text
 
 
 def test_resumed_writer_keeps_rows_and_drop_rows_after_cuts(bucket):
