@@ -41,12 +41,21 @@ sys.path.insert(0, HERE)
 
 from absl import app, flags  # noqa: E402
 from authors_input import AuthorsInput  # noqa: E402
-from hostutil import checked_config, parse_flags, pretrain_iterator  # noqa: E402
+from hostutil import checked_config, fail, parse_flags, pretrain_iterator  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 import numpy as np  # noqa: E402
 
+from sit_jax import config_check  # noqa: E402
+
 TIMM_MODELS = {"ti": ("vit_tiny_patch16_224", "Ti/16"), "s": ("vit_small_patch16_224", "S/16"),
                "b": ("vit_base_patch16_224", "B/16")}
+
+# What the PyTorch side builds (TorchSiT, AuthorsInput), as sit_jax config values: a config that
+# differs (e.g. `:runlocal`'s small heads) would time another model on the JAX side.
+TORCH_SIDE = {"experiment": "sit", "model.drop_path_rate": 0.1, "model.recon_hidden": 0,
+              "model.recon_depth": 3, "model.proj_hidden": 4096, "model.proj_dim": 256,
+              "model.standardize_input": False, "loss.temperature": 0.2, "augment.preset": "sit",
+              "gmml.ratio": 0.5, "gmml.replace_ratio": 0.3, "gmml.replace_prob": 0.5}
 
 FLAGS = flags.FLAGS
 GOAL_RATIO = 0.5  # sit_jax step / PyTorch step
@@ -235,6 +244,12 @@ def main(argv):
   if config.data.source.startswith("tfds:imagenet"):  # for --e2e without ImageNet here.
     config.data.source = "embedded:digits"
   config = checked_config()
+  values = config_check.flatten(config.to_dict())
+  differs = [f"{key}={values.get(key)!r} (PyTorch's side: {want!r})"
+             for key, want in TORCH_SIDE.items() if values.get(key) != want]
+  if differs:
+    fail(ValueError(f"the sit_jax step would not be the PyTorch step it is timed against: "
+                    f"{', '.join(differs)}; use configs/sit_vits.py (no :runlocal) or set these."))
   threads = FLAGS.threads or len(os.sched_getaffinity(0))
   # torch, torchvision and timm before jax: triton (pulled in by torchvision) segfaults when
   # its LLVM loads after jaxlib's.

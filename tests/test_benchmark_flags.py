@@ -114,3 +114,13 @@ def test_install_footprint_refuses_bad_commits_before_installing(commits, messag
                         capture_output=True, text=True, timeout=60)
   assert proc.returncode == 2 and not proc.stdout
   assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and message in proc.stderr
+
+
+def test_torch_reference_refuses_a_model_the_pytorch_side_does_not_build():
+  """`--config=...:runlocal` timed its small heads (256/64 projection, no drop path) against
+  PyTorch's 4096/4096/256 and judged the goal met at a ratio of 0.15."""
+  line = one_line(benchmark("torch_reference.py", "--config=configs/sit_vits.py:runlocal",
+                            "--config.data.decoded_size=0", "--image_size=32", "--batch=2",
+                            "--rounds=1", "--steps=1", "--warmup=0", "--e2e=false"))
+  assert line.startswith("torch_reference.py: error: the sit_jax step would not be the PyTorch")
+  assert "model.proj_hidden=256 (PyTorch's side: 4096)" in line
