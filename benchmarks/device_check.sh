@@ -7,7 +7,7 @@
 #   bash benchmarks/device_check.sh --dry-run
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [[ " $* " == *" --dry-run "* ]]; then
+if [[ " $* " == *" --dry-run "* || " $* " == *" --dry_run "* ]]; then  # device_check.py's spelling too
   export JAX_PLATFORMS=cpu
   # A dry run measures nothing: compile fast. No LLVM optimisation halves XLA:CPU's compile
   # time, and the older elemental emitters take a third off what is left.

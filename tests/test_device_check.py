@@ -55,3 +55,18 @@ def test_device_check_hard_limit_keeps_what_was_measured(tmp_path):
   assert saved["aborted"].startswith("hard limit of 3 s")
   assert json.loads(proc.stdout.strip().splitlines()[-1]) == saved
   assert "most recent call first" in proc.stderr and "device_check.py" in proc.stderr
+
+
+def test_both_spellings_of_dry_run_run_on_the_cpu(tmp_path):
+  """`--dry_run` (device_check.py's own flag) sourced the GPU's XLA flags and left JAX free to
+  pick a GPU, without the dry run's fast compile flags."""
+  python = tmp_path / "python"  # stands in for the interpreter: prints what it was given
+  python.write_text('#!/bin/sh\necho "$JAX_PLATFORMS|$XLA_FLAGS|$*"\n')
+  python.chmod(0o755)
+  for spelling in ("--dry-run", "--dry_run"):
+    proc = subprocess.run(["bash", "benchmarks/device_check.sh", spelling], cwd=REPO, text=True,
+                          capture_output=True, timeout=60,
+                          env=dict(os.environ, PYTHON=str(python), XLA_FLAGS=""))
+    platforms, xla_flags, args = proc.stdout.strip().split("|")
+    assert (platforms, args) == ("cpu", "benchmarks/device_check.py --dry_run"), spelling
+    assert "--xla_backend_optimization_level=0" in xla_flags and "xla_gpu" not in xla_flags
