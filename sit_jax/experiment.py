@@ -420,7 +420,8 @@ class Experiment:
       wrote.append("images/")
     if self.metric_writer is not None and self.metric_writer.writes_tensorboard:
       wrote.append("tb/")  # a remote one may not be uploaded yet: the writer says
-    logging.info("Wrote %s in %s", ", ".join(wrote), self.workdir)
+    if self.is_main:  # the others wrote none of it (their share of a checkpoint aside)
+      logging.info("Wrote %s in %s", ", ".join(wrote), self.workdir)
     if results.get("error"):
       raise RunError(results["error"])
 

@@ -246,6 +246,20 @@ def test_an_evaluation_run_again_keeps_one_row_per_step(tmp_path):
   assert [(r["step"], r["test/top1"]) for r in metric_rows(tmp_path)] == [(0, 0.75)]
 
 
+def test_only_the_process_that_writes_the_results_says_it_wrote_them(tmp_path, caplog):
+  """Every process of a several-host job logged 'Wrote results.json, ...', which process 0 alone
+  writes."""
+  caplog.set_level("INFO")
+  for main in (False, True):
+    caplog.clear()
+    with experiment.Experiment(tiny_config(), tmp_path / str(main),
+                               batch_sizes=BATCH_SIZES) as exp:
+      exp.is_main = main  # as jax.process_index() != 0 would make it
+      exp.finish({"top1": 0.5})
+    assert ("Wrote results.json" in caplog.text) == main
+    assert (tmp_path / str(main) / "results.json").exists() == main
+
+
 def test_another_experiment_in_the_workdir_is_refused_before_writing(tmp_path):
   """A transfer run pointed at its pretraining workdir (no checkpoints of its own to check:
   an L-BFGS probe) replaced the pretraining's results.json and added to its metrics.jsonl."""
