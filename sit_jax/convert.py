@@ -513,12 +513,13 @@ def to_timm(input_path: str, output_path: str, use: str = "student") -> dict:
     raise ConversionError(f"{input_path} is a file: to-timm reads a sit_jax workdir, checkpoint "
                           "step or backbone export (to-jax converts PyTorch weights to one).")
   check_not_a_frozen_run(input_path)
-  loaded, config = checkpoint.load_backbone(input_path, use)
+  # The head of the step the backbone came from: a run still saving moves a workdir's latest.
+  loaded, config, location = checkpoint.read_backbone(input_path, use)
   if "backbone" not in loaded:
     raise ConversionError(f"{input_path} holds no 'backbone' parameters ({_list(loaded)}).")
   state = params_to_timm(loaded["backbone"])
   width = vit.parse_variant(config["variant"])["width"]
-  head = classifier_head(input_path, width)
+  head = classifier_head(location, width)
   features, num_classes, wrote = None, 0, f"the {config['variant']} backbone"
   if head:
     features, head_state = head
