@@ -107,14 +107,11 @@ def prepare_views(config, key, batch):
 
 def normalised_views(config, key, batch):
   """uint8 host crops -> augmented views with ImageNet's normalisation, (2, B, H, W, 3)."""
-  views = []
-  for i, name in enumerate(("view1", "view2")):
-    images = batch[name].astype(jnp.float32) / 255.0
-    kwargs = augment.view_augment_config(config.augment.preset, i + 1)
-    kwargs["blur_sigma"] = tuple(config.augment.blur_sigma)
-    images = augment.photometric(jax.random.fold_in(key, i), images, **kwargs)
-    views.append(augment.normalize(images))
-  return jnp.stack(views)
+  views = jnp.stack([batch["view1"], batch["view2"]]).astype(jnp.float32) / 255.0
+  settings = [{**augment.view_augment_config(config.augment.preset, view),
+               "blur_sigma": tuple(config.augment.blur_sigma)} for view in (1, 2)]
+  keys = [jax.random.fold_in(key, i) for i in range(2)]
+  return augment.normalize(augment.photometric_views(keys, views, settings))
 
 
 def views_to_rows(views):

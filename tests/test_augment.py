@@ -165,6 +165,22 @@ def test_jitter_matches_the_ops_applied_in_the_drawn_order():
   assert len(hue_places) > 1
 
 
+def test_views_augmented_together_draw_what_each_draws_alone():
+  """The step augments both views in one trace, with per-view probabilities: the 'sit' preset's
+  view 1 always blurs and never solarises, its view 2 blurs 1 in 10 and solarises 1 in 5."""
+  views = np.stack([_images(8, seed=1), _images(8, seed=2)])
+  keys = (jax.random.key(4), jax.random.key(9))
+  together = np.asarray(jax.jit(lambda k1, k2, v: augment.photometric_views(
+      [k1, k2], v, [SIT1, SIT2]))(*keys, views))
+  for view, settings in enumerate((SIT1, SIT2)):
+    np.testing.assert_allclose(together[view], _run(keys[view], views[view], settings),
+                               atol=1e-6)
+  # The check can tell the views' settings apart: view 2 under view 1's settings draws otherwise.
+  assert np.abs(together[1] - _run(keys[1], views[1], SIT1)).max() > 0.1
+  with pytest.raises(ValueError, match=r"probabilities only; they also differ in \['hue'\]"):
+    augment.photometric_views(keys, views, [SIT1, dict(SIT2, hue=0.2)])
+
+
 def test_presets():
   sit1, sit2 = augment.view_augment_config("sit", 1), augment.view_augment_config("sit", 2)
   assert (sit1["blur_prob"], sit1["solarize_prob"]) == (1.0, 0.0)
