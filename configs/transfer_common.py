@@ -139,6 +139,9 @@ def transfer_config(experiment: str, dataset: str) -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
   c.sharding_rules = common.REPLICATED
   c.logical_axis_rules = common.LOGICAL_AXIS_RULES
+  # XLA options of the training step of fine-tuning and segmentation, as pretraining's
+  # (configs/common.py): 'name=value,...', xla_tpu_* ones applied on TPUs only.
+  c.compiler_options = ""
   c.tsne_points = 2000          # t-SNE of test features (linear, knn); 0: none.
   c.log_every = 50
   c.eval_every = 0              # > 0: score the validation split every so many steps.

@@ -569,8 +569,14 @@ def _unread_on_frozen_features(config) -> dict[str, str]:
   view's features, by L-BFGS on all of them at once or by SGD with config.optim; the augmented
   probe trains by SGD with config.optim."""
   experiment = config.get("experiment")
+  # Fine-tuning's and segmentation's training steps take config.compiler_options; the frozen
+  # protocols' small programs (features, heads, the L-BFGS solve) are compiled with XLA's defaults.
+  not_compiled = {"compiler_options": f"config.experiment={experiment!r} compiles no training "
+                                      "step with config.compiler_options (fine-tuning and "
+                                      "segmentation do)"}
   if experiment in ("knn", "fewshot"):
-    return {**dict.fromkeys(("total_epochs", "total_steps"),
+    return {**not_compiled,
+            **dict.fromkeys(("total_epochs", "total_steps"),
                             f"config.experiment={experiment!r} trains nothing"),
             **dict.fromkeys(("data.crop_scale", "data.flip"),
                             f"config.experiment={experiment!r} reads every split in its "
@@ -585,11 +591,12 @@ def _unread_on_frozen_features(config) -> dict[str, str]:
     # The baselines rows fit the cached L-BFGS probe, which reads the rest.
     keys = ("linear.solver",) + (() if config.get("baselines") else (
         "linear.l2", "linear.val_fraction", "linear.max_iter", "linear.tol"))
-    return dict.fromkeys(keys, "linear.cache_features=False trains the head by SGD on "
-                               "augmented crops with config.optim")
-  unread = dict.fromkeys(("data.crop_scale", "data.flip", "linear.stats_examples"),
-                         "linear.cache_features=True fits the head on features of the "
-                         "evaluation view (data.resize_mode), unaugmented")
+    return {**not_compiled, **dict.fromkeys(keys, "linear.cache_features=False trains the head "
+                                                  "by SGD on augmented crops with config.optim")}
+  unread = {**not_compiled,
+            **dict.fromkeys(("data.crop_scale", "data.flip", "linear.stats_examples"),
+                            "linear.cache_features=True fits the head on features of the "
+                            "evaluation view (data.resize_mode), unaugmented")}
   if probe.get("solver") == "lbfgs":
     unread.update(dict.fromkeys(
         ("optim.", "total_epochs", "total_steps", "data.global_batch_size"),

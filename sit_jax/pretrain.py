@@ -334,8 +334,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   from sit_jax import checkpoint, data, experiment, monitor, trainer
 
   validate(config)
-  compiler_options = sharding.compiler_options(config.compiler_options, jax.default_backend())
-  sharding.check_compiler_options(compiler_options)
+  compiler_options = sharding.step_compiler_options(config.compiler_options)
   batch_sizes = {"data.global_batch_size": config.data.global_batch_size,
                  # The k-NN monitor's batches, checked with the training batch before any work.
                  **({"eval.batch_size": config.eval.batch_size} if config.eval_every > 0 else {})}

@@ -236,13 +236,25 @@ def compiler_options(text: str, platform: str | None = None) -> dict[str, bool |
   return options
 
 
+def step_compiler_options(text: str) -> dict[str, bool | str]:
+  """config.compiler_options of the backend jax runs on, checked with XLA before any work."""
+  options = compiler_options(text, jax.default_backend())
+  check_compiler_options(options)
+  return options
+
+
 def check_compiler_options(options: dict, backend: str | None = None) -> None:
   """Raises, naming the option, if XLA for `backend` (default: jax's) does not know one:
   compiles an identity with them, before any real work."""
   if not options:
     return
+
+  def compiler_options_check(x):
+    return x
+
   try:
-    jax.jit(lambda x: x, compiler_options=options, backend=backend).lower(0.0).compile()
+    jax.jit(compiler_options_check, compiler_options=options,
+            backend=backend).lower(0.0).compile()
   except jax.errors.JaxRuntimeError as e:
     raise bad_compiler_option(e, backend or jax.default_backend()) or e from None
 

@@ -42,6 +42,9 @@ CASES = [
     ("compiler_option_unknown_to_the_backend",
      [SIT, "--config.compiler_options=xla_cpu_enable_fast_mathh=false"],
      ["config.compiler_options", "xla_cpu_enable_fast_mathh", "for cpu"]),
+    ("finetune_compiler_option_unknown_to_the_backend",
+     ["--config=configs/finetune.py:runlocal", "--config.compiler_options=xla_cpu_fast=false"],
+     ["config.compiler_options", "xla_cpu_fast", "for cpu"]),
     ("temperature_0", [SIT, "--config.loss.temperature=0"], ["loss.temperature=0", "> 0"]),
     ("negative_lr", [SIT, "--config.optim.base_lr=-0.001"], ["optim.base_lr=-0.001", "> 0"]),
     ("proj_dim_0", [SIT, "--config.model.proj_dim=0"], ["model.proj_dim=0", ">= 1"]),
@@ -232,6 +235,12 @@ def test_settings_the_run_does_not_read_are_named(tmp_path):
     ("knn.py", {"data.global_batch_size": 128, "eval_batch_size": 128},
      ["--config.data.global_batch_size=128 has no effect: config.experiment='knn' extracts "
       "features in batches of eval_batch_size."]),
+    # XLA options go to the training step of fine-tuning and segmentation; a probe has none.
+    ("linear.py:runlocal", {"compiler_options": "xla_cpu_enable_fast_math=true"},
+     ["--config.compiler_options='xla_cpu_enable_fast_math=true' has no effect: "
+      "config.experiment='linear' compiles no training step with config.compiler_options "
+      "(fine-tuning and segmentation do)."]),
+    ("segment.py:runlocal", {"compiler_options": "xla_cpu_enable_fast_math=true"}, []),
 ])
 def test_unread_overrides(spec, overrides, unread):
   config = config_check.load(os.path.join(REPO, "configs", spec))

@@ -383,7 +383,13 @@ def small_config(init):
 
 
 def test_frozen_pretrained_backbone_beats_random_init(tmp_path, pretrained, monkeypatch, caplog):
-  trained = segment.run(small_config(pretrained), str(tmp_path / "pretrained"))
+  config = small_config(pretrained)
+  # config.compiler_options reach XLA for the training step, and for it alone (beside the
+  # identity that checks them before any work).
+  config.compiler_options = f"xla_dump_to={tmp_path / 'xla'}"
+  trained = segment.run(config, str(tmp_path / "pretrained"))
+  assert {name.split(".")[1] for name in os.listdir(tmp_path / "xla")} == {
+      "jit_step", "jit_compiler_options_check"}
   two_rates = small_config("")
   two_rates.seg.lr_scales = (1.0, 4.0)
   # A picture that cannot be drawn (here a matplotlib that will not import) is one warning: the

@@ -35,6 +35,8 @@ def test_runlocal(tmp_path, exported_backbone, experiment, with_init):
   # The recipes' length is measured, not tested: short runs of the same code.
   if experiment in ("finetune", "multilabel"):
     flags += ["--config.total_steps=30", "--config.eval_every=10"]
+  if experiment == "finetune":  # config.compiler_options reach XLA for the training step alone
+    flags += [f"--config.compiler_options=xla_dump_to={tmp_path / 'xla'}"]
   if experiment == "linear":
     # Two L2 values still go through the held-out choice (tested in test_transfer.py). 50
     # iterations for each of the three probes (this backbone and the two baselines) still give
@@ -50,6 +52,9 @@ def test_runlocal(tmp_path, exported_backbone, experiment, with_init):
     assert 0.0 <= results["top5"] <= 1.0 and results["top1"] <= results["top5"]
     assert results["dataset"] == "digits"
   assert os.path.getsize(tmp_path / "metrics.jsonl") > 0
+  if experiment == "finetune":  # (and the identity that checks them before any work)
+    assert {name.split(".")[1] for name in os.listdir(tmp_path / "xla")} == {
+        "jit_step", "jit_compiler_options_check"}
   if experiment in ("finetune", "multilabel"):
     # eval_every scores the validation split; the test split is scored once, at the end.
     with open(tmp_path / "metrics.jsonl") as f:

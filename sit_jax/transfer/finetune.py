@@ -111,6 +111,7 @@ def make_finetune_step(config, model, tx, num_classes: int, *, multilabel: bool 
 def run(config, workdir: str, *, multilabel: bool = False) -> dict:
   from sit_jax import experiment, trainer
 
+  compiler_options = sharding.step_compiler_options(config.compiler_options)
   with experiment.Experiment(config, workdir) as exp:
     # Input. -----------------------------------------------------------------------------------
     mesh = exp.mesh
@@ -138,7 +139,7 @@ def run(config, workdir: str, *, multilabel: bool = False) -> dict:
                            mesh, config.logical_axis_rules,
                            in_shardings=(shardings, sharding.batch_sharding(mesh)),
                            out_shardings=(shardings, sharding.replicated(mesh)),
-                           donate_argnums=(0,))
+                           donate_argnums=(0,), compiler_options=compiler_options or None)
 
     # Evaluation: validation every eval_every steps, test at the end. --------------------------
     logits_fn = lambda params, images: model.apply({"params": params}, common.to_input(images))

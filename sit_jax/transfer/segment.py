@@ -261,6 +261,7 @@ def run(config, workdir: str) -> dict:
   if seg.features not in ("backbone", "raw_pixels"):
     raise ValueError(f"seg.features must be 'backbone' or 'raw_pixels', not {seg.features!r}.")
   config = with_head_rate(config)
+  compiler_options = sharding.step_compiler_options(config.compiler_options)
   with experiment.Experiment(config, workdir,
                              batch_sizes={"data.global_batch_size": d.global_batch_size,
                                           "eval_batch_size": config.eval_batch_size}) as exp:
@@ -306,7 +307,8 @@ def run(config, workdir: str) -> dict:
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                             jax.eval_shape(init, rng))
     step_fn = jax.jit(make_train_step(patch_fn, head, tx, config, size, lr),
-                      out_shardings=replicated, donate_argnums=(0,))
+                      out_shardings=replicated, donate_argnums=(0,),
+                      compiler_options=compiler_options or None)
     predict = make_predict(patch_fn, head, size)
     logging.info("segment %s: %d classes, %d train / %d validation / %d test images at %d px, "
                  "%s, %s head, %d steps, lr x %s; backbone %s", train.name, num_classes,
