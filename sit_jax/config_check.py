@@ -296,7 +296,7 @@ RULES: dict[str, Rule] = {
     "seg.pictures": integer(0),
     "fewshot.shots": numbers(COUNT, min_len=1),
     "fewshot.seeds": COUNT,
-    "fewshot.l2": numbers(NON_NEGATIVE, min_len=1),
+    "fewshot.l2": numbers(POSITIVE, min_len=1),  # 0: the centred Gram matrix is singular
 }
 
 
