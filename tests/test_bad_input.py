@@ -267,6 +267,7 @@ def test_unread_overrides(spec, overrides, unread):
     ("knn.py:runlocal", {"experiment": "fewshot"}, "config.experiment='fewshot' needs"),
     ("knn.py:runlocal", {"data.val_split": ""}, "data.val_split is empty: knn chooses k"),
     ("fewshot.py:runlocal", {"data.val_split": ""}, "data.val_split is empty: fewshot chooses"),
+    ("fewshot.py:runlocal", {"fewshot.l2": (0.0, 1.0)}, "config.fewshot.l2=(0.0, 1.0) is"),
     ("sit_vits.py:runlocal", {"model.attention": "cudnn"}, "model.attention='cudnn' (cuDNN"),
     ("sit_vits.py:runlocal", {"data.engine": "tf"}, "data.engine='tf' reads TFDS datasets only"),
     ("gmml_vits.py:runlocal", {"loss.alpha": 0.0}, "loss.alpha=0 with config.experiment='gmml'"),
