@@ -124,6 +124,9 @@ class DatasetInfo:
   indices: Optional[np.ndarray] = dataclasses.field(default=None, repr=False, compare=False)
   # the examples of `root` (a sorted file list), of an embedded or of a TFDS dataset (ids over
   # all its splits) that the split keeps
+  labels: Optional[np.ndarray] = dataclasses.field(default=None, repr=False, compare=False)
+  # the split's labels where its listing gives them (a folder, an embedded dataset), so that
+  # they are known before any image is read; None for TFDS, whose labels are in its records
 
 
 # ============================================================================================
@@ -315,7 +318,7 @@ def _embedded(name, split, p, P):
   n_local, n_max, position = _strided_share(n, p, P)
   info = DatasetInfo(n, labels.shape[-1] if labels.ndim > 1 else 10,
                      f"embedded:{name}/{split}", multilabel=labels.ndim > 1,
-                     root=f"embedded:{name}", indices=indices[keep])
+                     root=f"embedded:{name}", indices=indices[keep], labels=labels)
   return _HostData(info, n_local, n_max, load=_ArrayLoader(images[p::P], labels[p::P]),
                    position=position)
 
@@ -507,7 +510,8 @@ def _folder(path, split, p, P):
   info = DatasetInfo(len(paths), len(classes),
                      f"folder:{root}" + (f"[{part}]" if part is not None else ""),
                      # The folder's real path: 'folder:/x/' and a link to /x read the same images.
-                     classes=tuple(classes), root=os.path.realpath(root), indices=keep)
+                     classes=tuple(classes), root=os.path.realpath(root), indices=keep,
+                     labels=labels)
   return _HostData(info, n_local, n_max, load=_FileLoader(paths[p::P], labels[p::P]),
                    position=position)
 
