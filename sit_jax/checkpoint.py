@@ -55,6 +55,9 @@ CHECKPOINT_SUBDIRS = ("", "checkpoints", "ckpt", "checkpoint")
 # parameters (None: random init), "path": the directory they were read from}. A resume needs the
 # same parameters, read from anywhere; checkpoints written before 2026-12-06 name the path only.
 BACKBONE = "backbone"
+# The experiments whose checkpoints hold a fine-tuned backbone under a classifier head, params
+# {'backbone': ..., 'head': {'fc': ...}} (finetune.Classifier).
+CLASSIFIER_EXPERIMENTS = ("finetune", "multilabel")
 
 
 class CheckpointError(RuntimeError):
@@ -746,7 +749,7 @@ def _load_export(p: epath.Path):
   return params, model_config
 
 
-def _run_workdir(steps_dir: epath.Path) -> epath.Path:
+def run_workdir(steps_dir: epath.Path) -> epath.Path:
   """The workdir of the run whose step directories are in `steps_dir`: the parent of its
   checkpoints/ (ckpt/, checkpoint/) sub-directory, or the directory itself."""
   if steps_dir.name in CHECKPOINT_SUBDIRS and not (steps_dir / "results.json").exists():
@@ -814,8 +817,20 @@ def read_backbone(path, weights: str = "student") -> tuple[Any, dict, str]:
       raise CheckpointError(
           f"{e} (a copy of {p} that did not finish?). Copy that step again, or pass the step "
           f"before it, {found.parent / str(older[-1])} (config.init, or convert's --input).") from e
-  _warn_if_unfinished(_run_workdir(found.parent), step)
+  _warn_if_unfinished(run_workdir(found.parent), step)
   return (*loaded, str(found))
+
+
+def read_classifier_head(step_dir) -> dict | None:
+  """The classifier head (`state['params']['head']`, host numpy arrays) of a step directory of a
+  fine-tuning run (CLASSIFIER_EXPERIMENTS); None for a backbone export or another experiment's
+  step. Its pooling (head.features) is in the run's config.json (`run_workdir`)."""
+  step_dir = _path(step_dir)
+  if (not (step_dir / STATE_ITEM).is_dir()
+      or _step_metadata(step_dir).get("experiment") not in CLASSIFIER_EXPERIMENTS):
+    return None
+  return _restore_numpy(step_dir / STATE_ITEM,
+                        lambda tree: {"params": {"head": tree["params"]["head"]}})["params"]["head"]
 
 
 def locate_backbone(path, weights: str = "student") -> epath.Path:

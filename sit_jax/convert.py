@@ -409,10 +409,9 @@ def save_state_dict(state: Mapping[str, np.ndarray], path: str, settings: Mappin
 TIMM_STANDARDIZE = ("x = (x - x.mean((2, 3), keepdim=True)) / "
                     "x.std((2, 3), keepdim=True, unbiased=False).clamp_min(0.01)")
 # Transfer runs that evaluate config.init's backbone frozen, and hold none of their own (as does
-# a multilabel run with multilabel.frozen); and those that fine-tune it under a classifier,
-# params {'backbone': ..., 'head': {'fc': ...}} (finetune.Classifier).
+# a multilabel run with multilabel.frozen); those that fine-tune it under a classifier are
+# checkpoint.CLASSIFIER_EXPERIMENTS.
 FROZEN_EXPERIMENTS = ("linear", "knn", "fewshot", "segment")
-CLASSIFIER_EXPERIMENTS = ("finetune", "multilabel")
 # timm's VisionTransformer arguments that pool the tokens as head.features does
 # (heads.pool_features: after the final norm), and how the command names each pooling.
 TIMM_POOLING = {"cls": "global_pool='token'", "mean": "global_pool='avg', fc_norm=False"}
@@ -451,17 +450,15 @@ def classifier_head(path: str, width: int) -> tuple[str, dict[str, np.ndarray]] 
   `path` (a workdir or step directory) names; None for a pretraining checkpoint or an export."""
   from sit_jax import checkpoint
   step_dir = checkpoint.locate_backbone(path)
-  if (not (step_dir / checkpoint.STATE_ITEM).is_dir()
-      or checkpoint._step_metadata(step_dir).get("experiment") not in CLASSIFIER_EXPERIMENTS):
+  head = checkpoint.read_classifier_head(step_dir)
+  if head is None:
     return None
-  fc = checkpoint._restore_numpy(
-      step_dir / checkpoint.STATE_ITEM,
-      lambda tree: {"params": {"head": tree["params"]["head"]}})["params"]["head"]["fc"]
+  fc = head["fc"]
   kernel = np.asarray(fc["kernel"])
   if kernel.shape[0] == 2 * width:
     features = "cls+mean"
   else:  # CLS or the mean patch token: the same shapes, which only the run's config tells apart.
-    run_dir = checkpoint._run_workdir(step_dir.parent)
+    run_dir = checkpoint.run_workdir(step_dir.parent)
     features = (_workdir_json(run_dir).get("head") or {}).get("features")
     if features not in TIMM_POOLING:
       found = f"says head.features={features!r}" if features else "is missing"
