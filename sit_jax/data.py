@@ -258,7 +258,7 @@ def slice_indices(n, part, split):
   chosen = np.random.default_rng(0).permutation(n)[
       slice(_slice_bound(lo, n, split), _slice_bound(hi, n, split))]
   if not len(chosen):
-    raise DataError(f"split {split!r} selects no examples (the split has {n})")
+    raise DataError(f"split {split!r} selects no examples of the split's {n}: widen the slice.")
   return np.sort(chosen)
 
 

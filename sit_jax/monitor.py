@@ -70,7 +70,16 @@ class KnnMonitor:
       raise ValueError(f"eval.k={e.k} and eval.temperature={e.temperature} must be positive.")
     data_dir = config.data.data_dir or None
     options = engine_options(config)
-    bank = data.dataset_info(source, bank_split, data_dir, **options)
+
+    def info(split, key):
+      try:
+        return data.dataset_info(source, split, data_dir, **options)
+      except data.DataNotFoundError:  # the source's own error names it
+        raise
+      except data.DataError as error:
+        raise type(error)(f"{key}={split!r}: {error}") from None
+
+    bank = info(bank_split, "eval.train_split" if e.train_split else "data.split")
     if bank.num_classes < 2 or bank.multilabel:
       # With one class (images in a single sub-folder) every image is classified right: 1.0.
       logging.warning("k-NN monitor off: %s has %s (set eval.source and eval.train_split to a "
@@ -78,19 +87,30 @@ class KnnMonitor:
                       "one class" if bank.num_classes == 1 else "no class labels")
       return None
     try:
-      test = data.dataset_info(source, test_split, data_dir, **options)
+      test = info(test_split, "eval.test_split")
     except data.SplitNotFound:
       test = None
     if test is None or data.shared_examples(bank, test):
       # A folder without that split, or a test split that holds bank images: scoring the bank
       # against itself would report ~1.0, so hold out a slice of the bank's split instead.
       base = data.split_slice(bank_split)[0]
-      bank_split, test_split = f"{base}[:90%]", f"{base}[90%:]"
+      held_out = f"{base}[90%:]"
+      try:
+        test = data.dataset_info(source, held_out, data_dir, **options)
+      except data.DataError:  # 90% of 4 images or fewer rounds to all of them
+        n = data.dataset_info(source, base, data_dir, **options).num_examples
+        raise data.DataError(
+            f"eval.test_split={test_split!r}: {source} has no such split held out from the "
+            f"bank, and {held_out} of its {n} images holds none to score: set "
+            + (f"--config.eval.train_split='{base}[:{n - 1}]' --config.eval.test_split="
+               f"'{base}[{n - 1}:]' (one image held out), " if n > 1 else "")
+            + (f"add a {test_split}/ folder of the class folders, " if test is None else "")
+            + "or turn the monitor off with --config.eval_every=0.") from None
+      bank_split, test_split = f"{base}[:90%]", held_out
       logging.warning("k-NN monitor: %s has no %r split held out from the bank; the bank is %s "
                       "and the held-out images %s (set eval.train_split / eval.test_split to "
                       "choose).", source, config.eval.test_split, bank_split, test_split)
       bank = data.dataset_info(source, bank_split, data_dir, **options)
-      test = data.dataset_info(source, test_split, data_dir, **options)
     data.check_held_out(bank, test, "eval.train_split", "eval.test_split")
     runtime = {"dtype": model_config.get("dtype", "float32"),
                "attention": model_config.get("attention", ""),

@@ -3,6 +3,7 @@ same checkpoint, written to metrics.jsonl and results.json; off for unlabelled d
 bank scored against itself."""
 import json
 import os
+import re
 
 import pytest
 
@@ -115,6 +116,25 @@ def test_monitor_is_off_without_labels_and_never_scores_the_bank_against_itself(
     monitor.KnnMonitor.from_config(c, mesh, pretrain.model_config(c))
   c.eval_every = 0
   assert monitor.KnnMonitor.from_config(c, mesh, pretrain.model_config(c)) is None
+
+  # 4 images: train[90%:] holds none of them. One line, before any work, names the key, the
+  # count and slices that hold one out.
+  for c_ in range(2):
+    os.makedirs(tmp_path / "four" / f"c{c_}")
+    for i in range(2):
+      Image.fromarray(np.full((8, 8, 3), 50 * i, np.uint8)).save(
+          tmp_path / "four" / f"c{c_}" / f"{i}.png")
+  c.eval_every, c.eval.source = 3, f"folder:{tmp_path / 'four'}"
+  with pytest.raises(data.DataError, match=re.escape(
+      "eval.test_split='test': ") + ".* of its 4 images holds none to score: set " + re.escape(
+      "--config.eval.train_split='train[:3]' --config.eval.test_split='train[3:]'")):
+    monitor.KnnMonitor.from_config(c, mesh, pretrain.model_config(c))
+  c.eval.train_split, c.eval.test_split = "train[:3]", "train[3:]"
+  m = monitor.KnnMonitor.from_config(c, mesh, pretrain.model_config(c))
+  assert (m.bank_split, m.test_split) == ("train[:3]", "train[3:]")
+  c.eval.test_split = "train[90%:]"  # a slice of no image is the key's, not a bare split's
+  with pytest.raises(data.DataError, match=re.escape("eval.test_split='train[90%:]': split")):
+    monitor.KnnMonitor.from_config(c, mesh, pretrain.model_config(c))
 
 
 def test_an_eval_batch_the_mesh_cannot_split_names_eval_batch_size(tmp_path, monkeypatch):
