@@ -53,8 +53,11 @@ def ordered(scalars: dict) -> dict:
 
 # Settings a resumed run must keep, saved with each checkpoint: they change the data order, the
 # random numbers, or the structure of the optimiser state (clip_norm on/off adds a transform);
-# a transfer run's init_weights says which backbone its state started from.
-RESUME_SETTINGS = ("data.global_batch_size", "seed", "optim.clip_norm", "init_weights")
+# a transfer run's init_weights says which backbone its state started from, and head.features
+# what its head was trained on (CLS and the mean patch token are of one shape: a head trained on
+# one would go on training on the other, under a config.json naming the other).
+RESUME_SETTINGS = ("data.global_batch_size", "seed", "optim.clip_norm", "init_weights",
+                   "head.features")
 
 
 # The checkpoint metadata entry listing the hooks (indices) that a signal cut short at its step.

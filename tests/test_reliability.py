@@ -43,7 +43,8 @@ def tiny_config(**overrides):
   c = ml_collections.ConfigDict(dict(
       experiment="tiny", seed=0, total_steps=0, log_every=1, checkpoint_every=2, keep_checkpoints=2,
       mesh=dict(data=-1, fsdp=1, model=1), data=dict(global_batch_size=BATCH),
-      optim=dict(clip_norm=0.0), init_weights="student"))  # init_weights: as a transfer run
+      optim=dict(clip_norm=0.0), init_weights="student",  # init_weights, head: as a transfer run
+      head=dict(features="cls")))
   c.update_from_flattened_dict(overrides)
   return c
 
@@ -535,7 +536,8 @@ def test_a_notice_as_the_last_save_commits_lets_several_processes_finish(tmp_pat
 
 
 @pytest.mark.parametrize("key, value", [("seed", 1), ("data.global_batch_size", 16),
-                                        ("optim.clip_norm", 1.0), ("init_weights", "teacher")])
+                                        ("optim.clip_norm", 1.0), ("init_weights", "teacher"),
+                                        ("head.features", "mean")])
 def test_resume_with_another_setting_names_it(tmp_path, key, value):
   train(tmp_path, 4)
   config_json = (tmp_path / "config.json").read_text()
