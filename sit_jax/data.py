@@ -1093,13 +1093,20 @@ class HostIterator:
     return self
 
   def _note_skipped(self, count, unreadable):
+    # Each file is named once; a line per batch that skips one would flood the log of a long
+    # run, whose progress line has the running count (skipped_images).
     for file_and_error in unreadable:
       _warn_unreadable(self.info.name, file_and_error)
     self.first_unreadable = self.first_unreadable or next(iter(unreadable), "")
-    if count:
-      self.num_skipped += count
-      logging.warning("%s: skipped %d unreadable image(s) (total %d)", self.info.name, count,
-                      self.num_skipped)
+    if count and not self.num_skipped:
+      self._warn_first_skip()
+    self.num_skipped += count
+
+  def _warn_first_skip(self):
+    # Unreadable files show only when decoded: listing a folder cannot leave them out.
+    logging.warning("%s: training skips its unreadable images (skipped_images on the progress "
+                    "line counts the skips); the %d examples that set an epoch's length "
+                    "include them.", self.info.name, self.info.num_examples)
 
   def __next__(self) -> dict:
     batch = dict(next(self._batches))
@@ -1120,6 +1127,13 @@ def _warn_unreadable(source, file_and_error):
                   source, file_and_error.rstrip("."))
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_left_out_of_pass(source, num_skipped, num_read):
+  """Once per split and count: a monitor reads its splits again at every evaluation."""
+  logging.warning("%s: %d unreadable image(s) left out of the figures, %d read.", source,
+                  num_skipped, num_read)
+
+
 class EvalIterator(HostIterator):
   """One pass; `len()` batches on every host; `mask` False marks padding and unreadable files."""
 
@@ -1131,12 +1145,17 @@ class EvalIterator(HostIterator):
   def __len__(self):
     return self._num_batches
 
+  def _warn_first_skip(self):  # said once, at the end of the pass, with the count
+    pass
+
   def __next__(self):
     if self.step >= self._num_batches:
       if self.num_skipped and not self._num_read:  # nothing to score or to bank
         example = f", e.g. {self.first_unreadable}" if self.first_unreadable else ""
         raise DataError(f"{self.info.name}: none of its {self.num_skipped} images could be "
                         f"read{example}. Fix or replace them.")
+      if self.num_skipped:
+        _warn_left_out_of_pass(self.info.name, self.num_skipped, self._num_read)
       raise StopIteration
     batch = super().__next__()
     self._num_read += int(batch["mask"].sum())

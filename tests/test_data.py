@@ -218,14 +218,21 @@ def class_folder(tmp_path):
   return root
 
 
-def test_folder_pretrain_skips_corrupt_and_resumes(class_folder):
+def test_folder_pretrain_skips_corrupt_and_resumes(class_folder, monkeypatch):
   kw = dict(global_batch_size=4, image_size=16, seed=0, process_index=0, process_count=1)
   source = f"folder:{class_folder}"
   assert data.dataset_info(source, "train") == data.DatasetInfo(
       7, 2, f"folder:{class_folder}", classes=("cat", "dog"))
+  warnings = []
+  monkeypatch.setattr(data.logging, "warning", lambda fmt, *args: warnings.append(fmt % args))
   it = data.pretrain_iterator(source, "train", **kw)
   batches = _take(it, 5)  # 20 positions: the broken file comes up at least twice
   assert it.num_skipped >= 2
+  # Said once, not at every batch that skips it: the file, then that the epochs count it.
+  assert len(warnings) == 2 and f"cannot read {class_folder / 'cat' / 'broken.jpg'}" in warnings[0]
+  assert warnings[1] == (f"{source}: training skips its unreadable images (skipped_images on the "
+                         "progress line counts the skips); the 7 examples that set an epoch's "
+                         "length include them.")
   for b in batches:
     chex.assert_shape(b["view1"], (4, 16, 16, 3))
     red = b["view1"][..., 0].mean(axis=(1, 2)) > b["view1"][..., 2].mean(axis=(1, 2))
@@ -251,6 +258,13 @@ def test_folder_eval_masks_corrupt_and_names_it(class_folder, monkeypatch):
   # Sorted: cat/a.png cat/b.JPG cat/broken.jpg cat/c.jpeg dog/...
   np.testing.assert_array_equal(mask, [1, 1, 0, 1, 1, 1, 1, 0])
   np.testing.assert_array_equal(labels[mask], [0, 0, 0, 1, 1, 1])
+  assert warnings[-1] == (f"folder:{class_folder}: 1 unreadable image(s) left out of the "
+                          "figures, 6 read.")
+  # A monitor reads the split again at each evaluation: nothing more is said.
+  count = len(warnings)
+  list(data.eval_iterator(f"folder:{class_folder}", None, global_batch_size=4, image_size=8,
+                          process_index=0, process_count=1))
+  assert len(warnings) == count
 
 
 def test_folder_without_classes_and_split_subdir(tmp_path, monkeypatch):
