@@ -108,11 +108,12 @@ def test_dataset_name_follows_the_source(source, recipe, want):
   assert common.dataset_name(c) == want
 
 
-def test_folder_source_is_named_after_the_folder(tmp_path, monkeypatch):
+def test_folder_source_is_named_after_the_folder(tmp_path, monkeypatch, caplog):
   images, labels = data._digits()
   root = tmp_path / "handwritten"
   for i in range(90):
-    folder = root / f"class_{labels[i] % 3}"
+    # class_3 holds one image, the folder's last: the seeded slices put it in train[70:].
+    folder = root / (f"class_{labels[i] % 3}" if i < 89 else "class_3")
     folder.mkdir(parents=True, exist_ok=True)
     Image.fromarray(images[i]).save(folder / f"{i}.png")
   titles = []
@@ -129,4 +130,7 @@ def test_folder_source_is_named_after_the_folder(tmp_path, monkeypatch):
   assert titles and "handwritten" in titles[0] and "digits" not in titles[0]
   assert titles[0].endswith("on train[70:]")  # the split whose features it shows
   # The legend names the folder's classes (it said 0, 1, ... for folder names as for digits).
-  assert names == [("class_0", "class_1", "class_2")]
+  assert names == [("class_0", "class_1", "class_2", "class_3")]
+  # The bank holds no class_3 image: the run goes on, and says so (it was silent).
+  assert results["classes_missing_from_train"] == ["class_3"]
+  assert "data.train_split='train[:60]'" in caplog.text and "(class_3)" in caplog.text

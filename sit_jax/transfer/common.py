@@ -426,6 +426,28 @@ def dataset_infos(config):
   return train, test
 
 
+def classes_missing_from_train(config, info, labels=None) -> dict:
+  """{'classes_missing_from_train': [names]} for results.json, with one warning line, where the
+  train split (`info`: its DatasetInfo) holds no example of some classes; else {}. `labels`: the
+  split's labels as read (default: as listed, `info.labels`; none listed: no check). A k-NN bank
+  or a probe fitted on the split never predicts those classes, yet its score counts their test
+  images; a slice may leave out a rare class, so the run goes on."""
+  labels = info.labels if labels is None else np.asarray(labels)
+  if labels is None or info.num_classes <= 0:
+    return {}
+  counts = (labels.sum(0) if info.multilabel else
+            np.bincount(labels[labels >= 0], minlength=info.num_classes))
+  missing = [info.classes[c] if info.classes else str(c) for c in np.flatnonzero(counts == 0)]
+  if not missing:
+    return {}
+  logging.warning("data.train_split=%r (%s) has no example of %d of its %d classes (%s%s): what "
+                  "is fitted on it never predicts them, yet their test images are scored; "
+                  "widen the slice to include them.", config.data.train_split, info.name,
+                  len(missing), info.num_classes, ", ".join(missing[:10]),
+                  ", ..." if len(missing) > 10 else "")
+  return {"classes_missing_from_train": missing}
+
+
 def check_multilabel(info, multilabel: bool):
   from sit_jax import data
   if info.multilabel and not multilabel:

@@ -138,6 +138,7 @@ def run(config, workdir: str) -> dict:
                        for split in (d.train_split, d.val_split, d.test_split))
     logging.info("k-NN: %d train, %d validation, %d test features of dimension %d",
                  len(bank[0]), len(val[0]), len(test[0]), bank[0].shape[1])
+    extra = common.classes_missing_from_train(config, train_info, bank[1])
 
     def evaluate(bank_feats, bank_labels, feats, labels, ks=ks):
       scores = knn_scores(bank_feats, bank_labels, feats, ks, config.knn.temperature,
@@ -152,7 +153,6 @@ def run(config, workdir: str) -> dict:
                              (("val", on_val), ("test", on_test)) for k, row in rows.items()
                              for m, v in row.items()}, timed=False)
 
-    extra = {}
     if config.get("baselines", False):
       baselines = {}
       for name, (base_fn, base_params) in common.baseline_extractors(config, backbone, mesh,

@@ -378,10 +378,11 @@ def run(config, workdir: str, *, multilabel: bool = False) -> dict:
           common.log_progress("test features"))
 
     # Train the head. -------------------------------------------------------------------------
-    train_metrics, extra = {}, {}
+    train_metrics = {}
     if solver in ("lbfgs", "sgd"):
       train_feats, train_labels, test_feats, test_labels = common.split_features(
           config, features_of, params, mesh, size)
+      extra = common.classes_missing_from_train(config, train_info, train_labels)
       if solver == "lbfgs":
         scores, _, standardize, info = lbfgs_probe(train_feats, train_labels, test_feats,
                                                    test_labels)
@@ -401,6 +402,7 @@ def run(config, workdir: str, *, multilabel: bool = False) -> dict:
       test_feats = standardize(test_feats)
       writer.write_scalars(steps, {f"test/{k}": v for k, v in scores.items()})
     else:
+      extra = common.classes_missing_from_train(config, train_info)  # the labels as listed
       # The statistics and the step that uses them, at the first step or evaluation: once
       # trainer.train has accepted the checkpoint, so that a refused resume extracts nothing.
       @functools.cache
