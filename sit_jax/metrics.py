@@ -29,22 +29,22 @@ import jax
 import numpy as np
 
 
-def _to_float(name: str, value) -> float:
-  # float() on a jax.Array blocks on the device; that is why this is only
+def _to_number(name: str, value) -> float | int:
+  """An int where the value is one (a count: skipped images, L-BFGS iterations), else a float:
+  the progress line prints a count as an integer and a loss of exactly 2.0 as 2.0000."""
+  # np.asarray on a jax.Array blocks on the device; that is why this is only
   # called from write_scalars, i.e. at logging steps.
   arr = np.asarray(value)
   if arr.size != 1:
     raise TypeError(f"Scalar {name!r} has shape {arr.shape}; expected a scalar.")
-  return float(arr.reshape(()))
+  return int(arr.reshape(())) if np.issubdtype(arr.dtype, np.integer) else float(arr.reshape(()))
 
 
-def _fmt_value(name: str, v: float) -> str:
-  if not math.isfinite(v):
+def _fmt_value(name: str, v: float | int) -> str:
+  if isinstance(v, int) or not math.isfinite(v):
     return str(v)
   if "lr" in name.split("/")[-1].lower() or "learning_rate" in name.lower():
     return f"{v:.1e}"
-  if v.is_integer() and 10 <= abs(v) < 1e9:  # a count (iterations, skipped images)
-    return str(int(v))
   if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
     return f"{v:.3e}"
   return f"{v:.4f}"
@@ -471,7 +471,7 @@ class MetricWriter:
     if not self.is_main:
       return
     step = int(step)
-    values = {k: _to_float(k, v) for k, v in scalars.items()}
+    values = {k: _to_number(k, v) for k, v in scalars.items()}
     now = time.perf_counter()
 
     self._jsonl.write(json.dumps(_finite_or_none({"step": step, **values}), allow_nan=False)

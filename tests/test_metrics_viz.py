@@ -24,20 +24,22 @@ def test_scalars_jsonl_and_progress_line(tmp_path, capsys):
   w = MetricWriter(tmp_path, total_steps=100, global_batch_size=64,
                    enable_tensorboard=False, is_main_process=True)
   w.write_scalars(10, {"loss": jnp.float32(0.5), "recon": np.float32(0.25),
-                       "lr": 1e-3})
-  w.write_scalars(20, {"loss": jnp.asarray(0.4321), "recon": 0.1234,
-                       "lr": jnp.asarray([1.2e-4])})
+                       "lr": 1e-3, "skipped_images": 3})
+  # A count prints as an integer whatever its size, a float as one even where it is whole.
+  w.write_scalars(20, {"loss": jnp.asarray(0.4321), "recon": 2.0,
+                       "lr": jnp.asarray([1.2e-4]), "probe/iterations": np.int32(12)})
   w.close()
   lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
   rows = [json.loads(l) for l in lines]
   assert [r["step"] for r in rows] == [10, 20]
   assert rows[0]["loss"] == 0.5 and rows[0]["recon"] == 0.25
   assert rows[1]["lr"] == pytest.approx(1.2e-4)
+  assert lines[0].endswith('"skipped_images": 3}') and lines[1].endswith('"probe/iterations": 12}')
 
   out = capsys.readouterr().out.strip().splitlines()
-  assert out[0] == "step 10/100 | loss 0.5000 | recon 0.2500 | lr 1.0e-03"
+  assert out[0] == "step 10/100 | loss 0.5000 | recon 0.2500 | lr 1.0e-03 | skipped_images 3"
   assert re.fullmatch(
-      r"step 20/100 \| loss 0\.4321 \| recon 0\.1234 \| lr 1\.2e-04 \| "
+      r"step 20/100 \| loss 0\.4321 \| recon 2\.0000 \| lr 1\.2e-04 \| probe/iterations 12 \| "
       r"\d+ img/s \| ETA \d+:\d\d:\d\d", out[1]), out[1]
 
 
