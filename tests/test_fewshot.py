@@ -11,7 +11,7 @@ import pytest
 from configs import fewshot as fewshot_config
 from sit_jax import checkpoint
 from sit_jax.models import vit
-from sit_jax.transfer import fewshot
+from sit_jax.transfer import common, fewshot
 
 
 def lstsq_ridge(x, labels, l2, num_classes):
@@ -85,7 +85,7 @@ def test_a_folder_whose_files_changed_is_extracted_again(tmp_path, monkeypatch):
   """The feature cache of a folder split follows its files: images added to a class that had too
   few, or moved to another class, are not read from the entry of the folder as it was."""
   from PIL import Image
-  from sit_jax.transfer import common, feature_cache
+  from sit_jax.transfer import feature_cache
   extracted = []
   monkeypatch.setattr(common, "eval_batches", lambda *args: None)
   monkeypatch.setattr(common, "extract_features",
@@ -116,7 +116,7 @@ def exported(tmp_path_factory):
                                     {"variant": "Mu/4", "image_size": 16})
 
 
-def test_fewshot_run_and_its_cached_rerun(tmp_path, exported):
+def test_fewshot_run_and_its_cached_rerun(tmp_path, exported, monkeypatch):
   c = fewshot_config.get_config("runlocal")
   c.init = str(exported)
   c.fewshot.shots, c.fewshot.seeds = (1, 5), 2
@@ -137,11 +137,14 @@ def test_fewshot_run_and_its_cached_rerun(tmp_path, exported):
     assert set(row) == {"1shot", "5shot"} and 0.0 < row["5shot"]["test_mean"] <= 1.0
   assert cached["baselines"] == fresh["baselines"]
   # A shot count that some class of train has fewer examples for: one line naming the classes
-  # (the 1,200 train digits hold 111-128 of each), before any fit.
+  # (the 1,200 train digits hold 111-128 of each), from the listed labels before any backbone
+  # is loaded or feature extracted.
   c.fewshot.shots = (1, 5, 120)
-  with pytest.raises(ValueError, match=r"fewshot.shots=\(1, 5, 120\) draws 120 train examples "
-                     r"of every class, and embedded:digits/train\[:80%\] has fewer of \d of its "
-                     r"10 classes \(\d: 11\d.*--config.fewshot.shots='\(1, 5\)'"):
+  with monkeypatch.context() as m, pytest.raises(
+      ValueError, match=r"fewshot.shots=\(1, 5, 120\) draws 120 train examples of every class, "
+      r"and embedded:digits/train\[:80%\] has fewer of \d of its 10 classes \(\d: 11\d.*"
+      r"--config.fewshot.shots='\(1, 5\)'"):
+    m.setattr(common, "load_backbone", lambda *a, **k: pytest.fail("loaded before the check"))
     fewshot.run(c, str(workdir))
   c.fewshot.shots = (1, 5)
   with open(workdir / "results.json") as f:

@@ -124,6 +124,8 @@ def run(config, workdir: str) -> dict:
   with experiment.Experiment(config, workdir, batch_sizes=batch_sizes) as exp:
     train_info, test_info = common.dataset_infos(config)
     common.check_multilabel(train_info, False)
+    if train_info.labels is not None:  # listed (a folder, an embedded dataset): before any work
+      check_shots(train_info.labels, tuple(f.shots), train_info)
     size = d.image_size
     backbone = common.load_backbone(config, image_size=size, drop_path_rate=0.0)
     params = common.place_backbone(backbone, exp.mesh, config.sharding_rules, config.seed)
@@ -134,7 +136,7 @@ def run(config, workdir: str) -> dict:
                                        identity, common.uint8_features(fn), params, exp.mesh,
                                        features=features, image_size=size)
     train = split_features(d.train_split)
-    check_shots(train[1], tuple(f.shots), train_info)
+    check_shots(train[1], tuple(f.shots), train_info)  # TFDS; or a folder's unreadable images
     val, test = split_features(d.val_split), split_features(d.test_split)
     logging.info("few-shot: %d train, %d validation, %d test features of dimension %d",
                  len(train[0]), len(val[0]), len(test[0]), train[0].shape[1])
