@@ -79,7 +79,7 @@ class KnnMonitor:
       except data.DataError as error:
         raise type(error)(f"{key}={split!r}: {error}") from None
 
-    bank = info(bank_split, "eval.train_split" if e.train_split else "data.split")
+    bank = info(bank_split, "eval.train_split")  # the key that sets the bank
     if bank.num_classes < 2 or bank.multilabel:
       # With one class (images in a single sub-folder) every image is classified right: 1.0.
       logging.warning("k-NN monitor off: %s has %s (set eval.source and eval.train_split to a "
