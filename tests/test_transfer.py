@@ -619,6 +619,21 @@ def test_transfer_splits_are_held_out_before_any_work(tmp_path):
     common.dataset_infos(c)
 
 
+def test_tfds_class_names_are_recorded_as_a_folders_are():
+  """results.json names a TFDS dataset's classes by its ClassLabel's names (tfds' metadata, no
+  download), as it names a folder's by its class folders; the names a ClassLabel makes up from
+  its number of classes ('0', '1', ...: cifar10's mock metadata) are not recorded."""
+  from configs import knn as knn_config
+  c = knn_config.get_config("runlocal")
+  c.data.train_split, c.data.val_split, c.data.test_split = "train[:50%]", "", "train[50%:]"
+  backbone = common.load_backbone(c, image_size=16)  # random init: a module, no parameters
+  for source, want in (("tfds:cats_vs_dogs", ["cat", "dog"]), ("tfds:cifar10", None)):
+    c.data.source = source
+    with tfds.testing.mock_data(as_data_source_fn=lambda *args, **kwargs: [{}] * 4):
+      train, test = common.dataset_infos(c)
+    assert common.results_dict(c, backbone, train, test, 2, {}).get("classes") == want
+
+
 def test_blocks_past_a_loaded_backbones_depth_name_their_key():
   """A checkpoint brings its own depth, so config_check cannot see these: the line names the key."""
   module = vit.backbone_from_config({"variant": "Mu/4", "image_size": 16})
