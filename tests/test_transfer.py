@@ -597,6 +597,10 @@ def test_transfer_splits_are_held_out_before_any_work(tmp_path):
   with pytest.raises(data.DataError, match=r"data.test_split \(.*\) holds 1 of the 2 images of "
                      r"data.val_split"):
     common.dataset_infos(c)
+  c.data.test_split = "train[95%:]"  # none of the 10 images: the line names the key
+  with pytest.raises(data.DataError, match=r"^data.test_split='train\[95%:\]': split .* selects "
+                     r"no examples of the split's 10: widen the slice\.$"):
+    common.dataset_infos(c)
   c.data.test_split = "train[80%:]"
   train, test = common.dataset_infos(c)
   assert (train.num_examples, test.num_examples, train.classes) == (6, 2, ("a", "b"))

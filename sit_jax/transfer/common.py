@@ -414,6 +414,10 @@ def dataset_infos(config):
         fix = ("Three disjoint slices, for instance: --config.data.train_split='train[:70%]' "
                "--config.data.val_split='train[70%:85%]' --config.data.test_split='train[85%:]'.")
       raise data.SplitNotFound(f"data.{key}={split!r}: {e} {fix}") from None
+    except data.DataNotFoundError:  # the source's own error names it
+      raise
+    except data.DataError as e:  # e.g. a slice of no example
+      raise type(e)(f"data.{key}={split!r}: {e}") from None
 
   train, test = info("train_split"), info("test_split")
   if train.num_classes <= 0:
