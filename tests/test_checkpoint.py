@@ -78,9 +78,16 @@ def test_failed_async_save_with_keep_1_names_the_kept_step(tmp_path, monkeypatch
   ck.save(1, make_state(1), metadata={"model": MODEL})
   ck.wait()
 
+  # The writes finish and the commit (the rename of the step's directory) fails. Failing before
+  # the writes finished left orbax's writer threads waiting 300 s for a signal, at exit.
+  wait_for_writes = async_checkpointer._background_wait_for_commit_futures
+
   def no_space(*args, **kwargs):
     raise OSError(28, "No space left on device")
-  monkeypatch.setattr(async_checkpointer, "_background_wait_for_commit_futures", no_space)
+
+  monkeypatch.setattr(async_checkpointer, "_background_wait_for_commit_futures",
+                      lambda directory, futures, on_commit, **kw: wait_for_writes(
+                          directory, futures, no_space, **kw))
   assert ck.save(2, make_state(2), metadata={"model": MODEL})
   with pytest.raises(CheckpointError, match="step 2 .* No space left on device. The last good "
                                             "checkpoint is step 1."):
