@@ -131,17 +131,13 @@ def main(_):
   module = vit.backbone_from_config({**vit.parameter_settings(model_config), "image_size": size,
                                      "dtype": "float32"})
   step_dir = os.path.join(workdir, "checkpoints", str(result["step"]))
-  state = checkpoint._restore_numpy(  # pylint: disable=protected-access
-      checkpoint.epath.Path(step_dir) / "state",
-      lambda t: {"params": {"backbone": t["params"]["backbone"]},
-                 **({"teacher": {"backbone": t["teacher"]["backbone"]}}
-                    if t.get("teacher") else {})})
+  backbone = lambda weights: checkpoint.load_backbone(step_dir, weights)[0]["backbone"]
   row = {"name": flags.FLAGS.name or os.path.basename(workdir.rstrip("/")),
          "split": flags.FLAGS.split, "overrides": sys.argv[1:], "train_seconds": train_seconds,
          "final_metrics": result.get("final_metrics"),
-         "student": backbone_scores(module, state["params"]["backbone"], images, mesh)}
-  if "teacher" in state:
-    row["teacher"] = backbone_scores(module, state["teacher"]["backbone"], images, mesh)
+         "student": backbone_scores(module, backbone("student"), images, mesh)}
+  if pretrain.uses_teacher(config):
+    row["teacher"] = backbone_scores(module, backbone("teacher"), images, mesh)
   if flags.FLAGS.baselines:
     flat = lambda x: np.asarray(common.to_input(x)).reshape(len(x), -1)
     row["raw_pixels"] = scores(flat(train_images), train_labels, flat(test_images),
