@@ -821,6 +821,18 @@ def read_backbone(path, weights: str = "student") -> tuple[Any, dict, str]:
   return (*loaded, str(found))
 
 
+def saved_model_config(found) -> dict:
+  """The model config saved with the backbone that `locate_backbone` found, read without any
+  array; {} where it cannot be read (loading the backbone then says why)."""
+  found = _path(found)
+  try:
+    if (found / STATE_ITEM).is_dir():
+      return dict(_step_metadata(found).get("model") or {})
+    return json.loads((found / EXPORT_CONFIG).read_text())
+  except Exception:  # pylint: disable=broad-except
+    return {}
+
+
 def read_classifier_head(step_dir) -> dict | None:
   """The classifier head (`state['params']['head']`, host numpy arrays) of a step directory of a
   fine-tuning run (CLASSIFIER_EXPERIMENTS); None for a backbone export or another experiment's

@@ -431,6 +431,11 @@ def test_load_backbone_from_pretraining_workdir(tmp_path, exported_backbone, cap
   # The checkpoint's patch (4) decides which sizes fit; config_check cannot see it.
   with pytest.raises(ValueError, match=r"^data.image_size=18 does not fit the Mu/4 backbone of "):
     common.load_backbone(c, image_size=18)
+  # A run says so before it writes its workdir, from the step's metadata (no array read).
+  c.data.image_size = 18
+  with pytest.raises(ValueError, match=r"^data.image_size=18 does not fit the Mu/4 backbone of "):
+    transfer.run(c, str(tmp_path / "finetune"))
+  assert not (tmp_path / "finetune").exists()
   # results.json names the step the workdir's latest checkpoint was (a pretraining that goes on
   # moves it) and the classes; an export has no step.
   info = data.DatasetInfo(12, 3, "folder:/x/train", classes=("ant", "bee", "cat"))

@@ -31,9 +31,11 @@ EXPERIMENTS = ("finetune", "linear", "knn", "multilabel", "segment", "fewshot")
 
 def run(config, workdir: str) -> dict:
   from sit_jax import checkpoint
-  from sit_jax.transfer import fewshot, finetune, knn, linear, segment
-  if config.get("init"):  # found before the workdir is written
-    checkpoint.locate_backbone(config.init, config.get("init_weights", "student"))
+  from sit_jax.transfer import common, fewshot, finetune, knn, linear, segment
+  if config.get("init"):  # found, and its patch checked, before the workdir is written
+    found = checkpoint.locate_backbone(config.init, config.get("init_weights", "student"))
+    common.check_image_size_fits(config.init, config.data.image_size,
+                                 checkpoint.saved_model_config(found))
   experiment = config.experiment
   if experiment == "finetune":
     return finetune.run(config, workdir)

@@ -88,11 +88,7 @@ def load_backbone(config, *, image_size: int, drop_path_rate: float | None = Non
       logging.warning("config.model.%s=%s ignored: the backbone of %s has %s, saved with its "
                       "parameters.", key, model[key], config.init, value)
   model_config = {**saved, "image_size": image_size, **runtime}
-  try:  # config_check cannot see a checkpoint's patch: the line names the key here.
-    vit.check_image_size(image_size, vit.parse_variant(ckpt_config["variant"])["patch_size"])
-  except ValueError as e:
-    raise ValueError(f"data.image_size={image_size} does not fit the {ckpt_config['variant']} "
-                     f"backbone of {config.init}: {e}") from None
+  check_image_size_fits(config.init, image_size, ckpt_config)
   module = vit.backbone_from_config(model_config)
   params = jax.tree.map(np.asarray, loaded["backbone"])
   checkpoint_hash = parameters_hash(params)  # before the resize, whose floats the device sets
@@ -103,6 +99,18 @@ def load_backbone(config, *, image_size: int, drop_path_rate: float | None = Non
                   pretrained_image_size=ckpt_config.get("image_size"), weights=weights,
                   checkpoint_hash=checkpoint_hash, location=location,
                   step=int(read.name) if is_step else None)
+
+
+def check_image_size_fits(init: str, image_size: int, ckpt_config: dict):
+  """config_check cannot see a checkpoint's patch: the line names the key here (transfer.run
+  checks it before the workdir is written, load_backbone again for its other callers)."""
+  if "variant" not in ckpt_config:
+    return
+  try:
+    vit.check_image_size(image_size, vit.parse_variant(ckpt_config["variant"])["patch_size"])
+  except ValueError as e:
+    raise ValueError(f"data.image_size={image_size} does not fit the {ckpt_config['variant']} "
+                     f"backbone of {init}: {e}") from None
 
 
 def parameters_hash(params) -> str:
