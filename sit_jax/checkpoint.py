@@ -833,16 +833,20 @@ def saved_model_config(found) -> dict:
     return {}
 
 
-def read_classifier_head(step_dir) -> dict | None:
+def read_classifier_head(step_dir) -> tuple[dict, str | None] | None:
   """The classifier head (`state['params']['head']`, host numpy arrays) of a step directory of a
-  fine-tuning run (CLASSIFIER_EXPERIMENTS); None for a backbone export or another experiment's
-  step. Its pooling (head.features) is in the run's config.json (`run_workdir`)."""
+  fine-tuning run (CLASSIFIER_EXPERIMENTS), and its pooling as the step's metadata records it
+  (head.features; None in a checkpoint written before 2026-12-06, whose run's config.json says
+  it: `run_workdir`); None for a backbone export or another experiment's step."""
   step_dir = _path(step_dir)
-  if (not (step_dir / STATE_ITEM).is_dir()
-      or _step_metadata(step_dir).get("experiment") not in CLASSIFIER_EXPERIMENTS):
+  if not (step_dir / STATE_ITEM).is_dir():
     return None
-  return _restore_numpy(step_dir / STATE_ITEM,
+  metadata = _step_metadata(step_dir)
+  if metadata.get("experiment") not in CLASSIFIER_EXPERIMENTS:
+    return None
+  head = _restore_numpy(step_dir / STATE_ITEM,
                         lambda tree: {"params": {"head": tree["params"]["head"]}})["params"]["head"]
+  return head, (metadata.get("settings") or {}).get("head.features")
 
 
 def locate_backbone(path, weights: str = "student") -> epath.Path:

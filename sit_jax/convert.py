@@ -17,7 +17,8 @@ error naming the keys. The export goes to a new or empty directory.
 to-timm writes a state dict that timm's `VisionTransformer` loads with strict=True, and prints the
 PyTorch lines that load it and compute what sit_jax computes: a backbone's CLS features, or the
 logits of a fine-tuned classifier (a configs/finetune.py or fine-tuning multilabel.py workdir):
-head.weight and head.bias, pooled as the run's head.features, 'cls' (timm's global_pool='token')
+head.weight and head.bias, pooled as the run's head.features (which the step's metadata records; a
+step saved before 2026-12-06 leaves it to its run's config.json), 'cls' (timm's global_pool='token')
 or 'mean' (global_pool='avg', fc_norm=False); for 'cls+mean', which timm has no pooling for, a
 torch.nn.Linear on the concatenated tokens. For a model.standardize_input backbone the lines
 standardise timm's input as sit_jax does. A .safetensors file keeps that setting in its
@@ -447,25 +448,35 @@ def check_not_a_frozen_run(path: str):
 
 def classifier_head(path: str, width: int) -> tuple[str, dict[str, np.ndarray]] | None:
   """(head.features, timm's head.weight and head.bias) of the fine-tuning checkpoint that
-  `path` (a workdir or step directory) names; None for a pretraining checkpoint or an export."""
+  `path` (a workdir or step directory) names; None for a pretraining checkpoint or an export.
+  The pooling is the one the step's metadata records, else its run's config.json."""
   from sit_jax import checkpoint
   step_dir = checkpoint.locate_backbone(path)
-  head = checkpoint.read_classifier_head(step_dir)
-  if head is None:
+  read = checkpoint.read_classifier_head(step_dir)
+  if read is None:
     return None
+  head, saved = read
+  run_dir = checkpoint.run_workdir(step_dir.parent)
+  configured = (_workdir_json(run_dir).get("head") or {}).get("features")
+  if saved and configured and saved != configured:
+    raise ConversionError(
+        f"The classifier of {step_dir} was trained on head.features={saved!r} (its metadata), "
+        f"but the config.json in {run_dir} says {configured!r}: the step is another run's. "
+        "Copy the step directory out of that workdir and convert the copy: its metadata says "
+        "how it pools.")
   fc = head["fc"]
   kernel = np.asarray(fc["kernel"])
   if kernel.shape[0] == 2 * width:
     features = "cls+mean"
-  else:  # CLS or the mean patch token: the same shapes, which only the run's config tells apart.
-    run_dir = checkpoint.run_workdir(step_dir.parent)
-    features = (_workdir_json(run_dir).get("head") or {}).get("features")
+  else:  # CLS or the mean patch token: the same shapes, which the step's metadata tells apart
+    features = saved or configured  # (a step saved before 2026-12-06: its run's config.json)
     if features not in TIMM_POOLING:
       found = f"says head.features={features!r}" if features else "is missing"
       raise ConversionError(
           f"Cannot tell whether the classifier of {step_dir} is on the CLS token or on the mean "
-          f"patch token: the config.json of its run in {run_dir}, which says so (head.features), "
-          f"{found}. Convert the checkpoint inside the run's workdir.")
+          f"patch token: its metadata does not say (it was saved before sit_jax recorded "
+          f"head.features there), and the config.json of its run in {run_dir} {found}. Convert "
+          "the checkpoint inside the run's workdir.")
   return features, {"head.weight": np.ascontiguousarray(kernel.T),
                     "head.bias": np.asarray(fc["bias"])}
 

@@ -281,12 +281,42 @@ def test_timm_computes_what_sit_jax_does_through_the_printed_lines(exported_back
   assert "Dropped 2 parameters that are not the backbone (heads): head.bias, head.weight" in \
       caplog.text
   # A step directory copied out of its workdir: whether its classifier pools CLS or the mean
-  # patch token (the same shapes) is in the run's config.json only.
+  # patch token (the same shapes) is in the run's config.json only, for a step saved before its
+  # metadata recorded head.features (as these are).
   shutil.copytree(tmp_path / "mean" / "checkpoints" / "3", tmp_path / "copied" / "3")
   with pytest.raises(convert.ConversionError, match=r"Cannot tell whether the classifier of .*"
-                     r"copied/3 is on the CLS token or on the mean patch token: the config.json "
-                     r"of its run in .*copied, which says so \(head.features\), is missing."):
+                     r"copied/3 is on the CLS token or on the mean patch token: its metadata does "
+                     r"not say .* and the config.json of its run in .*copied is missing."):
     convert.to_timm(str(tmp_path / "copied" / "3"), str(tmp_path / "copied.safetensors"))
+
+
+def test_a_step_converts_with_the_pooling_its_metadata_records(exported_backbone, tmp_path):
+  """A fine-tuning step's metadata records head.features (trainer.RESUME_SETTINGS): the step
+  converts out of its workdir with that pooling, and inside a workdir whose config.json says
+  another, it is refused rather than pooled as that run's."""
+  _, backbone = exported_backbone
+  width = vit.parse_variant("Mu/4")["width"]
+  fc = {"kernel": np.arange(width * 5, dtype=np.float32).reshape(width, 5),
+        "bias": np.arange(5, dtype=np.float32)}
+  with checkpoint.Checkpointer(tmp_path / "ft" / "checkpoints", every=1) as ck:
+    ck.save(3, {"params": {"backbone": backbone, "head": {"fc": fc}}},
+            metadata={"model": {"variant": "Mu/4", "image_size": 32}, "experiment": "finetune",
+                      "settings": {"head.features": "mean"}})
+  step = tmp_path / "ft" / "checkpoints" / "3"
+  shutil.copytree(step, tmp_path / "copied" / "3")
+  features, head = convert.classifier_head(str(tmp_path / "copied" / "3"), width)
+  assert features == "mean"
+  np.testing.assert_array_equal(head["head.weight"], fc["kernel"].T)
+  np.testing.assert_array_equal(head["head.bias"], fc["bias"])
+  other = tmp_path / "other"
+  shutil.copytree(step, other / "checkpoints" / "3")
+  (other / "config.json").write_text(json.dumps({"head": {"features": "mean"}}))
+  assert convert.classifier_head(str(other), width)[0] == "mean"
+  (other / "config.json").write_text(json.dumps({"head": {"features": "cls"}}))
+  with pytest.raises(convert.ConversionError, match=r"The classifier of .*other/checkpoints/3 "
+                     r"was trained on head.features='mean' \(its metadata\), but the "
+                     r"config.json in .*other says 'cls'"):
+    convert.classifier_head(str(other), width)
 
 
 def test_unknown_and_missing_keys_are_listed(reference):
