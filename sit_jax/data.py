@@ -119,7 +119,8 @@ class DatasetInfo:
   num_classes: int  # 0 when the source has no labels
   name: str
   multilabel: bool = False  # labels are multi-hot int32 vectors (num_classes,), not class ids
-  classes: tuple[str, ...] = ()  # a folder's class names, label i = classes[i]; else ()
+  classes: tuple[str, ...] = ()  # label i = classes[i]: a folder's class folders, a TFDS
+  # ClassLabel's names (not those it makes up from its number of classes: '0', '1', ...); else ()
   root: str = dataclasses.field(default="", compare=False)  # what a folder split reads
   indices: Optional[np.ndarray] = dataclasses.field(default=None, repr=False, compare=False)
   # the examples of `root` (a sorted file list), of an embedded or of a TFDS dataset (ids over
@@ -150,9 +151,10 @@ class _HostData:
   n_max_local: int  # the largest share over all hosts
   # grain: load(local index) -> (encoded image bytes or uint8 (h, w, 3), int32 label).
   load: Optional[Callable] = None
-  # tf engine: the builder and this host's split.
+  # tf engine: the builder, this host's split and its labels (_tfds_labels).
   builder: object = None
   host_split: object = None
+  labels: tuple = ()
   # local index (tf engine: the record's tfds_id, place read) -> the example's position in the
   # split, so that what the hosts evaluate can be put back in the split's order whatever the
   # number of processes.
@@ -562,17 +564,8 @@ def _tfds_labels(builder):
   if "label" in features:
     return (lambda value: np.int32(np.asarray(value)),
             getattr(features["label"], "num_classes", 0) or 0, False, ("label",))
-
-  def element(path):  # the feature at `path` (a Sequence's: its element's), or None
-    feature = features
-    for key in path:
-      if key not in getattr(feature, "keys", tuple)():
-        return None
-      feature = getattr(feature[key], "feature", feature[key])
-    return feature
-
   for path in (("labels",), ("objects", "label")):
-    feature = element(path)
+    feature = _tfds_feature(builder, path)
     if isinstance(feature, tfds.features.ClassLabel):
       c = feature.num_classes
 
@@ -582,6 +575,23 @@ def _tfds_labels(builder):
         return hot
       return multi_hot, c, True, path
   return lambda value: np.int32(-1), 0, False, ()
+
+
+def _tfds_feature(builder, path):
+  """The feature at `path` (a Sequence's: its element's), or None."""
+  feature = builder.info.features
+  for key in path:
+    if key not in getattr(feature, "keys", tuple)():
+      return None
+    feature = getattr(feature[key], "feature", feature[key])
+  return feature
+
+
+def _tfds_class_names(builder, path) -> tuple[str, ...]:
+  """The names of the ClassLabel at `path` (of _tfds_labels); () for none, and for the names a
+  ClassLabel of a number of classes makes up ('0', '1', ...: they name nothing)."""
+  names = tuple(getattr(_tfds_feature(builder, path), "names", None) or ())
+  return () if names == tuple(map(str, range(len(names)))) else names
 
 
 def labels_at(example, path):
@@ -628,10 +638,11 @@ def _tfds(name, split, data_dir, p, P, engine):
   if "image" not in builder.info.features:
     raise DataError(f"TFDS dataset {name!r} has no 'image' feature")
   labels = _tfds_labels(builder)
-  _, num_classes, multilabel, _ = labels
+  _, num_classes, multilabel, path = labels
+  classes = _tfds_class_names(builder, path)
   if engine == "tf":
     from sit_jax import data_tf
-    return data_tf.host_data(builder, name, split, p, P, num_classes, multilabel)
+    return data_tf.host_data(builder, name, split, p, P, labels, classes)
   import tensorflow_datasets as tfds
   try:
     source = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
@@ -651,7 +662,7 @@ def _tfds(name, split, data_dir, p, P, engine):
     raise DataError(f"TFDS split {name}:{split} is empty")
   n_local, n_max, position = _strided_share(n, p, P)
   info = DatasetInfo(n, num_classes, f"tfds:{name}/{split}", multilabel=multilabel,
-                     root=f"tfds:{name}", indices=_tfds_examples(builder, split))
+                     classes=classes, root=f"tfds:{name}", indices=_tfds_examples(builder, split))
   return _HostData(info, n_local, n_max, load=_TfdsLoader(source, labels, p, P),
                    position=position)
 
@@ -700,7 +711,8 @@ def check_held_out(train: DatasetInfo, held_out: DatasetInfo, train_key: str, he
   check_disjoint(train, held_out, train_key, held_out_key)
   if train.num_classes == 1 and not train.multilabel:
     inside = (f" If {train.classes[0]}/ holds the class folders, move them up a level: a "
-              "folder's classes are its sub-folders." if train.classes else "")
+              "folder's classes are its sub-folders." if train.name.startswith("folder:")
+              and train.classes else "")
     raise DataError(f"{train.name} ({train_key}) has one class, so every {held_out_key} image "
                     f"would be scored right.{inside}")
   if train.classes and not held_out.classes:  # its images would all have label -1

@@ -60,7 +60,7 @@ def _size(builder, split, name):
   return n
 
 
-def host_data(builder, name, split, p, P, num_classes, multilabel):
+def host_data(builder, name, split, p, P, labels, classes):
   """Host p's share: tfds.even_splits of each '+' part of the split, which gives each part's
   remainder to the first hosts, so host 0's share is the largest (more than ceil(n / P) when
   several parts have a remainder) and a host's share can be empty (a part smaller than P)."""
@@ -70,10 +70,12 @@ def host_data(builder, name, split, p, P, num_classes, multilabel):
   host_split = split
   if P > 1:
     host_split = functools.reduce(operator.add, [tfds.even_splits(part, P)[p] for part in parts])
+  _, num_classes, multilabel, _ = labels
   info = data.DatasetInfo(sum(sizes), num_classes, f"tfds:{name}/{split}", multilabel=multilabel,
-                          root=f"tfds:{name}", indices=data._tfds_examples(builder, split))
+                          classes=classes, root=f"tfds:{name}",
+                          indices=data._tfds_examples(builder, split))
   return data._HostData(info, share(p), share(0), builder=builder, host_split=host_split,
-                        position=_RecordPositions(builder, split))
+                        labels=labels, position=_RecordPositions(builder, split))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,11 +111,11 @@ class _RecordPositions:
     raise KeyError(tfds_id)
 
 
-def _numpy_elements(ds, builder, fn, specs):
+def _numpy_elements(ds, labels, fn, specs):
   """Maps (position, example) to fn(encoded, position) -> arrays of `specs` ((shape, numpy
   dtype) each) in parallel with PIL, drops the elements fn could not decode, keeps the
-  position."""
-  label_of, num_classes, multilabel, path = data._tfds_labels(builder)
+  position. `labels`: the split's (data._HostData.labels)."""
+  label_of, num_classes, multilabel, path = labels
   label_shape = (num_classes,) if multilabel else ()
   outs = [tf.bool] + [tf.as_dtype(dtype) for _, dtype in specs] + [tf.int32]
 
@@ -169,7 +171,7 @@ def train_batches(d, *, b, start_step, seed, process_index, shuffle_buffer, view
     return [padded[k][0] for k in views.keys]
 
   ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch)
-  ds = _numpy_elements(ds, d.builder, crops, views.specs)
+  ds = _numpy_elements(ds, d.labels, crops, views.specs)
   ds = _options(ds.batch(b, drop_remainder=True).prefetch(_AUTOTUNE))
   keys = views.keys
   expected = first  # stream position of the next element if none were unreadable
@@ -186,7 +188,7 @@ def eval_batches(d, *, b, size, view):
   pending = iter(())  # a host whose share is empty (tfds cannot read it) yields padding only
   if d.n_local:
     ds = _read(d.builder, d.host_split, d.info.name, with_ids=True).enumerate()
-    ds = _numpy_elements(ds, d.builder, lambda encoded, pos: (view(encoded),),
+    ds = _numpy_elements(ds, d.labels, lambda encoded, pos: (view(encoded),),
                          [((size, size, 3), np.uint8)])
     pending = iter(_options(ds.prefetch(_AUTOTUNE)).as_numpy_iterator())
   nxt = next(pending, None)

@@ -177,6 +177,17 @@ def test_tfds_objects_labels_are_multi_hot():
   np.testing.assert_array_equal(batch["label"][:3], want)
 
 
+def test_tfds_class_names_are_the_infos_classes():
+  """A TFDS split's DatasetInfo names its classes by its ClassLabel's names (tfds' metadata), a
+  multi-label Sequence(ClassLabel)'s too, as a folder's by its class folders."""
+  with tfds.testing.mock_data(as_data_source_fn=lambda *args, **kwargs: [{}] * 4):
+    assert data.dataset_info("tfds:cats_vs_dogs", "train[50%:]").classes == ("cat", "dog")
+    voc = data.dataset_info("tfds:voc/2007", "test")
+  assert (voc.multilabel, len(voc.classes)) == (True, 20)
+  assert (voc.classes[0], voc.classes[14], voc.classes[-1]) == ("aeroplane", "person",
+                                                                 "tvmonitor")
+
+
 def test_tfds_mock_pretrain_resume_and_eval(mock_cifar10):
   assert data.dataset_info("tfds:cifar10", "train") == data.DatasetInfo(
       10, 10, "tfds:cifar10/train")

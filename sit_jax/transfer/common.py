@@ -435,23 +435,7 @@ def dataset_infos(config):
     val = info("val_split")
     data.check_held_out(train, val, "data.train_split", "data.val_split")
     data.check_held_out(val, test, "data.val_split", "data.test_split")
-  return with_tfds_class_names(config, train), test
-
-
-def with_tfds_class_names(config, info):
-  """`info` of a TFDS split with its ClassLabel's names as `classes`, as a folder's class
-  folders name its labels in results.json, legends and warnings; other infos as they are."""
-  from sit_jax import data
-  if info.classes or not info.root.startswith("tfds:"):
-    return info
-  builder = data._tfds_builder(info.root[len("tfds:"):], data_dir(config))
-  feature = builder.info.features
-  for key in data._tfds_labels(builder)[-1]:  # the path to the labels (a Sequence's element)
-    feature = getattr(feature[key], "feature", feature[key])
-  names = tuple(getattr(feature, "names", None) or ())
-  if len(names) != info.num_classes or names == tuple(map(str, range(len(names)))):
-    return info  # the names a ClassLabel makes up from its number of classes name nothing
-  return dataclasses.replace(info, classes=names)
+  return train, test
 
 
 def classes_missing_from_train(config, info, labels=None) -> dict:
