@@ -757,18 +757,28 @@ def run_workdir(steps_dir: epath.Path) -> epath.Path:
   return steps_dir
 
 
-def _warn_if_unfinished(workdir: epath.Path, step: int):
+def _warn_if_unfinished(workdir: epath.Path, step: int, weights: str):
   """A workdir's latest checkpoint is the end of its run only where results.json names it and
-  the run was not stopped early: a run still going, preempted or extended has none."""
+  the run was not stopped early: a run still going, preempted or extended has none. Its backbone/
+  export is then of an earlier end (a finished run started again with a larger total_steps):
+  the line names it, for a transfer that wants that one."""
   try:
     results = json.loads((workdir / "results.json").read_text())
   except Exception:  # pylint: disable=broad-except
     results = {}
   named = os.path.basename(str(results.get("checkpoint") or ""))
-  if named != str(step) or results.get("preempted"):
-    log.warning("Loading step %d, the latest checkpoint of %s, whose run has not finished (its "
-                "results.json does not name that step as the end of the run): a backbone from "
-                "mid-training.", step, workdir)
+  if named == str(step) and not results.get("preempted"):
+    return
+  export = workdir / EXPORT_DIR
+  earlier = ""
+  if weights == "student" and (export / EXPORT_CONFIG).exists():
+    # results.json names the export's step until a run there ends again without exporting.
+    end = f"step {named}, " if results.get("backbone") and named else ""
+    earlier = (f" Its {EXPORT_DIR}/ export holds the student of {end}where the run last "
+               f"finished: pass {export} (config.init, or convert's --input) to read that one.")
+  log.warning("Loading step %d, the latest checkpoint of %s, whose run has not finished (its "
+              "results.json does not name that step as the end of the run): a backbone from "
+              "mid-training.%s", step, workdir, earlier)
 
 
 BACKBONE_WEIGHTS = ("student", "teacher")
@@ -787,7 +797,9 @@ def read_backbone(path, weights: str = "student") -> tuple[Any, dict, str]:
     * an `export_backbone` directory: returns the exported params tree as is;
     * a checkpoint step directory (`<step>/state` and orbax's step metadata), or
     * a pretraining workdir: the latest committed step of the workdir itself or of its
-      checkpoints/ (or ckpt/) sub-directory, else its backbone/ export.
+      checkpoints/ (or ckpt/) sub-directory, else its backbone/ export (written at the run's
+      end, which a finished run started again with a larger total_steps trains past: the
+      warning that the step is not the end of the run names the export).
   For checkpoints the result is `{'backbone': state['params']['backbone']}` (with
   weights='teacher': `state['teacher']['backbone']`, the momentum teacher's) and
   `metadata['model']`, matching what `export_backbone` is given.
@@ -817,7 +829,7 @@ def read_backbone(path, weights: str = "student") -> tuple[Any, dict, str]:
       raise CheckpointError(
           f"{e} (a copy of {p} that did not finish?). Copy that step again, or pass the step "
           f"before it, {found.parent / str(older[-1])} (config.init, or convert's --input).") from e
-  _warn_if_unfinished(run_workdir(found.parent), step)
+  _warn_if_unfinished(run_workdir(found.parent), step, weights)
   return (*loaded, str(found))
 
 

@@ -383,6 +383,31 @@ def test_load_backbone_from_workdir_and_step_dir(tmp_path, caplog):
     ckpt_lib.load_backbone(tmp_path / "missing")
 
 
+def test_a_workdir_trained_past_its_export_reads_the_newer_step(tmp_path, caplog):
+  """A finished pretraining (step 1, exported to backbone/) started again with a larger
+  total_steps: until it ends again, its latest step is newer than backbone/. A transfer of the
+  workdir reads the newer step, and the warning names the export and its step, for one that
+  wants the end of the first run; the export is left as it is."""
+  workdir = tmp_path / "run"
+  with Checkpointer(workdir / "checkpoints", every=1, keep=1) as ck:
+    ck.save(1, make_state(1), metadata={"model": MODEL})
+  first = {"backbone": make_state(1)["params"]["backbone"]}
+  export = ckpt_lib.export_backbone(workdir / "backbone", first, MODEL)
+  (workdir / "results.json").write_text(json.dumps(
+      {"checkpoint": str(workdir / "checkpoints" / "1"), "backbone": export}))
+  with Checkpointer(workdir / "checkpoints", every=1, keep=1) as ck:
+    ck.save(2, make_state(2), metadata={"model": MODEL})  # keep 1: step 1 goes
+  with caplog.at_level("WARNING"):
+    params, _, read_from = ckpt_lib.read_backbone(workdir)
+  assert read_from == str(workdir / "checkpoints" / "2")
+  assert_tree_equal(params, {"backbone": make_state(2)["params"]["backbone"]})
+  assert (f"Loading step 2, the latest checkpoint of {workdir}, whose run has not finished" in
+          caplog.text)
+  assert (f"Its backbone/ export holds the student of step 1, where the run last finished: pass "
+          f"{export} (config.init, or convert's --input) to read that one." in caplog.text)
+  assert_tree_equal(ckpt_lib.load_backbone(export)[0], first)
+
+
 @pytest.mark.parametrize("keep", [1, 2])
 def test_a_step_rotated_out_while_it_is_read_gives_way_to_the_newer_one(tmp_path, monkeypatch,
                                                                          caplog, keep):
