@@ -20,7 +20,8 @@ same config (`check_same_config`) and find the same data (`check_same_data`).
 
 JAX's preemption service takes SIGTERM from Python in every process and tells only its sync
 point, which training loops ask at every step (`training_loop`); elsewhere (a k-NN run, feature
-extraction) a SIGTERM to any process ends the job with one line (`watch_preemption_notice`).
+extraction, after a loop's last step) a SIGTERM to any process ends the job with one line
+(`watch_preemption_notice`). A lone process ends with the same line (`end_at_sigterm`).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import contextlib
 import itertools
 import json
 import os
+import signal
 import socket
 import sys
 import threading
@@ -164,10 +166,12 @@ def _use_gloo_on_cpu():
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None) -> bool:
-  """Starts jax.distributed when this is one of several processes; returns whether it did."""
+  """Starts jax.distributed when this is one of several processes; returns whether it did. A
+  SIGTERM outside a training loop then ends any process with one line (a lone one too)."""
   on_tpu_vm = _on_cloud_tpu_vm()
   kwargs = resolve(coordinator_address, num_processes, process_id, os.environ, on_tpu_vm)
   if kwargs is None:
+    end_at_sigterm()
     return False
   if ("coordinator_address" in kwargs
       and kwargs.get("process_id", detected_process_id(os.environ))):
@@ -180,6 +184,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
       raise
     # A TPU VM whose metadata does not describe a slice (e.g. Colab): a single host.
     logging.warning("jax.distributed not started (%s); running as a single process.", e)
+    end_at_sigterm()
     return False
   check_devices_per_process(jax.devices())
   if preemption_service():
@@ -407,6 +412,23 @@ def watch_preemption_notice():
   watcher = threading.Thread(target=_end_at_preemption_notice, daemon=True)
   watcher.start()
   atexit.register(lambda: (_ENDING.set(), watcher.join()))
+
+
+def end_at_sigterm():
+  """A lone process's `watch_preemption_notice`: a SIGTERM outside a training loop (the loop
+  takes it itself: checkpoint.stop_signals) ends the process with the job's line, exit status 1,
+  where Python's default ended it with none (exit status 143). After a loop's last step (the
+  final evaluations, the backbone export, results.json) the last step is saved: the same command
+  resumes the finished run and does them again. From the main thread."""
+  signal.signal(signal.SIGTERM, _end_at_sigterm)
+
+
+def _end_at_sigterm(signum, frame):
+  del signum, frame
+  # Raised, not os._exit: cleanups run (a temporary file is removed, log.txt records the stop,
+  # the workdir's lock is released). A SystemExit, which no `except Exception` (a picture's
+  # warning) takes for an error to go on after; Python prints its text and exits with status 1.
+  raise SystemExit(f"sit_jax: error: {STOPPED}")
 
 
 def _end_at_preemption_notice():

@@ -453,6 +453,36 @@ def test_a_signal_at_the_last_step_leaves_a_complete_run(tmp_path):
   assert steps_on_disk(tmp_path) == [2, 4]
 
 
+def test_a_sigterm_after_the_loop_ends_a_lone_process_as_a_jobs(tmp_path, monkeypatch):
+  """After a training loop's last step (the final evaluations, the backbone export,
+  results.json), a lone process sent SIGTERM ended with Python's default: exit status 143, no
+  line. It ends as a process of a job does, in distributed.STOPPED (exit status 1), which
+  log.txt records; the same command then finishes the run."""
+  finish = experiment.Experiment.finish
+
+  def signalled_finish(self, results, **kwargs):
+    send(signal.SIGTERM)
+    return finish(self, results, **kwargs)
+
+  handler_before = signal.getsignal(signal.SIGTERM)
+  try:
+    assert not distributed.initialize()  # a lone process
+    # Else the signal below ends pytest.
+    assert signal.getsignal(signal.SIGTERM) not in (handler_before, signal.SIG_DFL)
+    with monkeypatch.context() as patched, pytest.raises(SystemExit) as stopped:
+      patched.setattr(experiment.Experiment, "finish", signalled_finish)
+      train(tmp_path, 4)
+  finally:
+    signal.signal(signal.SIGTERM, handler_before)
+  line = f"sit_jax: error: {distributed.STOPPED}"
+  assert stopped.value.code == line  # Python prints it, exit status 1
+  assert line in (tmp_path / "log.txt").read_text()
+  assert not (tmp_path / "results.json").exists() and steps_on_disk(tmp_path) == [2, 4]
+  outcome, results = train(tmp_path, 4)
+  assert (outcome.start_step, results["step"], results["preempted"]) == (4, 4, False)
+  np.testing.assert_allclose(results["w"], reference_weights(4), rtol=1e-5)
+
+
 class _SyncPoint:
   """JAX's preemption sync point in one process: a notice syncs at the step after the latest one
   the processes asked about."""
