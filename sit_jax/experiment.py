@@ -21,7 +21,8 @@
   * the MetricWriter (`writer()`), created once the run knows its length;
   * results.json and the closing summary line (`finish`).
 Leaving the `with` block (normally, on an error or on Ctrl-C) closes the writer, the log file and
-the lock.
+the lock; on an error or Ctrl-C, a workdir the run created and saved nothing in is removed
+(`Experiment.close`), so that a run refused in set-up leaves no directory that looks like a run's.
 """
 from __future__ import annotations
 
@@ -102,8 +103,11 @@ class WorkdirBusy(RunError):
   """Another run holds the workdir's lock."""
 
 
-def ensure_writable(directory: str):
-  """Creates `directory` and checks that files can be made in it (one clear error if not)."""
+def ensure_writable(directory: str) -> str | None:
+  """Creates `directory` and checks that files can be made in it (one clear error if not).
+
+  Returns the topmost directory it created (`directory` or one above it), None where `directory`
+  was there (and always for a remote one)."""
   if metrics.is_remote(directory):
     try:
       remote = epath.Path(directory)
@@ -117,7 +121,11 @@ def ensure_writable(directory: str):
     except Exception as e:  # storage clients raise their own errors, not OSError
       raise PermissionError(f"Workdir {directory} is not writable ({type(e).__name__}: {e}): "
                             "pass a --workdir you can write to.") from e
-    return
+    return None
+  created = None
+  path = directory
+  while not os.path.lexists(path) and os.path.dirname(path) != path:
+    created, path = path, os.path.dirname(path)
   try:
     os.makedirs(directory, exist_ok=True)
     # A unique name: every process of a multi-process job probes the same (shared) workdir.
@@ -127,6 +135,7 @@ def ensure_writable(directory: str):
   except OSError as e:
     raise PermissionError(f"Workdir {directory} is not writable ({e.strerror}): pass a "
                           "--workdir you can write to.") from e
+  return created
 
 
 class WorkdirLock:
@@ -273,8 +282,11 @@ class Experiment:
     # flock needs a local (or NFS) file: object storage has nothing like it.
     self._lock = None if remote else WorkdirLock(self.workdir)
     self._log_handler = None
-    ensure_writable(self.workdir)
+    created = ensure_writable(self.workdir)
     self._lock_workdir()
+    # What `_remove_if_unused` may remove on an error: the directories this run created, on the
+    # process that holds their lock.
+    self._created = created if self.is_main and self._lock is not None else None
     try:
       self._check_same_experiment()
       self._check_checkpoints_kept()
@@ -293,7 +305,7 @@ class Experiment:
           except ValueError as error:
             raise ValueError(f"{key}: {error}") from None
     except BaseException:
-      self.close()
+      self.close(failed=True)
       raise
 
   def _lock_workdir(self):
@@ -432,8 +444,12 @@ class Experiment:
       return path[len(self.workdir) + 1:] if path.startswith(self.workdir + "/") else path
     return os.path.relpath(path, self.workdir) if os.path.isabs(path) else path
 
-  def close(self):
-    """Closes the writer, the log file and the lock; the lock is released whatever fails."""
+  def close(self, *, failed: bool = False):
+    """Closes the writer, the log file and the lock; the lock is released whatever fails.
+
+    failed: the run ends on an error or Ctrl-C; a workdir it created and saved nothing in goes
+    (`_remove_if_unused`).
+    """
     try:
       if self.metric_writer is not None:
         writer, self.metric_writer = self.metric_writer, None
@@ -445,8 +461,60 @@ class Experiment:
           std_logging.getLogger().removeHandler(handler)
           handler.close()  # remote: the last upload of log.txt
       finally:
-        if self._lock is not None:
+        if failed:
+          self._remove_if_unused()
+        elif self._lock is not None:
           self._lock.release()
+
+  def _remove_if_unused(self):
+    """Releases the lock; and where this run created the workdir and saved nothing in it (it
+    holds only what set-up writes: `_set_up_paths`), removes those and the directories this run
+    created. Never raises: the run's error is the one to report."""
+    removed = False
+    try:
+      paths = self._set_up_paths() if self._created else None
+      for path in paths or ():  # the lock file last, still held: no other run can take it
+        (os.rmdir if os.path.isdir(path) else os.remove)(path)
+      removed = paths is not None
+    except OSError:
+      pass
+    finally:
+      if self._lock is not None:
+        self._lock.release()
+    if not removed:
+      return
+    directory = self.workdir
+    try:  # fails, leaving them, where someone put something there meanwhile
+      while True:
+        os.rmdir(directory)
+        if directory == self._created:
+          return
+        directory = os.path.dirname(directory)
+    except OSError:
+      pass
+
+  def _set_up_paths(self) -> list[str] | None:
+    """The workdir's entries, the lock file last, when they are only what set-up writes: the
+    lock, log.txt, an empty metrics.jsonl and tb/ with its event files (which hold a row only
+    where metrics.jsonl does); None if it holds anything else (a checkpoint, config.json,
+    results.json, a backbone, cached features, pictures, a file someone put there)."""
+    paths = []
+    for entry in list(os.scandir(self.workdir)):
+      if entry.name == "tb" and entry.is_dir(follow_symlinks=False):
+        events = list(os.scandir(entry.path))
+        if not all(e.name.startswith("events.") and e.is_file(follow_symlinks=False)
+                   for e in events):
+          return None
+        paths += [e.path for e in events] + [entry.path]
+      elif entry.name == "metrics.jsonl" and entry.is_file(follow_symlinks=False):
+        if entry.stat().st_size:
+          return None
+        paths.append(entry.path)
+      elif entry.name == LOG_FILE and entry.is_file(follow_symlinks=False):
+        paths.append(entry.path)
+      elif entry.name != LOCK_FILE:
+        return None
+    return paths + [os.path.join(self.workdir, LOCK_FILE)]
 
   def __enter__(self):
     return self
@@ -459,6 +527,6 @@ class Experiment:
       self._log_handler.handle(std_logging.makeLogRecord(dict(
           levelno=std_logging.ERROR, levelname="ERROR", msg=f"{exc_type.__name__}: {exc}")))
     try:  # the error on its way out says what happened, not a failure to close after it.
-      self.close()
+      self.close(failed=True)
     except Exception:  # pylint: disable=broad-except
       logging.debug("Closing %s after an error", self.workdir, exc_info=True)

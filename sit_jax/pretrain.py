@@ -354,6 +354,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
                  info.num_examples, steps_per_epoch, total_steps, dict(mesh.shape))
     warn_if_donors_cross_devices(config, mesh)
     warn_if_ratio_out_of_reach(config)
+    # Its splits are checked before the writer opens (and, with no checkpoint, empties)
+    # metrics.jsonl.
+    knn_monitor = monitor.KnnMonitor.from_config(config, mesh, model_config(config))
 
     def batches(start_step):
       return data.pretrain_iterator(
@@ -377,7 +380,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
     hooks = []
     if "recon_head" in abstract.params:
       hooks.append(trainer.Hook(config.image_every, picture_hook(config, model, mesh, writer)))
-    knn_monitor = monitor.KnnMonitor.from_config(config, mesh, model_config(config))
     if knn_monitor:
       # final: a finished run started again reports the monitor's figures again.
       hooks.append(trainer.Hook(config.eval_every, knn_hook(knn_monitor), final=True))

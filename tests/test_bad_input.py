@@ -402,3 +402,68 @@ def test_config_files_that_are_not_configs(tmp_path):
                                    "def get_config(arg=None):\n"
                                    "  return ml_collections.ConfigDict(dict(arg=arg))\n")
   assert config_check.load(f"{tmp_path / 'my_exp'}:runlocal").arg == "runlocal"
+
+
+# ---------------------------------------------------------------------------------------------
+# A run refused after its workdir was made (a split it cannot read, a batch the mesh cannot
+# split, Ctrl-C) leaves no directory that looks like a run's, and keeps whatever was saved.
+
+
+def _experiment_config():
+  return ml_collections.ConfigDict(dict(experiment="knn", mesh=dict(data=-1, fsdp=1, model=1),
+                                        data=dict(global_batch_size=8)))
+
+
+@pytest.mark.parametrize("error", [ValueError("data.train_split='bogus'"), KeyboardInterrupt()],
+                         ids=["refused", "ctrl_c"])
+@pytest.mark.parametrize("opens_the_writer", [False, True])
+def test_a_workdir_made_by_a_refused_run_is_removed(tmp_path, error, opens_the_writer):
+  from sit_jax import experiment
+  workdir = tmp_path / "new" / "run"  # both directories made by the run
+  with pytest.raises(type(error)):
+    with experiment.Experiment(_experiment_config(), str(workdir)) as exp:
+      assert sorted(os.listdir(workdir)) == [".lock", "log.txt"]
+      if opens_the_writer:
+        exp.writer(0, 8)
+        assert {"metrics.jsonl", "tb"} <= set(os.listdir(workdir))
+      raise error
+  assert os.listdir(tmp_path) == []
+
+
+def test_a_workdir_made_by_a_run_the_mesh_refuses_is_removed(tmp_path):
+  from sit_jax import experiment
+  with pytest.raises(ValueError, match="eval_batch_size: Global batch size 12"):
+    experiment.Experiment(_experiment_config(), str(tmp_path / "run"),
+                          batch_sizes={"eval_batch_size": 12})
+  assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("saves", ["config.json", "a metrics row", "cached features",
+                                   "a file of the user's"])
+def test_a_workdir_holding_what_was_saved_is_kept(tmp_path, saves):
+  from sit_jax import experiment
+  workdir = tmp_path / "run"
+  with pytest.raises(ValueError):
+    with experiment.Experiment(_experiment_config(), str(workdir)) as exp:
+      writer = exp.writer(0, 8)
+      if saves == "config.json":
+        exp.write_config()
+      elif saves == "a metrics row":
+        writer.write_scalars(0, {"top1": 0.5}, timed=False)
+      elif saves == "cached features":
+        (workdir / "feature_cache").mkdir()
+      else:
+        (workdir / "tb" / "notes.txt").write_text("mine")
+      raise ValueError("failed after saving")
+  assert {".lock", "log.txt", "metrics.jsonl", "tb"} <= set(os.listdir(workdir))
+  assert "ValueError: failed after saving" in (workdir / "log.txt").read_text()
+
+
+def test_a_workdir_that_was_there_keeps_its_files(tmp_path):
+  from sit_jax import experiment
+  (tmp_path / "notes.txt").write_text("mine")
+  with pytest.raises(ValueError):
+    with experiment.Experiment(_experiment_config(), str(tmp_path)):
+      raise ValueError("data.train_split='bogus'")
+  assert sorted(os.listdir(tmp_path)) == [".lock", "log.txt", "notes.txt"]
+  assert (tmp_path / "notes.txt").read_text() == "mine"

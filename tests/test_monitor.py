@@ -145,4 +145,19 @@ def test_an_eval_batch_the_mesh_cannot_split_names_eval_batch_size(tmp_path, mon
     raise AssertionError("the data was opened before the batch sizes were checked")
   monkeypatch.setattr(data, "dataset_info", no_data)
   with pytest.raises(ValueError, match=r"^eval.batch_size: Global batch size 12 is not divisible"):
-    pretrain.train_and_evaluate(c, str(tmp_path))
+    pretrain.train_and_evaluate(c, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()  # the workdir it made, and its log.txt, are gone
+
+
+def test_a_bad_monitor_split_is_refused_before_the_metrics_are_touched(tmp_path):
+  """The monitor's splits were read after the writer had started metrics.jsonl and tb/ (and,
+  in a workdir without checkpoints, emptied the metrics.jsonl there)."""
+  c = short_run_config()
+  c.eval.train_split = "bogus"
+  rows = '{"step": 3, "knn/student": 0.5}\n'
+  (tmp_path / "metrics.jsonl").write_text(rows)  # of a run that saved no checkpoint
+  for workdir in (tmp_path, tmp_path / "run"):
+    with pytest.raises(data.DataError, match=r"^eval.train_split='bogus': "):
+      pretrain.train_and_evaluate(c, str(workdir))
+  assert (tmp_path / "metrics.jsonl").read_text() == rows
+  assert sorted(os.listdir(tmp_path)) == [".lock", "log.txt", "metrics.jsonl"]
