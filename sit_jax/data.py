@@ -1089,17 +1089,37 @@ def _grain_batches(make_batch, start, stop, workers, threads):
 # ============================================================================================
 # Iterators
 # ============================================================================================
+def class_counts(info: DatasetInfo, labels) -> np.ndarray:
+  """Per class of `info`, the examples of `labels` (class ids, -1 for none, or multi-hot rows)
+  that hold it."""
+  labels = np.asarray(labels)
+  if info.multilabel:
+    return labels.sum(0)
+  return np.bincount(labels[labels >= 0], minlength=info.num_classes)
+
+
 class HostIterator:
   """Iterator of host-local numpy batches. `num_skipped` counts unreadable images met so far."""
 
   def __init__(self, batches: Iterator[dict], batch_size: int, info: DatasetInfo,
-               start_step: int = 0):
+               start_step: int = 0, epoch_batches: int = 0):
     self._batches = batches
     self.batch_size = batch_size
     self.info = info
     self.step = start_step  # index of the next batch
     self.num_skipped = 0
     self.first_unreadable = ""  # "file: reason" of the first unreadable image named
+    # A training stream's first `epoch_batches` batches hold every readable example of this
+    # host's share (its first epoch): their labels tell which classes the split holds where
+    # only its records do (TFDS), without reading them again.
+    self._epoch_batches = epoch_batches if start_step == 0 else 0
+    self._epoch_class_counts = np.zeros(info.num_classes, np.int64)
+
+  @property
+  def first_epoch_class_counts(self) -> Optional[np.ndarray]:
+    """`class_counts` of this host's share, read by its first epoch; None until a stream that
+    started at step 0 has read it (a resumed stream never has)."""
+    return self._epoch_class_counts if 0 < self._epoch_batches <= self.step else None
 
   def __iter__(self):
     return self
@@ -1128,6 +1148,8 @@ class HostIterator:
       raise DataError(f"{self.info.name}: batch {self.step} has too few readable images "
                       f"(more than {_MAX_SPARES + self.batch_size} unreadable candidates), "
                       f"e.g. {unreadable[0]}")
+    if self.step < self._epoch_batches:
+      self._epoch_class_counts += class_counts(self.info, batch["label"])
     self.step += 1
     return batch
 
@@ -1204,7 +1226,7 @@ def _train_iterator(source, split, *, global_batch_size, image_size, crop_scale,
   else:
     make_batch = _TrainBatch(data, b, int(seed), p, views)
     batches = _grain_batches(make_batch, start_step, 2**62, workers, threads)
-  return HostIterator(batches, b, data.info, start_step)
+  return HostIterator(batches, b, data.info, start_step, epoch_batches=-(-data.n_local // b))
 
 
 def pretrain_iterator(source: str, split: Optional[str], *, global_batch_size: int,

@@ -687,15 +687,22 @@ def test_real_tfds_hosts_resume_and_eval(tiny_tfds):
   for p in range(2):
     kw = dict(global_batch_size=4, image_size=4, seed=5, process_index=p, process_count=2,
               data_dir=data_dir, engine=engine)
-    fresh = _take(data.pretrain_iterator(source, "train", **kw), 12)
+    stream = data.pretrain_iterator(source, "train", **kw)
+    assert stream.first_epoch_class_counts is None
+    fresh = _take(stream, 12)
     for b in fresh:  # constant images: the label follows the image
       np.testing.assert_array_equal(_ids(b["view1"]), _ids(b["view2"]))
       np.testing.assert_array_equal(np.array(_ids(b["view1"])) % 3, b["label"])
     # Epochs of 11 and 10 examples: step 7 starts inside epoch 1 (host 0) or 2 (host 1).
-    _assert_same_batches(fresh[7:], _take(data.pretrain_iterator(
-        source, "train", start_step=7, **kw), 5))
+    resumed = data.pretrain_iterator(source, "train", start_step=7, **kw)
+    _assert_same_batches(fresh[7:], _take(resumed, 5))
+    assert resumed.first_epoch_class_counts is None  # its first epoch was another run's
     ids = [i for b in fresh for i in _ids(b["view1"])]
     n_local = 11 - p
+    # The first epoch's batches, 6 (host 0) or 5 (host 1) of 2: every example, label id % 3.
+    epoch_ids = np.array(ids[:-(-n_local // 2) * 2])
+    np.testing.assert_array_equal(stream.first_epoch_class_counts,
+                                  np.bincount(epoch_ids % 3, minlength=3))
     per_host.append(ids[:n_local])
     assert sorted(ids[n_local:2 * n_local]) == sorted(ids[:n_local])  # epoch 2: same examples
     assert ids[n_local:2 * n_local] != ids[:n_local]  # in another order

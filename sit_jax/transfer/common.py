@@ -438,17 +438,19 @@ def dataset_infos(config):
   return train, test
 
 
-def classes_missing_from_train(config, info, labels=None) -> dict:
+def classes_missing_from_train(config, info, labels=None, *, counts=None) -> dict:
   """{'classes_missing_from_train': [names]} for results.json, with one warning line, where the
   train split (`info`: its DatasetInfo) holds no example of some classes; else {}. `labels`: the
-  split's labels as read (default: as listed, `info.labels`; none listed: no check). A k-NN bank
-  or a probe fitted on the split never predicts those classes, yet its score counts their test
-  images; a slice may leave out a rare class, so the run goes on."""
-  labels = info.labels if labels is None else np.asarray(labels)
-  if labels is None or info.num_classes <= 0:
+  split's labels as read (default: as listed, `info.labels`; none listed: no check), or
+  `counts`: their data.class_counts (`first_epoch_class_counts`). A k-NN bank or a probe fitted
+  on the split never predicts those classes, yet its score counts their test images; a slice may
+  leave out a rare class, so the run goes on."""
+  from sit_jax import data
+  labels = info.labels if labels is None else labels
+  if counts is None and labels is not None:
+    counts = data.class_counts(info, labels)
+  if counts is None or info.num_classes <= 0:
     return {}
-  counts = (labels.sum(0) if info.multilabel else
-            np.bincount(labels[labels >= 0], minlength=info.num_classes))
   missing = [info.classes[c] if info.classes else str(c) for c in np.flatnonzero(counts == 0)]
   if not missing:
     return {}
@@ -458,6 +460,18 @@ def classes_missing_from_train(config, info, labels=None) -> dict:
                   len(missing), info.num_classes, ", ".join(missing[:10]),
                   ", ..." if len(missing) > 10 else "")
   return {"classes_missing_from_train": missing}
+
+
+def first_epoch_class_counts(info, stream) -> np.ndarray | None:
+  """data.class_counts of the train split (`info`) as the training `stream` (a data.HostIterator;
+  None: this run read none) read its first epoch, summed over the processes; None where a
+  process's stream did not read a whole first epoch (a resumed run, or one stopped before it
+  ended). A collective: every process calls."""
+  from jax.experimental import multihost_utils
+  counts = None if stream is None else stream.first_epoch_class_counts
+  read = np.full(info.num_classes, -1) if counts is None else counts
+  every = multihost_utils.process_allgather(read)
+  return None if (every < 0).any() else every.sum(0)
 
 
 def check_multilabel(info, multilabel: bool):
