@@ -532,7 +532,9 @@ def _tfds_builder(name, data_dir):
     raise DataError(f"cannot open TFDS dataset {name!r}: {e}") from None
 
 
-def _not_prepared(builder, name, engine="grain"):
+def tfds_not_prepared(builder, name, engine="grain") -> DataNotFoundError:
+  """The error of a TFDS dataset not prepared in the builder's data_dir, with the command that
+  prepares it in `engine`'s file format."""
   root = builder.data_dir_root
   # The `tfds build` command needs apache-beam in tfds 4.9.10; the Python call does not.
   file_format = ", file_format='array_record'" if engine == "grain" else ""
@@ -642,14 +644,29 @@ def _tfds(name, split, data_dir, p, P, engine):
   classes = _tfds_class_names(builder, path)
   if engine == "tf":
     from sit_jax import data_tf
-    return data_tf.host_data(builder, name, split, p, P, labels, classes)
+    n, n_local, n_max, host_split, position = data_tf.host_share(builder, name, split, p, P)
+    reader = dict(builder=builder, host_split=host_split, labels=labels)
+  else:
+    source = _tfds_source(builder, name, split, data_dir)
+    n = len(source)
+    n_local, n_max, position = _strided_share(n, p, P)
+    reader = dict(load=_TfdsLoader(source, labels, p, P))
+  if not n:
+    raise DataError(f"TFDS split {name}:{split} is empty")
+  info = DatasetInfo(n, num_classes, f"tfds:{name}/{split}", multilabel=multilabel,
+                     classes=classes, root=f"tfds:{name}", indices=_tfds_examples(builder, split))
+  return _HostData(info, n_local, n_max, position=position, **reader)
+
+
+def _tfds_source(builder, name, split, data_dir):
+  """grain's random access to a TFDS split prepared as array_record; images stay encoded."""
   import tensorflow_datasets as tfds
   try:
-    source = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
-                              decoders={"image": tfds.decode.SkipDecoding()})
+    return tfds.data_source(name, split=split, data_dir=data_dir, download=False,
+                            decoders={"image": tfds.decode.SkipDecoding()})
   except (NotImplementedError, ValueError, KeyError, AssertionError) as e:
     if not builder.is_prepared():
-      raise _not_prepared(builder, name) from None
+      raise tfds_not_prepared(builder, name) from None
     if isinstance(e, NotImplementedError):  # no random access to this file format
       raise DataError(
           f"TFDS dataset {name!r} in {builder.data_dir} is prepared as "
@@ -657,14 +674,6 @@ def _tfds(name, split, data_dir, p, P, engine):
           f"Convert it (README: 'Input engines') or read it with TensorFlow: "
           f"pip install 'sit_jax[tf]' and set data.engine='tf'.") from None
     raise DataError(f"TFDS dataset {name!r}: bad split {split!r}: {e}") from None
-  n = len(source)
-  if not n:
-    raise DataError(f"TFDS split {name}:{split} is empty")
-  n_local, n_max, position = _strided_share(n, p, P)
-  info = DatasetInfo(n, num_classes, f"tfds:{name}/{split}", multilabel=multilabel,
-                     classes=classes, root=f"tfds:{name}", indices=_tfds_examples(builder, split))
-  return _HostData(info, n_local, n_max, load=_TfdsLoader(source, labels, p, P),
-                   position=position)
 
 
 def _host_data(source, split, data_dir, p, P, engine="grain"):

@@ -42,7 +42,7 @@ def _read(builder, split, name, with_ids=False):
         read_config=tfds.ReadConfig(interleave_cycle_length=16, add_tfds_id=with_ids))
   except AssertionError:  # tfds' "could not find data": never generated
     if not builder.is_prepared():
-      raise data._not_prepared(builder, name, engine="tf") from None
+      raise data.tfds_not_prepared(builder, name, engine="tf") from None
     raise
   except (ValueError, KeyError) as e:
     raise data.DataError(f"TFDS dataset {name!r}: bad split {split!r}: {e}") from None
@@ -60,22 +60,18 @@ def _size(builder, split, name):
   return n
 
 
-def host_data(builder, name, split, p, P, labels, classes):
-  """Host p's share: tfds.even_splits of each '+' part of the split, which gives each part's
-  remainder to the first hosts, so host 0's share is the largest (more than ceil(n / P) when
-  several parts have a remainder) and a host's share can be empty (a part smaller than P)."""
+def host_share(builder, name, split, p, P):
+  """(examples of the split, of host p, of the largest host, host p's split, data._HostData's
+  position). Host p's share: tfds.even_splits of each '+' part of the split, which gives each
+  part's remainder to the first hosts, so host 0's share is the largest (more than ceil(n / P)
+  when several parts have a remainder) and a host's share can be empty (a part smaller than P)."""
   parts = split.split("+")
   sizes = tuple(_size(builder, part, name) for part in parts)
   share = lambda host: sum(m // P + (host < m % P) for m in sizes)
   host_split = split
   if P > 1:
     host_split = functools.reduce(operator.add, [tfds.even_splits(part, P)[p] for part in parts])
-  _, num_classes, multilabel, _ = labels
-  info = data.DatasetInfo(sum(sizes), num_classes, f"tfds:{name}/{split}", multilabel=multilabel,
-                          classes=classes, root=f"tfds:{name}",
-                          indices=data._tfds_examples(builder, split))
-  return data._HostData(info, share(p), share(0), builder=builder, host_split=host_split,
-                        labels=labels, position=_RecordPositions(builder, split))
+  return sum(sizes), share(p), share(0), host_split, _RecordPositions(builder, split)
 
 
 @dataclasses.dataclass(frozen=True)
