@@ -103,6 +103,13 @@ class WorkdirBusy(RunError):
   """Another run holds the workdir's lock."""
 
 
+def _lacks_credentials(error: Exception) -> bool:
+  """Whether a storage client's error is HTTP 401: no credentials were found (gcsfs then asks as
+  an anonymous caller, as TensorFlow's gfile does) or they expired. gcsfs' HttpError has the
+  status as `code`; gfile's message names it."""
+  return getattr(error, "code", None) == 401 or "response code 401" in str(error)
+
+
 def ensure_writable(directory: str) -> str | None:
   """Creates `directory` and checks that files can be made in it (one clear error if not).
 
@@ -119,6 +126,12 @@ def ensure_writable(directory: str) -> str | None:
       raise ValueError(f"Workdir {directory} needs a client for its storage ({e}): "
                        "pip install 'sit_jax[gcs]' (gcsfs) for gs://.") from e
     except Exception as e:  # storage clients raise their own errors, not OSError
+      if _lacks_credentials(e):
+        raise PermissionError(
+            f"Workdir {directory} cannot be reached without valid Google credentials "
+            f"({type(e).__name__}: {e}): run `gcloud auth application-default login` (or set "
+            "GOOGLE_APPLICATION_CREDENTIALS to a service account's key file), then the same "
+            "command again.") from e
       raise PermissionError(f"Workdir {directory} is not writable ({type(e).__name__}: {e}): "
                             "pass a --workdir you can write to.") from e
     return None

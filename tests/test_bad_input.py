@@ -467,3 +467,33 @@ def test_a_workdir_that_was_there_keeps_its_files(tmp_path):
       raise ValueError("data.train_split='bogus'")
   assert sorted(os.listdir(tmp_path)) == [".lock", "log.txt", "notes.txt"]
   assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+class _GcsfsHttpError(Exception):
+  """gcsfs.retry.HttpError as GCS's answer to a request without credentials makes it: gcsfs
+  finds none and asks as an anonymous caller."""
+
+  def __init__(self, message):
+    super().__init__(message, 401)
+    self.code = 401
+
+
+@pytest.mark.parametrize("error", [
+    _GcsfsHttpError("Anonymous caller does not have storage.buckets.get access to the Google "
+                    "Cloud Storage bucket."),
+    OSError("Error executing an HTTP request: HTTP response code 401 with body '{\n \"error\": "
+            "{\n  \"code\": 401,\n  \"message\": \"Anonymous caller does not have ...\"\n }\n}'"),
+], ids=["gcsfs", "tensorflow_gfile"])
+def test_a_remote_workdir_without_credentials_says_how_to_log_in(monkeypatch, error):
+  """The line said to pass a --workdir one can write to, where logging in is the fix."""
+  from etils.epath import gpath
+  from sit_jax import experiment
+
+  def anonymous(self, *args, **kwargs):
+    raise error
+  monkeypatch.setattr(gpath.PosixGPath, "mkdir", anonymous)
+  with pytest.raises(PermissionError) as e:
+    experiment.ensure_writable("gs://some-bucket/run")
+  assert str(e.value).startswith("Workdir gs://some-bucket/run cannot be reached without valid "
+                                 "Google credentials (")
+  assert "gcloud auth application-default login" in str(e.value)
