@@ -15,7 +15,9 @@ is set aside, so that training writes that step again), Ctrl-C and SIGTERM on on
 the backbone export.
 
 A backbone export (`export_backbone`) is a directory with `params/` (an orbax pytree checkpoint)
-and `model_config.json`.
+and `model_config.json`. On a local disk it is written beside its directory, in `.<name>.partial`,
+and renamed into place once whole; an earlier export is renamed to `.<name>.replaced` on the way
+and removed after. Readers never take either for an export.
 """
 from __future__ import annotations
 
@@ -44,6 +46,9 @@ LEGACY_METADATA_ITEM = "metadata"  # checkpoints written before the custom metad
 EXPORT_PARAMS = "params"
 EXPORT_CONFIG = "model_config.json"
 EXPORT_DIR = "backbone"  # of a pretraining workdir
+# Beside an export being written (`.<name>.partial`) or replaced (`.<name>.replaced`).
+EXPORT_PARTIAL = "partial"
+EXPORT_REPLACED = "replaced"
 CORRUPT_SUFFIX = ".corrupt"
 # Model settings that sit_jax added after it had written checkpoints without them (scan_layers on
 # 2026-11-26, standardize_input on 2026-12-03): such a checkpoint was trained as the ViT's default
@@ -635,40 +640,98 @@ def export_backbone(directory, params, model_config: dict, *,
                     overwrite: bool = False) -> str:
   """Writes `params` (e.g. {'backbone': ...}) and model_config.json; returns the path.
 
-  `model_config.json` is written last, so its presence marks a complete export.
+  `model_config.json` is written last, so its presence marks a complete export. On a local disk
+  an earlier export is replaced only once the new one is whole (a pretraining run started again
+  exports over the run's first export, which may be the only copy of that backbone left): a kill
+  or an error on the way leaves it loadable. Other files in the directory stay.
   """
   d = _path(directory)
   model_config = _json_normalise(model_config, "model_config")
-  params_dir = d / EXPORT_PARAMS
-  config_path = d / EXPORT_CONFIG
+  # An object store renames by copying and deleting each object, which is no atomic switch: a
+  # remote export is written in place, once the earlier one is deleted.
+  remote = metrics.is_remote(d)
+  final = d if remote else epath.Path(os.path.realpath(d))  # a symlink's target is replaced
+  partial, replaced = _beside(final, EXPORT_PARTIAL), _beside(final, EXPORT_REPLACED)
+  written = d if remote else partial
   try:
-    if params_dir.exists() or config_path.exists():
-      if not overwrite:
-        raise CheckpointError(
-            f"{d} already holds a backbone export; pass overwrite=True or "
-            "choose another directory.")
-      if jax.process_index() == 0:
-        if config_path.exists():
-          config_path.unlink()
-        if params_dir.exists():
-          params_dir.rmtree()
-    if jax.process_count() > 1:  # nobody writes before process 0 has cleared an old export.
-      from jax.experimental import multihost_utils
-      multihost_utils.sync_global_devices("sit_jax:export_backbone:cleared")
-    d.mkdir(parents=True, exist_ok=True)
+    if not overwrite and (_holds_export(d) or _holds_export(replaced)):
+      raise CheckpointError(
+          f"{d} already holds a backbone export; pass overwrite=True or "
+          "choose another directory.")
+    if jax.process_index() == 0:
+      if remote:
+        if (d / EXPORT_CONFIG).exists():
+          (d / EXPORT_CONFIG).unlink()
+        if (d / EXPORT_PARAMS).exists():
+          (d / EXPORT_PARAMS).rmtree()
+      else:
+        _clear_interrupted_export(final, partial, replaced)
+      d.mkdir(parents=True, exist_ok=True)  # a file there, or an unwritable parent: one line now
+      written.mkdir(exist_ok=True)
+    _sync("export_backbone:cleared")  # nobody writes before process 0 has cleared the way.
   except CheckpointError:
     raise
   except Exception as e:
     raise CheckpointError(f"Cannot write backbone export to {d}: {_short(e)}") from e
   try:
     with ocp.StandardCheckpointer() as ckptr:
-      ckptr.save(params_dir, params)
+      ckptr.save(written / EXPORT_PARAMS, params)
       ckptr.wait_until_finished()
     if jax.process_index() == 0:
-      metrics.atomic_write_text(config_path, json.dumps(model_config, indent=2) + "\n")
+      metrics.atomic_write_text(written / EXPORT_CONFIG, json.dumps(model_config, indent=2) + "\n")
+      if not remote:
+        final.rename(replaced)
+        partial.rename(final)
+        _drop_replaced(replaced, final)
+    _sync("export_backbone:written")
   except Exception as e:
     raise CheckpointError(f"Cannot write backbone export to {d}: {_short(e)}") from e
   return str(d)
+
+
+def _beside(d: epath.Path, what: str) -> epath.Path:
+  return d.parent / f".{d.name}.{what}"
+
+
+def _holds_export(d: epath.Path) -> bool:
+  return (d / EXPORT_CONFIG).exists() or (d / EXPORT_PARAMS).exists()
+
+
+def is_export_entry(name: str) -> bool:
+  """Whether `name` in an export directory is the export's own: its files, or what a write of
+  them left (orbax's `params.orbax-checkpoint-tmp-*`, atomic_write's `.model_config.json.*`)."""
+  return name.lstrip(".").startswith((EXPORT_CONFIG, EXPORT_PARAMS))
+
+
+def _drop_replaced(replaced: epath.Path, d: epath.Path):
+  """Removes the earlier export that `d` replaced, after moving the files that are not the
+  export's into `d`."""
+  if replaced.exists():
+    for entry in replaced.iterdir():
+      if not is_export_entry(entry.name):
+        entry.rename(d / entry.name)
+    replaced.rmtree()
+
+
+def _clear_interrupted_export(d: epath.Path, partial: epath.Path, replaced: epath.Path):
+  """Undoes what an export stopped on its way left beside `d`: a half-written export, and an
+  earlier export renamed aside (back to `d` where the new one never got there). Only the next
+  export does this: a reader that renamed would race with an export between its renames, and
+  may have no right to write."""
+  if partial.exists():
+    partial.rmtree()
+  if replaced.exists() and not d.exists():
+    replaced.rename(d)
+  _drop_replaced(replaced, d)
+
+
+def _interrupted_export(d: epath.Path) -> str:
+  """The sentence naming the earlier export that a stopped export left renamed aside from `d`."""
+  replaced = _beside(d, EXPORT_REPLACED)
+  if metrics.is_remote(d) or d.exists() or not _holds_export(replaced):
+    return ""
+  return (f" An export into {d} was stopped while it replaced the one there, which is whole in "
+          f"{replaced}: rename it to {d} (the next export there does).")
 
 
 def _restore_numpy(item_dir: epath.Path, select: Callable[[Any], Any] | None = None):
@@ -894,7 +957,7 @@ def _backbone_steps(directory: epath.Path) -> list[int]:
 def _locate(path) -> epath.Path:
   p = _path(path)
   if not p.exists():
-    raise CheckpointError(f"load_backbone: {p} does not exist.")
+    raise CheckpointError(f"load_backbone: {p} does not exist.{_interrupted_export(p)}")
   if (p / EXPORT_CONFIG).exists() or (p / EXPORT_PARAMS).is_dir():
     return p
   if (p / STATE_ITEM).is_dir():
@@ -916,4 +979,4 @@ def _locate(path) -> epath.Path:
       f"Nothing loadable at {p}: expected a backbone export ({EXPORT_CONFIG} + "
       f"{EXPORT_PARAMS}/), a checkpoint step directory ({STATE_ITEM}/), or a pretraining "
       f"workdir with committed step directories or a {EXPORT_DIR}/ export (searched "
-      f"{', '.join(searched)}).")
+      f"{', '.join(searched)}).{_interrupted_export(p / EXPORT_DIR)}")

@@ -339,6 +339,63 @@ def test_export_and_load_backbone_round_trip(tmp_path):
   assert ckpt_lib.load_backbone(path)[1]["width"] == 33
 
 
+def test_an_export_replaces_the_earlier_one_only_once_whole(tmp_path, monkeypatch):
+  """A failure or a kill while export_backbone(overwrite=True) writes leaves the earlier export
+  loadable (it may be the only copy of that backbone); the next export clears what was left."""
+  workdir = tmp_path / "run"
+  export = workdir / "backbone"
+  old = {"backbone": {"w": np.zeros(3, np.float32)}}
+  new = {"backbone": {"w": np.ones(3, np.float32)}}
+  ckpt_lib.export_backbone(export, old, MODEL)
+  (export / "notes.txt").write_text("mine")
+  beside = lambda what: workdir / f".backbone.{what}"
+
+  def fail(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+  for failing in ("orbax.checkpoint.StandardCheckpointer.save", "sit_jax.metrics.atomic_write_text"):
+    with monkeypatch.context() as patch:
+      patch.setattr(failing, fail)
+      with pytest.raises(CheckpointError, match=f"Cannot write backbone export to {export}: No "
+                         "space left on device"):
+        ckpt_lib.export_backbone(export, new, dict(MODEL, width=64), overwrite=True)
+    loaded, config = ckpt_lib.load_backbone(export)
+    assert_tree_equal(loaded, old)
+    assert config == MODEL
+  assert beside("partial").exists()  # a half-written export, never read as one
+  assert_tree_equal(ckpt_lib.load_backbone(workdir)[0], old)
+
+  # Stopped between its renames: the earlier export is aside, and a read names it.
+  os.rename(export, beside("replaced"))
+  for path in (export, workdir):
+    with pytest.raises(CheckpointError, match=f"whole in {beside('replaced')}: rename it to "
+                       f"{export} \\(the next export there does\\)"):
+      ckpt_lib.load_backbone(path)
+  with pytest.raises(CheckpointError, match="already holds a backbone export"):
+    ckpt_lib.export_backbone(export, new, MODEL)
+  with monkeypatch.context() as patch:  # the next export puts it back before it writes
+    patch.setattr("orbax.checkpoint.StandardCheckpointer.save", fail)
+    with pytest.raises(CheckpointError):
+      ckpt_lib.export_backbone(export, new, MODEL, overwrite=True)
+  assert_tree_equal(ckpt_lib.load_backbone(export)[0], old)
+
+  ckpt_lib.export_backbone(export, new, dict(MODEL, width=64), overwrite=True)
+  loaded, config = ckpt_lib.load_backbone(export)
+  assert_tree_equal(loaded, new)
+  assert config["width"] == 64
+  assert sorted(os.listdir(workdir)) == ["backbone"]
+  assert sorted(os.listdir(export)) == ["model_config.json", "notes.txt", "params"]
+  assert (export / "notes.txt").read_text() == "mine"
+
+  # Stopped after its renames: readers take the new export; the next export drops the earlier.
+  shutil.copytree(export, beside("replaced"), ignore=shutil.ignore_patterns("notes.txt"))
+  (beside("replaced") / "more.txt").write_text("mine too")  # not yet moved
+  assert_tree_equal(ckpt_lib.load_backbone(workdir)[0], new)
+  ckpt_lib.export_backbone(export, old, MODEL, overwrite=True)
+  assert sorted(os.listdir(workdir)) == ["backbone"]
+  assert (export / "more.txt").read_text() == "mine too"
+
+
 @pytest.mark.filterwarnings(  # the unreadable copy's read, as in the corrupt step above
     r"ignore:Exception ignored in[\s\S]*Event loop is closed"
     ":pytest.PytestUnraisableExceptionWarning")
