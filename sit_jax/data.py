@@ -68,6 +68,8 @@ import collections
 import dataclasses
 import difflib
 import functools
+import gzip
+import importlib.util
 import io
 import math
 import os
@@ -268,17 +270,33 @@ def slice_indices(n, part, split):
 _DIGITS_CACHE = {}
 
 
+def sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
+  """scikit-learn's 1,797 handwritten digits, as load_digits gives them: (images float64
+  (1797, 8, 8), ink 0..16; labels int). Read from the CSV that scikit-learn ships (no download)
+  without importing scikit-learn, whose import costs every run that reads the digits 1-2 CPU s;
+  through load_digits where that file is not where scikit-learn 1.x keeps it."""
+  spec = importlib.util.find_spec("sklearn")  # finds the package without importing it
+  if spec is not None and spec.origin:
+    path = os.path.join(os.path.dirname(spec.origin), "datasets", "data", "digits.csv.gz")
+    if os.path.isfile(path):
+      with gzip.open(path, "rt") as f:
+        table = np.loadtxt(f, delimiter=",")  # 64 pixels, then the label, per row
+      return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(int)
+  from sklearn.datasets import load_digits
+  digits = load_digits()
+  return digits.images, digits.target
+
+
 def _digits():
   """(images uint8 (1797, 32, 32, 3), labels int32) in a fixed shuffled order."""
   if "all" not in _DIGITS_CACHE:
-    from sklearn.datasets import load_digits  # ships its data: no download
-    digits = load_digits()
-    small = np.clip(np.round(digits.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    images, labels = sklearn_digits()
+    small = np.clip(np.round(images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
     big = np.stack([np.asarray(Image.fromarray(x).resize((32, 32), Image.BICUBIC))
                     for x in small])
     order = np.random.default_rng(0).permutation(len(big))
     _DIGITS_CACHE["all"] = (np.repeat(big[order, :, :, None], 3, axis=-1),
-                            digits.target[order].astype(np.int32))
+                            labels[order].astype(np.int32))
   return _DIGITS_CACHE["all"]
 
 

@@ -6,6 +6,8 @@ import io
 import itertools
 import os
 import re
+import subprocess
+import sys
 import unicodedata
 
 import chex
@@ -40,6 +42,28 @@ def _no_download(monkeypatch):
 
 
 # ----- embedded digits ----------------------------------------------------------------------
+def test_sklearn_digits_read_without_sklearn_equal_load_digits(monkeypatch):
+  from sklearn.datasets import load_digits
+  expected = load_digits()
+  images, labels = data.sklearn_digits()  # from the CSV scikit-learn ships
+  np.testing.assert_array_equal(images, expected.images)
+  np.testing.assert_array_equal(labels, expected.target)
+  chex.assert_type([images, labels], [np.float64, int])
+  # Where that file is not found, load_digits reads it.
+  monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+  images, labels = data.sklearn_digits()
+  np.testing.assert_array_equal(images, expected.images)
+  np.testing.assert_array_equal(labels, expected.target)
+
+
+def test_reading_the_digits_leaves_sklearn_unimported():
+  code = ("import sys; from sit_jax import data; data.sklearn_digits(); "
+          "print(sorted(m for m in sys.modules if m.split('.')[0] == 'sklearn'))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       check=True).stdout
+  assert out.strip() == "[]"
+
+
 def test_embedded_pretrain_shapes_determinism_and_resume():
   kw = dict(global_batch_size=8, image_size=24, seed=3, process_index=0, process_count=1)
   it = data.pretrain_iterator(DIGITS, "train", **kw)

@@ -83,11 +83,9 @@ def _digit_pool(split: str):
   """(8x8 ink in 0..255, labels, indices of the split): train is the first 1,500 of a fixed
   shuffle of scikit-learn's 1,797 digits, test the other 297 (as embedded:digits), so no digit
   is in both."""
-  from sklearn.datasets import load_digits  # ships its data: no download
-  digits = load_digits()
-  order = np.random.default_rng(0).permutation(len(digits.target))
-  return digits.images * (255.0 / 16.0), digits.target, (order[:1500] if split == "train"
-                                                         else order[1500:])
+  images, labels = data.sklearn_digits()
+  order = np.random.default_rng(0).permutation(len(labels))
+  return images * (255.0 / 16.0), labels, (order[:1500] if split == "train" else order[1500:])
 
 
 def _paste(images, labels, i, ink, digit, side, y, x):
