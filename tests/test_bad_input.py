@@ -51,7 +51,7 @@ CASES = [
     ("checkpoint_every_0", [SIT, "--config.checkpoint_every=0"], ["checkpoint_every=0"]),
     ("knn_temperature_0", [KNN, "--config.knn.temperature=0"], ["knn.temperature=0", "> 0"]),
     ("value_type", [SIT, "--config.log_every=abc"], ["config.log_every=abc"]),
-    # Mistakes the run itself found only after reading the dataset and writing the workdir.
+    # Mistakes the run itself once found only after reading the dataset and writing the workdir.
     ("heads_not_split_by_model", ["--config=configs/sit_vits.py:runlocal,model=2"],
      ["model.variant 'Mu/4' has 3 attention heads", "mesh model=2", "divides 3 (1, 3)",
       "model=N"]),
