@@ -91,8 +91,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 EVAL_CROP_FRACTION = 0.875  # "center_crop": central 87.5% square of the image, then resize
 DIGITS_TRAIN = 1500
 _MAX_SPARES = 64  # extra candidates per batch (plus the batch size again) to replace bad files
-# What PIL raises on data that is not a readable image (truncated, garbage, a bomb).
-_PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+# What PIL raises on data that is not a readable image (truncated, garbage, a bomb): what a
+# reader of image files catches to skip or name that file.
+PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
 class DataError(ValueError):
@@ -287,8 +288,9 @@ def sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
   return digits.images, digits.target
 
 
-def _digits():
-  """(images uint8 (1797, 32, 32, 3), labels int32) in a fixed shuffled order."""
+def embedded_digits():
+  """embedded:digits, all of it: (images uint8 (1797, 32, 32, 3), labels int32) in the fixed
+  shuffled order whose slices are its splits."""
   if "all" not in _DIGITS_CACHE:
     images, labels = sklearn_digits()
     small = np.clip(np.round(images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
@@ -298,6 +300,9 @@ def _digits():
     _DIGITS_CACHE["all"] = (np.repeat(big[order, :, :, None], 3, axis=-1),
                             labels[order].astype(np.int32))
   return _DIGITS_CACHE["all"]
+
+
+_digits = embedded_digits  # the name tests/test_transfer.py still reads it by
 
 
 def _digits_multilabel(labels):
@@ -321,7 +326,7 @@ def _embedded(name, split, p, P):
   if name not in ("digits", "digits_multilabel"):
     raise DataError(f"unknown embedded dataset {name!r}; available: 'digits', "
                     "'digits_multilabel'")
-  images, labels = _digits()
+  images, labels = embedded_digits()
   if name == "digits_multilabel":
     labels = _digits_multilabel(labels)
   ranges = {"train": slice(0, DIGITS_TRAIN), "test": slice(DIGITS_TRAIN, None),
@@ -387,7 +392,7 @@ def _list_images(directory, left_out: collections.Counter, seen: set):
         found.append(os.path.join(root, f))
       else:
         left_out[_extension(f)] += 1
-  return sorted(found, key=_name_order)
+  return sorted(found, key=name_order)
 
 
 @functools.lru_cache(maxsize=16)
@@ -412,19 +417,19 @@ def _composed(name: str) -> str:
   return unicodedata.normalize("NFC", name)
 
 
-def _name_order(name: str):
+def name_order(name: str):
   """Sort key of file names in one Unicode form (a Mac writes them decomposed, most systems
   composed): a copied folder lists its files in the same order, so its slices ('train[:90%]')
   and epochs hold the same images."""
   return _composed(name), name
 
 
-def _list_folder(root):
-  """(paths, labels, class names); classes are the root's sub-directories sorted by name
-  (in Unicode NFC form)."""
+def list_folder(root):
+  """The images a folder: source reads, as (paths, labels, class names); classes are the root's
+  sub-directories sorted by name (in Unicode NFC form)."""
   if not os.path.isdir(root):
     raise DataNotFoundError(f"image folder {root!r} does not exist")
-  entries = sorted(filter(_is_listed, os.listdir(root)), key=_name_order)
+  entries = sorted(filter(_is_listed, os.listdir(root)), key=name_order)
   # Class names in one Unicode form (a Mac writes them decomposed, most systems composed), so
   # that the same classes get the same labels whatever made each folder.
   folders = sorted((e for e in entries if os.path.isdir(os.path.join(root, e))), key=_composed)
@@ -523,7 +528,7 @@ def folder_split(path: str, split: Optional[str]) -> tuple[str, Optional[str]]:
 
 def _folder(path, split, p, P):
   root, part = folder_split(path, split)
-  paths, labels, classes = _list_folder(root)
+  paths, labels, classes = list_folder(root)
   keep = slice_indices(len(paths), part, split)
   paths, labels = [paths[i] for i in keep], labels[keep]
   n_local, n_max, position = _strided_share(len(paths), p, P)
@@ -621,7 +626,7 @@ def labels_at(example, path):
   return example
 
 
-def _tfds_examples(builder, split) -> Optional[np.ndarray]:
+def tfds_examples(builder, split) -> Optional[np.ndarray]:
   """The examples of a TFDS split (slices and '+' parts) as ids over all of the dataset's
   splits, so that shared_examples sees overlapping slices ('train[:98%]', 'train[90%:]'); None
   where the metadata has no sizes (tfds.testing.mock_data)."""
@@ -672,7 +677,7 @@ def _tfds(name, split, data_dir, p, P, engine):
   if not n:
     raise DataError(f"TFDS split {name}:{split} is empty")
   info = DatasetInfo(n, num_classes, f"tfds:{name}/{split}", multilabel=multilabel,
-                     classes=classes, root=f"tfds:{name}", indices=_tfds_examples(builder, split))
+                     classes=classes, root=f"tfds:{name}", indices=tfds_examples(builder, split))
   return _HostData(info, n_local, n_max, position=position, **reader)
 
 
@@ -821,7 +826,7 @@ def _open(image) -> Image.Image:
     return Image.open(io.BytesIO(image))
   except Image.UnidentifiedImageError as e:  # its text names the BytesIO object only
     raise UnreadableImage("cannot identify image file (not an image PIL can read)") from e
-  except _PIL_ERRORS as e:
+  except PIL_ERRORS as e:
     raise UnreadableImage(str(e)) from e
 
 
@@ -840,7 +845,7 @@ def _decode(img: Image.Image, windows, size):
     if drafted:
       scale = width / drafted[1][2]
     img.load()
-  except _PIL_ERRORS as e:
+  except PIL_ERRORS as e:
     raise UnreadableImage(str(e)) from e
   return rgb_or_grey(img), scale
 

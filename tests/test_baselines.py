@@ -109,7 +109,7 @@ def test_dataset_name_follows_the_source(source, recipe, want):
 
 
 def test_folder_source_is_named_after_the_folder(tmp_path, monkeypatch, caplog):
-  images, labels = data._digits()
+  images, labels = data.embedded_digits()
   root = tmp_path / "handwritten"
   for i in range(90):
     # class_3 holds one image, the folder's last: the seeded slices put it in train[70:].

@@ -105,7 +105,7 @@ def _canonical(images):
 
 
 def test_pretrain_hosts_partition_one_epoch():
-  all_images = data._digits()[0][data.DIGITS_TRAIN:]
+  all_images = data.embedded_digits()[0][data.DIGITS_TRAIN:]
   want = collections.Counter(_canonical(all_images))
   got = collections.Counter()
   for p in range(2):
@@ -119,7 +119,7 @@ def test_pretrain_hosts_partition_one_epoch():
 
 
 def test_eval_pads_and_covers_each_example_once():
-  images, labels = data._digits()
+  images, labels = data.embedded_digits()
   images, labels = images[data.DIGITS_TRAIN:], labels[data.DIGITS_TRAIN:]
   seen_images, seen_labels, counts = [], [], []
   for p in range(2):
@@ -418,7 +418,7 @@ def test_held_out_splits_share_no_image_and_the_classes(tmp_path):
   mac = f"folder:{tmp_path / 'mac'}"
   data.check_held_out(info("train", mac), info("test", mac), "train", "test")
   assert info("train", mac).classes == info("test", mac).classes == ("fig", composed)
-  paths, labels, _ = data._list_folder(str(tmp_path / "mac" / "train"))
+  paths, labels, _ = data.list_folder(str(tmp_path / "mac" / "train"))
   assert [label for path, label in zip(paths, labels) if decomposed in path] == [1, 1]
   # File names too: a copy lists its images in the same order, so a slice ('train[:90%]') and
   # an epoch hold the same images as the original's.
@@ -427,7 +427,7 @@ def test_held_out_splits_share_no_image_and_the_classes(tmp_path):
     for name in ("e", "f", "\u00e9t\u00e9"):
       _write(tmp_path / form / f"{unicodedata.normalize(form, name)}.png", (0, 0, 0), (8, 8), "PNG")
   listing = lambda form: [unicodedata.normalize("NFC", os.path.basename(path))
-                          for path in data._list_folder(str(tmp_path / form))[0]]
+                          for path in data.list_folder(str(tmp_path / form))[0]]
   assert listing("NFD") == listing("NFC") == ["e.png", "f.png", "\u00e9t\u00e9.png"]
   from sit_jax.transfer import segment_data  # its folders of image and mask pairs too
   for form in ("NFC", "NFD"):

@@ -46,7 +46,7 @@ def knn_run(tmp_path_factory):
 
 def held_out_digits():
   """The uint8 32 px images of TEST_SPLIT, in its order."""
-  return data._digits()[0][data.dataset_info("embedded:digits", TEST_SPLIT).indices]
+  return data.embedded_digits()[0][data.dataset_info("embedded:digits", TEST_SPLIT).indices]
 
 
 def test_features_of_a_workdir_a_step_and_an_export_are_the_knn_runs(knn_run):

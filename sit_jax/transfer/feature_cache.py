@@ -60,7 +60,7 @@ def folder_listing(source: str, split: str) -> str | None:
     return None
   from sit_jax import data
   root, _ = data.folder_split(path, split)
-  paths, labels, _ = data._list_folder(root)
+  paths, labels, _ = data.list_folder(root)
   sizes = [os.path.getsize(p) if os.path.exists(p) else -1 for p in paths]  # -1: a broken link
   listing = json.dumps([[os.path.relpath(p, root) for p in paths], labels.tolist(), sizes])
   return hashlib.blake2b(listing.encode(), digest_size=16).hexdigest()

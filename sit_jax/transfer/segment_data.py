@@ -178,7 +178,7 @@ def _read(path, read):
   try:
     with Image.open(path) as im:
       return read(im)
-  except data._PIL_ERRORS as e:
+  except data.PIL_ERRORS as e:
     raise SegmentationDataError(f"{path} cannot be read ({e}): replace it, or remove its "
                                 "image and mask.") from e
 
@@ -198,7 +198,7 @@ def _folder(path, split, num_classes):
   pairs = sorted(((os.path.join(image_dir, f), os.path.join(mask_dir, masks[stem]))
                   for f in images
                   for stem in [os.path.splitext(f)[0]] if stem in masks),
-                 key=lambda pair: data._name_order(pair[0]))  # as data.py lists a folder
+                 key=lambda pair: data.name_order(pair[0]))  # as data.py lists a folder
   if not pairs:
     raise SegmentationDataError(f"No image with a mask of the same name under {root}.")
   lossy = [m for _, m in pairs if m.lower().endswith(LOSSY_EXTENSIONS)]
@@ -284,7 +284,7 @@ def _tfds(name, split, data_dir):
             np.where((labels < 0) | (labels >= num_classes), IGNORE, labels).astype(np.uint8))
 
   return SegmentationData(f"tfds:{name}/{split}", num_classes, len(source), load, names,
-                          root=f"tfds:{name}", indices=data._tfds_examples(
+                          root=f"tfds:{name}", indices=data.tfds_examples(
                               tfds.builder(name, data_dir=data_dir), split))
 
 
