@@ -73,3 +73,53 @@ def test_runlocal(tmp_path, exported_backbone, experiment, with_init):
     # runlocal adds the baseline rows.
     assert set(results["baselines"]) == {"raw_pixels", "random_init"}
     assert 0.5 < results["baselines"]["raw_pixels"]["top1"] <= 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# In process, the training stubbed (no step compiled).
+# ---------------------------------------------------------------------------------------------
+
+
+def test_finetune_names_the_classes_its_train_split_lacks(tmp_path, monkeypatch, caplog):
+  """Fine-tuning, single- and multi-label, warns and lists in results.json the classes its train
+  split has no example of, as k-NN and the probes do, and goes on: an embedded split's labels as
+  listed, before training; a TFDS split's as its first epoch read them, after."""
+  import numpy as np
+  import tensorflow_datasets as tfds
+  from configs import finetune as finetune_config
+  from configs import multilabel as multilabel_config
+  from sit_jax import trainer
+  from sit_jax.transfer import finetune
+  warning = "has no example of"
+
+  def stub_train(read_batches, warned_before):
+    def train(exp, *, batches, total_steps, **kwargs):
+      assert (warning in caplog.text) == warned_before
+      stream = batches(0)
+      for _ in range(read_batches):
+        next(stream)
+      return trainer.Outcome(None, read_batches, 0, total_steps, {}, {}, None, 0.0)
+    return train
+
+  monkeypatch.setattr(finetune, "state_layout", lambda *args: (None, None, None))  # not built
+  # train[:8] of the digits has no 3, 4, 6 or 9 (and holds odd digits and digits >= 5).
+  monkeypatch.setattr(trainer, "train", stub_train(1, warned_before=True))
+  c = multilabel_config.get_config("runlocal")
+  c.data.train_split, c.data.global_batch_size = "train[:8]", 8
+  results = finetune.run(c, str(tmp_path / "digits"), multilabel=True)
+  assert results["classes_missing_from_train"] == ["3", "4", "6", "9"]
+  with open(tmp_path / "digits" / "results.json") as f:
+    assert json.load(f)["classes_missing_from_train"] == ["3", "4", "6", "9"]
+
+  # 20 cats, no dog (the mock serves all 20 to each split): 8 a batch, the first epoch is 3.
+  caplog.clear()
+  examples = [dict(image=np.full((8, 8, 3), 10 * i, np.uint8), label=0) for i in range(20)]
+  c = finetune_config.get_config("runlocal")
+  c.data.source, c.data.global_batch_size = "tfds:cats_vs_dogs", 8
+  c.data.train_split, c.data.val_split, c.data.test_split = "train[:50%]", "", "train[50%:]"
+  with tfds.testing.mock_data(as_data_source_fn=lambda *args, **kwargs: examples):
+    monkeypatch.setattr(trainer, "train", stub_train(3, warned_before=False))
+    results = finetune.run(c, str(tmp_path / "tfds"))
+    assert results["classes_missing_from_train"] == ["dog"]
+    assert "(tfds:cats_vs_dogs/train[:50%]) has no example of 1 of its 2 classes (dog)" in (
+        caplog.text)

@@ -121,6 +121,7 @@ def run(config, workdir: str, *, multilabel: bool = False) -> dict:
     num_classes = train_info.num_classes
     total_steps, steps_per_epoch = optim.schedule_lengths(config, train_info.num_examples)
     size = config.data.image_size
+    batches, missing_classes = supervised.checked_train_batches(config, train_info, size)
 
     # Model, optimiser, state (backbone from config.init) and step. ----------------------------
     backbone = common.load_backbone(config, image_size=size)
@@ -156,7 +157,7 @@ def run(config, workdir: str, *, multilabel: bool = False) -> dict:
     exp.writer(total_steps, config.data.global_batch_size)
     outcome = trainer.train(
         exp, init=create, abstract=abstract, step_fn=step_fn,
-        batches=lambda start_step: common.train_batches(config, start_step, size),
+        batches=batches,
         place=common.train_placer(config, mesh, size), total_steps=total_steps,
         metadata=common.checkpoint_metadata(config, backbone, num_classes),
         hooks=[supervised.evaluation_hook(config, evaluate, total_steps)])
@@ -167,6 +168,7 @@ def run(config, workdir: str, *, multilabel: bool = False) -> dict:
         total_steps=total_steps, final_train_metrics=outcome.metrics,
         seconds_this_run=outcome.seconds, complete=outcome.complete,
         features=config.head.features, val_split=config.data.get("val_split", ""),
+        **missing_classes(),
         **{k: run_results[k] for k in ("checkpoint", "preempted", "steps_this_run", "error")
            if k in run_results})
     results = common.results_table(

@@ -112,6 +112,29 @@ def warn_if_batch_exceeds_split(config, info):
                     batch / n, n)
 
 
+def checked_train_batches(config, info, image_size: int):
+  """(batches, missing_classes): trainer.train's `batches` (common.train_batches), and
+  missing_classes() -> common.classes_missing_from_train of the train split (`info`) for
+  results.json. The labels a split lists (a folder's, an embedded dataset's) are checked here,
+  before any work; a TFDS split's, which only its records hold, as the training's first epoch
+  read them, by missing_classes() after trainer.train on every process (a collective). A run
+  resumed past its first epoch, or stopped before its end, has none to check."""
+  listed = common.classes_missing_from_train(config, info)
+  streams = []
+
+  def batches(start_step):
+    streams.append(common.train_batches(config, start_step, image_size))
+    return streams[-1]
+
+  def missing_classes() -> dict:
+    if info.labels is not None:
+      return listed
+    counts = common.first_epoch_class_counts(info, streams[-1] if streams else None)
+    return common.classes_missing_from_train(config, info, counts=counts)
+
+  return batches, missing_classes
+
+
 def frozen_checkpoint_metadata(config, backbone: common.Backbone, num_classes: int) -> dict:
   """What a resumed run on a frozen backbone (linear probe, segmentation) must match. Its
   checkpoints hold the head only: each start reads the backbone from config.init again, and
