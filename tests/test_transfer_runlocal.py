@@ -1,6 +1,7 @@
 """The transfer runlocal runs (k-NN, linear probe, fine-tuning, multi-label) as a user starts
-them: `python -m sit_jax.main --config=configs/<experiment>.py:runlocal`, shortened. Apart from
-test_transfer.py so that pytest-xdist can run the two halves on different workers."""
+them: `python -m sit_jax.main --config=configs/<experiment>.py:runlocal`, shortened, and a
+fine-tuning run in process with its training stubbed. Apart from test_transfer.py so that
+pytest-xdist can run the two halves on different workers."""
 import json
 import os
 import subprocess
