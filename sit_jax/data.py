@@ -82,12 +82,28 @@ from absl import logging
 import jax
 import numpy as np
 from PIL import Image
+from PIL import features as pil_features
 
 from sit_jax import resample
 
 ENGINES = ("grain", "tf")
 RESIZE_ON = ("host", "device")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def _pillow_reads_avif() -> bool:
+  try:
+    return pil_features.check_module("avif")
+  except ValueError:  # a Pillow before 11.2, which has no AVIF plugin
+    return False
+
+
+# The files a folder: source reads, by the endings that Pillow decodes them by: JPEG (also as
+# Windows and browsers save it, .jfif, .jpe), PNG, BMP, GIF, WebP, TIFF, Netpbm (a camera's or a
+# converter's .ppm, grey .pgm, black and white .pbm) and, where this Pillow reads it, a phone's
+# AVIF.
+IMAGE_EXTENSIONS = ((".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif",
+                     ".tiff", ".ppm", ".pgm", ".pbm", ".pnm")
+                    + ((".avif",) if _pillow_reads_avif() else ()))
 EVAL_CROP_FRACTION = 0.875  # "center_crop": central 87.5% square of the image, then resize
 DIGITS_TRAIN = 1500
 _MAX_SPARES = 64  # extra candidates per batch (plus the batch size again) to replace bad files
@@ -398,9 +414,13 @@ def _list_images(directory, left_out: collections.Counter, seen: set):
 @functools.lru_cache(maxsize=16)
 def _warn_left_out(root, left_out: tuple):
   """Once per folder: the files that are not read, so that none go missing unnoticed."""
+  avif_unread = (".avif" not in IMAGE_EXTENSIONS
+                 and any(ext.startswith(".avif") for ext, _ in left_out))
   logging.warning("folder:%s: %d file(s) not read (%s); read are the files ending in %s, in "
-                  "the class folders when there are any.", root, sum(n for _, n in left_out),
-                  ", ".join(f"{ext} {n}" for ext, n in left_out), " ".join(IMAGE_EXTENSIONS))
+                  "the class folders when there are any.%s", root, sum(n for _, n in left_out),
+                  ", ".join(f"{ext} {n}" for ext, n in left_out), " ".join(IMAGE_EXTENSIONS),
+                  " This Pillow cannot decode AVIF: `pip install -U 'pillow>=11.2'` reads "
+                  ".avif too." if avif_unread else "")
 
 
 @functools.lru_cache(maxsize=16)

@@ -534,6 +534,53 @@ def test_folder_reads_tiff_and_names_the_files_it_leaves_out(tmp_path, monkeypat
                           "when there are any."]
 
 
+def test_folder_reads_every_format_pillow_decodes_as_rgb(tmp_path, monkeypatch):
+  """Windows' and browsers' JPEG endings, Netpbm (grey and black-and-white too) and a phone's
+  AVIF are read, as the RGB pixels written: exactly where the format is lossless."""
+  rows, cols = np.indices((16, 16))  # R ramps across, G down, B back: a swapped channel is far
+  ramps = np.stack([cols * 12, rows * 16, 255 - (rows + cols) * 8], axis=-1).astype(np.uint8)
+  dots = np.eye(16, dtype=bool) | np.eye(16, dtype=bool)[::-1]
+  # Lossy ones within 16 levels: their chroma is stored at half resolution, blurring B here.
+  written = {"a.jfif": (ramps, 16), "b.jpe": (ramps, 16), "c.ppm": (ramps, 0),
+             "d.pnm": (ramps, 0), "e.pgm": (ramps[..., 0], 0), "f.pbm": (dots, 0)}
+  if ".avif" in data.IMAGE_EXTENSIONS:
+    written["g.avif"] = (ramps, 16)
+  for name, (pixels, _) in written.items():
+    Image.fromarray(pixels).save(tmp_path / name, quality=95)
+  paths, _, _ = data.list_folder(str(tmp_path))
+  assert [os.path.basename(p) for p in paths] == sorted(written)
+  for path, (pixels, tolerance) in zip(paths, written.values()):
+    with open(path, "rb") as f:
+      view = data.eval_view(f.read(), 16, "resize", "bicubic_antialias")
+    expected = np.broadcast_to((pixels * 255 if pixels.dtype == bool else pixels)
+                               .reshape(16, 16, -1), (16, 16, 3))
+    assert view.dtype == np.uint8
+    np.testing.assert_allclose(view, expected, rtol=0, atol=tolerance, err_msg=path)
+  # Where this Pillow cannot decode AVIF, the .avif files left out are named with the fix.
+  monkeypatch.setattr(data, "IMAGE_EXTENSIONS", tuple(e for e in data.IMAGE_EXTENSIONS
+                                                      if e != ".avif"))
+  (tmp_path / "h.avif").write_bytes(b"")
+  warnings = []
+  monkeypatch.setattr(data.logging, "warning", lambda fmt, *args: warnings.append(fmt % args))
+  data.list_folder(str(tmp_path))
+  assert len(warnings) == 1 and warnings[0].endswith(
+      "This Pillow cannot decode AVIF: `pip install -U 'pillow>=11.2'` reads .avif too.")
+
+
+def test_segmentation_masks_in_any_lossy_format_are_refused(tmp_path):
+  """JPEG by any of its endings, or AVIF, moves class indices along every edge."""
+  from sit_jax.transfer import segment_data
+  os.makedirs(tmp_path / "images")
+  os.makedirs(tmp_path / "masks")
+  Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "images" / "0.png")
+  for ending in (".jfif", ".JPE", ".avif"):
+    (tmp_path / "masks" / f"0{ending}").write_bytes(b"")  # refused by its ending, before reading
+    with pytest.raises(segment_data.SegmentationDataError,
+                       match=rf"1 of its masks are JPEG or AVIF \(0\{ending}, .*save them as PNG"):
+      segment_data.open_split(f"folder:{tmp_path}", "train", num_classes=2)
+    os.remove(tmp_path / "masks" / f"0{ending}")
+
+
 def test_folder_of_only_corrupt_files_raises(tmp_path):
   os.makedirs(tmp_path / "bad")
   for i in range(3):

@@ -11,7 +11,7 @@ Sources (random access, so a batch is a pure function of (seed, process, step)):
                          data.num_classes=150). TFDS's 'test' split is ADE's validation.
   folder:/path           /path[/SPLIT]/images/NAME.{jpg,png,...} with /path[/SPLIT]/masks/NAME.png
                          (class index per pixel, IGNORE = 255 not scored, the image's size;
-                         not JPEG); data.num_classes. Images without a mask are left out.
+                         not JPEG or AVIF); data.num_classes. Images without a mask are left out.
                          Without a SPLIT folder 'train' is the whole folder, and other
                          splits are slices of it (data.folder_split).
   embedded:digit_canvas  offline: 1-2 handwritten digits (scikit-learn's) pasted on a 32 px
@@ -45,7 +45,7 @@ from sit_jax import data
 from sit_jax.data import IMAGE_EXTENSIONS, rgb_or_grey
 
 IGNORE = 255
-LOSSY_EXTENSIONS = (".jpg", ".jpeg")  # refused as masks
+LOSSY_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".avif")  # JPEG and AVIF: refused as masks
 CANVAS = 32  # embedded:digit_canvas side in pixels
 _CANVAS_SPLITS = {"train": 1500, "test": 500}  # canvases per split
 
@@ -202,10 +202,11 @@ def _folder(path, split, num_classes):
   if not pairs:
     raise SegmentationDataError(f"No image with a mask of the same name under {root}.")
   lossy = [m for _, m in pairs if m.lower().endswith(LOSSY_EXTENSIONS)]
-  if lossy:  # JPEG moves class indices at every edge, mostly to other valid classes
+  if lossy:  # lossy compression moves class indices at every edge, mostly to other valid classes
     raise SegmentationDataError(
-        f"{root}: {len(lossy)} of its masks are JPEG ({os.path.basename(lossy[0])}, ...), whose "
-        "lossy compression changes the class indices along every edge: save them as PNG.")
+        f"{root}: {len(lossy)} of its masks are JPEG or AVIF ({os.path.basename(lossy[0])}, "
+        "...), whose lossy compression changes the class indices along every edge: save them "
+        "as PNG.")
   if len(pairs) < len(images):
     unmasked = sorted(set(images) - {os.path.basename(i) for i, _ in pairs})
     logging.warning("%s: %d of its %d images have no mask of the same name in masks/ (%s): "
