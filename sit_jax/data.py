@@ -318,9 +318,6 @@ def embedded_digits():
   return _DIGITS_CACHE["all"]
 
 
-_digits = embedded_digits  # the name tests/test_transfer.py still reads it by
-
-
 def _digits_multilabel(labels):
   """Multi-hot (n, 12): the digit (10 classes), 'odd', '>= 5'; for offline multi-label tests."""
   return np.concatenate([np.eye(10, dtype=np.int32)[labels], (labels % 2)[:, None],

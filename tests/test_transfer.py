@@ -566,7 +566,7 @@ def test_multilabel_labels():
                           image_size=32, process_index=0, process_count=1)
   assert it.info.multilabel and it.info.num_classes == 12
   batch = next(it)
-  digits = data._digits()[1][data.DIGITS_TRAIN:][:256]
+  digits = data.embedded_digits()[1][data.DIGITS_TRAIN:][:256]
   np.testing.assert_array_equal(batch["label"][:, :10].argmax(1), digits)
   np.testing.assert_array_equal(batch["label"][:, 10], digits % 2)
   np.testing.assert_array_equal(batch["label"][:, 11], digits >= 5)

@@ -402,13 +402,8 @@ def run(config, workdir: str, *, multilabel: bool = False) -> dict:
       test_feats = standardize(test_feats)
       writer.write_scalars(steps, {f"test/{k}": v for k, v in scores.items()})
     else:
-      # The labels as listed; a TFDS split's, as the first epoch reads them (after training).
-      extra = common.classes_missing_from_train(config, train_info)
-      streams = []
-
-      def train_batches(start_step):
-        streams.append(common.train_batches(config, start_step, size))
-        return streams[-1]
+      train_batches, missing_classes = supervised.checked_train_batches(config, train_info, size)
+      extra = {}
 
       # The statistics and the step that uses them, at the first step or evaluation: once
       # trainer.train has accepted the checkpoint, so that a refused resume extracts nothing.
@@ -450,10 +445,7 @@ def run(config, workdir: str, *, multilabel: bool = False) -> dict:
           hooks=[supervised.evaluation_hook(config, evaluate, total_steps)])
       train_metrics, scores, steps = (outcome.metrics, supervised.test_scores(outcome.evaluated),
                                       outcome.step)
-      if train_info.labels is None:
-        extra.update(common.classes_missing_from_train(
-            config, train_info,
-            counts=common.first_epoch_class_counts(train_info, streams[-1] if streams else None)))
+      extra.update(missing_classes())
       extra.update({k: v for k, v in outcome.results().items()
                     if k in ("checkpoint", "preempted", "steps_this_run", "error")})
       test_feats, test_labels = cache.get("test", (np.zeros((0, dim)), np.zeros((0,))))
