@@ -352,8 +352,7 @@ def check_output_dir(output_dir: str, overwrite: bool):
   from sit_jax import checkpoint
   d = epath.Path(output_dir)
   names = [p.name for p in d.iterdir()] if d.is_dir() else []
-  others = [n for n in names
-            if n != checkpoint.EXPORT_CONFIG and not n.startswith(checkpoint.EXPORT_PARAMS)]
+  others = [n for n in names if not checkpoint.is_export_entry(n)]
   if others:
     raise ConversionError(
         f"{output_dir} holds other files ({_list(others, 5)}): write the export to a new or empty "
