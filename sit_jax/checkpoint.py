@@ -14,10 +14,12 @@ of a checkpoint against the run about to resume it, falling back past an unreada
 is set aside, so that training writes that step again), Ctrl-C and SIGTERM on one process, and
 the backbone export.
 
-A backbone export (`export_backbone`) is a directory with `params/` (an orbax pytree checkpoint)
-and `model_config.json`. On a local disk it is written beside its directory, in `.<name>.partial`,
-and renamed into place once whole; an earlier export is renamed to `.<name>.replaced` on the way
-and removed after. Readers never take either for an export.
+A backbone export (`export_backbone`) is a directory with `params/` (an orbax pytree checkpoint),
+`model_config.json` (the model's settings) and, where its writer says where the parameters come
+from, `export.json` (a pretraining's: its step, experiment, weights and workdir). On a local disk
+it is written beside its directory, in `.<name>.partial`, and renamed into place once whole; an
+earlier export is renamed to `.<name>.replaced` on the way and removed after. Readers never take
+either for an export.
 """
 from __future__ import annotations
 
@@ -45,6 +47,9 @@ STATE_ITEM = "state"
 LEGACY_METADATA_ITEM = "metadata"  # checkpoints written before the custom metadata
 EXPORT_PARAMS = "params"
 EXPORT_CONFIG = "model_config.json"
+# Where an export's parameters come from, apart from the model config that readers build the
+# model from. Exports written before 2026-12-06, and convert's to-jax exports, have none.
+EXPORT_ORIGIN = "export.json"
 EXPORT_DIR = "backbone"  # of a pretraining workdir
 # Beside an export being written (`.<name>.partial`) or replaced (`.<name>.replaced`).
 EXPORT_PARTIAL = "partial"
@@ -636,9 +641,11 @@ def _check_backbone(step_dir, expected: dict, actual: dict):
 # Backbone export / import.
 
 
-def export_backbone(directory, params, model_config: dict, *,
-                    overwrite: bool = False) -> str:
-  """Writes `params` (e.g. {'backbone': ...}) and model_config.json; returns the path.
+def export_backbone(directory, params, model_config: dict, *, overwrite: bool = False,
+                    origin: dict | None = None) -> str:
+  """Writes `params` (e.g. {'backbone': ...}), model_config.json and, given `origin` (where the
+  parameters come from, e.g. {'step': 1000, 'experiment': 'sit', 'weights': 'student',
+  'workdir': ...}; `backbone_step` reads its step), export.json; returns the path.
 
   `model_config.json` is written last, so its presence marks a complete export. On a local disk
   an earlier export is replaced only once the new one is whole (a pretraining run started again
@@ -647,6 +654,7 @@ def export_backbone(directory, params, model_config: dict, *,
   """
   d = _path(directory)
   model_config = _json_normalise(model_config, "model_config")
+  origin = _json_normalise(origin, "origin") if origin else None
   # An object store renames by copying and deleting each object, which is no atomic switch: a
   # remote export is written in place, once the earlier one is deleted.
   remote = metrics.is_remote(d)
@@ -660,8 +668,9 @@ def export_backbone(directory, params, model_config: dict, *,
           "choose another directory.")
     if jax.process_index() == 0:
       if remote:
-        if (d / EXPORT_CONFIG).exists():
-          (d / EXPORT_CONFIG).unlink()
+        for name in (EXPORT_CONFIG, EXPORT_ORIGIN):  # model_config.json first: incomplete now
+          if (d / name).exists():
+            (d / name).unlink()
         if (d / EXPORT_PARAMS).exists():
           (d / EXPORT_PARAMS).rmtree()
       else:
@@ -678,6 +687,8 @@ def export_backbone(directory, params, model_config: dict, *,
       ckptr.save(written / EXPORT_PARAMS, params)
       ckptr.wait_until_finished()
     if jax.process_index() == 0:
+      if origin:
+        metrics.atomic_write_text(written / EXPORT_ORIGIN, json.dumps(origin, indent=2) + "\n")
       metrics.atomic_write_text(written / EXPORT_CONFIG, json.dumps(model_config, indent=2) + "\n")
       if not remote:
         final.rename(replaced)
@@ -700,7 +711,7 @@ def _holds_export(d: epath.Path) -> bool:
 def is_export_entry(name: str) -> bool:
   """Whether `name` in an export directory is the export's own: its files, or what a write of
   them left (orbax's `params.orbax-checkpoint-tmp-*`, atomic_write's `.model_config.json.*`)."""
-  return name.lstrip(".").startswith((EXPORT_CONFIG, EXPORT_PARAMS))
+  return name.lstrip(".").startswith((EXPORT_CONFIG, EXPORT_PARAMS, EXPORT_ORIGIN))
 
 
 def _drop_replaced(replaced: epath.Path, d: epath.Path):
@@ -822,21 +833,25 @@ def run_workdir(steps_dir: epath.Path) -> epath.Path:
 
 def _warn_if_unfinished(workdir: epath.Path, step: int, weights: str):
   """A workdir's latest checkpoint is the end of its run only where results.json names it and
-  the run was not stopped early: a run still going, preempted or extended has none. Its backbone/
-  export is then of an earlier end (a finished run started again with a larger total_steps):
-  the line names it, for a transfer that wants that one."""
+  the run was not stopped early, or where its backbone/ export (made at a run's end only) records
+  that step: a run still going, preempted or extended has neither. Its backbone/ export is then
+  of an earlier end (a finished run started again with a larger total_steps): the line names it,
+  for a transfer that wants that one."""
   try:
     results = json.loads((workdir / "results.json").read_text())
   except Exception:  # pylint: disable=broad-except
     results = {}
   named = os.path.basename(str(results.get("checkpoint") or ""))
-  if named == str(step) and not results.get("preempted"):
-    return
   export = workdir / EXPORT_DIR
+  exported = (export / EXPORT_CONFIG).exists()  # a whole export
+  export_step = backbone_step(export) if exported else None
+  if (named == str(step) and not results.get("preempted")) or export_step == step:
+    return
   earlier = ""
-  if weights == "student" and (export / EXPORT_CONFIG).exists():
-    # results.json names the export's step until a run there ends again without exporting.
-    end = f"step {named}, " if results.get("backbone") and named else ""
+  if weights == "student" and exported:
+    if export_step is None and results.get("backbone") and named:
+      export_step = named  # an export without export.json: results.json names its step
+    end = f"step {export_step}, " if export_step is not None else ""
     earlier = (f" Its {EXPORT_DIR}/ export holds the student of {end}where the run last "
                f"finished: pass {export} (config.init, or convert's --input) to read that one.")
   log.warning("Loading step %d, the latest checkpoint of %s, whose run has not finished (its "
@@ -906,6 +921,34 @@ def saved_model_config(found) -> dict:
     return json.loads((found / EXPORT_CONFIG).read_text())
   except Exception:  # pylint: disable=broad-except
     return {}
+
+
+def export_origin(export) -> dict:
+  """What a backbone export's export.json says of where its parameters come from; {} for an
+  export without one (written before 2026-12-06, or by convert's to-jax)."""
+  path = _path(export) / EXPORT_ORIGIN
+  try:
+    if not path.exists():
+      return {}
+    origin = json.loads(path.read_text())
+    if isinstance(origin, dict):
+      return origin
+    error = f"a JSON {type(origin).__name__}, not an object"
+  except Exception as e:  # pylint: disable=broad-except
+    error = _short(e)
+  log.warning("Ignoring %s (%s): which step the backbone export holds is unknown. Delete the file, "
+              "or export the backbone again.", path, error)
+  return {}
+
+
+def backbone_step(found) -> int | None:
+  """The training step of the backbone that `locate_backbone` found: a step directory's, or the
+  one its export.json records; None for an export without one."""
+  found = _path(found)
+  if not _holds_export(found):  # a step directory (which a running pretraining may rotate out)
+    return int(found.name) if found.name.isdigit() else None
+  step = export_origin(found).get("step")
+  return step if isinstance(step, int) else None
 
 
 def read_classifier_head(step_dir) -> tuple[dict, str | None] | None:

@@ -402,6 +402,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         backbone = jax.jit(vit.unstack_blocks)(backbone)
       results["backbone"] = checkpoint.export_backbone(
           os.path.join(exp.workdir, "backbone"), {"backbone": backbone},
-          {**model_config(config), "scan_layers": False}, overwrite=True)
+          {**model_config(config), "scan_layers": False}, overwrite=True,
+          origin={"step": outcome.step, "experiment": config.experiment, "weights": "student",
+                  "workdir": exp.workdir})
     exp.finish(results)
   return results

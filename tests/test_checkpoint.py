@@ -440,29 +440,82 @@ def test_load_backbone_from_workdir_and_step_dir(tmp_path, caplog):
     ckpt_lib.load_backbone(tmp_path / "missing")
 
 
+def test_an_export_records_the_step_it_holds(tmp_path, caplog, monkeypatch):
+  """export.json, beside the model config, says where an export's parameters come from: its
+  step is what a transfer records as init_step, as a step directory's name is. An export written
+  without one (before export.json, or by to-jax) has no step and loads as before; an export over
+  one that had a step does not keep it."""
+  params = {"backbone": make_state(3)["params"]["backbone"]}
+  origin = {"step": 3, "experiment": "sit", "weights": "student", "workdir": str(tmp_path)}
+  export = ckpt_lib.export_backbone(tmp_path / "backbone", params, MODEL, origin=origin)
+  assert sorted(os.listdir(export)) == ["export.json", "model_config.json", "params"]
+  assert ckpt_lib.export_origin(export) == origin
+  assert ckpt_lib.backbone_step(export) == 3
+  loaded, config = ckpt_lib.load_backbone(export)
+  assert config == MODEL  # the model config holds the model's settings only
+  assert_tree_equal(loaded, params)
+  assert ckpt_lib.is_export_entry("export.json") and ckpt_lib.is_export_entry(".export.json.x1")
+
+  ckpt_lib.export_backbone(export, params, MODEL, overwrite=True)  # e.g. convert's to-jax
+  assert sorted(os.listdir(export)) == ["model_config.json", "params"]
+  assert ckpt_lib.export_origin(export) == {} and ckpt_lib.backbone_step(export) is None
+  loaded, config = ckpt_lib.load_backbone(export)
+  assert config == MODEL
+  assert_tree_equal(loaded, params)
+  with monkeypatch.context() as patch:  # on an object store, written in place
+    patch.setattr(ckpt_lib.metrics, "is_remote", lambda path: True)
+    ckpt_lib.export_backbone(tmp_path / "remote", params, MODEL, origin=origin)
+    assert ckpt_lib.backbone_step(tmp_path / "remote") == 3
+    ckpt_lib.export_backbone(tmp_path / "remote", params, MODEL, overwrite=True)
+  assert sorted(os.listdir(tmp_path / "remote")) == ["model_config.json", "params"]
+
+  (tmp_path / "backbone" / "export.json").write_text("[3]")
+  with caplog.at_level("WARNING"):
+    assert ckpt_lib.backbone_step(export) is None
+  assert (f"Ignoring {export}/export.json (a JSON list, not an object): which step the backbone "
+          "export holds is unknown." in caplog.text)
+  with Checkpointer(tmp_path / "run" / "checkpoints", every=1) as ck:
+    ck.save(7, make_state(7), metadata={"model": MODEL})
+  assert ckpt_lib.backbone_step(tmp_path / "run" / "checkpoints" / "7") == 7
+
+
 def test_a_workdir_trained_past_its_export_reads_the_newer_step(tmp_path, caplog):
   """A finished pretraining (step 1, exported to backbone/) started again with a larger
   total_steps: until it ends again, its latest step is newer than backbone/. A transfer of the
-  workdir reads the newer step, and the warning names the export and its step, for one that
-  wants the end of the first run; the export is left as it is."""
+  workdir reads the newer step, and the warning names the export and its step (its export.json's:
+  the longer run's results.json, written at a preemption, names none), for one that wants the
+  end of the first run; the export is left as it is."""
   workdir = tmp_path / "run"
   with Checkpointer(workdir / "checkpoints", every=1, keep=1) as ck:
     ck.save(1, make_state(1), metadata={"model": MODEL})
   first = {"backbone": make_state(1)["params"]["backbone"]}
-  export = ckpt_lib.export_backbone(workdir / "backbone", first, MODEL)
-  (workdir / "results.json").write_text(json.dumps(
-      {"checkpoint": str(workdir / "checkpoints" / "1"), "backbone": export}))
+  export = ckpt_lib.export_backbone(workdir / "backbone", first, MODEL, origin={"step": 1})
+  with caplog.at_level("WARNING"):  # no results.json: the export says the run finished at 1
+    ckpt_lib.read_backbone(workdir)
+  assert "has not finished" not in caplog.text
   with Checkpointer(workdir / "checkpoints", every=1, keep=1) as ck:
     ck.save(2, make_state(2), metadata={"model": MODEL})  # keep 1: step 1 goes
+  (workdir / "results.json").write_text(json.dumps(
+      {"checkpoint": str(workdir / "checkpoints" / "2"), "preempted": True}))
   with caplog.at_level("WARNING"):
     params, _, read_from = ckpt_lib.read_backbone(workdir)
   assert read_from == str(workdir / "checkpoints" / "2")
   assert_tree_equal(params, {"backbone": make_state(2)["params"]["backbone"]})
+  end_of_first_run = (f"Its backbone/ export holds the student of step 1, where the run last "
+                      f"finished: pass {export} (config.init, or convert's --input) to read that "
+                      "one.")
   assert (f"Loading step 2, the latest checkpoint of {workdir}, whose run has not finished" in
           caplog.text)
-  assert (f"Its backbone/ export holds the student of step 1, where the run last finished: pass "
-          f"{export} (config.init, or convert's --input) to read that one." in caplog.text)
+  assert end_of_first_run in caplog.text
   assert_tree_equal(ckpt_lib.load_backbone(export)[0], first)
+  # An export written before export.json: the step that results.json names with it, if any.
+  os.remove(workdir / "backbone" / "export.json")
+  (workdir / "results.json").write_text(json.dumps(
+      {"checkpoint": str(workdir / "checkpoints" / "1"), "backbone": export}))
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    ckpt_lib.read_backbone(workdir)
+  assert end_of_first_run in caplog.text
 
 
 @pytest.mark.parametrize("keep", [1, 2])

@@ -83,6 +83,8 @@ def test_runlocal_writes_metrics_pictures_checkpoint_and_results(uninterrupted):
   assert checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).all_steps() == [20, 30, 40]
   params, model_cfg = checkpoint.load_backbone(os.path.join(workdir, "backbone"))
   assert model_cfg["variant"] == "Mu/4" and "blocks_0" in params["backbone"]
+  assert checkpoint.export_origin(os.path.join(workdir, "backbone")) == {
+      "step": 40, "experiment": "sit", "weights": "student", "workdir": workdir}
   assert json.load(open(os.path.join(workdir, "config.json")))["experiment"] == "sit"
   assert os.listdir(os.path.join(workdir, "tb"))
 

@@ -10,7 +10,6 @@ from typing import Any, Callable, Iterable
 
 from absl import logging
 import einops
-from etils import epath
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -37,7 +36,7 @@ class Backbone:
   weights: str = "student"  # config.init_weights: the checkpoint's student or teacher
   checkpoint_hash: str | None = None  # parameters_hash of the parameters as read; None: random
   location: str | None = None  # the directory read (a step directory or an export); None: random
-  step: int | None = None      # the pretraining step of a step directory; None: an export
+  step: int | None = None      # the step read (an export's from its export.json); else None
 
   @property
   def name(self) -> str:
@@ -76,8 +75,6 @@ def load_backbone(config, *, image_size: int, drop_path_rate: float | None = Non
   weights = config.get("init_weights", "student")
   # A workdir names its latest step, which a pretraining that goes on moves: results name it.
   loaded, ckpt_config, location = checkpoint.read_backbone(config.init, weights)
-  read = epath.Path(location)
-  is_step = (read / checkpoint.STATE_ITEM).is_dir() and read.name.isdigit()  # else an export
   if "backbone" not in loaded:
     raise checkpoint.CheckpointError(f"{config.init} holds no 'backbone' parameters "
                                      f"(found {sorted(loaded)}).")
@@ -98,7 +95,7 @@ def load_backbone(config, *, image_size: int, drop_path_rate: float | None = Non
   return Backbone(module, params, model_config, str(config.init),
                   pretrained_image_size=ckpt_config.get("image_size"), weights=weights,
                   checkpoint_hash=checkpoint_hash, location=location,
-                  step=int(read.name) if is_step else None)
+                  step=checkpoint.backbone_step(location))
 
 
 def check_image_size_fits(init: str, image_size: int, ckpt_config: dict):
