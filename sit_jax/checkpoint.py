@@ -47,8 +47,9 @@ STATE_ITEM = "state"
 LEGACY_METADATA_ITEM = "metadata"  # checkpoints written before the custom metadata
 EXPORT_PARAMS = "params"
 EXPORT_CONFIG = "model_config.json"
-# Where an export's parameters come from, apart from the model config that readers build the
-# model from. Exports written before 2026-12-06, and convert's to-jax exports, have none.
+# Where an export's parameters come from (a pretraining's step, the file convert's to-jax read),
+# apart from the model config that readers build the model from. Exports written before
+# 2026-12-06 have none.
 EXPORT_ORIGIN = "export.json"
 EXPORT_DIR = "backbone"  # of a pretraining workdir
 # Beside an export being written (`.<name>.partial`) or replaced (`.<name>.replaced`).
@@ -924,8 +925,9 @@ def saved_model_config(found) -> dict:
 
 
 def export_origin(export) -> dict:
-  """What a backbone export's export.json says of where its parameters come from; {} for an
-  export without one (written before 2026-12-06, or by convert's to-jax)."""
+  """What a backbone export's export.json says of where its parameters come from (a
+  pretraining's step, a converted file); {} for an export without one (written before
+  2026-12-06)."""
   path = _path(export) / EXPORT_ORIGIN
   try:
     if not path.exists():

@@ -377,8 +377,8 @@ def to_jax(input_path: str, output_dir: str, *, num_heads: int | None = None,
   params, config = torch_to_params(state, num_heads)
   # The variant is the shapes'; standardize_input only a file of to-timm's can say.
   config.update({k: v for k, v in saved_settings(input_path).items() if k != "variant"})
-  config["converted_from"] = os.path.abspath(input_path)
-  checkpoint.export_backbone(output_dir, {"backbone": params}, config, overwrite=overwrite)
+  checkpoint.export_backbone(output_dir, {"backbone": params}, config, overwrite=overwrite,
+                             origin={"converted_from": os.path.abspath(input_path)})
   print(f"Wrote the {config['variant']} backbone of {input_path} ({where}) at "
         f"{config['image_size']}px to {output_dir}; use it with --config.init={output_dir}\n"
         "sit_jax gives it images normalised by ImageNet's mean and std, as DINO, DeiT, MAE and "

@@ -277,6 +277,8 @@ def test_timm_computes_what_sit_jax_does_through_the_printed_lines(exported_back
     convert.to_jax(path, str(back))
     got_back, back_config = checkpoint.load_backbone(back)
     assert back_config["standardize_input"] is True and back_config["variant"] == "Mu/4"
+    assert "converted_from" not in back_config  # the model's settings only
+    assert checkpoint.export_origin(back) == {"converted_from": os.path.abspath(path)}
     jax.tree.map(np.testing.assert_array_equal, got_back["backbone"], backbone)
   assert "Dropped 2 parameters that are not the backbone (heads): head.bias, head.weight" in \
       caplog.text
