@@ -226,6 +226,19 @@ def test_lbfgs_multilabel_matches_per_class_sklearn(mesh):
     assert np.mean(ours == sk.predict(b).astype(bool)) >= 0.99
 
 
+def test_lbfgs_few_examples_solved_on_one_device_as_on_the_mesh(mesh, monkeypatch):
+  rng = np.random.default_rng(0)
+  feats, labels = rng.normal(size=(200, 16)).astype(np.float32), np.arange(200) % 3
+  assert linear._solver_mesh(mesh, 200).devices.size == 1
+  one, one_info = linear.fit_logistic(feats, labels, 3, 1e-2, mesh)
+  monkeypatch.setattr(linear, "MIN_EXAMPLES_PER_DEVICE", 0)
+  assert linear._solver_mesh(mesh, 200) is mesh
+  sharded, info = linear.fit_logistic(feats, labels, 3, 1e-2, mesh)
+  assert info["loss"] == pytest.approx(one_info["loss"], abs=1e-6)
+  for k in ("kernel", "bias"):
+    np.testing.assert_allclose(sharded[k], one[k], atol=1e-3)
+
+
 def test_lbfgs_stopped_by_max_iter_says_so(mesh, caplog):
   rng = np.random.default_rng(0)
   feats, labels = rng.normal(size=(64, 8)).astype(np.float32), np.arange(64) % 3

@@ -6,7 +6,8 @@ train state holds the head only, and the features pass through jax.lax.stop_grad
     jitted backbone (eval view: no augmentation) and the head is fitted on them. The default
     solver ('lbfgs') minimises the full-batch cross-entropy + (l2 / 2) ||W||^2 to convergence
     with L-BFGS (optax.lbfgs, zoom line search) on the features sharded over the mesh, so it
-    scales with the devices; l2 is chosen from config.linear.l2 on a held-out part of the train
+    scales with the devices (a few thousand examples per device or fewer: on one device); l2 is
+    chosen from config.linear.l2 on a held-out part of the train
     features (config.linear.val_fraction), then the head is refitted on all of them. This is
     the logistic regression of sklearn (l2 = 1 / (C n)): the test checks they agree. Solver
     'sgd' trains the head with config.optim on shuffled mini-batches instead.
@@ -219,6 +220,19 @@ def _lbfgs_solver(mesh, multilabel: bool, memory_size: int):
                  out_shardings=replicated)
 
 
+# Fewer examples per device than this and the full-batch L-BFGS is overhead more than compute:
+# on 8 simulated CPU devices the tests' probes took 5x the CPU time of one device.
+MIN_EXAMPLES_PER_DEVICE = 4096
+
+
+def _solver_mesh(mesh, num_examples: int):
+  """`mesh`, or for few examples the first local device: every process holds all the features,
+  so each solves the same problem there, without collectives."""
+  if num_examples >= MIN_EXAMPLES_PER_DEVICE * mesh.devices.size:
+    return mesh
+  return sharding.make_mesh(devices=jax.local_devices()[:1])
+
+
 def _place_examples(features, labels, mesh, rows: int = 0):
   """(x, y, weight) on the mesh, split over its batch axes; zero-weight padding rows make the
   count at least `rows` and divisible by the data-parallel size. Every host holds all the
@@ -244,8 +258,9 @@ def fit_logistic(features, labels, num_classes: int, l2: float, mesh=None, *,
   convergence: returns (head params {'kernel', 'bias'} as host numpy, info dict with the final
   objective, its gradient norm and the number of iterations). `init`: warm start; `rows`: pad
   (with zero weight) to at least this many examples, so that fits of subsets share one
-  compiled solver."""
-  mesh = mesh if mesh is not None else sharding.make_mesh()
+  compiled solver (and its device or mesh)."""
+  mesh = _solver_mesh(mesh if mesh is not None else sharding.make_mesh(),
+                      max(rows, len(features)))
   x, y, weight = _place_examples(features, labels, mesh, rows)
   dim = features.shape[1]
   if init is None:
