@@ -7,10 +7,10 @@ train state holds the head only, and the features pass through jax.lax.stop_grad
     solver ('lbfgs') minimises the full-batch cross-entropy + (l2 / 2) ||W||^2 to convergence
     with L-BFGS (optax.lbfgs, zoom line search) on the features sharded over the mesh, so it
     scales with the devices (a few thousand examples per device or fewer: on one device); l2 is
-    chosen from config.linear.l2 on a held-out part of the train
-    features (config.linear.val_fraction), then the head is refitted on all of them. This is
-    the logistic regression of sklearn (l2 = 1 / (C n)): the test checks they agree. Solver
-    'sgd' trains the head with config.optim on shuffled mini-batches instead.
+    chosen from config.linear.l2 on a held-out part of the train features
+    (config.linear.val_fraction), then the head is refitted on all of them. This is the
+    logistic regression of sklearn (l2 = 1 / (C n)): the test checks they agree. Solver 'sgd'
+    trains the head with config.optim on shuffled mini-batches instead.
   - augmented: every step crops/flips images on the host and runs the frozen backbone (SGD
     with config.optim), DINO's ImageNet protocol.
 With config.linear.normalize_features the features are standardised with the mean and standard
