@@ -456,6 +456,11 @@ def test_load_backbone_from_pretraining_workdir(tmp_path, exported_backbone, cap
   assert (results["init_checkpoint"], results["init_step"]) == (
       str(tmp_path / "checkpoints" / "7"), 7)
   assert (results["num_classes"], results["classes"]) == (3, ["ant", "bee", "cat"])
+  # An export's step is the one its export.json records (a pretraining's end).
+  c.init = checkpoint.export_backbone(tmp_path / "export", {"backbone": params},
+                                      {"variant": "Mu/4", "image_size": 32}, origin={"step": 7})
+  results = common.results_dict(c, common.load_backbone(c, image_size=32), info, info, 4, {})
+  assert (results["init_checkpoint"], results["init_step"]) == (c.init, 7)
   c.init = str(exported_backbone[0])
   results = common.results_dict(c, common.load_backbone(c, image_size=32), info, info, 4, {})
   assert (results["init_checkpoint"], results["init_step"]) == (str(exported_backbone[0]), None)
