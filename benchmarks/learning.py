@@ -31,6 +31,8 @@ from sit_jax.models import vit  # noqa: E402
 from sit_jax.transfer import common, knn  # noqa: E402
 
 SPLITS = {"val": ("train[:1200]", "train[1200:]"), "test": ("train", "test")}
+# Set from --split: an override of one on the command line would be replaced without a word.
+SPLIT_KEYS = ("data.split", "eval.train_split", "eval.test_split")
 # (features, last_blocks) of transfer/common.make_feature_fn; last 4: DINO's linear evaluation.
 FEATURES = (("cls", 1), ("mean", 1), ("cls+mean", 1), ("cls", 4), ("cls+mean", 4))
 
@@ -95,10 +97,20 @@ def settings_changed(config_json: str, config) -> str:
   return ", ".join(f"{k}: {saved.get(k)!r} then, {now.get(k)!r} now" for k in changed[:6])
 
 
+def split_overrides(overrides: dict) -> list[str]:
+  """The keys of SPLIT_KEYS among the command line's --config overrides (a nested dict)."""
+  return [key for key in SPLIT_KEYS if key in config_check.flatten(overrides)]
+
+
 def main(_):
   config = checked_config()
   workdir = flags.FLAGS.workdir
   bank_split, test_split = SPLITS[flags.FLAGS.split]
+  overridden = split_overrides(config_flags.get_override_values(flags.FLAGS["config"]))
+  if overridden:
+    fail(ValueError(f"--config.{overridden[0]} is set by --split here (val: pretraining and bank "
+                    f"{SPLITS['val'][0]}, scored {SPLITS['val'][1]}; test: {SPLITS['test'][0]}, "
+                    f"scored {SPLITS['test'][1]}): drop it and choose with --split."))
   with config.unlocked():
     config.data.split = bank_split
     config.eval.train_split, config.eval.test_split = bank_split, test_split

@@ -55,3 +55,13 @@ def test_a_finished_run_is_scored_again_by_the_same_command(tmp_path):
   path.write_text(json.dumps({**saved, "num_train_examples": 1500}))  # the data changed since
   assert learning.settings_changed(str(path), config) == \
       "num_train_examples: 1500 then, 1200 now"
+
+
+def test_split_keys_on_the_command_line_are_refused_not_replaced():
+  """--split sets the pretraining split and the monitor's bank and held-out split: an override of
+  one of them used to be replaced without a word."""
+  learning = load_learning()
+  overrides = {"data": {"split": "train[:50%]", "image_size": 16}, "eval": {"k": 5}}
+  assert learning.split_overrides(overrides) == ["data.split"]
+  assert learning.split_overrides({"eval": {"test_split": "test", "k": 5}}) == ["eval.test_split"]
+  assert learning.split_overrides({"data": {"image_size": 16}}) == []
