@@ -418,7 +418,6 @@ def run(config, workdir: str, *, multilabel: bool = False) -> dict:
       writer.write_scalars(steps, {f"test/{k}": v for k, v in scores.items()})
     else:
       train_batches, missing_classes = supervised.checked_train_batches(config, train_info, size)
-      extra = {}
 
       # The statistics and the step that uses them, at the first step or evaluation: once
       # trainer.train has accepted the checkpoint, so that a refused resume extracts nothing.
@@ -460,9 +459,9 @@ def run(config, workdir: str, *, multilabel: bool = False) -> dict:
           hooks=[supervised.evaluation_hook(config, evaluate, total_steps)])
       train_metrics, scores, steps = (outcome.metrics, supervised.test_scores(outcome.evaluated),
                                       outcome.step)
-      extra.update(missing_classes())
-      extra.update({k: v for k, v in outcome.results().items()
-                    if k in ("checkpoint", "preempted", "steps_this_run", "error")})
+      extra = {**missing_classes(),
+               **{k: v for k, v in outcome.results().items()
+                  if k in ("checkpoint", "preempted", "steps_this_run", "error")}}
       test_feats, test_labels = cache.get("test", (np.zeros((0, dim)), np.zeros((0,))))
 
     # Baselines: the same probe on raw pixels and on the random-init backbone. -----------------
