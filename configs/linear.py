@@ -8,8 +8,9 @@ Features: CLS of the last `head.last_blocks` blocks concatenated (DINO uses 4 fo
 the mean patch token with head.features='cls+mean'. With linear.cache_features the features
 are extracted once (no augmentation) and standardised, and the head is a logistic regression
 fitted to convergence by full-batch L-BFGS (linear.solver='lbfgs', the features sharded over
-the devices, or on one device below 4096 examples per device), its L2 penalty chosen among linear.l2 on a held-out linear.val_fraction of the
-train features; linear.solver='sgd' trains it with config.optim on mini-batches instead.
+the devices, or on one device below 4096 examples per device), its L2 penalty chosen among
+linear.l2 on a held-out linear.val_fraction of the train features; linear.solver='sgd' trains it
+with config.optim on mini-batches instead.
 Without caching every step crops and flips on the host and runs the frozen backbone (DINO's
 SGD protocol). With baselines=True (on for runlocal) the same probe also runs on the raw
 pixels and on the backbone at random init: results.json 'baselines'.
