@@ -30,7 +30,9 @@ import logging
 import os
 import re
 import signal
+import sys
 import threading
+import traceback
 from typing import Any, Callable, Iterable
 
 import jax
@@ -120,6 +122,51 @@ def _out_of_memory(err: BaseException) -> bool:
       return True
     err = err.__cause__ or err.__context__
   return False
+
+
+def _is_stray_read_completion(unraisable) -> bool:
+  """Whether an unraisable error is TensorStore completing a read for an asyncio loop that orbax
+  has closed: asyncio's `call_soon_threadsafe`, called from TensorStore's C++ thread (so no Python
+  caller in the traceback), finding the loop closed."""
+  if unraisable.object is not None or not isinstance(unraisable.exc_value, RuntimeError):
+    return False
+  frames = list(traceback.walk_tb(unraisable.exc_traceback))
+  return (str(unraisable.exc_value) == "Event loop is closed" and bool(frames)
+          and frames[0][0].f_code.co_name == "call_soon_threadsafe")
+
+
+class _UnretrievedReadErrors(logging.Filter):
+  """Drops asyncio's "Task (or Future) exception was never retrieved" records of TensorStore read
+  errors."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (re.match(r"(Task|Future) exception was never retrieved", record.getMessage())
+                and "[tensorstore_spec=" in str(exc))
+
+
+_UNRETRIEVED_READ_ERRORS = _UnretrievedReadErrors()
+
+
+def _quiet_the_aftermath_of_failed_reads():
+  """When one array of a step cannot be read, orbax closes the asyncio loop of the read
+  (asyncio_utils.run_sync) with the reads of the other arrays still in flight. Each that completes
+  later raises "Event loop is closed" in TensorStore's thread, and the reads that failed log
+  "Task (or Future) exception was never retrieved" with TensorStore's whole spec: on a resume past
+  one corrupt step of runlocal, 45 tracebacks on stderr below the one line that says what
+  happened. Those, and only those, are dropped; every other unraisable error still reaches the
+  hook that was there. Idempotent."""
+  logging.getLogger("asyncio").addFilter(_UNRETRIEVED_READ_ERRORS)  # once: it is one object
+  previous = sys.unraisablehook
+  if getattr(previous, "quiets_failed_reads", False):
+    return
+
+  def hook(unraisable):
+    if not _is_stray_read_completion(unraisable):
+      previous(unraisable)
+
+  hook.quiets_failed_reads = True
+  sys.unraisablehook = hook
 
 
 def _flat_abstract(tree) -> dict[tuple[str, ...], Any]:
@@ -335,6 +382,7 @@ class Checkpointer:
         cleanup_tmp_directories=True)  # removes what a crash left half-written.
     if jax.default_backend() == "cpu":
       _no_replica_parallel_saves()
+    _quiet_the_aftermath_of_failed_reads()
     try:
       self._mngr = _Manager(self.directory, options=options,
                             item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler()})
@@ -752,6 +800,7 @@ def _restore_numpy(item_dir: epath.Path, select: Callable[[Any], Any] | None = N
   `select` maps the stored metadata tree to the sub-tree to read; the rest is
   not loaded.
   """
+  _quiet_the_aftermath_of_failed_reads()
   with ocp.PyTreeCheckpointer() as ckptr:
     meta = ocp.PyTreeCheckpointHandler().metadata(item_dir)
     tree = meta.tree if hasattr(meta, "tree") else meta
