@@ -153,7 +153,7 @@ def _quiet_the_aftermath_of_failed_reads():
   (asyncio_utils.run_sync) with the reads of the other arrays still in flight. Each that completes
   later raises "Event loop is closed" in TensorStore's thread, and the reads that failed log
   "Task (or Future) exception was never retrieved" with TensorStore's whole spec: on a resume past
-  one corrupt step of runlocal, 45 tracebacks on stderr below the one line that says what
+  one corrupt step of runlocal, 136 tracebacks on stderr below the one line that says what
   happened. Those, and only those, are dropped; every other unraisable error still reaches the
   hook that was there. Idempotent."""
   logging.getLogger("asyncio").addFilter(_UNRETRIEVED_READ_ERRORS)  # once: it is one object
