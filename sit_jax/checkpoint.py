@@ -32,7 +32,6 @@ import re
 import signal
 import sys
 import threading
-import traceback
 from typing import Any, Callable, Iterable
 
 import jax
@@ -128,11 +127,10 @@ def _is_stray_read_completion(unraisable) -> bool:
   """Whether an unraisable error is TensorStore completing a read for an asyncio loop that orbax
   has closed: asyncio's `call_soon_threadsafe`, called from TensorStore's C++ thread (so no Python
   caller in the traceback), finding the loop closed."""
-  if unraisable.object is not None or not isinstance(unraisable.exc_value, RuntimeError):
-    return False
-  frames = list(traceback.walk_tb(unraisable.exc_traceback))
-  return (str(unraisable.exc_value) == "Event loop is closed" and bool(frames)
-          and frames[0][0].f_code.co_name == "call_soon_threadsafe")
+  tb = unraisable.exc_traceback  # its first frame is the outermost Python one
+  return (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
+          and str(unraisable.exc_value) == "Event loop is closed" and tb is not None
+          and tb.tb_frame.f_code.co_name == "call_soon_threadsafe")
 
 
 class _UnretrievedReadErrors(logging.Filter):
