@@ -330,13 +330,28 @@ class _Manager(ocp.CheckpointManager):
 # Checkpointer.
 
 
+_REPLICA_PARALLEL_SAVES_OFF = ocp.type_handlers.ArrayHandler(use_replica_parallel=False)
+
+
 def _no_replica_parallel_saves():
   """orbax's replica-parallel saving has each device write a slice of every replicated array,
   cut by a jitted slice per array shape: on XLA:CPU those compiles cost seconds per first save
   (120 small arrays on 8 devices: 29 s against 0.1 s), and CPU devices share the host's memory,
-  so it gains nothing there. Sets orbax's (process-wide) jax.Array handler."""
-  ocp.type_handlers.register_type_handler(
-      jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+  so it gains nothing there. Sets orbax's (process-wide) jax.Array handler, once, without the
+  warning orbax logs at every override ('Type handler registry type ... overriding jax.Array')
+  on every run: the override is the point."""
+  if ocp.type_handlers.get_type_handler(jax.Array) is _REPLICA_PARALLEL_SAVES_OFF:
+    return
+  absl_logger = logging.getLogger("absl")  # orbax logs through absl.logging
+
+  def drop_override_warning(record):
+    return not str(record.msg).startswith("Type handler registry type")
+
+  absl_logger.addFilter(drop_override_warning)
+  try:
+    ocp.type_handlers.register_type_handler(jax.Array, _REPLICA_PARALLEL_SAVES_OFF, override=True)
+  finally:
+    absl_logger.removeFilter(drop_override_warning)
 
 
 class Checkpointer:
