@@ -330,6 +330,13 @@ class _Manager(ocp.CheckpointManager):
 # Checkpointer.
 
 
+def _no_orbax_preemption_lines(record: logging.LogRecord) -> bool:
+  """A filter of the absl logger, which orbax logs through. On a preemption orbax warns "Reached
+  preemption sync point" at each of its queries of the step (five times in each process of a
+  two-process job); the trainer's one line says it, with the step saved and how to resume."""
+  return not str(record.msg).endswith("Reached preemption sync point, step=%s")
+
+
 _REPLICA_PARALLEL_SAVES_OFF = ocp.type_handlers.ArrayHandler(use_replica_parallel=False)
 
 
@@ -396,6 +403,7 @@ class Checkpointer:
     if jax.default_backend() == "cpu":
       _no_replica_parallel_saves()
     _quiet_the_aftermath_of_failed_reads()
+    logging.getLogger("absl").addFilter(_no_orbax_preemption_lines)  # once: it is one object
     try:
       self._mngr = _Manager(self.directory, options=options,
                             item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler()})
