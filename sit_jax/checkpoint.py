@@ -133,28 +133,35 @@ def _is_stray_read_completion(unraisable) -> bool:
           and tb.tb_frame.f_code.co_name == "call_soon_threadsafe")
 
 
-class _UnretrievedReadErrors(logging.Filter):
-  """Drops asyncio's "Task (or Future) exception was never retrieved" records of TensorStore read
-  errors."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    exc = record.exc_info[1] if record.exc_info else None
-    return not (re.match(r"(Task|Future) exception was never retrieved", record.getMessage())
-                and "[tensorstore_spec=" in str(exc))
+def _no_unretrieved_read_errors(record: logging.LogRecord) -> bool:
+  """A filter: False for asyncio's "Task (or Future) exception was never retrieved" of a
+  TensorStore read error."""
+  exc = record.exc_info[1] if record.exc_info else None
+  return not (re.match(r"(Task|Future) exception was never retrieved", record.getMessage())
+              and "[tensorstore_spec=" in str(exc))
 
 
-_UNRETRIEVED_READ_ERRORS = _UnretrievedReadErrors()
+def _no_orbax_preemption_lines(record: logging.LogRecord) -> bool:
+  return not str(record.msg).endswith("Reached preemption sync point, step=%s")
 
 
-def _quiet_the_aftermath_of_failed_reads():
-  """When one array of a step cannot be read, orbax closes the asyncio loop of the read
-  (asyncio_utils.run_sync) with the reads of the other arrays still in flight. Each that completes
-  later raises "Event loop is closed" in TensorStore's thread, and the reads that failed log
-  "Task (or Future) exception was never retrieved" with TensorStore's whole spec: on a resume past
-  one corrupt step of runlocal, 136 tracebacks on stderr below the one line that says what
-  happened. Those, and only those, are dropped; every other unraisable error still reaches the
-  hook that was there. Idempotent."""
-  logging.getLogger("asyncio").addFilter(_UNRETRIEVED_READ_ERRORS)  # once: it is one object
+def _quiet_orbax():
+  """Drops what orbax prints that our own one line says better. Idempotent.
+
+  * A failed read. When one array of a step cannot be read, orbax closes the asyncio loop of the
+    read (asyncio_utils.run_sync) with the reads of the other arrays still in flight. Each that
+    completes later raises "Event loop is closed" in TensorStore's thread, and the reads that
+    failed log "Task (or Future) exception was never retrieved" with TensorStore's whole spec: on
+    a resume past one corrupt step of runlocal, 136 tracebacks on stderr below the one line that
+    says what happened. Those, and only those, are dropped; every other unraisable error still
+    reaches the hook that was there.
+  * A preemption. orbax warns "Reached preemption sync point" (through absl.logging) at each of
+    its queries of the step, five times in each process of a two-process job; the trainer's line
+    names the step saved and how to resume.
+  """
+  # addFilter adds a filter once: each is one object.
+  logging.getLogger("asyncio").addFilter(_no_unretrieved_read_errors)
+  logging.getLogger("absl").addFilter(_no_orbax_preemption_lines)
   previous = sys.unraisablehook
   if getattr(previous, "quiets_failed_reads", False):
     return
@@ -330,13 +337,6 @@ class _Manager(ocp.CheckpointManager):
 # Checkpointer.
 
 
-def _no_orbax_preemption_lines(record: logging.LogRecord) -> bool:
-  """A filter of the absl logger, which orbax logs through. On a preemption orbax warns "Reached
-  preemption sync point" at each of its queries of the step (five times in each process of a
-  two-process job); the trainer's one line says it, with the step saved and how to resume."""
-  return not str(record.msg).endswith("Reached preemption sync point, step=%s")
-
-
 _REPLICA_PARALLEL_SAVES_OFF = ocp.type_handlers.ArrayHandler(use_replica_parallel=False)
 
 
@@ -402,8 +402,7 @@ class Checkpointer:
         cleanup_tmp_directories=True)  # removes what a crash left half-written.
     if jax.default_backend() == "cpu":
       _no_replica_parallel_saves()
-    _quiet_the_aftermath_of_failed_reads()
-    logging.getLogger("absl").addFilter(_no_orbax_preemption_lines)  # once: it is one object
+    _quiet_orbax()
     try:
       self._mngr = _Manager(self.directory, options=options,
                             item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler()})
@@ -821,7 +820,7 @@ def _restore_numpy(item_dir: epath.Path, select: Callable[[Any], Any] | None = N
   `select` maps the stored metadata tree to the sub-tree to read; the rest is
   not loaded.
   """
-  _quiet_the_aftermath_of_failed_reads()
+  _quiet_orbax()
   with ocp.PyTreeCheckpointer() as ckptr:
     meta = ocp.PyTreeCheckpointHandler().metadata(item_dir)
     tree = meta.tree if hasattr(meta, "tree") else meta

@@ -65,7 +65,7 @@ def test_the_cpu_array_handler_is_set_once_and_silently(tmp_path, caplog):
     for i in range(2):
       Checkpointer(tmp_path / f"ck{i}", every=1, async_save=False).close()
   handler = ocp.type_handlers.get_type_handler(jax.Array)
-  assert handler is ckpt_lib._REPLICA_PARALLEL_SAVES_OFF and not handler._use_replica_parallel
+  assert handler is ckpt_lib._REPLICA_PARALLEL_SAVES_OFF
   assert not [r for r in caplog.records if "overriding" in r.getMessage()], caplog.text
   # The filter that kept the warning out is gone: orbax's own overrides still warn.
   ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
