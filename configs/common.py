@@ -111,6 +111,9 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.model.remat = False                 # Recompute each block in the backward pass (memory).
   c.model.qkv_per_head = False          # qkv computed per head: the `model=N` argument sets it.
   c.model.recompute_gelu = False        # GELU recomputed in the backward pass (vit.Mlp): CPU.
+  # Each kernel gathered again for the backward pass (FSDP; vit.kernel_read_again_in_backward):
+  # the `fsdp` argument sets it.
+  c.model.reshard_after_forward = False
   c.model.scan_layers = False           # One nn.scan over the blocks: compile time flat in depth.
   # True: the backbone standardises each image's channels first (vit.standardize_per_image), so
   # exposure and contrast, which a contrastive loss can use to tell images apart, are gone.
@@ -199,9 +202,12 @@ def parallelism(c: ml_collections.ConfigDict, fsdp: bool = False, model: int = 1
     c.mesh.update(dict(data=1, fsdp=-1))
     c.sharding_rules = FSDP
     # Not with tensor parallelism as well: there turning windowed einsums off saves nothing
-    # (B/16 fsdp,model=4 at batch 1024 on v5e:4x4: 14.38 GiB on, 14.37 off; remat 6.07, 6.52).
+    # (B/16 fsdp,model=4 at batch 1024 on v5e:4x4: 14.38 GiB on, 14.37 off; remat 6.07, 6.52),
+    # and the backward's own gathers cost a little (S/16 fsdp,model=2 on cpu:8: 6890 -> 6903
+    # MiB of temporaries, against 5578 -> 5512 with FSDP alone).
     if model == 1:
       c.compiler_options = FSDP_COMPILER_OPTIONS
+      c.model.reshard_after_forward = True
   if model > 1:
     c.mesh.model = model
     c.sharding_rules = TENSOR_PARALLEL

@@ -205,6 +205,7 @@ RULES: dict[str, Rule] = {
     "model.remat": BOOL,
     "model.qkv_per_head": BOOL,
     "model.recompute_gelu": BOOL,
+    "model.reshard_after_forward": BOOL,
     "model.scan_layers": BOOL,
     "model.standardize_input": BOOL,
     "model.recon_hidden": integer(0),

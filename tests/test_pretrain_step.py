@@ -81,9 +81,11 @@ def single_device_run(experiment):
 @functools.lru_cache(maxsize=None)
 def sharded_run(experiment, mesh_shape, rules):
   """Two steps of the invariance config on 8 devices: (host states before and after each step,
-  metrics of each step). Shared by the tests below that look at the same run."""
+  metrics of each step). Shared by the tests below that look at the same run. FSDP as the
+  `fsdp` config argument sets it: each kernel gathered again for the backward pass."""
   config = invariance_config(experiment)
   config.sharding_rules = getattr(common, rules)
+  config.model.reshard_after_forward = rules == "FSDP"
   states = []
   _, metrics = run_steps(config, sharding.make_mesh(dict(mesh_shape)), host_states=states)
   return states, metrics
@@ -226,6 +228,7 @@ def test_scan_layers_step_equals_unrolled_step():
   states, want = sharded_run("sit", mesh_shape, "FSDP")
   config = invariance_config("sit")
   config.sharding_rules = common.FSDP
+  config.model.reshard_after_forward = True
   config.model.scan_layers = True
   # The scanned run starts from the unrolled run's initial parameters, stacked.
   initial = states[0]

@@ -3,9 +3,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import functools
+
 import einops
 import flax.linen as nn
 import jax.numpy as jnp
+
+from sit_jax.models.vit import dense, kernel_read_again_in_backward
 
 Dtype = Any
 trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
@@ -21,16 +25,18 @@ class ReconstructionHead(nn.Module):
   depth: int = 3
   channels: int = 3
   dtype: Dtype = jnp.float32
+  reshard_after_forward: bool = False  # vit.kernel_read_again_in_backward
 
   @nn.compact
   def __call__(self, tokens, grid):
     x = tokens
     for i in range(self.depth):
-      x = nn.Dense(self.hidden or tokens.shape[-1], dtype=self.dtype, kernel_init=trunc_normal,
-                   name=f"mlp_{i}")(x)
+      x = dense(self.hidden or tokens.shape[-1], f"mlp_{i}", self.dtype,
+                self.reshard_after_forward)(x)
       x = nn.gelu(nn.with_logical_constraint(x, ("batch", "length", "mlp")), approximate=False)
     x = einops.rearrange(x, "b (h w) d -> b h w d", h=grid[0], w=grid[1])
-    x = PatchToPixels(self.patch_size, self.channels, dtype=self.dtype, name="to_pixels")(x)
+    x = PatchToPixels(self.patch_size, self.channels, self.dtype, self.reshard_after_forward,
+                      name="to_pixels")(x)
     return nn.with_logical_constraint(x.astype(jnp.float32), ("batch", None, None, None))
 
 
@@ -45,6 +51,7 @@ class PatchToPixels(nn.Module):
   patch_size: int
   channels: int
   dtype: Dtype = jnp.float32
+  reshard_after_forward: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -54,7 +61,10 @@ class PatchToPixels(nn.Module):
     bias = self.param("bias", nn.initializers.zeros_init(), (self.channels,), jnp.float32)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     b, h, w, _ = x.shape
-    y = jnp.einsum("bhwd,pqdc->bhpwqc", x, kernel[::-1, ::-1])
+    product = functools.partial(jnp.einsum, "bhwd,pqdc->bhpwqc")
+    if self.reshard_after_forward:
+      product = kernel_read_again_in_backward(product)
+    y = product(x, kernel[::-1, ::-1])
     return y.reshape(b, h * p, w * p, self.channels) + bias
 
 
@@ -70,6 +80,7 @@ class ProjectionHead(nn.Module):
   hidden: int = 4096
   out_dim: int = 256
   dtype: Dtype = jnp.float32
+  reshard_after_forward: bool = False  # vit.kernel_read_again_in_backward
 
   @nn.compact
   def __call__(self, x):
@@ -77,12 +88,11 @@ class ProjectionHead(nn.Module):
         use_running_average=False, momentum=0.9, epsilon=1e-5, use_scale=affine,
         use_bias=affine, use_fast_variance=False, dtype=jnp.float32, name=name)
     # No bias before a BatchNorm: BN removes it (its gradient is exactly zero).
-    dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype, kernel_init=trunc_normal,
-                                     name=name)
+    linear = lambda n, name: dense(n, name, self.dtype, self.reshard_after_forward, use_bias=False)
     hidden = lambda x: nn.with_logical_constraint(x, ("batch", "mlp"))
-    x = nn.relu(bn("bn_0")(hidden(dense(self.hidden, "fc_0")(x))))
-    x = nn.gelu(bn("bn_1")(hidden(dense(self.hidden, "fc_1")(x))), approximate=False)
-    out = bn("bn_2", affine=False)(dense(self.out_dim, "fc_2")(x))
+    x = nn.relu(bn("bn_0")(hidden(linear(self.hidden, "fc_0")(x))))
+    x = nn.gelu(bn("bn_1")(hidden(linear(self.hidden, "fc_1")(x))), approximate=False)
+    out = bn("bn_2", affine=False)(linear(self.out_dim, "fc_2")(x))
     return nn.with_logical_constraint(out, ("batch", None))
 
 

@@ -23,11 +23,14 @@ class SiT(nn.Module):
 
   def setup(self):
     self.backbone = vit.backbone_from_config(self.backbone_config)
+    dtype, reshard = self.backbone.dtype, self.backbone.reshard_after_forward
     if self.use_recon:
       self.recon_head = heads.ReconstructionHead(
-          self.backbone.patch_size, self.recon_hidden, self.recon_depth, dtype=self.backbone.dtype)
+          self.backbone.patch_size, self.recon_hidden, self.recon_depth, dtype=dtype,
+          reshard_after_forward=reshard)
     if self.use_proj:
-      self.projection = heads.ProjectionHead(self.proj_hidden, self.proj_dim, dtype=self.backbone.dtype)
+      self.projection = heads.ProjectionHead(self.proj_hidden, self.proj_dim, dtype=dtype,
+                                             reshard_after_forward=reshard)
 
   def __call__(self, images, *, train: bool, recon: bool = True, proj: bool = True):
     out = self.backbone(images, train=train)
