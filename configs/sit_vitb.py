@@ -6,7 +6,8 @@ Big models: set --config.model.remat=True to trade compute for memory,
 to shard the state: --config=configs/sit_vitb.py:fsdp, :model=4 or :fsdp,model=4. `fsdp` also
 turns libtpu's windowed einsums off (common.FSDP_COMPILER_OPTIONS): with them, FSDP needed more
 per chip than data parallelism (README, "Will it fit": B/16 + remat at batch 1024 on v4:2x2x4
-10.02 -> 2.64 GiB).
+10.02 -> 2.64 GiB), and gathers each kernel again for the backward pass
+(model.reshard_after_forward; README, "FSDP against data parallelism").
 """
 from configs import common
 

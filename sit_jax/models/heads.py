@@ -3,16 +3,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import functools
-
 import einops
 import flax.linen as nn
 import jax.numpy as jnp
 
-from sit_jax.models.vit import dense, kernel_read_again_in_backward
+from sit_jax.models.vit import dense, kernel_einsum, trunc_normal
 
 Dtype = Any
-trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
 
 
 class ReconstructionHead(nn.Module):
@@ -61,10 +58,7 @@ class PatchToPixels(nn.Module):
     bias = self.param("bias", nn.initializers.zeros_init(), (self.channels,), jnp.float32)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     b, h, w, _ = x.shape
-    product = functools.partial(jnp.einsum, "bhwd,pqdc->bhpwqc")
-    if self.reshard_after_forward:
-      product = kernel_read_again_in_backward(product)
-    y = product(x, kernel[::-1, ::-1])
+    y = kernel_einsum("bhwd,pqdc->bhpwqc", self.reshard_after_forward)(x, kernel[::-1, ::-1])
     return y.reshape(b, h * p, w * p, self.channels) + bias
 
 

@@ -155,6 +155,12 @@ def regathering_dot_general(x, kernel, dimension_numbers, precision=None,
       preferred_element_type=preferred_element_type))(x, kernel)
 
 
+def kernel_einsum(spec: str, reshard_after_forward: bool):
+  """jnp.einsum(spec, x, kernel), with `reshard_after_forward` kernel_read_again_in_backward."""
+  product = functools.partial(jnp.einsum, spec)
+  return kernel_read_again_in_backward(product) if reshard_after_forward else product
+
+
 def dense(features: int, name: str, dtype, reshard_after_forward: bool,
           use_bias: bool = True) -> nn.Dense:
   """The networks' nn.Dense: a truncated-normal kernel, with `reshard_after_forward` gathered
@@ -186,9 +192,7 @@ class QkvProjection(nn.Module):
     shape = (3, self.num_heads, width // self.num_heads)
     kernel = nn.with_logical_constraint(kernel.reshape(width, *shape),
                                         ("embed", None, "heads", "kv"))
-    product = functools.partial(jnp.einsum, "btd,dshk->btshk")
-    if self.reshard_after_forward:
-      product = kernel_read_again_in_backward(product)
+    product = kernel_einsum("btd,dshk->btshk", self.reshard_after_forward)
     return product(x, kernel) + bias.reshape(shape)
 
 
