@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import common, sit_vits
+from configs import common, sit_vitb
 from sit_jax import aot, pretrain, sharding
 from test_pretrain_step import tiny_config
 
@@ -103,15 +103,19 @@ def test_fsdp_against_data_parallelism_on_the_same_devices():
 
 
 def test_the_fsdp_recipe_needs_fewer_temporaries_than_data_parallelism():
-  """configs/sit_vits.py (S/16, batch 256) on cpu:8, with and without its `fsdp` argument: where
+  """configs/sit_vitb.py (B/16, batch 1024) on cpu:8, with and without its `fsdp` argument: where
   the state weighs beside the activations (the projection head alone is 19M parameters), FSDP's
-  shards of the gradients outweigh the kernels it gathers. MiB per device: 5512 vs 5561; 5578
-  without reshard_after_forward, where XLA keeps every gathered kernel for the backward pass."""
+  shards of the gradients outweigh the kernels it gathers. MiB per device, data parallel / FSDP /
+  FSDP without reshard_after_forward (which keeps every gathered kernel for the backward pass):
+  jax 0.10.2 11037 / 10793 / 11057, jax 0.11.2 9227 / 9087 / 9226. (S/16 ties on jax 0.11.2:
+  4659 / 4662 / 4668; 5561 / 5512 / 5578 on 0.10.2.)"""
+  assert sit_vitb.get_config("fsdp").model.reshard_after_forward
+  assert not sit_vitb.get_config("fsdp,model=4").model.reshard_after_forward  # costs there.
   temporaries = {}
   for arg in ("", "fsdp"):
-    compiled, _ = aot.compile_train_step(sit_vits.get_config(arg or None), jax.devices(), FAST)
+    compiled, _ = aot.compile_train_step(sit_vitb.get_config(arg or None), jax.devices(), FAST)
     temporaries[arg] = aot.memory_figures(compiled)["temp"]
-  assert temporaries["fsdp"] < temporaries[""], temporaries
+  assert temporaries["fsdp"] < 0.995 * temporaries[""], temporaries
 
 
 def all_gathers(hlo: str) -> list[str]:
@@ -205,7 +209,6 @@ def test_configs_default_logical_axis_rules_agree_with_sharding():
 def test_the_fsdp_recipe_turns_windowed_einsums_off_on_tpu_only():
   """configs/*:fsdp carries libtpu options (README, "FSDP and libtpu's windowed einsums"):
   compiled for a TPU they apply, on CPU (and GPU) they are left out, so the recipe runs here."""
-  from configs import sit_vitb
   config = sit_vitb.get_config("fsdp")
   assert config.compiler_options == common.FSDP_COMPILER_OPTIONS
   assert sharding.compiler_options(config.compiler_options, "tpu") == {
