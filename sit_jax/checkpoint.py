@@ -145,6 +145,10 @@ def _no_orbax_preemption_lines(record: logging.LogRecord) -> bool:
   return not str(record.msg).endswith("Reached preemption sync point, step=%s")
 
 
+def _no_override_warning(record: logging.LogRecord) -> bool:
+  return not str(record.msg).startswith("Type handler registry type")
+
+
 def _quiet_orbax():
   """Drops what orbax prints that our own one line says better. Idempotent.
 
@@ -350,15 +354,11 @@ def _no_replica_parallel_saves():
   if ocp.type_handlers.get_type_handler(jax.Array) is _REPLICA_PARALLEL_SAVES_OFF:
     return
   absl_logger = logging.getLogger("absl")  # orbax logs through absl.logging
-
-  def drop_override_warning(record):
-    return not str(record.msg).startswith("Type handler registry type")
-
-  absl_logger.addFilter(drop_override_warning)
+  absl_logger.addFilter(_no_override_warning)
   try:
     ocp.type_handlers.register_type_handler(jax.Array, _REPLICA_PARALLEL_SAVES_OFF, override=True)
   finally:
-    absl_logger.removeFilter(drop_override_warning)
+    absl_logger.removeFilter(_no_override_warning)
 
 
 class Checkpointer:
